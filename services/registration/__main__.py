@@ -1,0 +1,57 @@
+"""`python -m services.registration` runs the registration service."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from services.registration import handlers
+from services.registration.api import router
+from services.registration.config import RegistrationSettings
+from services.registration.consumer import heartbeat_consumer
+from shared import topics
+from shared.http import create_app
+from shared.logging import configure_logging
+from shared.runtime import Runtime, serve
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def build_app(settings: RegistrationSettings) -> FastAPI:
+    runtime = Runtime(
+        "registration",
+        settings,
+        migrations=MIGRATIONS,
+        topics=(topics.REGISTRATION_EVENTS, topics.REGISTRATION_HEARTBEATS),
+    )
+
+    async def sweep_forever() -> None:
+        while True:
+            await handlers.sweep_disconnected(runtime.pool, settings.missed_heartbeats)
+            await asyncio.sleep(settings.sweep_interval_seconds)
+
+    async def on_start(rt: Runtime) -> None:
+        rt.spawn("heartbeat-consumer", heartbeat_consumer(rt, settings).run)
+        rt.spawn("disconnect-sweeper", sweep_forever)
+
+    app = create_app(
+        runtime,
+        title="Registration service",
+        description="Vaults, API tokens, registration keys, site providers, host agents and "
+        "their connection state.",
+        on_start=on_start,
+    )
+    app.include_router(router)
+    return app
+
+
+def main() -> None:
+    settings = RegistrationSettings()
+    configure_logging("registration", settings.log_level)
+    serve(build_app(settings), settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""HTTP routes of the registration service: translate requests into handler calls."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.registration import domain, handlers
+from services.registration import repository as repo
+from shared import auth, signing
+from shared.auth import CurrentPrincipal
+from shared.schemas.registration import ConnectionState, ProducerKind, Role
+
+router = APIRouter(prefix="/v1")
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VaultIn(Strict):
+    name: str = Field(min_length=1, max_length=100, pattern=NAME_PATTERN)
+
+
+class VaultOut(BaseModel):
+    vault_id: uuid.UUID
+    name: str
+    created_at: datetime
+
+
+class TokenIn(Strict):
+    name: str = Field(min_length=1, max_length=100, pattern=NAME_PATTERN)
+    role: Role
+
+
+class TokenOut(BaseModel):
+    token_id: str
+    vault_id: uuid.UUID
+    name: str
+    role: Role
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="The secret token. Shown once: store it now.")
+
+
+class KeyIn(Strict):
+    valid_hours: float | None = Field(
+        default=None, gt=0, le=24 * 30, description="Validity; default 120 h (5 days)."
+    )
+
+
+class KeyOut(BaseModel):
+    key_id: str
+    vault_id: uuid.UUID
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The registration key. Shown once: store it now.")
+
+
+class RegistrationIn(Strict):
+    kind: ProducerKind
+    name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN, description="Server FQDN")
+    site: str = Field(min_length=1, max_length=100, pattern=NAME_PATTERN)
+    heartbeat_interval_seconds: float | None = Field(default=None, gt=0, le=3600)
+    force: bool = Field(default=False, description="Re-register a registered server.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProducerOut(BaseModel):
+    producer_id: uuid.UUID
+    vault_id: uuid.UUID
+    kind: ProducerKind
+    name: str
+    site: str
+    generation: int
+    registered_at: datetime
+    heartbeat_seconds: float
+    connection_state: ConnectionState
+    state_changed_at: datetime
+    last_heartbeat_at: datetime | None
+    status: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+class Registered(ProducerOut):
+    credential: str = Field(description="The producer's own credential. Shown once.")
+
+
+def _not_found(what: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, f"{what} not found")
+
+
+async def _vault_or_404(request: Request, vault_id: uuid.UUID) -> dict[str, Any]:
+    async with request.app.state.pool.acquire() as conn:
+        vault = await repo.get_vault(conn, vault_id)
+    if vault is None:
+        raise _not_found(f"vault {vault_id}")
+    return vault
+
+
+@router.post("/vaults", status_code=201, response_model=VaultOut, tags=["vaults"])
+async def create_vault(body: VaultIn, request: Request, who: CurrentPrincipal) -> Any:
+    """Create a vault (the tenant boundary). Needs the bootstrap admin token."""
+    if not who.is_global_admin:
+        raise HTTPException(403, "creating a vault needs the bootstrap admin token")
+    try:
+        return await handlers.create_vault(request.app.state.pool, body.name)
+    except domain.RegistrationError as exc:
+        raise HTTPException(exc.status, exc.message) from None
+
+
+@router.get("/vaults", response_model=list[VaultOut], tags=["vaults"])
+async def list_vaults(request: Request, who: CurrentPrincipal) -> Any:
+    async with request.app.state.pool.acquire() as conn:
+        return await repo.list_vaults(conn, who.vault_id)
+
+
+@router.get("/vaults/{vault_id}", response_model=VaultOut, tags=["vaults"])
+async def get_vault(vault_id: uuid.UUID, request: Request, who: CurrentPrincipal) -> Any:
+    who.check(Role.READER, vault_id)
+    return await _vault_or_404(request, vault_id)
+
+
+@router.post(
+    "/vaults/{vault_id}/tokens", status_code=201, response_model=TokenCreated, tags=["tokens"]
+)
+async def issue_token(
+    vault_id: uuid.UUID, body: TokenIn, request: Request, who: CurrentPrincipal
+) -> Any:
+    """Issue an API token with a role in this vault. The token is shown once."""
+    who.check(Role.ADMIN, vault_id)
+    await _vault_or_404(request, vault_id)
+    return await handlers.issue_token(request.app.state.pool, vault_id, body.name, body.role)
+
+
+@router.get("/vaults/{vault_id}/tokens", response_model=list[TokenOut], tags=["tokens"])
+async def list_tokens(vault_id: uuid.UUID, request: Request, who: CurrentPrincipal) -> Any:
+    who.check(Role.ADMIN, vault_id)
+    async with request.app.state.pool.acquire() as conn:
+        return await repo.list_tokens(conn, vault_id)
+
+
+@router.delete("/vaults/{vault_id}/tokens/{token_id}", response_model=TokenOut, tags=["tokens"])
+async def revoke_token(
+    vault_id: uuid.UUID, token_id: str, request: Request, who: CurrentPrincipal
+) -> Any:
+    who.check(Role.ADMIN, vault_id)
+    row = await handlers.revoke_token(request.app.state.pool, vault_id, token_id)
+    if row is None:
+        raise _not_found(f"token {token_id}")
+    return row
+
+
+@router.post(
+    "/vaults/{vault_id}/registration-keys",
+    status_code=201,
+    response_model=KeyCreated,
+    tags=["registration keys"],
+)
+async def create_key(
+    vault_id: uuid.UUID, body: KeyIn, request: Request, who: CurrentPrincipal
+) -> Any:
+    """Generate a registration key for site providers and host agents. Shown once."""
+    who.check(Role.ADMIN, vault_id)
+    await _vault_or_404(request, vault_id)
+    hours = body.valid_hours or request.app.state.settings.key_valid_hours
+    return await handlers.create_registration_key(request.app.state.pool, vault_id, hours)
+
+
+@router.get(
+    "/vaults/{vault_id}/registration-keys",
+    response_model=list[KeyOut],
+    tags=["registration keys"],
+)
+async def list_keys(vault_id: uuid.UUID, request: Request, who: CurrentPrincipal) -> Any:
+    who.check(Role.ADMIN, vault_id)
+    async with request.app.state.pool.acquire() as conn:
+        return await repo.list_keys(conn, vault_id)
+
+
+@router.delete(
+    "/vaults/{vault_id}/registration-keys/{key_id}",
+    response_model=KeyOut,
+    tags=["registration keys"],
+)
+async def revoke_key(
+    vault_id: uuid.UUID, key_id: str, request: Request, who: CurrentPrincipal
+) -> Any:
+    who.check(Role.ADMIN, vault_id)
+    row = await handlers.revoke_registration_key(request.app.state.pool, vault_id, key_id)
+    if row is None:
+        raise _not_found(f"registration key {key_id}")
+    return row
+
+
+@router.post("/registrations", status_code=201, response_model=Registered, tags=["producers"])
+async def register(body: RegistrationIn, request: Request) -> Any:
+    """Register a site provider (VMM server) or host agent.
+
+    Authenticate with the vault's registration key as the bearer token. Returns the producer's
+    own credential, shown once. An already-registered server is refused unless `force` is true;
+    re-registering issues a new credential and the old one stops working.
+    """
+    key = auth.bearer_of(request)
+    settings = request.app.state.settings
+    try:
+        return await handlers.register_producer(
+            request.app.state.pool,
+            registration_key=key,
+            kind=body.kind,
+            name=body.name,
+            site=body.site,
+            heartbeat_seconds=body.heartbeat_interval_seconds or settings.default_heartbeat_seconds,
+            force=body.force,
+            metadata=body.metadata,
+        )
+    except domain.RegistrationError as exc:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        raise HTTPException(exc.status, exc.message, headers=headers) from None
+
+
+@router.get("/self", response_model=ProducerOut, tags=["producers"])
+async def whoami(request: Request) -> Any:
+    """A producer's own registration, authenticated by its credential."""
+    credential = auth.bearer_of(request)
+    async with request.app.state.pool.acquire() as conn:
+        row = await repo.producer_by_credential(conn, signing.hash_secret(credential))
+    if row is None:
+        raise HTTPException(
+            401,
+            "invalid credential: it was never issued, was replaced by a re-registration, "
+            "or the producer was unregistered",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return row
+
+
+@router.get("/vaults/{vault_id}/producers", response_model=list[ProducerOut], tags=["producers"])
+async def list_producers(
+    vault_id: uuid.UUID,
+    request: Request,
+    who: CurrentPrincipal,
+    kind: ProducerKind | None = None,
+    state: ConnectionState | None = None,
+    site: Annotated[str | None, Query(max_length=100)] = None,
+) -> Any:
+    """Site providers and host agents of the vault with their connection state."""
+    who.check(Role.READER, vault_id)
+    async with request.app.state.pool.acquire() as conn:
+        return await repo.list_producers(
+            conn, vault_id, kind.value if kind else None, state.value if state else None, site
+        )
+
+
+@router.get(
+    "/vaults/{vault_id}/producers/{producer_id}", response_model=ProducerOut, tags=["producers"]
+)
+async def get_producer(
+    vault_id: uuid.UUID, producer_id: uuid.UUID, request: Request, who: CurrentPrincipal
+) -> Any:
+    who.check(Role.READER, vault_id)
+    async with request.app.state.pool.acquire() as conn:
+        row = await repo.get_producer(conn, producer_id)
+    if row is None or row["vault_id"] != vault_id or not row["active"]:
+        raise _not_found(f"producer {producer_id}")
+    return row
+
+
+@router.delete(
+    "/vaults/{vault_id}/producers/{producer_id}", response_model=ProducerOut, tags=["producers"]
+)
+async def unregister(
+    vault_id: uuid.UUID, producer_id: uuid.UUID, request: Request, who: CurrentPrincipal
+) -> Any:
+    """Unregister a provider or agent; its credential stops working."""
+    who.check(Role.ADMIN, vault_id)
+    row = await handlers.unregister_producer(request.app.state.pool, vault_id, producer_id)
+    if row is None:
+        raise _not_found(f"producer {producer_id}")
+    return row

@@ -1,0 +1,24 @@
+"""Settings of the registration service (environment variables, prefix `DR_REGISTRATION_`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class RegistrationSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DR_REGISTRATION_", extra="ignore", populate_by_name=True
+    )
+
+    http_port: int = Field(default=8101, ge=0, le=65535)
+    missed_heartbeats: int = Field(
+        default=3, ge=1, le=100, description="Missed intervals before Disconnected."
+    )
+    sweep_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    key_valid_hours: int = Field(
+        default=120, ge=1, le=24 * 30, description="Default registration key validity (5 days)."
+    )
+    default_heartbeat_seconds: float = Field(default=10.0, gt=0, le=3600)

@@ -1,0 +1,98 @@
+"""Registration rules: pure, synchronous, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from shared.schemas.registration import ConnectionState
+
+
+class RegistrationError(Exception):
+    """A refused registration request; `status` is the HTTP status it maps to."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class KeyRejected(RegistrationError):
+    status = 401
+
+
+class AlreadyRegistered(RegistrationError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class KeyState:
+    key_id: str
+    expires_at: datetime
+    revoked_at: datetime | None
+
+
+def check_registration_key(key: KeyState | None, now: datetime) -> None:
+    """A key registers producers only while it is known, unrevoked and unexpired."""
+    if key is None:
+        raise KeyRejected(
+            "unknown registration key: generate one for the vault (POST "
+            "/v1/vaults/{vault_id}/registration-keys) and use it as the bearer token"
+        )
+    if key.revoked_at is not None:
+        raise KeyRejected(
+            f"registration key {key.key_id} was revoked at {key.revoked_at.isoformat()}: "
+            "generate a new key"
+        )
+    if key.expires_at <= now:
+        raise KeyRejected(
+            f"registration key {key.key_id} expired at {key.expires_at.isoformat()}: "
+            "keys are valid for a limited time (5 days by default); generate a new key"
+        )
+
+
+@dataclass(frozen=True)
+class ExistingProducer:
+    producer_id: str
+    kind: str
+    name: str
+    site: str
+    active: bool
+
+
+def check_reregistration(
+    same_name: ExistingProducer | None,
+    site_provider: ExistingProducer | None,
+    kind: str,
+    name: str,
+    site: str,
+    force: bool,
+) -> None:
+    """Re-registering a registered server must be explicit (`force`); a site has one provider."""
+    if same_name is not None and same_name.active and not force:
+        raise AlreadyRegistered(
+            f"{kind} '{name}' is already registered in this vault (id {same_name.producer_id}); "
+            "to re-register it, send force=true: a new credential is issued and the old one "
+            "stops working"
+        )
+    if (
+        kind == "provider"
+        and site_provider is not None
+        and site_provider.active
+        and site_provider.name != name
+    ):
+        raise AlreadyRegistered(
+            f"site '{site}' already has provider '{site_provider.name}' "
+            f"(id {site_provider.producer_id}); a site has one VMM provider: unregister it first"
+        )
+
+
+def next_state_on_heartbeat(current: ConnectionState) -> ConnectionState | None:
+    """A heartbeat connects a producer; returns the new state, or None if unchanged."""
+    return ConnectionState.CONNECTED if current is not ConnectionState.CONNECTED else None
+
+
+def disconnect_deadline(last_heartbeat: datetime, interval_seconds: float, missed: int) -> datetime:
+    """The instant after which a silent producer counts as Disconnected."""
+    return last_heartbeat + timedelta(seconds=interval_seconds * missed)

@@ -1,0 +1,231 @@
+"""Registration handlers: load, decide (domain), persist + outbox in one transaction."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from services.registration import domain
+from services.registration import repository as repo
+from shared import outbox, signing
+from shared.kafka import Incoming, Rejected
+from shared.schemas import registration as ev
+from shared.schemas.envelope import EventPayload, new_envelope
+
+log = logging.getLogger(__name__)
+
+PRODUCER_ID = "service:registration"
+
+
+async def emit(conn: asyncpg.Connection, vault_id: uuid.UUID, payload: EventPayload) -> None:
+    envelope = new_envelope(payload, vault_id=vault_id, producer_id=PRODUCER_ID)
+    await outbox.enqueue(conn, envelope, key=str(vault_id))
+
+
+async def create_vault(pool: asyncpg.Pool, name: str) -> dict[str, Any]:
+    vault_id = uuid.uuid4()
+    async with pool.acquire() as conn, conn.transaction():
+        try:
+            vault = await repo.insert_vault(conn, vault_id, name)
+        except asyncpg.UniqueViolationError:
+            raise domain.AlreadyRegistered(
+                f"a vault named '{name}' already exists: choose another name"
+            ) from None
+        await conn.execute(
+            "INSERT INTO known_vaults (vault_id, name) VALUES ($1, $2)", vault_id, name
+        )
+        await emit(conn, vault_id, ev.VaultCreated(vault_id=vault_id, name=name))
+    return vault
+
+
+async def issue_token(
+    pool: asyncpg.Pool, vault_id: uuid.UUID, name: str, role: ev.Role
+) -> dict[str, Any]:
+    token_id = f"tok-{secrets.token_hex(6)}"
+    token = signing.new_secret("drt")
+    token_hash = signing.hash_secret(token)
+    async with pool.acquire() as conn, conn.transaction():
+        row = await repo.insert_token(conn, token_id, vault_id, name, role.value, token_hash)
+        await emit(
+            conn,
+            vault_id,
+            ev.ApiTokenIssued(
+                token_id=token_id, token_hash=token_hash, role=role, vault_id=vault_id, name=name
+            ),
+        )
+    return {**row, "token": token}
+
+
+async def revoke_token(
+    pool: asyncpg.Pool, vault_id: uuid.UUID, token_id: str
+) -> dict[str, Any] | None:
+    async with pool.acquire() as conn, conn.transaction():
+        row = await repo.revoke_token(conn, vault_id, token_id)
+        if row is not None:
+            await emit(conn, vault_id, ev.ApiTokenRevoked(token_id=token_id))
+    return row
+
+
+async def create_registration_key(
+    pool: asyncpg.Pool, vault_id: uuid.UUID, valid_hours: float
+) -> dict[str, Any]:
+    key_id = f"key-{secrets.token_hex(6)}"
+    key = signing.new_secret("drk")
+    expires_at = datetime.now(UTC) + timedelta(hours=valid_hours)
+    async with pool.acquire() as conn, conn.transaction():
+        row = await repo.insert_key(conn, key_id, vault_id, signing.hash_secret(key), expires_at)
+        await emit(conn, vault_id, ev.RegistrationKeyCreated(key_id=key_id, expires_at=expires_at))
+    return {**row, "key": key}
+
+
+async def revoke_registration_key(
+    pool: asyncpg.Pool, vault_id: uuid.UUID, key_id: str
+) -> dict[str, Any] | None:
+    async with pool.acquire() as conn, conn.transaction():
+        row = await repo.revoke_key(conn, vault_id, key_id)
+        if row is not None:
+            await emit(conn, vault_id, ev.RegistrationKeyRevoked(key_id=key_id))
+    return row
+
+
+async def register_producer(
+    pool: asyncpg.Pool,
+    *,
+    registration_key: str,
+    kind: ev.ProducerKind,
+    name: str,
+    site: str,
+    heartbeat_seconds: float,
+    force: bool,
+    metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """Register (or, with force, re-register) a provider or agent; returns its new credential."""
+    credential = signing.new_secret("drc")
+    verification_key = signing.derive_signing_key(credential)
+    async with pool.acquire() as conn, conn.transaction():
+        found = await repo.key_by_hash(conn, signing.hash_secret(registration_key))
+        domain.check_registration_key(found[1] if found else None, datetime.now(UTC))
+        assert found is not None
+        vault_id, key = found
+        same = await repo.producer_by_name(conn, vault_id, kind.value, name)
+        site_provider = await repo.provider_of_site(conn, vault_id, site)
+        domain.check_reregistration(same, site_provider, kind.value, name, site, force)
+        row = await repo.upsert_producer(
+            conn,
+            producer_id=uuid.UUID(same.producer_id) if same else uuid.uuid4(),
+            vault_id=vault_id,
+            kind=kind.value,
+            name=name,
+            site=site,
+            credential_hash=signing.hash_secret(credential),
+            verification_key=verification_key,
+            key_id=key.key_id,
+            heartbeat_seconds=heartbeat_seconds,
+            metadata=metadata,
+        )
+        await emit(
+            conn,
+            vault_id,
+            ev.ProducerRegistered(
+                producer_id=row["producer_id"],
+                kind=kind,
+                name=name,
+                site=site,
+                generation=row["generation"],
+                verification_key=verification_key,
+                heartbeat_interval_seconds=heartbeat_seconds,
+                metadata=metadata,
+            ),
+        )
+    log.info(
+        "producer registered",
+        extra={
+            "producer_id": str(row["producer_id"]),
+            "kind": kind.value,
+            "generation": row["generation"],
+        },
+    )
+    return {**row, "credential": credential}
+
+
+async def unregister_producer(
+    pool: asyncpg.Pool, vault_id: uuid.UUID, producer_id: uuid.UUID
+) -> dict[str, Any] | None:
+    async with pool.acquire() as conn, conn.transaction():
+        row = await repo.deactivate_producer(conn, vault_id, producer_id)
+        if row is not None:
+            await emit(
+                conn,
+                vault_id,
+                ev.ProducerUnregistered(
+                    producer_id=producer_id, kind=ev.ProducerKind(row["kind"]), name=row["name"]
+                ),
+            )
+    return row
+
+
+async def _change_connection(
+    conn: asyncpg.Connection,
+    producer: dict[str, Any],
+    state: ev.ConnectionState,
+    last_heartbeat: datetime | None,
+    reason: str,
+) -> None:
+    await repo.set_connection_state(conn, producer["producer_id"], state.value)
+    await emit(
+        conn,
+        producer["vault_id"],
+        ev.ProducerConnectionChanged(
+            producer_id=producer["producer_id"],
+            kind=ev.ProducerKind(producer["kind"]),
+            name=producer["name"],
+            site=producer["site"],
+            state=state,
+            previous_state=ev.ConnectionState(producer["connection_state"]),
+            last_heartbeat_at=last_heartbeat,
+            reason=reason,
+        ),
+    )
+    log.info(
+        "connection state changed",
+        extra={"producer_id": str(producer["producer_id"]), "state": state.value, "reason": reason},
+    )
+
+
+async def handle_heartbeat(conn: asyncpg.Connection, incoming: Incoming) -> None:
+    """Consumer handler: a verified heartbeat connects its producer."""
+    beat = incoming.payload
+    assert isinstance(beat, ev.Heartbeat)
+    producer = await repo.get_producer(conn, uuid.UUID(incoming.envelope.producer_id), lock=True)
+    assert producer is not None  # the signature verifier found it
+    if producer["kind"] != beat.kind.value:
+        raise Rejected(
+            "kind_mismatch", f"producer is a {producer['kind']}, heartbeat says {beat.kind}"
+        )
+    at = incoming.envelope.occurred_at
+    await repo.record_heartbeat(
+        conn, producer["producer_id"], at, beat.sequence, beat.interval_seconds, beat.status
+    )
+    new_state = domain.next_state_on_heartbeat(ev.ConnectionState(producer["connection_state"]))
+    if new_state is not None:
+        await _change_connection(conn, producer, new_state, at, "heartbeat received")
+
+
+async def sweep_disconnected(pool: asyncpg.Pool, missed: int) -> int:
+    """Mark producers that missed `missed` heartbeat intervals Disconnected (with an event)."""
+    async with pool.acquire() as conn, conn.transaction():
+        silent = await repo.silent_producers(conn, missed)
+        for producer in silent:
+            await _change_connection(
+                conn,
+                producer,
+                ev.ConnectionState.DISCONNECTED,
+                producer["last_heartbeat_at"],
+                f"no heartbeat for {missed} intervals of {producer['heartbeat_seconds']:g}s",
+            )
+    return len(silent)

@@ -1,0 +1,88 @@
+"""PostgreSQL access: one asyncpg pool per service, bound to the service's own schema, and a
+migration runner that applies `migrations/NNN_name.sql` files once each, in order, under an
+advisory lock (so two instances starting together don't race)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+SHARED_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
+        )
+
+
+async def create_pool(
+    database_url: str, schema: str, *, min_size: int = 1, max_size: int = 10
+) -> asyncpg.Pool:
+    """A pool whose connections see `schema` first (and `public` for extensions)."""
+    await ensure_schema(database_url, schema)
+    pool = await asyncpg.create_pool(
+        database_url,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings={"search_path": f"{schema},public", "application_name": schema},
+    )
+    assert pool is not None
+    return pool
+
+
+async def ensure_schema(database_url: str, schema: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    finally:
+        await conn.close()
+
+
+def _migration_files(*folders: Path) -> list[tuple[str, Path]]:
+    files: list[tuple[str, Path]] = []
+    for folder in folders:
+        if folder.is_dir():
+            files.extend((f"{folder.parent.name}/{p.name}", p) for p in folder.glob("*.sql"))
+    return sorted(files, key=lambda item: (not item[0].startswith("shared/"), item[0]))
+
+
+async def migrate(pool: asyncpg.Pool, schema: str, *folders: Path) -> list[str]:
+    """Apply the shared migrations, then each folder's, that this schema hasn't seen yet."""
+    applied: list[str] = []
+    lock_id = int.from_bytes(hashlib.sha256(schema.encode()).digest()[:8], "big", signed=True)
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", lock_id)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+            for name, path in _migration_files(SHARED_MIGRATIONS, *folders):
+                if name in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text())
+                    await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+                applied.append(name)
+                log.info("migration applied", extra={"migration": name, "schema": schema})
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", lock_id)
+    return applied
+
+
+Record = asyncpg.Record
+
+
+def row_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:
+    return dict(record) if record is not None else None

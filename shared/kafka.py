@@ -1,0 +1,386 @@
+"""Kafka producer and consumer used by every service.
+
+`KafkaProducer` wraps aiokafka's producer (acks=all, idempotent) and applies the topic prefix.
+`EventConsumer` is the one way a service consumes events: it parses and validates each record
+(envelope, event type, payload, signature, vault), de-duplicates by event id in the same
+PostgreSQL transaction as the handler's effect, sends anything invalid to `<topic>.dlq` with a
+reason header, a metric and a log line, and commits the Kafka offset only after the effect (or
+the dead-lettering) is durable. Infrastructure errors (database or broker down) are retried
+with backoff without skipping the record; a handler that keeps failing on one record dead-letters
+it after a few tries so one bad record never stalls its partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+
+from shared import topics
+from shared.schemas.envelope import Envelope, EventPayload
+from shared.schemas.registry import payload_model
+
+log = logging.getLogger(__name__)
+
+DLQ_MESSAGES = Counter(
+    "dr_dlq_messages_total", "Records sent to a dead-letter topic", ["topic", "reason"]
+)
+EVENTS_CONSUMED = Counter(
+    "dr_events_consumed_total", "Events applied by consumers", ["topic", "type"]
+)
+EVENTS_DUPLICATE = Counter(
+    "dr_events_duplicate_total", "Events skipped as already processed", ["topic"]
+)
+HANDLE_SECONDS = Histogram(
+    "dr_event_handle_seconds",
+    "Time to handle one event",
+    ["topic"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+MAX_RECORD_BYTES = 1_000_000
+HANDLER_ATTEMPTS = 3
+INFRA_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    KafkaError,
+    asyncpg.PostgresConnectionStatusError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncio.TimeoutError,
+)
+
+
+class Rejected(Exception):
+    """A record that must not be applied: it goes to the DLQ with `reason` (a short code) and
+    `detail` (what is wrong, for a human)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class KafkaProducer:
+    def __init__(self, bootstrap: str, prefix: str, client_id: str) -> None:
+        self.prefix = prefix
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_request_size=1_048_576,
+            request_timeout_ms=30_000,
+        )
+        self.started = False
+
+    async def start(self) -> None:
+        await self._producer.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        self.started = False
+        await self._producer.stop()
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: str | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Queue a record on the logical `topic`; await the returned future for the ack."""
+        future: asyncio.Future[Any] = await self._producer.send(
+            topics.physical(topic, self.prefix),
+            value,
+            key=key.encode() if key is not None else None,
+            headers=headers,
+        )
+        return future
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: str | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        await (await self.send(topic, value, key=key, headers=headers))
+
+    async def publish(self, envelope: Envelope, *, key: str, topic: str) -> None:
+        await self.send_and_wait(topic, envelope.to_bytes(), key=key)
+
+
+async def ensure_topics(
+    bootstrap: str, prefix: str, names: Iterable[str], *, partitions: int
+) -> None:
+    """Create each logical topic and its DLQ twin if missing (idempotent)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted: list[NewTopic] = []
+        for name in names:
+            for t in (name, topics.dlq_of(name)):
+                physical = topics.physical(t, prefix)
+                if physical not in existing:
+                    parts = partitions if not t.endswith(".dlq") else 1
+                    wanted.append(NewTopic(physical, num_partitions=parts, replication_factor=1))
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+    finally:
+        await admin.close()
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A validated event handed to a handler."""
+
+    envelope: Envelope
+    payload: EventPayload
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+
+
+Handler = Callable[[asyncpg.Connection, Incoming], Awaitable[None]]
+Verifier = Callable[[asyncpg.Connection, Envelope, bool], Awaitable[None]]
+
+
+def decode_event(value: bytes | None, max_age: timedelta | None = None) -> tuple[Envelope, Any]:
+    """Parse a record value into (envelope, payload); raise `Rejected` with the reason."""
+    if value is None:
+        raise Rejected("empty_record", "record has no value")
+    if len(value) > MAX_RECORD_BYTES:
+        raise Rejected("oversize_record", f"{len(value)} bytes > {MAX_RECORD_BYTES}")
+    try:
+        raw = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Rejected("malformed_json", str(exc)) from None
+    try:
+        envelope = Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise Rejected("invalid_envelope", _errors(exc)) from None
+    et = payload_model(envelope.type, envelope.schema_version)
+    if et is None:
+        raise Rejected(
+            "unknown_event_type", f"{envelope.type} v{envelope.schema_version} is not a known event"
+        )
+    try:
+        payload = et.model.model_validate(envelope.payload)
+    except ValidationError as exc:
+        raise Rejected("invalid_payload", _errors(exc)) from None
+    if max_age is not None and et.signed:
+        age = datetime.now(UTC) - envelope.occurred_at
+        if age > max_age:
+            raise Rejected("stale_event", f"occurred {age.total_seconds():.0f}s ago (replay?)")
+        if age < -timedelta(minutes=2):
+            raise Rejected("future_event", "occurred_at is in the future")
+    return envelope, payload
+
+
+def _errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class EventConsumer:
+    """Consumes `topic_names` in consumer group `group` and applies each event with `handler`.
+
+    `handlers` maps event type name -> handler; events of other types on the topic are
+    acknowledged and skipped (a topic carries many types; not every consumer needs all).
+    `verifier` (optional) checks signature and vault against the consumer's read model and
+    raises `Rejected`; signed event types are rejected if no verifier accepts them.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        prefix: str,
+        group: str,
+        topic_names: list[str],
+        pool: asyncpg.Pool,
+        producer: KafkaProducer,
+        handlers: dict[str, Handler],
+        verifier: Verifier | None = None,
+        max_age: timedelta | None = timedelta(minutes=10),
+        max_records: int = 200,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.group = f"{prefix}{group}"
+        self.topic_names = topic_names
+        self.pool = pool
+        self.producer = producer
+        self.handlers = handlers
+        self.verifier = verifier
+        self.max_age = max_age
+        self.max_records = max_records
+        self.alive = False
+        self.applied = 0
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            *[topics.physical(t, self.prefix) for t in self.topic_names],
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=2 * 1_048_576,
+            session_timeout_ms=30_000,
+            heartbeat_interval_ms=3_000,
+        )
+
+    async def run(self) -> None:
+        consumer = self._new_consumer()
+        await consumer.start()
+        self.alive = True
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=self.max_records)
+                for tp, records in batches.items():
+                    for record in records:
+                        await self._process(record)
+                    await self._commit(consumer, tp, records[-1].offset + 1)
+        finally:
+            self.alive = False
+            await consumer.stop()
+
+    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await consumer.commit({tp: offset})
+                return
+            except KafkaError as exc:
+                log.warning("offset commit failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+
+    async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        topic = topics.logical(record.topic, self.prefix)
+        key = record.key.decode(errors="replace") if record.key else None
+        try:
+            envelope, payload = decode_event(record.value, self.max_age)
+        except Rejected as rej:
+            await self._dead_letter(record, topic, rej)
+            return
+        handler = self.handlers.get(envelope.type)
+        if handler is None:
+            return
+        incoming = Incoming(envelope, payload, topic, record.partition, record.offset, key)
+        attempts = 0
+        delay = 0.2
+        while True:
+            try:
+                with HANDLE_SECONDS.labels(topic).time():
+                    await self._apply(incoming, handler)
+                return
+            except Rejected as rej:
+                await self._dead_letter(record, topic, rej, envelope)
+                return
+            except asyncio.CancelledError:
+                raise
+            except INFRA_ERRORS as exc:
+                log.warning(
+                    "infrastructure error while handling event; retrying",
+                    extra={"event_id": str(envelope.event_id), "error": repr(exc)},
+                )
+            except Exception as exc:
+                attempts += 1
+                log.exception(
+                    "handler failed",
+                    extra={"event_id": str(envelope.event_id), "attempt": attempts},
+                )
+                if attempts >= HANDLER_ATTEMPTS:
+                    failure = Rejected("handler_error", f"{type(exc).__name__}: {exc}")
+                    await self._dead_letter(record, topic, failure, envelope)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+
+    async def _apply(self, incoming: Incoming, handler: Handler) -> None:
+        env = incoming.envelope
+        et = payload_model(env.type, env.schema_version)
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = await conn.fetchval(
+                "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                self.group,
+                env.event_id,
+            )
+            if not fresh:
+                EVENTS_DUPLICATE.labels(incoming.topic).inc()
+                return
+            if self.verifier is not None:
+                await self.verifier(conn, env, bool(et and et.signed))
+            elif et is not None and et.signed:
+                raise Rejected("unverifiable", "signed event but this consumer has no verifier")
+            await handler(conn, incoming)
+        self.applied += 1
+        EVENTS_CONSUMED.labels(incoming.topic, env.type).inc()
+
+    async def _dead_letter(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        topic: str,
+        rej: Rejected,
+        envelope: Envelope | None = None,
+    ) -> None:
+        headers = [
+            ("dlq.reason", rej.reason.encode()),
+            ("dlq.detail", rej.detail.encode()[:2000]),
+            ("dlq.source.topic", topic.encode()),
+            ("dlq.source.partition", str(record.partition).encode()),
+            ("dlq.source.offset", str(record.offset).encode()),
+            ("dlq.consumer.group", self.group.encode()),
+            ("dlq.at", datetime.now(UTC).isoformat().encode()),
+        ]
+        value = record.value if record.value is not None else b""
+        delay = 0.2
+        while True:
+            try:
+                await self.producer.send_and_wait(
+                    topics.dlq_of(topic),
+                    value[:MAX_RECORD_BYTES],
+                    key=record.key.decode(errors="replace") if record.key else None,
+                    headers=headers,
+                )
+                break
+            except KafkaError as exc:
+                log.warning("DLQ publish failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+        DLQ_MESSAGES.labels(topic, rej.reason).inc()
+        log.warning(
+            "event dead-lettered",
+            extra={
+                "topic": topic,
+                "reason": rej.reason,
+                "detail": rej.detail,
+                "partition": record.partition,
+                "offset": record.offset,
+                "event_id": str(envelope.event_id) if envelope else None,
+            },
+        )

@@ -1,0 +1,156 @@
+"""Read models every service keeps from `registration.events.v1`: vaults, API tokens and edge
+producers (with the keys that verify their signatures). The registration service owns the
+source of truth and writes these rows itself; other services apply the events here."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from shared.kafka import Handler, Incoming, Rejected
+from shared.schemas import registration as reg
+from shared.schemas.envelope import Envelope
+
+
+async def upsert_vault(conn: asyncpg.Connection, vault_id: uuid.UUID, name: str) -> None:
+    await conn.execute(
+        "INSERT INTO known_vaults (vault_id, name) VALUES ($1, $2)"
+        " ON CONFLICT (vault_id) DO UPDATE SET name = EXCLUDED.name",
+        vault_id,
+        name,
+    )
+
+
+async def upsert_token(conn: asyncpg.Connection, ev: reg.ApiTokenIssued) -> None:
+    await conn.execute(
+        "INSERT INTO known_tokens (token_hash, token_id, vault_id, role) VALUES ($1,$2,$3,$4)"
+        " ON CONFLICT (token_hash) DO NOTHING",
+        ev.token_hash,
+        ev.token_id,
+        ev.vault_id,
+        ev.role.value,
+    )
+
+
+async def revoke_token(conn: asyncpg.Connection, token_id: str) -> None:
+    await conn.execute("UPDATE known_tokens SET revoked = true WHERE token_id = $1", token_id)
+
+
+async def upsert_producer(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, ev: reg.ProducerRegistered
+) -> None:
+    await conn.execute(
+        "INSERT INTO known_producers (producer_id, vault_id, kind, name, site, generation,"
+        " verification_key, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
+        " ON CONFLICT (producer_id) DO UPDATE SET generation = EXCLUDED.generation,"
+        " verification_key = EXCLUDED.verification_key, site = EXCLUDED.site,"
+        " metadata = EXCLUDED.metadata, active = true"
+        " WHERE known_producers.generation <= EXCLUDED.generation",
+        ev.producer_id,
+        vault_id,
+        ev.kind.value,
+        ev.name,
+        ev.site,
+        ev.generation,
+        ev.verification_key,
+        ev.metadata,
+    )
+
+
+async def _on_vault(conn: asyncpg.Connection, inc: Incoming) -> None:
+    ev = inc.payload
+    assert isinstance(ev, reg.VaultCreated)
+    await upsert_vault(conn, ev.vault_id, ev.name)
+
+
+async def _on_token(conn: asyncpg.Connection, inc: Incoming) -> None:
+    ev = inc.payload
+    assert isinstance(ev, reg.ApiTokenIssued)
+    await upsert_token(conn, ev)
+
+
+async def _on_token_revoked(conn: asyncpg.Connection, inc: Incoming) -> None:
+    ev = inc.payload
+    assert isinstance(ev, reg.ApiTokenRevoked)
+    await revoke_token(conn, ev.token_id)
+
+
+async def _on_producer(conn: asyncpg.Connection, inc: Incoming) -> None:
+    ev = inc.payload
+    assert isinstance(ev, reg.ProducerRegistered)
+    await upsert_producer(conn, inc.envelope.vault_id, ev)
+
+
+async def _on_producer_removed(conn: asyncpg.Connection, inc: Incoming) -> None:
+    ev = inc.payload
+    assert isinstance(ev, reg.ProducerUnregistered)
+    await conn.execute(
+        "UPDATE known_producers SET active = false WHERE producer_id = $1", ev.producer_id
+    )
+
+
+async def _on_connection(conn: asyncpg.Connection, inc: Incoming) -> None:
+    ev = inc.payload
+    assert isinstance(ev, reg.ProducerConnectionChanged)
+    await conn.execute(
+        "UPDATE known_producers SET connection_state = $2 WHERE producer_id = $1",
+        ev.producer_id,
+        ev.state.value,
+    )
+
+
+def registration_handlers() -> dict[str, Handler]:
+    """Handlers that keep this service's read models; merge into a consumer's handler map."""
+    return {
+        "VaultCreated": _on_vault,
+        "ApiTokenIssued": _on_token,
+        "ApiTokenRevoked": _on_token_revoked,
+        "ProducerRegistered": _on_producer,
+        "ProducerUnregistered": _on_producer_removed,
+        "ProducerConnectionChanged": _on_connection,
+    }
+
+
+ProducerLookup = Callable[[asyncpg.Connection, str], Awaitable[dict[str, Any] | None]]
+
+
+async def known_producer(conn: asyncpg.Connection, producer_id: str) -> dict[str, Any] | None:
+    try:
+        pid = uuid.UUID(producer_id)
+    except ValueError:
+        return None
+    row = await conn.fetchrow(
+        "SELECT vault_id, verification_key, active, kind, name, site FROM known_producers"
+        " WHERE producer_id = $1",
+        pid,
+    )
+    return dict(row) if row else None
+
+
+def signature_verifier(
+    lookup: ProducerLookup = known_producer,
+) -> Callable[[asyncpg.Connection, Envelope, bool], Awaitable[None]]:
+    """A consumer verifier: signed events must come from an active producer of the same vault
+    with a valid signature; otherwise the event is rejected to the DLQ with the reason."""
+
+    async def verify(conn: asyncpg.Connection, env: Envelope, signed: bool) -> None:
+        if not signed:
+            if not env.producer_id.startswith("service:"):
+                raise Rejected("unsigned_source", "edge events must use a signed event type")
+            return
+        if env.signature is None:
+            raise Rejected("unsigned", "event has no signature")
+        producer = await lookup(conn, env.producer_id)
+        if producer is None:
+            raise Rejected("unknown_producer", f"producer {env.producer_id} is not registered")
+        if not producer["active"]:
+            raise Rejected("producer_inactive", f"producer {env.producer_id} was unregistered")
+        if producer["vault_id"] != env.vault_id:
+            raise Rejected("vault_mismatch", "event's vault is not the producer's vault")
+        if not env.signature_valid(producer["verification_key"]):
+            raise Rejected("bad_signature", "signature does not match the producer's credential")
+
+    return verify

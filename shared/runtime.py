@@ -1,0 +1,154 @@
+"""A service's process runtime: database pool + migrations, Kafka producer and topics, the
+outbox relay, supervised background tasks (consumers, sweepers), health, graceful shutdown.
+
+Nothing connects at construction; `start()` does, `stop()` undoes it in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import uvicorn
+from fastapi import FastAPI
+
+from shared import db
+from shared.kafka import KafkaProducer, ensure_topics
+from shared.outbox import OutboxRelay
+from shared.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+TaskFactory = Callable[[], Coroutine[Any, Any, None]]
+
+
+class Runtime:
+    def __init__(
+        self,
+        name: str,
+        settings: ServiceSettings,
+        *,
+        migrations: Path | None = None,
+        topics: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.schema = settings.db_schema or name
+        self.migrations = migrations
+        self.topics = topics
+        self._pool: asyncpg.Pool | None = None
+        self._producer: KafkaProducer | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._task_state: dict[str, str] = {}
+        self._stopping = False
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("runtime not started")
+        return self._pool
+
+    @property
+    def producer(self) -> KafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("runtime not started")
+        return self._producer
+
+    async def start(self) -> None:
+        s = self.settings
+        self._pool = await _retry("postgres", lambda: db.create_pool(s.database_url, self.schema))
+        folders = [self.migrations] if self.migrations else []
+        await db.migrate(self._pool, self.schema, *folders)
+        await _retry(
+            "kafka topics",
+            lambda: ensure_topics(
+                s.kafka_bootstrap_servers,
+                s.topic_prefix,
+                self.topics,
+                partitions=s.topic_partitions,
+            ),
+        )
+        self._producer = KafkaProducer(s.kafka_bootstrap_servers, s.topic_prefix, self.name)
+        await _retry("kafka producer", self._producer.start)
+        relay = OutboxRelay(self._pool, self._producer, poll_ms=s.outbox_poll_ms)
+        self.spawn("outbox-relay", relay.run)
+        log.info("service started", extra={"schema": self.schema})
+
+    def spawn(self, name: str, factory: TaskFactory) -> None:
+        """Run `factory()` in the background; restart it with backoff if it crashes."""
+
+        async def supervised() -> None:
+            delay = 0.5
+            while not self._stopping:
+                self._task_state[name] = "running"
+                try:
+                    await factory()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self._task_state[name] = "restarting"
+                    log.exception("background task crashed; restarting", extra={"task": name})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10)
+
+        self._tasks[name] = asyncio.create_task(supervised(), name=name)
+
+    async def health(self) -> dict[str, Any]:
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=2)
+            checks["postgres"] = "ok"
+        except Exception as exc:
+            checks["postgres"] = f"error: {type(exc).__name__}"
+        checks["kafka_producer"] = "ok" if self._producer and self._producer.started else "down"
+        for name, task in self._tasks.items():
+            state = self._task_state.get(name, "starting")
+            checks[f"task:{name}"] = "stopped" if task.done() else state
+        healthy = all(v in ("ok", "running") for v in checks.values())
+        return {"service": self.name, "status": "ok" if healthy else "degraded", "checks": checks}
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._pool is not None:
+            await self._pool.close()
+        log.info("service stopped")
+
+
+async def _retry(what: str, action: Callable[[], Coroutine[Any, Any, Any]], tries: int = 30) -> Any:
+    delay = 0.5
+    for attempt in range(1, tries + 1):
+        try:
+            return await action()
+        except Exception as exc:
+            if attempt == tries:
+                raise
+            log.warning(
+                "dependency not ready; retrying",
+                extra={"dependency": what, "attempt": attempt, "error": repr(exc)},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+    raise AssertionError("unreachable")
+
+
+def serve(app: FastAPI, settings: ServiceSettings) -> None:
+    """Run the HTTP server; SIGTERM/SIGINT shut it down gracefully (lifespan stop)."""
+    config = uvicorn.Config(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,10 @@
+"""Event schemas: the envelope every event travels in, and one payload model per event type.
+
+Importing this package registers every event type (see `registry`).
+"""
+
+from shared.schemas import registration as registration
+from shared.schemas.envelope import Envelope, EventPayload, new_envelope
+from shared.schemas.registry import EVENT_TYPES, EventType, payload_model
+
+__all__ = ["EVENT_TYPES", "Envelope", "EventPayload", "EventType", "new_envelope", "payload_model"]

@@ -1,0 +1,72 @@
+"""The event envelope: id (de-duplication), type, schema version, occurred-at, vault, producer,
+payload and, for edge-produced events, an HMAC signature made with the producer's credential."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from shared import signing
+
+
+class EventPayload(BaseModel):
+    """Base of every event payload: immutable, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: uuid.UUID = Field(description="Unique id; consumers de-duplicate on it.")
+    type: str = Field(min_length=1, max_length=100, pattern=r"^[A-Z][A-Za-z0-9]+$")
+    schema_version: int = Field(default=1, ge=1, le=1000)
+    occurred_at: AwareDatetime
+    vault_id: uuid.UUID
+    producer_id: str = Field(
+        min_length=1, max_length=200, description="`service:<name>` or a producer's id."
+    )
+    payload: dict[str, Any]
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    def signed_fields(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"signature"})
+
+    def signed_with(self, signing_key: str) -> Envelope:
+        return self.model_copy(
+            update={"signature": signing.sign(self.signed_fields(), signing_key)}
+        )
+
+    def signature_valid(self, signing_key: str) -> bool:
+        return self.signature is not None and signing.verify(
+            self.signed_fields(), self.signature, signing_key
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def new_envelope(
+    payload: EventPayload,
+    *,
+    vault_id: uuid.UUID,
+    producer_id: str,
+    occurred_at: datetime | None = None,
+    signing_key: str | None = None,
+) -> Envelope:
+    from shared.schemas.registry import type_name_of
+
+    type_name, version = type_name_of(type(payload))
+    env = Envelope(
+        event_id=uuid.uuid4(),
+        type=type_name,
+        schema_version=version,
+        occurred_at=occurred_at or datetime.now(UTC),
+        vault_id=vault_id,
+        producer_id=producer_id,
+        payload=payload.model_dump(mode="json"),
+    )
+    return env.signed_with(signing_key) if signing_key else env

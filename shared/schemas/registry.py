@@ -1,0 +1,58 @@
+"""Registry of event types: name + schema version -> payload model, and the topic it goes on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from shared.schemas.envelope import EventPayload
+
+
+@dataclass(frozen=True)
+class EventType:
+    name: str
+    version: int
+    topic: str
+    model: type[EventPayload]
+    signed: bool
+    description: str
+
+
+EVENT_TYPES: dict[tuple[str, int], EventType] = {}
+_BY_MODEL: dict[type[EventPayload], EventType] = {}
+
+P = TypeVar("P", bound=type[EventPayload])
+
+
+def event_type(
+    name: str, *, topic: str, version: int = 1, signed: bool = False
+) -> Callable[[P], P]:
+    """Class decorator registering a payload model as event `name` v`version` on `topic`.
+
+    `signed=True` marks events that edge producers publish: consumers require a valid HMAC.
+    """
+
+    def register(model: P) -> P:
+        key = (name, version)
+        if key in EVENT_TYPES:
+            raise ValueError(f"event type {name} v{version} registered twice")
+        et = EventType(name, version, topic, model, signed, (model.__doc__ or "").strip())
+        EVENT_TYPES[key] = et
+        _BY_MODEL[model] = et
+        return model
+
+    return register
+
+
+def payload_model(name: str, version: int) -> EventType | None:
+    return EVENT_TYPES.get((name, version))
+
+
+def type_name_of(model: type[EventPayload]) -> tuple[str, int]:
+    et = _BY_MODEL[model]
+    return et.name, et.version
+
+
+def topic_of(model: type[EventPayload]) -> str:
+    return _BY_MODEL[model].topic

@@ -1,0 +1,58 @@
+"""Settings shared by every service, read from environment variables.
+
+Every field has a documented default; a service subclasses `ServiceSettings` with its own
+prefix (e.g. `DR_REGISTRATION_`) for its own fields. Common fields use the `DR_` prefix so one
+environment drives the whole platform. Nothing connects at import time.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """Settings every process of the platform reads (prefix `DR_`, or the bare names below)."""
+
+    # Common fields name their variable explicitly, so a service's own prefix (e.g.
+    # `DR_REGISTRATION_`) applies only to the service's own fields.
+    model_config = SettingsConfigDict(env_prefix="DR_", extra="ignore", populate_by_name=True)
+
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:19092",
+        validation_alias="KAFKA_BOOTSTRAP_SERVERS",
+        description="Kafka bootstrap servers (comma separated).",
+    )
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:15432/dr",
+        validation_alias="DATABASE_URL",
+        description="PostgreSQL URL; each service uses its own schema in this database.",
+    )
+    topic_prefix: str = Field(
+        validation_alias="DR_TOPIC_PREFIX",
+        default="",
+        description="Prefix for every Kafka topic and consumer group (isolates test runs).",
+    )
+    topic_partitions: int = Field(validation_alias="DR_TOPIC_PARTITIONS", default=4, ge=1, le=256)
+    log_level: str = Field(validation_alias="DR_LOG_LEVEL", default="INFO")
+    admin_token: SecretStr | None = Field(
+        validation_alias="DR_ADMIN_TOKEN",
+        default=None,
+        description="Bootstrap admin token (global admin over every vault). Unset: no bootstrap.",
+    )
+    max_body_bytes: int = Field(validation_alias="DR_MAX_BODY_BYTES", default=1_048_576, ge=1024)
+    outbox_poll_ms: int = Field(validation_alias="DR_OUTBOX_POLL_MS", default=100, ge=10)
+    event_max_age_seconds: int = Field(
+        validation_alias="DR_EVENT_MAX_AGE_SECONDS",
+        default=600,
+        ge=1,
+        description="Signed edge events older than this are rejected (replay).",
+    )
+
+
+class ServiceSettings(CommonSettings):
+    """Base for a service: its HTTP address and database schema."""
+
+    http_host: str = Field(default="127.0.0.1")
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    db_schema: str = Field(default="", pattern=r"^[a-z_][a-z0-9_]*$|^$")

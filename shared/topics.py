@@ -1,0 +1,44 @@
+"""Topic names: `<domain>.<stream>.v<N>`, each with a dead-letter twin `<topic>.dlq`.
+
+Keys: registration events by vault id; heartbeats by producer id; discovery by provider id;
+deltas by protected item id (one item's cycle stays ordered in one partition).
+"""
+
+from __future__ import annotations
+
+REGISTRATION_EVENTS = "registration.events.v1"
+REGISTRATION_HEARTBEATS = "registration.heartbeats.v1"
+INVENTORY_DISCOVERY = "inventory.discovery.v1"
+INVENTORY_EVENTS = "inventory.events.v1"
+POLICY_EVENTS = "policy.events.v1"
+REPLICATION_DELTAS = "replication.deltas.v1"
+REPLICATION_EVENTS = "replication.events.v1"
+AGENT_COMMANDS = "agent.commands.v1"
+AGENT_EVENTS = "agent.events.v1"
+FAILOVER_EVENTS = "failover.events.v1"
+
+ALL_TOPICS = (
+    REGISTRATION_EVENTS,
+    REGISTRATION_HEARTBEATS,
+    INVENTORY_DISCOVERY,
+    INVENTORY_EVENTS,
+    POLICY_EVENTS,
+    REPLICATION_DELTAS,
+    REPLICATION_EVENTS,
+    AGENT_COMMANDS,
+    AGENT_EVENTS,
+    FAILOVER_EVENTS,
+)
+
+
+def dlq_of(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+def physical(topic: str, prefix: str) -> str:
+    """The topic's name on the broker: the configured prefix (test isolation) + logical name."""
+    return f"{prefix}{topic}"
+
+
+def logical(name: str, prefix: str) -> str:
+    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
