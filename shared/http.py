@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,8 +16,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +78,19 @@ class _TooLarge(Exception):
     pass
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[int, str, list[dict[str, Any]]]:
+def _validation_message(
+    exc: RequestValidationError, content_type: str
+) -> tuple[int, str, list[dict[str, Any]]]:
     details = []
     status = 422
-    for err in exc.errors():
+    errors = exc.errors()
+    if (
+        "json" not in content_type
+        and errors
+        and all(tuple(e.get("loc", ())) == ("body",) for e in errors)
+    ):
+        return 415, "send the request body as JSON with 'Content-Type: application/json'", []
+    for err in errors:
         loc = [str(p) for p in err.get("loc", ())]
         if err.get("type") == "json_invalid":
             status = 400
@@ -98,17 +105,30 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, list[dic
     return status, f"invalid request: {summary}", details
 
 
+class Lifecycle(Protocol):
+    """What the HTTP edge needs of a process runtime (`Runtime`, `EdgeRuntime`)."""
+
+    settings: Any
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def health(self) -> dict[str, Any]: ...
+
+
+L = TypeVar("L", bound=Lifecycle)
+
+
 def create_app(
-    runtime: Runtime,
+    runtime: L,
     *,
     title: str,
     description: str,
-    on_start: Callable[[Runtime], Awaitable[None]] | None = None,
+    on_start: Callable[[L], Awaitable[None]] | None = None,
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
-        app.state.pool = runtime.pool
+        app.state.pool = getattr(runtime, "pool", None)
         if on_start is not None:
             await on_start(runtime)
         try:
@@ -143,7 +163,8 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, message, details = _validation_message(exc)
+        content_type = request.headers.get("content-type", "")
+        status, message, details = _validation_message(exc, content_type)
         return JSONResponse(error_body(status, message, details), status_code=status)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness and readiness of this service")

@@ -55,10 +55,12 @@ HANDLER_ATTEMPTS = 3
 INFRA_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     KafkaError,
-    asyncpg.PostgresConnectionStatusError,
+    asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
     asyncio.TimeoutError,
 )
 

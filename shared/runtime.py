@@ -141,12 +141,12 @@ async def _retry(what: str, action: Callable[[], Coroutine[Any, Any, Any]], trie
     raise AssertionError("unreachable")
 
 
-def serve(app: FastAPI, settings: ServiceSettings) -> None:
+def serve(app: FastAPI, host: str, port: int) -> None:
     """Run the HTTP server; SIGTERM/SIGINT shut it down gracefully (lifespan stop)."""
     config = uvicorn.Config(
         app,
-        host=settings.http_host,
-        port=settings.http_port,
+        host=host,
+        port=port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,

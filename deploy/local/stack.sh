@@ -13,6 +13,8 @@
 #   exec CMD [ARGS]    run CMD with the variables of stack.env exported
 #   kafka-restart      stop and start Kafka only, keeping its data (for fault tests)
 #   pg-restart         stop and start PostgreSQL only, keeping its data (for fault tests)
+#   kafka-stop | kafka-start | pg-stop | pg-start
+#                      one component only, for fault tests that need an outage window
 #   kafka-run CLASS [ARGS]
 #                      run a Kafka tool class on the cached classpath, e.g.
 #                      kafka-run org.apache.kafka.tools.TopicCommand \
@@ -150,7 +152,7 @@ find_pg_bindir() {
       return
     fi
   fi
-  d="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
+  d="$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
   if [[ -n "$d" && -x "$d/initdb" ]]; then
     echo "$d"
     return
@@ -307,10 +309,12 @@ fetch_kafka() {
   tmp="$KAFKA_HOME/libs.partial"
   rm -rf "$tmp"
   log "kafka: fetching Kafka $KAFKA_VERSION jars from Maven Central (one time) into $KAFKA_LIBS"
-  if ! mvn -q -B -Dstyle.color=never -f "$KAFKA_HOME/pom.xml" \
-    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp" 9>&-; then
+  if ! mvn -B -Dstyle.color=never -f "$KAFKA_HOME/pom.xml" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp" \
+    >"$KAFKA_HOME/mvn.log" 2>&1 9>&-; then
+    grep -E 'ERROR|FAIL' "$KAFKA_HOME/mvn.log" | head -n 40 >&2 || tail -n 40 "$KAFKA_HOME/mvn.log" >&2
     rm -rf "$tmp"
-    die "kafka: 'mvn dependency:copy-dependencies' failed (network? see the output above)"
+    die "kafka: 'mvn dependency:copy-dependencies' failed (network?); full output in $KAFKA_HOME/mvn.log"
   fi
   compgen -G "$tmp/kafka_${SCALA_VERSION}-${KAFKA_VERSION}.jar" >/dev/null ||
     die "kafka: the fetched jars do not include kafka_${SCALA_VERSION}-${KAFKA_VERSION}.jar"
@@ -420,7 +424,7 @@ kafka_fail_start() {
 }
 
 start_kafka() {
-  local pid deadline t0=$SECONDS
+  local pid deadline t0=$SECONDS log_offset=0
   if pid="$(kafka_pid)"; then
     if port_open "$KAFKA_PORT"; then
       log "kafka: already running (pid $pid) on $KAFKA_BOOTSTRAP"
@@ -443,6 +447,7 @@ start_kafka() {
       mv -f "$KAFKA_LOG" "$KAFKA_LOG.1"
     fi
     printf '\n===== %s stack.sh: starting Kafka %s =====\n' "$(date -Is)" "$KAFKA_VERSION" >>"$KAFKA_LOG"
+    log_offset="$(stat -c %s "$KAFKA_LOG")"
     local -a heap jvm
     read -r -a heap <<<"$KAFKA_HEAP_OPTS"
     read -r -a jvm <<<"$KAFKA_JVM_OPTS"
@@ -471,8 +476,8 @@ start_kafka() {
     --bootstrap-server "$KAFKA_BOOTSTRAP" --list >/dev/null 9>&-; then
     kafka_fail_start "$pid" "the broker listens but a metadata request (TopicCommand --list) failed"
   fi
-  grep -q 'Kafka Server started' "$KAFKA_LOG" ||
-    log "kafka: warning: 'Kafka Server started' not found in $KAFKA_LOG"
+  tail -c "+$((log_offset + 1))" "$KAFKA_LOG" | grep -q 'Kafka Server started' ||
+    log "kafka: warning: 'Kafka Server started' not found in $KAFKA_LOG (is logging set up?)"
   log "kafka: ready on $KAFKA_BOOTSTRAP (pid $pid) in $((SECONDS - t0)) s"
 }
 
@@ -781,6 +786,33 @@ cmd_pg_restart() {
   start_pg
 }
 
+# Separate stop/start, for fault tests that need an outage window.
+cmd_kafka_stop() {
+  take_lock
+  stop_kafka
+}
+
+cmd_kafka_start() {
+  check_kafka_version
+  check_kafka_prereqs
+  report_missing
+  take_lock
+  start_kafka
+}
+
+cmd_pg_stop() {
+  external_db && die "pg-stop: DATABASE_URL points to an external database; not stopping it"
+  take_lock
+  stop_pg
+}
+
+cmd_pg_start() {
+  check_pg_prereqs
+  report_missing
+  take_lock
+  start_pg
+}
+
 cmd_kafka_run() {
   (($#)) || die "kafka-run: missing CLASS"
   check_kafka_prereqs
@@ -826,6 +858,10 @@ main() {
     exec) cmd_exec "$@" ;;
     kafka-restart) cmd_kafka_restart ;;
     pg-restart) cmd_pg_restart ;;
+    kafka-stop) cmd_kafka_stop ;;
+    kafka-start) cmd_kafka_start ;;
+    pg-stop) cmd_pg_stop ;;
+    pg-start) cmd_pg_start ;;
     kafka-run) cmd_kafka_run "$@" ;;
     purge) cmd_purge ;;
     -h | --help | help) usage ;;

@@ -50,7 +50,7 @@ def build_app(settings: RegistrationSettings) -> FastAPI:
 def main() -> None:
     settings = RegistrationSettings()
     configure_logging("registration", settings.log_level)
-    serve(build_app(settings), settings)
+    serve(build_app(settings), settings.http_host, settings.http_port)
 
 
 if __name__ == "__main__":

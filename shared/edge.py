@@ -1,0 +1,265 @@
+"""What every edge process (site provider, host agent) shares: registration with a vault's
+registration key, a persisted identity (the credential is shown once, so it is kept in a 0600
+file in the process's state folder), signed publishing, the heartbeat loop and a runtime with
+health for the HTTP edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, Field, SecretStr
+
+from shared import signing, topics
+from shared.kafka import KafkaProducer
+from shared.schemas.envelope import EventPayload, new_envelope
+from shared.schemas.registration import Heartbeat, ProducerKind
+from shared.schemas.registry import topic_of
+from shared.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+HEARTBEATS_SENT = Counter("dr_edge_heartbeats_total", "Heartbeats published", ["result"])
+EDGE_REGISTERED = Gauge("dr_edge_registered", "1 when this edge process holds a credential")
+
+
+class EdgeSettings(CommonSettings):
+    """Settings of an edge process; subclasses set the env prefix (`DR_AGENT_`, ...)."""
+
+    registration_url: str = Field(default="http://127.0.0.1:8101")
+    registration_key: SecretStr | None = Field(
+        default=None, description="Needed only for the first registration (or a forced one)."
+    )
+    name: str = Field(default="", description="Server name (FQDN); default: the host name.")
+    site: str = Field(default="primary")
+    state_dir: Path = Field(default=Path(".state/edge"))
+    heartbeat_seconds: float = Field(default=5.0, gt=0, le=3600)
+    force_register: bool = Field(default=False)
+    http_host: str = Field(default="127.0.0.1")
+    http_port: int = Field(default=0, ge=0, le=65535)
+
+
+class Identity(BaseModel):
+    producer_id: uuid.UUID
+    vault_id: uuid.UUID
+    kind: ProducerKind
+    name: str
+    site: str
+    generation: int
+    credential: str
+
+    @property
+    def signing_key(self) -> str:
+        return signing.derive_signing_key(self.credential)
+
+
+class RegistrationFailed(Exception):
+    pass
+
+
+def identity_path(state_dir: Path) -> Path:
+    return state_dir / "identity.json"
+
+
+def load_identity(state_dir: Path) -> Identity | None:
+    path = identity_path(state_dir)
+    if not path.exists():
+        return None
+    return Identity.model_validate_json(path.read_text())
+
+
+def save_identity(state_dir: Path, identity: Identity) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = identity_path(state_dir)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(identity.model_dump_json())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+async def register(
+    settings: EdgeSettings, kind: ProducerKind, metadata: dict[str, Any]
+) -> Identity:
+    """POST /v1/registrations with the registration key; raises with the service's message."""
+    if settings.registration_key is None:
+        raise RegistrationFailed(
+            "no identity in the state folder and no registration key: set the registration key"
+        )
+    body = {
+        "kind": kind.value,
+        "name": settings.name,
+        "site": settings.site,
+        "heartbeat_interval_seconds": settings.heartbeat_seconds,
+        "force": settings.force_register,
+        "metadata": metadata,
+    }
+    headers = {"Authorization": f"Bearer {settings.registration_key.get_secret_value()}"}
+    async with httpx.AsyncClient(base_url=settings.registration_url, timeout=10) as client:
+        resp = await client.post("/v1/registrations", json=body, headers=headers)
+    if resp.status_code != 201:
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text
+        raise RegistrationFailed(f"registration refused ({resp.status_code}): {message}")
+    data = resp.json()
+    return Identity(
+        producer_id=data["producer_id"],
+        vault_id=data["vault_id"],
+        kind=kind,
+        name=data["name"],
+        site=data["site"],
+        generation=data["generation"],
+        credential=data["credential"],
+    )
+
+
+async def obtain_identity(
+    settings: EdgeSettings, kind: ProducerKind, metadata: dict[str, Any]
+) -> Identity:
+    """The saved identity, or a new registration (also when `force_register` is set)."""
+    saved = load_identity(settings.state_dir)
+    if saved is not None and not settings.force_register:
+        return saved
+    identity = await register(settings, kind, metadata)
+    save_identity(settings.state_dir, identity)
+    log.info(
+        "registered",
+        extra={"producer_id": str(identity.producer_id), "generation": identity.generation},
+    )
+    return identity
+
+
+class SignedPublisher:
+    """Publishes payloads in envelopes signed with this producer's credential."""
+
+    def __init__(self, producer: KafkaProducer, identity: Identity) -> None:
+        self.producer = producer
+        self.identity = identity
+        self._key = identity.signing_key
+
+    async def publish(self, payload: EventPayload, *, key: str) -> uuid.UUID:
+        envelope = new_envelope(
+            payload,
+            vault_id=self.identity.vault_id,
+            producer_id=str(self.identity.producer_id),
+            signing_key=self._key,
+        )
+        await self.producer.publish(envelope, key=key, topic=topic_of(type(payload)))
+        return envelope.event_id
+
+
+async def heartbeat_loop(
+    publisher: SignedPublisher,
+    interval: float,
+    status: Callable[[], dict[str, Any]] = dict,
+    software_version: str = "0.1.0",
+) -> None:
+    sequence = 0
+    identity = publisher.identity
+    while True:
+        beat = Heartbeat(
+            kind=identity.kind,
+            sequence=sequence,
+            interval_seconds=interval,
+            software_version=software_version,
+            status=status(),
+        )
+        try:
+            await publisher.publish(beat, key=str(identity.producer_id))
+            HEARTBEATS_SENT.labels("ok").inc()
+            sequence += 1
+        except Exception as exc:
+            HEARTBEATS_SENT.labels("error").inc()
+            log.warning("heartbeat publish failed", extra={"error": repr(exc)})
+        await asyncio.sleep(interval)
+
+
+TaskFactory = Callable[["EdgeRuntime"], Coroutine[Any, Any, None]]
+
+
+class EdgeRuntime:
+    """Lifecycle of an edge process: identity, Kafka producer, heartbeats, supervised tasks."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: EdgeSettings,
+        kind: ProducerKind,
+        *,
+        metadata: Callable[[], dict[str, Any]] = dict,
+        status: Callable[[], dict[str, Any]] = dict,
+        topics_used: tuple[str, ...] = (topics.REGISTRATION_HEARTBEATS,),
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.kind = kind
+        self.metadata = metadata
+        self.status = status
+        self.topics_used = topics_used
+        self.identity: Identity | None = None
+        self.publisher: SignedPublisher | None = None
+        self._producer: KafkaProducer | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        self.identity = await obtain_identity(self.settings, self.kind, self.metadata())
+        EDGE_REGISTERED.set(1)
+        s = self.settings
+        self._producer = KafkaProducer(s.kafka_bootstrap_servers, s.topic_prefix, self.name)
+        await self._producer.start()
+        self.publisher = SignedPublisher(self._producer, self.identity)
+        publisher = self.publisher
+        self.spawn(
+            "heartbeat",
+            lambda: heartbeat_loop(publisher, s.heartbeat_seconds, self.status),
+        )
+
+    def spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        async def supervised() -> None:
+            delay = 0.5
+            while True:
+                try:
+                    await factory()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("edge task crashed; restarting", extra={"task": name})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10)
+
+        self._tasks[name] = asyncio.create_task(supervised(), name=name)
+
+    async def health(self) -> dict[str, Any]:
+        checks = {
+            "registered": "ok" if self.identity else "down",
+            "kafka_producer": "ok" if self._producer and self._producer.started else "down",
+        }
+        for name, task in self._tasks.items():
+            checks[f"task:{name}"] = "stopped" if task.done() else "running"
+        healthy = all(v in ("ok", "running") for v in checks.values())
+        return {
+            "service": self.name,
+            "status": "ok" if healthy else "degraded",
+            "checks": checks,
+            "producer_id": str(self.identity.producer_id) if self.identity else None,
+        }
+
+    async def stop(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._producer is not None:
+            await self._producer.stop()

@@ -1,0 +1,115 @@
+"""Services and edge processes run as real OS processes (`python -m services.<name>`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.support.stack import REPO, free_port
+
+
+@dataclass
+class Proc:
+    module: str
+    env: dict[str, str]
+    log_path: Path
+    port: int
+    popen: subprocess.Popen[bytes] | None = None
+    starts: int = field(default=0)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, extra_env: dict[str, str] | None = None, wait: bool = True) -> Proc:
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        self.starts += 1
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child process owns it
+        log.write(f"\n=== start #{self.starts} ===\n".encode())
+        log.flush()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen is not None and self.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{self.module} exited with {self.popen.returncode}:\n{self.tail()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.module} not healthy after {timeout}s:\n{self.tail()}")
+
+    def kill(self) -> None:
+        """kill -9."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM and wait (graceful shutdown); SIGKILL if it doesn't finish in time."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        return self.popen.returncode
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def service(name: str, env: dict[str, str], log_dir: Path, env_prefix: str | None = None) -> Proc:
+    """A platform service process with its own free HTTP port."""
+    port = free_port()
+    prefix = env_prefix or f"DR_{name.upper()}_"
+    return Proc(
+        module=f"services.{name}",
+        env={**env, f"{prefix}HTTP_PORT": str(port)},
+        log_path=log_dir / f"{name}.log",
+        port=port,
+    )
+
+
+def edge(module: str, prefix: str, env: dict[str, str], log_dir: Path, label: str) -> Proc:
+    """An edge process (`services.host_agent` with `DR_AGENT_`, `services.site_provider` with
+    `DR_PROVIDER_`), its own port and state folder."""
+    port = free_port()
+    state = log_dir / f"{label}-state"
+    return Proc(
+        module=module,
+        env={**env, f"{prefix}HTTP_PORT": str(port), f"{prefix}STATE_DIR": str(state)},
+        log_path=log_dir / f"{label}.log",
+        port=port,
+    )

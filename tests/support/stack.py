@@ -1,0 +1,84 @@
+"""Where the real Kafka and PostgreSQL of the local stack are (`make up` starts them)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import asyncpg
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _stack_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    path = Path(os.environ.get("DR_STATE_DIR", REPO / ".state")) / "stack.env"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                env[key.strip()] = value.strip()
+    return env
+
+
+@dataclass(frozen=True)
+class Stack:
+    kafka: str
+    database_url: str
+
+    def reachable(self) -> str | None:
+        """None when both answer on their ports, else what is missing."""
+        for what, host, port in (
+            ("Kafka", *self._host_port(f"kafka://{self.kafka.split(',')[0]}")),
+            ("PostgreSQL", *self._host_port(self.database_url)),
+        ):
+            try:
+                socket.create_connection((host, port), timeout=2).close()
+            except OSError:
+                return f"{what} is not reachable at {host}:{port}: run `make up` first"
+        return None
+
+    @staticmethod
+    def _host_port(url: str) -> tuple[str, int]:
+        parsed = urlparse(url)
+        return parsed.hostname or "127.0.0.1", parsed.port or 0
+
+    def database(self, name: str) -> str:
+        parsed = urlparse(self.database_url)
+        return urlunparse(parsed._replace(path=f"/{name}"))
+
+
+def stack_from_env() -> Stack:
+    file_env = _stack_env()
+    return Stack(
+        kafka=os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        or file_env.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
+        database_url=os.environ.get("DATABASE_URL")
+        or file_env.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:15432/dr"),
+    )
+
+
+async def fresh_database(stack: Stack, label: str = "t") -> str:
+    """Create an empty database with a random name; returns its URL."""
+    name = f"{label}_{secrets.token_hex(5)}"
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return stack.database(name)
+
+
+def random_prefix(label: str = "t") -> str:
+    return f"{label}{secrets.token_hex(4)}."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
