@@ -412,6 +412,14 @@ kafka_pid() {
   echo "$pid"
 }
 
+# The broker runs, but with other ports than configured now: refuse to guess.
+check_kafka_running_ports() {
+  local want="listeners=PLAINTEXT://127.0.0.1:${KAFKA_PORT},CONTROLLER://127.0.0.1:${KAFKA_CONTROLLER_PORT}"
+  if ! grep -qxF "$want" "$KAFKA_PROPS" 2>/dev/null; then
+    die "kafka: the broker of $DR_STATE_DIR runs with other ports ($(grep '^listeners=' "$KAFKA_PROPS" 2>/dev/null || echo '?')); run '$0 down' first"
+  fi
+}
+
 kafka_fail_start() {
   local pid="${1:-}"
   log "kafka: last lines of $KAFKA_LOG:"
@@ -426,6 +434,7 @@ kafka_fail_start() {
 start_kafka() {
   local pid deadline t0=$SECONDS log_offset=0
   if pid="$(kafka_pid)"; then
+    check_kafka_running_ports
     if port_open "$KAFKA_PORT"; then
       log "kafka: already running (pid $pid) on $KAFKA_BOOTSTRAP"
       return
@@ -578,6 +587,15 @@ pg_pid() {
   echo "$pid"
 }
 
+# The managed cluster runs, but on another port than PG_PORT: refuse to guess.
+check_pg_running_port() {
+  local port
+  port="$(sed -n 4p "$(pg_area)/data/postmaster.pid" 2>/dev/null || true)"
+  if [[ -n "$port" && "$port" != "$PG_PORT" ]]; then
+    die "postgres: the cluster of $DR_STATE_DIR runs on port $port, not PG_PORT=$PG_PORT; run '$0 down' first"
+  fi
+}
+
 psql_admin() {
   "$(pg_tool psql)" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres "$@"
 }
@@ -600,6 +618,7 @@ start_pg() {
     return
   fi
   if pid="$(pg_pid)"; then
+    check_pg_running_port
     log "postgres: already running (pid $pid) on 127.0.0.1:$PG_PORT"
   else
     area="$(prepare_pg_area)"
@@ -679,6 +698,25 @@ write_stack_env() {
   mv -f "$tmp" "$STACK_ENV"
 }
 
+# Before starting anything: fail early on ports taken by other processes.
+preflight_ports() {
+  if ! kafka_pid >/dev/null; then
+    port_open "$KAFKA_PORT" && die "kafka: port $KAFKA_PORT is already in use by another process (set KAFKA_PORT)"
+    port_open "$KAFKA_CONTROLLER_PORT" &&
+      die "kafka: port $KAFKA_CONTROLLER_PORT is already in use by another process (set KAFKA_CONTROLLER_PORT)"
+  else
+    check_kafka_running_ports
+  fi
+  if ! external_db; then
+    if ! pg_pid >/dev/null; then
+      port_open "$PG_PORT" && die "postgres: port $PG_PORT is already in use by another process (set PG_PORT)"
+    else
+      check_pg_running_port
+    fi
+  fi
+  return 0
+}
+
 cmd_up() {
   local t0=$SECONDS
   check_kafka_version
@@ -686,6 +724,7 @@ cmd_up() {
   check_pg_prereqs
   report_missing
   take_lock
+  preflight_ports
   start_pg
   start_kafka
   write_stack_env
@@ -702,6 +741,7 @@ cmd_down() {
 cmd_status() {
   local rc=0 pid
   if pid="$(kafka_pid)"; then
+    check_kafka_running_ports
     if port_open "$KAFKA_PORT"; then
       echo "kafka     running  pid $pid  $KAFKA_BOOTSTRAP"
     else

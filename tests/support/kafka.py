@@ -41,8 +41,9 @@ async def read_all(bootstrap: str, topic: str) -> list[Record]:
         ends = await consumer.end_offsets(tps)
         out: list[Record] = []
         deadline = time.monotonic() + 20
-        while any((await consumer.position(tp)) < ends[tp] for tp in tps):
-            if time.monotonic() > deadline:
+        while time.monotonic() < deadline:
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
                 break
             batches = await consumer.getmany(timeout_ms=500)
             for records in batches.values():

@@ -33,6 +33,7 @@ class Platform:
             "DR_TOPIC_PREFIX": self.prefix,
             "DR_ADMIN_TOKEN": self.admin_token,
             "DR_LOG_LEVEL": "INFO",
+            "DR_REGISTRATION_SWEEP_INTERVAL_SECONDS": "0.5",
         }
 
     def start(self, name: str, extra_env: dict[str, str] | None = None) -> Proc:

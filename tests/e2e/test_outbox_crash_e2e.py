@@ -1,0 +1,66 @@
+"""Killing a service between writing a state change and publishing its event loses nothing:
+the transactional outbox publishes it after the restart."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from shared import topics
+from tests.support import processes
+from tests.support.kafka import read_all, wait_for_records
+from tests.support.platform import Platform
+from tests.support.poll import eventually
+from tests.support.stack import Stack, fresh_database, random_prefix
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize("crash_at", ["outbox.before_publish", "outbox.after_publish"])
+async def test_kill_between_commit_and_publish_loses_no_event(
+    stack: Stack, tmp_path: object, crash_at: str
+) -> None:
+    plat = Platform(
+        stack=stack,
+        database_url=await fresh_database(stack, "crash"),
+        prefix=random_prefix("crash"),
+        log_dir=tmp_path,  # type: ignore[arg-type]
+    )
+    proc = processes.service("registration", plat.env, plat.log_dir)
+    proc.start(extra_env={"DR_CRASH_AT": crash_at})
+    topic = plat.prefix + topics.REGISTRATION_EVENTS
+    name = f"crash-{uuid.uuid4().hex[:6]}"
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            resp = await http.post(
+                f"{proc.url}/v1/vaults", json={"name": name}, headers=plat.admin()
+            )
+            assert resp.status_code == 201, resp.text  # the state change is committed
+            vault_id = resp.json()["vault_id"]
+
+        async def killed() -> bool:
+            return not proc.alive()
+
+        await eventually(killed, timeout=20, what="the relay to reach the crash point")
+        assert proc.popen is not None and proc.popen.returncode == -9
+        published = [r for r in await read_all(stack.kafka, topic) if vault_id in r.value.decode()]
+        if crash_at == "outbox.before_publish":
+            assert published == [], "nothing may be published before the crash point"
+
+        proc.start()  # no crash point this time
+        records = await wait_for_records(
+            stack.kafka,
+            topic,
+            lambda r: (
+                r.json()["type"] == "VaultCreated" and r.json()["payload"]["vault_id"] == vault_id
+            ),
+        )
+        event_ids = {r.json()["event_id"] for r in records}
+        assert len(event_ids) == 1, "a re-publish carries the same event id (consumers dedupe)"
+        async with httpx.AsyncClient(timeout=10) as http:
+            got = await http.get(f"{proc.url}/v1/vaults/{vault_id}", headers=plat.admin())
+        assert got.status_code == 200 and got.json()["name"] == name
+    finally:
+        proc.stop()
