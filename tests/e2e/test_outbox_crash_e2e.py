@@ -8,8 +8,8 @@ import uuid
 import httpx
 import pytest
 
+from scripts import procs as processes
 from shared import topics
-from tests.support import processes
 from tests.support.kafka import read_all, wait_for_records
 from tests.support.platform import Platform
 from tests.support.poll import eventually

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
-from tests.support import processes
-from tests.support.processes import Proc
+from scripts import procs as processes
+from scripts.procs import Proc
 from tests.support.stack import Stack
 
 

@@ -11,7 +11,7 @@ from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 
-REPO = Path(__file__).resolve().parents[2]
+from scripts.procs import REPO
 
 
 def _stack_env() -> dict[str, str]:
@@ -75,10 +75,3 @@ async def fresh_database(stack: Stack, label: str = "t") -> str:
 
 def random_prefix(label: str = "t") -> str:
     return f"{label}{secrets.token_hex(4)}."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

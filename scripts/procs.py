@@ -1,9 +1,11 @@
-"""Services and edge processes run as real OS processes (`python -m services.<name>`)."""
+"""Services and edge processes run as real OS processes (`python -m services.<name>`); used by
+the e2e tests and by `make demo`."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +14,14 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.stack import REPO, free_port
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass
