@@ -19,7 +19,7 @@ STAMP    := $(VENV)/.stamp
 STACK    := deploy/local/stack.sh
 
 # Source folders that exist right now (some are added later by other work).
-LINT_DIRS := $(wildcard services shared tests bench)
+LINT_DIRS := $(wildcard services shared tests bench scripts)
 TYPE_DIRS := $(wildcard services shared)
 
 # Interpreter for the venv: python3.11, else python3 when that is 3.11.

@@ -34,17 +34,25 @@ EDGE_REGISTERED = Gauge("dr_edge_registered", "1 when this edge process holds a 
 class EdgeSettings(CommonSettings):
     """Settings of an edge process; subclasses set the env prefix (`DR_AGENT_`, ...)."""
 
-    registration_url: str = Field(default="http://127.0.0.1:8101")
+    registration_url: str = Field(
+        default="http://127.0.0.1:8101", description="Registration service base URL."
+    )
     registration_key: SecretStr | None = Field(
         default=None, description="Needed only for the first registration (or a forced one)."
     )
     name: str = Field(default="", description="Server name (FQDN); default: the host name.")
-    site: str = Field(default="primary")
-    state_dir: Path = Field(default=Path(".state/edge"))
-    heartbeat_seconds: float = Field(default=5.0, gt=0, le=3600)
-    force_register: bool = Field(default=False)
-    http_host: str = Field(default="127.0.0.1")
-    http_port: int = Field(default=0, ge=0, le=65535)
+    site: str = Field(default="primary", description="Site this server belongs to.")
+    state_dir: Path = Field(
+        default=Path(".state/edge"), description="Holds the identity (credential, 0600)."
+    )
+    heartbeat_seconds: float = Field(default=5.0, gt=0, le=3600, description="Heartbeat interval.")
+    force_register: bool = Field(
+        default=False, description="Re-register even with a saved identity (new credential)."
+    )
+    http_host: str = Field(default="127.0.0.1", description="HTTP listen address.")
+    http_port: int = Field(
+        default=0, ge=0, le=65535, description="/healthz and /metrics port (0: any free)."
+    )
 
 
 class Identity(BaseModel):

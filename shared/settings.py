@@ -33,15 +33,35 @@ class CommonSettings(BaseSettings):
         default="",
         description="Prefix for every Kafka topic and consumer group (isolates test runs).",
     )
-    topic_partitions: int = Field(validation_alias="DR_TOPIC_PARTITIONS", default=4, ge=1, le=256)
-    log_level: str = Field(validation_alias="DR_LOG_LEVEL", default="INFO")
+    topic_partitions: int = Field(
+        validation_alias="DR_TOPIC_PARTITIONS",
+        default=4,
+        ge=1,
+        le=256,
+        description="Partitions of each topic a service creates.",
+    )
+    log_level: str = Field(
+        validation_alias="DR_LOG_LEVEL",
+        default="INFO",
+        description="Log level (JSON logs on stderr).",
+    )
     admin_token: SecretStr | None = Field(
         validation_alias="DR_ADMIN_TOKEN",
         default=None,
         description="Bootstrap admin token (global admin over every vault). Unset: no bootstrap.",
     )
-    max_body_bytes: int = Field(validation_alias="DR_MAX_BODY_BYTES", default=1_048_576, ge=1024)
-    outbox_poll_ms: int = Field(validation_alias="DR_OUTBOX_POLL_MS", default=100, ge=10)
+    max_body_bytes: int = Field(
+        validation_alias="DR_MAX_BODY_BYTES",
+        default=1_048_576,
+        ge=1024,
+        description="Largest accepted HTTP request body (413 above).",
+    )
+    outbox_poll_ms: int = Field(
+        validation_alias="DR_OUTBOX_POLL_MS",
+        default=100,
+        ge=10,
+        description="Outbox relay poll interval when idle.",
+    )
     event_max_age_seconds: int = Field(
         validation_alias="DR_EVENT_MAX_AGE_SECONDS",
         default=600,
@@ -53,6 +73,10 @@ class CommonSettings(BaseSettings):
 class ServiceSettings(CommonSettings):
     """Base for a service: its HTTP address and database schema."""
 
-    http_host: str = Field(default="127.0.0.1")
+    http_host: str = Field(default="127.0.0.1", description="HTTP listen address.")
     http_port: int = Field(default=8000, ge=0, le=65535)
-    db_schema: str = Field(default="", pattern=r"^[a-z_][a-z0-9_]*$|^$")
+    db_schema: str = Field(
+        default="",
+        pattern=r"^[a-z_][a-z0-9_]*$|^$",
+        description="PostgreSQL schema; empty: the service name.",
+    )

@@ -13,8 +13,10 @@ from shared.edge import EdgeSettings
 class AgentSettings(EdgeSettings):
     model_config = SettingsConfigDict(env_prefix="DR_AGENT_", extra="ignore", populate_by_name=True)
 
-    state_dir: Path = Field(default=Path(".state/agent"))
+    state_dir: Path = Field(default=Path(".state/agent"), description="Identity and journals.")
     storage_dir: Path = Field(
         default=Path(".state/agent/storage"), description="The host's VM storage folder."
     )
-    host_os_version: str = Field(default="Windows Server 2022")
+    host_os_version: str = Field(
+        default="Windows Server 2022", description="Reported host OS version."
+    )

@@ -13,12 +13,16 @@ class RegistrationSettings(ServiceSettings):
         env_prefix="DR_REGISTRATION_", extra="ignore", populate_by_name=True
     )
 
-    http_port: int = Field(default=8101, ge=0, le=65535)
+    http_port: int = Field(default=8101, ge=0, le=65535, description="HTTP port.")
     missed_heartbeats: int = Field(
         default=3, ge=1, le=100, description="Missed intervals before Disconnected."
     )
-    sweep_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    sweep_interval_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="How often silent producers are looked for."
+    )
     key_valid_hours: int = Field(
         default=120, ge=1, le=24 * 30, description="Default registration key validity (5 days)."
     )
-    default_heartbeat_seconds: float = Field(default=10.0, gt=0, le=3600)
+    default_heartbeat_seconds: float = Field(
+        default=10.0, gt=0, le=3600, description="Heartbeat interval when a producer names none."
+    )
