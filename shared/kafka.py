@@ -19,10 +19,10 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Counter, Histogram
@@ -206,13 +206,30 @@ def _errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class EventConsumer:
-    """Consumes `topic_names` in consumer group `group` and applies each event with `handler`.
+class RawRecord(Protocol):
+    """What the pipeline needs of a record (aiokafka's ConsumerRecord, faust's Message)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+H = TypeVar("H")
+
+
+class _RecordPipeline(Generic[H]):
+    """Consumes `topic_names` in consumer group `group` and applies each event with its handler.
 
     `handlers` maps event type name -> handler; events of other types on the topic are
     acknowledged and skipped (a topic carries many types; not every consumer needs all).
-    `verifier` (optional) checks signature and vault against the consumer's read model and
-    raises `Rejected`; signed event types are rejected if no verifier accepts them.
+    `process()` is usable on its own (e.g. from a faust agent); `run()` is the aiokafka loop.
     """
 
     def __init__(
@@ -222,10 +239,8 @@ class EventConsumer:
         prefix: str,
         group: str,
         topic_names: list[str],
-        pool: asyncpg.Pool,
         producer: KafkaProducer,
-        handlers: dict[str, Handler],
-        verifier: Verifier | None = None,
+        handlers: dict[str, H],
         max_age: timedelta | None = timedelta(minutes=10),
         max_records: int = 200,
     ) -> None:
@@ -233,14 +248,15 @@ class EventConsumer:
         self.prefix = prefix
         self.group = f"{prefix}{group}"
         self.topic_names = topic_names
-        self.pool = pool
         self.producer = producer
         self.handlers = handlers
-        self.verifier = verifier
         self.max_age = max_age
         self.max_records = max_records
         self.alive = False
         self.applied = 0
+
+    async def _apply(self, incoming: Incoming, handler: H) -> None:
+        raise NotImplementedError
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
@@ -263,7 +279,7 @@ class EventConsumer:
                 batches = await consumer.getmany(timeout_ms=500, max_records=self.max_records)
                 for tp, records in batches.items():
                     for record in records:
-                        await self._process(record)
+                        await self.process(record)
                     await self._commit(consumer, tp, records[-1].offset + 1)
         finally:
             self.alive = False
@@ -280,7 +296,9 @@ class EventConsumer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5)
 
-    async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def process(self, record: RawRecord) -> None:
+        """Validate, verify and apply one record, or dead-letter it; never raises for bad
+        input. Infrastructure errors are retried here until they clear."""
         topic = topics.logical(record.topic, self.prefix)
         key = record.key.decode(errors="replace") if record.key else None
         try:
@@ -322,30 +340,9 @@ class EventConsumer:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
 
-    async def _apply(self, incoming: Incoming, handler: Handler) -> None:
-        env = incoming.envelope
-        et = payload_model(env.type, env.schema_version)
-        async with self.pool.acquire() as conn, conn.transaction():
-            fresh = await conn.fetchval(
-                "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING RETURNING true",
-                self.group,
-                env.event_id,
-            )
-            if not fresh:
-                EVENTS_DUPLICATE.labels(incoming.topic).inc()
-                return
-            if self.verifier is not None:
-                await self.verifier(conn, env, bool(et and et.signed))
-            elif et is not None and et.signed:
-                raise Rejected("unverifiable", "signed event but this consumer has no verifier")
-            await handler(conn, incoming)
-        self.applied += 1
-        EVENTS_CONSUMED.labels(incoming.topic, env.type).inc()
-
     async def _dead_letter(
         self,
-        record: ConsumerRecord[bytes, bytes],
+        record: RawRecord,
         topic: str,
         rej: Rejected,
         envelope: Envelope | None = None,
@@ -386,3 +383,63 @@ class EventConsumer:
                 "event_id": str(envelope.event_id) if envelope else None,
             },
         )
+
+
+class EventConsumer(_RecordPipeline[Handler]):
+    """The services' consumer: each event is applied in one PostgreSQL transaction together
+    with its de-duplication row (`processed_events`), so the effect is exactly-once even
+    though delivery is at-least-once. `verifier` checks signature and vault against the
+    service's read model and raises `Rejected`; signed event types need a verifier."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        verifier: Verifier | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.pool = pool
+        self.verifier = verifier
+
+    async def _apply(self, incoming: Incoming, handler: Handler) -> None:
+        env = incoming.envelope
+        et = payload_model(env.type, env.schema_version)
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = await conn.fetchval(
+                "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                self.group,
+                env.event_id,
+            )
+            if not fresh:
+                EVENTS_DUPLICATE.labels(incoming.topic).inc()
+                return
+            if self.verifier is not None:
+                await self.verifier(conn, env, bool(et and et.signed))
+            elif et is not None and et.signed:
+                raise Rejected("unverifiable", "signed event but this consumer has no verifier")
+            await handler(conn, incoming)
+        self.applied += 1
+        EVENTS_CONSUMED.labels(incoming.topic, env.type).inc()
+
+
+PlainHandler = Callable[[Incoming], Awaitable[None]]
+PlainVerifier = Callable[[Envelope, bool], None]
+
+
+class PlainEventConsumer(_RecordPipeline[PlainHandler]):
+    """A consumer without a database (edge processes): handlers get the event alone and own
+    their idempotency (e.g. a persisted journal of command ids)."""
+
+    def __init__(self, *, verifier: PlainVerifier | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.verifier = verifier
+
+    async def _apply(self, incoming: Incoming, handler: PlainHandler) -> None:
+        et = payload_model(incoming.envelope.type, incoming.envelope.schema_version)
+        if self.verifier is not None:
+            self.verifier(incoming.envelope, bool(et and et.signed))
+        await handler(incoming)
+        self.applied += 1
+        EVENTS_CONSUMED.labels(incoming.topic, incoming.envelope.type).inc()

@@ -1,0 +1,138 @@
+"""Commands to host agents (`agent.commands.v1`, keyed by agent id, published by services
+through their outbox) and what agents report back (`agent.events.v1`, signed, keyed by agent
+id). Every command carries an idempotency key (`command_id`): an agent that sees a command id
+again replies with the first result and does not repeat the effect."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field
+
+from shared import topics
+from shared.schemas.envelope import EventPayload
+from shared.schemas.registry import event_type
+from shared.schemas.replication import Compression
+
+
+class InitialReplication(StrEnum):
+    ONLINE_NOW = "online_now"
+    ONLINE_SCHEDULED = "online_scheduled"
+    OFFLINE = "offline"
+
+
+class _Command(EventPayload):
+    command_id: uuid.UUID = Field(description="Idempotency key.")
+    agent_id: uuid.UUID
+
+
+class DiskSpec(EventPayload):
+    disk_id: str
+    path: str = Field(description="Image file path on the host.")
+    size_bytes: int = Field(gt=0)
+
+
+@event_type("ReplicationEnableRequested", topic=topics.AGENT_COMMANDS)
+class ReplicationEnableRequested(_Command):
+    """Start replicating a VM: initial replication, then a delta cycle every copy interval."""
+
+    item_id: uuid.UUID
+    vm_id: str
+    vm_name: str
+    disks: list[DiskSpec] = Field(min_length=1, max_length=16)
+    copy_interval_seconds: int = Field(ge=1, le=3600)
+    compression: Compression = Compression.NONE
+    app_consistent_interval_seconds: int = Field(default=0, ge=0)
+    initial_replication: InitialReplication = InitialReplication.ONLINE_NOW
+    scheduled_at: datetime | None = None
+    export_path: str | None = None
+    next_cycle_seq: int = Field(default=1, ge=1)
+
+
+@event_type("ReplicationDisableRequested", topic=topics.AGENT_COMMANDS)
+class ReplicationDisableRequested(_Command):
+    """Stop replicating the item and forget its change tracking."""
+
+    item_id: uuid.UUID
+
+
+@event_type("ReplicationPauseRequested", topic=topics.AGENT_COMMANDS)
+class ReplicationPauseRequested(_Command):
+    """Stop shipping cycles; keep tracking changes (the log grows)."""
+
+    item_id: uuid.UUID
+
+
+@event_type("ReplicationResumeRequested", topic=topics.AGENT_COMMANDS)
+class ReplicationResumeRequested(_Command):
+    """Resume shipping cycles after a pause."""
+
+    item_id: uuid.UUID
+
+
+@event_type("ResyncRequested", topic=topics.AGENT_COMMANDS)
+class ResyncRequested(_Command):
+    """Send only the blocks whose hashes differ from the replica's. The replica's leaf hashes
+    of one disk come in `chunks` commands (base64 of concatenated 32-byte SHA-256 digests,
+    starting at block `first_index`); the agent diffs once it has every chunk of every disk,
+    then ships a `resync` cycle numbered `cycle_seq`."""
+
+    item_id: uuid.UUID
+    resync_id: uuid.UUID
+    cycle_seq: int = Field(ge=1)
+    disk_id: str
+    disk_count: int = Field(ge=1, le=16)
+    size_bytes: int = Field(ge=0, description="Replica disk size; 0 if it has none.")
+    chunk_no: int = Field(ge=0)
+    chunks: int = Field(ge=1)
+    first_index: int = Field(ge=0)
+    leaf_hashes: str = Field(default="", max_length=900_000)
+
+
+@event_type("VmPowerRequested", topic=topics.AGENT_COMMANDS)
+class VmPowerRequested(_Command):
+    """Shut down or start a VM on the host."""
+
+    vm_id: str
+    action: str = Field(pattern=r"^(shutdown|start)$")
+
+
+class CommandOutcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@event_type("CommandCompleted", topic=topics.AGENT_EVENTS, signed=True)
+class CommandCompleted(EventPayload):
+    """An agent's result for a command (sent again, unchanged, for a repeated command id)."""
+
+    command_id: uuid.UUID
+    command_type: str
+    outcome: CommandOutcome
+    error: str = ""
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
+@event_type("InitialReplicationProgressed", topic=topics.AGENT_EVENTS, signed=True)
+class InitialReplicationProgressed(EventPayload):
+    """Progress of an item's initial replication (or resync) on the source agent."""
+
+    item_id: uuid.UUID
+    bytes_done: int = Field(ge=0)
+    bytes_total: int = Field(ge=0)
+    blocks_done: int = Field(ge=0)
+    blocks_total: int = Field(ge=0)
+
+
+@event_type("ReplicationFaulted", topic=topics.AGENT_EVENTS, signed=True)
+class ReplicationFaulted(EventPayload):
+    """The agent cannot go on replicating an item without a resync (journal lost after an
+    unclean stop, change log over 50 % of the disk, a disk changed while replication was
+    off), or hit a recoverable error it retries."""
+
+    item_id: uuid.UUID
+    reason: str
+    needs_resync: bool
