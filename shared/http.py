@@ -95,7 +95,7 @@ def _validation_message(
         if err.get("type") == "json_invalid":
             status = 400
         field = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
-        msg = err.get("msg", "invalid")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = f"unknown field '{loc[-1]}': remove it"
         details.append({"field": field or "(body)", "where": loc[0] if loc else "", "msg": msg})

@@ -75,7 +75,9 @@ class ReplicationPolicySettings(EventPayload):
     )
     compression: bool = Field(default=True)
     authentication: Authentication = Field(default=Authentication.CERTIFICATE)
-    port: int = Field(default=0, description="1..65535; default 8084 (certificate), 8083 (kerberos)")
+    port: int = Field(
+        default=0, description="1..65535; default 8084 (certificate), 8083 (kerberos)"
+    )
     initial_replication: InitialReplication = Field(default=InitialReplication.ONLINE_NOW)
     initial_replication_start_at: AwareDatetime | None = None
     offline_export_path: str | None = Field(default=None, max_length=1024)
@@ -87,11 +89,9 @@ class ReplicationPolicySettings(EventPayload):
     @classmethod
     def _default_port(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("port") is None:
-            auth = data.get("authentication", Authentication.CERTIFICATE)
-            try:
+            auth = data.get("authentication") or Authentication.CERTIFICATE
+            if auth in DEFAULT_PORTS:  # else the field validator reports the bad value
                 data = {**data, "port": DEFAULT_PORTS[Authentication(auth)]}
-            except ValueError:
-                pass  # the field validator reports the bad authentication value
         return data
 
     @model_validator(mode="after")

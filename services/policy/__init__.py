@@ -1,0 +1,2 @@
+"""Policy service: replication policies, cloud pairings, network mappings and the
+enable-replication prerequisite checks."""
