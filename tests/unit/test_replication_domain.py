@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.replication import domain
+from services.replication.domain import CycleVerdict, HealthInputs
+from shared.schemas.replication import CycleKind, Health, ItemState
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+R = ItemState.REPLICATING
+
+
+@pytest.mark.parametrize(
+    ("state", "last", "resync_seq", "seq", "kind", "verdict"),
+    [
+        (ItemState.WAITING_FOR_INITIAL, None, None, 1, CycleKind.INITIAL, CycleVerdict.ACCEPT),
+        (ItemState.WAITING_FOR_INITIAL, None, None, 1, CycleKind.DELTA, CycleVerdict.GAP),
+        (R, 5, None, 6, CycleKind.DELTA, CycleVerdict.ACCEPT),
+        (R, 5, None, 5, CycleKind.DELTA, CycleVerdict.REPLAY),
+        (R, 5, None, 2, CycleKind.DELTA, CycleVerdict.REPLAY),
+        (R, 5, None, 8, CycleKind.DELTA, CycleVerdict.GAP),
+        (ItemState.RESYNCHRONIZING, 5, 6, 6, CycleKind.RESYNC, CycleVerdict.ACCEPT),
+        (ItemState.RESYNCHRONIZING, 5, 6, 7, CycleKind.DELTA, CycleVerdict.IGNORE),
+        (ItemState.RESYNCHRONIZING, 5, 6, 6, CycleKind.DELTA, CycleVerdict.IGNORE),
+        (ItemState.SUSPENDED, 5, None, 6, CycleKind.DELTA, CycleVerdict.IGNORE),
+        (R, 5, None, 6, CycleKind.FINAL, CycleVerdict.ACCEPT),
+    ],
+)
+def test_cycle_verdicts(
+    state: ItemState,
+    last: int | None,
+    resync_seq: int | None,
+    seq: int,
+    kind: CycleKind,
+    verdict: CycleVerdict,
+) -> None:
+    assert domain.judge_cycle_start(state, last, resync_seq, seq, kind) is verdict
+
+
+def test_truncated_cycle_is_reported() -> None:
+    assert domain.incomplete_reason(3, 100, 3, 100) is None
+    why = domain.incomplete_reason(3, 100, 2, 64)
+    assert why is not None and "2/3 batches" in why
+
+
+def test_final_cycle_leaves_the_item_synced() -> None:
+    assert domain.state_after_point(R, CycleKind.FINAL) is ItemState.SYNCED
+    assert domain.state_after_point(ItemState.RESYNCHRONIZING, CycleKind.RESYNC) is R
+    assert domain.state_after_point(ItemState.INITIAL_REPLICATION, CycleKind.INITIAL) is R
+
+
+def inputs(**overrides: object) -> HealthInputs:
+    base: dict[str, object] = {
+        "state": R,
+        "paused": False,
+        "now": NOW,
+        "protected_since": NOW - timedelta(hours=1),
+        "last_cycle_at": NOW - timedelta(seconds=30),
+        "points_in_window": 120,
+        "copy_interval_seconds": 30,
+        "window_seconds": 12 * 3600,
+        "stale_log_seconds": 3600,
+        "missed_ratio_warning": 0.2,
+        "error": None,
+    }
+    base.update(overrides)
+    return HealthInputs(**base)  # type: ignore[arg-type]
+
+
+def test_all_cycles_arrived_is_normal() -> None:
+    verdict = domain.evaluate_health(inputs())
+    assert verdict.health is Health.NORMAL
+    assert verdict.expected_cycles == 120 and verdict.missed_cycles == 0
+
+
+def test_more_than_20_percent_missed_is_warning() -> None:
+    assert domain.evaluate_health(inputs(points_in_window=97)).health is Health.NORMAL  # 19 %
+    verdict = domain.evaluate_health(inputs(points_in_window=95))  # 21 % missed
+    assert verdict.health is Health.WARNING
+    assert "25 of 120 cycles missed" in verdict.reasons[0]
+
+
+def test_no_log_for_over_an_hour_is_warning() -> None:
+    verdict = domain.evaluate_health(
+        inputs(
+            last_cycle_at=NOW - timedelta(hours=2),
+            protected_since=NOW - timedelta(days=1),
+            points_in_window=1000,
+            copy_interval_seconds=3600,
+        )
+    )
+    assert verdict.health is Health.WARNING
+    assert any("no cycle shipped" in r for r in verdict.reasons)
+
+
+def test_paused_is_warning_and_resync_is_critical() -> None:
+    assert domain.evaluate_health(inputs(paused=True)).health is Health.WARNING
+    critical = domain.evaluate_health(inputs(state=ItemState.RESYNCHRONIZING, error="gap"))
+    assert critical.health is Health.CRITICAL and "resync required: gap" in critical.reasons[0]
+    assert domain.evaluate_health(inputs(state=ItemState.ERROR)).health is Health.CRITICAL
+
+
+def test_rpo_is_now_minus_source_time_of_latest_point() -> None:
+    assert domain.rpo_seconds(NOW, None) is None
+    assert domain.rpo_seconds(NOW, NOW - timedelta(seconds=7)) == 7
+
+
+def test_actions_are_refused_in_the_wrong_state() -> None:
+    domain.check_action(R, "pause")
+    with pytest.raises(domain.ReplicationError, match="cannot resume an item in state"):
+        domain.check_action(R, "resume")
