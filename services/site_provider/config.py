@@ -15,7 +15,10 @@ class ProviderSettings(EdgeSettings):
         env_prefix="DR_PROVIDER_", extra="ignore", populate_by_name=True
     )
 
-    state_dir: Path = Field(default=Path(".state/provider"))
+    state_dir: Path = Field(
+        default=Path(".state/provider"),
+        description="Identity and discovery state (sequence, static IP allocations).",
+    )
     site_file: Path | None = Field(
         default=None, description="Site description (YAML/JSON): clouds, hosts, VMs, networks."
     )

@@ -8,7 +8,9 @@ from the site and object names). Sizes are bytes, memory MiB.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Literal
 
@@ -113,6 +115,34 @@ class Vm(EventPayload):
     nics: list[Nic] = Field(default_factory=list, max_length=64)
 
 
+class Kind(StrEnum):
+    """Kinds of inventory objects; also the order in which adds and changes apply (removals
+    apply in reverse), so a VM never refers to a host or network not yet known."""
+
+    NETWORK = "network"
+    CLOUD = "cloud"
+    HOST = "host"
+    VM = "vm"
+
+
+InventoryObject = VmNetwork | Cloud | Host | Vm
+
+
+def object_id_of(obj: InventoryObject) -> ObjectId:
+    if isinstance(obj, VmNetwork):
+        return obj.network_id
+    if isinstance(obj, Cloud):
+        return obj.cloud_id
+    if isinstance(obj, Host):
+        return obj.host_id
+    return obj.vm_id
+
+
+def content_hash(obj: InventoryObject) -> str:
+    """SHA-256 of the object's JSON: equal hashes mean nothing changed."""
+    return hashlib.sha256(obj.model_dump_json().encode()).hexdigest()
+
+
 class Inventory(EventPayload):
     """A site's whole inventory (the body of a full snapshot)."""
 
@@ -121,6 +151,25 @@ class Inventory(EventPayload):
     vms: list[Vm] = Field(default_factory=list, max_length=100_000)
     networks: list[VmNetwork] = Field(default_factory=list, max_length=10_000)
 
+    def objects(self) -> Iterator[tuple[Kind, InventoryObject]]:
+        """Every object with its kind, in `Kind` order."""
+        yield from ((Kind.NETWORK, o) for o in self.networks)
+        yield from ((Kind.CLOUD, o) for o in self.clouds)
+        yield from ((Kind.HOST, o) for o in self.hosts)
+        yield from ((Kind.VM, o) for o in self.vms)
+
+    def size(self) -> int:
+        return len(self.networks) + len(self.clouds) + len(self.hosts) + len(self.vms)
+
+    @classmethod
+    def of(cls, objects: list[InventoryObject]) -> Inventory:
+        return cls(
+            networks=[o for o in objects if isinstance(o, VmNetwork)],
+            clouds=[o for o in objects if isinstance(o, Cloud)],
+            hosts=[o for o in objects if isinstance(o, Host)],
+            vms=[o for o in objects if isinstance(o, Vm)],
+        )
+
 
 class Removals(EventPayload):
     clouds: list[ObjectId] = Field(default_factory=list)
@@ -128,15 +177,38 @@ class Removals(EventPayload):
     vms: list[ObjectId] = Field(default_factory=list)
     networks: list[ObjectId] = Field(default_factory=list)
 
+    def keys(self) -> list[tuple[Kind, ObjectId]]:
+        return [
+            *((Kind.NETWORK, i) for i in self.networks),
+            *((Kind.CLOUD, i) for i in self.clouds),
+            *((Kind.HOST, i) for i in self.hosts),
+            *((Kind.VM, i) for i in self.vms),
+        ]
+
+    def size(self) -> int:
+        return len(self.networks) + len(self.clouds) + len(self.hosts) + len(self.vms)
+
 
 @event_type("DiscoverySnapshot", topic=topics.INVENTORY_DISCOVERY, signed=True)
 class DiscoverySnapshot(EventPayload):
     """A provider's full inventory of its site. `sequence` grows with every snapshot or change
-    the provider publishes; one older than the last applied is ignored (stale)."""
+    the provider publishes; one older than the last applied is ignored (stale).
+
+    A snapshot too large for one Kafka record (1 MiB) is split into `parts` records with the same
+    `sequence`, each carrying a share of the objects (`part` 1..`parts`); the inventory applies
+    it once it holds every part. Objects absent from the whole snapshot are removed."""
 
     site: str = NAME_FIELD
     sequence: int = Field(ge=0)
     inventory: Inventory
+    part: int = Field(default=1, ge=1, le=1000)
+    parts: int = Field(default=1, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _part_in_range(self) -> DiscoverySnapshot:
+        if self.part > self.parts:
+            raise ValueError(f"part {self.part} > parts {self.parts}")
+        return self
 
 
 @event_type("DiscoveryChange", topic=topics.INVENTORY_DISCOVERY, signed=True)

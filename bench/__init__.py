@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.<module>`, each printing `bench <name> <value> <unit>` lines."""
