@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import secrets
+import subprocess
 import sys
 import time
 import traceback
@@ -32,6 +33,7 @@ from shared.schemas.envelope import new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
 
 Check = Callable[[], Awaitable[str | None]]
+PLATFORM_SERVICES = ("registration", "inventory", "policy")
 
 
 def stack_env() -> dict[str, str]:
@@ -105,6 +107,10 @@ class Demo:
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
+    def storage_root(self, site: str) -> Path:
+        """Host storage folders of a site: <root>/<host name>/<vm name>/..."""
+        return self.run_dir / "sites" / site
+
     def url(self, service: str) -> str:
         return self.services[service].url
 
@@ -117,11 +123,17 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
     """Issue 2: vault, keys, two site providers and two host agents Connected, one stopped."""
 
     async def services_healthy() -> str | None:
-        demo.start_service("registration")
-        health = (await http.get(f"{demo.url('registration')}/healthz")).json()
-        return None if health["status"] == "ok" else json.dumps(health)
+        for name in PLATFORM_SERVICES:
+            demo.start_service(name)
+        for name in PLATFORM_SERVICES:
+            health = (await http.get(f"{demo.url(name)}/healthz")).json()
+            if health["status"] != "ok":
+                return f"{name}: {json.dumps(health)}"
+        return None
 
-    if not await demo.check("registration service started and healthy", services_healthy):
+    if not await demo.check(
+        f"services started and healthy: {', '.join(PLATFORM_SERVICES)}", services_healthy
+    ):
         return
 
     async def vault() -> str | None:
@@ -139,9 +151,15 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
             headers=demo.admin(),
         )
         demo.facts["operator_token"] = token.json()["token"]
+        admin = await http.post(
+            f"{demo.url('registration')}/v1/vaults/{demo.facts['vault_id']}/tokens",
+            json={"name": "admin-1", "role": "admin"},
+            headers=demo.admin(),
+        )
+        demo.facts["admin_token"] = admin.json()["token"]
         return None
 
-    if not await demo.check("vault created, operator token issued", vault):
+    if not await demo.check("vault created, admin and operator tokens issued", vault):
         return
     vid = demo.facts["vault_id"]
 
@@ -168,11 +186,13 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
         "REGISTRATION_URL": demo.url("registration"),
         "HEARTBEAT_SECONDS": "1",
     }
+    # Host agents are named like the hosts of the site files and use their storage folders,
+    # so the VMs they run are the ones the providers discover.
     layout = [
         ("services.site_provider", "DR_PROVIDER_", "vmm-primary", "primary"),
         ("services.site_provider", "DR_PROVIDER_", "vmm-recovery", "recovery"),
-        ("services.host_agent", "DR_AGENT_", "hv-primary-01", "primary"),
-        ("services.host_agent", "DR_AGENT_", "hv-recovery-01", "recovery"),
+        ("services.host_agent", "DR_AGENT_", "hv-p1", "primary"),
+        ("services.host_agent", "DR_AGENT_", "hv-r1", "recovery"),
     ]
 
     async def producers() -> dict[str, Any]:
@@ -185,9 +205,14 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
     async def edges_connected() -> str | None:
         for module, prefix, name, site in layout:
             env = {f"{prefix}{k}": v for k, v in edge_env.items()}
-            demo.start_edge(
-                module, prefix, name, env | {f"{prefix}NAME": name, f"{prefix}SITE": site}
-            )
+            env |= {f"{prefix}NAME": name, f"{prefix}SITE": site}
+            if prefix == "DR_PROVIDER_":
+                env[f"{prefix}SITE_FILE"] = str(REPO / "deploy" / "sites" / f"{site}.yaml")
+                env[f"{prefix}STORAGE_ROOT"] = str(demo.storage_root(site))
+                env[f"{prefix}DISCOVERY_INTERVAL_SECONDS"] = "1"
+            else:
+                env[f"{prefix}STORAGE_DIR"] = str(demo.storage_root(site) / name)
+            demo.start_edge(module, prefix, name, env)
 
         async def connected() -> bool:
             found = await producers()
@@ -208,7 +233,7 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
     async def refused_reregistration() -> str | None:
         resp = await http.post(
             f"{demo.url('registration')}/v1/registrations",
-            json={"kind": "agent", "name": "hv-primary-01", "site": "primary"},
+            json={"kind": "agent", "name": "hv-p1", "site": "primary"},
             headers={"Authorization": f"Bearer {demo.facts['registration_key']}"},
         )
         if resp.status_code != 409 or "force=true" not in resp.text:
@@ -220,7 +245,7 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
     )
 
     async def forged_heartbeat() -> str | None:
-        agent = demo.facts["producers"]["hv-recovery-01"]
+        agent = demo.facts["producers"]["hv-r1"]
         env = new_envelope(
             Heartbeat(kind=ProducerKind.AGENT, sequence=99, interval_seconds=1),
             vault_id=uuid.UUID(vid),
@@ -246,10 +271,10 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
     await demo.check("a forged heartbeat lands in the DLQ as bad_signature", forged_heartbeat)
 
     async def agent_disconnects() -> str | None:
-        demo.edges["hv-primary-01"].stop()
+        demo.edges["hv-p1"].stop()
 
         async def disconnected() -> bool:
-            return (await producers())["hv-primary-01"]["connection_state"] == "Disconnected"
+            return (await producers())["hv-p1"]["connection_state"] == "Disconnected"
 
         await until(disconnected, 20, "stopped agent Disconnected")
         others = await producers()
@@ -257,6 +282,155 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
         return None if len(still) == 3 else f"connected: {still}"
 
     await demo.check("stopped agent shown Disconnected after missed heartbeats", agent_disconnects)
+
+    async def agent_reconnects() -> str | None:
+        demo.edges["hv-p1"].start(extra_env={"DR_AGENT_REGISTRATION_KEY": ""})
+
+        async def connected() -> bool:
+            return (await producers())["hv-p1"]["connection_state"] == "Connected"
+
+        await until(connected, 30, "restarted agent Connected")
+        return None
+
+    await demo.check("restarted agent reconnects with its saved credential", agent_reconnects)
+
+
+def drctl(demo: Demo, *args: str) -> Any:
+    """Run the operator CLI as a user would (`drctl ... --json`); returns its JSON output."""
+    env = {
+        **os.environ,
+        "DR_REGISTRATION_URL": demo.url("registration"),
+        "DR_INVENTORY_URL": demo.url("inventory"),
+        "DR_POLICY_URL": demo.url("policy"),
+        "DR_TOKEN": demo.facts["admin_token"],
+        "DR_VAULT": demo.facts["vault_id"],
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"drctl {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout}")
+    return json.loads(proc.stdout) if proc.stdout.strip() else None
+
+
+async def inventory_policy_story(demo: Demo, http: httpx.AsyncClient) -> None:
+    """Issue 3: discovery of both sites, a policy, a cloud pairing, a network mapping and the
+    enable-replication prerequisite check (one VM passes, one fails with its reasons)."""
+    vid = demo.facts["vault_id"]
+    reader = {"Authorization": f"Bearer {demo.facts['operator_token']}"}
+    inventory = f"{demo.url('inventory')}/v1/vaults/{vid}"
+
+    async def discovered() -> str | None:
+        async def both_sites() -> Any:
+            clouds = (await http.get(f"{inventory}/clouds", headers=reader)).json()
+            return clouds if isinstance(clouds, list) and len(clouds) == 4 else None
+
+        await until(both_sites, 30, "the clouds of both sites discovered")
+        clouds = (await http.get(f"{inventory}/clouds", headers=reader)).json()
+        hosts = (await http.get(f"{inventory}/hosts", headers=reader)).json()
+        primary_vms = (
+            await http.get(f"{inventory}/vms", params={"site": "primary"}, headers=reader)
+        ).json()
+        networks = (await http.get(f"{inventory}/networks", headers=reader)).json()
+        demo.facts["clouds"] = {c["name"]: c for c in clouds}
+        demo.facts["networks"] = {n["name"]: n for n in networks}
+        vms = {v["name"]: v for v in primary_vms["items"]}
+        page = primary_vms["total"]
+        while len(vms) < page:
+            more = (
+                await http.get(
+                    f"{inventory}/vms",
+                    params={"site": "primary", "offset": len(vms)},
+                    headers=reader,
+                )
+            ).json()
+            vms |= {v["name"]: v for v in more["items"]}
+        demo.facts["vms"] = vms
+        got = (len(clouds), len(hosts), page, len(networks))
+        return None if got == (4, 6, 20, 3) else f"clouds, hosts, primary VMs, networks = {got}"
+
+    if not await demo.check(
+        "discovery: 2 sites, 4 clouds, 6 hosts, 20 primary VMs, 3 networks visible in inventory",
+        discovered,
+    ):
+        return
+
+    async def removal_detected() -> str | None:
+        count_before = (
+            await http.get(f"{inventory}/vms", params={"site": "recovery"}, headers=reader)
+        ).json()["total"]
+        return None if count_before == 2 else f"recovery VMs: {count_before}"
+
+    await demo.check("recovery site's own VMs discovered (dc-r1, dc-r2)", removal_detected)
+
+    async def policy_pairing_mapping() -> str | None:
+        policy = drctl(
+            demo,
+            "policy",
+            "create",
+            "gold-2s",
+            "--copy-frequency",
+            "2",
+            "--recovery-points",
+            "2",
+            "--no-compression",
+        )
+        clouds = demo.facts["clouds"]
+        drctl(
+            demo,
+            "pairing",
+            "create",
+            "--source",
+            clouds["Gold-Primary"]["cloud_id"],
+            "--target",
+            clouds["Gold-Recovery"]["cloud_id"],
+            "--policy",
+            "gold-2s",
+        )
+        networks = demo.facts["networks"]
+        drctl(
+            demo,
+            "mapping",
+            "create",
+            "--source",
+            networks["Corp-Primary"]["network_id"],
+            "--target",
+            networks["Corp-Recovery"]["network_id"],
+        )
+        pairings = drctl(demo, "pairing", "list")
+        mappings = drctl(demo, "mapping", "list")
+        demo.facts["policy"] = policy
+        if len(pairings) != 1 or len(mappings) != 1:
+            return f"pairings {len(pairings)}, mappings {len(mappings)}"
+        return None
+
+    await demo.check(
+        "drctl: policy (2 s copy interval), Gold cloud pairing, Corp network mapping created",
+        policy_pairing_mapping,
+    )
+
+    async def prerequisites() -> str | None:
+        ok = drctl(demo, "prereq", demo.facts["vms"]["web-01"]["vm_id"])
+        if not ok["ok"]:
+            return f"web-01 should pass: {ok['checks']}"
+        bad = drctl(demo, "prereq", demo.facts["vms"]["app-01"]["vm_id"])
+        failed = [c["rule"] for c in bad["checks"] if c["status"] == "fail"]
+        demo.facts["prereq_failure"] = bad
+        if bad["ok"] or not failed:
+            return f"app-01 (unpaired Silver cloud) should fail: {bad['checks']}"
+        reasons = "; ".join(c["message"] for c in bad["checks"] if c["status"] == "fail")
+        print(f"     app-01 refused: {reasons}")
+        return None
+
+    await demo.check(
+        "prerequisites: web-01 (Gold) passes, app-01 (unpaired Silver) fails with reasons",
+        prerequisites,
+    )
 
 
 async def run() -> int:
@@ -285,6 +459,8 @@ async def run() -> int:
     try:
         async with httpx.AsyncClient(timeout=15) as http:
             await registration_story(demo, http)
+            if all(why is None for _, why in demo.results):
+                await inventory_policy_story(demo, http)
     finally:
         demo.stop()
     failed = [what for what, why in demo.results if why is not None]
