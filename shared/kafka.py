@@ -69,10 +69,13 @@ class Rejected(Exception):
     """A record that must not be applied: it goes to the DLQ with `reason` (a short code) and
     `detail` (what is wrong, for a human)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, keep_effects: bool = False) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        # True: the handler's writes so far are committed (e.g. "item needs a resync"), and
+        # the record still goes to the DLQ with the reason.
+        self.keep_effects = keep_effects
 
 
 class KafkaProducer:
@@ -419,7 +422,15 @@ class EventConsumer(_RecordPipeline[Handler]):
                 await self.verifier(conn, env, bool(et and et.signed))
             elif et is not None and et.signed:
                 raise Rejected("unverifiable", "signed event but this consumer has no verifier")
-            await handler(conn, incoming)
+            deferred: Rejected | None = None
+            try:
+                await handler(conn, incoming)
+            except Rejected as rej:
+                if not rej.keep_effects:
+                    raise
+                deferred = rej
+        if deferred is not None:
+            raise deferred
         self.applied += 1
         EVENTS_CONSUMED.labels(incoming.topic, env.type).inc()
 

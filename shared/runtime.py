@@ -44,6 +44,8 @@ class Runtime:
         self._producer: KafkaProducer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._task_state: dict[str, str] = {}
+        self._stop_hooks: list[Callable[[], Coroutine[Any, Any, Any]]] = []
+        self._checks: dict[str, Callable[[], bool]] = {}
         self._stopping = False
 
     @property
@@ -98,6 +100,14 @@ class Runtime:
 
         self._tasks[name] = asyncio.create_task(supervised(), name=name)
 
+    def on_stop(self, hook: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run `hook` at shutdown, before the tasks are cancelled (last registered, first run)."""
+        self._stop_hooks.append(hook)
+
+    def add_check(self, name: str, check: Callable[[], bool]) -> None:
+        """A health check reported by /healthz (False: degraded)."""
+        self._checks[name] = check
+
     async def health(self) -> dict[str, Any]:
         checks: dict[str, str] = {}
         try:
@@ -109,11 +119,18 @@ class Runtime:
         for name, task in self._tasks.items():
             state = self._task_state.get(name, "starting")
             checks[f"task:{name}"] = "stopped" if task.done() else state
+        for name, check in self._checks.items():
+            checks[name] = "ok" if check() else "down"
         healthy = all(v in ("ok", "running") for v in checks.values())
         return {"service": self.name, "status": "ok" if healthy else "degraded", "checks": checks}
 
     async def stop(self) -> None:
         self._stopping = True
+        for hook in reversed(self._stop_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("stop hook failed")
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)

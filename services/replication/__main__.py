@@ -1,0 +1,81 @@
+"""`python -m services.replication` runs the replication service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from services.replication import handlers
+from services.replication.api import router
+from services.replication.config import ReplicationSettings
+from services.replication.consumer import delta_app, delta_pipeline, side_consumer
+from shared import topics
+from shared.http import create_app
+from shared.logging import configure_logging
+from shared.runtime import Runtime, serve
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: ReplicationSettings) -> FastAPI:
+    runtime = Runtime(
+        "replication",
+        settings,
+        migrations=MIGRATIONS,
+        topics=(
+            topics.REPLICATION_DELTAS,
+            topics.REPLICATION_EVENTS,
+            topics.AGENT_COMMANDS,
+            topics.AGENT_EVENTS,
+            topics.REGISTRATION_EVENTS,
+            topics.INVENTORY_EVENTS,
+            topics.POLICY_EVENTS,
+        ),
+    )
+    app: FastAPI
+
+    def every(seconds: float, work: handlers.Periodic, ctx: handlers.Context) -> handlers.Loop:
+        async def loop() -> None:
+            while True:
+                await work(ctx)
+                await asyncio.sleep(seconds)
+
+        return loop
+
+    async def on_start(rt: Runtime) -> None:
+        ctx = handlers.Context(pool=rt.pool, settings=settings)
+        app.state.context = ctx
+        pipeline = delta_pipeline(rt, ctx)
+        faust_app = delta_app(settings, pipeline)
+        await faust_app.start()
+        rt.on_stop(faust_app.stop)
+        rt.add_check("faust_delta_agent", lambda: not faust_app.should_stop)
+        rt.spawn("side-consumer", side_consumer(rt, ctx).run)
+        rt.spawn("health", every(settings.health_interval_seconds, handlers.evaluate_health, ctx))
+        rt.spawn(
+            "retention", every(settings.retention_interval_seconds, handlers.apply_retention, ctx)
+        )
+
+    app = create_app(
+        runtime,
+        title="Replication service",
+        description="Protected items, the change-block delta pipeline, the replica store, "
+        "verifiable recovery points, retention, resync, RPO and health.",
+        on_start=on_start,
+    )
+    app.include_router(router)
+    return app
+
+
+def main() -> None:
+    settings = ReplicationSettings()
+    configure_logging("replication", settings.log_level)
+    serve(build_app(settings), settings.http_host, settings.http_port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Settings of the replication service (environment variables, prefix `DR_REPLICATION_`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class ReplicationSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DR_REPLICATION_", extra="ignore", populate_by_name=True
+    )
+
+    http_port: int = Field(default=8104, ge=0, le=65535, description="HTTP port.")
+    store_dir: Path = Field(
+        default=Path(".state/replica"),
+        description="Replica store root; one sub-folder per recovery site.",
+    )
+    policy_url: str = Field(
+        default="http://127.0.0.1:8103",
+        description="Policy service, asked for the enable-replication prerequisite check.",
+    )
+    monitoring_window_seconds: int = Field(
+        default=12 * 3600, ge=10, description="Health: window for the missed-cycles rule."
+    )
+    missed_cycles_warning_ratio: float = Field(
+        default=0.2, gt=0, le=1, description="Health Warning above this share of missed cycles."
+    )
+    stale_log_seconds: int = Field(
+        default=3600, ge=1, description="Health Warning when no cycle arrived for this long."
+    )
+    keep_recent_points: int = Field(
+        default=12, ge=1, le=10_000, description="Latest points always kept beside hourly ones."
+    )
+    retention_interval_seconds: float = Field(
+        default=30, gt=0, description="How often retention prunes recovery points."
+    )
+    materialise_roots: str = Field(
+        default="",
+        description="Comma-separated folders recovery points may be materialised under "
+        "(recovery hosts' storage); empty: the parent of the store folder.",
+    )
+    health_interval_seconds: float = Field(
+        default=2, gt=0, description="How often RPO and health are re-evaluated."
+    )
+
+    def allowed_roots(self) -> list[Path]:
+        if not self.materialise_roots.strip():
+            return [self.store_dir.resolve().parent]
+        return [Path(p).resolve() for p in self.materialise_roots.split(",") if p.strip()]

@@ -1,0 +1,97 @@
+"""Kafka entrypoints of the replication service.
+
+- The delta pipeline (`replication.deltas.v1`) runs as a faust-streaming agent
+  (`at_least_once`, concurrency 1: one coroutine per partition assignment, so offsets are never
+  committed past a record still in flight). Each record goes through the shared pipeline:
+  validation, signature and vault check, de-duplication by event id in the same PostgreSQL
+  transaction as its effect, DLQ with a reason for anything invalid.
+- Read models and agent reports come through the shared aiokafka `EventConsumer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import faust
+
+from services.replication import handlers
+from services.replication.config import ReplicationSettings
+from shared import topics
+from shared.kafka import EventConsumer
+from shared.readmodels import registration_handlers, signature_verifier
+from shared.runtime import Runtime
+
+
+def delta_pipeline(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
+    s = ctx.settings
+    return EventConsumer(
+        bootstrap=s.kafka_bootstrap_servers,
+        prefix=s.topic_prefix,
+        group="replication.deltas",
+        topic_names=[topics.REPLICATION_DELTAS],
+        pool=runtime.pool,
+        producer=runtime.producer,
+        handlers=handlers.make_delta_handlers(ctx),
+        verifier=signature_verifier(),
+        max_age=timedelta(seconds=s.event_max_age_seconds),
+    )
+
+
+def delta_app(settings: ReplicationSettings, pipeline: EventConsumer) -> faust.App:
+    """The faust app whose one agent feeds delta records to the pipeline."""
+    app = faust.App(
+        f"{settings.topic_prefix}replication-deltas",
+        broker=[f"kafka://{b}" for b in settings.kafka_bootstrap_servers.split(",")],
+        processing_guarantee="at_least_once",
+        web_enabled=False,
+        autodiscover=False,
+        store="memory://",
+        topic_partitions=settings.topic_partitions,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=100,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=256,
+        consumer_max_fetch_size=4 * 1024 * 1024,
+    )
+    topic = app.topic(
+        topics.physical(topics.REPLICATION_DELTAS, settings.topic_prefix),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+    async def apply_deltas(stream: faust.StreamT[Any]) -> AsyncIterator[None]:
+        async for event in stream.events():
+            await pipeline.process(event.message)
+            yield None
+
+    app.agent(topic, name="apply-deltas", concurrency=1)(apply_deltas)
+    return app
+
+
+def side_consumer(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
+    s = ctx.settings
+    return EventConsumer(
+        bootstrap=s.kafka_bootstrap_servers,
+        prefix=s.topic_prefix,
+        group="replication.side",
+        topic_names=[
+            topics.REGISTRATION_EVENTS,
+            topics.INVENTORY_EVENTS,
+            topics.POLICY_EVENTS,
+            topics.AGENT_EVENTS,
+        ],
+        pool=runtime.pool,
+        producer=runtime.producer,
+        handlers={
+            **registration_handlers(),
+            **handlers.make_read_model_handlers(),
+            **handlers.make_agent_event_handlers(ctx),
+        },
+        verifier=signature_verifier(),
+        max_age=timedelta(seconds=s.event_max_age_seconds),
+    )

@@ -1,0 +1,167 @@
+"""Replication rules: pure, synchronous, no I/O.
+
+How a delta cycle is judged (sequence continuity, completeness), the protected item's state
+machine (REFERENCE.md states), health (Normal / Warning / Critical by the product's rules) and
+RPO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from shared.schemas.replication import CycleKind, Health, ItemState
+
+
+class ReplicationError(Exception):
+    """A refused request; `status` is the HTTP status it maps to."""
+
+    status = 409
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class CycleVerdict(StrEnum):
+    ACCEPT = "accept"  # the expected next cycle: stage it
+    REPLAY = "replay"  # an already committed sequence number: reject (DLQ)
+    GAP = "gap"  # a sequence number past the expected one: resync required
+    IGNORE = "ignore"  # not what the item waits for now (e.g. deltas during a resync)
+
+
+def judge_cycle_start(
+    state: ItemState,
+    last_committed: int | None,
+    expected_resync_seq: int | None,
+    seq: int,
+    kind: CycleKind,
+) -> CycleVerdict:
+    """Decide what to do with a `CycleStarted` for an item in `state`."""
+    if last_committed is not None and seq <= last_committed:
+        return CycleVerdict.REPLAY
+    if state in (ItemState.WAITING_TO_START_RESYNC, ItemState.RESYNCHRONIZING):
+        if kind is CycleKind.RESYNC and seq == expected_resync_seq:
+            return CycleVerdict.ACCEPT
+        return CycleVerdict.IGNORE
+    if state in (ItemState.SUSPENDED, ItemState.FAILED_OVER, ItemState.NOT_ENABLED):
+        return CycleVerdict.IGNORE
+    expected = (last_committed or 0) + 1
+    if seq == expected:
+        if last_committed is None and kind not in (CycleKind.INITIAL, CycleKind.RESYNC):
+            return CycleVerdict.GAP  # a delta before any full copy: the replica can't apply it
+        return CycleVerdict.ACCEPT
+    return CycleVerdict.GAP
+
+
+def incomplete_reason(
+    expected_batches: int, expected_blocks: int, got_batches: int, got_blocks: int
+) -> str | None:
+    """None if the cycle arrived whole, else why it is truncated."""
+    if got_batches != expected_batches or got_blocks != expected_blocks:
+        return (
+            f"truncated cycle: {got_batches}/{expected_batches} batches and "
+            f"{got_blocks}/{expected_blocks} blocks arrived"
+        )
+    return None
+
+
+def state_after_point(state: ItemState, kind: CycleKind) -> ItemState:
+    """The state once a recovery point of `kind` is committed."""
+    if kind is CycleKind.FINAL:
+        return ItemState.SYNCED
+    if state is ItemState.SUSPENDED:
+        return state
+    return ItemState.REPLICATING
+
+
+READY_FOR_FAILOVER = {ItemState.REPLICATING, ItemState.SYNCED, ItemState.SUSPENDED}
+
+
+@dataclass(frozen=True)
+class HealthInputs:
+    state: ItemState
+    paused: bool
+    now: datetime
+    protected_since: datetime
+    last_cycle_at: datetime | None
+    points_in_window: int
+    copy_interval_seconds: int
+    window_seconds: int
+    stale_log_seconds: int
+    missed_ratio_warning: float
+    error: str | None
+
+
+@dataclass(frozen=True)
+class HealthVerdict:
+    health: Health
+    reasons: tuple[str, ...]
+    expected_cycles: int
+    missed_cycles: int
+
+
+def evaluate_health(h: HealthInputs) -> HealthVerdict:
+    """REFERENCE.md: Critical on non-recoverable errors and when resync is required; Warning
+    when more than 20 % of the cycles in the monitoring window were missed, or no log was
+    shipped for over 1 h, or replication is paused."""
+    window_start = max(h.now - timedelta(seconds=h.window_seconds), h.protected_since)
+    elapsed = max((h.now - window_start).total_seconds(), 0.0)
+    expected = int(elapsed // h.copy_interval_seconds)
+    missed = max(expected - h.points_in_window, 0)
+    critical: list[str] = []
+    warning: list[str] = []
+    if h.state in (
+        ItemState.WAITING_TO_START_RESYNC,
+        ItemState.RESYNCHRONIZING,
+        ItemState.RESYNC_SUSPENDED,
+    ):
+        critical.append(f"resync required: {h.error or 'replica diverged from the source'}")
+    if h.state is ItemState.ERROR:
+        critical.append(f"non-recoverable error: {h.error or 'unknown'}")
+    if h.paused or h.state is ItemState.SUSPENDED:
+        warning.append("replication is paused")
+    replicating = h.state in (ItemState.REPLICATING, ItemState.INITIAL_REPLICATION)
+    if replicating and expected >= 5 and missed > h.missed_ratio_warning * expected:
+        warning.append(f"{missed} of {expected} cycles missed in the monitoring window")
+    since = h.last_cycle_at or h.protected_since
+    silent = (h.now - since).total_seconds()
+    if replicating and silent > h.stale_log_seconds:
+        warning.append(f"no cycle shipped for {silent:.0f}s")
+    if critical:
+        return HealthVerdict(Health.CRITICAL, tuple(critical + warning), expected, missed)
+    if warning:
+        return HealthVerdict(Health.WARNING, tuple(warning), expected, missed)
+    return HealthVerdict(Health.NORMAL, (), expected, missed)
+
+
+def rpo_seconds(now: datetime, latest_point_source_time: datetime | None) -> float | None:
+    """RPO = now - the source time captured by the latest recovery point (None: no point)."""
+    if latest_point_source_time is None:
+        return None
+    return max((now - latest_point_source_time).total_seconds(), 0.0)
+
+
+def check_action(state: ItemState, action: str) -> None:
+    """Refuse item actions that make no sense in `state`, with a clear message."""
+    allowed: dict[str, set[ItemState]] = {
+        "pause": {
+            ItemState.REPLICATING,
+            ItemState.INITIAL_REPLICATION,
+            ItemState.WAITING_FOR_INITIAL,
+        },
+        "resume": {ItemState.SUSPENDED},
+        "resync": {
+            ItemState.REPLICATING,
+            ItemState.WAITING_TO_START_RESYNC,
+            ItemState.ERROR,
+            ItemState.SUSPENDED,
+            ItemState.RESYNCHRONIZING,
+        },
+    }
+    if action in allowed and state not in allowed[action]:
+        raise ReplicationError(
+            f"cannot {action} an item in state '{state.value}'; allowed in: "
+            + ", ".join(sorted(s.value for s in allowed[action]))
+        )

@@ -1,0 +1,797 @@
+"""Replication handlers: load, decide (domain), persist + outbox in one transaction.
+
+The delta pipeline: `CycleStarted` opens a cycle, `BlocksShipped` batches are verified
+(SHA-256 of every block) and their blocks written to the replica store (content-addressed,
+idempotent) and staged in PostgreSQL; `CycleCompleted` commits a recovery point only if every
+batch arrived and the replica's Merkle roots equal the source's. Anything else never yields a
+point: the item goes to resync and the agent is told to resync (only differing blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.replication import domain
+from services.replication import repository as repo
+from services.replication.config import ReplicationSettings
+from services.replication.retention import PointMeta, select_retained
+from services.replication.store import (
+    DiskPoint,
+    MissingBlock,
+    PointManifest,
+    ReplicaStore,
+    RootMismatch,
+)
+from shared import outbox
+from shared.kafka import Incoming, Rejected
+from shared.schemas import agent as cmd
+from shared.schemas import replication as ev
+from shared.schemas.envelope import EventPayload, new_envelope
+from shared.schemas.replication import Health, ItemState
+
+log = logging.getLogger(__name__)
+
+PRODUCER_ID = "service:replication"
+HASHES_PER_CHUNK = 16_384  # 512 KiB of digests -> ~700 KB base64 per resync command
+
+BYTES_APPLIED = Counter("dr_replication_bytes_applied_total", "Changed-block bytes applied")
+BLOCKS_APPLIED = Counter("dr_replication_blocks_applied_total", "Changed blocks applied")
+CYCLES = Counter("dr_replication_cycles_total", "Delta cycles by result", ["result"])
+APPLY_SECONDS = Histogram(
+    "dr_replication_apply_latency_seconds",
+    "Source capture to committed recovery point",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900),
+)
+RPO_SECONDS = Gauge("dr_replication_rpo_seconds", "RPO of a protected item", ["item_id", "vm"])
+ITEMS_BY_HEALTH = Gauge("dr_replication_items", "Protected items by health", ["health"])
+STORE_BYTES = Gauge("dr_replica_store_bytes", "Bytes of block files in the replica store")
+RESYNCS = Counter("dr_replication_resyncs_total", "Resyncs requested", ["reason"])
+
+
+Periodic = Callable[["Context"], Awaitable[object]]
+Loop = Callable[[], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class Context:
+    pool: asyncpg.Pool
+    settings: ReplicationSettings
+    stores: dict[str, ReplicaStore] = field(default_factory=dict)
+
+    def store(self, site: str) -> ReplicaStore:
+        if site not in self.stores:
+            self.stores[site] = ReplicaStore(self.settings.store_dir / site)
+        return self.stores[site]
+
+
+async def emit(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, payload: EventPayload, key: str
+) -> None:
+    envelope = new_envelope(payload, vault_id=vault_id, producer_id=PRODUCER_ID)
+    await outbox.enqueue(conn, envelope, key=key)
+
+
+async def command(conn: asyncpg.Connection, item: dict[str, Any], payload: EventPayload) -> None:
+    await emit(conn, item["vault_id"], payload, str(item["source_agent_id"]))
+
+
+async def change_state(
+    conn: asyncpg.Connection,
+    item: dict[str, Any],
+    state: ItemState,
+    *,
+    reason: str = "",
+    health: Health | None = None,
+    **fields: Any,
+) -> None:
+    previous = ItemState(item["state"])
+    new_health = health or Health(item["health"])
+    await repo.update_item(
+        conn, item["item_id"], state=state.value, health=new_health.value, **fields
+    )
+    if previous is not state or Health(item["health"]) is not new_health:
+        await emit(
+            conn,
+            item["vault_id"],
+            ev.ItemStateChanged(
+                item_id=item["item_id"],
+                vm_id=item["vm_id"],
+                state=state,
+                previous_state=previous,
+                health=new_health,
+                reason=reason,
+            ),
+            str(item["item_id"]),
+        )
+    item.update(state=state.value, health=new_health.value, **fields)
+
+
+# ------------------------------------------------------------------ resync
+
+
+async def require_resync(
+    ctx: Context, conn: asyncpg.Connection, item: dict[str, Any], reason: str
+) -> None:
+    """Put the item in resync and ask the agent for the blocks whose hashes differ from the
+    replica's latest point (the replica's leaf hashes travel in chunked commands)."""
+    RESYNCS.labels(reason.split(":")[0][:40]).inc()
+    await repo.drop_cycles(conn, item["item_id"])
+    seq = (item["last_committed_seq"] or 0) + 1
+    resync_id = uuid.uuid4()
+    await change_state(
+        conn,
+        item,
+        ItemState.WAITING_TO_START_RESYNC,
+        reason=reason,
+        health=Health.CRITICAL,
+        error=reason,
+        resync_seq=seq,
+        resync_id=resync_id,
+    )
+    store = ctx.store(item["target_site"])
+    item_key = str(item["item_id"])
+    has_point = item["last_committed_seq"] is not None
+    disks = item["disks"]
+    for disk in disks:
+        hashes: list[bytes] = (
+            await asyncio.to_thread(store.leaf_hashes, item_key, disk["disk_id"])
+            if has_point
+            else []
+        )
+        size = disk["size_bytes"] if has_point else 0
+        chunks = max(1, -(-len(hashes) // HASHES_PER_CHUNK))
+        for chunk_no in range(chunks):
+            part = hashes[chunk_no * HASHES_PER_CHUNK : (chunk_no + 1) * HASHES_PER_CHUNK]
+            await command(
+                conn,
+                item,
+                cmd.ResyncRequested(
+                    command_id=uuid.uuid5(resync_id, f"{disk['disk_id']}:{chunk_no}"),
+                    agent_id=item["source_agent_id"],
+                    item_id=item["item_id"],
+                    resync_id=resync_id,
+                    cycle_seq=seq,
+                    disk_id=disk["disk_id"],
+                    disk_count=len(disks),
+                    size_bytes=size,
+                    chunk_no=chunk_no,
+                    chunks=chunks,
+                    first_index=chunk_no * HASHES_PER_CHUNK,
+                    leaf_hashes=base64.b64encode(b"".join(part)).decode(),
+                ),
+            )
+    await change_state(conn, item, ItemState.RESYNCHRONIZING, reason=reason, health=Health.CRITICAL)
+    log.warning("resync required", extra={"item_id": item_key, "reason": reason, "seq": seq})
+
+
+# ------------------------------------------------------------------ the delta pipeline
+
+
+async def _item_for(conn: asyncpg.Connection, inc: Incoming, item_id: uuid.UUID) -> dict[str, Any]:
+    item = await repo.get_item(conn, item_id, lock=True)
+    if item is None or not item["active"]:
+        raise Rejected("unknown_item", f"no active protected item {item_id}")
+    if item["vault_id"] != inc.envelope.vault_id:
+        raise Rejected("vault_mismatch", "the item belongs to another vault")
+    if str(item["source_agent_id"]) != inc.envelope.producer_id:
+        raise Rejected("wrong_agent", "only the item's source agent may ship its cycles")
+    return item
+
+
+def make_delta_handlers(ctx: Context) -> dict[str, Any]:
+    async def on_started(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, ev.CycleStarted)
+        item = await _item_for(conn, inc, msg.item_id)
+        verdict = domain.judge_cycle_start(
+            ItemState(item["state"]),
+            item["last_committed_seq"],
+            item["resync_seq"],
+            msg.cycle_seq,
+            msg.kind,
+        )
+        if verdict is domain.CycleVerdict.REPLAY:
+            CYCLES.labels("replayed").inc()
+            raise Rejected(
+                "replayed_cycle",
+                f"cycle {msg.cycle_seq} <= last committed {item['last_committed_seq']}",
+            )
+        if verdict is domain.CycleVerdict.IGNORE:
+            CYCLES.labels("ignored").inc()
+            log.info(
+                "cycle ignored",
+                extra={"item_id": str(msg.item_id), "seq": msg.cycle_seq, "state": item["state"]},
+            )
+            return
+        if verdict is domain.CycleVerdict.GAP:
+            CYCLES.labels("gap").inc()
+            expected = (item["last_committed_seq"] or 0) + 1
+            await require_resync(
+                ctx, conn, item, f"sequence gap: expected cycle {expected}, got {msg.cycle_seq}"
+            )
+            return
+        await repo.drop_cycles(conn, msg.item_id)  # an unfinished earlier attempt, if any
+        await repo.start_cycle(
+            conn,
+            msg.item_id,
+            msg.cycle_seq,
+            msg.kind.value,
+            [d.model_dump() for d in msg.disks],
+            msg.source_time,
+            msg.app_consistent,
+        )
+        if ItemState(item["state"]) is ItemState.WAITING_FOR_INITIAL:
+            await change_state(conn, item, ItemState.INITIAL_REPLICATION, reason="initial cycle")
+
+    async def on_blocks(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, ev.BlocksShipped)
+        item = await _item_for(conn, inc, msg.item_id)
+        cycle = await repo.open_cycle(conn, msg.item_id, msg.cycle_seq)
+        if cycle is None or cycle["poisoned"]:
+            CYCLES.labels("orphan_batch").inc()
+            return  # a batch of a cycle we ignore or already gave up on
+        geometry = {d["disk_id"]: d for d in cycle["disks"]}
+        if msg.disk_id not in geometry:
+            raise Rejected("unknown_disk", f"disk {msg.disk_id} is not in cycle {msg.cycle_seq}")
+        disk = geometry[msg.disk_id]
+        leaves = -(-disk["size_bytes"] // disk["block_size"])
+        store = ctx.store(item["target_site"])
+        decoded: list[tuple[int | None, str, bytes]] = []
+        why: str | None = None
+        for block in msg.blocks:
+            try:
+                decoded.append(
+                    (block.index, block.sha256, _block_bytes(block, leaves, msg.compression))
+                )
+            except ValueError as exc:
+                why = f"block {block.index}: {exc}"
+                break
+        if why is None:
+            try:
+                await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
+            except ValueError as exc:  # BlockHashMismatch
+                why = str(exc)
+        if why is not None:
+            await repo.poison_cycle(conn, msg.item_id, msg.cycle_seq, why)
+            await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {why}")
+            raise Rejected("block_hash_mismatch", why, keep_effects=True)
+        staged = [(index, digest) for index, digest, _ in decoded if index is not None]
+        nbytes = sum(len(data) for _, _, data in decoded)
+        await repo.stage_batch(
+            conn, msg.item_id, msg.cycle_seq, msg.batch_no, msg.disk_id, staged, nbytes
+        )
+        BYTES_APPLIED.inc(nbytes)
+        BLOCKS_APPLIED.inc(len(staged))
+
+    async def on_completed(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, ev.CycleCompleted)
+        item = await _item_for(conn, inc, msg.item_id)
+        cycle = await repo.open_cycle(conn, msg.item_id, msg.cycle_seq)
+        if cycle is None or cycle["poisoned"]:
+            return
+        batches, blocks, nbytes = await repo.staged_totals(conn, msg.item_id, msg.cycle_seq)
+        truncated = domain.incomplete_reason(msg.batches, msg.blocks, batches, blocks)
+        if truncated:
+            CYCLES.labels("truncated").inc()
+            await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
+            await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {truncated}")
+            return
+        changed = await repo.staged_blocks(conn, msg.item_id, msg.cycle_seq)
+        geometry = {d["disk_id"]: d for d in cycle["disks"]}
+        manifest = PointManifest(
+            seq=msg.cycle_seq,
+            kind=msg.kind.value,
+            source_time=msg.source_time,
+            app_consistent=msg.app_consistent,
+            disks=[
+                DiskPoint(
+                    disk_id=root.disk_id,
+                    size_bytes=root.size_bytes,
+                    block_size=geometry.get(root.disk_id, {}).get("block_size", 65536),
+                    merkle_root=root.merkle_root,
+                    changed=changed.get(root.disk_id, {}),
+                )
+                for root in msg.disks
+            ],
+        )
+        store = ctx.store(item["target_site"])
+        try:
+            await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
+        except (RootMismatch, MissingBlock) as exc:
+            CYCLES.labels("root_mismatch").inc()
+            await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
+            await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {exc}")
+            return
+        now = datetime.now(UTC)
+        latency = (now - msg.source_time).total_seconds()
+        point_type = (
+            ev.RecoveryPointType.APP_CONSISTENT
+            if msg.app_consistent
+            else ev.RecoveryPointType.CRASH_CONSISTENT
+        )
+        changed_count = sum(len(c) for c in changed.values())
+        await repo.insert_point(
+            conn,
+            item_id=msg.item_id,
+            cycle_seq=msg.cycle_seq,
+            kind=msg.kind.value,
+            point_type=point_type.value,
+            source_time=msg.source_time,
+            disks=[d.model_dump() for d in msg.disks],
+            changed_blocks=changed_count,
+            bytes=nbytes,
+        )
+        await repo.drop_cycles(conn, msg.item_id, msg.cycle_seq)
+        await repo.record_cycle_stats(conn, msg.item_id, True, latency, nbytes)
+        fields: dict[str, Any] = {
+            "last_committed_seq": msg.cycle_seq,
+            "last_point_source_time": msg.source_time,
+            "last_cycle_at": now,
+            "error": None,
+            "resync_seq": None,
+            "resync_id": None,
+            "disks": [
+                {**d, "size_bytes": geometry[d["disk_id"]]["size_bytes"]}
+                if d["disk_id"] in geometry
+                else d
+                for d in item["disks"]
+            ],
+        }
+        if item["initial_done_at"] is None:
+            fields["initial_done_at"] = now
+        new_state = domain.state_after_point(ItemState(item["state"]), msg.kind)
+        healthy = Health.NORMAL if Health(item["health"]) is Health.CRITICAL else None
+        await change_state(
+            conn,
+            item,
+            new_state,
+            reason=f"recovery point {msg.cycle_seq}",
+            health=healthy,
+            **fields,
+        )
+        await emit(
+            conn,
+            item["vault_id"],
+            ev.RecoveryPointCreated(
+                item_id=msg.item_id,
+                vm_id=item["vm_id"],
+                cycle_seq=msg.cycle_seq,
+                kind=msg.kind,
+                point_type=point_type,
+                source_time=msg.source_time,
+                disks=msg.disks,
+                changed_blocks=changed_count,
+                bytes_stored=nbytes,
+            ),
+            str(msg.item_id),
+        )
+        CYCLES.labels("committed").inc()
+        APPLY_SECONDS.observe(latency)
+
+    return {"CycleStarted": on_started, "BlocksShipped": on_blocks, "CycleCompleted": on_completed}
+
+
+def _block_bytes(block: ev.Block, leaves: int, compression: ev.Compression) -> bytes:
+    """The block's bytes (b"" for a zero block); ValueError says what is wrong."""
+    if block.index >= leaves:
+        raise ValueError(f"outside a disk of {leaves} blocks")
+    if block.data is None:
+        return b""
+    try:
+        raw = base64.b64decode(block.data, validate=True)
+        return zlib.decompress(raw) if compression is ev.Compression.ZLIB else raw
+    except (binascii.Error, zlib.error) as exc:
+        raise ValueError(f"undecodable data ({exc})") from None
+
+
+# ------------------------------------------------------------------ read models
+
+
+def make_read_model_handlers() -> dict[str, Any]:
+    from shared.schemas import inventory as inv
+    from shared.schemas import policy as pol
+
+    async def on_vm(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, inv.VmChanged)
+        if msg.vm is None:
+            await repo.remove_vm(conn, msg.vm_id)
+        else:
+            await repo.upsert_vm(
+                conn, inc.envelope.vault_id, msg.site, msg.vm.model_dump(mode="json")
+            )
+
+    async def on_host(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, inv.HostChanged)
+        if msg.host is None:
+            await repo.remove_host(conn, msg.host_id)
+        else:
+            await repo.upsert_host(
+                conn, inc.envelope.vault_id, msg.site, msg.host.model_dump(mode="json")
+            )
+
+    async def on_policy(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, pol.PolicyCreated | pol.PolicyUpdated | pol.PolicyDeleted)
+        deleted = isinstance(msg, pol.PolicyDeleted)
+        await repo.upsert_policy(
+            conn, inc.envelope.vault_id, msg.policy.model_dump(mode="json"), deleted
+        )
+        if isinstance(msg, pol.PolicyUpdated):
+            await conn.execute(
+                "UPDATE protected_items SET copy_interval_seconds = $2, updated_at = now()"
+                " WHERE policy_id = $1 AND active",
+                msg.policy.policy_id,
+                msg.policy.settings.copy_frequency_seconds,
+            )
+
+    async def on_pairing(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, pol.CloudPairingCreated | pol.CloudPairingRemoved)
+        removed = isinstance(msg, pol.CloudPairingRemoved)
+        await repo.upsert_pairing(
+            conn, inc.envelope.vault_id, msg.pairing.model_dump(mode="json"), removed
+        )
+
+    return {
+        "VmChanged": on_vm,
+        "HostChanged": on_host,
+        "PolicyCreated": on_policy,
+        "PolicyUpdated": on_policy,
+        "PolicyDeleted": on_policy,
+        "CloudPairingCreated": on_pairing,
+        "CloudPairingRemoved": on_pairing,
+    }
+
+
+# ------------------------------------------------------------------ agent events
+
+
+def make_agent_event_handlers(ctx: Context) -> dict[str, Any]:
+    async def on_progress(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, cmd.InitialReplicationProgressed)
+        item = await repo.get_item(conn, msg.item_id, lock=True)
+        if item is None or str(item["source_agent_id"]) != inc.envelope.producer_id:
+            raise Rejected("wrong_agent", "progress for an item this agent does not replicate")
+        await repo.update_item(
+            conn, msg.item_id, initial_progress=msg.model_dump(mode="json", exclude={"item_id"})
+        )
+
+    async def on_fault(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, cmd.ReplicationFaulted)
+        item = await repo.get_item(conn, msg.item_id, lock=True)
+        if item is None or str(item["source_agent_id"]) != inc.envelope.producer_id:
+            raise Rejected("wrong_agent", "fault for an item this agent does not replicate")
+        if msg.needs_resync and ItemState(item["state"]) is not ItemState.RESYNCHRONIZING:
+            await require_resync(ctx, conn, item, f"agent: {msg.reason}")
+        else:
+            await repo.bump_stat(conn, msg.item_id, "network_failures")
+
+    async def on_completed(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, cmd.CommandCompleted)
+        if msg.outcome is cmd.CommandOutcome.FAILED:
+            log.warning(
+                "agent command failed",
+                extra={
+                    "command_id": str(msg.command_id),
+                    "type": msg.command_type,
+                    "error": msg.error,
+                },
+            )
+            item_id = msg.result.get("item_id")
+            if msg.command_type == "ReplicationEnableRequested" and item_id:
+                item = await repo.get_item(conn, uuid.UUID(str(item_id)), lock=True)
+                if item is not None and item["active"]:
+                    await change_state(
+                        conn,
+                        item,
+                        ItemState.ERROR,
+                        reason=msg.error,
+                        health=Health.CRITICAL,
+                        error=f"agent could not enable replication: {msg.error}",
+                    )
+
+    return {
+        "InitialReplicationProgressed": on_progress,
+        "ReplicationFaulted": on_fault,
+        "CommandCompleted": on_completed,
+    }
+
+
+# ------------------------------------------------------------------ operator actions
+
+
+def _vm_disks(vm: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"disk_id": d["disk_id"], "path": d.get("path", ""), "size_bytes": d["size_bytes"]}
+        for d in vm.get("disks", [])
+    ]
+
+
+async def enable_protection(ctx: Context, vault_id: uuid.UUID, vm_id: str) -> dict[str, Any]:
+    """Create the protected item and command the source agent (the caller has run the
+    prerequisite check)."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        existing = await repo.active_item_for_vm(conn, vm_id)
+        if existing is not None:
+            raise domain.ReplicationError(
+                f"VM {vm_id} is already protected (item {existing['item_id']})"
+            )
+        context = await repo.protection_context(conn, vault_id, vm_id)
+        if context is None:
+            raise domain.ReplicationError(
+                f"VM {vm_id} is not known in a paired cloud of this vault with a policy "
+                "(check inventory, the cloud pairing and its policy)"
+            )
+        agent = await repo.agent_named(conn, vault_id, context["host_name"])
+        if agent is None:
+            raise domain.ReplicationError(
+                f"no host agent registered for host '{context['host_name']}': install and "
+                "register the agent on the VM's host first"
+            )
+        settings = context["settings"]
+        vm = context["vm"]
+        disks = _vm_disks(vm)
+        if not disks:
+            raise domain.ReplicationError(f"VM {vm_id} has no disks to replicate")
+        item_id = uuid.uuid4()
+        item = await repo.insert_item(
+            conn,
+            item_id=item_id,
+            vault_id=vault_id,
+            vm_id=vm_id,
+            vm_name=context["vm_name"],
+            pairing_id=context["pairing_id"],
+            policy_id=context["policy_id"],
+            source_agent_id=agent["producer_id"],
+            source_site=context["site"],
+            target_site=context["target_site"],
+            target_cloud_id=context["target_cloud_id"],
+            disks=disks,
+            copy_interval_seconds=int(settings["copy_frequency_seconds"]),
+            state=ItemState.WAITING_FOR_INITIAL.value,
+        )
+        await emit(
+            conn,
+            vault_id,
+            ev.ProtectionEnabled(
+                item_id=item_id,
+                vm_id=vm_id,
+                vm_name=context["vm_name"],
+                source_cloud_id=vm["cloud_id"],
+                target_cloud_id=context["target_cloud_id"],
+                pairing_id=context["pairing_id"],
+                policy_id=context["policy_id"],
+                source_agent_id=agent["producer_id"],
+            ),
+            str(item_id),
+        )
+        await command(conn, item, enable_command(item, settings))
+    return item
+
+
+def enable_command(
+    item: dict[str, Any], settings: dict[str, Any]
+) -> cmd.ReplicationEnableRequested:
+    initial = settings.get("initial_replication", "online_now")
+    return cmd.ReplicationEnableRequested(
+        command_id=uuid.uuid5(item["item_id"], f"enable:{item['last_committed_seq'] or 0}"),
+        agent_id=item["source_agent_id"],
+        item_id=item["item_id"],
+        vm_id=item["vm_id"],
+        vm_name=item["vm_name"],
+        disks=[cmd.DiskSpec(**d) for d in item["disks"]],
+        copy_interval_seconds=int(settings["copy_frequency_seconds"]),
+        compression=ev.Compression.ZLIB if settings.get("compression") else ev.Compression.NONE,
+        app_consistent_interval_seconds=int(settings.get("app_consistent_frequency_hours", 0))
+        * 3600,
+        initial_replication=cmd.InitialReplication(initial),
+        scheduled_at=settings.get("initial_replication_start_at"),
+        export_path=settings.get("offline_export_path"),
+        next_cycle_seq=(item["last_committed_seq"] or 0) + 1,
+    )
+
+
+async def _load_for_action(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, item_id: uuid.UUID
+) -> dict[str, Any]:
+    item = await repo.get_item(conn, item_id, lock=True)
+    if item is None or not item["active"] or item["vault_id"] != vault_id:
+        raise domain.ReplicationError(f"protected item {item_id} not found")
+    return item
+
+
+async def pause(ctx: Context, vault_id: uuid.UUID, item_id: uuid.UUID) -> dict[str, Any]:
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        item = await _load_for_action(conn, vault_id, item_id)
+        domain.check_action(ItemState(item["state"]), "pause")
+        await command(
+            conn,
+            item,
+            cmd.ReplicationPauseRequested(
+                command_id=uuid.uuid4(), agent_id=item["source_agent_id"], item_id=item_id
+            ),
+        )
+        await change_state(
+            conn, item, ItemState.SUSPENDED, reason="paused by operator", paused=True
+        )
+    return item
+
+
+async def resume(ctx: Context, vault_id: uuid.UUID, item_id: uuid.UUID) -> dict[str, Any]:
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        item = await _load_for_action(conn, vault_id, item_id)
+        domain.check_action(ItemState(item["state"]), "resume")
+        await command(
+            conn,
+            item,
+            cmd.ReplicationResumeRequested(
+                command_id=uuid.uuid4(), agent_id=item["source_agent_id"], item_id=item_id
+            ),
+        )
+        state = (
+            ItemState.REPLICATING
+            if item["last_committed_seq"] is not None
+            else ItemState.WAITING_FOR_INITIAL
+        )
+        await change_state(conn, item, state, reason="resumed by operator", paused=False)
+    return item
+
+
+async def resync(ctx: Context, vault_id: uuid.UUID, item_id: uuid.UUID) -> dict[str, Any]:
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        item = await _load_for_action(conn, vault_id, item_id)
+        domain.check_action(ItemState(item["state"]), "resync")
+        await require_resync(ctx, conn, item, "manual resync requested")
+    return item
+
+
+async def disable(
+    ctx: Context, vault_id: uuid.UUID, item_id: uuid.UUID, delete_replica: bool | None
+) -> dict[str, Any]:
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        item = await _load_for_action(conn, vault_id, item_id)
+        settings = await repo.policy_settings(conn, item["policy_id"])
+        delete = (
+            delete_replica
+            if delete_replica is not None
+            else bool(settings.get("delete_replica_on_disable", False))
+        )
+        await command(
+            conn,
+            item,
+            cmd.ReplicationDisableRequested(
+                command_id=uuid.uuid4(), agent_id=item["source_agent_id"], item_id=item_id
+            ),
+        )
+        await repo.drop_cycles(conn, item_id)
+        await change_state(
+            conn, item, ItemState.NOT_ENABLED, reason="protection disabled", active=False
+        )
+        await emit(
+            conn,
+            vault_id,
+            ev.ProtectionDisabled(item_id=item_id, vm_id=item["vm_id"], replica_deleted=delete),
+            str(item_id),
+        )
+    if delete:
+        await asyncio.to_thread(ctx.store(item["target_site"]).delete_item, str(item_id))
+    with contextlib.suppress(KeyError):  # no RPO series yet
+        RPO_SECONDS.remove(str(item_id), item["vm_name"])
+    return item
+
+
+# ------------------------------------------------------------------ periodic work
+
+
+async def apply_retention(ctx: Context) -> int:
+    """Prune recovery points past the policy's window (store first, then the index)."""
+    pruned_total = 0
+    async with ctx.pool.acquire() as conn:
+        items = await repo.active_items(conn)
+    for item in items:
+        async with ctx.pool.acquire() as conn:
+            points = await repo.live_points(conn, item["item_id"])
+            settings = await repo.policy_settings(conn, item["policy_id"])
+        if len(points) <= 1:
+            continue
+        keep = select_retained(
+            [
+                PointMeta(p["cycle_seq"], p["source_time"], p["point_type"] == "app_consistent")
+                for p in points
+            ],
+            now=datetime.now(UTC),
+            retention_hours=int(settings.get("recovery_points", 0)),
+            app_consistent_hours=int(settings.get("app_consistent_frequency_hours", 0)),
+            keep_recent=ctx.settings.keep_recent_points,
+        )
+        drop = sorted(p["cycle_seq"] for p in points if p["cycle_seq"] not in keep)
+        if not drop:
+            continue
+        store = ctx.store(item["target_site"])
+        await asyncio.to_thread(store.prune, str(item["item_id"]), keep)
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            await repo.mark_pruned(conn, item["item_id"], drop)
+            await emit(
+                conn,
+                item["vault_id"],
+                ev.RecoveryPointsPruned(item_id=item["item_id"], cycle_seqs=drop),
+                str(item["item_id"]),
+            )
+        pruned_total += len(drop)
+    return pruned_total
+
+
+async def evaluate_health(ctx: Context) -> None:
+    """Re-evaluate RPO and health of every item; export them as metrics."""
+    now = datetime.now(UTC)
+    counts = {h: 0 for h in Health}
+    s = ctx.settings
+    async with ctx.pool.acquire() as conn:
+        items = await repo.active_items(conn)
+    for item in items:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            item = await repo.get_item(conn, item["item_id"], lock=True) or item
+            window_start = now - timedelta(seconds=s.monitoring_window_seconds)
+            points = await repo.points_since(
+                conn, item["item_id"], max(window_start, item["protected_since"])
+            )
+            verdict = domain.evaluate_health(
+                domain.HealthInputs(
+                    state=ItemState(item["state"]),
+                    paused=item["paused"],
+                    now=now,
+                    protected_since=item["initial_done_at"] or item["protected_since"],
+                    last_cycle_at=item["last_cycle_at"],
+                    points_in_window=points,
+                    copy_interval_seconds=item["copy_interval_seconds"],
+                    window_seconds=s.monitoring_window_seconds,
+                    stale_log_seconds=s.stale_log_seconds,
+                    missed_ratio_warning=s.missed_cycles_warning_ratio,
+                    error=item["error"],
+                )
+            )
+            reasons = list(verdict.reasons)
+            if verdict.health.value != item["health"] or reasons != item["health_reasons"]:
+                await change_state(
+                    conn,
+                    item,
+                    ItemState(item["state"]),
+                    reason="; ".join(reasons) or "healthy",
+                    health=verdict.health,
+                    health_reasons=reasons,
+                )
+        counts[verdict.health] += 1
+        rpo = domain.rpo_seconds(now, item["last_point_source_time"])
+        if rpo is not None:
+            RPO_SECONDS.labels(str(item["item_id"]), item["vm_name"]).set(rpo)
+    for health, count in counts.items():
+        ITEMS_BY_HEALTH.labels(health.value).set(count)
+    STORE_BYTES.set(
+        sum(
+            await asyncio.gather(
+                *(asyncio.to_thread(store.total_bytes) for store in ctx.stores.values())
+            )
+        )
+        if ctx.stores
+        else 0
+    )

@@ -1,0 +1,377 @@
+"""Queries on the replication service's own schema."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+ITEM_COLUMNS = """item_id, vault_id, vm_id, vm_name, pairing_id, policy_id, source_agent_id,
+ source_site, target_site, target_cloud_id, disks, copy_interval_seconds, state, health,
+ health_reasons, error, paused, last_committed_seq, resync_seq, resync_id,
+ last_point_source_time, last_cycle_at, initial_done_at, initial_progress, protected_since,
+ active, created_at, updated_at"""
+
+
+# ------------------------------------------------------------------ read models
+
+
+async def upsert_vm(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, site: str, vm: dict[str, Any]
+) -> None:
+    await conn.execute(
+        "INSERT INTO rm_vms (vm_id, vault_id, name, site, cloud_id, host_id, vm)"
+        " VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (vm_id) DO UPDATE SET name = $3, site = $4,"
+        " cloud_id = $5, host_id = $6, vm = $7, removed = false",
+        vm["vm_id"],
+        vault_id,
+        vm["name"],
+        site,
+        vm["cloud_id"],
+        vm["host_id"],
+        vm,
+    )
+
+
+async def remove_vm(conn: asyncpg.Connection, vm_id: str) -> None:
+    await conn.execute("UPDATE rm_vms SET removed = true WHERE vm_id = $1", vm_id)
+
+
+async def upsert_host(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, site: str, host: dict[str, Any]
+) -> None:
+    await conn.execute(
+        "INSERT INTO rm_hosts (host_id, vault_id, name, site, cloud_id) VALUES ($1,$2,$3,$4,$5)"
+        " ON CONFLICT (host_id) DO UPDATE SET name = $3, site = $4, cloud_id = $5,"
+        " removed = false",
+        host["host_id"],
+        vault_id,
+        host["name"],
+        site,
+        host["cloud_id"],
+    )
+
+
+async def remove_host(conn: asyncpg.Connection, host_id: str) -> None:
+    await conn.execute("UPDATE rm_hosts SET removed = true WHERE host_id = $1", host_id)
+
+
+async def upsert_policy(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, policy: dict[str, Any], deleted: bool
+) -> None:
+    await conn.execute(
+        "INSERT INTO rm_policies (policy_id, vault_id, name, version, settings, deleted)"
+        " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (policy_id) DO UPDATE SET name = $3,"
+        " version = $4, settings = $5, deleted = $6 WHERE rm_policies.version <= $4",
+        uuid.UUID(str(policy["policy_id"])),
+        vault_id,
+        policy["name"],
+        policy["version"],
+        policy["settings"],
+        deleted,
+    )
+
+
+async def upsert_pairing(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, pairing: dict[str, Any], removed: bool
+) -> None:
+    await conn.execute(
+        "INSERT INTO rm_pairings (pairing_id, vault_id, source_cloud_id, source_site,"
+        " target_cloud_id, target_site, policy_id, removed) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
+        " ON CONFLICT (pairing_id) DO UPDATE SET removed = $8, policy_id = $7",
+        uuid.UUID(str(pairing["pairing_id"])),
+        vault_id,
+        pairing["source_cloud_id"],
+        pairing["source_site"],
+        pairing["target_cloud_id"],
+        pairing["target_site"],
+        uuid.UUID(str(pairing["policy_id"])),
+        removed,
+    )
+
+
+async def protection_context(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str
+) -> dict[str, Any] | None:
+    """VM, its host, the pairing of its cloud and that pairing's policy (None if any is
+    missing)."""
+    row = await conn.fetchrow(
+        "SELECT v.vm, v.name AS vm_name, v.site, h.name AS host_name, p.pairing_id,"
+        " p.target_cloud_id, p.target_site, pol.policy_id, pol.settings"
+        " FROM rm_vms v JOIN rm_hosts h ON h.host_id = v.host_id AND NOT h.removed"
+        " JOIN rm_pairings p ON p.source_cloud_id = v.cloud_id AND NOT p.removed"
+        " JOIN rm_policies pol ON pol.policy_id = p.policy_id AND NOT pol.deleted"
+        " WHERE v.vm_id = $1 AND v.vault_id = $2 AND NOT v.removed",
+        vm_id,
+        vault_id,
+    )
+    return dict(row) if row else None
+
+
+async def agent_named(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, name: str
+) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT producer_id, connection_state, site FROM known_producers"
+        " WHERE vault_id = $1 AND kind = 'agent' AND name = $2 AND active",
+        vault_id,
+        name,
+    )
+    return dict(row) if row else None
+
+
+async def policy_settings(conn: asyncpg.Connection, policy_id: uuid.UUID) -> dict[str, Any]:
+    settings = await conn.fetchval(
+        "SELECT settings FROM rm_policies WHERE policy_id = $1", policy_id
+    )
+    return dict(settings or {})
+
+
+# ------------------------------------------------------------------ protected items
+
+
+async def insert_item(conn: asyncpg.Connection, **fields: Any) -> dict[str, Any]:
+    columns = ", ".join(fields)
+    params = ", ".join(f"${i}" for i in range(1, len(fields) + 1))
+    row = await conn.fetchrow(
+        f"INSERT INTO protected_items ({columns}) VALUES ({params}) RETURNING {ITEM_COLUMNS}",
+        *fields.values(),
+    )
+    await conn.execute("INSERT INTO item_stats (item_id) VALUES ($1)", fields["item_id"])
+    return dict(row)
+
+
+async def get_item(
+    conn: asyncpg.Connection, item_id: uuid.UUID, *, lock: bool = False
+) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        f"SELECT {ITEM_COLUMNS} FROM protected_items WHERE item_id = $1"
+        + (" FOR UPDATE" if lock else ""),
+        item_id,
+    )
+    return dict(row) if row else None
+
+
+async def active_item_for_vm(conn: asyncpg.Connection, vm_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        f"SELECT {ITEM_COLUMNS} FROM protected_items WHERE vm_id = $1 AND active", vm_id
+    )
+    return dict(row) if row else None
+
+
+async def list_items(
+    conn: asyncpg.Connection,
+    vault_id: uuid.UUID,
+    state: str | None,
+    health: str | None,
+    limit: int,
+    offset: int,
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {ITEM_COLUMNS} FROM protected_items WHERE vault_id = $1 AND active"
+        " AND ($2::text IS NULL OR state = $2) AND ($3::text IS NULL OR health = $3)"
+        " ORDER BY vm_name LIMIT $4 OFFSET $5",
+        vault_id,
+        state,
+        health,
+        limit,
+        offset,
+    )
+    return [dict(r) for r in rows]
+
+
+async def active_items(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch(f"SELECT {ITEM_COLUMNS} FROM protected_items WHERE active")
+    return [dict(r) for r in rows]
+
+
+async def update_item(conn: asyncpg.Connection, item_id: uuid.UUID, **fields: Any) -> None:
+    sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=2))
+    await conn.execute(
+        f"UPDATE protected_items SET {sets}, updated_at = now() WHERE item_id = $1",
+        item_id,
+        *fields.values(),
+    )
+
+
+# ------------------------------------------------------------------ cycles
+
+
+async def open_cycle(
+    conn: asyncpg.Connection, item_id: uuid.UUID, seq: int
+) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT item_id, cycle_seq, kind, disks, source_time, app_consistent, poisoned"
+        " FROM open_cycles WHERE item_id = $1 AND cycle_seq = $2",
+        item_id,
+        seq,
+    )
+    return dict(row) if row else None
+
+
+async def start_cycle(
+    conn: asyncpg.Connection,
+    item_id: uuid.UUID,
+    seq: int,
+    kind: str,
+    disks: list[dict[str, Any]],
+    source_time: datetime,
+    app_consistent: bool,
+) -> None:
+    await conn.execute(
+        "INSERT INTO open_cycles (item_id, cycle_seq, kind, disks, source_time, app_consistent)"
+        " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT DO NOTHING",
+        item_id,
+        seq,
+        kind,
+        disks,
+        source_time,
+        app_consistent,
+    )
+
+
+async def poison_cycle(conn: asyncpg.Connection, item_id: uuid.UUID, seq: int, why: str) -> None:
+    await conn.execute(
+        "UPDATE open_cycles SET poisoned = $3 WHERE item_id = $1 AND cycle_seq = $2",
+        item_id,
+        seq,
+        why,
+    )
+
+
+async def stage_batch(
+    conn: asyncpg.Connection,
+    item_id: uuid.UUID,
+    seq: int,
+    batch_no: int,
+    disk_id: str,
+    blocks: list[tuple[int, str]],
+    nbytes: int,
+) -> None:
+    await conn.execute(
+        "INSERT INTO staged_batches (item_id, cycle_seq, batch_no, blocks, bytes)"
+        " VALUES ($1,$2,$3,$4,$5) ON CONFLICT DO NOTHING",
+        item_id,
+        seq,
+        batch_no,
+        len(blocks),
+        nbytes,
+    )
+    await conn.executemany(
+        "INSERT INTO staged_blocks (item_id, cycle_seq, disk_id, block_index, sha256)"
+        " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (item_id, cycle_seq, disk_id, block_index)"
+        " DO UPDATE SET sha256 = EXCLUDED.sha256",
+        [(item_id, seq, disk_id, index, digest) for index, digest in blocks],
+    )
+
+
+async def staged_totals(
+    conn: asyncpg.Connection, item_id: uuid.UUID, seq: int
+) -> tuple[int, int, int]:
+    row = await conn.fetchrow(
+        "SELECT count(*) AS batches, coalesce(sum(blocks), 0) AS blocks,"
+        " coalesce(sum(bytes), 0) AS bytes FROM staged_batches"
+        " WHERE item_id = $1 AND cycle_seq = $2",
+        item_id,
+        seq,
+    )
+    return int(row["batches"]), int(row["blocks"]), int(row["bytes"])
+
+
+async def staged_blocks(
+    conn: asyncpg.Connection, item_id: uuid.UUID, seq: int
+) -> dict[str, dict[int, str]]:
+    rows = await conn.fetch(
+        "SELECT disk_id, block_index, sha256 FROM staged_blocks"
+        " WHERE item_id = $1 AND cycle_seq = $2",
+        item_id,
+        seq,
+    )
+    out: dict[str, dict[int, str]] = {}
+    for r in rows:
+        out.setdefault(r["disk_id"], {})[r["block_index"]] = r["sha256"]
+    return out
+
+
+async def drop_cycles(
+    conn: asyncpg.Connection, item_id: uuid.UUID, upto: int | None = None
+) -> None:
+    """Forget staged cycles of an item (all, or those numbered <= `upto`)."""
+    for table in ("open_cycles", "staged_batches", "staged_blocks"):
+        await conn.execute(
+            f"DELETE FROM {table} WHERE item_id = $1 AND ($2::int IS NULL OR cycle_seq <= $2)",
+            item_id,
+            upto,
+        )
+
+
+# ------------------------------------------------------------------ recovery points
+
+
+async def insert_point(conn: asyncpg.Connection, **fields: Any) -> None:
+    columns = ", ".join(fields)
+    params = ", ".join(f"${i}" for i in range(1, len(fields) + 1))
+    await conn.execute(
+        f"INSERT INTO recovery_points ({columns}) VALUES ({params}) ON CONFLICT DO NOTHING",
+        *fields.values(),
+    )
+
+
+async def live_points(conn: asyncpg.Connection, item_id: uuid.UUID) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT item_id, cycle_seq, kind, point_type, source_time, committed_at, disks,"
+        " changed_blocks, bytes FROM recovery_points WHERE item_id = $1 AND pruned_at IS NULL"
+        " ORDER BY cycle_seq DESC",
+        item_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def mark_pruned(conn: asyncpg.Connection, item_id: uuid.UUID, seqs: list[int]) -> None:
+    await conn.execute(
+        "UPDATE recovery_points SET pruned_at = now() WHERE item_id = $1"
+        " AND cycle_seq = ANY($2::int[]) AND pruned_at IS NULL",
+        item_id,
+        seqs,
+    )
+
+
+async def points_since(conn: asyncpg.Connection, item_id: uuid.UUID, since: datetime) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM recovery_points WHERE item_id = $1 AND committed_at >= $2",
+            item_id,
+            since,
+        )
+    )
+
+
+async def record_cycle_stats(
+    conn: asyncpg.Connection, item_id: uuid.UUID, ok: bool, latency: float, nbytes: int
+) -> None:
+    if ok:
+        await conn.execute(
+            "UPDATE item_stats SET cycles_ok = cycles_ok + 1,"
+            " latency_sum_seconds = latency_sum_seconds + $2,"
+            " latency_max_seconds = greatest(latency_max_seconds, $2),"
+            " bytes_sum = bytes_sum + $3, bytes_max = greatest(bytes_max, $3) WHERE item_id = $1",
+            item_id,
+            latency,
+            nbytes,
+        )
+    else:
+        await conn.execute(
+            "UPDATE item_stats SET cycles_failed = cycles_failed + 1 WHERE item_id = $1", item_id
+        )
+
+
+async def bump_stat(conn: asyncpg.Connection, item_id: uuid.UUID, column: str) -> None:
+    assert column in ("network_failures", "app_consistency_failures")
+    await conn.execute(f"UPDATE item_stats SET {column} = {column} + 1 WHERE item_id = $1", item_id)
+
+
+async def item_stats(conn: asyncpg.Connection, item_id: uuid.UUID) -> dict[str, Any]:
+    row = await conn.fetchrow("SELECT * FROM item_stats WHERE item_id = $1", item_id)
+    return dict(row) if row else {}
