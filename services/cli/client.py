@@ -10,11 +10,13 @@ from typing import Any
 
 import httpx
 
-SERVICES = ("registration", "inventory", "policy")
+SERVICES = ("registration", "inventory", "policy", "replication", "failover")
 LOCAL_DEFAULTS = {
     "registration": "http://127.0.0.1:8101",
     "inventory": "http://127.0.0.1:8102",
     "policy": "http://127.0.0.1:8103",
+    "replication": "http://127.0.0.1:8104",
+    "failover": "http://127.0.0.1:8105",
 }
 
 

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from services.cli import output
 from services.cli.client import Api
+from services.cli.items import add_item_commands
 from services.cli.output import Column, field
 
 
@@ -501,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mapping_id")
     p.add_argument("--target", required=True, metavar="NETWORK_ID")
     leaf(mapping, "delete", "remove a mapping", mapping_delete).add_argument("mapping_id")
+
+    add_item_commands(group, leaf)
 
     p = resources.add_parser(
         "prereq", help="enable-replication prerequisite checks of VMs", parents=[common]
