@@ -19,6 +19,8 @@ def test_urls_per_service_then_fallback() -> None:
         "registration": "http://gw",
         "inventory": "http://gw",
         "policy": "http://pol:1",
+        "replication": "http://gw",
+        "failover": "http://gw",
     }
     assert set(service_urls("http://x", env).values()) == {"http://x"}
     assert service_urls(None, {})["policy"] == "http://127.0.0.1:8103"
