@@ -1,0 +1,306 @@
+"""Replica store: every point materialises byte-identical to the source at that cycle, a point
+costs only its changed blocks, wrong data never becomes a point, prune frees what nothing
+references."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from services.replication.store import (
+    BlockHashMismatch,
+    CorruptBlock,
+    MissingBlock,
+    PointConflict,
+    ReplicaStore,
+    RootMismatch,
+    UnknownPoint,
+)
+from shared.merkle import MerkleTree, block_hash, zero_block_hash
+from tests.support.store_worker import SourceDisk, stage_cycle
+
+BS = 4096
+SIZE = 2 * 2**20 + 1000  # a short last block
+
+
+def new_item(tmp_path: Path, seed: int = 1, size: int = SIZE) -> tuple[ReplicaStore, SourceDisk]:
+    return ReplicaStore(tmp_path / "site"), SourceDisk("d0", size, BS, random.Random(seed))
+
+
+def ship(store: ReplicaStore, disks: list[SourceDisk], seq: int, by_hash: bool = True) -> None:
+    store.commit_point("item", stage_cycle(store, "item", seq, disks, by_hash=by_hash))
+
+
+def materialised_sha(store: ReplicaStore, tmp_path: Path, seq: int, disk: str = "d0") -> str:
+    out = tmp_path / f"out-{seq}-{disk}.img"
+    sha = store.materialise("item", seq, disk, out)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == sha
+    return sha
+
+
+def evolve(store: ReplicaStore, disk: SourceDisk, cycles: int) -> dict[int, str]:
+    """Initial copy (half the disk written) then `cycles - 1` deltas; seq -> source SHA-256."""
+    history = {}
+    disk.write_random(0.5)
+    for seq in range(1, cycles + 1):
+        if seq > 1:
+            disk.write_random(0.04)
+            disk.zero(disk.rng.sample(range(disk.blocks), 3))
+        ship(store, [disk], seq)
+        history[seq] = disk.sha256()
+    return history
+
+
+def test_every_point_materialises_byte_identical(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    history = evolve(store, disk, 6)
+    assert [p.seq for p in store.points("item")] == [1, 2, 3, 4, 5, 6]
+    for seq, sha in history.items():
+        assert materialised_sha(store, tmp_path, seq) == sha
+        assert store.verify_point("item", seq).ok
+        assert (tmp_path / f"out-{seq}-d0.img").stat().st_size == SIZE
+    assert store.disk_tree("item", "d0").root_hex() == disk.root()
+    assert store.leaf_hashes("item", "d0") == list(
+        MerkleTree.from_leaves(
+            [block_hash(disk.block(disk.image, i)) for i in range(disk.blocks)], disk.blocks
+        ).leaf_hashes()
+    )
+
+
+def test_a_point_costs_only_its_changed_blocks(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    evolve(store, disk, 1)
+    before = store.item_bytes("item")
+    changed = disk.write_random(0.03)
+    ship(store, [disk], 2)
+    expected = sum(len(disk.block(disk.image, i)) for i in changed)
+    assert store.item_bytes("item") - before == expected
+    info = store.points("item")[-1]
+    assert (info.changed_blocks, info.new_bytes) == (len(changed), expected)
+    manifest = (tmp_path / "site/items/item/points/000000000002.json").stat().st_size
+    assert manifest < 100 * len(changed) + 500
+
+
+def test_identical_blocks_are_stored_once(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    data = random.Random(7).randbytes(BS)
+    for i in range(0, 64, 2):
+        disk.image[i * BS : (i + 1) * BS] = data
+    ship(store, [disk], 1)
+    assert store.item_bytes("item") == BS
+    assert store.put_block("item", block_hash(data).hex(), data) is False
+    assert materialised_sha(store, tmp_path, 1) == disk.sha256()
+
+
+def test_zero_blocks_are_never_stored(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    assert store.put_block("item", zero_block_hash(BS).hex(), bytes(BS)) is False
+    ship(store, [disk], 1)  # a blank disk: every block shipped, all zero
+    assert store.item_bytes("item") == 0
+    disk.write_random(0.1)
+    ship(store, [disk], 2)
+    disk.zero(list(range(disk.blocks)))
+    ship(store, [disk], 3)
+    out = tmp_path / "blank.img"
+    assert store.materialise("item", 3, "d0", out) == hashlib.sha256(bytes(SIZE)).hexdigest()
+    assert out.stat().st_blocks * 512 < SIZE // 4  # written as holes
+
+
+def test_a_block_with_the_wrong_hash_is_refused(tmp_path: Path) -> None:
+    store, _ = new_item(tmp_path)
+    good = block_hash(b"a" * BS).hex()
+    with pytest.raises(BlockHashMismatch) as err:
+        store.put_block("item", good, b"b" * BS, index=5)
+    assert (err.value.index, err.value.expected) == (5, good)
+    assert err.value.actual == block_hash(b"b" * BS).hex()
+    assert isinstance(err.value, ValueError)
+    assert store.item_bytes("item") == 0
+
+
+def test_a_wrong_root_commits_nothing(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    history = evolve(store, disk, 2)
+    disk.write_random(0.05)
+    manifest = stage_cycle(store, "item", 3, [disk])
+    bad = replace(manifest, disks=[replace(manifest.disks[0], merkle_root="ab" * 32)])
+    with pytest.raises(RootMismatch):
+        store.commit_point("item", bad)
+    assert store.latest_seq("item") == 2
+    assert store.disk_tree("item", "d0").root_hex() != disk.root()  # cache not left half-applied
+    assert materialised_sha(store, tmp_path, 2) == history[2]
+    store.commit_point("item", manifest)
+    assert materialised_sha(store, tmp_path, 3) == disk.sha256()
+
+
+def test_a_missing_block_is_refused(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    evolve(store, disk, 1)
+    changed = disk.write_random(0.02)
+    manifest = stage_cycle(store, "item", 2, [disk])
+    sha = manifest.disks[0].changed[changed[0]]
+    (tmp_path / "site/items/item/blocks" / sha[:2] / sha).unlink()
+    with pytest.raises(MissingBlock) as err:
+        store.commit_point("item", manifest)
+    assert err.value.sha256 == sha
+    assert store.latest_seq("item") == 1
+
+
+def test_recommitting_is_idempotent_and_a_different_point_conflicts(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    evolve(store, disk, 2)
+    disk.write_random(0.02)
+    real = stage_cycle(store, "item", 3, [disk])
+    store.commit_point("item", real)
+    store.commit_point("item", real)
+    ReplicaStore(tmp_path / "site").commit_point("item", real)  # after a restart too
+    with pytest.raises(PointConflict):
+        store.commit_point("item", replace(real, app_consistent=True))
+    with pytest.raises(PointConflict):
+        store.commit_point("item", replace(real, seq=2, app_consistent=True))
+    assert [p.seq for p in store.points("item")] == [1, 2, 3]
+
+
+def test_a_commit_updates_the_cached_tree_incrementally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, disk = new_item(tmp_path)
+    evolve(store, disk, 2)
+    disk.write_random(0.01)
+    manifest = stage_cycle(store, "item", 3, [disk])  # the source side builds its tree here
+    rebuilds: list[int] = []
+    original = MerkleTree.rebuild
+    monkeypatch.setattr(MerkleTree, "rebuild", lambda t: (rebuilds.append(1), original(t))[1])
+    store.commit_point("item", manifest)
+    assert rebuilds == []
+
+
+def test_prune_keeps_kept_points_and_frees_unreferenced_blocks(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    history = evolve(store, disk, 8)
+    before = store.item_bytes("item")
+    assert store.prune("item", {3, 5, 8}) == [1, 2, 4, 6, 7]
+    assert [p.seq for p in store.points("item")] == [3, 5, 8]
+    assert store.item_bytes("item") < before
+    for seq in (3, 5, 8):
+        assert store.verify_point("item", seq).ok
+        assert materialised_sha(store, tmp_path, seq) == history[seq]
+    with pytest.raises(UnknownPoint):
+        store.verify_point("item", 4)
+    disk.write_random(0.02)
+    ship(store, [disk], 9)
+    history[9] = disk.sha256()
+    fresh = ReplicaStore(tmp_path / "site")  # everything from disk, nothing from the cache
+    assert fresh.prune("item", {9}) == [3, 5, 8]
+    assert fresh.item_bytes("item") < before
+    assert materialised_sha(fresh, tmp_path, 9) == history[9]
+    assert fresh.disk_tree("item", "d0").root_hex() == disk.root()
+    left = {p.name for p in (tmp_path / "site/items/item").iterdir()}
+    assert left == {"blocks", "points", "base", "BASE", "tmp"}
+
+
+def test_prune_refuses_to_drop_the_latest_point(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    evolve(store, disk, 3)
+    with pytest.raises(ValueError, match="latest"):
+        store.prune("item", {1, 2})
+    assert [p.seq for p in store.points("item")] == [1, 2, 3]
+
+
+def test_prune_spares_the_blocks_of_the_cycle_in_flight(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    evolve(store, disk, 4)
+    disk.write_random(0.05)
+    pending = stage_cycle(store, "item", 5, [disk])  # blocks put, not committed yet
+    store.prune("item", {4})
+    store.commit_point("item", pending)
+    assert materialised_sha(store, tmp_path, 5) == disk.sha256()
+
+
+@pytest.mark.parametrize("by_hash", [True, False], ids=["boundary-shipped", "boundary-derived"])
+def test_disk_growth_and_shrink(tmp_path: Path, by_hash: bool) -> None:
+    store, disk = new_item(tmp_path, size=300 * BS + 123)
+    history = {}
+    disk.write_random(0.6)
+    for seq, size in enumerate(
+        [300 * BS + 123, 512 * BS + 77, 512 * BS + 77, 200 * BS + 5, 200 * BS + 4000, 200 * BS],
+        start=1,
+    ):
+        disk.resize(size)
+        disk.write_random(0.02)
+        ship(store, [disk], seq, by_hash=by_hash)
+        history[seq] = (size, disk.sha256())
+    store.prune("item", {2, 4, 6})
+    for seq in (2, 4, 6):
+        size, sha = history[seq]
+        assert materialised_sha(store, tmp_path, seq) == sha
+        assert (tmp_path / f"out-{seq}-d0.img").stat().st_size == size
+        assert store.verify_point("item", seq).ok
+
+
+def test_disks_added_and_removed_between_points(tmp_path: Path) -> None:
+    store, d0 = new_item(tmp_path)
+    d1 = SourceDisk("d1", 64 * BS, BS, random.Random(2))
+    d0.write_random(0.2)
+    ship(store, [d0], 1)
+    d1.write_random(0.5)
+    ship(store, [d0, d1], 2)
+    shas = (d0.sha256(), d1.sha256())
+    d0.write_random(0.1)
+    ship(store, [d0], 3)
+    store.prune("item", {2, 3})
+    assert (
+        materialised_sha(store, tmp_path, 2),
+        materialised_sha(store, tmp_path, 2, "d1"),
+    ) == shas
+    with pytest.raises(UnknownPoint):
+        store.materialise("item", 3, "d1", tmp_path / "x.img")
+
+
+def test_verify_and_materialise_detect_corrupt_and_missing_blocks(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    evolve(store, disk, 2)
+    blocks = sorted((tmp_path / "site/items/item/blocks").rglob("*"))
+    files = [p for p in blocks if p.is_file()]
+    files[0].write_bytes(b"rot" + files[0].read_bytes()[3:])
+    files[1].unlink()
+    result = store.verify_point("item", 2)
+    assert not result.ok
+    (d,) = result.disks
+    assert d.actual_root != d.expected_root
+    assert {b.sha256 for b in d.corrupt} == {files[0].name}
+    assert {b.sha256 for b in d.missing} == {files[1].name}
+    assert result.as_dict()["ok"] is False
+    with pytest.raises((CorruptBlock, MissingBlock)):
+        store.materialise("item", 2, "d0", tmp_path / "bad.img")
+    assert not list(tmp_path.glob("bad.img*"))
+
+
+def test_items_in_threads_delete_and_sizes(tmp_path: Path) -> None:
+    store = ReplicaStore(tmp_path / "site")
+    disks = {f"item{n}": SourceDisk("d0", 128 * BS, BS, random.Random(n)) for n in range(4)}
+
+    def run(item: str) -> None:
+        for seq in range(1, 6):
+            disks[item].write_random(0.1)
+            store.commit_point(item, stage_cycle(store, item, seq, [disks[item]]))
+
+    threads = [threading.Thread(target=run, args=(item,)) for item in disks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sizes = {item: store.item_bytes(item) for item in disks}
+    assert store.total_bytes() == sum(sizes.values()) > 0
+    for item, disk in disks.items():
+        assert store.latest_seq(item) == 5
+        assert store.disk_tree(item, "d0").root_hex() == disk.root()
+    store.delete_item("item0")
+    assert store.latest_seq("item0") is None
+    assert store.total_bytes() == sum(sizes.values()) - sizes["item0"]
+    with pytest.raises(ValueError):
+        store.latest_seq("../escape")
