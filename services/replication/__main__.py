@@ -56,6 +56,7 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
         rt.add_check("faust_delta_agent", lambda: not faust_app.should_stop)
         rt.spawn("side-consumer", side_consumer(rt, ctx).run)
         rt.spawn("health", every(settings.health_interval_seconds, handlers.evaluate_health, ctx))
+        rt.spawn("resync", every(settings.health_interval_seconds, handlers.start_due_resyncs, ctx))
         rt.spawn(
             "retention", every(settings.retention_interval_seconds, handlers.apply_retention, ctx)
         )

@@ -39,6 +39,10 @@ class ReplicationSettings(ServiceSettings):
     retention_interval_seconds: float = Field(
         default=30, gt=0, description="How often retention prunes recovery points."
     )
+    resync_backoff_seconds: str = Field(
+        default="60,120,240,480,600,1800",
+        description="Waits before re-trying a resync that failed again (the last repeats).",
+    )
     materialise_roots: str = Field(
         default="",
         description="Comma-separated folders recovery points may be materialised under "
@@ -47,6 +51,10 @@ class ReplicationSettings(ServiceSettings):
     health_interval_seconds: float = Field(
         default=2, gt=0, description="How often RPO and health are re-evaluated."
     )
+
+    def resync_backoff(self, attempt: int) -> float:
+        steps = [float(x) for x in self.resync_backoff_seconds.split(",") if x.strip()]
+        return steps[min(max(attempt, 1), len(steps)) - 1]
 
     def allowed_roots(self) -> list[Path]:
         if not self.materialise_roots.strip():

@@ -37,6 +37,7 @@ from services.replication.store import (
 )
 from shared import outbox
 from shared.kafka import Incoming, Rejected
+from shared.merkle import block_count, block_length, zero_block_hash
 from shared.schemas import agent as cmd
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload, new_envelope
@@ -125,12 +126,17 @@ async def change_state(
 async def require_resync(
     ctx: Context, conn: asyncpg.Connection, item: dict[str, Any], reason: str
 ) -> None:
-    """Put the item in resync and ask the agent for the blocks whose hashes differ from the
-    replica's latest point (the replica's leaf hashes travel in chunked commands)."""
+    """The replica can't take the next cycle: put the item in resync. The first time the
+    agent is asked at once; a resync that fails again is retried after a backoff (REFERENCE.md:
+    1, 2, 4, 8, 10 min, then every 30 min)."""
     RESYNCS.labels(reason.split(":")[0][:40]).inc()
     await repo.drop_cycles(conn, item["item_id"])
-    seq = (item["last_committed_seq"] or 0) + 1
-    resync_id = uuid.uuid4()
+    retrying = ItemState(item["state"]) in (
+        ItemState.RESYNCHRONIZING,
+        ItemState.WAITING_TO_START_RESYNC,
+    )
+    attempts = (item["resync_attempts"] or 0) + 1 if retrying else 1
+    delay = ctx.settings.resync_backoff(attempts - 1) if retrying else 0.0
     await change_state(
         conn,
         item,
@@ -138,9 +144,27 @@ async def require_resync(
         reason=reason,
         health=Health.CRITICAL,
         error=reason,
-        resync_seq=seq,
-        resync_id=resync_id,
+        resync_attempts=attempts,
+        resync_not_before=datetime.now(UTC) + timedelta(seconds=delay),
     )
+    log.warning(
+        "resync required",
+        extra={
+            "item_id": str(item["item_id"]),
+            "reason": reason,
+            "attempt": attempts,
+            "delay_seconds": delay,
+        },
+    )
+    if not retrying:
+        await request_resync(ctx, conn, item)
+
+
+async def request_resync(ctx: Context, conn: asyncpg.Connection, item: dict[str, Any]) -> None:
+    """Ask the agent for the blocks whose hashes differ from the replica's latest point (the
+    replica's leaf hashes travel in chunked commands); the resync cycle gets the next number."""
+    seq = (item["last_committed_seq"] or 0) + 1
+    resync_id = uuid.uuid4()
     store = ctx.store(item["target_site"])
     item_key = str(item["item_id"])
     has_point = item["last_committed_seq"] is not None
@@ -173,8 +197,28 @@ async def require_resync(
                     leaf_hashes=base64.b64encode(b"".join(part)).decode(),
                 ),
             )
-    await change_state(conn, item, ItemState.RESYNCHRONIZING, reason=reason, health=Health.CRITICAL)
-    log.warning("resync required", extra={"item_id": item_key, "reason": reason, "seq": seq})
+    await change_state(
+        conn,
+        item,
+        ItemState.RESYNCHRONIZING,
+        reason=item["error"] or "resync requested",
+        health=Health.CRITICAL,
+        resync_seq=seq,
+        resync_id=resync_id,
+        resync_not_before=None,
+    )
+
+
+async def start_due_resyncs(ctx: Context) -> int:
+    """Send the resync requests whose backoff has passed."""
+    async with ctx.pool.acquire() as conn:
+        due = await repo.resyncs_due(conn)
+    for item_id in due:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            item = await repo.get_item(conn, item_id, lock=True)
+            if item is not None and item["state"] == ItemState.WAITING_TO_START_RESYNC.value:
+                await request_resync(ctx, conn, item)
+    return len(due)
 
 
 # ------------------------------------------------------------------ the delta pipeline
@@ -248,18 +292,19 @@ def make_delta_handlers(ctx: Context) -> dict[str, Any]:
         if msg.disk_id not in geometry:
             raise Rejected("unknown_disk", f"disk {msg.disk_id} is not in cycle {msg.cycle_seq}")
         disk = geometry[msg.disk_id]
-        leaves = -(-disk["size_bytes"] // disk["block_size"])
         store = ctx.store(item["target_site"])
         decoded: list[tuple[int | None, str, bytes]] = []
+        staged: list[tuple[int, str]] = []
         why: str | None = None
         for block in msg.blocks:
             try:
-                decoded.append(
-                    (block.index, block.sha256, _block_bytes(block, leaves, msg.compression))
-                )
+                data = _block_bytes(block, disk, msg.compression)
             except ValueError as exc:
                 why = f"block {block.index}: {exc}"
                 break
+            staged.append((block.index, block.sha256))
+            if data is not None:
+                decoded.append((block.index, block.sha256, data))
         if why is None:
             try:
                 await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
@@ -269,7 +314,6 @@ def make_delta_handlers(ctx: Context) -> dict[str, Any]:
             await repo.poison_cycle(conn, msg.item_id, msg.cycle_seq, why)
             await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {why}")
             raise Rejected("block_hash_mismatch", why, keep_effects=True)
-        staged = [(index, digest) for index, digest, _ in decoded if index is not None]
         nbytes = sum(len(data) for _, _, data in decoded)
         await repo.stage_batch(
             conn, msg.item_id, msg.cycle_seq, msg.batch_no, msg.disk_id, staged, nbytes
@@ -345,6 +389,7 @@ def make_delta_handlers(ctx: Context) -> dict[str, Any]:
             "error": None,
             "resync_seq": None,
             "resync_id": None,
+            "resync_attempts": 0,
             "disks": [
                 {**d, "size_bytes": geometry[d["disk_id"]]["size_bytes"]}
                 if d["disk_id"] in geometry
@@ -386,12 +431,19 @@ def make_delta_handlers(ctx: Context) -> dict[str, Any]:
     return {"CycleStarted": on_started, "BlocksShipped": on_blocks, "CycleCompleted": on_completed}
 
 
-def _block_bytes(block: ev.Block, leaves: int, compression: ev.Compression) -> bytes:
-    """The block's bytes (b"" for a zero block); ValueError says what is wrong."""
-    if block.index >= leaves:
-        raise ValueError(f"outside a disk of {leaves} blocks")
+def _block_bytes(
+    block: ev.Block, disk: dict[str, Any], compression: ev.Compression
+) -> bytes | None:
+    """The block's bytes, or None for an all-zero block (never stored); ValueError says what
+    is wrong."""
+    size, block_size = disk["size_bytes"], disk["block_size"]
+    if block.index >= block_count(size, block_size):
+        raise ValueError(f"outside a disk of {block_count(size, block_size)} blocks")
     if block.data is None:
-        return b""
+        zero = zero_block_hash(block_length(block.index, size, block_size)).hex()
+        if block.sha256 != zero:
+            raise ValueError("marked zero but its SHA-256 is not that of a zero block")
+        return None
     try:
         raw = base64.b64decode(block.data, validate=True)
         return zlib.decompress(raw) if compression is ev.Compression.ZLIB else raw

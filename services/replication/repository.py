@@ -12,7 +12,7 @@ ITEM_COLUMNS = """item_id, vault_id, vm_id, vm_name, pairing_id, policy_id, sour
  source_site, target_site, target_cloud_id, disks, copy_interval_seconds, state, health,
  health_reasons, error, paused, last_committed_seq, resync_seq, resync_id,
  last_point_source_time, last_cycle_at, initial_done_at, initial_progress, protected_since,
- active, created_at, updated_at"""
+ active, created_at, updated_at, resync_attempts, resync_not_before"""
 
 
 # ------------------------------------------------------------------ read models
@@ -375,3 +375,11 @@ async def bump_stat(conn: asyncpg.Connection, item_id: uuid.UUID, column: str) -
 async def item_stats(conn: asyncpg.Connection, item_id: uuid.UUID) -> dict[str, Any]:
     row = await conn.fetchrow("SELECT * FROM item_stats WHERE item_id = $1", item_id)
     return dict(row) if row else {}
+
+
+async def resyncs_due(conn: asyncpg.Connection) -> list[uuid.UUID]:
+    rows = await conn.fetch(
+        "SELECT item_id FROM protected_items WHERE active AND state = 'waiting_to_start_resync'"
+        " AND resync_not_before IS NOT NULL AND resync_not_before <= now()"
+    )
+    return [r["item_id"] for r in rows]

@@ -39,7 +39,17 @@ class Platform:
     def start(self, name: str, extra_env: dict[str, str] | None = None) -> Proc:
         """Start service `name` (once); returns its process."""
         if name not in self.services:
-            proc = processes.service(name, {**self.env, **(extra_env or {})}, self.log_dir)
+            wiring: dict[str, str] = {}
+            if name == "replication":
+                wiring = {
+                    "DR_REPLICATION_POLICY_URL": self.start("policy").url,
+                    "DR_REPLICATION_STORE_DIR": str(self.log_dir / "replica"),
+                    "DR_REPLICATION_MATERIALISE_ROOTS": str(self.log_dir.parent),
+                    "DR_REPLICATION_HEALTH_INTERVAL_SECONDS": "0.5",
+                    "DR_REPLICATION_RESYNC_BACKOFF_SECONDS": "1,2,4",
+                }
+            env = {**self.env, **wiring, **(extra_env or {})}
+            proc = processes.service(name, env, self.log_dir)
             self.services[name] = proc.start()
         return self.services[name]
 
