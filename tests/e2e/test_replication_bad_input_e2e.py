@@ -1,0 +1,208 @@
+"""Bad input never yields a recovery point: a truncated cycle, a replayed old cycle, a forged
+signature, a tampered block and a cycle for an item of another vault are each rejected (DLQ
+with its reason, or the item's state with its reason), and the item recovers by resync.
+
+The test plays the host agent itself (registered through the API, signing with its own
+credential), so every message is exactly what the test says it is."""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from shared import signing, topics
+from shared.kafka import KafkaProducer
+from shared.merkle import BLOCK_SIZE, MerkleTree, block_hash
+from shared.schemas import replication as ev
+from shared.schemas.envelope import EventPayload, new_envelope
+from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
+from tests.support.kafka import wait_for_records
+from tests.support.platform import Platform
+from tests.support.poll import eventually
+
+pytestmark = pytest.mark.e2e
+
+BLOCKS = 4
+DISK_SIZE = BLOCKS * BLOCK_SIZE
+
+
+class ScriptedAgent:
+    """Ships cycles for one item of a one-disk VM, signing as a registered agent."""
+
+    def __init__(self, dr: DrSetup, producer: KafkaProducer, reg: dict[str, Any], disk: str):
+        self.dr = dr
+        self.producer = producer
+        self.producer_id = reg["producer_id"]
+        self.vault_id = uuid.UUID(reg["vault_id"])
+        self.key = signing.derive_signing_key(reg["credential"])
+        self.disk_id = disk
+        self.blocks = [os.urandom(BLOCK_SIZE) for _ in range(BLOCKS)]
+        self.item_id = uuid.UUID(int=0)
+
+    def root(self, blocks: list[bytes] | None = None) -> str:
+        leaves = [block_hash(b) for b in (blocks or self.blocks)]
+        return MerkleTree.from_leaves(leaves, len(leaves)).root_hex()
+
+    async def send(
+        self, payload: EventPayload, *, key: str | None = None, vault: uuid.UUID | None = None
+    ) -> uuid.UUID:
+        env = new_envelope(
+            payload,
+            vault_id=vault or self.vault_id,
+            producer_id=self.producer_id,
+            signing_key=key or self.key,
+        )
+        await self.producer.publish(env, key=str(self.item_id), topic=topics.REPLICATION_DELTAS)
+        return env.event_id
+
+    def started(self, seq: int, kind: ev.CycleKind) -> ev.CycleStarted:
+        return ev.CycleStarted(
+            item_id=self.item_id,
+            cycle_seq=seq,
+            kind=kind,
+            source_time=datetime.now(UTC),
+            disks=[ev.DiskGeometry(disk_id=self.disk_id, size_bytes=DISK_SIZE)],
+        )
+
+    def batch(self, seq: int, indexes: list[int], tamper: bool = False) -> ev.BlocksShipped:
+        blocks = []
+        for i in indexes:
+            data = self.blocks[i] if not tamper else os.urandom(BLOCK_SIZE)
+            blocks.append(
+                ev.Block(
+                    index=i,
+                    sha256=block_hash(self.blocks[i]).hex(),
+                    data=base64.b64encode(data).decode(),
+                )
+            )
+        return ev.BlocksShipped(
+            item_id=self.item_id, cycle_seq=seq, batch_no=0, disk_id=self.disk_id, blocks=blocks
+        )
+
+    def completed(
+        self, seq: int, kind: ev.CycleKind, batches: int, blocks: int
+    ) -> ev.CycleCompleted:
+        return ev.CycleCompleted(
+            item_id=self.item_id,
+            cycle_seq=seq,
+            kind=kind,
+            batches=batches,
+            blocks=blocks,
+            source_time=datetime.now(UTC),
+            disks=[
+                ev.DiskRoot(disk_id=self.disk_id, size_bytes=DISK_SIZE, merkle_root=self.root())
+            ],
+        )
+
+    async def cycle(self, seq: int, kind: ev.CycleKind, indexes: list[int]) -> None:
+        await self.send(self.started(seq, kind))
+        if indexes:
+            await self.send(self.batch(seq, indexes))
+        await self.send(self.completed(seq, kind, 1 if indexes else 0, len(indexes)))
+
+
+async def register_agent(http: httpx.AsyncClient, plat: Platform, key: str, name: str) -> Any:
+    resp = await http.post(
+        f"{plat.url('registration')}/v1/registrations",
+        json={"kind": "agent", "name": name, "site": "primary", "heartbeat_interval_seconds": 60},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+async def test_no_recovery_point_from_bad_input(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Any
+) -> None:
+    vms = [{"name": "fake01", "host": "hv-fake", "disks": [{"name": "os", "size": DISK_SIZE}]}]
+    dr = await two_sites(
+        platform, http, tmp_path, primary_hosts=("hv-fake",), primary_vms=vms, agents_on=()
+    )
+    reg = await register_agent(http, platform, dr.key, "hv-fake")
+    vm = await vm_named(http, dr, "fake01")
+    producer = KafkaProducer(platform.stack.kafka, platform.prefix, "scripted-agent")
+    await producer.start()
+    try:
+        agent = ScriptedAgent(dr, producer, reg, vm["disks"][0]["disk_id"])
+        protected = await protect(http, dr, vm["vm_id"])
+        agent.item_id = uuid.UUID(protected["item_id"])
+        item_id = protected["item_id"]
+        dlq = platform.prefix + topics.dlq_of(topics.REPLICATION_DELTAS)
+
+        async def state_is(*states: str) -> dict[str, Any] | None:
+            current = await item(http, dr, item_id)
+            return current if current["state"] in states else None
+
+        async def dead_lettered(event_id: uuid.UUID, reason: str) -> None:
+            found = await wait_for_records(
+                platform.stack.kafka, dlq, lambda r: r.json().get("event_id") == str(event_id)
+            )
+            assert found[0].headers["dlq.reason"] == reason
+
+        await agent.cycle(1, ev.CycleKind.INITIAL, list(range(BLOCKS)))
+        await eventually(lambda: state_is("replicating"), what="initial point committed")
+
+        # 1. A truncated cycle: the end says one batch, none arrived.
+        await agent.send(agent.started(2, ev.CycleKind.DELTA))
+        await agent.send(agent.completed(2, ev.CycleKind.DELTA, batches=1, blocks=1))
+        broken = await eventually(
+            lambda: state_is("resynchronizing", "waiting_to_start_resync"),
+            what="truncated cycle -> resync",
+        )
+        assert "truncated cycle" in broken["error"] and broken["health"] == "Critical"
+        assert [p["cycle_seq"] for p in await points(http, dr, item_id)] == [1]
+
+        # The agent answers the resync with only what differs: nothing. Back to replicating.
+        await agent.cycle(2, ev.CycleKind.RESYNC, [])
+        recovered = await eventually(lambda: state_is("replicating"), what="resync committed")
+        assert recovered["health"] == "Normal" and recovered["last_committed_seq"] == 2
+
+        # 2. A replayed old cycle (new event id, valid signature).
+        replay = await agent.send(agent.started(1, ev.CycleKind.INITIAL))
+        await dead_lettered(replay, "replayed_cycle")
+
+        # 3. A forged signature.
+        forged = await agent.send(
+            agent.started(3, ev.CycleKind.DELTA), key=signing.derive_signing_key("drc_forged")
+        )
+        await dead_lettered(forged, "bad_signature")
+
+        # 4. A cycle for this item signed by an agent of another vault.
+        other = await platform.new_vault(http, "other")
+        other_key = (await platform.new_key(http, other["vault_id"]))["key"]
+        stranger = await register_agent(http, platform, other_key, "hv-stranger")
+        foreign = ScriptedAgent(dr, producer, stranger, agent.disk_id)
+        foreign.item_id = agent.item_id
+        event = await foreign.send(foreign.started(3, ev.CycleKind.DELTA))
+        await dead_lettered(event, "vault_mismatch")
+
+        # 5. A tampered block: right hash, wrong bytes, valid signature.
+        agent.blocks[1] = os.urandom(BLOCK_SIZE)
+        await agent.send(agent.started(3, ev.CycleKind.DELTA))
+        tampered = await agent.send(agent.batch(3, [1], tamper=True))
+        await dead_lettered(tampered, "block_hash_mismatch")
+        await agent.send(agent.completed(3, ev.CycleKind.DELTA, batches=1, blocks=1))
+        bad = await eventually(
+            lambda: state_is("resynchronizing", "waiting_to_start_resync"),
+            what="tampered block -> resync",
+        )
+        assert "SHA-256" in bad["error"]
+        assert [p["cycle_seq"] for p in await points(http, dr, item_id)] == [2, 1]
+
+        # The resync ships the one changed block; its point verifies.
+        await agent.cycle(3, ev.CycleKind.RESYNC, [1])
+        await eventually(lambda: state_is("replicating"), what="second resync committed")
+        for seq in (1, 2, 3):
+            resp = await http.post(
+                dr.url("replication", f"/protected-items/{item_id}/recovery-points/{seq}/verify"),
+                headers=dr.bearer(dr.reader),
+            )
+            assert resp.status_code == 200 and resp.json()["ok"], resp.text
+    finally:
+        await producer.stop()
