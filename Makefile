@@ -26,7 +26,7 @@ TYPE_DIRS := $(wildcard services shared)
 PYTHON311 := $(shell command -v python3.11 2>/dev/null || \
                { python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null && command -v python3; })
 
-# Component for `make logs` (kafka or postgres; empty = both).
+# Component for `make logs` (kafka, postgres or nginx; empty = all).
 C ?=
 
 .PHONY: help venv up down status logs check test demo bench clean
@@ -58,16 +58,16 @@ $(STAMP): pyproject.toml
 
 # ---------------------------------------------------------------- local stack
 
-up: ## Start Kafka + PostgreSQL (idempotent) and print stack.env
+up: ## Start Kafka + PostgreSQL + the nginx gateway (idempotent) and print stack.env
 	$(STACK) up
 
-down: ## Stop Kafka + PostgreSQL (data kept)
+down: ## Stop the gateway, Kafka and PostgreSQL (data kept)
 	$(STACK) down
 
 status: ## One line per component; fails if one is down
 	$(STACK) status
 
-logs: ## Show the stack logs (C=kafka or C=postgres for one)
+logs: ## Show the stack logs (C=kafka, C=postgres or C=nginx for one)
 	$(STACK) logs $(C)
 
 # ---------------------------------------------------------------- quality gates

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # deploy/local/run-tests.sh — run the test suite against the local stack.
 #
-# 1. remembers whether the stack (deploy/local/stack.sh) was already up;
+# 1. remembers whether the stack (deploy/local/stack.sh: Kafka and PostgreSQL) was already up;
 # 2. brings it up (a no-op when it is) and exports the variables of stack.env
 #    (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL);
 # 3. runs `.venv/bin/pytest tests -q -ra --durations=15 $PYTEST_ARGS`;
@@ -27,7 +27,7 @@ if [[ ! -x "$PYTEST" ]]; then
 fi
 
 started_stack=0
-if "$STACK" status >/dev/null 2>&1; then
+if "$STACK" status --core >/dev/null 2>&1; then
   say "stack already up; it will be left running"
 else
   started_stack=1

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# deploy/local/stack.sh — the local Kafka + PostgreSQL stack, without Docker.
+# deploy/local/stack.sh — the local Kafka + PostgreSQL stack and the nginx gateway, without Docker.
 #
 # Usage: deploy/local/stack.sh COMMAND [ARGS]
 #
-#   up                 start Kafka and PostgreSQL (no-op for what is already running),
-#                      then write and print ${DR_STATE_DIR}/stack.env
-#   down               stop both (succeeds when nothing is running); data is kept
-#   status             one line per component; exit 1 if any component is down
-#   logs [kafka|postgres] [-f]
+#   up                 start Kafka, PostgreSQL and the gateway (no-op for what is already
+#                      running), then write and print ${DR_STATE_DIR}/stack.env
+#   down               stop all three (succeeds when nothing is running); data is kept
+#   status [--core]    one line per component; exit 1 if any component is down
+#                      (--core: only Kafka and PostgreSQL decide the exit code)
+#   logs [kafka|postgres|nginx] [-f]
 #                      print the last ${LOG_LINES:-200} lines of a log (-f: follow)
 #   env                print ${DR_STATE_DIR}/stack.env (exit 1 if the stack was never up)
 #   exec CMD [ARGS]    run CMD with the variables of stack.env exported
 #   kafka-restart      stop and start Kafka only, keeping its data (for fault tests)
 #   pg-restart         stop and start PostgreSQL only, keeping its data (for fault tests)
-#   kafka-stop | kafka-start | pg-stop | pg-start
+#   kafka-stop | kafka-start | pg-stop | pg-start | gateway-stop | gateway-start
 #                      one component only, for fault tests that need an outage window
 #   kafka-run CLASS [ARGS]
 #                      run a Kafka tool class on the cached classpath, e.g.
@@ -42,6 +43,11 @@
 #                                         cluster, PostgreSQL is NOT started: `up` only
 #                                         checks that this database answers
 #   JAVA_HOME             (unset)         use $JAVA_HOME/bin/java instead of `java`
+#   GATEWAY_PORT          18100           the nginx gateway on 127.0.0.1 (one base URL)
+#   GATEWAY               1               0: do not start the gateway (nor require nginx)
+#   DR_<SERVICE>_HTTP_PORT 8101..8105     upstream ports the gateway routes to (registration,
+#                                         inventory, policy, replication, failover)
+#   PYTHON                python3         renders the gateway config (standard library only)
 #
 # Kafka: the official Maven Central artifacts (org.apache.kafka:kafka_${SCALA_VERSION},
 # plus kafka-tools for the CLI tool classes, plus slf4j-reload4j/reload4j as the logging
@@ -57,6 +63,12 @@
 # cannot reach ${DR_STATE_DIR}, or the socket path would be too long, the cluster lives
 # in /tmp/dr-pg-<hash of the state dir path> instead (recorded in
 # ${DR_STATE_DIR}/postgres.location). The URL is postgresql://postgres@127.0.0.1:${PG_PORT}/dr
+#
+# Gateway: nginx (Debian package: nginx) in the foreground (`daemon off`), detached with setsid,
+# its config rendered from deploy/nginx/nginx.conf.template by `python3 -m scripts.gateway`,
+# pid/temp/logs under ${DR_STATE_DIR}/nginx. It routes by path prefix to the services on their
+# local ports (see the template) and serves the merged OpenAPI document at /openapi.json; a
+# service that is not running answers 502 through it. stack.env gets DR_GATEWAY_URL.
 #
 # Exit codes: 0 ok, 1 failure, 2 missing prerequisite (the message names the Debian package).
 set -euo pipefail
@@ -96,6 +108,15 @@ KAFKA_PROPS="$KAFKA_STATE/server.properties"
 KAFKA_LOG4J="$KAFKA_STATE/log4j.properties"
 KAFKA_TOOLS_LOG4J="$KAFKA_STATE/tools-log4j.properties"
 KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+
+GATEWAY_PORT="${GATEWAY_PORT:-18100}"
+GATEWAY="${GATEWAY:-1}"
+PYTHON="${PYTHON:-python3}"
+NGINX_STATE="$DR_STATE_DIR/nginx"
+NGINX_PIDFILE="$NGINX_STATE/nginx.pid"
+NGINX_LOG="$NGINX_STATE/nginx.out"
+NGINX_CONF="$NGINX_STATE/nginx.conf"
+GATEWAY_URL="http://127.0.0.1:$GATEWAY_PORT"
 
 PG_LOCATION_FILE="$DR_STATE_DIR/postgres.location"
 PG_MANAGED_URL="postgresql://postgres@127.0.0.1:$PG_PORT/dr"
@@ -683,6 +704,91 @@ stop_pg() {
   log "postgres: stopped"
 }
 
+# ---------------------------------------------------------------- gateway (nginx)
+
+nginx_bin() {
+  command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true
+}
+
+check_gateway_prereqs() {
+  [[ "$GATEWAY" == "1" ]] || return 0
+  [[ -n "$(nginx_bin)" ]] || need "nginx (the gateway; GATEWAY=0 skips it)" nginx
+  command -v "$PYTHON" >/dev/null 2>&1 || need "$PYTHON (renders the gateway config)" python3
+}
+
+# Prints the pid of the nginx master started from this state dir, or fails.
+gateway_pid() {
+  local pid
+  [[ -f "$NGINX_PIDFILE" ]] || return 1
+  pid="$(cat "$NGINX_PIDFILE" 2>/dev/null || true)"
+  pid_alive "$pid" || return 1
+  [[ "$(pid_cmdline "$pid")" == *nginx*"$NGINX_CONF"* ]] || return 1
+  echo "$pid"
+}
+
+render_gateway() {
+  (
+    cd "$REPO_ROOT"
+    "$PYTHON" -m scripts.gateway render --state-dir "$NGINX_STATE" \
+      --listen "127.0.0.1:$GATEWAY_PORT" \
+      --registration "127.0.0.1:${DR_REGISTRATION_HTTP_PORT:-8101}" \
+      --inventory "127.0.0.1:${DR_INVENTORY_HTTP_PORT:-8102}" \
+      --policy "127.0.0.1:${DR_POLICY_HTTP_PORT:-8103}" \
+      --replication "127.0.0.1:${DR_REPLICATION_HTTP_PORT:-8104}" \
+      --failover "127.0.0.1:${DR_FAILOVER_HTTP_PORT:-8105}" >/dev/null
+  ) || die "gateway: rendering $NGINX_CONF failed"
+}
+
+start_gateway() {
+  if [[ "$GATEWAY" != "1" ]]; then
+    log "gateway: skipped (GATEWAY=$GATEWAY)"
+    return
+  fi
+  local pid nginx deadline
+  if pid="$(gateway_pid)"; then
+    log "gateway: already running (pid $pid) on $GATEWAY_URL"
+    return
+  fi
+  port_open "$GATEWAY_PORT" &&
+    die "gateway: port $GATEWAY_PORT is already in use by another process (set GATEWAY_PORT)"
+  nginx="$(nginx_bin)"
+  mkdir -p "$NGINX_STATE"
+  render_gateway
+  "$nginx" -p "$NGINX_STATE" -e "$NGINX_STATE/error.log" -c "$NGINX_CONF" -t -q 9>&- ||
+    die "gateway: nginx -t rejected $NGINX_CONF"
+  printf '\n===== %s stack.sh: starting nginx =====\n' "$(date -Is)" >>"$NGINX_LOG"
+  (
+    exec setsid nohup "$nginx" -p "$NGINX_STATE" -e "$NGINX_STATE/error.log" -c "$NGINX_CONF" \
+      >>"$NGINX_LOG" 2>&1 </dev/null 9>&-
+  ) &
+  deadline=$((SECONDS + 15))
+  until port_open "$GATEWAY_PORT" && gateway_pid >/dev/null; do
+    if ((SECONDS >= deadline)); then
+      tail -n 20 "$NGINX_STATE/error.log" "$NGINX_LOG" >&2 2>/dev/null || true
+      die "gateway: nginx did not answer on $GATEWAY_URL within 15 s"
+    fi
+    sleep 0.2
+  done
+  log "gateway: ready on $GATEWAY_URL (pid $(gateway_pid))"
+}
+
+stop_gateway() {
+  local pid deadline
+  if ! pid="$(gateway_pid)"; then
+    log "gateway: not running"
+    return
+  fi
+  log "gateway: stopping nginx pid $pid (SIGQUIT)"
+  kill -QUIT "$pid" 2>/dev/null || true
+  deadline=$((SECONDS + 10))
+  while pid_alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+  if pid_alive "$pid"; then
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$NGINX_PIDFILE"
+  log "gateway: stopped"
+}
+
 # ---------------------------------------------------------------- commands
 
 database_url() {
@@ -694,6 +800,7 @@ write_stack_env() {
   {
     echo "KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP"
     echo "DATABASE_URL=$(database_url)"
+    if [[ "$GATEWAY" == "1" ]]; then echo "DR_GATEWAY_URL=$GATEWAY_URL"; fi
   } >"$tmp"
   mv -f "$tmp" "$STACK_ENV"
 }
@@ -722,11 +829,13 @@ cmd_up() {
   check_kafka_version
   check_kafka_prereqs
   check_pg_prereqs
+  check_gateway_prereqs
   report_missing
   take_lock
   preflight_ports
   start_pg
   start_kafka
+  start_gateway
   write_stack_env
   log "stack up in $((SECONDS - t0)) s; $STACK_ENV:"
   cat "$STACK_ENV"
@@ -734,12 +843,14 @@ cmd_up() {
 
 cmd_down() {
   take_lock
+  stop_gateway
   stop_kafka
   stop_pg
 }
 
 cmd_status() {
-  local rc=0 pid
+  local rc=0 pid core=0
+  [[ "${1:-}" == "--core" ]] && core=1
   if pid="$(kafka_pid)"; then
     check_kafka_running_ports
     if port_open "$KAFKA_PORT"; then
@@ -770,6 +881,19 @@ cmd_status() {
     echo "postgres  stopped  -  127.0.0.1:$PG_PORT"
     rc=1
   fi
+  if [[ "$GATEWAY" != "1" ]]; then
+    echo "nginx     disabled (GATEWAY=$GATEWAY)"
+  elif pid="$(gateway_pid)"; then
+    if port_open "$GATEWAY_PORT"; then
+      echo "nginx     running  pid $pid  $GATEWAY_URL"
+    else
+      echo "nginx     starting pid $pid  $GATEWAY_URL (not answering)"
+      ((core)) || rc=1
+    fi
+  else
+    echo "nginx     stopped  -  $GATEWAY_URL"
+    ((core)) || rc=1
+  fi
   return "$rc"
 }
 
@@ -782,13 +906,16 @@ cmd_logs() {
   case "$which" in
     kafka) tail -n "$LOG_LINES" "${follow[@]}" "$KAFKA_LOG" ;;
     postgres | pg) tail -n "$LOG_LINES" "${follow[@]}" "$(pg_area)/postgres.log" ;;
+    nginx | gateway) tail -n "$LOG_LINES" "${follow[@]}" "$NGINX_STATE/error.log" "$NGINX_STATE/access.log" ;;
     all)
       echo "===== kafka: $KAFKA_LOG"
       tail -n "$LOG_LINES" "$KAFKA_LOG" 2>/dev/null || echo "(no log yet)"
       echo "===== postgres: $(pg_area)/postgres.log"
       tail -n "$LOG_LINES" "$(pg_area)/postgres.log" 2>/dev/null || echo "(no log yet)"
+      echo "===== nginx: $NGINX_STATE/error.log"
+      tail -n "$LOG_LINES" "$NGINX_STATE/error.log" 2>/dev/null || echo "(no log yet)"
       ;;
-    *) die "logs: unknown component '$which' (kafka|postgres)" ;;
+    *) die "logs: unknown component '$which' (kafka|postgres|nginx)" ;;
   esac
 }
 
@@ -853,6 +980,18 @@ cmd_pg_start() {
   start_pg
 }
 
+cmd_gateway_stop() {
+  take_lock
+  stop_gateway
+}
+
+cmd_gateway_start() {
+  check_gateway_prereqs
+  report_missing
+  take_lock
+  start_gateway
+}
+
 cmd_kafka_run() {
   (($#)) || die "kafka-run: missing CLASS"
   check_kafka_prereqs
@@ -892,7 +1031,7 @@ main() {
   case "$cmd" in
     up) cmd_up ;;
     down) cmd_down ;;
-    status) cmd_status ;;
+    status) cmd_status "$@" ;;
     logs) cmd_logs "$@" ;;
     env) cmd_env ;;
     exec) cmd_exec "$@" ;;
@@ -902,6 +1041,8 @@ main() {
     kafka-start) cmd_kafka_start ;;
     pg-stop) cmd_pg_stop ;;
     pg-start) cmd_pg_start ;;
+    gateway-stop) cmd_gateway_stop ;;
+    gateway-start) cmd_gateway_start ;;
     kafka-run) cmd_kafka_run "$@" ;;
     purge) cmd_purge ;;
     -h | --help | help) usage ;;

@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 from fastapi import FastAPI
 
+from services.host_agent.api import add_routes
 from services.host_agent.config import AgentSettings
-from shared.edge import EdgeRuntime
+from services.host_agent.runtime import AgentRuntime
 from shared.http import create_app
 from shared.logging import configure_logging
 from shared.runtime import serve
-from shared.schemas.registration import ProducerKind
 
 
 def build_app(settings: AgentSettings) -> FastAPI:
-    def metadata() -> dict[str, Any]:
-        return {
-            "host_os_version": settings.host_os_version,
-            "storage_dir": str(settings.storage_dir),
-        }
-
-    runtime = EdgeRuntime("host-agent", settings, ProducerKind.AGENT, metadata=metadata)
-    return create_app(
-        runtime,
+    app = create_app(
+        AgentRuntime(settings),
         title="Host agent",
         description="Edge process of one Hyper-V host: registration, heartbeats, replication.",
     )
+    add_routes(app)
+    return app
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from prometheus_client import Gauge
 
 from services.registration import domain
 from services.registration import repository as repo
@@ -20,6 +21,12 @@ from shared.schemas.envelope import EventPayload, new_envelope
 log = logging.getLogger(__name__)
 
 PRODUCER_ID = "service:registration"
+
+PRODUCERS = Gauge(
+    "dr_registration_producers",
+    "Registered (active) site providers and host agents by kind and connection state",
+    ["kind", "state"],
+)
 
 
 async def emit(conn: asyncpg.Connection, vault_id: uuid.UUID, payload: EventPayload) -> None:
@@ -228,4 +235,12 @@ async def sweep_disconnected(pool: asyncpg.Pool, missed: int) -> int:
                 producer["last_heartbeat_at"],
                 f"no heartbeat for {missed} intervals of {producer['heartbeat_seconds']:g}s",
             )
+        counts = await conn.fetch(
+            "SELECT kind, connection_state, count(*) AS n FROM producers WHERE active"
+            " GROUP BY kind, connection_state"
+        )
+    found = {(r["kind"], r["connection_state"]): r["n"] for r in counts}
+    for kind in ev.ProducerKind:
+        for state in ev.ConnectionState:
+            PRODUCERS.labels(kind.value, state.value).set(found.get((kind.value, state.value), 0))
     return len(silent)

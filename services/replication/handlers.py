@@ -36,6 +36,7 @@ from services.replication.store import (
     RootMismatch,
 )
 from shared import outbox
+from shared.faults import crash_point
 from shared.kafka import Incoming, Rejected
 from shared.merkle import block_count, block_length, zero_block_hash
 from shared.schemas import agent as cmd
@@ -315,6 +316,7 @@ def make_delta_handlers(ctx: Context) -> dict[str, Any]:
             await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {why}")
             raise Rejected("block_hash_mismatch", why, keep_effects=True)
         nbytes = sum(len(data) for _, _, data in decoded)
+        crash_point("replication.blocks_stored")
         await repo.stage_batch(
             conn, msg.item_id, msg.cycle_seq, msg.batch_no, msg.disk_id, staged, nbytes
         )

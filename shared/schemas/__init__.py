@@ -3,9 +3,11 @@
 Importing this package registers every event type (see `registry`).
 """
 
+from shared.schemas import agent as agent
 from shared.schemas import inventory as inventory
 from shared.schemas import policy as policy
 from shared.schemas import registration as registration
+from shared.schemas import replication as replication
 from shared.schemas.envelope import Envelope, EventPayload, new_envelope
 from shared.schemas.registry import EVENT_TYPES, EventType, payload_model
 

@@ -1,0 +1,123 @@
+"""Print a signed event envelope (one JSON line), ready for `kcat -P`: what an upstream system
+does to publish to the platform. See docs/publishing-events.md.
+
+    python -m scripts.sign_event --credential drc_... --vault VAULT_ID --producer PRODUCER_ID \\
+        --type Heartbeat --payload heartbeat.json \\
+      | kcat -P -b 127.0.0.1:19092 -t registration.heartbeats.v1 -k PRODUCER_ID
+
+The credential is the one returned once by `POST /v1/registrations` (or read from an edge
+process's identity file with `--identity state/identity.json`). The payload is checked with the
+event's model first (`--no-validate` skips that, to craft a bad event on purpose).
+
+Signing rule (shared/signing.py): signing key = hex(HMAC-SHA256(key=credential,
+msg="dr-event-signing-v1")); signature = hex(HMAC-SHA256(key=bytes.fromhex(signing key),
+msg=canonical JSON of the envelope without `signature`)), canonical JSON = keys sorted,
+separators "," and ":", UTF-8 without ASCII escaping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import shared.schemas  # noqa: F401 - registers every event type
+from shared import signing
+from shared.schemas.envelope import Envelope
+from shared.schemas.registry import payload_model
+
+
+def signed_envelope(
+    *,
+    credential: str,
+    vault_id: uuid.UUID,
+    producer_id: str,
+    type_name: str,
+    payload: dict[str, Any],
+    version: int = 1,
+    occurred_at: datetime | None = None,
+    event_id: uuid.UUID | None = None,
+    validate: bool = True,
+) -> Envelope:
+    if validate:
+        et = payload_model(type_name, version)
+        if et is None:
+            raise ValueError(f"{type_name} v{version} is not a known event type")
+        payload = et.model.model_validate(payload).model_dump(mode="json")
+    envelope = Envelope(
+        event_id=event_id or uuid.uuid4(),
+        type=type_name,
+        schema_version=version,
+        occurred_at=occurred_at or datetime.now(UTC),
+        vault_id=vault_id,
+        producer_id=producer_id,
+        payload=payload,
+    )
+    return envelope.signed_with(signing.derive_signing_key(credential))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.sign_event",
+        description="Print a signed event envelope as one JSON line (for kcat -P).",
+    )
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--credential", help="the producer's credential (shown once at registration)")
+    who.add_argument(
+        "--identity",
+        type=Path,
+        help="an edge process's identity.json (credential, vault and producer id)",
+    )
+    parser.add_argument("--vault", type=uuid.UUID, help="vault id (from --identity if given)")
+    parser.add_argument("--producer", help="producer id (from --identity if given)")
+    parser.add_argument(
+        "--type", required=True, dest="type_name", help="event type, e.g. Heartbeat"
+    )
+    parser.add_argument("--version", type=int, default=1, help="schema version (default 1)")
+    parser.add_argument(
+        "--payload", required=True, help="payload JSON file, or - for standard input"
+    )
+    parser.add_argument("--occurred-at", help="ISO 8601 time (default: now)")
+    parser.add_argument(
+        "--no-validate", action="store_true", help="do not check the payload with its model"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    credential, vault, producer = args.credential, args.vault, args.producer
+    if args.identity:
+        identity = json.loads(args.identity.read_text())
+        credential = identity["credential"]
+        vault = vault or uuid.UUID(identity["vault_id"])
+        producer = producer or identity["producer_id"]
+    if vault is None or not producer:
+        parser.error("--vault and --producer are needed (or --identity)")
+    text = sys.stdin.read() if args.payload == "-" else Path(args.payload).read_text()
+    try:
+        payload = json.loads(text)
+        envelope = signed_envelope(
+            credential=credential,
+            vault_id=vault,
+            producer_id=producer,
+            type_name=args.type_name,
+            payload=payload,
+            version=args.version,
+            occurred_at=datetime.fromisoformat(args.occurred_at) if args.occurred_at else None,
+            validate=not args.no_validate,
+        )
+    except (ValueError, json.JSONDecodeError) as exc:
+        print(f"sign_event: {exc}", file=sys.stderr)
+        return 1
+    print(envelope.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

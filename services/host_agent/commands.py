@@ -1,0 +1,172 @@
+"""Commands from `agent.commands.v1` -> the replicator, and a `CommandCompleted` for each.
+
+Only commands addressed to this agent (`agent_id`) are handled; others (the topic carries every
+agent's commands) are skipped. A command must come from a service (`service:*`) of this agent's
+vault, else it goes to the DLQ. Idempotency: each result is kept in
+`<state_dir>/commands/<command_id>.json` before it is published; a repeated command id gets the
+same `CommandCompleted` again and nothing is executed twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter
+
+from services.host_agent.replicator import CommandFailed, Emit, Replicator
+from services.host_agent.tracking import write_atomic
+from services.host_agent.vms import VmNotFound, find_vm, set_state
+from services.host_agent.workload import Workloads
+from shared.edge import Identity
+from shared.kafka import Incoming, Rejected
+from shared.schemas.agent import (
+    CommandCompleted,
+    CommandOutcome,
+    ReplicationDisableRequested,
+    ReplicationEnableRequested,
+    ReplicationPauseRequested,
+    ReplicationResumeRequested,
+    ResyncRequested,
+    VmPowerRequested,
+)
+from shared.schemas.envelope import EventPayload
+from shared.schemas.inventory import VmState
+
+log = logging.getLogger(__name__)
+
+COMMANDS = Counter("dr_agent_commands_total", "Commands handled", ["type", "outcome"])
+
+COMMAND_TYPES = (
+    "ReplicationEnableRequested",
+    "ReplicationDisableRequested",
+    "ReplicationPauseRequested",
+    "ReplicationResumeRequested",
+    "ResyncRequested",
+    "VmPowerRequested",
+)
+
+
+class CommandLog:
+    """command id -> the `CommandCompleted` sent for it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.folder = state_dir / "commands"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def get(self, command_id: uuid.UUID) -> CommandCompleted | None:
+        path = self.folder / f"{command_id}.json"
+        return CommandCompleted.model_validate_json(path.read_text()) if path.exists() else None
+
+    def put(self, completed: CommandCompleted) -> None:
+        write_atomic(
+            self.folder / f"{completed.command_id}.json", completed.model_dump_json().encode()
+        )
+
+
+class CommandHandler:
+    def __init__(
+        self,
+        identity: Identity,
+        emit: Emit,
+        replicator: Replicator,
+        workloads: Workloads,
+        storage: Path,
+        state_dir: Path,
+    ) -> None:
+        self.identity = identity
+        self.emit = emit
+        self.replicator = replicator
+        self.workloads = workloads
+        self.storage = storage
+        self.done = CommandLog(state_dir)
+
+    @property
+    def handlers(self) -> dict[str, Any]:
+        return dict.fromkeys(COMMAND_TYPES, self.handle)
+
+    async def handle(self, incoming: Incoming) -> None:
+        command = incoming.payload
+        agent_id = getattr(command, "agent_id", None)
+        if agent_id != self.identity.producer_id:
+            return  # another agent's command
+        env = incoming.envelope
+        if not env.producer_id.startswith("service:"):
+            raise Rejected("not_a_service", f"commands come from services, not {env.producer_id}")
+        if env.vault_id != self.identity.vault_id:
+            raise Rejected("vault_mismatch", f"command for vault {env.vault_id}")
+        command_id: uuid.UUID = command.command_id  # type: ignore[attr-defined]
+        completed = self.done.get(command_id)
+        if completed is not None:
+            log.info("repeated command: result sent again", extra={"command_id": str(command_id)})
+        else:
+            try:
+                result = await self.execute(command)
+                completed = CommandCompleted(
+                    command_id=command_id,
+                    command_type=env.type,
+                    outcome=CommandOutcome.SUCCEEDED,
+                    result=result,
+                )
+            except (CommandFailed, VmNotFound, OSError, ValueError) as exc:
+                completed = CommandCompleted(
+                    command_id=command_id,
+                    command_type=env.type,
+                    outcome=CommandOutcome.FAILED,
+                    error=str(exc),
+                )
+            self.done.put(completed)
+            COMMANDS.labels(env.type, completed.outcome.value).inc()
+            log.info(
+                "command handled",
+                extra={
+                    "command_id": str(command_id),
+                    "type": env.type,
+                    "outcome": completed.outcome.value,
+                    "error": completed.error,
+                },
+            )
+        await self.emit(completed)
+
+    async def execute(self, command: EventPayload) -> dict[str, Any]:
+        r = self.replicator
+        match command:
+            case ReplicationEnableRequested():
+                return await r.enable(command)
+            case ReplicationDisableRequested():
+                return await r.disable(command.item_id)
+            case ReplicationPauseRequested():
+                return r.pause(command.item_id, True)
+            case ReplicationResumeRequested():
+                return r.pause(command.item_id, False)
+            case ResyncRequested():
+                return r.resync_chunk(command)
+            case VmPowerRequested():
+                return await self.power(command)
+        raise CommandFailed(f"unsupported command {type(command).__name__}")
+
+    async def power(self, command: VmPowerRequested) -> dict[str, Any]:
+        item = self.replicator.by_vm(command.vm_id)
+        name = item.record.vm_name if item else find_vm(self.storage, command.vm_id).name
+        result: dict[str, Any] = {"vm_name": name}
+        if command.action == "shutdown":
+            self.workloads.stop(name)
+            set_state(self.storage, name, VmState.OFF)
+            result["state"] = VmState.OFF.value
+            if item is not None and not item.record.final_shipped:
+                result["final_cycle"] = await item.final_cycle()
+            elif item is not None:
+                result["final_cycle"] = {
+                    "cycle_seq": item.record.last_cycle_seq,
+                    "roots": item.record.roots,
+                }
+        else:
+            set_state(self.storage, name, VmState.RUNNING)
+            result["state"] = VmState.RUNNING.value
+            if item is not None and item.record.final_shipped:
+                item.record.final_shipped = False
+                item.save()
+                item.wake()
+        return result

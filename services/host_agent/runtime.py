@@ -1,0 +1,134 @@
+"""The host agent's process: the edge runtime (identity, producer, heartbeats) plus the data
+plane: host block I/O, workloads, the replicator and the command consumer. Nothing starts
+before `start()`; `stop()` closes the journals cleanly (no resync after a clean restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiokafka.errors import KafkaError
+
+from services.host_agent.commands import CommandHandler
+from services.host_agent.config import AgentSettings
+from services.host_agent.cycles import KafkaSink, signer_for
+from services.host_agent.replicator import Replicator, Wiring
+from services.host_agent.tracking import HostIO, agent_lock
+from services.host_agent.workload import Workloads
+from shared import topics
+from shared.edge import EdgeRuntime
+from shared.kafka import PlainEventConsumer, ensure_topics
+from shared.schemas.envelope import EventPayload
+from shared.schemas.registration import ProducerKind
+
+log = logging.getLogger(__name__)
+
+AGENT_TOPICS = (topics.AGENT_COMMANDS, topics.AGENT_EVENTS, topics.REPLICATION_DELTAS)
+
+
+class AgentRuntime(EdgeRuntime):
+    def __init__(self, settings: AgentSettings) -> None:
+        super().__init__(
+            "host-agent",
+            settings,
+            ProducerKind.AGENT,
+            metadata=lambda: {
+                "host_os_version": settings.host_os_version,
+                "storage_dir": str(settings.storage_dir),
+            },
+            status=self._status,
+        )
+        self.agent_settings = settings
+        self.host = HostIO()
+        self.workloads = Workloads(self.host, settings.storage_dir)
+        self.replicator: Replicator | None = None
+        self.consumer: PlainEventConsumer | None = None
+        self._lock = contextlib.ExitStack()
+
+    def _status(self) -> dict[str, Any]:
+        items = self.replicator.status() if self.replicator else []
+        return {"items": len(items), "replicating": sum(i["state"] == "replicating" for i in items)}
+
+    async def start(self) -> None:
+        s = self.agent_settings
+        s.storage_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.enter_context(agent_lock(s.state_dir))
+        await super().start()
+        assert self.publisher is not None and self.identity is not None
+        await _retry(
+            lambda: ensure_topics(
+                s.kafka_bootstrap_servers,
+                s.topic_prefix,
+                AGENT_TOPICS,
+                partitions=s.topic_partitions,
+            )
+        )
+        publisher, agent_key = self.publisher, str(self.identity.producer_id)
+        sign = signer_for(self.identity)
+
+        async def emit(payload: EventPayload) -> None:
+            """An agent event, retried with backoff until Kafka takes it."""
+            delay = 0.5
+            while True:
+                try:
+                    await publisher.publish(payload, key=agent_key)
+                    return
+                except (TimeoutError, KafkaError, OSError) as exc:
+                    log.warning("agent event not sent; retrying", extra={"error": repr(exc)})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30)
+
+        wiring = Wiring(
+            sign=sign,
+            emit=emit,
+            sink=lambda item_id, _seq: KafkaSink(publisher.producer, sign, item_id),
+        )
+        self.replicator = Replicator(s.state_dir, self.host, wiring)
+        await self.replicator.start()
+        handler = CommandHandler(
+            self.identity,
+            emit,
+            self.replicator,
+            self.workloads,
+            s.storage_dir,
+            s.state_dir,
+        )
+        consumer = PlainEventConsumer(
+            bootstrap=s.kafka_bootstrap_servers,
+            prefix=s.topic_prefix,
+            group=f"agent.{self.identity.producer_id}",
+            topic_names=[topics.AGENT_COMMANDS],
+            producer=self.publisher.producer,
+            handlers=handler.handlers,
+        )
+        self.consumer = consumer
+        self.spawn("commands", consumer.run)
+
+    async def stop(self) -> None:
+        task = self._tasks.pop("commands", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.workloads.stop_all()
+        if self.replicator is not None:
+            await self.replicator.stop()
+        self.host.close()
+        await super().stop()
+        self._lock.close()
+
+
+async def _retry(action: Any, tries: int = 30) -> None:
+    delay = 0.5
+    for attempt in range(tries):
+        try:
+            await action()
+            return
+        except Exception as exc:
+            if attempt == tries - 1:
+                raise
+            log.warning("kafka not ready; retrying", extra={"error": repr(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)

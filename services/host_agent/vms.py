@@ -1,0 +1,137 @@
+"""The host's VMs: one folder per VM in the storage folder, `<storage_dir>/<name>/vm.json` plus
+one sparse image file per disk (`<disk>.vhdx`, the file's size is the disk's size).
+
+`vm.json`: `{"id", "name", "generation", "cpu", "memory_mb", "state": "Running"|"Off",
+"disks": [{"id", "file", "size_bytes"}]}`. The site provider reads the same folder (its
+`FolderVmMeta` ignores the keys it doesn't know).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.schemas.inventory import VmState
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+_SIZE = re.compile(r"^(\d+)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+class VmNotFound(LookupError):
+    pass
+
+
+class VmDisk(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str = Field(min_length=1, max_length=100)
+    file: str = Field(pattern=r"^[A-Za-z0-9._-]+\.vhdx?$")
+    size_bytes: int = Field(gt=0)
+
+
+class VmFile(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str = Field(min_length=1, max_length=100)
+    name: str = Field(pattern=NAME)
+    generation: Literal[1, 2] = 2
+    cpu: int = Field(default=2, ge=1, le=240)
+    memory_mb: int = Field(default=4096, ge=32)
+    state: VmState = VmState.RUNNING
+    disks: list[VmDisk] = Field(default_factory=list, max_length=16)
+
+
+def parse_size(text: str) -> int:
+    """`64MiB`, `1G`, `4096` -> bytes."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (e.g. 64MiB, 1GiB, 65536)")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _UNITS[unit]
+
+
+def vm_dir(storage: Path, name: str) -> Path:
+    return storage / name
+
+
+def disk_path(storage: Path, vm: VmFile, disk: VmDisk) -> Path:
+    return vm_dir(storage, vm.name) / disk.file
+
+
+def save_vm(storage: Path, vm: VmFile) -> None:
+    folder = vm_dir(storage, vm.name)
+    tmp = folder / "vm.json.tmp"
+    tmp.write_text(vm.model_dump_json(indent=2))
+    os.replace(tmp, folder / "vm.json")
+
+
+def load_vm(storage: Path, name: str) -> VmFile:
+    path = vm_dir(storage, name) / "vm.json"
+    if not re.match(NAME, name) or not path.is_file():
+        raise VmNotFound(f"no VM '{name}' in {storage}")
+    return VmFile.model_validate_json(path.read_text())
+
+
+def list_vms(storage: Path) -> list[VmFile]:
+    if not storage.is_dir():
+        return []
+    return [
+        VmFile.model_validate_json((d / "vm.json").read_text())
+        for d in sorted(storage.iterdir())
+        if (d / "vm.json").is_file()
+    ]
+
+
+def find_vm(storage: Path, vm_id: str) -> VmFile:
+    """A VM by its id or folder name."""
+    for vm in list_vms(storage):
+        if vm_id in (vm.id, vm.name):
+            return vm
+    raise VmNotFound(f"no VM with id or name '{vm_id}' in {storage}")
+
+
+def create_vm(
+    storage: Path,
+    name: str,
+    disk_sizes: list[int],
+    *,
+    generation: Literal[1, 2] = 2,
+    cpu: int = 2,
+    memory_mb: int = 4096,
+    vm_id: str | None = None,
+) -> VmFile:
+    """A new VM folder with sparse disk images (`disk0.vhdx`, `disk1.vhdx`, ...)."""
+    if not disk_sizes or len(disk_sizes) > 16:
+        raise ValueError("a VM has 1 to 16 disks")
+    folder = vm_dir(storage, name)
+    if folder.exists():
+        raise FileExistsError(f"VM '{name}' already exists in {storage}")
+    vm = VmFile(
+        id=vm_id or str(uuid.uuid4()),
+        name=name,
+        generation=generation,
+        cpu=cpu,
+        memory_mb=memory_mb,
+        disks=[
+            VmDisk(id=f"disk{i}", file=f"disk{i}.vhdx", size_bytes=size)
+            for i, size in enumerate(disk_sizes)
+        ],
+    )
+    folder.mkdir(parents=True)
+    for disk in vm.disks:
+        with open(disk_path(storage, vm, disk), "wb") as fh:
+            fh.truncate(disk.size_bytes)
+    save_vm(storage, vm)
+    return vm
+
+
+def set_state(storage: Path, name: str, state: VmState) -> VmFile:
+    vm = load_vm(storage, name).model_copy(update={"state": state})
+    save_vm(storage, vm)
+    return vm

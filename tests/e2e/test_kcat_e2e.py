@@ -1,0 +1,151 @@
+"""The documented way for an upstream system to publish (docs/publishing-events.md), run for
+real: an agent registered through the registration service, a heartbeat signed with
+`scripts/sign_event.py` and produced with kcat makes it Connected; a malformed record and a
+wrongly signed one produced with kcat land in the DLQ with their reasons (read back with
+`kcat -C -f '%h'`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scripts.procs import REPO
+from shared import topics
+from tests.support.kafka import wait_for_records
+from tests.support.own_platform import own_platform
+from tests.support.platform import Platform
+from tests.support.poll import eventually
+from tests.support.stack import Stack
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+async def platform(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Platform]:
+    """Its own prefix: the malformed records below must not reach other modules' readers."""
+    plat = await own_platform(stack, "kcat", tmp_path_factory.mktemp("kcat-platform"))
+    try:
+        yield plat
+    finally:
+        plat.stop_all()
+
+
+def kcat() -> str:
+    found = shutil.which("kcat")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("kcat is not installed (Debian package: kcat); CI must have it")
+    pytest.skip("kcat is not installed (Debian package: kcat)")
+
+
+async def run(*args: str, stdin: bytes | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        cwd=REPO,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=timeout)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_publish_with_kcat(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    binary = kcat()
+    registration = platform.start("registration")
+    vault = await platform.new_vault(http, "kcat")
+    vault_id = vault["vault_id"]
+    key = await platform.new_key(http, vault_id)
+    name = f"hv-kcat-{secrets.token_hex(3)}.contoso.local"
+    resp = await http.post(
+        f"{registration.url}/v1/registrations",
+        json={"kind": "agent", "name": name, "site": "primary", "heartbeat_interval_seconds": 30},
+        headers={"Authorization": f"Bearer {key['key']}"},
+    )
+    assert resp.status_code == 201, resp.text
+    agent = resp.json()
+    producer_id, credential = agent["producer_id"], agent["credential"]
+    assert agent["connection_state"] == "Disconnected"
+
+    heartbeats = topics.physical(topics.REGISTRATION_HEARTBEATS, platform.prefix)
+    brokers = platform.stack.kafka
+
+    # 1. a correctly signed heartbeat, built as the guide says, produced with kcat
+    payload = tmp_path / "heartbeat.json"
+    payload.write_text(json.dumps({"kind": "agent", "sequence": 1, "interval_seconds": 30}))
+    rc, line, err = await run(
+        sys.executable, "-m", "scripts.sign_event", "--credential", credential,
+        "--vault", vault_id, "--producer", producer_id, "--type", "Heartbeat",
+        "--payload", str(payload),
+    )  # fmt: skip
+    assert rc == 0, err
+    assert line.count("\n") == 1 and json.loads(line)["signature"]
+    rc, _, err = await run(
+        binary, "-P", "-b", brokers, "-t", heartbeats, "-k", producer_id, stdin=line.encode()
+    )
+    assert rc == 0, err
+
+    async def connected() -> bool:
+        r = await http.get(
+            f"{registration.url}/v1/vaults/{vault_id}/producers/{producer_id}",
+            headers=platform.admin(),
+        )
+        return r.status_code == 200 and r.json()["connection_state"] == "Connected"
+
+    await eventually(connected, timeout=30, what="the agent Connected by the kcat heartbeat")
+
+    # 2. a malformed record and a record signed with a wrong credential -> DLQ with reasons
+    tag = secrets.token_hex(4)
+    rc, forged, err = await run(
+        sys.executable, "-m", "scripts.sign_event", "--credential", "drc_not-the-credential",
+        "--vault", vault_id, "--producer", producer_id, "--type", "Heartbeat",
+        "--payload", str(payload),
+    )  # fmt: skip
+    assert rc == 0, err
+    records = f'{{"type": "Heartbeat", "oops-{tag}": \n{forged}'
+    rc, _, err = await run(
+        binary,
+        "-P",
+        "-b",
+        brokers,
+        "-t",
+        heartbeats,
+        "-k",
+        f"{producer_id}",
+        stdin=records.encode(),
+    )
+    assert rc == 0, err
+
+    dlq = topics.dlq_of(heartbeats)
+    found = await wait_for_records(
+        brokers, dlq, lambda r: tag.encode() in r.value or r.value == forged.strip().encode(),
+        count=2, timeout=30,
+    )  # fmt: skip
+    reasons = {r.headers["dlq.reason"] for r in found}
+    assert "malformed_json" in reasons
+    assert reasons - {"malformed_json"}, reasons  # the forged one, e.g. bad_signature
+    for r in found:
+        assert r.headers["dlq.source.topic"] == topics.REGISTRATION_HEARTBEATS
+        assert r.headers["dlq.consumer.group"].startswith(platform.prefix)
+
+    # and the same headers as an operator reads them with kcat
+    rc, out, err = await run(
+        binary, "-C", "-b", brokers, "-t", dlq, "-o", "beginning", "-e", "-q",
+        "-f", "%h\\n",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "dlq.reason=malformed_json" in out
