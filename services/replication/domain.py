@@ -37,8 +37,13 @@ def judge_cycle_start(
     expected_resync_seq: int | None,
     seq: int,
     kind: CycleKind,
+    unfinished: int | None = None,
 ) -> CycleVerdict:
-    """Decide what to do with a `CycleStarted` for an item in `state`."""
+    """Decide what to do with a `CycleStarted` for an item in `state`.
+
+    `unfinished` is the number of a cycle that started but never completed: an agent that
+    crashed mid-cycle ships everything since its last complete cycle under the next number, so
+    a later cycle after an unfinished expected one replaces it (no gap)."""
     if last_committed is not None and seq <= last_committed:
         return CycleVerdict.REPLAY
     if state in (ItemState.WAITING_TO_START_RESYNC, ItemState.RESYNCHRONIZING):
@@ -48,6 +53,8 @@ def judge_cycle_start(
     if state in (ItemState.SUSPENDED, ItemState.FAILED_OVER, ItemState.NOT_ENABLED):
         return CycleVerdict.IGNORE
     expected = (last_committed or 0) + 1
+    if unfinished == expected and seq > unfinished and kind is not CycleKind.INITIAL:
+        return CycleVerdict.ACCEPT
     if seq == expected:
         if last_committed is None and kind not in (CycleKind.INITIAL, CycleKind.RESYNC):
             return CycleVerdict.GAP  # a delta before any full copy: the replica can't apply it

@@ -247,6 +247,7 @@ def make_delta_handlers(ctx: Context) -> dict[str, Any]:
             item["resync_seq"],
             msg.cycle_seq,
             msg.kind,
+            await repo.unfinished_cycle(conn, msg.item_id),
         )
         if verdict is domain.CycleVerdict.REPLAY:
             CYCLES.labels("replayed").inc()

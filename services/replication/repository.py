@@ -211,6 +211,15 @@ async def open_cycle(
     return dict(row) if row else None
 
 
+async def unfinished_cycle(conn: asyncpg.Connection, item_id: uuid.UUID) -> int | None:
+    """The latest cycle of the item that started and never completed (not poisoned)."""
+    seq = await conn.fetchval(
+        "SELECT max(cycle_seq) FROM open_cycles WHERE item_id = $1 AND poisoned IS NULL",
+        item_id,
+    )
+    return int(seq) if seq is not None else None
+
+
 async def start_cycle(
     conn: asyncpg.Connection,
     item_id: uuid.UUID,

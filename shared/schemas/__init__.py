@@ -4,6 +4,7 @@ Importing this package registers every event type (see `registry`).
 """
 
 from shared.schemas import agent as agent
+from shared.schemas import failover as failover
 from shared.schemas import inventory as inventory
 from shared.schemas import policy as policy
 from shared.schemas import registration as registration

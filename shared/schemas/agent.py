@@ -22,6 +22,9 @@ class InitialReplication(StrEnum):
     ONLINE_NOW = "online_now"
     ONLINE_SCHEDULED = "online_scheduled"
     OFFLINE = "offline"
+    # The target was seeded from a copy it already holds (reverse replication): ship nothing
+    # until a ResyncRequested arrives, then only the blocks that differ.
+    SEEDED = "seeded"
 
 
 class _Command(EventPayload):
@@ -136,3 +139,40 @@ class ReplicationFaulted(EventPayload):
     item_id: uuid.UUID
     reason: str
     needs_resync: bool
+
+
+class NicAttachment(EventPayload):
+    nic_id: str
+    network_id: str | None = Field(description="None: not connected (no network mapping).")
+    subnet: str | None = None
+    ip_mode: str = Field(default="dhcp", pattern=r"^(static|dhcp)$")
+    ip_address: str | None = None
+
+
+class VmDisk(EventPayload):
+    disk_id: str
+    file: str = Field(description="Image file name inside the VM's folder.")
+    size_bytes: int = Field(gt=0)
+
+
+@event_type("VmCreateRequested", topic=topics.AGENT_COMMANDS)
+class VmCreateRequested(_Command):
+    """Create a VM on this (recovery-site) host from disk images already in its storage folder
+    `<storage>/<vm_name>/`, attach its NICs, and start it if asked. A VM of that name that
+    already exists with the same id is left as is (idempotent)."""
+
+    vm_id: str
+    vm_name: str
+    generation: int = Field(default=2, ge=1, le=2)
+    cpu_count: int = Field(default=2, ge=1)
+    memory_mb: int = Field(default=4096, ge=32)
+    disks: list[VmDisk] = Field(min_length=1, max_length=16)
+    nics: list[NicAttachment] = Field(default_factory=list)
+    start: bool = True
+
+
+@event_type("VmDeleteRequested", topic=topics.AGENT_COMMANDS)
+class VmDeleteRequested(_Command):
+    """Delete a VM (its folder and disks) from this host, e.g. a test-failover VM at cleanup."""
+
+    vm_name: str

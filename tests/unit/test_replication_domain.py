@@ -39,6 +39,13 @@ def test_cycle_verdicts(
     assert domain.judge_cycle_start(state, last, resync_seq, seq, kind) is verdict
 
 
+def test_a_cycle_after_an_unfinished_one_replaces_it() -> None:
+    # The agent crashed mid-cycle 6 and re-ships everything since 5 as cycle 7.
+    assert domain.judge_cycle_start(R, 5, None, 7, CycleKind.DELTA, 6) is CycleVerdict.ACCEPT
+    # Without a started cycle 6, 7 is a gap.
+    assert domain.judge_cycle_start(R, 5, None, 7, CycleKind.DELTA, None) is CycleVerdict.GAP
+
+
 def test_truncated_cycle_is_reported() -> None:
     assert domain.incomplete_reason(3, 100, 3, 100) is None
     why = domain.incomplete_reason(3, 100, 2, 64)
