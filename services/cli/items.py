@@ -37,10 +37,16 @@ def _path(ctx: Context, suffix: str = "") -> str:
 
 
 def item_enable(ctx: Context, args: argparse.Namespace) -> None:
-    for vm_id in args.vm_ids:
-        item = ctx.api.call("replication", "POST", _path(ctx), body={"vm_id": vm_id})
-        ctx.record(item, ["item_id", "vm_name", "state", "target_site"])
-        if args.watch and not ctx.json:
+    items = [
+        ctx.api.call("replication", "POST", _path(ctx), body={"vm_id": vm_id})
+        for vm_id in args.vm_ids
+    ]
+    if ctx.json:
+        output.as_json(items, ctx.out)
+        return
+    ctx.rows(items, ITEM_COLUMNS)
+    if args.watch:
+        for item in items:
             _watch_initial(ctx, str(item["item_id"]))
 
 
