@@ -13,6 +13,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.replication import domain, handlers
+from services.replication.store import UnknownPoint
 from services.replication import repository as repo
 from shared.auth import CurrentPrincipal
 from shared.schemas.registration import Role
@@ -201,7 +202,10 @@ async def verify_point(
     if seq not in live:
         raise HTTPException(404, f"recovery point {seq} not found (pruned or never committed)")
     store = _ctx(request).store(item["target_site"])
-    result = await asyncio.to_thread(store.verify_point, str(item_id), seq)
+    try:
+        result = await asyncio.to_thread(store.verify_point, str(item_id), seq)
+    except UnknownPoint:
+        raise HTTPException(404, f"recovery point {seq} was pruned meanwhile") from None
     return result.as_dict()
 
 
@@ -237,7 +241,12 @@ async def materialise_point(
     disks = []
     for disk in points[seq]["disks"]:
         out = target / f"{disk['disk_id']}.vhdx"
-        digest = await asyncio.to_thread(store.materialise, str(item_id), seq, disk["disk_id"], out)
+        try:
+            digest = await asyncio.to_thread(
+                store.materialise, str(item_id), seq, disk["disk_id"], out
+            )
+        except UnknownPoint:
+            raise HTTPException(404, f"recovery point {seq} was pruned meanwhile") from None
         disks.append(
             {
                 "disk_id": disk["disk_id"],
