@@ -13,8 +13,8 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.replication import domain, handlers
-from services.replication.store import UnknownPoint
 from services.replication import repository as repo
+from services.replication.store import UnknownPoint
 from shared.auth import CurrentPrincipal
 from shared.schemas.registration import Role
 from shared.schemas.replication import Health, ItemState
