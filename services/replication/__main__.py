@@ -12,6 +12,8 @@ from services.replication import handlers
 from services.replication.api import router
 from services.replication.config import ReplicationSettings
 from services.replication.consumer import delta_app, delta_pipeline, side_consumer
+from services.replication.failover_support import failover_worker
+from services.replication.offline import import_pipeline
 from shared import topics
 from shared.http import create_app
 from shared.logging import configure_logging
@@ -34,6 +36,7 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
             topics.REGISTRATION_EVENTS,
             topics.INVENTORY_EVENTS,
             topics.POLICY_EVENTS,
+            topics.FAILOVER_EVENTS,
         ),
     )
     app: FastAPI
@@ -49,12 +52,14 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
     async def on_start(rt: Runtime) -> None:
         ctx = handlers.Context(pool=rt.pool, settings=settings)
         app.state.context = ctx
+        app.state.import_pipeline = import_pipeline(rt, ctx)
         pipeline = delta_pipeline(rt, ctx)
         faust_app = delta_app(settings, pipeline)
         await faust_app.start()
         rt.on_stop(faust_app.stop)
         rt.add_check("faust_delta_agent", lambda: not faust_app.should_stop)
         rt.spawn("side-consumer", side_consumer(rt, ctx).run)
+        rt.spawn("failover-requests", lambda: failover_worker(ctx))
         rt.spawn("health", every(settings.health_interval_seconds, handlers.evaluate_health, ctx))
         rt.spawn("resync", every(settings.health_interval_seconds, handlers.start_due_resyncs, ctx))
         rt.spawn(

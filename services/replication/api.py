@@ -12,7 +12,7 @@ import httpx
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.replication import domain, handlers
+from services.replication import domain, handlers, offline
 from services.replication import repository as repo
 from services.replication.store import UnknownPoint
 from shared.auth import CurrentPrincipal
@@ -257,6 +257,40 @@ async def materialise_point(
             }
         )
     return {"item_id": item_id, "cycle_seq": seq, "disks": disks}
+
+
+class ImportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Folder holding <item_id>/cycle-<seq>.jsonl; default: the policy's "
+        "offline import path.",
+    )
+
+
+@router.post("/{item_id}/import")
+async def import_offline(
+    vault_id: uuid.UUID,
+    item_id: uuid.UUID,
+    body: ImportIn,
+    request: Request,
+    who: CurrentPrincipal,
+) -> Any:
+    """Offline initial replication: import the cycle files exported at the source (verified
+    exactly like records from Kafka)."""
+    who.check(Role.OPERATOR, vault_id)
+    item = await _item(request, vault_id, item_id)
+    async with _ctx(request).pool.acquire() as conn:
+        settings = await repo.policy_settings(conn, item["policy_id"])
+    base = body.path or settings.get("offline_import_path")
+    if not base:
+        raise HTTPException(422, "no import path: pass 'path' or set the policy's import path")
+    folder = Path(base) / str(item_id)
+    if not await asyncio.to_thread(folder.is_dir):
+        raise HTTPException(404, f"no exported cycles at {folder}")
+    lines = await offline.import_cycles(request.app.state.import_pipeline, folder, str(item_id))
+    return _out(await _item(request, vault_id, item_id)) | {"imported_records": lines}
 
 
 async def _action(

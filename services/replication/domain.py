@@ -52,12 +52,12 @@ def judge_cycle_start(
         return CycleVerdict.IGNORE
     if state in (ItemState.SUSPENDED, ItemState.FAILED_OVER, ItemState.NOT_ENABLED):
         return CycleVerdict.IGNORE
+    if state is ItemState.WAITING_FOR_INITIAL and kind is CycleKind.DELTA:
+        return CycleVerdict.IGNORE  # offline initial replication not imported yet
     expected = (last_committed or 0) + 1
-    if unfinished == expected and seq > unfinished and kind is not CycleKind.INITIAL:
-        return CycleVerdict.ACCEPT
-    if seq == expected:
-        if last_committed is None and kind not in (CycleKind.INITIAL, CycleKind.RESYNC):
-            return CycleVerdict.GAP  # a delta before any full copy: the replica can't apply it
+    if last_committed is None and kind not in (CycleKind.INITIAL, CycleKind.RESYNC):
+        return CycleVerdict.GAP  # a delta before any full copy: the replica can't apply it
+    if seq == expected or (unfinished == expected and seq > unfinished):
         return CycleVerdict.ACCEPT
     return CycleVerdict.GAP
 
@@ -84,6 +84,61 @@ def state_after_point(state: ItemState, kind: CycleKind) -> ItemState:
 
 
 READY_FOR_FAILOVER = {ItemState.REPLICATING, ItemState.SYNCED, ItemState.SUSPENDED}
+
+
+# Failover (ItemFailedOver): planned after the final cycle (synced); unplanned from whatever
+# state a disaster left the item in, as long as it has a recovery point.
+FAILOVER_FROM = {
+    ItemState.SYNCED,
+    ItemState.REPLICATING,
+    ItemState.SUSPENDED,
+    ItemState.ERROR,
+    ItemState.WAITING_TO_START_RESYNC,
+    ItemState.RESYNCHRONIZING,
+    ItemState.RESYNC_SUSPENDED,
+}
+
+
+def failover_refusal(state: ItemState, has_point: bool) -> str | None:
+    """Why an item can't be marked failed over (None: it can)."""
+    if not has_point:
+        return "it has no recovery point (initial replication has not finished)"
+    if state not in FAILOVER_FROM:
+        return f"it is in state '{state.value}'; allowed in: " + ", ".join(
+            sorted(s.value for s in FAILOVER_FROM)
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class PointRef:
+    cycle_seq: int
+    app_consistent: bool
+
+
+def choose_point(points: list[PointRef], choice: str, seq: int | None) -> int:
+    """The cycle to recover from among the live points: `latest`, `latest_app_consistent`
+    or `chosen` (`seq`). ReplicationError says why there is none."""
+    if not points:
+        raise ReplicationError("the item has no retained recovery point")
+    if choice == "latest":
+        return max(p.cycle_seq for p in points)
+    if choice == "latest_app_consistent":
+        app = [p.cycle_seq for p in points if p.app_consistent]
+        if not app:
+            raise ReplicationError("the item has no app-consistent recovery point")
+        return max(app)
+    if choice == "chosen":
+        if seq is None:
+            raise ReplicationError("choice 'chosen' needs a cycle_seq")
+        if seq not in {p.cycle_seq for p in points}:
+            live = ", ".join(str(p.cycle_seq) for p in sorted(points, key=lambda p: p.cycle_seq))
+            raise ReplicationError(
+                f"recovery point {seq} is not retained (pruned or never committed); "
+                f"retained: {live}"
+            )
+        return seq
+    raise ReplicationError(f"unknown recovery point choice '{choice}'")
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,53 @@ async def test_recovery_points_materialise_byte_identical(
     assert f'dr_replication_rpo_seconds{{item_id="{item_id}",vm="web01"}}' in metrics
     assert "dr_replication_bytes_applied_total" in metrics
     assert vm["name"] == "web01"
+
+
+async def test_offline_initial_replication_is_imported_then_deltas_follow(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    export = tmp_path / "courier"
+    dr = await two_sites(
+        platform,
+        http,
+        tmp_path,
+        copy_seconds=1,
+        policy_settings={
+            "initial_replication": "offline",
+            "offline_export_path": str(export),
+            "offline_import_path": str(export),
+        },
+    )
+    await dr.agent_call(http, "hv-p1", "POST", "/vms", {"name": "arch01", "disks": ["2MiB"]})
+    await dr.agent_call(http, "hv-p1", "POST", "/vms/arch01/writes", {"blocks": 20})
+    vm = await vm_named(http, dr, "arch01")
+    item_id = (await protect(http, dr, vm["vm_id"]))["item_id"]
+
+    async def exported() -> bool:
+        return any((export / item_id).glob("cycle-*.jsonl"))
+
+    await eventually(exported, timeout=30, what="the agent's offline export")
+    # Changes made after the export reach the replica by resync, not by a full copy.
+    await dr.agent_call(http, "hv-p1", "POST", "/vms/arch01/writes", {"blocks": 3})
+    current = await item(http, dr, item_id)
+    assert current["state"] == "waiting_for_initial_replication", current["state"]
+    resp = await http.post(
+        dr.url("replication", f"/protected-items/{item_id}/import"),
+        json={},
+        headers=dr.bearer(dr.operator),
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["imported_records"] >= 3
+    assert resp.json()["initial_done_at"] is not None
+
+    written_at = datetime.now().astimezone()
+    point = await point_after(http, dr, item_id, written_at)
+    source = Path((await item(http, dr, item_id))["disks"][0]["path"])
+    got = await materialise(http, dr, item_id, point["cycle_seq"], tmp_path / "rp")
+    assert list(got.values()) == [sha256(source)]
+    missing = await http.post(
+        dr.url("replication", f"/protected-items/{item_id}/import"),
+        json={"path": str(tmp_path / "nowhere")},
+        headers=dr.bearer(dr.operator),
+    )
+    assert missing.status_code == 404 and "no exported cycles" in missing.text

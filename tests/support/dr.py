@@ -156,6 +156,7 @@ async def two_sites(
     primary_vms: list[dict[str, Any]] | None = None,
     copy_seconds: int = 2,
     agents_on: tuple[str, ...] | None = None,
+    policy_settings: dict[str, Any] | None = None,
 ) -> DrSetup:
     """Everything up to "ready to enable replication"."""
     for name in ("registration", "inventory", "policy", "replication"):
@@ -193,6 +194,7 @@ async def two_sites(
                 "copy_frequency_seconds": copy_seconds,
                 "recovery_points": 1,
                 "compression": True,
+                **(policy_settings or {}),
             },
         },
         headers=admin,

@@ -16,7 +16,8 @@ R = ItemState.REPLICATING
     ("state", "last", "resync_seq", "seq", "kind", "verdict"),
     [
         (ItemState.WAITING_FOR_INITIAL, None, None, 1, CycleKind.INITIAL, CycleVerdict.ACCEPT),
-        (ItemState.WAITING_FOR_INITIAL, None, None, 1, CycleKind.DELTA, CycleVerdict.GAP),
+        (ItemState.WAITING_FOR_INITIAL, None, None, 1, CycleKind.DELTA, CycleVerdict.IGNORE),
+        (ItemState.INITIAL_REPLICATION, None, None, 1, CycleKind.DELTA, CycleVerdict.GAP),
         (R, 5, None, 6, CycleKind.DELTA, CycleVerdict.ACCEPT),
         (R, 5, None, 5, CycleKind.DELTA, CycleVerdict.REPLAY),
         (R, 5, None, 2, CycleKind.DELTA, CycleVerdict.REPLAY),
@@ -42,6 +43,13 @@ def test_cycle_verdicts(
 def test_a_cycle_after_an_unfinished_one_replaces_it() -> None:
     # The agent crashed mid-cycle 6 and re-ships everything since 5 as cycle 7.
     assert domain.judge_cycle_start(R, 5, None, 7, CycleKind.DELTA, 6) is CycleVerdict.ACCEPT
+    # An agent that crashed during its initial copy starts it again under the next number.
+    initial = ItemState.INITIAL_REPLICATION
+    assert (
+        domain.judge_cycle_start(initial, None, None, 2, CycleKind.INITIAL, 1)
+        is CycleVerdict.ACCEPT
+    )
+    assert domain.judge_cycle_start(initial, None, None, 2, CycleKind.DELTA, 1) is CycleVerdict.GAP
     # Without a started cycle 6, 7 is a gap.
     assert domain.judge_cycle_start(R, 5, None, 7, CycleKind.DELTA, None) is CycleVerdict.GAP
 
@@ -118,3 +126,27 @@ def test_actions_are_refused_in_the_wrong_state() -> None:
     domain.check_action(R, "pause")
     with pytest.raises(domain.ReplicationError, match="cannot resume an item in state"):
         domain.check_action(R, "resume")
+
+
+def test_which_states_can_fail_over() -> None:
+    assert domain.failover_refusal(ItemState.SYNCED, True) is None
+    for state in (R, ItemState.SUSPENDED, ItemState.RESYNCHRONIZING, ItemState.ERROR):
+        assert domain.failover_refusal(state, True) is None
+    assert "no recovery point" in (domain.failover_refusal(R, False) or "")
+    refused = domain.failover_refusal(ItemState.WAITING_FOR_INITIAL, True) or ""
+    assert "waiting_for_initial_replication" in refused and "synced" in refused
+
+
+def test_the_recovery_point_to_fail_over_to() -> None:
+    points = [domain.PointRef(3, True), domain.PointRef(5, False), domain.PointRef(4, False)]
+    assert domain.choose_point(points, "latest", None) == 5
+    assert domain.choose_point(points, "latest_app_consistent", None) == 3
+    assert domain.choose_point(points, "chosen", 4) == 4
+    with pytest.raises(domain.ReplicationError, match=r"2 is not retained.*3, 4, 5"):
+        domain.choose_point(points, "chosen", 2)
+    with pytest.raises(domain.ReplicationError, match="needs a cycle_seq"):
+        domain.choose_point(points, "chosen", None)
+    with pytest.raises(domain.ReplicationError, match="no app-consistent"):
+        domain.choose_point(points[1:], "latest_app_consistent", None)
+    with pytest.raises(domain.ReplicationError, match="no retained"):
+        domain.choose_point([], "latest", None)
