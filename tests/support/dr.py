@@ -179,7 +179,7 @@ async def two_sites(
         found = {c["name"]: c for c in resp.json()} if resp.is_success else {}
         return found if len(found) == 2 else None
 
-    found = await eventually(clouds, timeout=30, what="both sites' clouds discovered")
+    found = await eventually(clouds, timeout=60, what="both sites' clouds discovered")
     networks = (
         await http.get(dr.url("inventory", "/networks"), headers=dr.bearer(dr.reader))
     ).json()
@@ -214,7 +214,7 @@ async def two_sites(
         )
         return resp.json() if resp.status_code == 201 else None  # target provider Connected
 
-    dr.facts["pairing"] = await eventually(paired, timeout=30, what="cloud pairing")
+    dr.facts["pairing"] = await eventually(paired, timeout=60, what="cloud pairing")
     resp = await http.post(
         dr.url("policy", "/network-mappings"),
         json={
