@@ -275,7 +275,7 @@ class _RecordPipeline(Generic[H]):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=2 * 1_048_576,
-            session_timeout_ms=30_000,
+            session_timeout_ms=10_000,  # a kill -9 consumer is replaced within ~10 s
             heartbeat_interval_ms=3_000,
         )
 

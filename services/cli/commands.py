@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from services.cli import output
 from services.cli.client import Api
+from services.cli.failover import add_failover_commands
 from services.cli.items import add_item_commands
 from services.cli.output import Column, field
 
@@ -504,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(mapping, "delete", "remove a mapping", mapping_delete).add_argument("mapping_id")
 
     add_item_commands(group, leaf)
+    add_failover_commands(group, leaf, resources, common)
 
     p = resources.add_parser(
         "prereq", help="enable-replication prerequisite checks of VMs", parents=[common]

@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from services.host_agent import vm_lifecycle
 from services.host_agent.replicator import CommandFailed, Emit, Replicator
 from services.host_agent.tracking import write_atomic
 from services.host_agent.vms import VmNotFound, find_vm, set_state
@@ -30,6 +31,8 @@ from shared.schemas.agent import (
     ReplicationPauseRequested,
     ReplicationResumeRequested,
     ResyncRequested,
+    VmCreateRequested,
+    VmDeleteRequested,
     VmPowerRequested,
 )
 from shared.schemas.envelope import EventPayload
@@ -46,6 +49,8 @@ COMMAND_TYPES = (
     "ReplicationResumeRequested",
     "ResyncRequested",
     "VmPowerRequested",
+    "VmCreateRequested",
+    "VmDeleteRequested",
 )
 
 
@@ -145,6 +150,10 @@ class CommandHandler:
                 return r.resync_chunk(command)
             case VmPowerRequested():
                 return await self.power(command)
+            case VmCreateRequested():
+                return await vm_lifecycle.create_vm(self.storage, command)
+            case VmDeleteRequested():
+                return await vm_lifecycle.delete_vm(self.storage, command, self.workloads, r)
         raise CommandFailed(f"unsupported command {type(command).__name__}")
 
     async def power(self, command: VmPowerRequested) -> dict[str, Any]:

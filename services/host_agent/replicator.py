@@ -12,6 +12,11 @@ sealed and copy-on-write snapshots taken; the blocks are then read from the snap
 workload goes on. A cycle number is burnt (persisted as used) before its first message leaves;
 a cycle that has begun is sent to the end, retrying through broker outages; after a crash the
 next cycle (the next number) re-ships the union of every unshipped journal segment.
+
+Enabled `seeded` (reverse replication: the target already holds an older copy of the disks),
+an item ships no initial cycle and no deltas; the first `ResyncRequested` ships, as cycle
+`cycle_seq`, only the blocks whose hashes differ from that copy, and deltas follow from there
+(its capture starts the journals).
 """
 
 from __future__ import annotations
@@ -334,7 +339,7 @@ class ItemReplicator:
         if self._fault_at_start is not None:
             reason, self._fault_at_start = self._fault_at_start, None
             await self.fault(reason)
-        if not self.record.initial_done and not self.record.needs_resync:
+        if not self.record.initial_done and not self.record.needs_resync and not self.seeded:
             await self.initial_replication()
         self._due = loop.time() + self.record.copy_interval_seconds
         while True:
@@ -365,14 +370,23 @@ class ItemReplicator:
             self._journal_gauge()
             if self.record.paused and await self.check_change_log():
                 continue  # (a shipping item drains its log every cycle)
-            if self.record.paused or self.record.needs_resync or self.record.final_shipped:
-                continue
+            r = self.record
+            if r.paused or r.needs_resync or r.final_shipped or not r.initial_done:
+                continue  # (seeded: nothing ships before the resync against the seed)
             await self.ship_cycle(CycleKind.DELTA)
+
+    @property
+    def seeded(self) -> bool:
+        """Enabled `seeded` and still waiting for the resync against the replica's seed."""
+        r = self.record
+        return r.initial_replication is InitialReplication.SEEDED and not r.initial_done
 
     def _describe(self) -> str:
         r = self.record
         if r.needs_resync:
             return "resync_required"
+        if self.seeded:
+            return "waiting_for_resync"
         if not r.initial_done:
             return "initial_replication"
         if r.final_shipped:

@@ -2,7 +2,8 @@
 one sparse image file per disk (`<disk>.vhdx`, the file's size is the disk's size).
 
 `vm.json`: `{"id", "name", "generation", "cpu", "memory_mb", "state": "Running"|"Off",
-"disks": [{"id", "file", "size_bytes"}]}`. The site provider reads the same folder (its
+"disks": [{"id", "file", "size_bytes"}], "nics": [{"nic_id", "network_id", "subnet", "ip_mode",
+"ip_address"}]}`. The site provider reads the same folder (its
 `FolderVmMeta` ignores the keys it doesn't know).
 """
 
@@ -35,6 +36,18 @@ class VmDisk(BaseModel):
     size_bytes: int = Field(gt=0)
 
 
+class VmNic(BaseModel):
+    """A NIC attachment (`NicAttachment` of a VmCreateRequested); the site provider reads it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    nic_id: str = Field(min_length=1, max_length=100)
+    network_id: str | None = None
+    subnet: str | None = None
+    ip_mode: Literal["static", "dhcp"] = "dhcp"
+    ip_address: str | None = None
+
+
 class VmFile(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -45,6 +58,7 @@ class VmFile(BaseModel):
     memory_mb: int = Field(default=4096, ge=32)
     state: VmState = VmState.RUNNING
     disks: list[VmDisk] = Field(default_factory=list, max_length=16)
+    nics: list[VmNic] = Field(default_factory=list, max_length=64)
 
 
 def parse_size(text: str) -> int:

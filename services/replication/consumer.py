@@ -5,7 +5,8 @@
   committed past a record still in flight). Each record goes through the shared pipeline:
   validation, signature and vault check, de-duplication by event id in the same PostgreSQL
   transaction as its effect, DLQ with a reason for anything invalid.
-- Read models and agent reports come through the shared aiokafka `EventConsumer`.
+- Read models, agent reports and the failover service's requests (`failover_support`) come
+  through the shared aiokafka `EventConsumer`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import faust
 
 from services.replication import handlers
 from services.replication.config import ReplicationSettings
+from services.replication.failover_support import make_failover_handlers
 from shared import topics
 from shared.kafka import EventConsumer
 from shared.readmodels import registration_handlers, signature_verifier
@@ -53,6 +55,8 @@ def delta_app(settings: ReplicationSettings, pipeline: EventConsumer) -> faust.A
         consumer_auto_offset_reset="earliest",
         broker_commit_every=100,
         broker_commit_interval=1.0,
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
         stream_buffer_maxsize=256,
         consumer_max_fetch_size=4 * 1024 * 1024,
     )
@@ -84,6 +88,7 @@ def side_consumer(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
             topics.INVENTORY_EVENTS,
             topics.POLICY_EVENTS,
             topics.AGENT_EVENTS,
+            topics.FAILOVER_EVENTS,
         ],
         pool=runtime.pool,
         producer=runtime.producer,
@@ -91,6 +96,7 @@ def side_consumer(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
             **registration_handlers(),
             **handlers.make_read_model_handlers(),
             **handlers.make_agent_event_handlers(ctx),
+            **make_failover_handlers(ctx),
         },
         verifier=signature_verifier(),
         max_age=timedelta(seconds=s.event_max_age_seconds),

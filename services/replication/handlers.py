@@ -72,6 +72,7 @@ class Context:
     pool: asyncpg.Pool
     settings: ReplicationSettings
     stores: dict[str, ReplicaStore] = field(default_factory=dict)
+    failover_wake: asyncio.Event = field(default_factory=asyncio.Event)  # a request to work on
 
     def store(self, site: str) -> ReplicaStore:
         if site not in self.stores:
@@ -764,6 +765,8 @@ async def apply_retention(ctx: Context) -> int:
     async with ctx.pool.acquire() as conn:
         items = await repo.active_items(conn)
     for item in items:
+        if ItemState(item["state"]) is ItemState.FAILED_OVER:
+            continue  # its points are the failover's to choose from, until commit
         async with ctx.pool.acquire() as conn:
             points = await repo.live_points(conn, item["item_id"])
             settings = await repo.policy_settings(conn, item["policy_id"])
@@ -783,7 +786,13 @@ async def apply_retention(ctx: Context) -> int:
         if not drop:
             continue
         store = ctx.store(item["target_site"])
-        await asyncio.to_thread(store.prune, str(item["item_id"]), keep)
+        try:
+            await asyncio.to_thread(store.prune, str(item["item_id"]), keep)
+        except ValueError as exc:  # the item changed meanwhile (e.g. a failover committed)
+            log.warning(
+                "retention skipped", extra={"item_id": str(item["item_id"]), "why": str(exc)}
+            )
+            continue
         async with ctx.pool.acquire() as conn, conn.transaction():
             await repo.mark_pruned(conn, item["item_id"], drop)
             await emit(
@@ -836,6 +845,10 @@ async def evaluate_health(ctx: Context) -> None:
                     health_reasons=reasons,
                 )
         counts[verdict.health] += 1
+        if ItemState(item["state"]) is ItemState.FAILED_OVER:
+            with contextlib.suppress(KeyError):  # the VM runs from its replica: no RPO
+                RPO_SECONDS.remove(str(item["item_id"]), item["vm_name"])
+            continue
         rpo = domain.rpo_seconds(now, item["last_point_source_time"])
         if rpo is not None:
             RPO_SECONDS.labels(str(item["item_id"]), item["vm_name"]).set(rpo)

@@ -48,11 +48,13 @@ from typing import Any, TypeVar
 
 from shared.faults import crash_point
 from shared.merkle import (
+    BLOCK_SIZE,
     HASH_SIZE,
     ZERO_NODE,
     MerkleTree,
     block_count,
     block_length,
+    read_blocks,
     zero_block_hash,
 )
 from shared.schemas.replication import CycleKind
@@ -819,6 +821,52 @@ class ReplicaStore:
                 self._fresh.setdefault(layout.dir.name, {})[sha] = new_len
         return index, sha
 
+    # ------------------------------------------------------------------------------ seeding
+
+    def seed_from_images(
+        self,
+        item_id: str,
+        seq: int,
+        images: Mapping[str, Path],
+        source_time: datetime,
+        *,
+        kind: str = CycleKind.INITIAL.value,
+        block_size: int = BLOCK_SIZE,
+        batch_blocks: int = 256,
+    ) -> PointManifest:
+        """Commit point `seq` of an item from disk image files already on this machine (reverse
+        replication reuses the old primary's disks): every block hashed, non-zero blocks
+        stored, roots computed. Re-seeding with the same images and arguments is a no-op; the
+        source then only has to send the blocks whose hashes differ (resync)."""
+        if not images:
+            raise ValueError("seeding needs at least one disk image")
+        disks = []
+        for disk_id, path in sorted(images.items()):
+            size = Path(path).stat().st_size
+            if size <= 0:
+                raise StoreError(f"disk {disk_id}: seed image {path} is empty")
+            tree = MerkleTree(block_count(size, block_size))
+            changed: dict[int, str] = {}
+            batch: list[tuple[int | None, str, bytes]] = []
+            with open(path, "rb") as fh:
+                for index, data in read_blocks(fh, size, block_size):
+                    digest = hashlib.sha256(data).digest()
+                    tree.set_leaf(index, digest, rehash=False)
+                    if digest == zero_block_hash(len(data)):
+                        continue
+                    changed[index] = digest.hex()
+                    batch.append((index, digest.hex(), data))
+                    if len(batch) >= batch_blocks:
+                        self.put_blocks(item_id, batch)
+                        batch = []
+            if batch:
+                self.put_blocks(item_id, batch)
+            tree.rebuild()
+            disks.append(DiskPoint(disk_id, size, block_size, tree.root_hex(), changed))
+        manifest = PointManifest(seq, kind, source_time, False, disks)
+        self.commit_point(item_id, manifest)
+        return manifest
+
     # -------------------------------------------------------------------------- materialise
 
     def materialise(
@@ -918,10 +966,14 @@ class ReplicaStore:
 
     # ------------------------------------------------------------------------------- prune
 
-    def prune(self, item_id: str, keep: Iterable[int]) -> list[int]:
+    def prune(self, item_id: str, keep: Iterable[int], *, truncate: bool = False) -> list[int]:
         """Remove every point not in `keep` (which must hold the latest), folding the ones
         older than the oldest kept point into the base and the others into the next kept
         point, then free unreferenced blocks. Returns the removed seqs.
+
+        `truncate` (a committed failover: no cycle is in flight and none will come) also
+        removes the points after the latest kept one, and frees every unreferenced block
+        however recent.
 
         Steps, each atomic and durable before the next (crash points between them): new base
         written under a new name; rewritten manifests staged as `.next`; the journal
@@ -933,13 +985,16 @@ class ReplicaStore:
             seqs = self._point_seqs(layout)
             if not seqs:
                 return []
-            if seqs[-1] not in keep:
+            if not keep & set(seqs):
+                raise ValueError("prune must keep at least one retained point")
+            if seqs[-1] not in keep and not truncate:
                 raise ValueError(f"prune must keep the latest point {seqs[-1]}")
             removed = [s for s in seqs if s not in keep]
             if not removed:
                 return []
             try:
                 journal = self._stage_prune(layout, seqs, keep)
+                journal["truncate"] = seqs[-1] not in keep
                 crash_point("store.prune.staged")
                 tmp = layout.temp("journal")
                 _write_synced(tmp, _dumps(journal))
@@ -951,6 +1006,9 @@ class ReplicaStore:
                 self._ready.discard(layout.dir.name)  # next use recovers
                 self._latest.pop(layout.dir.name, None)
                 raise
+            if journal["truncate"]:
+                self._latest.pop(layout.dir.name, None)
+                self._fresh.pop(layout.dir.name, None)
             return removed
 
     def _stage_prune(self, layout: _Layout, seqs: list[int], keep: set[int]) -> dict[str, Any]:
@@ -1035,21 +1093,22 @@ class ReplicaStore:
             shutil.rmtree(layout.base_dir(journal["old_base"]), ignore_errors=True)
             _fsync_dir(layout.base)
             crash_point("store.prune.old_base_deleted")
-        self._collect_garbage(item, layout)
+        self._collect_garbage(item, layout, spare_recent=not journal.get("truncate", False))
         crash_point("store.prune.swept")
         layout.journal.unlink()
         _fsync_dir(layout.dir)
 
-    def _collect_garbage(self, item: str, layout: _Layout) -> int:
+    def _collect_garbage(self, item: str, layout: _Layout, *, spare_recent: bool = True) -> int:
         """Mark (base + retained deltas) and sweep; unreferenced blocks touched after the
-        latest commit belong to the cycle in flight and stay. Returns bytes freed."""
+        latest commit belong to the cycle in flight and stay (unless not `spare_recent`).
+        Returns bytes freed."""
         with self._guard:
             if self._pins.get(item):
                 return 0  # a materialise/verify is reading; the next prune frees them
         seqs = self._point_seqs(layout)
         if not seqs or not layout.blocks.is_dir():
             return 0
-        cutoff = layout.point(seqs[-1]).stat().st_mtime_ns
+        cutoff = layout.point(seqs[-1]).stat().st_mtime_ns if spare_recent else 2**63
         live: set[str] = set()
         for m in self._base_maps(layout).values():
             live.update(m.leaf(i).hex() for i in range(m.count))

@@ -12,6 +12,7 @@ from typing import Literal
 
 from services.site_provider.sitefile import (
     DiskSpec,
+    FolderNic,
     FolderVmMeta,
     HostSpec,
     NetworkSpec,
@@ -202,7 +203,10 @@ def build_inventory(
             _VmDraft(
                 found.name, plans[found.host], meta.generation, meta.cpu, meta.memory_mb,
                 meta.state, _folder_disks(site, found.name, found),
-                tuple((nic, _nth_address(nic, 0)) for nic in meta.nics),
+                tuple(
+                    (spec, _nth_address(spec, 0))
+                    for spec in (_folder_nic(site, nic, networks) for nic in meta.nics)
+                ),
             )
         )  # fmt: skip
 
@@ -219,6 +223,30 @@ def build_inventory(
         vms=vms,
     )
     return Discovered(inventory, ips.allocated)
+
+
+def _folder_nic(site: str, nic: FolderNic, networks: dict[str, NetworkSpec]) -> NicSpec:
+    """A vm.json NIC as a site file's: a network id is looked up among this site's networks
+    (one it doesn't have: not connected); an address the subnet can't give becomes `static`
+    (any free one of the pool), an unknown subnet the network's first (REFERENCE.md)."""
+    name = nic.network
+    if name is None and nic.network_id is not None:
+        name = next((n for n in networks if object_id(site, "network", n) == nic.network_id), None)
+    if name is None:
+        return NicSpec()
+    ip: Literal["dhcp", "static"] | ipaddress.IPv4Address = nic.ip or (
+        (nic.ip_address or "static") if nic.ip_mode == "static" else "dhcp"
+    )
+    mode: Literal["dhcp", "static"] = "dhcp" if ip == "dhcp" else "static"
+    for spec in (
+        NicSpec(network=name, subnet=nic.subnet, ip=ip),
+        NicSpec(network=name, subnet=nic.subnet, ip=mode),
+        NicSpec(network=name, ip=mode),  # no such subnet: the first
+        NicSpec(network=name),
+    ):
+        if not nic_problems("", spec, networks):
+            return spec
+    return NicSpec()
 
 
 def _nth_address(nic: NicSpec, n: int) -> ipaddress.IPv4Address | None:

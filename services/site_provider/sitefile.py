@@ -173,6 +173,21 @@ class VmSpec(Counted):
         return [self.host] if self.host is not None else list(self.hosts or [])
 
 
+class FolderNic(BaseModel):
+    """A NIC in a folder's `vm.json`: like a site file's (`network` by name, `ip`), or as the
+    host agent records a NIC attachment of a VM it created (`network_id`, `ip_mode`,
+    `ip_address`)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    network: str | None = None
+    network_id: str | None = None
+    subnet: str | None = None
+    ip: Literal["dhcp", "static"] | ipaddress.IPv4Address | None = None
+    ip_mode: Literal["dhcp", "static"] | None = None
+    ip_address: ipaddress.IPv4Address | None = None
+
+
 class FolderVmMeta(BaseModel):
     """`<storage_dir>/<vm>/vm.json`, all optional; other keys are ignored (the host agent may
     keep its own notes there)."""
@@ -183,7 +198,7 @@ class FolderVmMeta(BaseModel):
     cpu: int = Field(default=2, ge=1, le=240)
     memory_mb: int = Field(default=4096, ge=32)
     state: VmState = VmState.RUNNING
-    nics: list[NicSpec] = Field(default_factory=list, max_length=64)
+    nics: list[FolderNic] = Field(default_factory=list, max_length=64)
 
 
 class SiteSpec(Strict):

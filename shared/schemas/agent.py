@@ -18,13 +18,19 @@ from shared.schemas.registry import event_type
 from shared.schemas.replication import Compression
 
 
-class InitialReplication(StrEnum):
+class InitialReplicationMode(StrEnum):
+    """How an agent starts an item: the policy's choices (`shared.schemas.policy`) plus
+    `seeded`. Named apart from the policy's enum so the contract's schemas stay distinct."""
+
     ONLINE_NOW = "online_now"
     ONLINE_SCHEDULED = "online_scheduled"
     OFFLINE = "offline"
     # The target was seeded from a copy it already holds (reverse replication): ship nothing
     # until a ResyncRequested arrives, then only the blocks that differ.
     SEEDED = "seeded"
+
+
+InitialReplication = InitialReplicationMode  # the name code imports
 
 
 class _Command(EventPayload):
@@ -49,7 +55,7 @@ class ReplicationEnableRequested(_Command):
     copy_interval_seconds: int = Field(ge=1, le=3600)
     compression: Compression = Compression.NONE
     app_consistent_interval_seconds: int = Field(default=0, ge=0)
-    initial_replication: InitialReplication = InitialReplication.ONLINE_NOW
+    initial_replication: InitialReplicationMode = InitialReplicationMode.ONLINE_NOW
     scheduled_at: datetime | None = None
     export_path: str | None = None
     next_cycle_seq: int = Field(default=1, ge=1)

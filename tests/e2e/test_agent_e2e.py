@@ -323,8 +323,12 @@ async def test_initial_and_delta_cycles_rebuild_the_disks(
         producer_id=str(uuid.uuid4()),
     )
     await produce(platform.stack.kafka, topic, stranger.to_bytes(), key=marker)
+    group = f"agent.{agent.producer_id}"  # other tests' agents may run in this session too
     dlq = await wait_for_records(
-        platform.stack.kafka, topics.dlq_of(topic), lambda r: r.key == marker, count=2
+        platform.stack.kafka,
+        topics.dlq_of(topic),
+        lambda r: r.key == marker and r.headers["dlq.consumer.group"].endswith(group),
+        count=2,
     )
     assert sorted(r.headers["dlq.reason"] for r in dlq) == ["invalid_envelope", "not_a_service"]
 

@@ -142,6 +142,10 @@ class DrSetup:
                 "DR_PROVIDER_HEARTBEAT_SECONDS": "1",
             },
         )
+        # This setup's own state (identity) and log: a session runs several setups, each in
+        # its own vault, and a provider reusing another setup's identity publishes there.
+        proc.log_path = self.root / f"vmm-{site}.log"
+        proc.env["DR_PROVIDER_STATE_DIR"] = str(self.root / f"vmm-{site}-state")
         self.providers[site] = proc.start()
         return proc
 

@@ -48,6 +48,12 @@ class Platform:
                     "DR_REPLICATION_HEALTH_INTERVAL_SECONDS": "0.5",
                     "DR_REPLICATION_RESYNC_BACKOFF_SECONDS": "1,2,4",
                 }
+            elif name == "failover":
+                wiring = {
+                    "DR_FAILOVER_STEP_TIMEOUT_SECONDS": "120",
+                    "DR_FAILOVER_SYNC_TIMEOUT_SECONDS": "20",
+                    "DR_FAILOVER_POLL_SECONDS": "0.2",
+                }
             env = {**self.env, **wiring, **(extra_env or {})}
             proc = processes.service(name, env, self.log_dir)
             self.services[name] = proc.start()

@@ -21,9 +21,6 @@ import shared
 from scripts import dashboards, prometheus_config
 
 PENDING = {
-    # pending failover service: jobs finished, labels type (TestFailover, PlannedFailover, ...)
-    # and state (succeeded | failed | cancelled)
-    "dr_failover_jobs_total": {"type", "state"},
     # pending replication service: the RPO threshold of the item's policy, seconds
     "dr_replication_rpo_threshold_seconds": {"item_id", "vm"},
 }

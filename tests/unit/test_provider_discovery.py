@@ -60,3 +60,41 @@ def test_vm_folders_on_host_storage_are_discovered(tmp_path: Path) -> None:
         ("data.VHD", 100, "vhd")
     ]
     assert vms["broken"].disks == []
+
+
+NETWORKED_SITE = """
+clouds: [{name: Gold, host_groups: [HG]}]
+networks:
+  - name: Corp
+    subnets:
+      - {name: corp, cidr: 10.20.0.0/24, static_pool: {start: 10.20.0.100, end: 10.20.0.199}}
+hosts: [{name: hv1, cloud: Gold, storage_dir: "{name}"}]
+"""
+
+
+def test_nics_a_host_agent_recorded_in_vm_json_are_discovered(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    s.site_file.write_text(NETWORKED_SITE)  # type: ignore[union-attr]
+    corp = object_id("primary", "network", "Corp")
+    folder = s.storage_base / "hv1" / "web01"
+    folder.mkdir(parents=True)
+    (folder / "disk.vhdx").write_bytes(b"x" * 4096)
+    (folder / "vm.json").write_text(
+        '{"id": "vm-1", "nics": ['
+        f'{{"nic_id": "a", "network_id": "{corp}", "subnet": "corp", "ip_mode": "static",'
+        ' "ip_address": "10.20.0.150"},'
+        f'{{"nic_id": "b", "network_id": "{corp}", "subnet": "nope", "ip_mode": "static",'
+        ' "ip_address": "10.99.0.5"},'
+        f'{{"nic_id": "c", "network_id": "{corp}", "ip_mode": "dhcp"}},'
+        '{"nic_id": "d", "network_id": "some-other-site-network"},'
+        '{"nic_id": "e", "network_id": null}]}'
+    )
+    vm = Discovery(s).discover().inventory.vms[0]
+    got = [(n.network_id, n.subnet, n.ip_mode.value, n.ip_address) for n in vm.nics]
+    assert got == [
+        (corp, "corp", "static", "10.20.0.150"),
+        (corp, "corp", "static", "10.20.0.100"),  # not in the subnet: any free pool address
+        (corp, "corp", "dhcp", None),
+        (None, None, "dhcp", None),  # not a network of this site: not connected
+        (None, None, "dhcp", None),
+    ]

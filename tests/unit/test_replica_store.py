@@ -8,6 +8,7 @@ import hashlib
 import random
 import threading
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,65 @@ def test_items_in_threads_delete_and_sizes(tmp_path: Path) -> None:
     assert store.total_bytes() == sum(sizes.values()) - sizes["item0"]
     with pytest.raises(ValueError):
         store.latest_seq("../escape")
+
+
+def test_a_committed_failover_truncates_to_the_point_failed_over_to(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path)
+    history = evolve(store, disk, 6)
+    before = store.item_bytes("item")
+    assert store.prune("item", {4}, truncate=True) == [1, 2, 3, 5, 6]
+    assert [p.seq for p in store.points("item")] == [4]
+    assert store.latest_seq("item") == 4
+    assert store.item_bytes("item") < before  # the later points' blocks are freed at once
+    assert store.verify_point("item", 4).ok
+    assert materialised_sha(store, tmp_path, 4) == history[4]
+    fresh = ReplicaStore(tmp_path / "site")
+    assert fresh.disk_tree("item", "d0").root_hex() == fresh.disk_tree("item", "d0", 4).root_hex()
+    assert materialised_sha(fresh, tmp_path, 4) == history[4]
+    assert fresh.prune("item", {4}, truncate=True) == []  # idempotent
+    with pytest.raises(ValueError, match="at least one"):
+        fresh.prune("item", {99}, truncate=True)
+
+
+def _image(path: Path, disk: SourceDisk) -> Path:
+    path.write_bytes(bytes(disk.image))
+    return path
+
+
+def test_seeding_from_images_commits_a_point_of_their_blocks(tmp_path: Path) -> None:
+    store = ReplicaStore(tmp_path / "site")
+    a = SourceDisk("a", SIZE, 65536, random.Random(3))
+    b = SourceDisk("b", 3 * 65536, 65536, random.Random(4))
+    a.write_random(0.3)
+    b.write_random(0.5)
+    a.zero([0, 1])
+    images = {"a": _image(tmp_path / "a.vhdx", a), "b": _image(tmp_path / "b.vhdx", b)}
+    when = datetime(2025, 2, 1, tzinfo=UTC)
+    manifest = store.seed_from_images("rev", 1, images, when)
+    assert [p.seq for p in store.points("rev")] == [1]
+    roots = {d.disk_id: d.merkle_root for d in manifest.disks}
+    assert roots == {
+        "a": MerkleTree.from_leaves(
+            [block_hash(a.block(a.image, i)) for i in range(a.blocks)], a.blocks
+        ).root_hex(),
+        "b": MerkleTree.from_leaves(
+            [block_hash(b.block(b.image, i)) for i in range(b.blocks)], b.blocks
+        ).root_hex(),
+    }
+    zero_blocks = sum(
+        a.block(a.image, i) == bytes(len(a.block(a.image, i))) for i in range(a.blocks)
+    )
+    assert len(manifest.disks[0].changed) == a.blocks - zero_blocks  # zero blocks not stored
+    assert store.verify_point("rev", 1).ok
+    out = tmp_path / "out.vhdx"
+    assert store.materialise("rev", 1, "a", out) == hashlib.sha256(a.image).hexdigest()
+    leaves = store.leaf_hashes("rev", "b")
+    assert leaves[0] == block_hash(b.block(b.image, 0))
+    # Seeding again with the same images is a no-op; other content conflicts.
+    assert store.seed_from_images("rev", 1, images, when) == manifest
+    b.write_random(0.3)
+    _image(tmp_path / "b.vhdx", b)
+    with pytest.raises(PointConflict):
+        store.seed_from_images("rev", 1, images, when)
+    with pytest.raises(FileNotFoundError):
+        store.seed_from_images("other", 1, {"a": tmp_path / "missing.vhdx"}, when)

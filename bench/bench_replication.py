@@ -1,0 +1,640 @@
+"""Replication data-plane benchmark on the real stack: the services, a host agent and the site
+providers run as real processes (`tests.support`), over the local Kafka and PostgreSQL, each
+measurement on its own fresh database and topic prefix (a two-site setup of its own).
+
+1. throughput: N MiB of random 64 KiB blocks written through the agent's
+   `POST /v1/vms/{name}/writes` (journaled) into a protected VM's disk; the clock runs from the
+   write until the first recovery point whose `source_time` is after the write is committed
+   (its `committed_at`). Changed data = the `changed_blocks` of every point after the write
+   x 64 KiB. Beside it, in the same run on the same broker: raw aiokafka produce (acks=all,
+   idempotent, 512 KiB payloads, pipelined) + consume of the same number of bytes, and the
+   ratio ours / raw.
+2. catch-up: a 1 GiB image (10 % random blocks, 30 % compressible text, 60 % zero blocks),
+   protected and initially replicated; then 1 % of its blocks written at random through the
+   agent's journal; time until a point after the writes is committed, beside
+   `rsync --inplace --no-whole-file` bringing a copy of the image (taken before the writes) up
+   to date; three rounds, medians. Both results are checked by sha256 outside the timed parts
+   (the last point materialised). Ratio line: rsync time / ours.
+3. RPO at scale: 100 VMs with 256 KiB disks on one agent, 5 s copy interval, a workload of
+   2 blocks/s each; after a warm-up `rpo_seconds` of every item is sampled from
+   `GET protected-items` a few times; p50 and p99.
+4. replication service peak RSS (VmHWM of its process) after the initial replication of a
+   4 GiB image with 3 % random blocks and a few delta cycles.
+
+Lines: `bench <name> <value> <unit>` (ratios with unit `x`, higher is better); a measurement
+that fails prints `bench <name> FAILED <reason>` and the others still run.
+Run: `.venv/bin/python -m bench.bench_replication` (`make up` first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from scripts.procs import REPO, Proc
+from tests.support.dr import DrSetup, item, points, protect, two_sites
+from tests.support.platform import Platform
+from tests.support.poll import eventually
+from tests.support.stack import Stack, fresh_database, random_prefix, stack_from_env
+
+BS = 64 * 1024
+MIB = 2**20
+GIB = 2**30
+MB = 1e6
+HOST = "hv-p1"
+
+THROUGHPUT_DISK = "512MiB"
+THROUGHPUT_BLOCKS = 2048  # 128 MiB written (random positions: ~1.6k distinct blocks change)
+RAW_MESSAGE = 512 * 1024
+RAW_REPEATS = 3
+CATCHUP_DISK = GIB
+CATCHUP_FRACTION = 0.01
+CATCHUP_ROUNDS = 3
+SCALE_VMS = 100
+SCALE_INTERVAL = 5
+SCALE_RATE = 2.0
+SCALE_WARMUP = 15.0
+SCALE_SAMPLES = 6
+SCALE_SAMPLE_EVERY = 10.0
+RSS_DISK = 4 * GIB
+RSS_FRACTION = 0.03
+
+
+def emit(name: str, value: float, unit: str) -> None:
+    print(f"bench {name} {value:.6g} {unit}", flush=True)
+
+
+def failed(name: str, reason: str) -> None:
+    print(f"bench {name} FAILED {' '.join(reason.split())[:300]}", flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(4 * MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cpu_seconds(proc: Proc) -> float:
+    """User + system CPU seconds a process has used so far."""
+    assert proc.popen is not None
+    fields = Path(f"/proc/{proc.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def vm_hwm_mib(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a live process, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+# ---------------------------------------------------------------------------- a two-site run
+
+
+@dataclass
+class Run:
+    plat: Platform
+    dr: DrSetup
+    http: httpx.AsyncClient
+    root: Path
+
+    async def agent(self, method: str, path: str, body: Any = None) -> Any:
+        return await self.dr.agent_call(self.http, HOST, method, path, body)
+
+    async def create_vm(self, name: str, disk: str) -> Path:
+        """A VM with one sparse disk on the agent's host; returns the disk's image path."""
+        vm = await self.agent("POST", "/vms", {"name": name, "disks": [disk]})
+        return self.dr.storage("primary", HOST) / name / str(vm["disks"][0]["file"])
+
+    async def inventory_vms(self) -> dict[str, dict[str, Any]]:
+        """Discovered VMs with their disks, by name."""
+        found: dict[str, dict[str, Any]] = {}
+        offset = 0
+        while True:
+            resp = await self.http.get(
+                self.dr.url("inventory", "/vms"),
+                params={"limit": 500, "offset": offset},
+                headers=self.dr.bearer(self.dr.reader),
+            )
+            resp.raise_for_status()
+            page = resp.json()
+            found.update({v["name"]: v for v in page["items"] if v.get("disks")})
+            offset += len(page["items"])
+            if not page["items"] or offset >= page["total"]:
+                return found
+
+    async def protect_vm(self, name: str) -> str:
+        """Protect a discovered VM; returns the item id."""
+
+        async def discovered() -> dict[str, Any] | None:
+            return (await self.inventory_vms()).get(name)
+
+        vm = await eventually(discovered, timeout=60, what=f"VM {name} discovered")
+        return str((await protect(self.http, self.dr, vm["vm_id"]))["item_id"])
+
+    async def initial_done(self, item_id: str, timeout: float) -> None:
+        async def done() -> bool:
+            current = await item(self.http, self.dr, item_id)
+            return bool(current["initial_done_at"]) and current["state"] == "replicating"
+
+        await eventually(done, timeout=timeout, interval=0.2, what="initial replication")
+
+    async def items(self) -> list[dict[str, Any]]:
+        resp = await self.http.get(
+            self.dr.url("replication", "/protected-items"),
+            params={"limit": 500},
+            headers=self.dr.bearer(self.dr.reader),
+        )
+        resp.raise_for_status()
+        return list(resp.json())
+
+    async def point_after(
+        self, item_id: str, instant: datetime, timeout: float = 120
+    ) -> dict[str, Any]:
+        """The first committed point whose captured source state is later than `instant`."""
+
+        async def found() -> dict[str, Any] | None:
+            later = [
+                p
+                for p in await points(self.http, self.dr, item_id)
+                if datetime.fromisoformat(p["source_time"]) > instant
+            ]
+            return min(later, key=lambda p: p["cycle_seq"]) if later else None
+
+        return await eventually(found, timeout=timeout, interval=0.05, what="a point after it")
+
+    async def metric(self, url: str, name: str, label: str = "") -> float:
+        """Sum of the Prometheus samples `name{...label...}` at `url`/metrics."""
+        text = (await self.http.get(f"{url}/metrics")).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and label in line.split(" ", 1)[0]
+        )
+
+    async def counters(self) -> dict[str, float]:
+        """Where a measured window's time goes: agent cycle time, service delta handling time
+        (sums of their histograms) and CPU seconds of both processes."""
+        service, agent = self.plat.services["replication"], self.dr.agents[HOST]
+        return {
+            "agent_cycle_seconds": await self.metric(
+                agent.url, "dr_agent_cycle_seconds_sum", 'kind="delta"'
+            ),
+            "service_delta_handle_seconds": await self.metric(
+                service.url, "dr_event_handle_seconds_sum", "replication.deltas"
+            ),
+            "agent_cpu_seconds": cpu_seconds(agent),
+            "service_cpu_seconds": cpu_seconds(service),
+        }
+
+    async def materialise(self, item_id: str, seq: int, target: Path) -> str:
+        resp = await self.http.post(
+            self.dr.url(
+                "replication", f"/protected-items/{item_id}/recovery-points/{seq}/materialise"
+            ),
+            json={"target_dir": str(target)},
+            headers=self.dr.bearer(self.dr.operator),
+            timeout=300,
+        )
+        assert resp.status_code == 200, resp.text
+        return str(resp.json()["disks"][0]["sha256"])
+
+
+async def _drop_database(stack: Stack, url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _drop_topics(stack: Stack, prefix: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka)
+    await admin.start()
+    try:
+        mine = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if mine:
+            await admin.delete_topics(mine)
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def two_site_run(stack: Stack, label: str, copy_seconds: int) -> AsyncIterator[Run]:
+    """A fresh database, topic prefix and folder; services, providers and one agent."""
+    root = Path(tempfile.mkdtemp(prefix=f"bench-repl-{label}-", dir="/tmp"))
+    log_dir = root / "platform"
+    log_dir.mkdir()
+    database_url = await fresh_database(stack, "bench")
+    prefix = random_prefix("bench")
+    plat = Platform(stack=stack, database_url=database_url, prefix=prefix, log_dir=log_dir)
+    ok = False
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            dr = await two_sites(plat, http, root, copy_seconds=copy_seconds, agents_on=(HOST,))
+            yield Run(plat, dr, http, root)
+        ok = True
+    finally:
+        plat.stop_all()
+        with contextlib.suppress(Exception):
+            await _drop_database(stack, database_url)
+        with contextlib.suppress(Exception):
+            await _drop_topics(stack, prefix)
+        shutil.rmtree(REPO / f"{prefix}replication-deltas-data", ignore_errors=True)
+        keep = os.environ.get("BENCH_KEEP_LOGS", "")
+        if keep == "always" or (keep == "failed" and not ok):
+            print(f"# logs kept in {log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- 1. throughput
+
+
+async def raw_kafka_mbps(stack: Stack, nbytes: int) -> tuple[float, float]:
+    """Raw aiokafka produce (acks=all, idempotent, pipelined) + consume of `nbytes` in
+    512 KiB messages on a fresh one-partition topic; (MB/s end to end, MB/s one message at a
+    time with send_and_wait, as the agent sends its batches)."""
+    topic = f"{random_prefix('benchraw')}raw"
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=stack.kafka,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_request_size=1_048_576,
+    )
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=stack.kafka,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 * MIB,
+        fetch_max_bytes=16 * MIB,
+    )
+    count = max(1, nbytes // RAW_MESSAGE)
+    payloads = [os.urandom(RAW_MESSAGE) for _ in range(16)]
+    await producer.start()
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        await producer.send_and_wait(topic, b"warm-up", key=b"k")
+
+        async def consume(expected: int) -> None:
+            seen = 0
+            while seen < expected:
+                batch = await consumer.getmany(tp, timeout_ms=1000, max_records=64)
+                for records in batch.values():
+                    seen += sum(1 for r in records if len(r.value or b"") == RAW_MESSAGE)
+
+        pipelined: list[float] = []
+        for _ in range(RAW_REPEATS):  # short windows: the median of a few
+            reader = asyncio.create_task(consume(count))
+            started = time.perf_counter()
+            pending = [
+                await producer.send(topic, payloads[i % len(payloads)], key=b"k")
+                for i in range(count)
+            ]
+            await asyncio.gather(*pending)
+            await asyncio.wait_for(reader, timeout=120)
+            pipelined.append(count * RAW_MESSAGE / (time.perf_counter() - started) / MB)
+
+        serial_count = max(1, count // 4)
+        started = time.perf_counter()
+        for i in range(serial_count):
+            await producer.send_and_wait(topic, payloads[i % len(payloads)], key=b"k")
+        serial = serial_count * RAW_MESSAGE / (time.perf_counter() - started) / MB
+    finally:
+        await producer.stop()
+        await consumer.stop()
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka)
+        await admin.start()
+        with contextlib.suppress(Exception):
+            await admin.delete_topics([topic])
+        await admin.close()
+    return statistics.median(pipelined), serial
+
+
+async def write_and_wait(run: Run, vm: str, item_id: str, blocks: int) -> tuple[float, int]:
+    """Write `blocks` random blocks through the agent; (seconds from the write until the point
+    after it is committed, changed blocks in the points after the write)."""
+    before = datetime.now().astimezone()
+    started = time.perf_counter()
+    await run.agent("POST", f"/vms/{vm}/writes", {"blocks": blocks, "pattern": "random"})
+    after = datetime.now().astimezone()
+    point = await run.point_after(item_id, after)
+    observed = time.perf_counter() - started
+    committed = datetime.fromisoformat(point["committed_at"])
+    seconds = min(observed, (committed - before).total_seconds())
+    changed = sum(
+        p["changed_blocks"]
+        for p in await points(run.http, run.dr, item_id)
+        if before < datetime.fromisoformat(p["source_time"])
+        and p["cycle_seq"] <= point["cycle_seq"]
+    )
+    return seconds, changed
+
+
+async def bench_throughput(stack: Stack, run: Run) -> None:
+    await run.create_vm("tput", THROUGHPUT_DISK)
+    item_id = await run.protect_vm("tput")
+    await run.initial_done(item_id, timeout=120)
+    await write_and_wait(run, "tput", item_id, 64)  # warm-up: a first delta cycle
+    before = await run.counters()
+    seconds, changed = await write_and_wait(run, "tput", item_id, THROUGHPUT_BLOCKS)
+    after = await run.counters()
+    nbytes = changed * BS
+    ours = nbytes / seconds / MB
+    raw, serial = await raw_kafka_mbps(stack, nbytes)
+    emit("replication_e2e_changed_mib", nbytes / MIB, "MiB")
+    emit("replication_e2e_seconds", seconds, "s")
+    emit("replication_e2e_mbps", ours, "MB/s")
+    emit("replication_raw_kafka_mbps", raw, "MB/s")
+    emit("replication_raw_kafka_serial_send_mbps", serial, "MB/s")
+    emit("replication_e2e_vs_raw_kafka_ratio", ours / raw, "x")
+    for key, value in after.items():  # the breakdown of the measured window
+        emit(f"replication_e2e_{key}", value - before[key], "s")
+
+
+# ---------------------------------------------------------------------------- 2. catch-up
+
+
+def fill_image(path: Path, size: int, seed: int) -> None:
+    """A used disk: 10 % random blocks, 30 % compressible text, 60 % zero blocks."""
+    rng = random.Random(seed)
+    words = [secrets.token_hex(rng.randint(2, 6)).encode() for _ in range(512)]
+    with path.open("r+b") as fh:
+        for index in range(size // BS):
+            kind = rng.random()
+            if kind < 0.1:
+                fh.write(os.urandom(BS))
+            elif kind < 0.4:
+                text = b" ".join(rng.choices(words, k=BS // 6))
+                fh.write(text[:BS].ljust(BS, b"\n"))
+            else:
+                fh.seek((index + 1) * BS)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def rsync_seconds(source: Path, copy: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        # --ignore-times: the copy may have the image's mtime to the second (rsync's quick
+        # check would then skip it); the delta algorithm runs exactly as for an older copy
+        ["rsync", "--inplace", "--no-whole-file", "--ignore-times", str(source), str(copy)],
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - started
+
+
+async def bench_catchup(stack: Stack, run: Run) -> None:
+    image = await run.create_vm("catchup", "1GiB")
+    await asyncio.to_thread(fill_image, image, CATCHUP_DISK, 7)
+    started = time.perf_counter()
+    item_id = await run.protect_vm("catchup")
+    await run.initial_done(item_id, timeout=600)
+    initial = time.perf_counter() - started
+    copy = run.root / "rsync-copy.vhdx"
+    await asyncio.to_thread(shutil.copyfile, image, copy)
+
+    blocks = int(CATCHUP_DISK // BS * CATCHUP_FRACTION)
+    ours_runs: list[float] = []
+    waits: list[float] = []
+    shipped: list[float] = []
+    theirs_runs: list[float] = []
+    for _ in range(CATCHUP_ROUNDS):  # the copy is up to date with the image before each round
+        await run.agent("POST", "/vms/catchup/writes", {"blocks": blocks, "pattern": "random"})
+        written = datetime.now().astimezone()
+        started = time.perf_counter()
+        point = await run.point_after(item_id, written)
+        observed = time.perf_counter() - started
+        committed = datetime.fromisoformat(point["committed_at"])
+        captured = datetime.fromisoformat(point["source_time"])
+        ours_runs.append(min(observed, (committed - written).total_seconds()))
+        waits.append((captured - written).total_seconds())
+        shipped.append((committed - captured).total_seconds())
+        theirs_runs.append(await asyncio.to_thread(rsync_seconds, image, copy))
+    ours, theirs = statistics.median(ours_runs), statistics.median(theirs_runs)
+
+    source_sha = await asyncio.to_thread(sha256, image)
+    copy_sha = await asyncio.to_thread(sha256, copy)
+    replica_sha = await run.materialise(item_id, point["cycle_seq"], run.root / "rp")
+    if not source_sha == copy_sha == replica_sha:
+        raise RuntimeError(
+            f"not identical: source {source_sha[:12]} rsync {copy_sha[:12]} "
+            f"replica {replica_sha[:12]}"
+        )
+    emit("replication_initial_1gib_seconds", initial, "s")
+    emit("replication_catchup_1pct_1gib_seconds", ours, "s")
+    # ours = waiting for the next cycle (0..copy interval) + capture to committed point
+    emit("replication_catchup_wait_for_cycle_seconds", statistics.median(waits), "s")
+    emit("replication_catchup_capture_to_commit_seconds", statistics.median(shipped), "s")
+    emit("replication_catchup_rsync_seconds", theirs, "s")
+    emit("replication_catchup_rsync_vs_ours_ratio", theirs / ours, "x")
+
+
+# ---------------------------------------------------------------------------- 3. RPO at scale
+
+
+async def bench_rpo(stack: Stack, run: Run) -> None:
+    names = [f"vm{i:03d}" for i in range(SCALE_VMS)]
+    for name in names:
+        await run.create_vm(name, "256KiB")
+
+    async def all_discovered() -> dict[str, dict[str, Any]] | None:
+        found = await run.inventory_vms()
+        return found if all(n in found for n in names) else None
+
+    vms = await eventually(all_discovered, timeout=120, what="100 VMs discovered")
+    gate = asyncio.Semaphore(8)
+
+    async def enable(name: str) -> None:
+        async with gate:
+            await protect(run.http, run.dr, vms[name]["vm_id"])
+
+    await asyncio.gather(*(enable(n) for n in names))
+
+    async def all_replicating() -> bool:
+        items = await run.items()
+        done = [i for i in items if i["initial_done_at"] and i["state"] == "replicating"]
+        return len(done) >= SCALE_VMS
+
+    await eventually(all_replicating, timeout=180, interval=1, what="100 items replicating")
+    for name in names:
+        await run.agent("POST", f"/vms/{name}/workload", {"blocks_per_second": SCALE_RATE})
+    await asyncio.sleep(SCALE_WARMUP)
+    service = run.plat.services["replication"].url
+    latency = "dr_replication_apply_latency_seconds"
+    before = [await run.metric(service, f"{latency}_{s}") for s in ("sum", "count")]
+    cpu_before = await run.counters()
+    started = time.perf_counter()
+    rpos: list[float] = []
+    for sample_no in range(SCALE_SAMPLES):
+        if sample_no:
+            await asyncio.sleep(SCALE_SAMPLE_EVERY)
+        sample = [i["rpo_seconds"] for i in await run.items()]
+        if any(r is None for r in sample) or len(sample) < SCALE_VMS:
+            raise RuntimeError("an item has no RPO")
+        rpos.extend(float(r) for r in sample)
+    window = time.perf_counter() - started
+    after = [await run.metric(service, f"{latency}_{s}") for s in ("sum", "count")]
+    cpu_after = await run.counters()
+    cycles = after[1] - before[1]
+    if cycles == 0:  # seen once: keep the logs with BENCH_KEEP_LOGS=failed
+        raise RuntimeError(
+            f"no recovery point committed in {window:.0f} s (RPO p99 {percentile(rpos, 99):.1f} s)"
+        )
+    emit("replication_rpo_100vms_p50_seconds", statistics.median(rpos), "s")
+    emit("replication_rpo_100vms_p99_seconds", percentile(rpos, 99), "s")
+    emit("replication_rpo_100vms_max_seconds", max(rpos), "s")
+    # where the RPO goes: capture -> committed point per cycle, and how busy both processes are
+    emit("replication_rpo_100vms_points_per_second", cycles / window, "1/s")
+    emit(
+        "replication_rpo_100vms_capture_to_commit_mean_seconds",
+        (after[0] - before[0]) / max(cycles, 1),
+        "s",
+    )
+    for key in ("service_cpu_seconds", "agent_cpu_seconds"):
+        name = key.removesuffix("_seconds")
+        emit(
+            f"replication_rpo_100vms_{name}_share",
+            (cpu_after[key] - cpu_before[key]) / window,
+            "cores",
+        )
+
+
+# ---------------------------------------------------------------------------- 4. peak RSS
+
+
+def scatter_random(path: Path, size: int, fraction: float, seed: int) -> None:
+    blocks = size // BS
+    with path.open("r+b") as fh:
+        for index in sorted(random.Random(seed).sample(range(blocks), int(blocks * fraction))):
+            fh.seek(index * BS)
+            fh.write(os.urandom(BS))
+
+
+async def bench_rss(stack: Stack, run: Run) -> None:
+    service = run.plat.services["replication"]
+    assert service.popen is not None
+    baseline = vm_hwm_mib(service.popen.pid)
+    image = await run.create_vm("big", "4GiB")
+    await asyncio.to_thread(scatter_random, image, RSS_DISK, RSS_FRACTION, 11)
+    started = time.perf_counter()
+    item_id = await run.protect_vm("big")
+    await run.initial_done(item_id, timeout=600)
+    initial = time.perf_counter() - started
+    for _ in range(3):
+        await write_and_wait(run, "big", item_id, 256)
+    peak = vm_hwm_mib(service.popen.pid)
+    agent = run.dr.agents[HOST].popen
+    agent_peak = vm_hwm_mib(agent.pid) if agent is not None else 0.0
+    emit("replication_initial_4gib_seconds", initial, "s")
+    emit("replication_service_rss_at_start_mib", baseline, "MiB")
+    emit("replication_service_peak_rss_4gib_mib", peak, "MiB")
+    emit("replication_agent_peak_rss_4gib_mib", agent_peak, "MiB")
+
+
+# ---------------------------------------------------------------------------- main
+
+Measure = Callable[[Stack, Run], Awaitable[None]]
+
+# (setup label, copy interval, [(headline line, measurement)]): each group has its own fresh
+# database, topic prefix and processes; the peak-RSS one alone, as VmHWM is the process's life.
+GROUPS: list[tuple[str, int, list[tuple[str, Measure]]]] = [
+    (
+        "tput",
+        1,
+        [
+            ("replication_e2e_mbps", bench_throughput),
+            ("replication_catchup_rsync_vs_ours_ratio", bench_catchup),
+        ],
+    ),
+    ("rpo", SCALE_INTERVAL, [("replication_rpo_100vms_p99_seconds", bench_rpo)]),
+    ("rss", 1, [("replication_service_peak_rss_4gib_mib", bench_rss)]),
+]
+
+
+async def run_group(
+    stack: Stack, label: str, interval: int, todo: list[tuple[str, Measure]]
+) -> None:
+    pending = list(todo)
+    try:
+        async with two_site_run(stack, label, copy_seconds=interval) as run:
+            while pending:
+                name, measure = pending.pop(0)
+                started = time.perf_counter()
+                try:
+                    await measure(stack, run)
+                except Exception as exc:
+                    traceback.print_exc(file=sys.stderr)
+                    failed(name, f"{type(exc).__name__}: {exc}")
+                took = time.perf_counter() - started
+                print(f"# {measure.__name__}: {took:.1f} s", file=sys.stderr)
+    except Exception as exc:  # the setup itself failed
+        traceback.print_exc(file=sys.stderr)
+        for name, _ in pending:
+            failed(name, f"setup: {type(exc).__name__}: {exc}")
+
+
+async def main() -> None:
+    """Every measurement; `BENCH_ONLY=throughput,rpo` runs some; `BENCH_KEEP_LOGS=failed` (or
+    `always`) keeps the processes' logs."""
+    stack = stack_from_env()
+    problem = stack.reachable()
+    only = {s for s in os.environ.get("BENCH_ONLY", "").split(",") if s}
+    for label, interval, measures in GROUPS:
+        todo = [
+            (name, m)
+            for name, m in measures
+            if not only or m.__name__.removeprefix("bench_") in only
+        ]
+        if problem:
+            for name, _ in todo:
+                failed(name, problem)
+        elif todo:
+            started = time.perf_counter()
+            await run_group(stack, label, interval, todo)
+            print(f"# group {label}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

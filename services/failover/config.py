@@ -1,0 +1,41 @@
+"""Settings of the failover service (environment variables, prefix `DR_FAILOVER_`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class FailoverSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DR_FAILOVER_", extra="ignore", populate_by_name=True
+    )
+
+    http_port: int = Field(default=8105, ge=0, le=65535, description="HTTP port.")
+    test_max_age_seconds: float = Field(
+        default=14 * 24 * 3600,
+        gt=0,
+        description="Test failovers older than this are cleaned up by force (2 weeks).",
+    )
+    cleanup_interval_seconds: float = Field(
+        default=60, gt=0, description="How often old test failovers are looked for."
+    )
+    script_timeout_seconds: float = Field(
+        default=600, gt=0, description="Default timeout of a recovery plan's script action."
+    )
+    step_timeout_seconds: float = Field(
+        default=1800,
+        gt=0,
+        description="How long a step waits for an agent's or the replication service's answer.",
+    )
+    sync_timeout_seconds: float = Field(
+        default=120,
+        gt=0,
+        description="Unplanned failover: how long the optional source shutdown + final sync "
+        "may take before the failover goes on without it.",
+    )
+    poll_seconds: float = Field(
+        default=0.5, gt=0, le=10, description="Longest wait between checks for an answer."
+    )

@@ -1,0 +1,33 @@
+"""Kafka entrypoint of the failover service: one `EventConsumer` over the topics whose events
+keep its read models (registration, inventory, policy, replication) and bring the answers to
+what it asked for (replication's materialisations, agents' `CommandCompleted`)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from services.failover.handlers import Context, make_event_handlers
+from shared import topics
+from shared.kafka import EventConsumer, KafkaProducer
+from shared.readmodels import registration_handlers, signature_verifier
+
+
+def event_consumer(ctx: Context, producer: KafkaProducer) -> EventConsumer:
+    s = ctx.settings
+    return EventConsumer(
+        bootstrap=s.kafka_bootstrap_servers,
+        prefix=s.topic_prefix,
+        group="failover.events",
+        topic_names=[
+            topics.REGISTRATION_EVENTS,
+            topics.INVENTORY_EVENTS,
+            topics.POLICY_EVENTS,
+            topics.REPLICATION_EVENTS,
+            topics.AGENT_EVENTS,
+        ],
+        pool=ctx.pool,
+        producer=producer,
+        handlers={**registration_handlers(), **make_event_handlers(ctx.notifier)},
+        verifier=signature_verifier(),
+        max_age=timedelta(seconds=s.event_max_age_seconds),
+    )

@@ -1,0 +1,400 @@
+"""The durable workflow engine. A job runs as a sequence of steps; each step is a task row
+written to PostgreSQL before its effect (a command to an agent, a request to the replication
+service, a local change), and marked done with its result before anything relies on it. Every
+command a step sends carries the step's idempotency key (`tasks.command_id`), so when a
+restarted service resumes an unfinished job, a step that was recorded (and maybe sent) is sent
+again with the same key, the receiver answers with its first result, and nothing happens twice.
+
+Crash points (`DR_CRASH_AT`): `failover.<step>.recorded` (task written, effect not done),
+`failover.<step>.sent` (effect done, answer not collected) and `failover.<step>.done`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.failover import domain
+from services.failover import repository as repo
+from services.failover.config import FailoverSettings
+from services.failover.domain import Operation, StepAction
+from shared.faults import crash_point
+from shared.schemas.failover import JobState
+
+log = logging.getLogger(__name__)
+
+JOBS = Counter(
+    "dr_failover_jobs_total",
+    "Finished failover jobs by operation and final state",
+    ["type", "state"],
+)
+JOB_SECONDS = Histogram(
+    "dr_failover_job_seconds",
+    "Duration of finished failover jobs",
+    ["type"],
+    buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
+)
+JOBS_RUNNING = Gauge("dr_failover_jobs_running", "Failover jobs running in this process")
+RESUMED = Counter("dr_failover_jobs_resumed_total", "Unfinished jobs resumed after a restart")
+
+
+class StepFailed(Exception):
+    """A step could not be done: the task (and maybe the job) fails with this error."""
+
+    def __init__(self, error: str, cause: str = "", recommendation: str = "") -> None:
+        super().__init__(error)
+        self.error = error
+        self.cause = cause
+        self.recommendation = recommendation
+
+
+class Notifier:
+    """Wakes waiting steps when an answer or approval arrives (they also re-check on a timer,
+    since the wake-up may come before the answer's transaction commits)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def poke(self, delay: float = 0.05) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
+Effect = Callable[[uuid.UUID], Awaitable[dict[str, Any] | None]]
+Wait = Callable[[uuid.UUID], Awaitable[dict[str, Any]]]
+Workflow = Callable[["Run"], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class Run:
+    """One execution of a job (fresh after every restart); steps are resumed from the DB."""
+
+    engine: Engine
+    job: dict[str, Any]
+    errors: int = 0
+    item_results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def job_id(self) -> uuid.UUID:
+        job_id: uuid.UUID = self.job["job_id"]
+        return job_id
+
+    @property
+    def vault_id(self) -> uuid.UUID:
+        vault_id: uuid.UUID = self.job["vault_id"]
+        return vault_id
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.engine.pool
+
+    @property
+    def settings(self) -> FailoverSettings:
+        return self.engine.settings
+
+    async def step(
+        self,
+        key: str,
+        name: str,
+        effect: Effect | None = None,
+        wait: Wait | None = None,
+        *,
+        crash: str = "step",
+    ) -> dict[str, Any]:
+        """Run step `key` once: record, effect, answer, done. Returns the step's result."""
+        task = await repo.task(self.pool, self.job_id, key)
+        answered = False
+        if task is not None and wait is not None:
+            answered = await repo.answer(self.pool, task["command_id"]) is not None
+        action = domain.step_action(task["state"] if task else None, answered)
+        if action is StepAction.SKIP:
+            assert task is not None
+            return dict(task["detail"])
+        if action is StepAction.FAILED:
+            assert task is not None
+            raise StepFailed(
+                task["error"] or "failed", task["cause"] or "", task["recommendation"] or ""
+            )
+        if task is None:
+            command_id = domain.command_id_for(self.job_id, key, self.job["run_no"])
+            async with self.pool.acquire() as conn, conn.transaction():
+                task = await repo.insert_task(
+                    conn, self.vault_id, self.job_id, key, name, command_id
+                )
+            crash_point(f"failover.{crash}.recorded")
+        command_id = task["command_id"]
+        try:
+            result: dict[str, Any] = {}
+            if effect is not None and action is not StepAction.WAIT:
+                result = await effect(command_id) or {}
+            crash_point(f"failover.{crash}.sent")
+            if wait is not None:
+                result = await wait(command_id)
+        except StepFailed as exc:
+            await self.fail_task(key, exc)
+            raise
+        await self.finish_task(key, result)
+        crash_point(f"failover.{crash}.done")
+        return result
+
+    async def fail_task(self, key: str, exc: StepFailed) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await repo.update_task(
+                conn,
+                self.vault_id,
+                self.job_id,
+                key,
+                state=JobState.FAILED.value,
+                ended_at=datetime.now(UTC),
+                error=exc.error,
+                cause=exc.cause or None,
+                recommendation=exc.recommendation or None,
+            )
+
+    async def finish_task(self, key: str, result: dict[str, Any]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await repo.update_task(
+                conn,
+                self.vault_id,
+                self.job_id,
+                key,
+                state=JobState.SUCCEEDED.value,
+                ended_at=datetime.now(UTC),
+                detail=result,
+            )
+            done = await conn.fetchval(
+                "SELECT count(*) FROM tasks WHERE job_id = $1 AND state = 'succeeded'", self.job_id
+            )
+            self.job = await repo.update_job(
+                conn, self.job_id, progress=domain.progress(done, self.job["expected_tasks"])
+            )
+
+    async def wait_answer(
+        self,
+        command_id: uuid.UUID,
+        what: str,
+        *,
+        timeout: float | None = None,
+        recommendation: str = "",
+    ) -> dict[str, Any]:
+        """The answer to the command or request `command_id`; StepFailed if it failed or
+        didn't come in time."""
+        limit = timeout or self.settings.step_timeout_seconds
+        deadline = time.monotonic() + limit
+        while True:
+            found = await repo.answer(self.pool, command_id)
+            if found is not None:
+                if not found["ok"]:
+                    raise StepFailed(
+                        f"{what} failed: {found['error']}",
+                        cause=f"the {found['kind']} answer reported an error",
+                        recommendation=recommendation or "fix the cause, then restart the job",
+                    )
+                return dict(found["result"])
+            if time.monotonic() > deadline:
+                raise StepFailed(
+                    f"{what}: no answer within {limit:g} s",
+                    cause="the agent or the replication service is down, disconnected or slow",
+                    recommendation="check the agent's connection state and the replication "
+                    "service, then restart the job",
+                )
+            await self.engine.notifier.wait(
+                min(self.settings.poll_seconds, deadline - time.monotonic() + 0.01)
+            )
+
+    async def wait_until(
+        self, probe: Callable[[], Awaitable[dict[str, Any] | None]], what: str, timeout: float
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = await probe()
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise StepFailed(
+                    f"{what}: not reached within {timeout:g} s",
+                    cause="the replication service did not report it in time",
+                    recommendation="check the item's replication state, then restart the job",
+                )
+            await self.engine.notifier.wait(self.settings.poll_seconds)
+
+    async def manual(self, key: str, action: dict[str, Any]) -> dict[str, Any]:
+        """A manual action: the job waits in `waiting_for_input` until an operator approves."""
+        task = await repo.task(self.pool, self.job_id, key)
+        if task is not None and task["state"] == JobState.SUCCEEDED.value:
+            return dict(task["detail"])
+        waiting = {
+            "action_id": action["action_id"],
+            "action_key": key,
+            "name": action["name"],
+            "instructions": action.get("instructions", ""),
+        }
+        async with self.pool.acquire() as conn, conn.transaction():
+            if task is None:
+                cid = domain.command_id_for(self.job_id, key, self.job["run_no"])
+                await repo.insert_task(
+                    conn,
+                    self.vault_id,
+                    self.job_id,
+                    key,
+                    f"manual action: {action['name']}",
+                    cid,
+                    JobState.WAITING_FOR_INPUT,
+                )
+            self.job = await repo.update_job(
+                conn, self.job_id, state=JobState.WAITING_FOR_INPUT.value, waiting_for=waiting
+            )
+        crash_point("failover.manual.waiting")
+        while True:
+            approved = await repo.approval(self.pool, self.job_id, key)
+            if approved is not None:
+                break
+            await self.engine.notifier.wait(self.settings.poll_seconds * 4)
+        result = {"approved_by": approved["approved_by"], "comment": approved["comment"]}
+        async with self.pool.acquire() as conn, conn.transaction():
+            self.job = await repo.update_job(
+                conn, self.job_id, state=JobState.IN_PROGRESS.value, waiting_for=None
+            )
+        await self.finish_task(key, result)
+        return result
+
+
+class Engine:
+    """Runs jobs as asyncio tasks; `resume_all()` picks up every unfinished job at start-up."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: FailoverSettings,
+        workflows: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]],
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.workflows = workflows
+        self.notifier = notifier or Notifier()
+        self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
+
+    def submit(self, job_id: uuid.UUID) -> None:
+        if job_id in self.running and not self.running[job_id].done():
+            return
+        task = asyncio.create_task(self.run_job(job_id), name=f"job-{job_id}")
+        self.running[job_id] = task
+        task.add_done_callback(lambda _t: self.running.pop(job_id, None))
+
+    async def resume_all(self) -> int:
+        jobs = await repo.unfinished_jobs(self.pool)
+        for job in jobs:
+            if job["state"] != JobState.NOT_STARTED.value:
+                tasks = await repo.tasks(self.pool, job["job_id"])
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await repo.history(
+                        conn,
+                        job["job_id"],
+                        f"service restarted: job resumed ({domain.resume_point(tasks)})",
+                    )
+                    await repo.update_job(conn, job["job_id"], restarts=job["restarts"] + 1)
+                RESUMED.inc()
+            self.submit(job["job_id"])
+        return len(jobs)
+
+    async def stop(self) -> None:
+        for task in list(self.running.values()):
+            task.cancel()
+        await asyncio.gather(*self.running.values(), return_exceptions=True)
+
+    async def run_job(self, job_id: uuid.UUID) -> None:
+        job = await repo.job(self.pool, job_id)
+        if job is None or domain.is_finished(JobState(job["state"])):
+            return
+        if job["state"] == JobState.NOT_STARTED.value:
+            async with self.pool.acquire() as conn, conn.transaction():
+                job = await repo.update_job(
+                    conn, job_id, state=JobState.IN_PROGRESS.value, started_at=datetime.now(UTC)
+                )
+                await repo.history(conn, job_id, "started")
+        run = Run(self, job)
+        operation = Operation(job["operation"])
+        JOBS_RUNNING.inc()
+        failure: StepFailed | None = None
+        result: dict[str, Any] = {}
+        try:
+            result = await self.workflows[f"{job['target_kind']}:{operation.value}"](run)
+        except StepFailed as exc:
+            failure = exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("workflow crashed", extra={"job_id": str(job_id)})
+            failure = StepFailed(
+                f"internal error: {type(exc).__name__}: {exc}",
+                cause="a bug or an unexpected state in the failover service",
+                recommendation="see the failover service's log; restart the job",
+            )
+        finally:
+            JOBS_RUNNING.dec()
+        state = domain.final_state(operation, failed=failure is not None, errors=run.errors)
+        await self.finish(run, state, failure, result)
+
+    async def finish(
+        self, run: Run, state: JobState, failure: StepFailed | None, result: dict[str, Any]
+    ) -> None:
+        now = datetime.now(UTC)
+        fields: dict[str, Any] = {
+            "state": state.value,
+            "ended_at": now,
+            "waiting_for": None,
+            "result": {**result, "items": run.item_results} if run.item_results else result,
+        }
+        if state is JobState.SUCCEEDED:
+            fields["progress"] = 100
+        if failure is not None:
+            fields.update(
+                error=failure.error,
+                cause=failure.cause or None,
+                recommendation=failure.recommendation or None,
+            )
+        elif state is JobState.COMPLETED_WITH_ERRORS:
+            fields.update(
+                progress=100,
+                error=f"{run.errors} error(s); see the failed tasks",
+                cause="some steps failed; an unplanned run goes on past errors",
+                recommendation="check the failed tasks and the items they name",
+            )
+        async with self.pool.acquire() as conn, conn.transaction():
+            job = await repo.update_job(conn, run.job_id, **fields)
+            await repo.history(conn, run.job_id, f"finished: {state.value}")
+        JOBS.labels(job["operation"], state.value).inc()
+        started = job["started_at"] or job["created_at"]
+        JOB_SECONDS.labels(job["operation"]).observe((now - started).total_seconds())
+        log.log(
+            logging.WARNING if failure else logging.INFO,
+            "job finished",
+            extra={
+                "job_id": str(run.job_id),
+                "operation": job["operation"],
+                "state": state.value,
+                "error": failure.error if failure else None,
+            },
+        )

@@ -1,0 +1,164 @@
+"""The durable workflow engine over the real PostgreSQL: jobs and tasks are stored; a job
+interrupted mid-step resumes in a new engine instance over the same database at its last
+completed step, re-sending the open step with the same idempotency key; a failed job is
+restarted by an operator with a new key for its failed step."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from services.failover import repository as repo
+from services.failover.__main__ import MIGRATIONS
+from services.failover.config import FailoverSettings
+from services.failover.domain import Operation
+from services.failover.workflow import Engine, Run, StepFailed
+from shared import db
+from tests.support.poll import eventually
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    schema = f"failover_it_{secrets.token_hex(3)}"
+    p = await db.create_pool(database_url, schema)
+    await db.migrate(p, schema, MIGRATIONS)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+class Recorder:
+    """A two-step workflow whose effects are counted; step 2 waits for an answer row."""
+
+    def __init__(self) -> None:
+        self.effects: list[tuple[str, uuid.UUID]] = []
+
+    async def workflow(self, run: Run) -> dict[str, Any]:
+        async def first(cid: uuid.UUID) -> dict[str, Any]:
+            self.effects.append(("first", cid))
+            return {"value": 1}
+
+        async def second(cid: uuid.UUID) -> None:
+            self.effects.append(("second", cid))
+
+        async def answer(cid: uuid.UUID) -> dict[str, Any]:
+            return await run.wait_answer(cid, "second step", timeout=30)
+
+        one = await run.step("first", "first step", first)
+        two = await run.step("second", "second step", second, answer)
+        return {"one": one, "two": two}
+
+
+async def new_job(pool: asyncpg.Pool) -> uuid.UUID:
+    async with pool.acquire() as conn, conn.transaction():
+        job = await repo.insert_job(
+            conn,
+            job_id=uuid.uuid4(),
+            vault_id=uuid.uuid4(),
+            operation=Operation.COMMIT.value,
+            target_kind="item",
+            target=str(uuid.uuid4()),
+            params={"items": []},
+            expected_tasks=2,
+            created_by="test",
+        )
+    job_id: uuid.UUID = job["job_id"]
+    return job_id
+
+
+def engine(pool: asyncpg.Pool, recorder: Recorder) -> Engine:
+    settings = FailoverSettings(poll_seconds=0.05)
+    return Engine(pool, settings, {"item:commit": recorder.workflow})
+
+
+async def test_resume_after_restart_skips_done_steps_and_resends_with_same_key(
+    pool: asyncpg.Pool,
+) -> None:
+    job_id = await new_job(pool)
+    before = Recorder()
+    first_engine = engine(pool, before)
+    first_engine.submit(job_id)
+
+    async def second_sent() -> bool:
+        return len(before.effects) == 2
+
+    await eventually(second_sent, timeout=10, what="the second step sent")
+    await first_engine.stop()  # the process "dies" waiting for the answer
+    job = await repo.job(pool, job_id)
+    assert job is not None and job["state"] == "in_progress"
+
+    after = Recorder()
+    second_engine = engine(pool, after)
+    assert await second_engine.resume_all() >= 1
+    await eventually(lambda: _resent(after), timeout=10, what="the open step re-sent")
+    assert [name for name, _ in after.effects] == ["second"]  # the done step is not redone
+    assert after.effects[0][1] == before.effects[1][1]  # same idempotency key
+    async with pool.acquire() as conn:
+        await repo.save_answer(conn, after.effects[0][1], "agent", True, "", {"ok": True})
+    second_engine.notifier.poke(0)
+
+    async def done() -> dict[str, Any] | None:
+        found = await repo.job(pool, job_id)
+        return found if found and found["state"] == "succeeded" else None
+
+    job = await eventually(done, timeout=10, what="job succeeded")
+    assert job["restarts"] == 1 and job["progress"] == 100
+    assert job["result"] == {"one": {"value": 1}, "two": {"ok": True}}
+    history = [h["message"] for h in await repo.job_history(pool, job_id)]
+    assert any(m.startswith("service restarted: job resumed (1 steps done") for m in history)
+    tasks = await repo.tasks(pool, job_id)
+    assert [(t["step_key"], t["state"]) for t in tasks] == [
+        ("first", "succeeded"),
+        ("second", "succeeded"),
+    ]
+
+
+async def _resent(rec: Recorder) -> bool:
+    return bool(rec.effects)
+
+
+async def test_failed_step_fails_the_job_and_an_operator_restart_uses_a_new_key(
+    pool: asyncpg.Pool,
+) -> None:
+    from services.failover import handlers
+    from services.failover.workflow import Notifier
+
+    job_id = await new_job(pool)
+    rec = Recorder()
+    eng = engine(pool, rec)
+    eng.submit(job_id)
+    await eventually(lambda: _count(rec, 2), timeout=10, what="second step sent")
+    async with pool.acquire() as conn:
+        await repo.save_answer(conn, rec.effects[1][1], "agent", False, "disk full", {})
+    eng.notifier.poke(0)
+
+    async def failed() -> dict[str, Any] | None:
+        found = await repo.job(pool, job_id)
+        return found if found and found["state"] == "failed" else None
+
+    job = await eventually(failed, timeout=10, what="job failed")
+    assert "disk full" in job["error"] and job["recommendation"]
+    task = await repo.task(pool, job_id, "second")
+    assert task is not None and task["state"] == "failed"
+    ctx = handlers.Context(pool=pool, settings=eng.settings, engine=eng, notifier=Notifier())
+    restarted = await handlers.restart(ctx, job["vault_id"], job_id, "operator")
+    assert restarted["run_no"] == 2
+    await eventually(lambda: _count(rec, 3), timeout=10, what="second step re-sent")
+    assert rec.effects[2][1] != rec.effects[1][1]
+    with pytest.raises(StepFailed):
+        raise StepFailed("x")
+    await eng.stop()
+
+
+async def _count(rec: Recorder, n: int) -> bool:
+    await asyncio.sleep(0)
+    return len(rec.effects) >= n

@@ -1,0 +1,174 @@
+"""Failover rules: durable-step decisions, job states, refusals, plan limits, action
+filtering, script failures, zero-data-loss proof, NIC placement through the shared rules."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.failover import domain
+from services.failover.domain import (
+    FailoverRefused,
+    ItemFailoverState,
+    Operation,
+    PlanAction,
+    PlanGroup,
+    StepAction,
+)
+from shared.schemas.failover import FailoverKind, JobState, PointChoice
+from shared.schemas.inventory import IpMode, Nic, StaticPool, Subnet, VmNetwork
+
+ITEM = {"vm_name": "web01", "state": "replicating", "latest_seq": 4}
+
+
+def test_step_actions_resume_at_the_last_completed_step() -> None:
+    assert domain.step_action(None, False) is StepAction.RUN
+    assert domain.step_action("succeeded", False) is StepAction.SKIP
+    assert domain.step_action("in_progress", False) is StepAction.RESEND
+    assert domain.step_action("in_progress", True) is StepAction.WAIT
+    assert domain.step_action("failed", False) is StepAction.FAILED
+
+
+def test_command_ids_are_stable_within_a_run_and_new_after_a_restart() -> None:
+    job = uuid.uuid4()
+    first = domain.command_id_for(job, "item:create_vm", 1)
+    assert first == domain.command_id_for(job, "item:create_vm", 1)
+    assert first != domain.command_id_for(job, "item:create_vm", 2)
+    assert first != domain.command_id_for(job, "item:materialise", 1)
+    assert first != domain.command_id_for(uuid.uuid4(), "item:create_vm", 1)
+
+
+def test_resume_point_names_the_open_steps() -> None:
+    tasks = [
+        {"name": "prepare", "state": "succeeded"},
+        {"name": "web01: materialise", "state": "in_progress"},
+    ]
+    assert domain.resume_point(tasks) == "1 steps done; resuming web01: materialise"
+
+
+def test_job_state_rules() -> None:
+    op = Operation.UNPLANNED_FAILOVER
+    assert domain.final_state(op, failed=False, errors=0) is JobState.SUCCEEDED
+    assert domain.final_state(op, failed=False, errors=2) is JobState.COMPLETED_WITH_ERRORS
+    assert domain.final_state(op, failed=True, errors=0) is JobState.FAILED
+    assert domain.can_restart(Operation.PLANNED_FAILOVER, JobState.FAILED) is None
+    assert "only a failed job" in str(domain.can_restart(Operation.COMMIT, JobState.SUCCEEDED))
+    assert "can't be restarted" in str(domain.can_restart(op, JobState.FAILED))
+    assert not domain.is_finished(JobState.WAITING_FOR_INPUT)
+    assert domain.progress(3, 6) == 50 and domain.progress(9, 6) == 99
+
+
+def test_refusals() -> None:
+    testing = {"state": ItemFailoverState.TESTING, "test": {"job_id": "j"}}
+    with pytest.raises(FailoverRefused, match="already running"):
+        domain.check_test(ITEM, testing)
+    with pytest.raises(FailoverRefused, match="initial replication"):
+        domain.check_planned({**ITEM, "state": "initial_replication_in_progress"}, None)
+    with pytest.raises(FailoverRefused, match="not failed over"):
+        domain.check_commit(ITEM, None)
+    with pytest.raises(FailoverRefused, match="no test failover"):
+        domain.check_cleanup(ITEM, None)
+    failed_over = {"state": ItemFailoverState.FAILED_OVER}
+    with pytest.raises(FailoverRefused, match="already failed over"):
+        domain.check_unplanned(ITEM, failed_over)
+    domain.check_commit(ITEM, failed_over)
+    domain.check_reverse(ITEM, failed_over)
+    with pytest.raises(FailoverRefused) as exc:
+        domain.point_request(PointChoice.CHOSEN, None)
+    assert exc.value.status == 422
+
+
+def test_seed_disks_need_the_old_primary_or_force() -> None:
+    disks = [{"disk_id": "d0", "path": "/r/web01/d0.vhdx"}]
+    old = {"d0": "/p/web01/d0.vhdx"}
+    assert domain.seed_disks(disks, old, {"/p/web01/d0.vhdx"}, False) == [
+        {"disk_id": "d0", "path": "/p/web01/d0.vhdx"}
+    ]
+    with pytest.raises(FailoverRefused, match="old primary unreachable: pass force_full_resync"):
+        domain.seed_disks(disks, old, set(), False)
+    assert domain.seed_disks(disks, old, set(), True) == []
+
+
+def test_plan_limits() -> None:
+    items = [uuid.uuid4() for _ in range(101)]
+    problems = domain.plan_problems([PlanGroup(items=items)])
+    assert any("at most 100 protected items; this one has 101" in p for p in problems)
+    problems = domain.plan_problems([PlanGroup() for _ in range(8)])
+    assert any("at most 7 groups; this one has 8" in p for p in problems)
+    ok = [PlanGroup(items=items[:15]) for _ in range(1)] + [PlanGroup(items=items[15:100])]
+    assert domain.plan_problems(ok) == []
+    dup = [PlanGroup(items=[items[0]]), PlanGroup(items=[items[0]])]
+    assert any("only one group" in p for p in domain.plan_problems(dup))
+    bad = PlanGroup(pre_actions=[PlanAction(name="x", kind="script")])
+    assert any("needs a path" in p for p in domain.plan_problems([bad]))
+
+
+def test_actions_are_filtered_by_run_kind() -> None:
+    both = PlanAction(action_id="a", name="a", kind="manual")
+    test_only = PlanAction(action_id="t", name="t", kind="manual", run_on=[FailoverKind.TEST])
+    actions = [both, test_only]
+    assert [a.action_id for a in domain.actions_for(actions, FailoverKind.TEST)] == ["a", "t"]
+    assert [a.action_id for a in domain.actions_for(actions, FailoverKind.PLANNED)] == ["a"]
+    assert domain.actions_for(actions, None) == []
+
+
+def test_script_failures() -> None:
+    assert domain.script_failure(0, "", False, 600) == ""
+    assert domain.script_failure(None, "", True, 600) == "timed out after 600 s"
+    assert "exited with status 3" in domain.script_failure(3, "", False, 600)
+    assert domain.script_failure(0, "warn\n", False, 600) == "wrote to stderr: warn"
+
+
+def test_zero_data_loss_proof() -> None:
+    roots = {"d0": "a" * 64, "d1": "b" * 64}
+    assert domain.zero_data_loss(roots, roots) == (True, "")
+    ok, why = domain.zero_data_loss({"d0": "a" * 64, "d1": "c" * 64}, roots)
+    assert not ok and "d1" in why
+    assert not domain.zero_data_loss(roots, {})[0]
+
+
+def test_data_loss_window() -> None:
+    now = datetime.now(UTC)
+    assert domain.data_loss_seconds(now, now - timedelta(seconds=42)) == 42
+
+
+def network(network_id: str, start: str, end: str) -> VmNetwork:
+    pool = StaticPool(start=start, end=end)
+    return VmNetwork(
+        network_id=network_id,
+        name=network_id,
+        subnets=[Subnet(name="corp", cidr="10.0.0.0/8", static_pool=pool)],
+    )
+
+
+def test_nics_follow_the_mapping_and_the_ip_rules() -> None:
+    nics = [
+        Nic(
+            nic_id="n0", network_id="p", subnet="corp", ip_mode=IpMode.STATIC, ip_address="10.2.0.5"
+        ),
+        Nic(nic_id="n1", network_id="unmapped"),
+    ]
+    nets = {"r": network("r", "10.2.0.5", "10.2.0.9"), "p": network("p", "10.1.0.5", "10.1.0.9")}
+    mappings = [{"source_network_id": "p", "target_network_id": "r"}]
+    placed = domain.failover_nics(nics, mappings, nets, set())
+    assert placed[0].network_id == "r" and placed[0].ip_address == "10.2.0.5"
+    assert placed[1].network_id is None
+    taken = domain.failover_nics(nics, mappings, nets, {"10.2.0.5"})
+    assert taken[0].ip_address == "10.2.0.6"
+    # failback: the mapping works backwards
+    back = [
+        Nic(
+            nic_id="n0", network_id="r", subnet="corp", ip_mode=IpMode.STATIC, ip_address="10.2.0.5"
+        )
+    ]
+    assert domain.failover_nics(back, mappings, nets, set())[0].network_id == "p"
+    # test failover: every NIC on the test network, or none
+    test_net = network("t", "10.9.0.1", "10.9.0.9")
+    on_test = domain.failover_nics(nics, mappings, nets, set(), test_net, test=True)
+    assert [n.network_id for n in on_test] == ["t", "t"]
+    assert [n.network_id for n in domain.failover_nics(nics, [], {}, set(), None, test=True)] == [
+        None,
+        None,
+    ]
