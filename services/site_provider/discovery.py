@@ -134,13 +134,19 @@ class Discovery:
         self.last_full = float("-inf")
         self.last_error: str | None = None
         self.published_at: float | None = None
+        self.id_scope: str | None = None  # the vault, once registered
 
     def discover(self) -> Discovered:
         s = self.settings
         spec = read_site(s.site_file) if s.site_file is not None else SiteSpec()
         plans = host_plans(spec, s.storage_base)
         return build_inventory(
-            s.site, spec, s.storage_base, scan_storage(plans), self.state.ip_allocations
+            s.site,
+            spec,
+            s.storage_base,
+            scan_storage(plans),
+            self.state.ip_allocations,
+            id_scope=self.id_scope,
         )
 
     def next_sequence(self) -> int:
@@ -153,6 +159,7 @@ class Discovery:
 
     async def run(self, publisher: SignedPublisher) -> None:
         interval = self.settings.discovery_interval_seconds
+        self.id_scope = str(publisher.identity.vault_id)
         while True:
             await self.poll(publisher)
             await asyncio.sleep(interval)

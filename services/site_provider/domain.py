@@ -154,16 +154,20 @@ def build_inventory(
     storage_root: Path,
     folders: list[FolderVm],
     sticky_ips: dict[str, str] | None = None,
+    id_scope: str | None = None,
 ) -> Discovered:
     """The site's inventory: the description, plus VMs found in the hosts' storage folders.
 
     A folder whose name is a described VM gives that VM its real disks (the description keeps
     the rest); any other folder is a VM of its own, described by its optional `vm.json`.
+    Object ids derive from `id_scope` (the provider's vault) + site + names, so two vaults with
+    sites of the same names never share an id.
     """
     if spec.site is not None and spec.site != site:
         raise SiteFileError(
             f"the site file describes site '{spec.site}' but this provider serves site '{site}'"
         )
+    site = f"{id_scope}/{site}" if id_scope else site  # from here on: only for object ids
     clouds = {
         c.name: Cloud(
             cloud_id=object_id(site, "cloud", c.name),

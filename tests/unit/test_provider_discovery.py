@@ -98,3 +98,19 @@ def test_nics_a_host_agent_recorded_in_vm_json_are_discovered(tmp_path: Path) ->
         (None, None, "dhcp", None),  # not a network of this site: not connected
         (None, None, "dhcp", None),
     ]
+
+
+def test_object_ids_are_scoped_by_vault() -> None:
+    from services.site_provider.domain import build_inventory
+    from services.site_provider.sitefile import parse_site
+
+    spec = parse_site(
+        "site: primary\nclouds: [{name: Gold, host_groups: [HG]}]\n"
+        "hosts: [{name: hv1, cloud: Gold}]\nvms: [{name: web, host: hv1}]\n"
+    )
+    one = build_inventory("primary", spec, Path("/nonexistent"), [], id_scope="vault-a")
+    two = build_inventory("primary", spec, Path("/nonexistent"), [], id_scope="vault-b")
+    again = build_inventory("primary", spec, Path("/nonexistent"), [], id_scope="vault-a")
+    assert one.inventory.vms[0].vm_id != two.inventory.vms[0].vm_id
+    assert one.inventory.clouds[0].cloud_id != two.inventory.clouds[0].cloud_id
+    assert one.inventory.vms[0].vm_id == again.inventory.vms[0].vm_id
