@@ -736,9 +736,11 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
             meta = json.loads((recovery / name / "vm.json").read_text())
             if disk_hashes(recovery / name) != disks or meta["state"] != "Running":
                 return f"{name} at the recovery site differs from its final source state"
+        nic = json.loads((recovery / "web-01" / "vm.json").read_text())["nics"][0]
+        names = {n["network_id"]: name for name, n in demo.facts["networks"].items()}
         print(
-            "     3 Merkle-root proofs: replica == source's final state; VMs running on hv-r1 "
-            f"on {json.loads((recovery / 'web-01' / 'vm.json').read_text())['nics'][0]}"
+            "     3 Merkle-root proofs: replica == source's final state; VMs running on hv-r1, "
+            f"web-01 on {names.get(nic['network_id'], nic['network_id'])} {nic['ip_address']}"
         )
         return None
 
@@ -747,6 +749,17 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
     )
 
     async def commit_and_reverse() -> str | None:
+        # The VMs now run at the recovery site and change there before reverse replication.
+        r1 = json.loads((demo.run_dir / "hv-r1-state" / "identity.json").read_text())
+        r1_auth = {"Authorization": f"Bearer {r1['credential']}"}
+        for name in items:
+            resp = await http.post(
+                f"{demo.edges['hv-r1'].url}/v1/vms/{name}/writes",
+                json={"blocks": 4},
+                headers=r1_auth,
+            )
+            if resp.status_code != 200:
+                return f"writes on {name} at the recovery site: {resp.text}"
         for op in ("commit", "reverse"):
             job = drctl(demo, "plan", op, "tier-app")
             done = await job_done(job["job_id"])
@@ -765,11 +778,17 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
             return True
 
         await until(reverse_replicating, 120, "reverse replication replicating")
+        sent = total = 0
+        for new in demo.facts["reverse_items"].values():
+            item = (await http.get(f"{rep}/{new}", headers=reader)).json()
+            total += sum(-(-d["size_bytes"] // 65536) for d in item["disks"])
+            points = (await http.get(f"{rep}/{new}/recovery-points", headers=reader)).json()
+            sent += sum(p["changed_blocks"] for p in points if p["kind"] == "resync")
         print(
-            "     reverse replication hv-r1 -> primary seeded from the old primary disks; "
-            "only differing blocks were sent"
+            "     reverse replication hv-r1 -> primary seeded from the old primary disks: "
+            f"resync sent {sent} of {total} blocks"
         )
-        return None
+        return None if sent < total / 4 else f"resync sent {sent} of {total} blocks"
 
     await demo.check(
         "commit, then reverse replication (recovery -> primary, no full copy)", commit_and_reverse
