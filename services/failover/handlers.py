@@ -406,9 +406,14 @@ async def restart(ctx: Context, vault_id: uuid.UUID, job_id: uuid.UUID, by: str)
 async def force_old_test_cleanups(ctx: Context) -> int:
     """Clean up test failovers older than the limit (REFERENCE.md: after 2 weeks)."""
     limit = datetime.now(UTC) - timedelta(seconds=ctx.settings.test_max_age_seconds)
+    # A forced cleanup that failed is not retried for an hour: an operator sees the failed job
+    # (and its alert) instead of a new failed job every sweep.
     rows = await ctx.pool.fetch(
-        "SELECT item_id, vault_id FROM item_failover WHERE state = 'testing' AND test IS NOT NULL"
-        " AND (test->>'started_at')::timestamptz < $1",
+        "SELECT f.item_id, f.vault_id FROM item_failover f WHERE f.state = 'testing'"
+        " AND f.test IS NOT NULL AND (f.test->>'started_at')::timestamptz < $1"
+        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.target = f.item_id::text"
+        " AND j.created_by = 'system:forced-cleanup' AND j.state = 'failed'"
+        " AND j.ended_at > now() - interval '1 hour')",
         limit,
     )
     started = 0
