@@ -1,8 +1,8 @@
 """A real Prometheus scrapes the running services (random ports, 1 s interval) and the series
 the dashboards and alert rules rely on are readable through its query API: scrape health,
 HTTP request counters, the DLQ counter after a malformed record, the producers-by-state gauge,
-consumer lag, and the alert rules loaded. The replication RPO/health series join once an e2e
-test runs a replication here (`tests.support.prometheus.PrometheusServer` is reusable)."""
+consumer lag, and the alert rules loaded. The replication RPO and health series are read back
+during a replication in test_prometheus_replication_e2e.py."""
 
 from __future__ import annotations
 
