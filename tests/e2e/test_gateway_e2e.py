@@ -32,6 +32,9 @@ def gateway(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Ite
     for name in ("registration", "inventory", "policy"):
         platform.start(name)
     upstreams = {n: f"127.0.0.1:{p.port}" for n, p in platform.services.items()}
+    # failover stays absent behind this gateway (a free port nobody listens on), whatever
+    # other tests of the session have started
+    upstreams["failover"] = f"127.0.0.1:{free_port()}"
     gw = Gateway(upstreams, tmp_path_factory.mktemp("gateway"), free_port()).start()
     try:
         yield gw

@@ -86,6 +86,7 @@ async def test_sites_are_discovered_served_and_kept_up_to_date(
         await platform.new_token(http, vault["vault_id"], "reader"),
     )
     key = (await platform.new_key(http, vault["vault_id"]))["key"]
+    scope = f"{vault['vault_id']}/primary"  # object ids are scoped by vault and site
     primary_file = tmp_path / "primary.yaml"
     shutil.copy(SITES / "primary.yaml", primary_file)
     storage = tmp_path / "storage"
@@ -135,10 +136,10 @@ async def test_sites_are_discovered_served_and_kept_up_to_date(
     ]
     beyond = await api.ok("/vms", site="primary", offset=100)
     assert (beyond["total"], beyond["items"]) == (20, [])
-    sql = await api.ok(f"/vms/{object_id('primary', 'vm', 'sql-01')}")
+    sql = await api.ok(f"/vms/{object_id(scope, 'vm', 'sql-01')}")
     assert [d["name"] for d in sql["disks"]] == ["os.vhdx", "data.vhdx"]
     assert sql["nics"][0]["ip_mode"] == "static"
-    assert sql["nics"][0]["network_id"] == object_id("primary", "network", "Corp-Primary")
+    assert sql["nics"][0]["network_id"] == object_id(scope, "network", "Corp-Primary")
     networks = await api.ok("/networks", site="recovery")
     assert {n["name"]: n["isolated"] for n in networks} == {
         "Corp-Recovery": False, "Test-Recovery": True
@@ -180,7 +181,7 @@ async def test_sites_are_discovered_served_and_kept_up_to_date(
 
     vm = await eventually(restored, what="the VM found on hv-p3's storage")
     assert (vm["generation"], vm["cpu_count"], vm["host_id"]) == (
-        1, 4, object_id("primary", "host", "hv-p3")
+        1, 4, object_id(scope, "host", "hv-p3")
     )  # fmt: skip
     assert [(d["name"], d["size_bytes"]) for d in vm["disks"]] == [("system.vhdx", 123_456)]
 
@@ -252,7 +253,7 @@ async def test_sites_are_discovered_served_and_kept_up_to_date(
 
     await eventually(web_08_gone, what="web-08 to disappear")
     assert len(await api.vm_names(site="primary")) == 20
-    web_08 = object_id("primary", "vm", "web-08")
+    web_08 = object_id(scope, "vm", "web-08")
     events = await wait_for_records(
         bootstrap, f"{platform.prefix}{topics.INVENTORY_EVENTS}", lambda r: _removed(r, web_08)
     )

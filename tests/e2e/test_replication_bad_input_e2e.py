@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -177,10 +178,35 @@ async def test_no_recovery_point_from_bad_input(
         other = await platform.new_vault(http, "other")
         other_key = (await platform.new_key(http, other["vault_id"]))["key"]
         stranger = await register_agent(http, platform, other_key, "hv-stranger")
+
+        async def stranger_known() -> bool:  # the replication service knows it by now
+            conn = await asyncpg.connect(platform.database_url)
+            try:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT true FROM replication.known_producers WHERE producer_id = $1",
+                        uuid.UUID(stranger["producer_id"]),
+                    )
+                )
+            finally:
+                await conn.close()
+
+        await eventually(stranger_known, what="the stranger agent is a known producer")
         foreign = ScriptedAgent(dr, producer, stranger, agent.disk_id)
         foreign.item_id = agent.item_id
-        event = await foreign.send(foreign.started(3, ev.CycleKind.DELTA))
-        await dead_lettered(event, "vault_mismatch")
+
+        async def rejected_for_vault() -> bool:
+            # Until the replication service has seen the stranger's registration the record
+            # is rejected as from an unknown producer; once it has, for the vault mismatch.
+            event = await foreign.send(foreign.started(3, ev.CycleKind.DELTA))
+            found = await wait_for_records(
+                platform.stack.kafka, dlq, lambda r: r.json().get("event_id") == str(event)
+            )
+            reason = found[0].headers["dlq.reason"]
+            assert reason in ("unknown_producer", "vault_mismatch"), reason
+            return reason == "vault_mismatch"
+
+        await eventually(rejected_for_vault, timeout=60, what="the other-vault cycle rejected")
 
         # 5. A tampered block: right hash, wrong bytes, valid signature.
         agent.blocks[1] = os.urandom(BLOCK_SIZE)
