@@ -75,10 +75,23 @@ SIGNING_RULE = (
     "the `signature` field (keys sorted, separators `,` and `:`, no ASCII escaping, UTF-8; "
     "datetimes as the envelope serialises them), keyed with the signing key "
     "`HMAC-SHA256(key=credential, msg='dr-event-signing-v1')` as hex, used as raw bytes "
-    "(`bytes.fromhex`). `producer_id` must be the registered producer's id and `vault_id` its "
+    "(`bytes.fromhex`). Signed views: where an event type says so (`x-signed-view`), the "
+    "`payload` in that JSON is reduced first; `BlocksShipped` leaves out the `data` key of "
+    "every block (index, sha256, zero, compressed and all other fields stay signed): block "
+    "bytes are bound to their signed `sha256`, which the replica checks before storing "
+    "anything (a block whose bytes don't match is refused as `block_hash_mismatch`); a "
+    "signature over the whole payload (producers from before the view) is accepted too. "
+    "`producer_id` must be the registered producer's id and `vault_id` its "
     "vault; events older than DR_EVENT_MAX_AGE_SECONDS or from the future are rejected as "
     "replays. See shared/signing.py and scripts/sign_event.py."
 )
+
+# What the signature covers of the payload, for event types registered with a signed view.
+SIGNED_VIEWS: dict[str, str] = {
+    "BlocksShipped": "The payload without each block's `data` key: "
+    '`{..., "blocks": [{"index": ..., "sha256": ..., "zero": ..., '
+    '"compressed": ...}, ...]}` (every other field as sent).',
+}
 
 # Fields of payloads whose model rules (validators) a JSON Schema does not carry; merged over
 # the synthesised payload.
@@ -134,6 +147,8 @@ def event_schema(et: EventType) -> dict[str, Any]:
     }
     if et.signed:
         out["x-signing"] = SIGNING_RULE
+    if et.signed_view is not None:
+        out["x-signed-view"] = SIGNED_VIEWS.get(et.name, "see the signing rule")
     if defs:
         out["$defs"] = dict(sorted(defs.items()))
     return out
@@ -287,6 +302,7 @@ def asyncapi() -> dict[str, Any]:
             },
             "examples": [{"name": f"{et.name}-example", "payload": example_envelope(et)}],
             "x-signed": et.signed,
+            **({"x-signed-view": SIGNED_VIEWS.get(et.name, "")} if et.signed_view else {}),
         }
     messages["DeadLetter"] = {
         "name": "DeadLetter",

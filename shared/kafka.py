@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
@@ -172,6 +172,7 @@ class Incoming:
 
 
 Handler = Callable[[asyncpg.Connection, Incoming], Awaitable[None]]
+Prepare = Callable[[list[tuple[Envelope, Any]]], Awaitable[None]]
 Verifier = Callable[[asyncpg.Connection, Envelope, bool], Awaitable[None]]
 
 
@@ -324,13 +325,61 @@ class _RecordPipeline(Generic[H]):
     async def process(self, record: RawRecord) -> None:
         """Validate, verify and apply one record, or dead-letter it; never raises for bad
         input. Infrastructure errors are retried here until they clear."""
+        await self.process_many([record])
+
+    async def process_many(
+        self, records: Sequence[RawRecord], prepare: Prepare | None = None, chunk: int = 8
+    ) -> None:
+        """`process` of each record, in order. `prepare`, if given, sees the decoded records
+        `chunk` at a time before they are handled (an optimisation hook, e.g. to write their
+        blocks in parallel), the next chunk's while this one is handled: it must not have
+        effects the records' handlers don't tolerate, and its failures are logged and ignored
+        (the records are then handled on their own as usual)."""
+        decoded: list[tuple[Envelope, Any] | Rejected] = []
+        for record in records:
+            try:
+                decoded.append(decode_event(record.value, self.max_age))
+            except Rejected as rej:
+                decoded.append(rej)
+        if prepare is None:
+            for record, result in zip(records, decoded, strict=True):
+                await self._process_decoded(record, result)
+            return
+
+        async def prepared(part: list[tuple[Envelope, Any] | Rejected]) -> None:
+            try:
+                await prepare([d for d in part if not isinstance(d, Rejected)])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("prepare step failed; records handled one by one: %r", exc)
+
+        starts = range(0, len(records), max(chunk, 1))
+        ahead = asyncio.ensure_future(prepared(decoded[: max(chunk, 1)]))
+        try:
+            for n, start in enumerate(starts):
+                await ahead
+                if n + 1 < len(starts):
+                    ahead = asyncio.ensure_future(
+                        prepared(decoded[starts[n + 1] : starts[n + 1] + chunk])
+                    )
+                for i in range(start, min(start + chunk, len(records))):
+                    await self._process_decoded(records[i], decoded[i])
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ahead
+
+    async def _process_decoded(
+        self, record: RawRecord, result: tuple[Envelope, Any] | Rejected
+    ) -> None:
         topic = topics.logical(record.topic, self.prefix)
         key = record.key.decode(errors="replace") if record.key else None
-        try:
-            envelope, payload = decode_event(record.value, self.max_age)
-        except Rejected as rej:
-            await self._dead_letter(record, topic, rej)
+        if isinstance(result, Rejected):
+            await self._dead_letter(record, topic, result)
             return
+        envelope, payload = result
         handler = self.handlers.get(envelope.type)
         if handler is None:
             return

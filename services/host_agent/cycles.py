@@ -7,7 +7,8 @@ Merkle root after the cycle. A batch holds at most 64 blocks and at most `MAX_BA
 bytes of encoded block data (so base64 + JSON stays far below Kafka's 1 MiB record limit even
 when every block is incompressible). Each block carries the SHA-256 of its uncompressed bytes;
 all-zero blocks go as `zero=true` without data; with compression `zlib` each block's bytes are
-zlib-compressed before base64.
+zlib-compressed before base64, except blocks that would not shrink (a cheap probe, then the
+result checked): those go raw with `compressed=false`.
 
 Offline export (initial replication `offline`): the initial cycle's signed envelopes, exactly
 as they would be published on `replication.deltas.v1`, one JSON envelope per line in order
@@ -25,18 +26,19 @@ import logging
 import os
 import uuid
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiokafka.errors import KafkaError
 
 from shared import topics
 from shared.edge import Identity
 from shared.kafka import KafkaProducer
-from shared.merkle import block_hash
+from shared.merkle import block_hash, zero_block_hash
 from shared.schemas.envelope import Envelope, EventPayload, new_envelope
 from shared.schemas.replication import MAX_BLOCKS_PER_BATCH, Block, BlocksShipped, Compression
 
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_DATA = 512 * 1024
 RETRY_MAX_SECONDS = 30.0
+SEND_WINDOW = 16  # BlocksShipped batches in flight (unacknowledged) at once
 REFRESH_ENVELOPE_AFTER = timedelta(seconds=60)
 
 
@@ -55,14 +58,45 @@ class EncodedBlock:
     wire_len: int  # encoded bytes before base64
 
 
+_ZEROS: dict[int, bytes] = {}
+PROBE_BYTES = 2048  # two samples of this size decide whether a block is worth compressing
+COMPRESS_MIN_GAIN = 0.95  # compressed data must be below 95 % of the raw size to be sent
+
+
+def _is_zero(data: bytes) -> bool:
+    zeros = _ZEROS.get(len(data))
+    if zeros is None:
+        zeros = _ZEROS.setdefault(len(data), bytes(len(data)))
+    return data == zeros  # a memcmp, far cheaper than hashing
+
+
+def _worth_compressing(data: bytes) -> bool:
+    """A cheap probe: zlib over two small samples (start and middle of the block); random
+    or already compressed data does not shrink and is sent raw without paying for zlib."""
+    if len(data) <= 2 * PROBE_BYTES:
+        return True
+    mid = len(data) // 2
+    sample = data[:PROBE_BYTES] + data[mid : mid + PROBE_BYTES]
+    return len(zlib.compress(sample, 1)) < COMPRESS_MIN_GAIN * len(sample)
+
+
 def encode_block(index: int, data: bytes, compression: Compression) -> EncodedBlock:
-    digest = block_hash(data)
-    if data.count(0) == len(data):
+    if _is_zero(data):
+        digest = zero_block_hash(len(data))
         return EncodedBlock(
             Block(index=index, sha256=digest.hex(), zero=True), digest, len(data), 0
         )
-    body = zlib.compress(data, 1) if compression is Compression.ZLIB else data
-    block = Block(index=index, sha256=digest.hex(), data=base64.b64encode(body).decode())
+    digest = block_hash(data)
+    body, flag = data, None
+    if compression is Compression.ZLIB:
+        packed = zlib.compress(data, 1) if _worth_compressing(data) else None
+        if packed is not None and len(packed) < COMPRESS_MIN_GAIN * len(data):
+            body = packed
+        else:
+            flag = False  # incompressible: raw, flagged so the replica does not inflate it
+    block = Block(
+        index=index, sha256=digest.hex(), data=base64.b64encode(body).decode(), compressed=flag
+    )
     return EncodedBlock(block, digest, len(data), len(body))
 
 
@@ -141,33 +175,77 @@ def signer_for(identity: Identity) -> Signer:
 class KafkaSink:
     """Publishes to `replication.deltas.v1`, keyed by item id. A failed send is retried with
     backoff (same envelope, so a consumer de-duplicates a send whose ack was lost) until it is
-    out: a cycle, once begun, is never left half-sent by a broker outage."""
+    out: a cycle, once begun, is never left half-sent by a broker outage.
+
+    `BlocksShipped` batches are pipelined: up to `SEND_WINDOW` of them are in flight (the
+    idempotent producer keeps their order); every other message (`CycleStarted`,
+    `CycleCompleted`) is sent only once everything before it is acknowledged, and is itself
+    awaited. A batch whose send failed is sent again (possibly after later batches of the same
+    cycle: the replica stages batches by number, in any order), so `CycleCompleted` always
+    follows every batch of its cycle and `CycleStarted` precedes them."""
 
     def __init__(self, producer: KafkaProducer, sign: Signer, item_id: uuid.UUID) -> None:
         self.producer = producer
         self.sign = sign
         self.key = str(item_id)
+        self._inflight: deque[tuple[asyncio.Future[Any], EventPayload, Envelope]] = deque()
 
     async def emit(self, payload: EventPayload) -> int:
         envelope = self.sign(payload)
+        value = envelope.to_bytes()
+        if isinstance(payload, BlocksShipped):
+            while len(self._inflight) >= SEND_WINDOW:
+                await self._settle(*self._inflight.popleft())
+            try:
+                future = await self.producer.send(topics.REPLICATION_DELTAS, value, key=self.key)
+            except (TimeoutError, KafkaError, OSError) as exc:
+                self._retrying(exc, 0.0)
+                await self._send_until_out(payload, envelope)
+            else:
+                self._inflight.append((future, payload, envelope))
+            return len(value)
+        await self.drain()
+        await self._send_until_out(payload, envelope, value)
+        return len(value)
+
+    async def drain(self) -> None:
+        """Wait until every pipelined batch is acknowledged (re-sending failed ones)."""
+        while self._inflight:
+            await self._settle(*self._inflight.popleft())
+
+    async def _settle(
+        self, future: asyncio.Future[Any], payload: EventPayload, envelope: Envelope
+    ) -> None:
+        try:
+            await future
+        except (TimeoutError, KafkaError, OSError) as exc:
+            self._retrying(exc, 0.0)
+            await self._send_until_out(payload, envelope)
+
+    async def _send_until_out(
+        self, payload: EventPayload, envelope: Envelope, value: bytes | None = None
+    ) -> None:
         delay = 0.5
         while True:
             try:
-                value = envelope.to_bytes()
+                value = value or envelope.to_bytes()
                 await self.producer.send_and_wait(topics.REPLICATION_DELTAS, value, key=self.key)
-                return len(value)
+                return
             except (TimeoutError, KafkaError, OSError) as exc:
-                log.warning(
-                    "cycle message not sent; retrying",
-                    extra={"item_id": self.key, "error": repr(exc), "retry_in": delay},
-                )
+                self._retrying(exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
                 if datetime.now(UTC) - envelope.occurred_at > REFRESH_ENVELOPE_AFTER:
-                    envelope = self.sign(payload)  # don't let it look replayed
+                    envelope, value = self.sign(payload), None  # don't let it look replayed
+
+    def _retrying(self, exc: BaseException, delay: float) -> None:
+        log.warning(
+            "cycle message not sent; retrying",
+            extra={"item_id": self.key, "error": repr(exc), "retry_in": delay},
+        )
 
     async def close(self) -> None:
-        return None
+        await self.drain()
 
 
 class FileSink:

@@ -26,7 +26,7 @@ import struct
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -335,6 +335,7 @@ class TrackedDisk:
     journal: Journal | None = None
     snapshot: Snapshot | None = None
     fd: int = -1
+    on_write: Callable[[], None] | None = None  # told after each journaled write
 
     @property
     def blocks(self) -> int:
@@ -360,6 +361,8 @@ class TrackedDisk:
             self.snapshot.preserve(index)
         if self.journal is not None:
             self.journal.append(index)
+            if self.on_write is not None:
+                self.on_write()
 
 
 class HostIO:

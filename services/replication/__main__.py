@@ -54,7 +54,7 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
         app.state.context = ctx
         app.state.import_pipeline = import_pipeline(rt, ctx)
         pipeline = delta_pipeline(rt, ctx)
-        faust_app = delta_app(settings, pipeline)
+        faust_app = delta_app(settings, pipeline, ctx)
         await faust_app.start()
         rt.on_stop(faust_app.stop)
         rt.add_check("faust_delta_agent", lambda: not faust_app.should_stop)

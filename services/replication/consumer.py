@@ -2,9 +2,13 @@
 
 - The delta pipeline (`replication.deltas.v1`) runs as a faust-streaming agent
   (`at_least_once`, concurrency 1: one coroutine per partition assignment, so offsets are never
-  committed past a record still in flight). Each record goes through the shared pipeline:
-  validation, signature and vault check, de-duplication by event id in the same PostgreSQL
-  transaction as its effect, DLQ with a reason for anything invalid.
+  committed past a record still in flight). It takes records in groups; the blocks of a
+  group's next few records are verified and written to the replica store in parallel while
+  the records before them are handled (each in order, in its own transaction); the group's
+  offsets are committed once all of it is handled. Each record
+  goes through the shared pipeline: validation, signature and vault check, de-duplication by
+  event id in the same PostgreSQL transaction as its effect, DLQ with a reason for anything
+  invalid.
 - Read models, agent reports and the failover service's requests (`failover_support`) come
   through the shared aiokafka `EventConsumer`.
 """
@@ -25,6 +29,12 @@ from shared.kafka import EventConsumer
 from shared.readmodels import registration_handlers, signature_verifier
 from shared.runtime import Runtime
 
+DELTA_GROUP = 16  # records handed to the pipeline at once (offsets committed after all)
+# Records whose blocks are written together; a smaller chunk than the group overlaps the next
+# chunk's writes with this one's transactions (not measured as a gain on a 2-CPU host yet).
+DELTA_PREPARE_CHUNK = 16
+DELTA_GROUP_WITHIN = 0.01  # seconds a partial group waits for more records
+
 
 def delta_pipeline(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
     s = ctx.settings
@@ -41,8 +51,12 @@ def delta_pipeline(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
     )
 
 
-def delta_app(settings: ReplicationSettings, pipeline: EventConsumer) -> faust.App:
-    """The faust app whose one agent feeds delta records to the pipeline."""
+def delta_app(
+    settings: ReplicationSettings, pipeline: EventConsumer, ctx: handlers.Context | None = None
+) -> faust.App:
+    """The faust app whose one agent feeds delta records to the pipeline (in groups of up to
+    `DELTA_GROUP` records; with `ctx`, each group's blocks are written in parallel first)."""
+    prepare = handlers.make_delta_prepare(ctx) if ctx is not None else None
     app = faust.App(
         f"{settings.topic_prefix}replication-deltas",
         broker=[f"kafka://{b}" for b in settings.kafka_bootstrap_servers.split(",")],
@@ -69,8 +83,18 @@ def delta_app(settings: ReplicationSettings, pipeline: EventConsumer) -> faust.A
     )
 
     async def apply_deltas(stream: faust.StreamT[Any]) -> AsyncIterator[None]:
-        async for event in stream.events():
-            await pipeline.process(event.message)
+        # Groups of records: faust acks (and so commits) a group's offsets only after the
+        # body has handled every record of it; the records are handled in order, each in its
+        # own transaction, after `prepare` wrote the group's blocks in parallel.
+        groups = stream.take_events(DELTA_GROUP, within=DELTA_GROUP_WITHIN)  # type: ignore[attr-defined]
+        async for events in groups:
+            try:
+                await pipeline.process_many(
+                    [e.message for e in events], prepare, chunk=DELTA_PREPARE_CHUNK
+                )
+            finally:
+                if ctx is not None:
+                    ctx.prestored.clear()
             yield None
 
     app.agent(topic, name="apply-deltas", concurrency=1)(apply_deltas)

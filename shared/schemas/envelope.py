@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic_core import to_jsonable_python
 
 from shared import signing
 
@@ -33,7 +34,16 @@ class Envelope(BaseModel):
     signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     def signed_fields(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"signature"})
+        """What the signature covers: every field but `signature`, with the payload reduced
+        to its event type's signed view if the type registers one (see `event_type`)."""
+        from shared.schemas.registry import payload_model
+
+        et = payload_model(self.type, self.schema_version)
+        if et is None or et.signed_view is None:
+            return self.model_dump(mode="json", exclude={"signature"})
+        fields = self.model_dump(mode="json", exclude={"signature", "payload"})
+        fields["payload"] = to_jsonable_python(et.signed_view(self.payload))
+        return fields
 
     def signed_with(self, signing_key: str) -> Envelope:
         return self.model_copy(
@@ -41,9 +51,14 @@ class Envelope(BaseModel):
         )
 
     def signature_valid(self, signing_key: str) -> bool:
-        return self.signature is not None and signing.verify(
-            self.signed_fields(), self.signature, signing_key
-        )
+        if self.signature is None:
+            return False
+        fields = self.signed_fields()
+        if signing.verify(fields, self.signature, signing_key):
+            return True
+        # A producer from before its type's signed view signed the whole payload: still valid.
+        whole = self.model_dump(mode="json", exclude={"signature"})
+        return whole != fields and signing.verify(whole, self.signature, signing_key)
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

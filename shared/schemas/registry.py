@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from shared.schemas.envelope import EventPayload
 
@@ -17,7 +17,11 @@ class EventType:
     model: type[EventPayload]
     signed: bool
     description: str
+    # What the signature covers of the payload (a JSON dict -> a JSON dict); None: all of it.
+    signed_view: SignedView | None = None
 
+
+SignedView = Callable[[dict[str, Any]], dict[str, Any]]
 
 EVENT_TYPES: dict[tuple[str, int], EventType] = {}
 _BY_MODEL: dict[type[EventPayload], EventType] = {}
@@ -26,18 +30,31 @@ P = TypeVar("P", bound=type[EventPayload])
 
 
 def event_type(
-    name: str, *, topic: str, version: int = 1, signed: bool = False
+    name: str,
+    *,
+    topic: str,
+    version: int = 1,
+    signed: bool = False,
+    signed_view: SignedView | None = None,
 ) -> Callable[[P], P]:
     """Class decorator registering a payload model as event `name` v`version` on `topic`.
 
     `signed=True` marks events that edge producers publish: consumers require a valid HMAC.
+    `signed_view` (signed types only): the part of the payload (as JSON) the signature
+    covers, when not all of it, e.g. block hashes instead of block bytes that the consumer
+    checks against those hashes anyway. It must keep everything that gives the event its
+    meaning; used by both `Envelope.signed_with` and `Envelope.signature_valid`.
     """
+    if signed_view is not None and not signed:
+        raise ValueError(f"{name}: a signed view needs signed=True")
 
     def register(model: P) -> P:
         key = (name, version)
         if key in EVENT_TYPES:
             raise ValueError(f"event type {name} v{version} registered twice")
-        et = EventType(name, version, topic, model, signed, (model.__doc__ or "").strip())
+        et = EventType(
+            name, version, topic, model, signed, (model.__doc__ or "").strip(), signed_view
+        )
         EVENT_TYPES[key] = et
         _BY_MODEL[model] = et
         return model

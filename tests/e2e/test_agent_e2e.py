@@ -183,7 +183,10 @@ class Replica:
                         data = bytes(length)
                     else:
                         data = base64.b64decode(block["data"])
-                        if batch["compression"] == "zlib":
+                        compressed = block.get("compressed")
+                        if compressed is None:  # as the batch says
+                            compressed = batch["compression"] == "zlib"
+                        if compressed:
                             data = zlib.decompress(data)
                     assert hashlib.sha256(data).hexdigest() == block["sha256"]
                     image[offset : offset + length] = data

@@ -99,7 +99,10 @@ def apply(cycle: list[dict[str, Any]], images: dict[str, Path]) -> dict[str, Any
                     data = bytes(min(BLOCK_SIZE, size - block["index"] * BLOCK_SIZE))
                 else:
                     data = base64.b64decode(block["data"])
-                    if batch["compression"] == "zlib":
+                    compressed = block.get("compressed")
+                    if compressed is None:
+                        compressed = batch["compression"] == "zlib"
+                    if compressed:
                         data = zlib.decompress(data)
                 assert hashlib.sha256(data).hexdigest() == block["sha256"]
                 fh.seek(block["index"] * BLOCK_SIZE)
@@ -276,3 +279,107 @@ async def test_a_change_log_over_half_the_disk_asks_for_a_resync(tmp_path: Path)
     assert len(fault) == 1 and fault[0].needs_resync  # type: ignore[attr-defined]
     assert h.item.record.needs_resync and not list(h.folder.glob("*.jnl"))
     await h.item.close()
+
+
+def test_encode_block_sends_incompressible_blocks_raw_and_flags_them() -> None:
+    from services.replication.handlers import _block_bytes
+
+    disk = {"size_bytes": 4 * BLOCK_SIZE, "block_size": BLOCK_SIZE}
+    noise = os.urandom(BLOCK_SIZE)
+    text = (b"the quick brown fox " * (BLOCK_SIZE // 20 + 1))[:BLOCK_SIZE]
+    raw = encode_block(0, noise, Compression.ZLIB)
+    packed = encode_block(1, text, Compression.ZLIB)
+    zero = encode_block(2, bytes(BLOCK_SIZE), Compression.ZLIB)
+    plain = encode_block(3, text, Compression.NONE)
+    assert raw.block.compressed is False and raw.wire_len == BLOCK_SIZE
+    assert base64.b64decode(raw.block.data or "") == noise
+    assert packed.block.compressed is None and packed.wire_len < BLOCK_SIZE // 4
+    assert zero.block.zero and zero.block.data is None and zero.block.compressed is None
+    assert zero.digest == hashlib.sha256(bytes(BLOCK_SIZE)).digest()
+    assert plain.block.compressed is None and plain.wire_len == BLOCK_SIZE
+    # the replica honours the per-block flag over the batch's compression
+    assert _block_bytes(raw.block, disk, Compression.ZLIB) == noise
+    assert _block_bytes(packed.block, disk, Compression.ZLIB) == text
+    assert _block_bytes(zero.block, disk, Compression.ZLIB) is None
+    assert _block_bytes(plain.block, disk, Compression.NONE) == text
+
+
+def test_kafka_sink_pipelines_batches_and_completes_after_every_ack() -> None:
+    """Batches go out without waiting for each ack (a window of them); a batch whose send
+    failed is sent again; CycleCompleted leaves only once every batch is acknowledged."""
+    import asyncio
+
+    from aiokafka.errors import KafkaTimeoutError
+
+    from services.host_agent import cycles
+    from shared.schemas.replication import BlocksShipped, CycleCompleted, DiskRoot
+
+    item = uuid.uuid4()
+    log: list[tuple[str, str]] = []  # (what, type:batch_no)
+
+    class FakeProducer:
+        def __init__(self) -> None:
+            self.pending: list[tuple[asyncio.Future[None], str]] = []
+            self.failed_once = False
+
+        async def send(self, topic: str, value: bytes, *, key: str) -> asyncio.Future[None]:
+            env = json.loads(value)
+            name = f"{env['type']}:{env['payload'].get('batch_no', '')}"
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            log.append(("sent", name))
+            self.pending.append((fut, name))
+            return fut
+
+        async def send_and_wait(self, topic: str, value: bytes, *, key: str) -> None:
+            fut = await self.send(topic, value, key=key)
+            self.ack_all()
+            await fut
+
+        def ack_all(self) -> None:
+            for fut, name in self.pending:
+                if fut.done():
+                    continue
+                if name == "BlocksShipped:1" and not self.failed_once:
+                    self.failed_once = True
+                    fut.set_exception(KafkaTimeoutError())
+                else:
+                    log.append(("acked", name))
+                    fut.set_result(None)
+            self.pending = []
+
+    async def run() -> None:
+        producer = FakeProducer()
+        sink = cycles.KafkaSink(producer, lambda p: _sign(p), item)  # type: ignore[arg-type]
+        block = encode_block(0, b"x" * BLOCK_SIZE, Compression.NONE).block
+        for n in range(3):
+            batch = BlocksShipped(
+                item_id=item, cycle_seq=1, batch_no=n, disk_id="d", blocks=[block]
+            )
+            await sink.emit(batch)
+        assert [w for w, _ in log] == ["sent"] * 3  # no ack awaited yet
+        producer.ack_all()
+        await sink.emit(
+            CycleCompleted(
+                item_id=item,
+                cycle_seq=1,
+                kind=CycleKind.DELTA,
+                batches=3,
+                blocks=3,
+                disks=[DiskRoot(disk_id="d", size_bytes=BLOCK_SIZE, merkle_root="0" * 64)],
+                source_time=datetime.now(UTC),
+            )
+        )
+        await sink.close()
+
+    def _sign(payload: EventPayload) -> Any:
+        from shared.schemas.envelope import new_envelope
+
+        return new_envelope(payload, vault_id=uuid.uuid4(), producer_id="p")
+
+    from datetime import UTC, datetime
+
+    asyncio.run(run())
+    acked = [n for w, n in log if w == "acked"]
+    assert sorted(acked[:3]) == ["BlocksShipped:0", "BlocksShipped:1", "BlocksShipped:2"]
+    assert acked[-1] == "CycleCompleted:"
+    assert [n for w, n in log if w == "sent"].count("BlocksShipped:1") == 2  # re-sent

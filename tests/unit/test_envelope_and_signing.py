@@ -102,3 +102,105 @@ def test_service_events_are_not_age_checked() -> None:
     decoded, payload = decode_event(env.to_bytes(), MAX_AGE)
     assert isinstance(payload, VaultCreated)
     assert decoded.signature is None
+
+
+# ------------------------------------------------------------- signed view of BlocksShipped
+
+
+def _shipped(blocks: list[bytes], compression: str = "none") -> Envelope:
+    import base64
+    import hashlib
+
+    from shared.schemas.replication import Block, BlocksShipped, Compression
+
+    payload = BlocksShipped(
+        item_id=uuid.uuid4(),
+        cycle_seq=3,
+        batch_no=0,
+        disk_id="disk0",
+        compression=Compression(compression),
+        blocks=[
+            Block(index=i, sha256=hashlib.sha256(b).hexdigest(), data=base64.b64encode(b).decode())
+            for i, b in enumerate(blocks)
+        ],
+    )
+    return new_envelope(payload, vault_id=VAULT, producer_id=str(uuid.uuid4()), signing_key=KEY)
+
+
+def _with_block(env: Envelope, n: int, **changes: object) -> Envelope:
+    blocks = [dict(b) for b in env.payload["blocks"]]
+    blocks[n].update(changes)
+    return env.model_copy(update={"payload": {**env.payload, "blocks": blocks}})
+
+
+def test_blocks_signature_covers_hashes_not_data() -> None:
+    import base64
+
+    env = _shipped([b"a" * 4096, b"b" * 4096])
+    assert env.signature_valid(KEY)
+    decoded, _ = decode_event(env.to_bytes(), MAX_AGE)
+    assert decoded.signature_valid(KEY)
+    # the signed JSON has no block data in it (cheap to sign and verify)
+    assert all("data" not in b for b in env.signed_fields()["payload"]["blocks"])
+    assert "data" in env.model_dump(mode="json")["payload"]["blocks"][0]
+    # altered bytes keep the signature valid: the replica's hash check refuses them
+    forged = _with_block(env, 0, data=base64.b64encode(b"x" * 4096).decode())
+    assert forged.signature_valid(KEY)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"sha256": "0" * 64},
+        {"index": 7},
+        {"compressed": False},
+        {"zero": True, "data": None},
+    ],
+)
+def test_blocks_signature_fails_when_a_hash_index_or_flag_changes(
+    changes: dict[str, object],
+) -> None:
+    env = _shipped([b"a" * 4096, b"b" * 4096])
+    assert not _with_block(env, 1, **changes).signature_valid(KEY)
+
+
+def test_blocks_signature_fails_when_a_batch_field_changes() -> None:
+    env = _shipped([b"a" * 4096])
+    for field, value in (("batch_no", 1), ("cycle_seq", 4), ("compression", "zlib")):
+        tampered = env.model_copy(update={"payload": {**env.payload, field: value}})
+        assert not tampered.signature_valid(KEY)
+    dropped = env.model_copy(update={"payload": {**env.payload, "blocks": []}})
+    assert not dropped.signature_valid(KEY)
+
+
+def test_tampered_block_data_fails_the_replica_hash_check(tmp_path: object) -> None:
+    """A block whose bytes were altered (signature still valid) is refused by the hash check
+    the replication service runs before storing: the `block_hash_mismatch` path."""
+    import base64
+    from pathlib import Path
+
+    from services.replication.handlers import _block_bytes
+    from services.replication.store import BlockHashMismatch, ReplicaStore
+    from shared.schemas.replication import BlocksShipped
+
+    env = _shipped([b"a" * 4096])
+    forged = _with_block(env, 0, data=base64.b64encode(b"x" * 4096).decode())
+    decoded, payload = decode_event(forged.to_bytes(), MAX_AGE)
+    assert decoded.signature_valid(KEY)
+    assert isinstance(payload, BlocksShipped)
+    block = payload.blocks[0]
+    data = _block_bytes(block, {"size_bytes": 4096, "block_size": 4096}, payload.compression)
+    assert data == b"x" * 4096
+    store = ReplicaStore(Path(str(tmp_path)))
+    with pytest.raises(BlockHashMismatch):
+        store.put_blocks("item-1", [(block.index, block.sha256, data)])
+    store.close()
+
+
+def test_blocks_signed_over_the_whole_payload_by_an_older_agent_still_verify() -> None:
+    env = _shipped([b"a" * 4096]).model_copy(update={"signature": None})
+    legacy = env.model_copy(
+        update={"signature": signing.sign(env.model_dump(mode="json", exclude={"signature"}), KEY)}
+    )
+    assert legacy.signature_valid(KEY)
+    assert not legacy.signature_valid(signing.derive_signing_key(signing.new_secret("drc")))
