@@ -190,8 +190,8 @@ ITEM = [
         ],
         unit="s",
         width=24,
-        description="The threshold series appears once the replication service exports "
-        "dr_replication_rpo_threshold_seconds.",
+        description="RPO against its alert threshold: twice the policy's copy interval, "
+        "at least 30 s.",
     ),
     Panel(
         "Recovery points committed (RPO resets per 15 min)",

@@ -205,6 +205,11 @@ def rpo_seconds(now: datetime, latest_point_source_time: datetime | None) -> flo
     return max((now - latest_point_source_time).total_seconds(), 0.0)
 
 
+def rpo_threshold_seconds(copy_interval_seconds: int) -> float:
+    """The RPO an item should stay under (alerting): two copy intervals, at least 30 s."""
+    return float(max(2 * copy_interval_seconds, 30))
+
+
 def check_action(state: ItemState, action: str) -> None:
     """Refuse item actions that make no sense in `state`, with a clear message."""
     allowed: dict[str, set[ItemState]] = {

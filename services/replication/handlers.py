@@ -60,6 +60,11 @@ APPLY_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900),
 )
 RPO_SECONDS = Gauge("dr_replication_rpo_seconds", "RPO of a protected item", ["item_id", "vm"])
+RPO_THRESHOLD = Gauge(
+    "dr_replication_rpo_threshold_seconds",
+    "RPO an item should stay under: twice its policy's copy interval, at least 30 s",
+    ["item_id", "vm"],
+)
 ITEMS_BY_HEALTH = Gauge("dr_replication_items", "Protected items by health", ["health"])
 STORE_BYTES = Gauge("dr_replica_store_bytes", "Bytes of block files in the replica store")
 STORE_BYTES_EVERY = 30.0  # seconds between two walks of the replica store for STORE_BYTES
@@ -841,6 +846,8 @@ async def disable(
         await asyncio.to_thread(ctx.store(item["target_site"]).delete_item, str(item_id))
     with contextlib.suppress(KeyError):  # no RPO series yet
         RPO_SECONDS.remove(str(item_id), item["vm_name"])
+    with contextlib.suppress(KeyError):
+        RPO_THRESHOLD.remove(str(item_id), item["vm_name"])
     return item
 
 
@@ -934,12 +941,16 @@ async def evaluate_health(ctx: Context) -> None:
                 )
         counts[verdict.health] += 1
         if ItemState(item["state"]) is ItemState.FAILED_OVER:
-            with contextlib.suppress(KeyError):  # the VM runs from its replica: no RPO
-                RPO_SECONDS.remove(str(item["item_id"]), item["vm_name"])
+            for gauge in (RPO_SECONDS, RPO_THRESHOLD):
+                with contextlib.suppress(KeyError):  # the VM runs from its replica: no RPO
+                    gauge.remove(str(item["item_id"]), item["vm_name"])
             continue
         rpo = domain.rpo_seconds(now, item["last_point_source_time"])
         if rpo is not None:
             RPO_SECONDS.labels(str(item["item_id"]), item["vm_name"]).set(rpo)
+            RPO_THRESHOLD.labels(str(item["item_id"]), item["vm_name"]).set(
+                domain.rpo_threshold_seconds(item["copy_interval_seconds"])
+            )
     for health, count in counts.items():
         ITEMS_BY_HEALTH.labels(health.value).set(count)
     if time.monotonic() - ctx.store_bytes_at >= STORE_BYTES_EVERY:

@@ -20,10 +20,7 @@ import services
 import shared
 from scripts import dashboards, prometheus_config
 
-PENDING = {
-    # pending replication service: the RPO threshold of the item's policy, seconds
-    "dr_replication_rpo_threshold_seconds": {"item_id", "vm"},
-}
+PENDING: dict[str, set[str]] = {}
 # Series Prometheus itself adds to every scrape target.
 BUILTIN = {"up": {"job", "instance"}, "scrape_duration_seconds": {"job", "instance"}}
 TARGET_LABELS = {"job", "instance", "site"}

@@ -150,3 +150,8 @@ def test_the_recovery_point_to_fail_over_to() -> None:
         domain.choose_point(points[1:], "latest_app_consistent", None)
     with pytest.raises(domain.ReplicationError, match="no retained"):
         domain.choose_point([], "latest", None)
+
+
+def test_rpo_threshold_is_two_intervals_at_least_30_s() -> None:
+    assert domain.rpo_threshold_seconds(1) == 30
+    assert domain.rpo_threshold_seconds(300) == 600
