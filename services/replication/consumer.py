@@ -36,18 +36,22 @@ DELTA_PREPARE_CHUNK = 16
 DELTA_GROUP_WITHIN = 0.01  # seconds a partial group waits for more records
 
 
-def delta_pipeline(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
+def delta_pipeline(
+    runtime: Runtime, ctx: handlers.Context, *, group: str = "replication.deltas", aged: bool = True
+) -> EventConsumer:
+    """The verified delta pipeline; `aged=False` skips the age check of signed envelopes (cycle
+    files imported for an offline initial replication arrive days after they were signed)."""
     s = ctx.settings
     return EventConsumer(
         bootstrap=s.kafka_bootstrap_servers,
         prefix=s.topic_prefix,
-        group="replication.deltas",
+        group=group,
         topic_names=[topics.REPLICATION_DELTAS],
         pool=runtime.pool,
         producer=runtime.producer,
         handlers=handlers.make_delta_handlers(ctx),
         verifier=signature_verifier(),
-        max_age=timedelta(seconds=s.event_max_age_seconds),
+        max_age=timedelta(seconds=s.event_max_age_seconds) if aged else None,
     )
 
 

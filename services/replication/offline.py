@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.replication import handlers
+from services.replication.consumer import delta_pipeline
 from shared import topics
 from shared.kafka import EventConsumer
-from shared.readmodels import signature_verifier
 from shared.runtime import Runtime
 
 CYCLE_FILE = re.compile(r"^cycle-(\d+)\.jsonl$")
@@ -37,18 +37,7 @@ class FileRecord:
 
 
 def import_pipeline(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
-    s = ctx.settings
-    return EventConsumer(
-        bootstrap=s.kafka_bootstrap_servers,
-        prefix=s.topic_prefix,
-        group="replication.offline-import",
-        topic_names=[topics.REPLICATION_DELTAS],
-        pool=runtime.pool,
-        producer=runtime.producer,
-        handlers=handlers.make_delta_handlers(ctx),
-        verifier=signature_verifier(),
-        max_age=None,
-    )
+    return delta_pipeline(runtime, ctx, group="replication.offline-import", aged=False)
 
 
 def cycle_files(folder: Path) -> list[Path]:
