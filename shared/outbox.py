@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import asyncpg
 from prometheus_client import Counter, Gauge
 
 from shared.faults import crash_point
 from shared.kafka import KafkaProducer
-from shared.schemas.envelope import Envelope
+from shared.schemas.envelope import Envelope, EventPayload, new_envelope
 from shared.schemas.registry import payload_model
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,21 @@ async def enqueue(conn: asyncpg.Connection, envelope: Envelope, *, key: str) -> 
         envelope.event_id,
         envelope.type,
     )
+
+
+async def emit(
+    conn: asyncpg.Connection,
+    payload: EventPayload,
+    *,
+    vault_id: uuid.UUID,
+    key: str,
+    producer_id: str,
+) -> uuid.UUID:
+    """Wrap `payload` in a new envelope from `producer_id` and write it to the outbox, inside
+    the caller's transaction; returns the event id."""
+    envelope = new_envelope(payload, vault_id=vault_id, producer_id=producer_id)
+    await enqueue(conn, envelope, key=key)
+    return envelope.event_id
 
 
 class OutboxRelay:

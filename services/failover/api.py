@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.failover import domain, handlers
 from services.failover import repository as repo
 from services.failover.domain import FailoverRefused, Operation, PlanGroup
-from shared.auth import CurrentPrincipal
+from shared.auth import CurrentPrincipal, Principal
 from shared.schemas.failover import JobState, PointChoice
 from shared.schemas.registration import Role
 
@@ -154,6 +155,30 @@ def task_out(t: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ item operations
 
 
+async def _start_operation(
+    request: Request,
+    principal: Principal,
+    vault_id: uuid.UUID,
+    operation: str,
+    body: OperationIn | None,
+    start: Callable[..., Awaitable[dict[str, Any]]],
+    target: Any,
+) -> JSONResponse:
+    """Check the role and the operation's name and parameters, start its job (202)."""
+    principal.check(Role.OPERATOR, vault_id)
+    op = OPERATION_PATHS.get(operation)
+    if op is None:
+        raise HTTPException(
+            404, f"unknown operation '{operation}': use one of {sorted(OPERATION_PATHS)}"
+        )
+    try:
+        params = _params(body or OperationIn(), op)
+        job = await start(_ctx(request), vault_id, target, op, params, principal.token_id)
+    except FailoverRefused as exc:
+        raise _refused(exc) from None
+    return JSONResponse(job_out(job), status_code=202)
+
+
 @router.post(
     "/failovers/{item_id}/{operation}",
     status_code=202,
@@ -170,21 +195,9 @@ async def item_operation(
     principal: CurrentPrincipal,
     body: OperationIn | None = None,
 ) -> JSONResponse:
-    principal.check(Role.OPERATOR, vault_id)
-    op = OPERATION_PATHS.get(operation)
-    if op is None:
-        raise HTTPException(
-            404, f"unknown operation '{operation}': use one of {sorted(OPERATION_PATHS)}"
-        )
-    body = body or OperationIn()
-    try:
-        params = _params(body, op)
-        job = await handlers.start_item_operation(
-            _ctx(request), vault_id, item_id, op, params, principal.token_id
-        )
-    except FailoverRefused as exc:
-        raise _refused(exc) from None
-    return JSONResponse(job_out(job), status_code=202)
+    return await _start_operation(
+        request, principal, vault_id, operation, body, handlers.start_item_operation, item_id
+    )
 
 
 @router.get("/failovers", tags=["failover"], summary="Protected items with their failover state")
@@ -503,18 +516,6 @@ async def plan_operation(
     principal: CurrentPrincipal,
     body: OperationIn | None = None,
 ) -> JSONResponse:
-    principal.check(Role.OPERATOR, vault_id)
-    op = OPERATION_PATHS.get(operation)
-    if op is None:
-        raise HTTPException(
-            404, f"unknown operation '{operation}': use one of {sorted(OPERATION_PATHS)}"
-        )
-    body = body or OperationIn()
-    try:
-        params = _params(body, op)
-        job = await handlers.start_plan_operation(
-            _ctx(request), vault_id, plan, op, params, principal.token_id
-        )
-    except FailoverRefused as exc:
-        raise _refused(exc) from None
-    return JSONResponse(job_out(job), status_code=202)
+    return await _start_operation(
+        request, principal, vault_id, operation, body, handlers.start_plan_operation, plan
+    )

@@ -9,7 +9,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from shared import outbox
-from shared.schemas.envelope import EventPayload, new_envelope
+from shared.schemas.envelope import EventPayload
 from shared.schemas.failover import JobChanged, JobState, TaskChanged
 
 PRODUCER_ID = "service:failover"
@@ -20,9 +20,7 @@ Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
 async def emit(
     conn: asyncpg.Connection, vault_id: uuid.UUID, payload: EventPayload, key: str
 ) -> None:
-    await outbox.enqueue(
-        conn, new_envelope(payload, vault_id=vault_id, producer_id=PRODUCER_ID), key=key
-    )
+    await outbox.emit(conn, payload, vault_id=vault_id, key=key, producer_id=PRODUCER_ID)
 
 
 # ------------------------------------------------------------------ read models

@@ -17,7 +17,7 @@ from services.inventory.repository import ProviderRef
 from shared import outbox, readmodels
 from shared.kafka import Incoming, Rejected
 from shared.schemas import registration as reg
-from shared.schemas.envelope import Envelope, new_envelope
+from shared.schemas.envelope import Envelope
 from shared.schemas.inventory import DiscoveryChange, DiscoverySnapshot, Inventory, object_id_of
 from shared.schemas.registration import ProducerKind
 
@@ -66,8 +66,9 @@ async def apply_plan(conn: asyncpg.Connection, ref: ProviderRef, plan: domain.Pl
     await repo.delete_objects(conn, ref.provider_id, plan.removals)
     await repo.write_objects(conn, ref, plan.upserts)
     for payload in domain.events_of(plan, ref.provider_id, ref.site):
-        envelope = new_envelope(payload, vault_id=ref.vault_id, producer_id=PRODUCER_ID)
-        await outbox.enqueue(conn, envelope, key=str(ref.provider_id))
+        await outbox.emit(
+            conn, payload, vault_id=ref.vault_id, key=str(ref.provider_id), producer_id=PRODUCER_ID
+        )
     for (kind, change), n in plan.tally().items():
         OBJECTS_CHANGED.labels(kind.value, change.value).inc(n)
 

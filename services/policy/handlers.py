@@ -16,7 +16,7 @@ from shared import outbox
 from shared.kafka import Handler, Incoming
 from shared.schemas import inventory as inv
 from shared.schemas import policy as ev
-from shared.schemas.envelope import EventPayload, new_envelope
+from shared.schemas.envelope import EventPayload
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,7 @@ PRODUCER_ID = "service:policy"
 
 
 async def emit(conn: asyncpg.Connection, vault_id: uuid.UUID, payload: EventPayload) -> None:
-    envelope = new_envelope(payload, vault_id=vault_id, producer_id=PRODUCER_ID)
-    await outbox.enqueue(conn, envelope, key=str(vault_id))
+    await outbox.emit(conn, payload, vault_id=vault_id, key=str(vault_id), producer_id=PRODUCER_ID)
 
 
 def policy_event_model(row: dict[str, Any]) -> ev.Policy:

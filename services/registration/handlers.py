@@ -16,7 +16,7 @@ from services.registration import repository as repo
 from shared import outbox, signing
 from shared.kafka import Incoming, Rejected
 from shared.schemas import registration as ev
-from shared.schemas.envelope import EventPayload, new_envelope
+from shared.schemas.envelope import EventPayload
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,7 @@ PRODUCERS = Gauge(
 
 
 async def emit(conn: asyncpg.Connection, vault_id: uuid.UUID, payload: EventPayload) -> None:
-    envelope = new_envelope(payload, vault_id=vault_id, producer_id=PRODUCER_ID)
-    await outbox.enqueue(conn, envelope, key=str(vault_id))
+    await outbox.emit(conn, payload, vault_id=vault_id, key=str(vault_id), producer_id=PRODUCER_ID)
 
 
 async def create_vault(pool: asyncpg.Pool, name: str) -> dict[str, Any]:

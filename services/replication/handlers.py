@@ -43,7 +43,7 @@ from shared.merkle import block_count, block_length, zero_block_hash
 from shared.readmodels import known_producer, signature_verifier
 from shared.schemas import agent as cmd
 from shared.schemas import replication as ev
-from shared.schemas.envelope import EventPayload, new_envelope
+from shared.schemas.envelope import EventPayload
 from shared.schemas.replication import Health, ItemState
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ class Context:
 async def emit(
     conn: asyncpg.Connection, vault_id: uuid.UUID, payload: EventPayload, key: str
 ) -> None:
-    envelope = new_envelope(payload, vault_id=vault_id, producer_id=PRODUCER_ID)
-    await outbox.enqueue(conn, envelope, key=key)
+    await outbox.emit(conn, payload, vault_id=vault_id, key=key, producer_id=PRODUCER_ID)
 
 
 async def command(conn: asyncpg.Connection, item: dict[str, Any], payload: EventPayload) -> None:
