@@ -39,13 +39,7 @@ PLATFORM_SERVICES = ("registration", "inventory", "policy", "replication", "fail
 
 
 def stack_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    path = Path(os.environ.get("DR_STATE_DIR", REPO / ".state")) / "stack.env"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep:
-                env[key] = value
+    env = procs.read_stack_env()
     for key in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"):
         if os.environ.get(key):
             env[key] = os.environ[key]

@@ -17,6 +17,18 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 
 
+def read_stack_env() -> dict[str, str]:
+    """The KEY=VALUE lines `make up` wrote to `$DR_STATE_DIR/stack.env` (empty if never up)."""
+    env: dict[str, str] = {}
+    path = Path(os.environ.get("DR_STATE_DIR", REPO / ".state")) / "stack.env"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                env[key.strip()] = value.strip()
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,16 @@ class Runtime:
                     delay = min(delay * 2, 10)
 
         self._tasks[name] = asyncio.create_task(supervised(), name=name)
+
+    def spawn_every(self, name: str, seconds: float, work: Callable[[], Awaitable[object]]) -> None:
+        """Run `work()` now and then every `seconds` in the background (supervised)."""
+
+        async def loop() -> None:
+            while True:
+                await work()
+                await asyncio.sleep(seconds)
+
+        self.spawn(name, loop)
 
     def on_stop(self, hook: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Run `hook` at shutdown, before the tasks are cancelled (last registered, first run)."""

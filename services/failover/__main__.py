@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -46,12 +45,11 @@ def build_app(settings: FailoverSettings) -> FastAPI:
         rt.on_stop(engine.stop)
         await engine.resume_all()
 
-        async def forced_cleanups() -> None:
-            while True:
-                await handlers.force_old_test_cleanups(ctx)
-                await asyncio.sleep(settings.cleanup_interval_seconds)
-
-        rt.spawn("forced-test-cleanup", forced_cleanups)
+        rt.spawn_every(
+            "forced-test-cleanup",
+            settings.cleanup_interval_seconds,
+            lambda: handlers.force_old_test_cleanups(ctx),
+        )
 
     app = create_app(
         runtime,

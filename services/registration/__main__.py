@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -27,14 +26,13 @@ def build_app(settings: RegistrationSettings) -> FastAPI:
         topics=(topics.REGISTRATION_EVENTS, topics.REGISTRATION_HEARTBEATS),
     )
 
-    async def sweep_forever() -> None:
-        while True:
-            await handlers.sweep_disconnected(runtime.pool, settings.missed_heartbeats)
-            await asyncio.sleep(settings.sweep_interval_seconds)
-
     async def on_start(rt: Runtime) -> None:
         rt.spawn("heartbeat-consumer", heartbeat_consumer(rt, settings).run)
-        rt.spawn("disconnect-sweeper", sweep_forever)
+        rt.spawn_every(
+            "disconnect-sweeper",
+            settings.sweep_interval_seconds,
+            lambda: handlers.sweep_disconnected(rt.pool, settings.missed_heartbeats),
+        )
 
     app = create_app(
         runtime,

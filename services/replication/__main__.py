@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -41,14 +40,6 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
     )
     app: FastAPI
 
-    def every(seconds: float, work: handlers.Periodic, ctx: handlers.Context) -> handlers.Loop:
-        async def loop() -> None:
-            while True:
-                await work(ctx)
-                await asyncio.sleep(seconds)
-
-        return loop
-
     async def on_start(rt: Runtime) -> None:
         ctx = handlers.Context(pool=rt.pool, settings=settings)
         app.state.context = ctx
@@ -60,10 +51,13 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
         rt.add_check("faust_delta_agent", lambda: not faust_app.should_stop)
         rt.spawn("side-consumer", side_consumer(rt, ctx).run)
         rt.spawn("failover-requests", lambda: failover_worker(ctx))
-        rt.spawn("health", every(settings.health_interval_seconds, handlers.evaluate_health, ctx))
-        rt.spawn("resync", every(settings.health_interval_seconds, handlers.start_due_resyncs, ctx))
-        rt.spawn(
-            "retention", every(settings.retention_interval_seconds, handlers.apply_retention, ctx)
+        every = settings.health_interval_seconds
+        rt.spawn_every("health", every, lambda: handlers.evaluate_health(ctx))
+        rt.spawn_every("resync", every, lambda: handlers.start_due_resyncs(ctx))
+        rt.spawn_every(
+            "retention",
+            settings.retention_interval_seconds,
+            lambda: handlers.apply_retention(ctx),
         )
 
     app = create_app(

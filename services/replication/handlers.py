@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -69,10 +69,6 @@ ITEMS_BY_HEALTH = Gauge("dr_replication_items", "Protected items by health", ["h
 STORE_BYTES = Gauge("dr_replica_store_bytes", "Bytes of block files in the replica store")
 STORE_BYTES_EVERY = 30.0  # seconds between two walks of the replica store for STORE_BYTES
 RESYNCS = Counter("dr_replication_resyncs_total", "Resyncs requested", ["reason"])
-
-
-Periodic = Callable[["Context"], Awaitable[object]]
-Loop = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass

@@ -6,23 +6,13 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 
-from scripts.procs import REPO
+from scripts.procs import REPO, read_stack_env
 
-
-def _stack_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    path = Path(os.environ.get("DR_STATE_DIR", REPO / ".state")) / "stack.env"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep:
-                env[key.strip()] = value.strip()
-    return env
+__all__ = ["REPO", "Stack", "fresh_database", "random_prefix", "read_stack_env", "stack_from_env"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +43,7 @@ class Stack:
 
 
 def stack_from_env() -> Stack:
-    file_env = _stack_env()
+    file_env = read_stack_env()
     return Stack(
         kafka=os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         or file_env.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
