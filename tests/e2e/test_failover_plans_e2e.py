@@ -301,4 +301,4 @@ async def test_old_test_failovers_are_cleaned_up_by_force(
         )
         assert len(resp.json()) == 1, resp.json()
     finally:
-        plat.stop_all()
+        await plat.close()

@@ -38,7 +38,7 @@ async def platform(
     try:
         yield plat
     finally:
-        plat.stop_all()
+        await plat.close()
 
 
 def kcat() -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from scripts import procs as processes
 from shared import topics
-from tests.support.kafka import read_all, wait_for_records
+from tests.support.kafka import delete_prefixed_topics, read_all, wait_for_records
 from tests.support.platform import Platform
 from tests.support.poll import eventually
 from tests.support.stack import Stack, fresh_database, random_prefix
@@ -64,3 +64,4 @@ async def test_kill_between_commit_and_publish_loses_no_event(
         assert got.status_code == 200 and got.json()["name"] == name
     finally:
         proc.stop()
+        await delete_prefixed_topics(stack.kafka, plat.prefix)

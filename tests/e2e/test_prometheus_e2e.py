@@ -31,7 +31,7 @@ async def platform(
     try:
         yield plat
     finally:
-        plat.stop_all()
+        await plat.close()
 
 
 @pytest.fixture(scope="module")

@@ -59,4 +59,4 @@ async def test_rpo_and_health_series_through_prometheus(
     finally:
         if server is not None:
             server.stop()
-        plat.stop_all()
+        await plat.close()

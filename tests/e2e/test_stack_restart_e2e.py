@@ -3,31 +3,18 @@ and the disconnect sweeper keeps working afterwards."""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-
 import httpx
 import pytest
 
 from scripts import procs
 from tests.support.platform import Platform
 from tests.support.poll import eventually
-from tests.support.stack import REPO, Stack, fresh_database, random_prefix
+from tests.support.stack import Stack, fresh_database, random_prefix, stack_command
 
 pytestmark = pytest.mark.e2e
 
 
-async def stack_command(command: str) -> None:
-    proc = await asyncio.to_thread(
-        subprocess.run,
-        ["bash", str(REPO / "deploy/local/stack.sh"), command],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("component", ["pg", "kafka"])
 async def test_registration_goes_on_after_a_restart(
     stack: Stack, tmp_path: object, component: str
@@ -72,12 +59,12 @@ async def test_registration_goes_on_after_a_restart(
                     return False
                 return resp.status_code == 200
 
-            await eventually(healthy, timeout=60, what="service healthy after the restart")
+            await eventually(healthy, timeout=180, what="service healthy after the restart")
             agent.stop()
             await eventually(disconnected, timeout=30, what="sweeper works after the restart")
             agent.start()
-            await eventually(connected, timeout=60, what="heartbeats applied after the restart")
+            await eventually(connected, timeout=180, what="heartbeats applied after the restart")
             assert plat.services["registration"].alive(), "the service must not have died"
             assert plat.services["registration"].starts == 1
     finally:
-        plat.stop_all()
+        await plat.close()

@@ -12,6 +12,7 @@ import httpx
 
 from scripts import procs as processes
 from scripts.procs import Proc
+from tests.support.kafka import delete_prefixed_topics
 from tests.support.stack import Stack
 
 
@@ -70,6 +71,12 @@ class Platform:
     def stop_all(self) -> None:
         for proc in [*self.edges, *self.services.values()]:
             proc.stop()
+
+    async def close(self) -> None:
+        """Stop every process, then delete the platform's topics (a platform of its own only:
+        the session platform's prefix is shared by every module)."""
+        self.stop_all()
+        await delete_prefixed_topics(self.stack.kafka, self.prefix)
 
     # -- API helpers --------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
+import subprocess
 from dataclasses import dataclass
 from urllib.parse import urlparse, urlunparse
 
@@ -12,7 +14,15 @@ import asyncpg
 
 from scripts.procs import REPO, read_stack_env
 
-__all__ = ["REPO", "Stack", "fresh_database", "random_prefix", "read_stack_env", "stack_from_env"]
+__all__ = [
+    "REPO",
+    "Stack",
+    "fresh_database",
+    "random_prefix",
+    "read_stack_env",
+    "stack_command",
+    "stack_from_env",
+]
 
 
 @dataclass(frozen=True)
@@ -65,3 +75,17 @@ async def fresh_database(stack: Stack, label: str = "t") -> str:
 
 def random_prefix(label: str = "t") -> str:
     return f"{label}{secrets.token_hex(4)}."
+
+
+async def stack_command(command: str) -> None:
+    """Run `deploy/local/stack.sh COMMAND` (kafka-restart, pg-restart, ...) for fault tests.
+    A broker holding many partitions can take minutes to reload them on a slow machine, so
+    the bound is generous (the script's own start timeout comes first)."""
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", str(REPO / "deploy/local/stack.sh"), command],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
