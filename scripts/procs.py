@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,11 +105,25 @@ class Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (`stop` then waits)."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
     def tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def stop_all(procs: Iterable[Proc]) -> None:
+    """Stop several processes at once: SIGTERM to each, then wait for each (graceful)."""
+    todo = list(procs)
+    for proc in todo:
+        proc.terminate()
+    for proc in todo:
+        proc.stop()
 
 
 def service(name: str, env: dict[str, str], log_dir: Path, env_prefix: str | None = None) -> Proc:

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scripts.procs import stop_all
 from tests.support.platform import Platform
 from tests.support.stack import Stack
 
@@ -23,6 +24,17 @@ def platform(
         yield plat
     finally:
         plat.stop_all()
+
+
+@pytest.fixture(autouse=True)
+def _stop_the_tests_edges(platform: Platform) -> Iterator[None]:
+    """Host agents and site providers a test starts on the session platform stop with the
+    test: left running (workloads, cycles, heartbeats) they would load the 2-core machine more
+    with every test and slow the rest of the session down."""
+    before = len(platform.edges)
+    yield
+    stop_all(platform.edges[before:])
+    del platform.edges[before:]
 
 
 @pytest.fixture

@@ -69,8 +69,7 @@ class Platform:
         return proc
 
     def stop_all(self) -> None:
-        for proc in [*self.edges, *self.services.values()]:
-            proc.stop()
+        processes.stop_all([*self.edges, *self.services.values()])
 
     async def close(self) -> None:
         """Stop every process, then delete the platform's topics (a platform of its own only:
