@@ -155,6 +155,24 @@ def run(work: Path) -> None:
     emit("store_apply_1pct_of_1gib", changed_bytes / 1e6 / spent, "MB/s")
     emit("store_commit_latency_164_blocks", commit_spent / CYCLES * 1000, "ms")
 
+    # durability per batch: two syncfs calls vs an fsync per block file and folder (same
+    # blocks, same disk, alternating so that both see the same background writeback)
+    per_block = ReplicaStore(work / "site", batch_sync=False)
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for round_no in range(2 * CYCLES):
+        batch_sync = round_no % 2 == 0
+        target = store if batch_sync else per_block
+        blocks = {i: os.urandom(BS) for i in range(n // 100)}
+        t0 = time.perf_counter()
+        put(target, f"sync-{round_no}", blocks)
+        rates[batch_sync].append(len(blocks) * BS / 1e6 / (time.perf_counter() - t0))
+        target.delete_item(f"sync-{round_no}")
+    syncfs_rate, fsync_rate = (sorted(rates[k])[len(rates[k]) // 2] for k in (True, False))
+    emit("store_put_164_blocks_syncfs", syncfs_rate, "MB/s")
+    emit("store_put_164_blocks_fsync_each", fsync_rate, "MB/s")
+    emit("store_put_syncfs_vs_fsync_each", syncfs_rate / fsync_rate, "x")
+    per_block.close()
+
     # materialise the latest point vs copying the source image
     source_sha = file_sha256(source)
     t0 = time.perf_counter()

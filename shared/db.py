@@ -24,6 +24,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool `reset`: nothing beyond asyncpg's own (an open transaction rolled back, listeners
+    dropped). Our connections carry no session state (no SET, LISTEN or cursors; the one
+    session lock, the migration lock, is unlocked explicitly), so the default reset query
+    (`RESET ALL; UNLISTEN *; ...`) would only add a round trip to every release."""
+
+
 async def create_pool(
     database_url: str, schema: str, *, min_size: int = 1, max_size: int = 10
 ) -> asyncpg.Pool:
@@ -34,6 +41,7 @@ async def create_pool(
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
+        reset=_keep_session,
         server_settings={"search_path": f"{schema},public", "application_name": schema},
     )
     assert pool is not None

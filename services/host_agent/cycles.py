@@ -21,7 +21,6 @@ signatures and hashes as for Kafka records; later delta cycles come over Kafka f
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import uuid
@@ -33,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+import pybase64
 from aiokafka.errors import KafkaError
 
 from shared import topics
@@ -95,7 +95,7 @@ def encode_block(index: int, data: bytes, compression: Compression) -> EncodedBl
         else:
             flag = False  # incompressible: raw, flagged so the replica does not inflate it
     block = Block(
-        index=index, sha256=digest.hex(), data=base64.b64encode(body).decode(), compressed=flag
+        index=index, sha256=digest.hex(), data=pybase64.b64encode(body).decode(), compressed=flag
     )
     return EncodedBlock(block, digest, len(data), len(body))
 

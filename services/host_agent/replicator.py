@@ -105,6 +105,11 @@ READ_CHUNK = 64
 # without waiting for the copy interval's tick (the interval bounds the RPO; earlier is fine:
 # more points only lower the RPO and the missed-cycles count).
 EARLY_CYCLE_BLOCKS = 64
+# An early cycle lets a write burst finish first (a pause of this long between writes), for
+# at most EARLY_SETTLE_MAX: one cycle then carries the burst instead of its first 64 blocks,
+# with the rest a cycle later.
+EARLY_SETTLE_QUIET = 0.02
+EARLY_SETTLE_MAX = 0.25
 
 
 Emit = Callable[[EventPayload], Awaitable[None]]
@@ -187,6 +192,7 @@ class ItemReplicator:
         self._fault_at_start: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._early = False  # a big delta is waiting: ship it before the next tick
+        self._last_write = 0.0  # time.monotonic() of the latest journaled write
 
     @property
     def item_id(self) -> uuid.UUID:
@@ -377,6 +383,8 @@ class ItemReplicator:
             early, self._early = self._early, False
             if loop.time() < self._due and not (early and self._big_delta()):
                 continue
+            if early and loop.time() < self._due:
+                await self._burst_settled()
             self._due = loop.time() + self.record.copy_interval_seconds
             self._journal_gauge()
             if self.record.paused and await self.check_change_log():
@@ -393,11 +401,22 @@ class ItemReplicator:
             >= EARLY_CYCLE_BLOCKS
         )
 
+    async def _burst_settled(self) -> None:
+        """Wait until writes pause for `EARLY_SETTLE_QUIET` (at most `EARLY_SETTLE_MAX`)."""
+        deadline = time.monotonic() + EARLY_SETTLE_MAX
+        while True:
+            now = time.monotonic()
+            quiet = now - self._last_write
+            if quiet >= EARLY_SETTLE_QUIET or now >= deadline:
+                return
+            await asyncio.sleep(min(EARLY_SETTLE_QUIET - quiet, deadline - now))
+
     def _written(self) -> None:
         """After a journaled write (under the VM lock, any thread): a big delta wakes the
         loop to ship it now rather than at the next tick. The copy interval stays the longest
         time between cycles (the RPO bound); an early cycle restarts it. Small trickles wait
         for the tick, so a busy host does not turn into a stream of tiny cycles."""
+        self._last_write = time.monotonic()
         if self._early or self._loop is None or not self._big_delta():
             return
         self._early = True
