@@ -24,7 +24,8 @@ Layout under `root` (one root per recovery site); docs/replica-store.md has the 
 
 The full map of a disk at point p = the base, then for each retained point up to p: resize the
 leaf array to the point's size (truncate, or extend with zero-block leaves) and apply its delta.
-Every file is written to tmp/, fsynced, renamed into place, and its folder fsynced. A manifest's
+Every file is written to tmp/, fsynced, renamed into place, and its folder fsynced (a batch of
+blocks: written to tmp/, one syncfs, renamed, a second syncfs, where Linux has it). A manifest's
 mtime is its commit time (prune preserves it); GC spares unreferenced blocks newer than the
 latest manifest, i.e. the blocks of the cycle in flight (like git's prune expiry).
 """
