@@ -48,9 +48,10 @@ from typing import Any
 
 import httpx
 
-from bench.bench_replication import _drop_database, _drop_topics, emit, failed
+from bench.bench_replication import _drop_database, emit, failed
 from scripts.procs import REPO
 from tests.support.dr import DrSetup, protect, two_sites
+from tests.support.kafka import delete_prefixed_topics
 from tests.support.platform import Platform
 from tests.support.poll import eventually
 from tests.support.stack import Stack, fresh_database, random_prefix, stack_from_env
@@ -244,7 +245,7 @@ async def measure(stack: Stack) -> None:
         with contextlib.suppress(Exception):
             await _drop_database(stack, database_url)
         with contextlib.suppress(Exception):
-            await _drop_topics(stack, prefix)
+            await delete_prefixed_topics(stack.kafka, prefix)
         shutil.rmtree(REPO / f"{prefix}replication-deltas-data", ignore_errors=True)
         keep = os.environ.get("BENCH_KEEP_LOGS", "")
         if keep == "always" or (keep == "failed" and not ok):

@@ -54,6 +54,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scripts.procs import REPO, Proc
 from tests.support.dr import DrSetup, item, points, protect, two_sites
+from tests.support.kafka import delete_prefixed_topics
 from tests.support.platform import Platform
 from tests.support.poll import eventually
 from tests.support.stack import Stack, fresh_database, random_prefix, stack_from_env
@@ -255,17 +256,6 @@ async def _drop_database(stack: Stack, url: str) -> None:
         await conn.close()
 
 
-async def _drop_topics(stack: Stack, prefix: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka)
-    await admin.start()
-    try:
-        mine = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if mine:
-            await admin.delete_topics(mine)
-    finally:
-        await admin.close()
-
-
 @contextlib.asynccontextmanager
 async def two_site_run(stack: Stack, label: str, copy_seconds: int) -> AsyncIterator[Run]:
     """A fresh database, topic prefix and folder; services, providers and one agent."""
@@ -286,7 +276,7 @@ async def two_site_run(stack: Stack, label: str, copy_seconds: int) -> AsyncIter
         with contextlib.suppress(Exception):
             await _drop_database(stack, database_url)
         with contextlib.suppress(Exception):
-            await _drop_topics(stack, prefix)
+            await delete_prefixed_topics(stack.kafka, prefix)
         shutil.rmtree(REPO / f"{prefix}replication-deltas-data", ignore_errors=True)
         keep = os.environ.get("BENCH_KEEP_LOGS", "")
         if keep == "always" or (keep == "failed" and not ok):
@@ -313,7 +303,7 @@ async def raw_kafka_mbps(stack: Stack, nbytes: int) -> tuple[float, float]:
         bootstrap_servers=stack.kafka,
         acks="all",
         enable_idempotence=True,
-        linger_ms=5,
+        linger_ms=0,  # as the agents' producer (lingering only delays records this large)
         max_request_size=1_048_576,
     )
     consumer = AIOKafkaConsumer(

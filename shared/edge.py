@@ -225,7 +225,9 @@ class EdgeRuntime:
         self.identity = await obtain_identity(self.settings, self.kind, self.metadata())
         EDGE_REGISTERED.set(1)
         s = self.settings
-        self._producer = KafkaProducer(s.kafka_bootstrap_servers, s.topic_prefix, self.name)
+        self._producer = KafkaProducer(
+            s.kafka_bootstrap_servers, s.topic_prefix, self.name, linger_ms=0
+        )
         await self._producer.start()
         self.publisher = SignedPublisher(self._producer, self.identity)
         publisher = self.publisher

@@ -85,14 +85,18 @@ class Rejected(Exception):
 
 
 class KafkaProducer:
-    def __init__(self, bootstrap: str, prefix: str, client_id: str) -> None:
+    def __init__(self, bootstrap: str, prefix: str, client_id: str, *, linger_ms: int = 5) -> None:
+        """`linger_ms`: how long a record waits for others to share its batch. aiokafka keeps
+        one open batch per partition and a record that does not fit waits for it to go, so
+        a producer of ~700 KB records (an agent's block batches) gains nothing from lingering
+        and pays it on every record: edges use 0."""
         self.prefix = prefix
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             client_id=client_id,
             acks="all",
             enable_idempotence=True,
-            linger_ms=5,
+            linger_ms=linger_ms,
             max_request_size=1_048_576,
             request_timeout_ms=30_000,
         )

@@ -5,7 +5,9 @@ references."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import sys
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -367,3 +369,47 @@ def test_seeding_from_images_commits_a_point_of_their_blocks(tmp_path: Path) -> 
         store.seed_from_images("rev", 1, images, when)
     with pytest.raises(FileNotFoundError):
         store.seed_from_images("other", 1, {"a": tmp_path / "missing.vhdx"}, when)
+
+
+@pytest.mark.parametrize("batch_sync", [True, False], ids=["syncfs", "fsync-each"])
+def test_both_durability_modes_keep_every_point_byte_identical(
+    tmp_path: Path, batch_sync: bool
+) -> None:
+    store = ReplicaStore(tmp_path / "site", batch_sync=batch_sync)
+    if batch_sync and sys.platform.startswith("linux"):
+        assert store._syncfs is not None, "Linux has syncfs: the batch path must be the one tested"
+    disk = SourceDisk("d0", SIZE, BS, random.Random(5))
+    history = evolve(store, disk, 4)
+    for seq, sha in history.items():
+        assert materialised_sha(store, tmp_path, seq) == sha
+
+
+def test_an_interrupted_batch_leaves_no_partial_block_under_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ReplicaStore(tmp_path / "site")
+    rng = random.Random(9)
+    datas = [rng.randbytes(BS) for _ in range(8)]
+    blocks: list[tuple[int | None, str, bytes]] = [
+        (i, hashlib.sha256(d).hexdigest(), d) for i, d in enumerate(datas)
+    ]
+    real_replace, renamed = os.replace, []
+
+    def dies_after_three(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if len(renamed) == 3:
+            raise OSError("the process dies here")
+        real_replace(src, dst)
+        renamed.append(dst)
+
+    monkeypatch.setattr(os, "replace", dies_after_three)
+    with pytest.raises(OSError, match="dies here"):
+        store.put_blocks("item", blocks)
+    monkeypatch.undo()
+
+    named = sorted((tmp_path / "site").rglob("blocks/*/*"))
+    assert len(named) == 3, named
+    assert all(p.read_bytes() in datas for p in named)  # complete, never partial
+    fresh = ReplicaStore(tmp_path / "site")  # a restart: recovery empties tmp/
+    assert fresh.put_blocks("item", blocks) == 5  # the three already there are not rewritten
+    assert sorted(p.read_bytes() for p in (tmp_path / "site").rglob("blocks/*/*")) == sorted(datas)
+    assert not any((tmp_path / "site" / "items" / "item" / "tmp").iterdir())
