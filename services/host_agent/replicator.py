@@ -108,7 +108,7 @@ EARLY_CYCLE_BLOCKS = 64
 # An early cycle lets a write burst finish first (a pause of this long between writes), for
 # at most EARLY_SETTLE_MAX: one cycle then carries the burst instead of its first 64 blocks,
 # with the rest a cycle later.
-EARLY_SETTLE_QUIET = 0.02
+EARLY_SETTLE_QUIET = 0.005
 EARLY_SETTLE_MAX = 0.25
 
 
