@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -19,6 +20,12 @@ class ReplicationSettings(ServiceSettings):
     store_dir: Path = Field(
         default=Path(".state/replica"),
         description="Replica store root; one sub-folder per recovery site.",
+    )
+    store_sync: Literal["syncfs", "fsync"] = Field(
+        default="syncfs",
+        description="How a batch of blocks is made durable: `syncfs` (Linux: two syncfs(2) "
+        "per batch; they also flush other dirty data of that filesystem, so prefer `fsync` "
+        "when the store shares a busy filesystem) or `fsync` (one per block file and folder).",
     )
     policy_url: str = Field(
         default="http://127.0.0.1:8103",

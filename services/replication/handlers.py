@@ -85,7 +85,11 @@ class Context:
 
     def store(self, site: str) -> ReplicaStore:
         if site not in self.stores:
-            self.stores[site] = ReplicaStore(self.settings.store_dir / site, io_threads=32)
+            self.stores[site] = ReplicaStore(
+                self.settings.store_dir / site,
+                io_threads=32,
+                batch_sync=self.settings.store_sync == "syncfs",
+            )
         return self.stores[site]
 
 

@@ -413,3 +413,29 @@ def test_an_interrupted_batch_leaves_no_partial_block_under_its_name(
     assert fresh.put_blocks("item", blocks) == 5  # the three already there are not rewritten
     assert sorted(p.read_bytes() for p in (tmp_path / "site").rglob("blocks/*/*")) == sorted(datas)
     assert not any((tmp_path / "site" / "items" / "item" / "tmp").iterdir())
+
+
+@pytest.mark.parametrize("setting", ["syncfs", "fsync"])
+def test_the_store_sync_setting_picks_the_durability_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    from services.replication.config import ReplicationSettings
+    from services.replication.handlers import Context
+
+    monkeypatch.setenv("DR_REPLICATION_STORE_SYNC", setting)
+    monkeypatch.setenv("DR_REPLICATION_STORE_DIR", str(tmp_path))
+    ctx = Context(pool=None, settings=ReplicationSettings())  # type: ignore[arg-type]
+    store = ctx.store("recovery")
+    assert store.root == tmp_path / "recovery"
+    batch_path = setting == "syncfs" and sys.platform.startswith("linux")
+    assert (store._syncfs is not None) is batch_path
+
+
+def test_an_unknown_store_sync_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from services.replication.config import ReplicationSettings
+
+    monkeypatch.setenv("DR_REPLICATION_STORE_SYNC", "sometimes")
+    with pytest.raises(ValidationError, match=r"(?i)store_sync"):
+        ReplicationSettings()
