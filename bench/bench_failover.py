@@ -34,27 +34,21 @@ Lines: `bench <name> <value> <unit>`; `..._orchestration_vs_target_ratio` = 30 s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections import defaultdict
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.bench_replication import _drop_database, emit, failed
-from scripts.procs import REPO
+from bench.bench_replication import bench_platform, emit, failed
 from tests.support.dr import DrSetup, protect, two_sites
-from tests.support.kafka import delete_prefixed_topics
 from tests.support.platform import Platform
 from tests.support.poll import eventually
-from tests.support.stack import Stack, fresh_database, random_prefix, stack_from_env
+from tests.support.stack import Stack, stack_from_env
 
 VMS = int(os.environ.get("BENCH_FAILOVER_VMS", "100"))
 GROUPS = 7
@@ -195,63 +189,43 @@ class Bench:
 
 
 async def measure(stack: Stack) -> None:
-    root = Path(tempfile.mkdtemp(prefix="bench-failover-", dir="/tmp"))
-    log_dir = root / "platform"
-    log_dir.mkdir()
-    database_url = await fresh_database(stack, "bench")
-    prefix = random_prefix("bench")
-    plat = Platform(stack=stack, database_url=database_url, prefix=prefix, log_dir=log_dir)
-    ok = False
-    try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            started = time.perf_counter()
-            dr = await two_sites(
-                plat,
-                http,
-                root,
-                primary_hosts=(PRIMARY,),
-                recovery_hosts=(RECOVERY,),
-                copy_seconds=COPY_SECONDS,
-            )
-            plat.start("failover")
-            bench = Bench(plat, dr, http)
+    async with (
+        bench_platform(stack, "failover") as (plat, root),
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        started = time.perf_counter()
+        dr = await two_sites(
+            plat,
+            http,
+            root,
+            primary_hosts=(PRIMARY,),
+            recovery_hosts=(RECOVERY,),
+            copy_seconds=COPY_SECONDS,
+        )
+        plat.start("failover")
+        bench = Bench(plat, dr, http)
 
-            async def tokens_known() -> bool:
-                resp = await http.get(dr.url("failover", "/jobs"), headers=dr.bearer(dr.reader))
-                return resp.status_code == 200
+        async def tokens_known() -> bool:
+            resp = await http.get(dr.url("failover", "/jobs"), headers=dr.bearer(dr.reader))
+            return resp.status_code == 200
 
-            await eventually(tokens_known, timeout=30, what="failover service up")
-            items = await bench.setup()
-            n, g_count = len(items), min(GROUPS, len(items))
-            groups = [
-                {"items": items[g * n // g_count : (g + 1) * n // g_count]} for g in range(g_count)
-            ]
-            await bench.call(
-                "POST", "failover", "/recovery-plans", {"name": "bench", "groups": groups}
-            )
-            setup = time.perf_counter() - started
-            print(f"# setup ({VMS} VMs, {len(groups)} groups): {setup:.1f} s", file=sys.stderr)
-            emit("failover_bench_setup_seconds", setup, "s")
+        await eventually(tokens_known, timeout=30, what="failover service up")
+        items = await bench.setup()
+        n, g_count = len(items), min(GROUPS, len(items))
+        groups = [
+            {"items": items[g * n // g_count : (g + 1) * n // g_count]} for g in range(g_count)
+        ]
+        await bench.call("POST", "failover", "/recovery-plans", {"name": "bench", "groups": groups})
+        setup = time.perf_counter() - started
+        print(f"# setup ({VMS} VMs, {len(groups)} groups): {setup:.1f} s", file=sys.stderr)
+        emit("failover_bench_setup_seconds", setup, "s")
 
-            test = await bench.run_plan("test-failover", {"network": "none"})
-            bench.report("test", test)
-            cleanup = await bench.run_plan("test-failover-cleanup", {"notes": "bench"})
-            bench.report("cleanup", cleanup)
-            planned = await bench.run_plan("planned-failover")
-            bench.report("planned", planned)
-        ok = True
-    finally:
-        plat.stop_all()
-        with contextlib.suppress(Exception):
-            await _drop_database(stack, database_url)
-        with contextlib.suppress(Exception):
-            await delete_prefixed_topics(stack.kafka, prefix)
-        shutil.rmtree(REPO / f"{prefix}replication-deltas-data", ignore_errors=True)
-        keep = os.environ.get("BENCH_KEEP_LOGS", "")
-        if keep == "always" or (keep == "failed" and not ok):
-            print(f"# logs kept in {log_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        test = await bench.run_plan("test-failover", {"network": "none"})
+        bench.report("test", test)
+        cleanup = await bench.run_plan("test-failover-cleanup", {"notes": "bench"})
+        bench.report("cleanup", cleanup)
+        planned = await bench.run_plan("planned-failover")
+        bench.report("planned", planned)
 
 
 async def main() -> None:

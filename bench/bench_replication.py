@@ -54,7 +54,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scripts.procs import REPO, Proc
 from tests.support.dr import DrSetup, item, points, protect, two_sites
-from tests.support.kafka import delete_prefixed_topics
 from tests.support.platform import Platform
 from tests.support.poll import eventually
 from tests.support.stack import Stack, fresh_database, random_prefix, stack_from_env
@@ -257,9 +256,11 @@ async def _drop_database(stack: Stack, url: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def two_site_run(stack: Stack, label: str, copy_seconds: int) -> AsyncIterator[Run]:
-    """A fresh database, topic prefix and folder; services, providers and one agent."""
-    root = Path(tempfile.mkdtemp(prefix=f"bench-repl-{label}-", dir="/tmp"))
+async def bench_platform(stack: Stack, label: str) -> AsyncIterator[tuple[Platform, Path]]:
+    """A platform of its own (fresh database, topic prefix and folder) and its folder; on the
+    way out its processes stop and its database, topics and folder go (the logs stay when
+    `BENCH_KEEP_LOGS` is `always`, or `failed` and the body raised)."""
+    root = Path(tempfile.mkdtemp(prefix=f"bench-{label}-", dir="/tmp"))
     log_dir = root / "platform"
     log_dir.mkdir()
     database_url = await fresh_database(stack, "bench")
@@ -267,22 +268,29 @@ async def two_site_run(stack: Stack, label: str, copy_seconds: int) -> AsyncIter
     plat = Platform(stack=stack, database_url=database_url, prefix=prefix, log_dir=log_dir)
     ok = False
     try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            dr = await two_sites(plat, http, root, copy_seconds=copy_seconds, agents_on=(HOST,))
-            yield Run(plat, dr, http, root)
+        yield plat, root
         ok = True
     finally:
-        plat.stop_all()
+        await plat.close()  # processes, then topics
         with contextlib.suppress(Exception):
             await _drop_database(stack, database_url)
-        with contextlib.suppress(Exception):
-            await delete_prefixed_topics(stack.kafka, prefix)
         shutil.rmtree(REPO / f"{prefix}replication-deltas-data", ignore_errors=True)
         keep = os.environ.get("BENCH_KEEP_LOGS", "")
         if keep == "always" or (keep == "failed" and not ok):
             print(f"# logs kept in {log_dir}", file=sys.stderr)
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def two_site_run(stack: Stack, label: str, copy_seconds: int) -> AsyncIterator[Run]:
+    """A platform of its own with services, providers and one agent."""
+    async with (
+        bench_platform(stack, f"repl-{label}") as (plat, root),
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        dr = await two_sites(plat, http, root, copy_seconds=copy_seconds, agents_on=(HOST,))
+        yield Run(plat, dr, http, root)
 
 
 # ---------------------------------------------------------------------------- 1. throughput
