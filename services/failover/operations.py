@@ -292,25 +292,41 @@ async def remove_old_vm(run: Run, p: str, facts: dict[str, Any]) -> None:
     materialised in its place (its disks already seeded the reverse replica)."""
     if not facts.get("replaces_old_vm"):
         return
-    agent_id = uuid.UUID(facts["recovery_agent_id"])
+    await delete_vm(
+        run,
+        f"{p}remove_old_vm",
+        f"{facts['vm_name']}: remove the superseded VM at the target host",
+        uuid.UUID(facts["recovery_agent_id"]),
+        facts["vm_name"],
+        f"removing the old VM {facts['vm_name']}",
+        crash="remove_old_vm",
+    )
+
+
+async def delete_vm(
+    run: Run,
+    key: str,
+    title: str,
+    agent_id: uuid.UUID,
+    vm_name: str,
+    waiting: str,
+    *,
+    crash: str,
+) -> dict[str, Any]:
+    """Step `key`: the agent `agent_id` deletes VM `vm_name`; `waiting` names what the step
+    waits for if the answer does not come."""
 
     async def command(cid: uuid.UUID) -> None:
         await emit(
             run,
-            VmDeleteRequested(command_id=cid, agent_id=agent_id, vm_name=facts["vm_name"]),
+            VmDeleteRequested(command_id=cid, agent_id=agent_id, vm_name=vm_name),
             str(agent_id),
         )
 
     async def answer(cid: uuid.UUID) -> dict[str, Any]:
-        return await run.wait_answer(cid, f"removing the old VM {facts['vm_name']}")
+        return await run.wait_answer(cid, waiting)
 
-    await run.step(
-        f"{p}remove_old_vm",
-        f"{facts['vm_name']}: remove the superseded VM at the target host",
-        command,
-        answer,
-        crash="remove_old_vm",
-    )
+    return await run.step(key, title, command, answer, crash=crash)
 
 
 async def mark_failed_over(
@@ -457,23 +473,13 @@ async def cleanup_item(run: Run, item_id: uuid.UUID) -> None:
     if not test:
         run.item_results[str(item_id)] = {"vm_name": name, "state": "no test to clean up"}
         return
-    agent_id = uuid.UUID(test["agent_id"])
-
-    async def command(cid: uuid.UUID) -> None:
-        await emit(
-            run,
-            VmDeleteRequested(command_id=cid, agent_id=agent_id, vm_name=test["vm_name"]),
-            str(agent_id),
-        )
-
-    async def answer(cid: uuid.UUID) -> dict[str, Any]:
-        return await run.wait_answer(cid, f"deleting test VM {test['vm_name']}")
-
-    await run.step(
+    await delete_vm(
+        run,
         f"{p}delete_vm",
         f"{name}: delete test VM {test['vm_name']}",
-        command,
-        answer,
+        uuid.UUID(test["agent_id"]),
+        test["vm_name"],
+        f"deleting test VM {test['vm_name']}",
         crash="delete_vm",
     )
 
