@@ -6,7 +6,6 @@ restarted by an operator with a new key for its failed step."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,21 +18,16 @@ from services.failover.__main__ import MIGRATIONS
 from services.failover.config import FailoverSettings
 from services.failover.domain import Operation
 from services.failover.workflow import Engine, Run, StepFailed
-from shared import db
 from tests.support.poll import eventually
+from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    schema = f"failover_it_{secrets.token_hex(3)}"
-    p = await db.create_pool(database_url, schema)
-    await db.migrate(p, schema, MIGRATIONS)
-    try:
+    async with migrated_pool(database_url, "failover", MIGRATIONS) as p:
         yield p
-    finally:
-        await p.close()
 
 
 class Recorder:

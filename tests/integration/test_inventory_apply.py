@@ -19,7 +19,7 @@ from services.inventory.__main__ import MIGRATIONS
 from services.inventory.repository import ProviderRef
 from services.site_provider.domain import build_inventory, object_id, split_snapshot
 from services.site_provider.sitefile import parse_site
-from shared import db, readmodels
+from shared import readmodels
 from shared.kafka import Incoming, Rejected
 from shared.schemas import registration as reg
 from shared.schemas.envelope import new_envelope
@@ -30,6 +30,7 @@ from shared.schemas.inventory import (
     Inventory,
     Removals,
 )
+from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +52,8 @@ def inventory(site: str, vms: int = 10, cpu: int = 2) -> Inventory:
 
 @pytest.fixture(scope="module")
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    schema = f"inventory_it_{secrets.token_hex(3)}"
-    p = await db.create_pool(database_url, schema)
-    await db.migrate(p, schema, MIGRATIONS)
-    try:
+    async with migrated_pool(database_url, "inventory", MIGRATIONS) as p:
         yield p
-    finally:
-        await p.close()
 
 
 @pytest.fixture

@@ -18,13 +18,14 @@ import pytest
 from services.policy import domain, handlers
 from services.policy import repository as repo
 from services.policy.__main__ import MIGRATIONS
-from shared import db, signing
+from shared import signing
 from shared.kafka import Incoming
 from shared.readmodels import registration_handlers
 from shared.schemas import inventory as inv
 from shared.schemas import registration as reg
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.policy import ReplicationPolicySettings
+from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +34,8 @@ HANDLERS = {**registration_handlers(), **handlers.inventory_handlers()}
 
 @pytest.fixture(scope="module")
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    schema = f"policy_it_{secrets.token_hex(3)}"
-    p = await db.create_pool(database_url, schema)
-    await db.migrate(p, schema, MIGRATIONS)
-    try:
+    async with migrated_pool(database_url, "policy", MIGRATIONS) as p:
         yield p
-    finally:
-        await p.close()
 
 
 async def apply(pool: asyncpg.Pool, vault_id: uuid.UUID, payload: EventPayload) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
 import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import asyncpg
@@ -18,6 +21,7 @@ __all__ = [
     "REPO",
     "Stack",
     "fresh_database",
+    "migrated_pool",
     "random_prefix",
     "read_stack_env",
     "stack_command",
@@ -89,3 +93,19 @@ async def stack_command(command: str) -> None:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@contextlib.asynccontextmanager
+async def migrated_pool(
+    database_url: str, label: str, migrations: Path
+) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a fresh schema `<label>_it_<random>` with a service's migrations applied."""
+    from shared import db
+
+    schema = f"{label}_it_{secrets.token_hex(3)}"
+    pool = await db.create_pool(database_url, schema)
+    await db.migrate(pool, schema, migrations)
+    try:
+        yield pool
+    finally:
+        await pool.close()
