@@ -6,17 +6,14 @@ failovers. Real services, two sites' agents, real Kafka and PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from scripts.procs import REPO
 from tests.e2e.test_failover_e2e import (
     failover_known,
     failover_up,
@@ -25,6 +22,7 @@ from tests.e2e.test_failover_e2e import (
     start,
     task_named,
 )
+from tests.support.cli import run_drctl
 from tests.support.dr import DrSetup, item, two_sites
 from tests.support.own_platform import own_platform
 from tests.support.platform import Platform
@@ -42,19 +40,7 @@ async def drctl(dr: DrSetup, *args: str, token: str | None = None) -> tuple[int,
         "DR_TOKEN": token or dr.operator,
         "DR_VAULT": dr.vault_id,
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        *args,
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert "Traceback" not in err.decode(), err.decode()
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await run_drctl(env, *args, timeout=120)
 
 
 async def view(http: httpx.AsyncClient, dr: DrSetup, item_id: str) -> dict[str, Any]:

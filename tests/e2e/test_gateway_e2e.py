@@ -5,11 +5,9 @@ front of them, and `drctl` driven through the gateway URL alone (`DR_URL`), as a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +16,7 @@ import pytest
 
 from scripts.gateway import Gateway, nginx_binary
 from scripts.procs import REPO, free_port
+from tests.support.cli import run_drctl
 from tests.support.platform import Platform
 
 pytestmark = pytest.mark.e2e
@@ -52,21 +51,9 @@ async def drctl(url: str, token: str, *args: str, vault: str | None = None) -> t
     env.update({"DR_URL": url, "DR_TOKEN": token})
     if vault:
         env["DR_VAULT"] = vault
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        *args,
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert "Traceback" not in err.decode(), err.decode()
-    text = out.decode()
-    data: Any = json.loads(text) if "--json" in args and proc.returncode == 0 else text
-    return proc.returncode or 0, data, err.decode()
+    code, text, err = await run_drctl(env, *args)
+    data: Any = json.loads(text) if "--json" in args and code == 0 else text
+    return code, data, err
 
 
 async def test_drctl_through_the_gateway(

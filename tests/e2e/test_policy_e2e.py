@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import secrets
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,13 +20,13 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from scripts.procs import REPO
 from shared import topics
 from shared.edge import EdgeSettings, Identity, SignedPublisher, heartbeat_loop, register
 from shared.kafka import KafkaProducer
 from shared.schemas import inventory as inv
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.registration import ProducerKind
+from tests.support.cli import run_drctl
 from tests.support.kafka import produce, wait_for_records
 from tests.support.platform import Platform
 from tests.support.poll import eventually
@@ -45,23 +44,9 @@ class Cli:
         env = {**os.environ, **self.env}
         if token is not None:
             env["DR_TOKEN"] = token
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "services.cli",
-            *args,
-            cwd=REPO,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-        text = out.decode()
-        data: Any = None
-        if "--json" in args and proc.returncode == 0:
-            data = json.loads(text)
-        assert "Traceback" not in err.decode(), err.decode()
-        return proc.returncode or 0, data if data is not None else text, err.decode()
+        code, text, err = await run_drctl(env, *args)
+        data: Any = json.loads(text) if "--json" in args and code == 0 else text
+        return code, data, err
 
 
 @dataclass
