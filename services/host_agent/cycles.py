@@ -60,6 +60,11 @@ class EncodedBlock:
 
 _ZEROS: dict[int, bytes] = {}
 PROBE_BYTES = 2048  # two samples of this size decide whether a block is worth compressing
+# A first, cheaper look (~12 us against ~130 us for zlib's set-up on a sample): random,
+# encrypted or already-compressed data uses nearly every byte value even in a small sample
+# (1 KiB of random bytes: ~251 distinct values), text and most structured data far fewer.
+ENTROPY_SAMPLE = 512
+HIGH_ENTROPY_DISTINCT = 240
 COMPRESS_MIN_GAIN = 0.95  # compressed data must be below 95 % of the raw size to be sent
 
 
@@ -71,11 +76,15 @@ def _is_zero(data: bytes) -> bool:
 
 
 def _worth_compressing(data: bytes) -> bool:
-    """A cheap probe: zlib over two small samples (start and middle of the block); random
-    or already compressed data does not shrink and is sent raw without paying for zlib."""
+    """A cheap probe: a block whose samples use nearly every byte value is taken as
+    incompressible at once; otherwise zlib over two small samples (start and middle of the
+    block) decides. Random or already compressed data is sent raw without paying for zlib."""
     if len(data) <= 2 * PROBE_BYTES:
         return True
     mid = len(data) // 2
+    glance = data[:ENTROPY_SAMPLE] + data[mid : mid + ENTROPY_SAMPLE]
+    if len(set(glance)) >= HIGH_ENTROPY_DISTINCT:
+        return False
     sample = data[:PROBE_BYTES] + data[mid : mid + PROBE_BYTES]
     return len(zlib.compress(sample, 1)) < COMPRESS_MIN_GAIN * len(sample)
 

@@ -304,6 +304,21 @@ def test_encode_block_sends_incompressible_blocks_raw_and_flags_them() -> None:
     assert _block_bytes(plain.block, disk, Compression.NONE) == text
 
 
+def test_the_compression_probe_skips_random_data_but_not_mixed_or_structured_data() -> None:
+    from services.host_agent.cycles import _worth_compressing
+
+    half = BLOCK_SIZE // 2
+    noise = os.urandom(BLOCK_SIZE)
+    # random at the start, zeros in the middle: the cheap look can't rule it out, zlib can
+    mixed = os.urandom(half) + bytes(half)
+    # every byte value present, but in long runs: compresses well
+    runs = b"".join(bytes([i % 256]) * 16 for i in range(BLOCK_SIZE // 16))
+    assert not _worth_compressing(noise)
+    assert _worth_compressing(mixed)
+    assert _worth_compressing(runs)
+    assert encode_block(0, mixed, Compression.ZLIB).wire_len < 0.6 * BLOCK_SIZE
+
+
 def test_kafka_sink_pipelines_batches_and_completes_after_every_ack() -> None:
     """Batches go out without waiting for each ack (a window of them); a batch whose send
     failed is sent again; CycleCompleted leaves only once every batch is acknowledged."""
