@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
@@ -49,6 +51,11 @@ HANDLE_SECONDS = Histogram(
     ["topic"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+RUNS = Counter(
+    "dr_consumer_runs_total",
+    "Runs of records tried in one transaction: applied, or handled one by one instead",
+    ["topic", "result"],
+)
 
 CONSUMER_LAG = Gauge(
     "dr_consumer_lag",
@@ -69,6 +76,15 @@ INFRA_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncio.TimeoutError,
 )
+
+
+class RunFallback(Exception):
+    """Raised by a `RunHandler`: handle these records one by one (nothing of the run is kept)."""
+
+
+# Lookups memoised for the transaction of one run of records (see `EventConsumer`), e.g. the
+# producer a signature is checked against; None outside a run.
+RUN_MEMO: ContextVar[dict[Any, Any] | None] = ContextVar("dr_run_memo", default=None)
 
 
 class Rejected(Exception):
@@ -176,6 +192,10 @@ class Incoming:
 
 
 Handler = Callable[[asyncpg.Connection, Incoming], Awaitable[None]]
+# A handler of a run of consecutive records of one type and key, in one transaction: its
+# effects must be exactly those of the type's `Handler` applied to each record in order. It
+# raises (`RunFallback` or anything else) to have the run handled record by record instead.
+RunHandler = Callable[[asyncpg.Connection, list[Incoming]], Awaitable[None]]
 Prepare = Callable[[list[tuple[Envelope, Any]]], Awaitable[None]]
 Verifier = Callable[[asyncpg.Connection, Envelope, bool], Awaitable[None]]
 
@@ -348,8 +368,7 @@ class _RecordPipeline(Generic[H]):
             except Rejected as rej:
                 decoded.append(rej)
         if prepare is None:
-            for record, result in zip(records, decoded, strict=True):
-                await self._process_decoded(record, result)
+            await self._process_range(records, decoded, 0, len(records))
             return
 
         async def prepared(part: list[tuple[Envelope, Any] | Rejected]) -> None:
@@ -369,13 +388,49 @@ class _RecordPipeline(Generic[H]):
                     ahead = asyncio.ensure_future(
                         prepared(decoded[starts[n + 1] : starts[n + 1] + chunk])
                     )
-                for i in range(start, min(start + chunk, len(records))):
-                    await self._process_decoded(records[i], decoded[i])
+                await self._process_range(records, decoded, start, min(start + chunk, len(records)))
         finally:
             if not ahead.done():
                 ahead.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await ahead
+
+    async def _process_range(
+        self,
+        records: Sequence[RawRecord],
+        decoded: Sequence[tuple[Envelope, Any] | Rejected],
+        start: int,
+        end: int,
+    ) -> None:
+        """Records `start`..`end`, in order: runs of consecutive records that `_run_handler`
+        takes are tried in one transaction each; the rest, and any run that falls back, one
+        by one."""
+        i = start
+        while i < end:
+            j = i + 1
+            handler = self._run_handler(decoded[i])
+            if handler is not None:
+                key = records[i].key
+                while (
+                    j < end and records[j].key == key and self._run_handler(decoded[j]) is handler
+                ):
+                    j += 1
+            if (
+                handler is None
+                or j - i < 2
+                or not await self._process_run(records[i:j], decoded[i:j], handler)
+            ):
+                for k in range(i, j):
+                    await self._process_decoded(records[k], decoded[k])
+            i = j
+
+    def _run_handler(self, result: tuple[Envelope, Any] | Rejected) -> Any:
+        return None
+
+    async def _process_run(
+        self, records: Sequence[RawRecord], decoded: Sequence[Any], handler: Any
+    ) -> bool:
+        return False
 
     async def _process_decoded(
         self, record: RawRecord, result: tuple[Envelope, Any] | Rejected
@@ -469,18 +524,89 @@ class EventConsumer(_RecordPipeline[Handler]):
     """The services' consumer: each event is applied in one PostgreSQL transaction together
     with its de-duplication row (`processed_events`), so the effect is exactly-once even
     though delivery is at-least-once. `verifier` checks signature and vault against the
-    service's read model and raises `Rejected`; signed event types need a verifier."""
+    service's read model and raises `Rejected`; signed event types need a verifier.
+
+    `run_handlers` (event type -> `RunHandler`): consecutive records of such a type with the
+    same key, handled together (`process_many`), are applied in one transaction: their
+    de-duplication rows, verification (lookups memoised in `RUN_MEMO`) and the run handler's
+    effects. If anything in it fails, the transaction is rolled back and the records go one
+    by one through their `handlers`, as without runs."""
 
     def __init__(
         self,
         *,
         pool: asyncpg.Pool,
         verifier: Verifier | None = None,
+        run_handlers: dict[str, RunHandler] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.pool = pool
         self.verifier = verifier
+        self.run_handlers = run_handlers or {}
+
+    def _run_handler(self, result: tuple[Envelope, Any] | Rejected) -> Any:
+        if isinstance(result, Rejected) or result[0].type not in self.handlers:
+            return None
+        return self.run_handlers.get(result[0].type)
+
+    async def _process_run(
+        self, records: Sequence[RawRecord], decoded: Sequence[Any], handler: Any
+    ) -> bool:
+        """A run of records of one type and key in one transaction: de-duplication rows,
+        verification and the run handler's effects, all or nothing. False (nothing kept) if
+        anything in it is not plain sailing: the caller then handles the records one by one,
+        which is where rejections, dead letters and retries happen."""
+        topic = topics.logical(records[0].topic, self.prefix)
+        incomings: list[Incoming] = []
+        seen: set[Any] = set()
+        for record, (envelope, payload) in zip(records, decoded, strict=True):
+            if envelope.event_id in seen:  # a re-sent record within the run: one is enough
+                continue
+            seen.add(envelope.event_id)
+            key = record.key.decode(errors="replace") if record.key else None
+            incomings.append(
+                Incoming(envelope, payload, topic, record.partition, record.offset, key)
+            )
+        started = time.perf_counter()
+        token = RUN_MEMO.set({})
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                fresh = {
+                    row[0]
+                    for row in await conn.fetch(
+                        "INSERT INTO processed_events (consumer, event_id)"
+                        " SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING"
+                        " RETURNING event_id",
+                        self.group,
+                        [inc.envelope.event_id for inc in incomings],
+                    )
+                }
+                todo = [inc for inc in incomings if inc.envelope.event_id in fresh]
+                for inc in todo:
+                    et = payload_model(inc.envelope.type, inc.envelope.schema_version)
+                    if self.verifier is not None:
+                        await self.verifier(conn, inc.envelope, bool(et and et.signed))
+                    elif et is not None and et.signed:
+                        raise RunFallback("signed events but no verifier")
+                if todo:
+                    await handler(conn, todo)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # incl. Rejected: the one-by-one path says it properly
+            log.debug("run of %d records handled one by one: %r", len(records), exc)
+            RUNS.labels(topic, "one_by_one").inc()
+            return False
+        finally:
+            RUN_MEMO.reset(token)
+        RUNS.labels(topic, "applied").inc()
+        share = (time.perf_counter() - started) / len(records)
+        EVENTS_DUPLICATE.labels(topic).inc(len(records) - len(todo))
+        for inc in todo:
+            HANDLE_SECONDS.labels(topic).observe(share)
+            EVENTS_CONSUMED.labels(topic, inc.envelope.type).inc()
+        self.applied += len(todo)
+        return True
 
     async def _apply(self, incoming: Incoming, handler: Handler) -> None:
         env = incoming.envelope

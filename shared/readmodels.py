@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from shared.kafka import Handler, Incoming, Rejected
+from shared.kafka import RUN_MEMO, Handler, Incoming, Rejected
 from shared.schemas import registration as reg
 from shared.schemas.envelope import Envelope
 
@@ -118,6 +118,11 @@ ProducerLookup = Callable[[asyncpg.Connection, str], Awaitable[dict[str, Any] | 
 
 
 async def known_producer(conn: asyncpg.Connection, producer_id: str) -> dict[str, Any] | None:
+    """The producer as this service knows it (looked up once per run of records)."""
+    memo = RUN_MEMO.get()
+    if memo is not None and ("producer", producer_id) in memo:
+        found: dict[str, Any] | None = memo["producer", producer_id]
+        return found
     try:
         pid = uuid.UUID(producer_id)
     except ValueError:
@@ -127,6 +132,8 @@ async def known_producer(conn: asyncpg.Connection, producer_id: str) -> dict[str
         " WHERE producer_id = $1",
         pid,
     )
+    if memo is not None:
+        memo["producer", producer_id] = dict(row) if row else None
     return dict(row) if row else None
 
 

@@ -3,12 +3,14 @@
 - The delta pipeline (`replication.deltas.v1`) runs as a faust-streaming agent
   (`at_least_once`, concurrency 1: one coroutine per partition assignment, so offsets are never
   committed past a record still in flight). It takes records in groups; the blocks of a
-  group's next few records are verified and written to the replica store in parallel while
-  the records before them are handled (each in order, in its own transaction); the group's
-  offsets are committed once all of it is handled. Each record
-  goes through the shared pipeline: validation, signature and vault check, de-duplication by
-  event id in the same PostgreSQL transaction as its effect, DLQ with a reason for anything
-  invalid.
+  group's records are verified and written to the replica store first (in parallel, one
+  batch sync), then the records are handled in order: consecutive `BlocksShipped` of one
+  cycle in one transaction (item, cycle and producer looked up once, batches staged in two
+  statements), every other record, and any such run with anything wrong in it, one by one in
+  its own transaction; the group's offsets are committed once all of it is handled. Each
+  record goes through the shared pipeline: validation, signature and vault check,
+  de-duplication by event id in the same PostgreSQL transaction as its effect, DLQ with a
+  reason for anything invalid.
 - Read models, agent reports and the failover service's requests (`failover_support`) come
   through the shared aiokafka `EventConsumer`.
 """
@@ -43,6 +45,7 @@ def delta_pipeline(
     """The verified delta pipeline; `aged=False` skips the age check of signed envelopes (cycle
     files imported for an offline initial replication arrive days after they were signed)."""
     s = ctx.settings
+    delta_handlers, run_handlers = handlers.make_delta_handlers(ctx)
     return EventConsumer(
         bootstrap=s.kafka_bootstrap_servers,
         prefix=s.topic_prefix,
@@ -50,7 +53,8 @@ def delta_pipeline(
         topic_names=[topics.REPLICATION_DELTAS],
         pool=runtime.pool,
         producer=runtime.producer,
-        handlers=handlers.make_delta_handlers(ctx),
+        handlers=delta_handlers,
+        run_handlers=run_handlers,
         verifier=signature_verifier(),
         max_age=timedelta(seconds=s.event_max_age_seconds) if aged else None,
     )
@@ -89,8 +93,8 @@ def delta_app(
 
     async def apply_deltas(stream: faust.StreamT[Any]) -> AsyncIterator[None]:
         # Groups of records: faust acks (and so commits) a group's offsets only after the
-        # body has handled every record of it; the records are handled in order, each in its
-        # own transaction, after `prepare` wrote the group's blocks in parallel.
+        # body has handled every record of it; the records are handled in order (runs of
+        # batches of one cycle in one transaction), after `prepare` wrote the group's blocks.
         groups = stream.take_events(DELTA_GROUP, within=DELTA_GROUP_WITHIN)  # type: ignore[attr-defined]
         async for events in groups:
             try:

@@ -39,7 +39,7 @@ from services.replication.store import (
 )
 from shared import outbox
 from shared.faults import crash_point
-from shared.kafka import Incoming, Rejected
+from shared.kafka import Incoming, Rejected, RunFallback, RunHandler
 from shared.merkle import block_count, block_length, zero_block_hash
 from shared.readmodels import known_producer, signature_verifier
 from shared.schemas import agent as cmd
@@ -240,16 +240,23 @@ async def start_due_resyncs(ctx: Context) -> int:
 
 async def _item_for(conn: asyncpg.Connection, inc: Incoming, item_id: uuid.UUID) -> dict[str, Any]:
     item = await repo.get_item(conn, item_id, lock=True)
+    _check_source(item, inc, item_id)
+    assert item is not None
+    return item
+
+
+def _check_source(item: dict[str, Any] | None, inc: Incoming, item_id: uuid.UUID) -> None:
     if item is None or not item["active"]:
         raise Rejected("unknown_item", f"no active protected item {item_id}")
     if item["vault_id"] != inc.envelope.vault_id:
         raise Rejected("vault_mismatch", "the item belongs to another vault")
     if str(item["source_agent_id"]) != inc.envelope.producer_id:
         raise Rejected("wrong_agent", "only the item's source agent may ship its cycles")
-    return item
 
 
-def make_delta_handlers(ctx: Context) -> dict[str, Any]:
+def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHandler]]:
+    """(handlers by event type, run handlers by event type) of the delta pipeline."""
+
     async def on_started(conn: asyncpg.Connection, inc: Incoming) -> None:
         msg = inc.payload
         assert isinstance(msg, ev.CycleStarted)
@@ -295,6 +302,39 @@ def make_delta_handlers(ctx: Context) -> dict[str, Any]:
         if ItemState(item["state"]) is ItemState.WAITING_FOR_INITIAL:
             await change_state(conn, item, ItemState.INITIAL_REPLICATION, reason="initial cycle")
 
+    async def stored_blocks(
+        item: dict[str, Any], cycle: dict[str, Any], inc: Incoming
+    ) -> tuple[list[tuple[int, str]], int, str | None]:
+        """One batch's blocks checked against the cycle's disks and their hashes, and durable
+        in the store: ((index, sha256) of each, bytes stored, None) or, for a bad block,
+        (.., .., what is wrong with it)."""
+        msg = inc.payload
+        assert isinstance(msg, ev.BlocksShipped)
+        geometry = {d["disk_id"]: d for d in cycle["disks"]}
+        if msg.disk_id not in geometry:
+            raise Rejected("unknown_disk", f"disk {msg.disk_id} is not in cycle {msg.cycle_seq}")
+        disk = geometry[msg.disk_id]
+        site, ready = ctx.prestored.get(inc.envelope.event_id, ("", {}))
+        if site != item["target_site"]:
+            ready = {}
+        decoded: list[tuple[int | None, str, bytes]] = []
+        staged: list[tuple[int, str]] = []
+        for block in msg.blocks:
+            try:
+                data = _block_bytes(block, disk, msg.compression, ready.get(block.index))
+            except ValueError as exc:
+                return staged, 0, f"block {block.index}: {exc}"
+            staged.append((block.index, block.sha256))
+            if data is not None:
+                decoded.append((block.index, block.sha256, data))
+        if not (ready and len(ready) == len(decoded)):
+            store = ctx.store(item["target_site"])
+            try:
+                await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
+            except ValueError as exc:  # BlockHashMismatch
+                return staged, 0, str(exc)
+        return staged, sum(len(data) for _, _, data in decoded), None
+
     async def on_blocks(conn: asyncpg.Connection, inc: Incoming) -> None:
         msg = inc.payload
         assert isinstance(msg, ev.BlocksShipped)
@@ -303,42 +343,49 @@ def make_delta_handlers(ctx: Context) -> dict[str, Any]:
         if cycle is None or cycle["poisoned"]:
             CYCLES.labels("orphan_batch").inc()
             return  # a batch of a cycle we ignore or already gave up on
-        geometry = {d["disk_id"]: d for d in cycle["disks"]}
-        if msg.disk_id not in geometry:
-            raise Rejected("unknown_disk", f"disk {msg.disk_id} is not in cycle {msg.cycle_seq}")
-        disk = geometry[msg.disk_id]
-        store = ctx.store(item["target_site"])
-        site, ready = ctx.prestored.pop(inc.envelope.event_id, ("", {}))
-        if site != item["target_site"]:
-            ready = {}
-        decoded: list[tuple[int | None, str, bytes]] = []
-        staged: list[tuple[int, str]] = []
-        why: str | None = None
-        for block in msg.blocks:
-            try:
-                data = _block_bytes(block, disk, msg.compression, ready.get(block.index))
-            except ValueError as exc:
-                why = f"block {block.index}: {exc}"
-                break
-            staged.append((block.index, block.sha256))
-            if data is not None:
-                decoded.append((block.index, block.sha256, data))
-        if why is None and not (ready and len(ready) == len(decoded)):
-            try:
-                await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
-            except ValueError as exc:  # BlockHashMismatch
-                why = str(exc)
+        staged, nbytes, why = await stored_blocks(item, cycle, inc)
         if why is not None:
             await repo.poison_cycle(conn, msg.item_id, msg.cycle_seq, why)
             await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {why}")
             raise Rejected("block_hash_mismatch", why, keep_effects=True)
-        nbytes = sum(len(data) for _, _, data in decoded)
         crash_point("replication.blocks_stored")
-        await repo.stage_batch(
-            conn, msg.item_id, msg.cycle_seq, msg.batch_no, msg.disk_id, staged, nbytes
+        await repo.stage_batches(
+            conn, msg.item_id, msg.cycle_seq, [(msg.batch_no, msg.disk_id, staged, nbytes)]
         )
         BYTES_APPLIED.inc(nbytes)
         BLOCKS_APPLIED.inc(len(staged))
+
+    async def on_blocks_run(conn: asyncpg.Connection, incs: list[Incoming]) -> None:
+        """`on_blocks` of consecutive batches of one cycle in one transaction: the item, the
+        cycle and the producer looked up once, the batches staged in two statements. Any
+        batch that is not plain sailing sends the run back to `on_blocks`, batch by batch."""
+        first = incs[0].payload
+        assert isinstance(first, ev.BlocksShipped)
+        msgs = [inc.payload for inc in incs]
+        if any(
+            not isinstance(m, ev.BlocksShipped)
+            or (m.item_id, m.cycle_seq) != (first.item_id, first.cycle_seq)
+            for m in msgs
+        ):
+            raise RunFallback("batches of more than one cycle")
+        item = await _item_for(conn, incs[0], first.item_id)
+        for inc in incs[1:]:
+            _check_source(item, inc, first.item_id)
+        cycle = await repo.open_cycle(conn, first.item_id, first.cycle_seq)
+        if cycle is None or cycle["poisoned"]:
+            CYCLES.labels("orphan_batch").inc(len(incs))
+            return
+        batches: list[tuple[int, str, list[tuple[int, str]], int]] = []
+        for inc, msg in zip(incs, msgs, strict=True):
+            assert isinstance(msg, ev.BlocksShipped)
+            staged, nbytes, why = await stored_blocks(item, cycle, inc)
+            if why is not None:
+                raise RunFallback(why)
+            batches.append((msg.batch_no, msg.disk_id, staged, nbytes))
+        crash_point("replication.blocks_stored")
+        await repo.stage_batches(conn, first.item_id, first.cycle_seq, batches)
+        BYTES_APPLIED.inc(sum(b[3] for b in batches))
+        BLOCKS_APPLIED.inc(sum(len(b[2]) for b in batches))
 
     async def on_completed(conn: asyncpg.Connection, inc: Incoming) -> None:
         msg = inc.payload
@@ -447,7 +494,12 @@ def make_delta_handlers(ctx: Context) -> dict[str, Any]:
         CYCLES.labels("committed").inc()
         APPLY_SECONDS.observe(latency)
 
-    return {"CycleStarted": on_started, "BlocksShipped": on_blocks, "CycleCompleted": on_completed}
+    handlers = {
+        "CycleStarted": on_started,
+        "BlocksShipped": on_blocks,
+        "CycleCompleted": on_completed,
+    }
+    return handlers, {"BlocksShipped": on_blocks_run}
 
 
 def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]], Awaitable[None]]:

@@ -250,29 +250,36 @@ async def poison_cycle(conn: asyncpg.Connection, item_id: uuid.UUID, seq: int, w
     )
 
 
-async def stage_batch(
+async def stage_batches(
     conn: asyncpg.Connection,
     item_id: uuid.UUID,
     seq: int,
-    batch_no: int,
-    disk_id: str,
-    blocks: list[tuple[int, str]],
-    nbytes: int,
+    batches: list[tuple[int, str, list[tuple[int, str]], int]],
 ) -> None:
+    """Stage batches (batch_no, disk_id, [(block index, sha256)], bytes) of one cycle, as if
+    one after the other: a batch number already staged is kept, a block staged again takes
+    the later hash. Two statements whatever the number of batches."""
     await conn.execute(
         "INSERT INTO staged_batches (item_id, cycle_seq, batch_no, blocks, bytes)"
-        " VALUES ($1,$2,$3,$4,$5) ON CONFLICT DO NOTHING",
+        " SELECT $1, $2, b, n, s FROM unnest($3::int[], $4::int[], $5::bigint[]) AS t(b, n, s)"
+        " ON CONFLICT DO NOTHING",
         item_id,
         seq,
-        batch_no,
-        len(blocks),
-        nbytes,
+        [b[0] for b in batches],
+        [len(b[2]) for b in batches],
+        [b[3] for b in batches],
     )
-    await conn.executemany(
+    latest = {(disk, index): digest for _, disk, blocks, _ in batches for index, digest in blocks}
+    await conn.execute(
         "INSERT INTO staged_blocks (item_id, cycle_seq, disk_id, block_index, sha256)"
-        " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (item_id, cycle_seq, disk_id, block_index)"
+        " SELECT $1, $2, d, i, h FROM unnest($3::text[], $4::int[], $5::text[]) AS t(d, i, h)"
+        " ON CONFLICT (item_id, cycle_seq, disk_id, block_index)"
         " DO UPDATE SET sha256 = EXCLUDED.sha256",
-        [(item_id, seq, disk_id, index, digest) for index, digest in blocks],
+        item_id,
+        seq,
+        [disk for disk, _ in latest],
+        [index for _, index in latest],
+        list(latest.values()),
     )
 
 

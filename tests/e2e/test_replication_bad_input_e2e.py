@@ -71,7 +71,9 @@ class ScriptedAgent:
             disks=[ev.DiskGeometry(disk_id=self.disk_id, size_bytes=DISK_SIZE)],
         )
 
-    def batch(self, seq: int, indexes: list[int], tamper: bool = False) -> ev.BlocksShipped:
+    def batch(
+        self, seq: int, indexes: list[int], tamper: bool = False, batch_no: int = 0
+    ) -> ev.BlocksShipped:
         blocks = []
         for i in indexes:
             data = self.blocks[i] if not tamper else os.urandom(BLOCK_SIZE)
@@ -83,7 +85,11 @@ class ScriptedAgent:
                 )
             )
         return ev.BlocksShipped(
-            item_id=self.item_id, cycle_seq=seq, batch_no=0, disk_id=self.disk_id, blocks=blocks
+            item_id=self.item_id,
+            cycle_seq=seq,
+            batch_no=batch_no,
+            disk_id=self.disk_id,
+            blocks=blocks,
         )
 
     def completed(
@@ -208,12 +214,15 @@ async def test_no_recovery_point_from_bad_input(
 
         await eventually(rejected_for_vault, timeout=60, what="the other-vault cycle rejected")
 
-        # 5. A tampered block: right hash, wrong bytes, valid signature.
+        # 5. A tampered block: right hash, wrong bytes, valid signature; between good batches
+        # sent back to back (the replica takes such runs of batches in one transaction).
         agent.blocks[1] = os.urandom(BLOCK_SIZE)
         await agent.send(agent.started(3, ev.CycleKind.DELTA))
-        tampered = await agent.send(agent.batch(3, [1], tamper=True))
+        await agent.send(agent.batch(3, [0], batch_no=0))
+        tampered = await agent.send(agent.batch(3, [1], tamper=True, batch_no=1))
+        await agent.send(agent.batch(3, [2], batch_no=2))
         await dead_lettered(tampered, "block_hash_mismatch")
-        await agent.send(agent.completed(3, ev.CycleKind.DELTA, batches=1, blocks=1))
+        await agent.send(agent.completed(3, ev.CycleKind.DELTA, batches=3, blocks=3))
         bad = await eventually(
             lambda: state_is("resynchronizing", "waiting_to_start_resync"),
             what="tampered block -> resync",
