@@ -11,7 +11,8 @@ measurement on its own fresh database and topic prefix (a two-site setup of its 
    ratio ours / raw.
 2. catch-up: a 1 GiB image (10 % random blocks, 30 % compressible text, 60 % zero blocks),
    protected and initially replicated; then 1 % of its blocks written at random through the
-   agent's journal; time until a point after the writes is committed, beside
+   agent's journal; time from the last write (`completed_at` of the agent's answer) until a
+   point captured after it is committed, beside
    `rsync --inplace --no-whole-file` bringing a copy of the image (taken before the writes) up
    to date; three rounds, medians. Both results are checked by sha256 outside the timed parts
    (the last point materialised). Ratio line: rsync time / ours.
@@ -130,6 +131,14 @@ class Run:
 
     async def agent(self, method: str, path: str, body: Any = None) -> Any:
         return await self.dr.agent_call(self.http, HOST, method, path, body)
+
+    async def write(self, vm: str, blocks: int) -> datetime:
+        """`blocks` random blocks written through the agent's journal; when the last was done
+        (the agent's clock: a point captured later holds them all)."""
+        done = await self.agent(
+            "POST", f"/vms/{vm}/writes", {"blocks": blocks, "pattern": "random"}
+        )
+        return datetime.fromisoformat(done["completed_at"])
 
     async def create_vm(self, name: str, disk: str) -> Path:
         """A VM with one sparse disk on the agent's host; returns the disk's image path."""
@@ -370,8 +379,7 @@ async def write_and_wait(run: Run, vm: str, item_id: str, blocks: int) -> tuple[
     after it is committed, changed blocks in the points after the write)."""
     before = datetime.now().astimezone()
     started = time.perf_counter()
-    await run.agent("POST", f"/vms/{vm}/writes", {"blocks": blocks, "pattern": "random"})
-    after = datetime.now().astimezone()
+    after = await run.write(vm, blocks)
     point = await run.point_after(item_id, after)
     observed = time.perf_counter() - started
     committed = datetime.fromisoformat(point["committed_at"])
@@ -410,8 +418,7 @@ async def bench_throughput(stack: Stack, run: Run) -> None:
     # capture at the agent to its committed, verified point at the service.
     await run.item_action(item_id, "pause")
     await run.agent_item_is(item_id, paused=True)
-    await run.agent("POST", "/vms/tput/writes", {"blocks": THROUGHPUT_BLOCKS, "pattern": "random"})
-    written = datetime.now().astimezone()
+    written = await run.write("tput", THROUGHPUT_BLOCKS)
     await run.item_action(item_id, "resume")
     point = await run.point_after(item_id, written)
     shipped = datetime.fromisoformat(point["committed_at"]) - datetime.fromisoformat(
@@ -475,8 +482,7 @@ async def bench_catchup(stack: Stack, run: Run) -> None:
     theirs_runs: list[float] = []
     before = await run.counters()
     for _ in range(CATCHUP_ROUNDS):  # the copy is up to date with the image before each round
-        await run.agent("POST", "/vms/catchup/writes", {"blocks": blocks, "pattern": "random"})
-        written = datetime.now().astimezone()
+        written = await run.write("catchup", blocks)
         started = time.perf_counter()
         point = await run.point_after(item_id, written)
         observed = time.perf_counter() - started

@@ -3,6 +3,7 @@ credential): create VMs, drive their workload, write blocks, see replication sta
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -101,9 +102,12 @@ def add_routes(app: FastAPI) -> None:
 
     @router.post("/vms/{name}/writes", summary="Write N blocks now, through the journal")
     async def writes(name: str, body: WriteBlocks, agent: Agent) -> dict[str, Any]:
+        """`completed_at`: the host's clock when the last write was done; a recovery point
+        whose `source_time` is not before it holds every one of these writes."""
         vm = _running_vm(agent, name, True)
         writer = Writer(agent.agent_settings.storage_dir, vm, body.pattern)
-        return {"vm": vm.name, "written": write_blocks(agent.host, writer, body.blocks)}
+        written = write_blocks(agent.host, writer, body.blocks)
+        return {"vm": vm.name, "written": written, "completed_at": datetime.now(UTC).isoformat()}
 
     @router.get("/items", summary="Replication status per protected item")
     async def items(agent: Agent) -> list[dict[str, Any]]:

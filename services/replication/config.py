@@ -21,11 +21,12 @@ class ReplicationSettings(ServiceSettings):
         default=Path(".state/replica"),
         description="Replica store root; one sub-folder per recovery site.",
     )
-    store_sync: Literal["syncfs", "fsync"] = Field(
-        default="syncfs",
-        description="How a batch of blocks is made durable: `syncfs` (Linux: two syncfs(2) "
-        "per batch; they also flush other dirty data of that filesystem, so prefer `fsync` "
-        "when the store shares a busy filesystem) or `fsync` (one per block file and folder).",
+    store_sync: Literal["wal", "syncfs", "fsync"] = Field(
+        default="wal",
+        description="How a batch of blocks is made durable: `wal` (the batch appended to the "
+        "item's block log, one fdatasync; block files synced at 64 MiB of log), `syncfs` "
+        "(Linux: two syncfs(2) per batch; they also flush other dirty data of that "
+        "filesystem) or `fsync` (one per block file and folder).",
     )
     policy_url: str = Field(
         default="http://127.0.0.1:8103",

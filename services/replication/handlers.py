@@ -88,7 +88,7 @@ class Context:
             self.stores[site] = ReplicaStore(
                 self.settings.store_dir / site,
                 io_threads=32,
-                batch_sync=self.settings.store_sync == "syncfs",
+                durability=self.settings.store_sync,
             )
         return self.stores[site]
 

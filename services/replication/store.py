@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 import threading
 import uuid
@@ -64,6 +65,11 @@ from shared.schemas.replication import CycleKind
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ITEM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# The block log (durability "wal"): records of magic, SHA-256, length, bytes, appended per batch.
+_WAL_RECORD = struct.Struct(">4s32sI")
+_WAL_MAGIC = b"DRW1"
+WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024  # log size at which block files are synced, log emptied
+DURABILITY_MODES = ("wal", "syncfs", "fsync")
 _POINT_FILE = re.compile(r"(\d{12})\.json")
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -355,6 +361,10 @@ class _Layout:
     def journal(self) -> Path:
         return self.dir / "PRUNE.json"
 
+    @property
+    def wal(self) -> Path:
+        return self.dir / "blocks.wal"
+
     def block(self, sha: str) -> Path:
         return self.blocks / sha[:2] / sha
 
@@ -403,6 +413,30 @@ def _load_syncfs() -> Callable[[Path], None] | None:
 
 
 _SYNCFS = _load_syncfs()
+
+
+def _sync_filesystem(path: Path) -> None:
+    """Everything written on the filesystem holding `path` made durable (syncfs(2), or
+    sync(2) where it is missing)."""
+    if _SYNCFS is not None:
+        _SYNCFS(path)
+    else:
+        os.sync()
+
+
+def _write_block_file(path: str, data: bytes) -> None:
+    """A block file written in place, unsynced (its bytes are in the block log)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except FileNotFoundError:  # the shard's (or the item's) first block
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _mkdir_durable(path: Path) -> None:
@@ -476,11 +510,18 @@ class ReplicaStore:
     temp files removed) on its first use by this instance.
     """
 
-    def __init__(self, root: Path, *, io_threads: int = 8, batch_sync: bool = True) -> None:
-        """`batch_sync`: make a `put_blocks` batch durable with two syncfs(2) calls (Linux)
-        instead of an fsync per block file and per folder; ignored where syncfs is missing."""
+    def __init__(self, root: Path, *, io_threads: int = 8, durability: str = "wal") -> None:
+        """`durability`, how a `put_blocks` batch is made durable (see docs/replica-store.md):
+        `wal` (one fdatasync of the item's block log per batch), `syncfs` (two syncfs(2)
+        calls per batch; Linux) or `fsync` (one per block file and folder). Where syncfs(2) is
+        missing, `syncfs` acts as `fsync`."""
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
         self.root = Path(root)
-        self._syncfs = _SYNCFS if batch_sync else None
+        self._wal = durability == "wal"
+        self._syncfs = _SYNCFS if durability == "syncfs" else None
+        self._wal_fds: dict[str, int] = {}  # item -> its open block log
+        self._wal_sizes: dict[str, int] = {}
         self._items = self.root / "items"
         self._trash = self.root / "trash"
         _mkdir_durable(self._items)
@@ -495,6 +536,12 @@ class ReplicaStore:
         self._fresh: dict[str, dict[str, int]] = {}  # blocks written since the item's last commit
 
     def close(self) -> None:
+        """Sync the block files of every open block log and empty it (a clean stop leaves
+        nothing to replay), then release the threads."""
+        for item in list(self._wal_fds):
+            with self._locked(item) as layout:
+                self._checkpoint(item, layout)
+                self._close_wal(item)
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -522,7 +569,9 @@ class ReplicaStore:
 
     def _recover(self, item: str, layout: _Layout) -> None:
         self._latest.pop(item, None)
+        self._close_wal(item)
         if layout.dir.is_dir():
+            self._replay_wal(layout)
             if layout.journal.exists():
                 self._roll_forward(item, layout, _read_json(layout.journal))
             for staged in layout.points.glob("*.json.next"):
@@ -602,7 +651,9 @@ class ReplicaStore:
             return 0
         with self._locked(item_id) as layout:
             pairs = list(todo.items())
-            if self._syncfs is not None:
+            if self._wal:
+                written = self._put_batch_wal(str(item_id), layout, pairs)
+            elif self._syncfs is not None:
                 written = self._put_batch_syncfs(layout, pairs, self._syncfs)
             else:
                 _mkdir_durable(layout.tmp)
@@ -620,6 +671,101 @@ class ReplicaStore:
                 (sha, len(data)) for (sha, data), new in zip(pairs, written, strict=True) if new
             )
             return sum(written)
+
+    def _put_batch_wal(
+        self, item: str, layout: _Layout, pairs: list[tuple[str, bytes]]
+    ) -> list[bool]:
+        """The new blocks are appended to the item's block log, made durable by one fdatasync,
+        and only then written to their block files, unsynced: until the next checkpoint, a
+        crash is repaired by `_replay_wal`. Block files are written in place (readers only
+        read blocks of committed points, which are complete)."""
+        blocks_dir = os.fspath(layout.blocks)
+        fresh: list[tuple[str, bytes, str]] = []
+        written: list[bool] = []
+        for sha, data in pairs:
+            path = f"{blocks_dir}/{sha[:2]}/{sha}"
+            try:
+                if os.stat(path).st_size == len(data):
+                    os.utime(path)  # GC spares blocks touched after the latest commit
+                    written.append(False)
+                    continue
+            except FileNotFoundError:
+                pass
+            fresh.append((sha, data, path))
+            written.append(True)
+        if not fresh:
+            return written
+        self._wal_append(item, layout, fresh)
+        for _, data, path in fresh:
+            _write_block_file(path, data)
+        if self._wal_sizes.get(item, 0) >= WAL_CHECKPOINT_BYTES:
+            self._checkpoint(item, layout)
+        return written
+
+    def _wal_append(self, item: str, layout: _Layout, blocks: list[tuple[str, bytes, str]]) -> None:
+        fd = self._wal_fds.get(item)
+        if fd is None:
+            _mkdir_durable(layout.dir)
+            fd = os.open(layout.wal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            _fsync_dir(layout.dir)  # the log's own name
+            self._wal_fds[item] = fd
+            self._wal_sizes[item] = os.fstat(fd).st_size
+        parts: list[bytes] = []
+        for sha, data, _ in blocks:
+            parts.append(_WAL_RECORD.pack(_WAL_MAGIC, bytes.fromhex(sha), len(data)))
+            parts.append(data)
+        view = memoryview(b"".join(parts))
+        size = len(view)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fdatasync(fd)
+        self._wal_sizes[item] += size
+
+    def _checkpoint(self, item: str, layout: _Layout) -> None:
+        """Every block file written since the log was emptied made durable, then the log
+        emptied."""
+        fd = self._wal_fds.get(item)
+        if fd is None or not self._wal_sizes.get(item):
+            return
+        _sync_filesystem(layout.dir)
+        os.ftruncate(fd, 0)
+        os.fdatasync(fd)
+        self._wal_sizes[item] = 0
+
+    def _close_wal(self, item: str) -> None:
+        fd = self._wal_fds.pop(item, None)
+        self._wal_sizes.pop(item, None)
+        if fd is not None:
+            os.close(fd)
+
+    @staticmethod
+    def _replay_wal(layout: _Layout) -> int:
+        """After a crash: rewrite every block of the log (their files may not have reached the
+        disk), sync them, empty the log. A torn last record (the crash hit the append; its
+        batch was never acknowledged) ends the replay. Returns the blocks rewritten."""
+        if not layout.wal.exists():
+            return 0
+        replayed = 0
+        with open(layout.wal, "rb") as log_file:
+            while True:
+                head = log_file.read(_WAL_RECORD.size)
+                if len(head) < _WAL_RECORD.size:
+                    break
+                magic, digest, length = _WAL_RECORD.unpack(head)
+                data = log_file.read(length) if magic == _WAL_MAGIC else b""
+                if magic != _WAL_MAGIC or len(data) != length:
+                    break
+                if hashlib.sha256(data).digest() != digest:
+                    break
+                path = os.fspath(layout.block(digest.hex()))
+                _write_block_file(path, data)
+                replayed += 1
+        if replayed:
+            _sync_filesystem(layout.dir)
+        with open(layout.wal, "r+b") as log_file:
+            log_file.truncate(0)
+            os.fdatasync(log_file.fileno())
+        return replayed
 
     @staticmethod
     def _put_batch_syncfs(
@@ -1189,6 +1335,8 @@ class ReplicaStore:
         seqs = self._point_seqs(layout)
         if not seqs or not layout.blocks.is_dir():
             return 0
+        # the block log must not bring back a block swept here (a replay rewrites its blocks)
+        self._checkpoint(item, layout)
         cutoff = layout.point(seqs[-1]).stat().st_mtime_ns if spare_recent else 2**63
         live: set[str] = set()
         for m in self._base_maps(layout).values():
@@ -1215,6 +1363,7 @@ class ReplicaStore:
     def delete_item(self, item_id: str) -> None:
         """Remove an item and all its points and blocks (moved to trash/ first: atomic)."""
         with self._locked(item_id) as layout:
+            self._close_wal(layout.dir.name)
             if layout.dir.exists():
                 _mkdir_durable(self._trash)
                 doomed = self._trash / f"{layout.dir.name}.{uuid.uuid4().hex[:8]}"
