@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -20,13 +19,6 @@ class ReplicationSettings(ServiceSettings):
     store_dir: Path = Field(
         default=Path(".state/replica"),
         description="Replica store root; one sub-folder per recovery site.",
-    )
-    store_sync: Literal["wal", "syncfs", "fsync"] = Field(
-        default="wal",
-        description="How a batch of blocks is made durable: `wal` (the batch appended to the "
-        "item's block log, one fdatasync; block files synced at 64 MiB of log), `syncfs` "
-        "(Linux: two syncfs(2) per batch; they also flush other dirty data of that "
-        "filesystem) or `fsync` (one per block file and folder).",
     )
     policy_url: str = Field(
         default="http://127.0.0.1:8103",

@@ -85,11 +85,7 @@ class Context:
 
     def store(self, site: str) -> ReplicaStore:
         if site not in self.stores:
-            self.stores[site] = ReplicaStore(
-                self.settings.store_dir / site,
-                io_threads=32,
-                durability=self.settings.store_sync,
-            )
+            self.stores[site] = ReplicaStore(self.settings.store_dir / site)
         return self.stores[site]
 
 

@@ -6,8 +6,9 @@ durable truth of what a point contains. Blocks, leaves and roots are those of `s
 Layout under `root` (one root per recovery site); docs/replica-store.md has the full story:
 
     items/<item_id>/
-      blocks/<aa>/<sha256 hex>   raw bytes of one block, content-addressed (aa = first 2 hex);
-                                 all-zero blocks are never stored
+      packs/<n:08d>.pack         append-only block records (magic, SHA-256, length, bytes): a
+                                 batch of new blocks is one append + fdatasync; content-addressed
+                                 through an in-memory index; all-zero blocks are never stored
       points/<seq:012d>.json     one manifest per retained recovery point: seq, kind,
                                  source_time, app_consistent, new_bytes, and per disk size_bytes,
                                  block_size, merkle_root, `changed` ([index, sha256] of that
@@ -24,26 +25,23 @@ Layout under `root` (one root per recovery site); docs/replica-store.md has the 
 
 The full map of a disk at point p = the base, then for each retained point up to p: resize the
 leaf array to the point's size (truncate, or extend with zero-block leaves) and apply its delta.
-Every file is written to tmp/, fsynced, renamed into place, and its folder fsynced (a batch of
-blocks: written to tmp/, one syncfs, renamed, a second syncfs, where Linux has it). A manifest's
-mtime is its commit time (prune preserves it); GC spares unreferenced blocks newer than the
-latest manifest, i.e. the blocks of the cycle in flight (like git's prune expiry).
+Every other file is written to tmp/, fsynced, renamed into place, and its folder fsynced. A
+manifest's mtime is its commit time (prune preserves it); GC spares packs modified after the
+latest manifest, i.e. the blocks of the cycle in flight (like git's prune expiry), deletes dead
+packs and compacts mostly dead ones.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
 import re
 import shutil
 import struct
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -65,11 +63,12 @@ from shared.schemas.replication import CycleKind
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ITEM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# The block log (durability "wal"): records of magic, SHA-256, length, bytes, appended per batch.
-_WAL_RECORD = struct.Struct(">4s32sI")
-_WAL_MAGIC = b"DRW1"
-WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024  # log size at which block files are synced, log emptied
-DURABILITY_MODES = ("wal", "syncfs", "fsync")
+# Pack files: records of magic, SHA-256, length and the block's bytes, appended per batch.
+_PACK_RECORD = struct.Struct(">4s32sI")
+_PACK_MAGIC = b"DRP1"
+_PACK_FILE = re.compile(r"(\d{8})\.pack")
+PACK_BYTES = 64 * 1024 * 1024  # a pack past this size is closed; the next batch begins one
+PACK_COMPACT_BELOW = 0.75  # GC rewrites a pack whose live records are below this share of it
 _POINT_FILE = re.compile(r"(\d{12})\.json")
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -91,7 +90,7 @@ class BlockHashMismatch(StoreError, ValueError):
 
 class MissingBlock(StoreError):
     def __init__(self, disk_id: str, index: int, sha256: str) -> None:
-        super().__init__(f"disk {disk_id} block {index}: block file {sha256} is not stored")
+        super().__init__(f"disk {disk_id} block {index}: block {sha256} is not stored")
         self.disk_id, self.index, self.sha256 = disk_id, index, sha256
 
 
@@ -182,7 +181,7 @@ class PointInfo:
     kind: str
     app_consistent: bool
     changed_blocks: int
-    new_bytes: int  # bytes of block files written for this point (not shared with earlier ones)
+    new_bytes: int  # bytes of blocks newly stored for this point (not shared with earlier ones)
 
 
 @dataclass(frozen=True)
@@ -338,8 +337,8 @@ class _Layout:
     dir: Path
 
     @property
-    def blocks(self) -> Path:
-        return self.dir / "blocks"
+    def packs(self) -> Path:
+        return self.dir / "packs"
 
     @property
     def points(self) -> Path:
@@ -360,13 +359,6 @@ class _Layout:
     @property
     def journal(self) -> Path:
         return self.dir / "PRUNE.json"
-
-    @property
-    def wal(self) -> Path:
-        return self.dir / "blocks.wal"
-
-    def block(self, sha: str) -> Path:
-        return self.blocks / sha[:2] / sha
 
     def point(self, seq: int) -> Path:
         return self.points / f"{seq:012d}.json"
@@ -389,54 +381,170 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _load_syncfs() -> Callable[[Path], None] | None:
-    """Linux's syncfs(2): one call makes every file of the filesystem holding `path` durable
-    (data and metadata; errors reported since Linux 5.8). None where it is not available."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """`parts` written in order at the file's position (one writev(2) call if it can)."""
+    done = os.writev(fd, parts)
+    rest = b"".join(parts)[done:] if done < sum(len(p) for p in parts) else b""
+    view = memoryview(rest)
+    while view:
+        view = view[os.write(fd, view) :]
 
-    def syncfs(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+class _Packs:
+    """One item's block bytes: append-only pack files `packs/<n:08d>.pack` of records (magic,
+    SHA-256, length, bytes), and an in-memory index sha256 hex -> (pack, offset, length) built
+    from the record headers when the item is first used. A batch of new blocks is one append
+    and one fdatasync; a pack past `PACK_BYTES` is closed and the next batch begins a new one.
+    Callers hold the item's lock to append or collect; reads need no lock."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.index: dict[str, tuple[int, int, int]] = {}
+        self.sizes: dict[int, int] = {}  # pack -> bytes of whole records
+        self._fd = -1
+        self._current: int | None = None  # the pack being appended to
+        if folder.is_dir():
+            found = (_PACK_FILE.fullmatch(p.name) for p in folder.iterdir())
+            numbers = sorted(int(m.group(1)) for m in found if m)
+            for n in numbers:
+                self._load(n, newest=n == numbers[-1])
+
+    def path(self, n: int) -> str:
+        return f"{self.folder}/{n:08d}.pack"
+
+    def _load(self, n: int, *, newest: bool) -> None:
+        """Index pack `n`. The newest pack's records are hash-checked as well and the pack cut
+        at its first bad one: only its tail can hold an append that a crash interrupted (one
+        whose fdatasync never returned, so its batch was never acknowledged)."""
+        path, good = self.path(n), 0
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            while good + _PACK_RECORD.size <= size:
+                fh.seek(good)
+                magic, digest, length = _PACK_RECORD.unpack(fh.read(_PACK_RECORD.size))
+                start = good + _PACK_RECORD.size
+                if magic != _PACK_MAGIC or start + length > size:
+                    break
+                if newest and hashlib.sha256(fh.read(length)).digest() != digest:
+                    break
+                self.index[digest.hex()] = (n, start, length)
+                good = start + length
+        if good < size and newest:
+            with open(path, "r+b") as fh:
+                fh.truncate(good)
+                os.fdatasync(fh.fileno())
+        self.sizes[n] = good
+
+    def append(self, blocks: Sequence[tuple[str, bytes]]) -> None:
+        """New blocks (sha256 hex, bytes), durable when this returns."""
+        if self._current is None or self.sizes[self._current] >= PACK_BYTES:
+            self._begin()
+        assert self._current is not None
+        n, start = self._current, self.sizes[self._current]
+        parts: list[bytes] = []
+        entries: list[tuple[str, tuple[int, int, int]]] = []
+        offset = start
+        for sha, data in blocks:
+            parts.append(_PACK_RECORD.pack(_PACK_MAGIC, bytes.fromhex(sha), len(data)))
+            parts.append(data)
+            offset += _PACK_RECORD.size
+            entries.append((sha, (n, offset, len(data))))
+            offset += len(data)
         try:
-            if fn(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs({path}): {os.strerror(err)}")
+            _write_all(self._fd, parts)
+            os.fdatasync(self._fd)
+        except BaseException:
+            with suppress(OSError):  # no torn record may stay in front of later appends
+                os.ftruncate(self._fd, start)
+            raise
+        self.sizes[n] = offset
+        self.index.update(entries)
+
+    def _begin(self) -> None:
+        self.close()
+        _mkdir_durable(self.folder)
+        n = max(self.sizes, default=0) + 1
+        self._fd = os.open(self.path(n), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        _fsync_dir(self.folder)  # the pack's name
+        self._current, self.sizes[n] = n, 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._current = -1, None
+
+    def read(self, sha: str) -> bytes | None:
+        """The stored bytes of a block (unverified), or None if it is not stored."""
+        loc = self.index.get(sha)
+        if loc is None:
+            return None
+        n, offset, length = loc
+        try:
+            fd = os.open(self.path(n), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.pread(fd, length, offset)
         finally:
             os.close(fd)
 
-    return syncfs
+    def has(self, sha: str) -> bool:
+        loc = self.index.get(sha)
+        return loc is not None and os.path.exists(self.path(loc[0]))
 
+    def touch(self, sha: str) -> None:
+        """A block stored before was put again (a cycle in flight uses it): its pack is spared
+        by GC until the next commit (packs modified after the latest commit are)."""
+        with suppress(FileNotFoundError):
+            os.utime(self.path(self.index[sha][0]))
 
-_SYNCFS = _load_syncfs()
-
-
-def _sync_filesystem(path: Path) -> None:
-    """Everything written on the filesystem holding `path` made durable (syncfs(2), or
-    sync(2) where it is missing)."""
-    if _SYNCFS is not None:
-        _SYNCFS(path)
-    else:
-        os.sync()
-
-
-def _write_block_file(path: str, data: bytes) -> None:
-    """A block file written in place, unsynced (its bytes are in the block log)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    except FileNotFoundError:  # the shard's (or the item's) first block
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
+    def collect(
+        self,
+        live: set[str],
+        cutoff_ns: int,
+        first_free: Callable[[], None],
+        *,
+        compact_below: float = PACK_COMPACT_BELOW,
+    ) -> int:
+        """Delete the packs with no live record; rewrite those whose live records are below
+        `compact_below` of them (the live ones appended anew, verified, then the pack
+        deleted). Packs modified at or after `cutoff_ns` (the latest commit) and the one being
+        appended to are left alone. Returns bytes freed."""
+        records: dict[int, list[tuple[str, int]]] = {}
+        for sha, (n, _, length) in self.index.items():
+            records.setdefault(n, []).append((sha, length))
+        freed = 0
+        for n in sorted(self.sizes):
+            if n == self._current:
+                continue
+            try:
+                if os.stat(self.path(n)).st_mtime_ns >= cutoff_ns:
+                    continue
+            except FileNotFoundError:
+                pass
+            keep = [(sha, length) for sha, length in records.get(n, []) if sha in live]
+            kept = sum(_PACK_RECORD.size + length for _, length in keep)
+            if keep and kept >= compact_below * self.sizes[n]:
+                continue
+            moved = [(sha, self.read(sha)) for sha, _ in keep]
+            intact = [
+                (sha, data)
+                for sha, data in moved
+                if data is not None and hashlib.sha256(data).hexdigest() == sha
+            ]
+            if intact:
+                self.append(intact)  # (a corrupt one is left out: verify reports it missing)
+            if not freed:
+                first_free()
+            with suppress(FileNotFoundError):
+                os.unlink(self.path(n))
+            for sha, _ in records.get(n, []):
+                if self.index.get(sha, (0,))[0] == n:
+                    del self.index[sha]
+            freed += self.sizes.pop(n) - kept
+        if freed:
+            _fsync_dir(self.folder)
+        return freed
 
 
 def _mkdir_durable(path: Path) -> None:
@@ -510,41 +618,24 @@ class ReplicaStore:
     temp files removed) on its first use by this instance.
     """
 
-    def __init__(self, root: Path, *, io_threads: int = 8, durability: str = "wal") -> None:
-        """`durability`, how a `put_blocks` batch is made durable (see docs/replica-store.md):
-        `wal` (one fdatasync of the item's block log per batch), `syncfs` (two syncfs(2)
-        calls per batch; Linux) or `fsync` (one per block file and folder). Where syncfs(2) is
-        missing, `syncfs` acts as `fsync`."""
-        if durability not in DURABILITY_MODES:
-            raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+    def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._wal = durability == "wal"
-        self._syncfs = _SYNCFS if durability == "syncfs" else None
-        self._wal_fds: dict[str, int] = {}  # item -> its open block log
-        self._wal_sizes: dict[str, int] = {}
         self._items = self.root / "items"
         self._trash = self.root / "trash"
         _mkdir_durable(self._items)
         shutil.rmtree(self._trash, ignore_errors=True)  # deletions a crash interrupted
-        self._io_threads = io_threads
-        self._pool: ThreadPoolExecutor | None = None
         self._guard = threading.Lock()
         self._locks: dict[str, threading.RLock] = {}
         self._ready: set[str] = set()
         self._pins: dict[str, int] = {}
         self._latest: dict[str, _Latest] = {}
+        self._packs: dict[str, _Packs] = {}  # an item's packs, loaded on its first use
         self._fresh: dict[str, dict[str, int]] = {}  # blocks written since the item's last commit
 
     def close(self) -> None:
-        """Sync the block files of every open block log and empty it (a clean stop leaves
-        nothing to replay), then release the threads."""
-        for item in list(self._wal_fds):
-            with self._locked(item) as layout:
-                self._checkpoint(item, layout)
-                self._close_wal(item)
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        """Close the packs being appended to."""
+        for packs in list(self._packs.values()):
+            packs.close()
 
     # ------------------------------------------------------------------ locking and recovery
 
@@ -569,9 +660,10 @@ class ReplicaStore:
 
     def _recover(self, item: str, layout: _Layout) -> None:
         self._latest.pop(item, None)
-        self._close_wal(item)
+        if item in self._packs:
+            self._packs.pop(item).close()
+        self._packs[item] = _Packs(layout.packs)
         if layout.dir.is_dir():
-            self._replay_wal(layout)
             if layout.journal.exists():
                 self._roll_forward(item, layout, _read_json(layout.journal))
             for staged in layout.points.glob("*.json.next"):
@@ -603,19 +695,6 @@ class ReplicaStore:
             with self._guard:
                 self._pins[str(item_id)] -= 1
 
-    def _map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
-        if len(items) < 2 or self._io_threads < 2:
-            return [fn(x) for x in items]
-        return list(self._executor().map(fn, items))
-
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._guard:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    self._io_threads, thread_name_prefix="replica-store"
-                )
-            return self._pool
-
     # ------------------------------------------------------------------------------ blocks
 
     def put_block(
@@ -627,15 +706,9 @@ class ReplicaStore:
 
     def put_blocks(self, item_id: str, blocks: Sequence[tuple[int | None, str, bytes]]) -> int:
         """Store a batch of (index, sha256 hex, bytes); every hash is checked before anything
-        is written. Same guarantees as `put_block`: when it returns, every block is durable
-        under its final name, and a block file under its final name is always complete.
-        Returns how many blocks were newly written.
-
-        Durability, per batch: with syncfs, the new blocks are written to tmp/ unsynced, one
-        syncfs makes their bytes durable, they are renamed into place, and a second syncfs makes
-        the renames durable (two flushes per batch, whatever its size; the flushes also write
-        out other dirty data of that filesystem). Without it, an fsync per block file and per
-        folder, overlapped in threads."""
+        is written. Same guarantees as `put_block`: when it returns, every new block is durable
+        (appended to the item's current pack, one fdatasync for the batch). Returns how many
+        blocks were newly written."""
         # hashed here, in the caller's thread: a thread hand-off per 64 KiB block costs about
         # what it would save on two CPUs
         actual = [hashlib.sha256(data).hexdigest() for _, _, data in blocks]
@@ -650,180 +723,30 @@ class ReplicaStore:
         if not todo:
             return 0
         with self._locked(item_id) as layout:
-            pairs = list(todo.items())
-            if self._wal:
-                written = self._put_batch_wal(str(item_id), layout, pairs)
-            elif self._syncfs is not None:
-                written = self._put_batch_syncfs(layout, pairs, self._syncfs)
+            return self._store(layout, todo)
+
+    def _store(self, layout: _Layout, blocks: Mapping[str, bytes]) -> int:
+        """Append the blocks not stored yet (verified by the caller); the stored ones are
+        touched (GC spares them until the next commit). Returns how many were new."""
+        packs = self._packs[layout.dir.name]
+        new = []
+        for sha, data in blocks.items():
+            loc = packs.index.get(sha)
+            if loc is not None and loc[2] == len(data):
+                packs.touch(sha)
             else:
-                _mkdir_durable(layout.tmp)
-                for sha in todo:
-                    _mkdir_durable(layout.block(sha).parent)
-                written = self._map(lambda p: self._write_block(layout, p[0], p[1]), pairs)
-                folders = {
-                    layout.block(sha).parent
-                    for (sha, _), new in zip(pairs, written, strict=True)
-                    if new
-                }
-                self._map(_fsync_dir, sorted(folders))
-            fresh = self._fresh.setdefault(str(item_id), {})
-            fresh.update(
-                (sha, len(data)) for (sha, data), new in zip(pairs, written, strict=True) if new
-            )
-            return sum(written)
-
-    def _put_batch_wal(
-        self, item: str, layout: _Layout, pairs: list[tuple[str, bytes]]
-    ) -> list[bool]:
-        """The new blocks are appended to the item's block log, made durable by one fdatasync,
-        and only then written to their block files, unsynced: until the next checkpoint, a
-        crash is repaired by `_replay_wal`. Block files are written in place (readers only
-        read blocks of committed points, which are complete)."""
-        blocks_dir = os.fspath(layout.blocks)
-        fresh: list[tuple[str, bytes, str]] = []
-        written: list[bool] = []
-        for sha, data in pairs:
-            path = f"{blocks_dir}/{sha[:2]}/{sha}"
-            try:
-                if os.stat(path).st_size == len(data):
-                    os.utime(path)  # GC spares blocks touched after the latest commit
-                    written.append(False)
-                    continue
-            except FileNotFoundError:
-                pass
-            fresh.append((sha, data, path))
-            written.append(True)
-        if not fresh:
-            return written
-        self._wal_append(item, layout, fresh)
-        for _, data, path in fresh:
-            _write_block_file(path, data)
-        if self._wal_sizes.get(item, 0) >= WAL_CHECKPOINT_BYTES:
-            self._checkpoint(item, layout)
-        return written
-
-    def _wal_append(self, item: str, layout: _Layout, blocks: list[tuple[str, bytes, str]]) -> None:
-        fd = self._wal_fds.get(item)
-        if fd is None:
-            _mkdir_durable(layout.dir)
-            fd = os.open(layout.wal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            _fsync_dir(layout.dir)  # the log's own name
-            self._wal_fds[item] = fd
-            self._wal_sizes[item] = os.fstat(fd).st_size
-        parts: list[bytes] = []
-        for sha, data, _ in blocks:
-            parts.append(_WAL_RECORD.pack(_WAL_MAGIC, bytes.fromhex(sha), len(data)))
-            parts.append(data)
-        view = memoryview(b"".join(parts))
-        size = len(view)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fdatasync(fd)
-        self._wal_sizes[item] += size
-
-    def _checkpoint(self, item: str, layout: _Layout) -> None:
-        """Every block file written since the log was emptied made durable, then the log
-        emptied."""
-        fd = self._wal_fds.get(item)
-        if fd is None or not self._wal_sizes.get(item):
-            return
-        _sync_filesystem(layout.dir)
-        os.ftruncate(fd, 0)
-        os.fdatasync(fd)
-        self._wal_sizes[item] = 0
-
-    def _close_wal(self, item: str) -> None:
-        fd = self._wal_fds.pop(item, None)
-        self._wal_sizes.pop(item, None)
-        if fd is not None:
-            os.close(fd)
-
-    @staticmethod
-    def _replay_wal(layout: _Layout) -> int:
-        """After a crash: rewrite every block of the log (their files may not have reached the
-        disk), sync them, empty the log. A torn last record (the crash hit the append; its
-        batch was never acknowledged) ends the replay. Returns the blocks rewritten."""
-        if not layout.wal.exists():
-            return 0
-        replayed = 0
-        with open(layout.wal, "rb") as log_file:
-            while True:
-                head = log_file.read(_WAL_RECORD.size)
-                if len(head) < _WAL_RECORD.size:
-                    break
-                magic, digest, length = _WAL_RECORD.unpack(head)
-                data = log_file.read(length) if magic == _WAL_MAGIC else b""
-                if magic != _WAL_MAGIC or len(data) != length:
-                    break
-                if hashlib.sha256(data).digest() != digest:
-                    break
-                path = os.fspath(layout.block(digest.hex()))
-                _write_block_file(path, data)
-                replayed += 1
-        if replayed:
-            _sync_filesystem(layout.dir)
-        with open(layout.wal, "r+b") as log_file:
-            log_file.truncate(0)
-            os.fdatasync(log_file.fileno())
-        return replayed
-
-    @staticmethod
-    def _put_batch_syncfs(
-        layout: _Layout, pairs: list[tuple[str, bytes]], syncfs: Callable[[Path], None]
-    ) -> list[bool]:
-        # Plain string paths and no per-block directory checks: this runs per block of every
-        # batch. Folders made here (tmp/, a new shard) are made durable by the syncfs calls.
-        blocks_dir, tmp_dir = os.fspath(layout.blocks), os.fspath(layout.tmp)
-        tag = uuid.uuid4().hex[:12]
-        staged: list[tuple[str, str]] = []
-        written: list[bool] = []
-        for n, (sha, data) in enumerate(pairs):
-            path = f"{blocks_dir}/{sha[:2]}/{sha}"
-            try:
-                if os.stat(path).st_size == len(data):
-                    os.utime(path)  # GC spares blocks touched after the latest commit
-                    written.append(False)
-                    continue
-            except FileNotFoundError:
-                pass
-            tmp = f"{tmp_dir}/{sha}.{tag}.{n}"
-            try:
-                _write_synced(tmp, data, sync=False)
-            except FileNotFoundError:  # tmp/ not made yet, or removed by a recovery
-                os.makedirs(tmp_dir, exist_ok=True)
-                _write_synced(tmp, data, sync=False)
-            staged.append((tmp, path))
-            written.append(True)
-        if staged:
-            syncfs(layout.tmp)  # the bytes, before any of them gets its final name
-            for tmp, path in staged:
-                try:
-                    os.replace(tmp, path)
-                except FileNotFoundError:  # the shard's first block
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    os.replace(tmp, path)
-            syncfs(layout.tmp)  # the renames (and any folder made above)
-        return written
-
-    @staticmethod
-    def _write_block(layout: _Layout, sha: str, data: bytes) -> bool:
-        path = layout.block(sha)
-        try:
-            if path.stat().st_size == len(data):
-                os.utime(path)  # GC spares blocks touched after the latest commit
-                return False
-        except FileNotFoundError:
-            pass
-        tmp = layout.temp(sha)
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
-        return True
+                new.append((sha, data))
+        if new:
+            packs.append(new)
+            fresh = self._fresh.setdefault(layout.dir.name, {})
+            fresh.update((sha, len(data)) for sha, data in new)
+        return len(new)
 
     def _read_block(self, layout: _Layout, disk_id: str, index: int, leaf: bytes) -> bytes:
-        try:
-            return layout.block(leaf.hex()).read_bytes()
-        except FileNotFoundError:
-            raise MissingBlock(disk_id, index, leaf.hex()) from None
+        data = self._packs[layout.dir.name].read(leaf.hex())
+        if data is None:
+            raise MissingBlock(disk_id, index, leaf.hex())
+        return data
 
     # ------------------------------------------------------------------------------ reading
 
@@ -987,6 +910,7 @@ class ReplicaStore:
         unchanged: O(k log n)) and each disk's delta; raises unless every root matches."""
         disks: dict[str, _DiskState] = {}
         deltas: dict[str, list[tuple[int, str]]] = {}
+        packs = self._packs[layout.dir.name]
         for disk in manifest.disks:
             prev = latest.disks.get(disk.disk_id)
             if prev is not None and prev.block_size != disk.block_size:
@@ -1000,7 +924,7 @@ class ReplicaStore:
                 delta[boundary[0]] = boundary[1]
             for index, sha in delta.items():
                 length = block_length(index, disk.size_bytes, disk.block_size)
-                if sha != zero_block_hash(length).hex() and not layout.block(sha).exists():
+                if sha != zero_block_hash(length).hex() and not packs.has(sha):
                     raise MissingBlock(disk.disk_id, index, sha)
             if prev is not None and prev.size_bytes == disk.size_bytes:
                 tree = prev.tree
@@ -1042,10 +966,7 @@ class ReplicaStore:
         data = data[:new_len] if new_len < old_len else data + bytes(new_len - old_len)
         sha = hashlib.sha256(data).hexdigest()
         if sha != zero_block_hash(new_len).hex():
-            _mkdir_durable(layout.block(sha).parent)
-            if self._write_block(layout, sha, data):
-                _fsync_dir(layout.block(sha).parent)
-                self._fresh.setdefault(layout.dir.name, {})[sha] = new_len
+            self._store(layout, {sha: data})
         return index, sha
 
     # ------------------------------------------------------------------------------ seeding
@@ -1128,14 +1049,13 @@ class ReplicaStore:
                 raise
             return whole.hexdigest()
 
-    @staticmethod
     def _image_blocks(
-        layout: _Layout, disk_id: str, m: _DiskMap, verify: bool
+        self, layout: _Layout, disk_id: str, m: _DiskMap, verify: bool
     ) -> Iterator[tuple[int, bytes | None]]:
         """(length, bytes or None for a zero block) of every block, in order. (Reading ahead
         in threads was measured: no faster on 2 cores, where the output's writeback is the
         limit.)"""
-        blocks_dir = str(layout.blocks)
+        packs = self._packs[layout.dir.name]
         for index in range(m.count):
             leaf = m.leaf(index)
             length = block_length(index, m.size_bytes, m.block_size)
@@ -1143,17 +1063,15 @@ class ReplicaStore:
                 yield length, None
                 continue
             sha = leaf.hex()
-            try:
-                with open(f"{blocks_dir}/{sha[:2]}/{sha}", "rb") as fh:
-                    data = fh.read()
-            except FileNotFoundError:
-                raise MissingBlock(disk_id, index, sha) from None
+            data = packs.read(sha)
+            if data is None:
+                raise MissingBlock(disk_id, index, sha)
             if verify and (actual := hashlib.sha256(data).digest()) != leaf:
                 raise CorruptBlock(disk_id, index, sha, actual.hex())
             yield length, data
 
     def verify_point(self, item_id: str, seq: int) -> VerifyResult:
-        """Re-read and re-hash every block file the point references and recompute each
+        """Re-read and re-hash every block the point references and recompute each
         disk's Merkle root from what is actually on disk."""
         results = []
         with self._reading(item_id, seq) as (layout, stored, maps):
@@ -1168,12 +1086,8 @@ class ReplicaStore:
                     actual: bytes | None = leaf
                     if not m.is_zero(index, leaf):
                         if leaf not in seen:
-                            path = layout.block(leaf.hex())
-                            seen[leaf] = (
-                                hashlib.sha256(path.read_bytes()).digest()
-                                if path.exists()
-                                else None
-                            )
+                            data = self._packs[layout.dir.name].read(leaf.hex())
+                            seen[leaf] = None if data is None else hashlib.sha256(data).digest()
                         actual = seen[leaf]
                         if actual is None:
                             missing.append(BlockRef(index, leaf.hex()))
@@ -1326,18 +1240,18 @@ class ReplicaStore:
         _fsync_dir(layout.dir)
 
     def _collect_garbage(self, item: str, layout: _Layout, *, spare_recent: bool = True) -> int:
-        """Mark (base + retained deltas) and sweep; unreferenced blocks touched after the
-        latest commit belong to the cycle in flight and stay (unless not `spare_recent`).
-        Returns bytes freed."""
+        """Mark (base + retained deltas) and sweep (`_Packs.collect`); unreferenced blocks
+        stored or touched after the latest commit belong to the cycle in flight and stay
+        (unless not `spare_recent`). Returns bytes freed."""
         with self._guard:
             if self._pins.get(item):
                 return 0  # a materialise/verify is reading; the next prune frees them
         seqs = self._point_seqs(layout)
-        if not seqs or not layout.blocks.is_dir():
+        packs = self._packs[item]
+        if not seqs or not packs.sizes:
             return 0
-        # the block log must not bring back a block swept here (a replay rewrites its blocks)
-        self._checkpoint(item, layout)
         cutoff = layout.point(seqs[-1]).stat().st_mtime_ns if spare_recent else 2**63
+        packs.close()  # the pack being appended to is swept too (unless it is recent)
         live: set[str] = set()
         for m in self._base_maps(layout).values():
             live.update(m.leaf(i).hex() for i in range(m.count))
@@ -1345,25 +1259,19 @@ class ReplicaStore:
             live.update(
                 sha for delta in self._read_point(layout, seq).deltas.values() for _, sha in delta
             )
-        freed = 0
-        for shard in layout.blocks.iterdir():
-            for path in shard.iterdir():
-                if path.name in live:
-                    continue
-                st = path.stat()
-                if st.st_mtime_ns < cutoff:
-                    path.unlink()
-                    if not freed:
-                        crash_point("store.prune.sweeping")
-                    freed += st.st_size
-        return freed
+        return packs.collect(
+            live,
+            cutoff,
+            lambda: crash_point("store.prune.sweeping"),
+            compact_below=PACK_COMPACT_BELOW if spare_recent else 1.0,
+        )
 
     # ------------------------------------------------------------------------------ sizes
 
     def delete_item(self, item_id: str) -> None:
         """Remove an item and all its points and blocks (moved to trash/ first: atomic)."""
         with self._locked(item_id) as layout:
-            self._close_wal(layout.dir.name)
+            self._packs[layout.dir.name].close()
             if layout.dir.exists():
                 _mkdir_durable(self._trash)
                 doomed = self._trash / f"{layout.dir.name}.{uuid.uuid4().hex[:8]}"
@@ -1372,21 +1280,22 @@ class ReplicaStore:
                 shutil.rmtree(doomed, ignore_errors=True)
             self._latest.pop(layout.dir.name, None)
             self._fresh.pop(layout.dir.name, None)
+            self._packs[layout.dir.name] = _Packs(layout.packs)
 
     def item_bytes(self, item_id: str) -> int:
-        """Bytes of the item's block files."""
+        """Bytes of the item's pack files (blocks; garbage until GC frees it)."""
         with self._locked(item_id) as layout:
             return self._block_bytes(layout)
 
     @staticmethod
     def _block_bytes(layout: _Layout) -> int:
         total = 0
-        for root, _, files in os.walk(layout.blocks):  # tolerates files swept meanwhile
+        for root, _, files in os.walk(layout.packs):  # tolerates files swept meanwhile
             for name in files:
                 with suppress(FileNotFoundError):
                     total += os.stat(os.path.join(root, name)).st_size
         return total
 
     def total_bytes(self) -> int:
-        """Bytes of the block files of every item (not locked: a moment's approximation)."""
+        """Bytes of the pack files of every item (not locked: a moment's approximation)."""
         return sum(self._block_bytes(_Layout(d)) for d in self._items.iterdir() if d.is_dir())

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from services.replication import store as store_module
 from services.replication.store import ReplicaStore
 from tests.support.store_worker import SourceDisk, stage_cycle
 
@@ -46,6 +47,15 @@ class Scenario:
         self.root = root
         self.disk = SourceDisk("d0", 256 * BS + 1000, BS, random.Random(5))
         self.history: dict[int, str] = {}
+        # a pack per cycle (the worker compacts any pack with garbage): the sweep has packs to
+        # delete and to rewrite, so its crash points are reached
+        original, store_module.PACK_BYTES = store_module.PACK_BYTES, 1
+        try:
+            self._build(root)
+        finally:
+            store_module.PACK_BYTES = original
+
+    def _build(self, root: Path) -> None:
         store = ReplicaStore(root)
         self.disk.write_random(0.5)
         for seq in range(1, 9):

@@ -16,6 +16,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from services.replication import store as store_module
 from services.replication.store import DiskPoint, PointManifest, ReplicaStore
 from shared.merkle import MerkleTree, block_count, block_hash, block_length
 
@@ -117,6 +118,8 @@ def stage_cycle(
 
 def main(argv: list[str]) -> None:
     root, op, item_id, arg = argv
+    # every pack with garbage is compacted: crash tests reach the sweep's crash points
+    store_module.PACK_COMPACT_BELOW = 1.0
     store = ReplicaStore(Path(root))
     if op == "prune":
         store.prune(item_id, {int(s) for s in arg.split(",")})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import sys
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from services.replication import store as store_module
 from services.replication.store import (
     BlockHashMismatch,
     CorruptBlock,
@@ -26,6 +26,8 @@ from services.replication.store import (
 )
 from shared.merkle import MerkleTree, block_hash, zero_block_hash
 from tests.support.store_worker import SourceDisk, stage_cycle
+
+RECORD = store_module._PACK_RECORD
 
 BS = 4096
 SIZE = 2 * 2**20 + 1000  # a short last block
@@ -82,7 +84,8 @@ def test_a_point_costs_only_its_changed_blocks(tmp_path: Path) -> None:
     changed = disk.write_random(0.03)
     ship(store, [disk], 2)
     expected = sum(len(disk.block(disk.image, i)) for i in changed)
-    assert store.item_bytes("item") - before == expected
+    headers = len(changed) * RECORD.size  # one pack record each
+    assert store.item_bytes("item") - before == expected + headers
     info = store.points("item")[-1]
     assert (info.changed_blocks, info.new_bytes) == (len(changed), expected)
     manifest = (tmp_path / "site/items/item/points/000000000002.json").stat().st_size
@@ -95,7 +98,7 @@ def test_identical_blocks_are_stored_once(tmp_path: Path) -> None:
     for i in range(0, 64, 2):
         disk.image[i * BS : (i + 1) * BS] = data
     ship(store, [disk], 1)
-    assert store.item_bytes("item") == BS
+    assert store.item_bytes("item") == BS + RECORD.size
     assert store.put_block("item", block_hash(data).hex(), data) is False
     assert materialised_sha(store, tmp_path, 1) == disk.sha256()
 
@@ -140,16 +143,30 @@ def test_a_wrong_root_commits_nothing(tmp_path: Path) -> None:
     assert materialised_sha(store, tmp_path, 3) == disk.sha256()
 
 
-def test_a_missing_block_is_refused(tmp_path: Path) -> None:
+def pack_records(tmp_path: Path, item: str = "item") -> list[tuple[Path, int, str, int]]:
+    """(pack file, offset of the bytes, sha256 hex, length) of every record, in order."""
+    out = []
+    for pack in sorted((tmp_path / "site/items" / item / "packs").glob("*.pack")):
+        raw, pos = pack.read_bytes(), 0
+        while pos + RECORD.size <= len(raw):
+            magic, digest, length = RECORD.unpack(raw[pos : pos + RECORD.size])
+            assert magic == b"DRP1"
+            out.append((pack, pos + RECORD.size, digest.hex(), length))
+            pos += RECORD.size + length
+    return out
+
+
+def test_a_missing_block_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "PACK_BYTES", 1)  # a pack per batch
     store, disk = new_item(tmp_path)
     evolve(store, disk, 1)
-    changed = disk.write_random(0.02)
+    disk.write_random(0.02)
     manifest = stage_cycle(store, "item", 2, [disk])
-    sha = manifest.disks[0].changed[changed[0]]
-    (tmp_path / "site/items/item/blocks" / sha[:2] / sha).unlink()
+    cycle_pack = pack_records(tmp_path)[-1][0]
+    cycle_pack.unlink()  # lost under the store
     with pytest.raises(MissingBlock) as err:
         store.commit_point("item", manifest)
-    assert err.value.sha256 == sha
+    assert err.value.sha256 in manifest.disks[0].changed.values()
     assert store.latest_seq("item") == 1
 
 
@@ -182,7 +199,11 @@ def test_a_commit_updates_the_cached_tree_incrementally(
     assert rebuilds == []
 
 
-def test_prune_keeps_kept_points_and_frees_unreferenced_blocks(tmp_path: Path) -> None:
+def test_prune_keeps_kept_points_and_frees_unreferenced_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "PACK_BYTES", 1)  # a pack per batch
+    monkeypatch.setattr(store_module, "PACK_COMPACT_BELOW", 1.0)  # any garbage is freed
     store, disk = new_item(tmp_path)
     history = evolve(store, disk, 8)
     before = store.item_bytes("item")
@@ -203,7 +224,7 @@ def test_prune_keeps_kept_points_and_frees_unreferenced_blocks(tmp_path: Path) -
     assert materialised_sha(fresh, tmp_path, 9) == history[9]
     assert fresh.disk_tree("item", "d0").root_hex() == disk.root()
     left = {p.name for p in (tmp_path / "site/items/item").iterdir()}
-    assert left == {"blocks", "points", "base", "BASE", "tmp", "blocks.wal"}
+    assert left == {"packs", "points", "base", "BASE", "tmp"}
 
 
 def test_prune_refuses_to_drop_the_latest_point(tmp_path: Path) -> None:
@@ -264,19 +285,26 @@ def test_disks_added_and_removed_between_points(tmp_path: Path) -> None:
         store.materialise("item", 3, "d1", tmp_path / "x.img")
 
 
-def test_verify_and_materialise_detect_corrupt_and_missing_blocks(tmp_path: Path) -> None:
+def test_verify_and_materialise_detect_corrupt_and_missing_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "PACK_BYTES", 1)  # a pack per batch
     store, disk = new_item(tmp_path)
     evolve(store, disk, 2)
-    blocks = sorted((tmp_path / "site/items/item/blocks").rglob("*"))
-    files = [p for p in blocks if p.is_file()]
-    files[0].write_bytes(b"rot" + files[0].read_bytes()[3:])
-    files[1].unlink()
+    records = pack_records(tmp_path)
+    rotten_pack, offset, rotten, _ = records[0]
+    with open(rotten_pack, "r+b") as fh:  # bit rot inside one block's bytes
+        fh.seek(offset)
+        fh.write(b"rot")
+    lost_pack = records[-1][0]
+    lost = {sha for pack, _, sha, _ in records if pack == lost_pack}
+    lost_pack.unlink()
     result = store.verify_point("item", 2)
     assert not result.ok
     (d,) = result.disks
     assert d.actual_root != d.expected_root
-    assert {b.sha256 for b in d.corrupt} == {files[0].name}
-    assert {b.sha256 for b in d.missing} == {files[1].name}
+    assert {b.sha256 for b in d.corrupt} == {rotten}
+    assert {b.sha256 for b in d.missing} == lost
     assert result.as_dict()["ok"] is False
     with pytest.raises((CorruptBlock, MissingBlock)):
         store.materialise("item", 2, "d0", tmp_path / "bad.img")
@@ -371,24 +399,14 @@ def test_seeding_from_images_commits_a_point_of_their_blocks(tmp_path: Path) -> 
         store.seed_from_images("other", 1, {"a": tmp_path / "missing.vhdx"}, when)
 
 
-@pytest.mark.parametrize("durability", ["wal", "syncfs", "fsync"])
-def test_every_durability_mode_keeps_every_point_byte_identical(
-    tmp_path: Path, durability: str
-) -> None:
-    store = ReplicaStore(tmp_path / "site", durability=durability)
-    if durability == "syncfs" and sys.platform.startswith("linux"):
-        assert store._syncfs is not None, "Linux has syncfs: the batch path must be the one tested"
-    disk = SourceDisk("d0", SIZE, BS, random.Random(5))
+def test_every_point_reads_the_same_after_a_restart(tmp_path: Path) -> None:
+    store, disk = new_item(tmp_path, seed=5)
     history = evolve(store, disk, 4)
-    for seq, sha in history.items():
-        assert materialised_sha(store, tmp_path, seq) == sha
-    wal = tmp_path / "site" / "items" / "item" / "blocks.wal"
-    assert wal.exists() == (durability == "wal")
-    store.close()  # a clean stop syncs the block files and empties the log
-    assert not wal.exists() or wal.stat().st_size == 0
-    reopened = ReplicaStore(tmp_path / "site", durability=durability)
+    store.close()
+    reopened = ReplicaStore(tmp_path / "site")
     for seq, sha in history.items():
         assert materialised_sha(reopened, tmp_path, seq) == sha
+        assert reopened.verify_point("item", seq).ok
 
 
 def _blocks(seed: int, count: int) -> list[tuple[int | None, str, bytes]]:
@@ -397,104 +415,86 @@ def _blocks(seed: int, count: int) -> list[tuple[int | None, str, bytes]]:
     return [(i, hashlib.sha256(d).hexdigest(), d) for i, d in enumerate(datas)]
 
 
-def test_block_files_lost_in_a_crash_are_rewritten_from_the_block_log(tmp_path: Path) -> None:
-    """What a power cut may do to block files written since the last checkpoint (unsynced):
-    gone, empty, or holding garbage. The log has their bytes: the next store to use the item
-    rewrites them, syncs them and empties the log; a torn last record is ignored."""
+def test_an_append_cut_short_by_a_crash_is_dropped_on_restart(tmp_path: Path) -> None:
+    """What a crash may leave at the end of the newest pack: a record cut short, or one whose
+    bytes never reached the disk (its batch was never acknowledged). The next store to use the
+    item cuts the pack after the last good record; what was acknowledged before is all there."""
     store = ReplicaStore(tmp_path / "site")
     blocks = _blocks(3, 6)
     assert store.put_blocks("item", blocks[:4]) == 4
-    assert store.put_blocks("item", blocks[4:]) == 2
-    item = tmp_path / "site" / "items" / "item"
-    files = {sha: item / "blocks" / sha[:2] / sha for _, sha, _ in blocks}
-    _, lost, _ = blocks[0]
-    _, emptied, _ = blocks[3]
-    _, garbled, _ = blocks[5]
-    files[lost].unlink()
-    files[emptied].write_bytes(b"")
-    files[garbled].write_bytes(bytes(BS))
-    with open(item / "blocks.wal", "ab") as log:  # a record the crash cut short
-        log.write(b"DRW1" + bytes(20))
-    # (the dead store's open log is not closed: the process is gone)
+    (pack,) = {p for p, _, _, _ in pack_records(tmp_path)}
+    good = pack.stat().st_size
+    unsynced = bytes(BS)  # the record's header made it, its bytes did not
+    with open(pack, "ab") as fh:
+        fh.write(RECORD.pack(b"DRP1", hashlib.sha256(b"x" * BS).digest(), BS) + unsynced)
+        fh.write(RECORD.pack(b"DRP1", bytes(32), BS)[:20])  # and a header cut short
     restarted = ReplicaStore(tmp_path / "site")
-    restarted.recover("item")
-    for _, sha, data in blocks:
-        assert files[sha].read_bytes() == data
-    assert (item / "blocks.wal").stat().st_size == 0
-    assert restarted.put_blocks("item", blocks) == 0  # all there, nothing written twice
+    assert restarted.put_blocks("item", blocks[:4]) == 0  # all there
+    assert pack.stat().st_size == good
+    assert restarted.put_blocks("item", blocks) == 2  # appends go on cleanly
+    again = ReplicaStore(tmp_path / "site")
+    assert again.put_blocks("item", blocks) == 0
+    assert [sha for _, _, sha, _ in pack_records(tmp_path)] == [sha for _, sha, _ in blocks]
 
 
-def test_the_block_log_is_emptied_once_its_block_files_are_synced(
+def test_a_failed_append_leaves_no_torn_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from services.replication import store as store_module
-
-    monkeypatch.setattr(store_module, "WAL_CHECKPOINT_BYTES", 3 * BS)
     store = ReplicaStore(tmp_path / "site")
-    log = tmp_path / "site" / "items" / "item" / "blocks.wal"
-    blocks = _blocks(4, 5)
+    blocks = _blocks(9, 8)
     store.put_blocks("item", blocks[:2])
-    assert log.stat().st_size > 2 * BS  # two records: below the checkpoint size
-    store.put_blocks("item", blocks[2:3])
-    assert log.stat().st_size == 0  # three: checkpoint
-    store.put_blocks("item", blocks[3:])
-    assert log.stat().st_size > 2 * BS
+    real = os.fdatasync
+
+    def disk_error(fd: int) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(os, "fdatasync", disk_error)
+    with pytest.raises(OSError, match="I/O error"):
+        store.put_blocks("item", blocks[2:5])
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert store.put_blocks("item", blocks) == 6  # the failed batch was not taken as stored
+    fresh = ReplicaStore(tmp_path / "site")
+    assert fresh.put_blocks("item", blocks) == 0
+    assert [sha for _, _, sha, _ in pack_records(tmp_path)] == [sha for _, sha, _ in blocks]
 
 
-def test_an_interrupted_batch_leaves_no_partial_block_under_its_name(
+def test_gc_deletes_dead_packs_and_rewrites_mostly_dead_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """(durability `syncfs`: block files are renamed into place once their bytes are synced)"""
-    store = ReplicaStore(tmp_path / "site", durability="syncfs")
-    rng = random.Random(9)
-    datas = [rng.randbytes(BS) for _ in range(8)]
-    blocks: list[tuple[int | None, str, bytes]] = [
-        (i, hashlib.sha256(d).hexdigest(), d) for i, d in enumerate(datas)
-    ]
-    real_replace, renamed = os.replace, []
+    monkeypatch.setattr(store_module, "PACK_BYTES", 1)  # a pack per cycle here
+    store, disk = new_item(tmp_path, seed=8)
+    rng = random.Random(8)
 
-    def dies_after_three(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        if len(renamed) == 3:
-            raise OSError("the process dies here")
-        real_replace(src, dst)
-        renamed.append(dst)
+    def cycle(seq: int, indexes: range) -> set[str]:
+        for i in indexes:
+            disk.image[i * BS : (i + 1) * BS] = rng.randbytes(BS)
+        ship(store, [disk], seq)
+        return {block_hash(disk.block(disk.image, i)).hex() for i in indexes}
 
-    monkeypatch.setattr(os, "replace", dies_after_three)
-    with pytest.raises(OSError, match="dies here"):
-        store.put_blocks("item", blocks)
-    monkeypatch.undo()
+    cycle(1, range(0, 100))  # pack 1
+    dead = cycle(2, range(100, 110))  # pack 2: all overwritten by 3
+    cycle(3, range(100, 110))  # pack 3
+    mostly_dead = cycle(4, range(200, 220))  # pack 4: 18 of 20 overwritten by 5
+    cycle(5, range(200, 218))  # pack 5
+    history = {6: ""}
+    cycle(6, range(300, 301))
+    history[6] = disk.sha256()
+    survivors = {block_hash(disk.block(disk.image, i)).hex() for i in (218, 219)}
+    assert survivors <= mostly_dead
 
-    named = sorted((tmp_path / "site").rglob("blocks/*/*"))
-    assert len(named) == 3, named
-    assert all(p.read_bytes() in datas for p in named)  # complete, never partial
-    fresh = ReplicaStore(tmp_path / "site", durability="syncfs")  # restart: tmp/ emptied
-    assert fresh.put_blocks("item", blocks) == 5  # the three already there are not rewritten
-    assert sorted(p.read_bytes() for p in (tmp_path / "site").rglob("blocks/*/*")) == sorted(datas)
-    assert not any((tmp_path / "site" / "items" / "item" / "tmp").iterdir())
+    def packs() -> dict[str, set[str]]:
+        records = pack_records(tmp_path)
+        return {p.name: {sha for q, _, sha, _ in records if q == p} for p, _, _, _ in records}
 
-
-@pytest.mark.parametrize("setting", ["wal", "syncfs", "fsync"])
-def test_the_store_sync_setting_picks_the_durability_mode(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
-) -> None:
-    from services.replication.config import ReplicationSettings
-    from services.replication.handlers import Context
-
-    monkeypatch.setenv("DR_REPLICATION_STORE_SYNC", setting)
-    monkeypatch.setenv("DR_REPLICATION_STORE_DIR", str(tmp_path))
-    ctx = Context(pool=None, settings=ReplicationSettings())  # type: ignore[arg-type]
-    store = ctx.store("recovery")
-    assert store.root == tmp_path / "recovery"
-    batch_path = setting == "syncfs" and sys.platform.startswith("linux")
-    assert (store._syncfs is not None) is batch_path
-    assert store._wal is (setting == "wal")
-
-
-def test_an_unknown_store_sync_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pydantic import ValidationError
-
-    from services.replication.config import ReplicationSettings
-
-    monkeypatch.setenv("DR_REPLICATION_STORE_SYNC", "sometimes")
-    with pytest.raises(ValidationError, match=r"(?i)store_sync"):
-        ReplicationSettings()
+    before = packs()
+    assert store.prune("item", {6}) == [1, 2, 3, 4, 5]
+    after = packs()
+    assert "00000002.pack" in before and "00000002.pack" not in after  # dead: deleted
+    assert "00000004.pack" not in after  # mostly dead: rewritten, then deleted
+    assert "00000001.pack" in after and "00000005.pack" in after  # (mostly) live: kept
+    rewritten = set().union(*after.values())
+    assert survivors <= rewritten and not dead & rewritten
+    assert materialised_sha(store, tmp_path, 6) == history[6]
+    assert store.verify_point("item", 6).ok
+    reopened = ReplicaStore(tmp_path / "site")  # the index rebuilt from what is left
+    assert materialised_sha(reopened, tmp_path, 6) == history[6]
