@@ -25,6 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
@@ -101,11 +102,22 @@ class Rejected(Exception):
 
 
 class KafkaProducer:
-    def __init__(self, bootstrap: str, prefix: str, client_id: str, *, linger_ms: int = 5) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        prefix: str,
+        client_id: str,
+        *,
+        linger_ms: int = 5,
+        max_batch_bytes: int = 16_384,
+    ) -> None:
         """`linger_ms`: how long a record waits for others to share its batch. aiokafka keeps
         one open batch per partition and a record that does not fit waits for it to go, so
         a producer of ~700 KB records (an agent's block batches) gains nothing from lingering
-        and pays it on every record: edges use 0."""
+        and pays it on every record: edges use 0. `max_batch_bytes`: the most one record batch
+        holds; aiokafka has one produce request in flight per broker, so records queued
+        meanwhile go together in the next (an agent uses `topics.DELTA_RECORD_BATCH_BYTES`;
+        the topic's `max.message.bytes` must allow it)."""
         self.prefix = prefix
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
@@ -113,7 +125,8 @@ class KafkaProducer:
             acks="all",
             enable_idempotence=True,
             linger_ms=linger_ms,
-            max_request_size=1_048_576,
+            max_batch_size=max_batch_bytes,
+            max_request_size=max(1_048_576, 2 * max_batch_bytes),
             request_timeout_ms=30_000,
         )
         self.started = False
@@ -160,18 +173,32 @@ class KafkaProducer:
 async def ensure_topics(
     bootstrap: str, prefix: str, names: Iterable[str], *, partitions: int
 ) -> None:
-    """Create each logical topic and its DLQ twin if missing (idempotent)."""
+    """Create each logical topic and its DLQ twin if missing, with its `topics.CONFIGS`, and
+    set those configs on the ones that exist (idempotent)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         wanted: list[NewTopic] = []
+        configured: list[ConfigResource] = []
         for name in names:
             for t in (name, topics.dlq_of(name)):
                 physical = topics.physical(t, prefix)
+                configs = topics.CONFIGS.get(t, {})
                 if physical not in existing:
                     parts = partitions if not t.endswith(".dlq") else 1
-                    wanted.append(NewTopic(physical, num_partitions=parts, replication_factor=1))
+                    wanted.append(
+                        NewTopic(
+                            physical,
+                            num_partitions=parts,
+                            replication_factor=1,
+                            topic_configs=configs,
+                        )
+                    )
+                elif configs:
+                    configured.append(ConfigResource(ConfigResourceType.TOPIC, physical, configs))
+        if configured:
+            await admin.alter_configs(configured)
         if wanted:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(wanted)

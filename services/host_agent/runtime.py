@@ -19,7 +19,7 @@ from services.host_agent.tracking import HostIO, agent_lock
 from services.host_agent.workload import Workloads
 from shared import topics
 from shared.edge import EdgeRuntime
-from shared.kafka import PlainEventConsumer, ensure_topics
+from shared.kafka import KafkaProducer, PlainEventConsumer, ensure_topics
 from shared.schemas.envelope import EventPayload
 from shared.schemas.registration import ProducerKind
 
@@ -45,6 +45,7 @@ class AgentRuntime(EdgeRuntime):
         self.workloads = Workloads(self.host, settings.storage_dir)
         self.replicator: Replicator | None = None
         self.consumer: PlainEventConsumer | None = None
+        self.delta_producer: KafkaProducer | None = None
         self._lock = contextlib.ExitStack()
 
     def _status(self) -> dict[str, Any]:
@@ -80,10 +81,22 @@ class AgentRuntime(EdgeRuntime):
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30)
 
+        # Delta cycles have a producer of their own: its record batches hold several block
+        # batches (`topics.DELTA_RECORD_BATCH_BYTES`, which replication.deltas.v1 accepts),
+        # one produce round trip for all of them; other topics keep Kafka's usual limit.
+        deltas = KafkaProducer(
+            s.kafka_bootstrap_servers,
+            s.topic_prefix,
+            f"{self.name}-deltas",
+            linger_ms=0,
+            max_batch_bytes=topics.DELTA_RECORD_BATCH_BYTES,
+        )
+        await _retry(deltas.start)
+        self.delta_producer = deltas
         wiring = Wiring(
             sign=sign,
             emit=emit,
-            sink=lambda item_id, _seq: KafkaSink(publisher.producer, sign, item_id),
+            sink=lambda item_id, _seq: KafkaSink(deltas, sign, item_id),
         )
         self.replicator = Replicator(s.state_dir, self.host, wiring)
         await self.replicator.start()
@@ -115,6 +128,8 @@ class AgentRuntime(EdgeRuntime):
         await self.workloads.stop_all()
         if self.replicator is not None:
             await self.replicator.stop()
+        if self.delta_producer is not None:
+            await self.delta_producer.stop()
         self.host.close()
         await super().stop()
         self._lock.close()
