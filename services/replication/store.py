@@ -381,13 +381,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_IOV_MAX = 1024  # the most buffers one writev(2) takes (Linux's IOV_MAX)
+_COMPACT_RECORDS = 256  # records read and re-appended at a time when a pack is compacted
+
+
 def _write_all(fd: int, parts: list[bytes]) -> None:
-    """`parts` written in order at the file's position (one writev(2) call if it can)."""
-    done = os.writev(fd, parts)
-    rest = b"".join(parts)[done:] if done < sum(len(p) for p in parts) else b""
-    view = memoryview(rest)
-    while view:
-        view = view[os.write(fd, view) :]
+    """`parts` written in order at the file's position, `_IOV_MAX` buffers per writev(2)."""
+    for start in range(0, len(parts), _IOV_MAX):
+        chunk = parts[start : start + _IOV_MAX]
+        done = os.writev(fd, chunk)
+        if done < sum(len(p) for p in chunk):  # a short write: the rest plainly
+            view = memoryview(b"".join(chunk))[done:]
+            while view:
+                view = view[os.write(fd, view) :]
 
 
 class _Packs:
@@ -526,14 +532,15 @@ class _Packs:
             kept = sum(_PACK_RECORD.size + length for _, length in keep)
             if keep and kept >= compact_below * self.sizes[n]:
                 continue
-            moved = [(sha, self.read(sha)) for sha, _ in keep]
-            intact = [
-                (sha, data)
-                for sha, data in moved
-                if data is not None and hashlib.sha256(data).hexdigest() == sha
-            ]
-            if intact:
-                self.append(intact)  # (a corrupt one is left out: verify reports it missing)
+            for start in range(0, len(keep), _COMPACT_RECORDS):
+                moved = [(sha, self.read(sha)) for sha, _ in keep[start : start + _COMPACT_RECORDS]]
+                intact = [
+                    (sha, data)
+                    for sha, data in moved
+                    if data is not None and hashlib.sha256(data).hexdigest() == sha
+                ]
+                if intact:  # (a corrupt one is left out: verify reports it missing)
+                    self.append(intact)
             if not freed:
                 first_free()
             with suppress(FileNotFoundError):

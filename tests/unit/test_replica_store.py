@@ -498,3 +498,14 @@ def test_gc_deletes_dead_packs_and_rewrites_mostly_dead_ones(
     assert store.verify_point("item", 6).ok
     reopened = ReplicaStore(tmp_path / "site")  # the index rebuilt from what is left
     assert materialised_sha(reopened, tmp_path, 6) == history[6]
+
+
+def test_a_batch_of_more_blocks_than_one_writev_takes_is_stored(tmp_path: Path) -> None:
+    """An initial cycle of compressible blocks brings ~1,000 blocks per write (two buffers
+    each); writev(2) takes at most 1,024 buffers."""
+    store = ReplicaStore(tmp_path / "site")
+    blocks = _blocks(11, 1500)
+    assert store.put_blocks("item", blocks) == 1500
+    reopened = ReplicaStore(tmp_path / "site")
+    assert reopened.put_blocks("item", blocks) == 0
+    assert [sha for _, _, sha, _ in pack_records(tmp_path)] == [sha for _, sha, _ in blocks]
