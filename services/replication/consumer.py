@@ -17,11 +17,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import faust
+from faust.types import EventT
+from mode.utils.aiter import aiter
 
 from services.replication import handlers
 from services.replication.config import ReplicationSettings
@@ -30,6 +34,8 @@ from shared import topics
 from shared.kafka import EventConsumer
 from shared.readmodels import registration_handlers, signature_verifier
 from shared.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 DELTA_GROUP = 16  # records handed to the pipeline at once (offsets committed after all)
 # Records whose blocks are written together; a smaller chunk than the group overlaps the next
@@ -58,6 +64,75 @@ def delta_pipeline(
         verifier=signature_verifier(),
         max_age=timedelta(seconds=s.event_max_age_seconds) if aged else None,
     )
+
+
+async def take_groups(
+    stream: faust.StreamT[Any], max_: int, within: float
+) -> AsyncIterator[list[EventT[Any]]]:
+    """Groups of up to `max_` events, as faust's `Stream.take_events(max_, within)` (0.15.3,
+    whose code this follows line for line) yields them, with one difference: while no event is
+    buffered it waits for one without a timeout, and only then up to `within` for the group to
+    fill. faust's loop wakes every `within` seconds even when idle (~500 wake-ups a second at
+    2 ms: about an eighth of the service's GIL time while replicating was spent there); this
+    one does not. Events are acknowledged (so their offsets may be committed) only after the
+    body handled the group, as in faust."""
+    buffer: list[Any] = []
+    events: list[EventT[Any]] = []
+    started, full, consumed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    consuming: asyncio.Future[None] | None = None
+    enable_acks = stream.enable_acks
+    impl = cast(Any, stream)  # the private parts take_events uses
+
+    async def add_to_buffer(value: Any) -> Any:
+        nonlocal consuming
+        try:
+            if consuming is not None:
+                try:
+                    await consuming
+                finally:
+                    consuming = None
+            buffer.append(value)
+            event = stream.current_event
+            if event is None:
+                raise RuntimeError("take buffer found current_event is None")
+            events.append(event)
+            started.set()
+            if len(buffer) >= max_:
+                full.set()
+                consumed.clear()
+                await impl.wait(consumed)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("error adding to the take buffer: %r", exc)
+            await impl.crash(exc)
+        return value
+
+    stream.enable_acks = False
+    stream.add_processor(add_to_buffer)
+    impl._enable_passive(aiter(stream.channel))
+    try:
+        while not stream.should_stop:
+            if not buffer:
+                await impl.wait_for_stopped(started)
+            await impl.wait_for_stopped(full, timeout=within)
+            if buffer:
+                consuming = asyncio.get_running_loop().create_future()
+                try:
+                    yield list(events)
+                finally:
+                    buffer.clear()
+                    for event in events:
+                        await stream.ack(event)
+                    events.clear()
+                    if not consuming.done():
+                        consuming.set_result(None)
+                    started.clear()
+                    full.clear()
+                    consumed.set()
+    finally:
+        stream.enable_acks = enable_acks
+        impl._processors.remove(add_to_buffer)
 
 
 def delta_app(
@@ -101,8 +176,7 @@ def delta_app(
         # Groups of records: faust acks (and so commits) a group's offsets only after the
         # body has handled every record of it; the records are handled in order (runs of
         # batches of one cycle in one transaction), after `prepare` wrote the group's blocks.
-        groups = stream.take_events(DELTA_GROUP, within=DELTA_GROUP_WITHIN)  # type: ignore[attr-defined]
-        async for events in groups:
+        async for events in take_groups(stream, DELTA_GROUP, DELTA_GROUP_WITHIN):
             try:
                 await pipeline.process_many(
                     [e.message for e in events], prepare, chunk=DELTA_PREPARE_CHUNK
