@@ -241,6 +241,16 @@ async def _item_for(conn: asyncpg.Connection, inc: Incoming, item_id: uuid.UUID)
     return item
 
 
+async def _item_and_cycle(
+    conn: asyncpg.Connection, inc: Incoming, item_id: uuid.UUID, seq: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The item (locked, checked against the sender) and its open cycle `seq`, None if there
+    is none or it was given up on (poisoned)."""
+    item = await _item_for(conn, inc, item_id)
+    cycle = await repo.open_cycle(conn, item_id, seq)
+    return item, None if cycle is None or cycle["poisoned"] else cycle
+
+
 def _check_source(item: dict[str, Any] | None, inc: Incoming, item_id: uuid.UUID) -> None:
     if item is None or not item["active"]:
         raise Rejected("unknown_item", f"no active protected item {item_id}")
@@ -334,9 +344,8 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
     async def on_blocks(conn: asyncpg.Connection, inc: Incoming) -> None:
         msg = inc.payload
         assert isinstance(msg, ev.BlocksShipped)
-        item = await _item_for(conn, inc, msg.item_id)
-        cycle = await repo.open_cycle(conn, msg.item_id, msg.cycle_seq)
-        if cycle is None or cycle["poisoned"]:
+        item, cycle = await _item_and_cycle(conn, inc, msg.item_id, msg.cycle_seq)
+        if cycle is None:
             CYCLES.labels("orphan_batch").inc()
             return  # a batch of a cycle we ignore or already gave up on
         staged, nbytes, why = await stored_blocks(item, cycle, inc)
@@ -364,11 +373,10 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
             for m in msgs
         ):
             raise RunFallback("batches of more than one cycle")
-        item = await _item_for(conn, incs[0], first.item_id)
+        item, cycle = await _item_and_cycle(conn, incs[0], first.item_id, first.cycle_seq)
         for inc in incs[1:]:
             _check_source(item, inc, first.item_id)
-        cycle = await repo.open_cycle(conn, first.item_id, first.cycle_seq)
-        if cycle is None or cycle["poisoned"]:
+        if cycle is None:
             CYCLES.labels("orphan_batch").inc(len(incs))
             return
         batches: list[tuple[int, str, list[tuple[int, str]], int]] = []
@@ -386,9 +394,8 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
     async def on_completed(conn: asyncpg.Connection, inc: Incoming) -> None:
         msg = inc.payload
         assert isinstance(msg, ev.CycleCompleted)
-        item = await _item_for(conn, inc, msg.item_id)
-        cycle = await repo.open_cycle(conn, msg.item_id, msg.cycle_seq)
-        if cycle is None or cycle["poisoned"]:
+        item, cycle = await _item_and_cycle(conn, inc, msg.item_id, msg.cycle_seq)
+        if cycle is None:
             return
         batches, blocks, nbytes = await repo.staged_totals(conn, msg.item_id, msg.cycle_seq)
         truncated = domain.incomplete_reason(msg.batches, msg.blocks, batches, blocks)

@@ -117,30 +117,25 @@ async def setup(
             lookups += 1
         return await known_producer(conn, producer_id)
 
-    async def one(conn: asyncpg.Connection, inc: Incoming) -> None:
+    async def apply(conn: asyncpg.Connection, inc: Incoming, via: str) -> None:
         msg = inc.payload
         assert isinstance(msg, ev.BlocksShipped)
         if msg.batch_no == 13:
             raise Rejected("unlucky_batch", "batch 13 is refused")
         await conn.execute(
-            "INSERT INTO applied VALUES ($1, $2, 'one', $3)",
+            "INSERT INTO applied VALUES ($1, $2, $3, $4)",
             inc.envelope.event_id,
             msg.batch_no,
+            via,
             lookups,
         )
 
+    async def one(conn: asyncpg.Connection, inc: Incoming) -> None:
+        await apply(conn, inc, "one")
+
     async def run(conn: asyncpg.Connection, incs: list[Incoming]) -> None:
         for inc in incs:
-            msg = inc.payload
-            assert isinstance(msg, ev.BlocksShipped)
-            if msg.batch_no == 13:
-                raise Rejected("unlucky_batch", "batch 13 is refused")
-            await conn.execute(
-                "INSERT INTO applied VALUES ($1, $2, 'run', $3)",
-                inc.envelope.event_id,
-                msg.batch_no,
-                lookups,
-            )
+            await apply(conn, inc, "run")
 
     consumer = EventConsumer(
         bootstrap=stack.kafka,

@@ -415,6 +415,14 @@ def _blocks(seed: int, count: int) -> list[tuple[int | None, str, bytes]]:
     return [(i, hashlib.sha256(d).hexdigest(), d) for i, d in enumerate(datas)]
 
 
+def assert_stored_once_in_order(
+    tmp_path: Path, blocks: list[tuple[int | None, str, bytes]]
+) -> None:
+    """A store opened afresh has every block (puts nothing), each in one record, in order."""
+    assert ReplicaStore(tmp_path / "site").put_blocks("item", blocks) == 0
+    assert [sha for _, _, sha, _ in pack_records(tmp_path)] == [sha for _, sha, _ in blocks]
+
+
 def test_an_append_cut_short_by_a_crash_is_dropped_on_restart(tmp_path: Path) -> None:
     """What a crash may leave at the end of the newest pack: a record cut short, or one whose
     bytes never reached the disk (its batch was never acknowledged). The next store to use the
@@ -432,9 +440,7 @@ def test_an_append_cut_short_by_a_crash_is_dropped_on_restart(tmp_path: Path) ->
     assert restarted.put_blocks("item", blocks[:4]) == 0  # all there
     assert pack.stat().st_size == good
     assert restarted.put_blocks("item", blocks) == 2  # appends go on cleanly
-    again = ReplicaStore(tmp_path / "site")
-    assert again.put_blocks("item", blocks) == 0
-    assert [sha for _, _, sha, _ in pack_records(tmp_path)] == [sha for _, sha, _ in blocks]
+    assert_stored_once_in_order(tmp_path, blocks)
 
 
 def test_a_failed_append_leaves_no_torn_record(
@@ -453,9 +459,7 @@ def test_a_failed_append_leaves_no_torn_record(
         store.put_blocks("item", blocks[2:5])
     monkeypatch.setattr(os, "fdatasync", real)
     assert store.put_blocks("item", blocks) == 6  # the failed batch was not taken as stored
-    fresh = ReplicaStore(tmp_path / "site")
-    assert fresh.put_blocks("item", blocks) == 0
-    assert [sha for _, _, sha, _ in pack_records(tmp_path)] == [sha for _, sha, _ in blocks]
+    assert_stored_once_in_order(tmp_path, blocks)
 
 
 def test_gc_deletes_dead_packs_and_rewrites_mostly_dead_ones(
@@ -506,6 +510,4 @@ def test_a_batch_of_more_blocks_than_one_writev_takes_is_stored(tmp_path: Path) 
     store = ReplicaStore(tmp_path / "site")
     blocks = _blocks(11, 1500)
     assert store.put_blocks("item", blocks) == 1500
-    reopened = ReplicaStore(tmp_path / "site")
-    assert reopened.put_blocks("item", blocks) == 0
-    assert [sha for _, _, sha, _ in pack_records(tmp_path)] == [sha for _, sha, _ in blocks]
+    assert_stored_once_in_order(tmp_path, blocks)
