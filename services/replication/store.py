@@ -409,11 +409,13 @@ class _Packs:
         self.sizes: dict[int, int] = {}  # pack -> bytes of whole records
         self._fd = -1
         self._current: int | None = None  # the pack being appended to
+        self._last = 0  # the highest pack number used: numbers are never reused
         if folder.is_dir():
             found = (_PACK_FILE.fullmatch(p.name) for p in folder.iterdir())
             numbers = sorted(int(m.group(1)) for m in found if m)
             for n in numbers:
                 self._load(n, newest=n == numbers[-1])
+            self._last = max(numbers, default=0)
 
     def path(self, n: int) -> str:
         return f"{self.folder}/{n:08d}.pack"
@@ -469,7 +471,7 @@ class _Packs:
     def _begin(self) -> None:
         self.close()
         _mkdir_durable(self.folder)
-        n = max(self.sizes, default=0) + 1
+        n = self._last = self._last + 1
         self._fd = os.open(self.path(n), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         _fsync_dir(self.folder)  # the pack's name
         self._current, self.sizes[n] = n, 0
@@ -739,9 +741,9 @@ class ReplicaStore:
         new = []
         for sha, data in blocks.items():
             loc = packs.index.get(sha)
-            if loc is not None and loc[2] == len(data):
+            if loc is not None and loc[2] == len(data) and packs.has(sha):
                 packs.touch(sha)
-            else:
+            else:  # (also when its pack is gone: stored again rather than missing forever)
                 new.append((sha, data))
         if new:
             packs.append(new)

@@ -168,6 +168,11 @@ def test_a_missing_block_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         store.commit_point("item", manifest)
     assert err.value.sha256 in manifest.disks[0].changed.values()
     assert store.latest_seq("item") == 1
+    # the resync sends them again: stored again (not taken as present), then the point commits
+    again = [(i, sha, disk.block(disk.image, i)) for i, sha in manifest.disks[0].changed.items()]
+    assert store.put_blocks("item", again) == len(again)
+    store.commit_point("item", manifest)
+    assert materialised_sha(store, tmp_path, 2) == disk.sha256()
 
 
 def test_recommitting_is_idempotent_and_a_different_point_conflicts(tmp_path: Path) -> None:
