@@ -83,8 +83,9 @@ class RunFallback(Exception):
     """Raised by a `RunHandler`: handle these records one by one (nothing of the run is kept)."""
 
 
-# Lookups memoised for the transaction of one run of records (see `EventConsumer`), e.g. the
-# producer a signature is checked against; None outside a run.
+# Lookups memoised for one pass over a few records: the transaction of a run (see
+# `EventConsumer`) or a delta `prepare` step; e.g. the producer a signature is checked against.
+# None elsewhere (set it with a token and reset it: a memo must not outlive its pass).
 RUN_MEMO: ContextVar[dict[Any, Any] | None] = ContextVar("dr_run_memo", default=None)
 
 
@@ -611,11 +612,7 @@ class EventConsumer(_RecordPipeline[Handler]):
                 }
                 todo = [inc for inc in incomings if inc.envelope.event_id in fresh]
                 for inc in todo:
-                    et = payload_model(inc.envelope.type, inc.envelope.schema_version)
-                    if self.verifier is not None:
-                        await self.verifier(conn, inc.envelope, bool(et and et.signed))
-                    elif et is not None and et.signed:
-                        raise RunFallback("signed events but no verifier")
+                    await self._verify(conn, inc.envelope)
                 if todo:
                     await handler(conn, todo)
         except asyncio.CancelledError:
@@ -635,9 +632,17 @@ class EventConsumer(_RecordPipeline[Handler]):
         self.applied += len(todo)
         return True
 
+    async def _verify(self, conn: asyncpg.Connection, env: Envelope) -> None:
+        """Signature and vault by `verifier` (`Rejected` if wrong); a signed event type needs
+        one."""
+        et = payload_model(env.type, env.schema_version)
+        if self.verifier is not None:
+            await self.verifier(conn, env, bool(et and et.signed))
+        elif et is not None and et.signed:
+            raise Rejected("unverifiable", "signed event but this consumer has no verifier")
+
     async def _apply(self, incoming: Incoming, handler: Handler) -> None:
         env = incoming.envelope
-        et = payload_model(env.type, env.schema_version)
         async with self.pool.acquire() as conn, conn.transaction():
             fresh = await conn.fetchval(
                 "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2)"
@@ -648,10 +653,7 @@ class EventConsumer(_RecordPipeline[Handler]):
             if not fresh:
                 EVENTS_DUPLICATE.labels(incoming.topic).inc()
                 return
-            if self.verifier is not None:
-                await self.verifier(conn, env, bool(et and et.signed))
-            elif et is not None and et.signed:
-                raise Rejected("unverifiable", "signed event but this consumer has no verifier")
+            await self._verify(conn, env)
             deferred: Rejected | None = None
             try:
                 await handler(conn, incoming)

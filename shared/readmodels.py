@@ -132,9 +132,10 @@ async def known_producer(conn: asyncpg.Connection, producer_id: str) -> dict[str
         " WHERE producer_id = $1",
         pid,
     )
+    producer = dict(row) if row else None
     if memo is not None:
-        memo["producer", producer_id] = dict(row) if row else None
-    return dict(row) if row else None
+        memo["producer", producer_id] = producer
+    return producer
 
 
 def signature_verifier(

@@ -3,8 +3,8 @@
 - The delta pipeline (`replication.deltas.v1`) runs as a faust-streaming agent
   (`at_least_once`, concurrency 1: one coroutine per partition assignment, so offsets are never
   committed past a record still in flight). It takes records in groups; the blocks of a
-  group's records are verified and written to the replica store first (in parallel, one
-  batch sync), then the records are handled in order: consecutive `BlocksShipped` of one
+  group's records are verified and written to the replica store first (one pack append and
+  fdatasync per item), then the records are handled in order: consecutive `BlocksShipped` of one
   cycle in one transaction (item, cycle and producer looked up once, batches staged in two
   statements), every other record, and any such run with anything wrong in it, one by one in
   its own transaction; the group's offsets are committed once all of it is handled. Each
@@ -139,7 +139,7 @@ def delta_app(
     settings: ReplicationSettings, pipeline: EventConsumer, ctx: handlers.Context | None = None
 ) -> faust.App:
     """The faust app whose one agent feeds delta records to the pipeline (in groups of up to
-    `DELTA_GROUP` records; with `ctx`, each group's blocks are written in parallel first)."""
+    `DELTA_GROUP` records; with `ctx`, each group's blocks are written to the store first)."""
     prepare = handlers.make_delta_prepare(ctx) if ctx is not None else None
     app = faust.App(
         f"{settings.topic_prefix}replication-deltas",

@@ -39,9 +39,9 @@ from services.replication.store import (
 )
 from shared import outbox
 from shared.faults import crash_point
-from shared.kafka import Incoming, Rejected, RunFallback, RunHandler
+from shared.kafka import RUN_MEMO, Incoming, Rejected, RunFallback, RunHandler
 from shared.merkle import block_count, block_length, zero_block_hash
-from shared.readmodels import known_producer, signature_verifier
+from shared.readmodels import signature_verifier
 from shared.schemas import agent as cmd
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload
@@ -508,49 +508,47 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
 def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]], Awaitable[None]]:
     """The delta pipeline's `prepare` step for a chunk of records: the blocks of every
     correctly signed `BlocksShipped` of the chunk are decoded, verified against their SHA-256
-    and written to the replica store in one parallel `put_blocks` per item (the fsyncs of the
-    chunk overlap, and overlap the transactions of the previous chunk), before the records are
-    handled one by one, each in its own transaction as before. Writing verified,
+    and written to the replica store in one `put_blocks` per item (one pack append and
+    fdatasync; it overlaps the transactions of the previous chunk), before the records are
+    handled (`on_blocks`, `on_blocks_run`). Writing verified,
     content-addressed blocks early is what `on_blocks` does first anyway (idempotent;
     unreferenced blocks are garbage-collected); `on_blocks` then finds them in
     `ctx.prestored` and skips decoding and writing. Anything unexpected
     (bad signature, unknown item, undecodable data, a hash mismatch) just leaves the record to
     `on_blocks`, which handles it as always."""
 
+    verify = signature_verifier()
+
     async def prepare(group: list[tuple[Any, EventPayload]]) -> None:
         batches = [(env, msg) for env, msg in group if isinstance(msg, ev.BlocksShipped)]
         if not batches:
             return
         by_item: dict[tuple[uuid.UUID, str], list[tuple[Any, dict[int, tuple[str, bytes]]]]] = {}
-        producers: dict[str, dict[str, Any] | None] = {}  # looked up once per group
         items: dict[uuid.UUID, dict[str, Any] | None] = {}
-
-        async def producer(conn: asyncpg.Connection, producer_id: str) -> dict[str, Any] | None:
-            if producer_id not in producers:
-                producers[producer_id] = await known_producer(conn, producer_id)
-            return producers[producer_id]
-
-        verifier = signature_verifier(producer)
-        async with ctx.pool.acquire() as conn:
-            for env, msg in batches:
-                try:
-                    await verifier(conn, env, True)
-                except Rejected:
-                    continue
-                if msg.item_id not in items:
-                    items[msg.item_id] = await repo.get_item(conn, msg.item_id)
-                item = items[msg.item_id]
-                if item is None or str(item["source_agent_id"]) != env.producer_id:
-                    continue
-                try:
-                    blocks = {
-                        b.index: (b.sha256, _decode_data(b, msg.compression))
-                        for b in msg.blocks
-                        if b.data is not None
-                    }
-                except ValueError:
-                    continue
-                by_item.setdefault((msg.item_id, item["target_site"]), []).append((env, blocks))
+        token = RUN_MEMO.set({})  # each producer looked up once for the chunk
+        try:
+            async with ctx.pool.acquire() as conn:
+                for env, msg in batches:
+                    try:
+                        await verify(conn, env, True)
+                    except Rejected:
+                        continue
+                    if msg.item_id not in items:
+                        items[msg.item_id] = await repo.get_item(conn, msg.item_id)
+                    item = items[msg.item_id]
+                    if item is None or str(item["source_agent_id"]) != env.producer_id:
+                        continue
+                    try:
+                        blocks = {
+                            b.index: (b.sha256, _decode_data(b, msg.compression))
+                            for b in msg.blocks
+                            if b.data is not None
+                        }
+                    except ValueError:
+                        continue
+                    by_item.setdefault((msg.item_id, item["target_site"]), []).append((env, blocks))
+        finally:
+            RUN_MEMO.reset(token)
 
         def write(item_id: uuid.UUID, site: str, records: list[Any]) -> None:
             todo = [(i, sha, data) for _, bl in records for i, (sha, data) in bl.items()]

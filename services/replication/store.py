@@ -46,7 +46,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from shared.faults import crash_point
 from shared.merkle import (
@@ -70,8 +70,6 @@ _PACK_FILE = re.compile(r"(\d{8})\.pack")
 PACK_BYTES = 64 * 1024 * 1024  # a pack past this size is closed; the next batch begins one
 PACK_COMPACT_BELOW = 0.75  # GC rewrites a pack whose live records are below this share of it
 _POINT_FILE = re.compile(r"(\d{12})\.json")
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -500,11 +498,11 @@ class _Packs:
         loc = self.index.get(sha)
         return loc is not None and os.path.exists(self.path(loc[0]))
 
-    def touch(self, sha: str) -> None:
-        """A block stored before was put again (a cycle in flight uses it): its pack is spared
-        by GC until the next commit (packs modified after the latest commit are)."""
+    def touch(self, n: int) -> None:
+        """A block of pack `n` was put again (a cycle in flight uses it): the pack is spared by
+        GC until the next commit (packs modified after the latest commit are)."""
         with suppress(FileNotFoundError):
-            os.utime(self.path(self.index[sha][0]))
+            os.utime(self.path(n))
 
     def collect(
         self,
@@ -567,14 +565,13 @@ def _mkdir_durable(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_synced(path: str | Path, data: bytes, *, sync: bool = True) -> None:
+def _write_synced(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        if sync:
-            os.fsync(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -739,12 +736,15 @@ class ReplicaStore:
         touched (GC spares them until the next commit). Returns how many were new."""
         packs = self._packs[layout.dir.name]
         new = []
+        touched: set[int] = set()
         for sha, data in blocks.items():
             loc = packs.index.get(sha)
             if loc is not None and loc[2] == len(data) and packs.has(sha):
-                packs.touch(sha)
+                touched.add(loc[0])
             else:  # (also when its pack is gone: stored again rather than missing forever)
                 new.append((sha, data))
+        for n in touched:  # once per pack, not per block
+            packs.touch(n)
         if new:
             packs.append(new)
             fresh = self._fresh.setdefault(layout.dir.name, {})
