@@ -95,7 +95,7 @@ FLEET = [
         [("sum by (health) (dr_replication_items)", "{{health}}")],
         kind="stat",
         width=8,
-        description="Normal / Warning / Critical (REFERENCE.md rules), from the replication "
+        description="Normal / Warning / Critical (docs/reference.md rules), from the replication "
         "service's health evaluation.",
     ),
     Panel(

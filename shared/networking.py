@@ -1,4 +1,4 @@
-"""Where a failed-over NIC lands (REFERENCE.md "Network mapping"): the policy service shows it
+"""Where a failed-over NIC lands (docs/reference.md "Network mapping"): the policy service shows it
 for protected VMs, the failover service applies it when it creates a recovery VM. Pure."""
 
 from __future__ import annotations

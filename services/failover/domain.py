@@ -382,7 +382,7 @@ def failover_nics(
     test_network: VmNetwork | None = None,
     test: bool = False,
 ) -> list[NicAttachment]:
-    """The recovery VM's NICs: by network mapping and the IP rules (REFERENCE.md), or, for a
+    """The recovery VM's NICs: by network mapping and the IP rules (docs/reference.md), or, for a
     test failover, all on the test network (none: not connected)."""
     used = set(used_ips)
     out = []

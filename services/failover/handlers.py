@@ -404,7 +404,7 @@ async def restart(ctx: Context, vault_id: uuid.UUID, job_id: uuid.UUID, by: str)
 
 
 async def force_old_test_cleanups(ctx: Context) -> int:
-    """Clean up test failovers older than the limit (REFERENCE.md: after 2 weeks)."""
+    """Clean up test failovers older than the limit (docs/reference.md: after 2 weeks)."""
     limit = datetime.now(UTC) - timedelta(seconds=ctx.settings.test_max_age_seconds)
     # A forced cleanup that failed is not retried for an hour: an operator sees the failed job
     # (and its alert) instead of a new failed job every sweep.

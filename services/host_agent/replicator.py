@@ -98,7 +98,7 @@ LAST_CYCLE = Gauge(
 )
 FAULTS = Counter("dr_agent_replication_faults_total", "Items that need a resync", ["reason"])
 
-CHANGE_LOG_LIMIT = 0.5  # of the disk size (REFERENCE.md: resync when the log outgrows 50 %)
+CHANGE_LOG_LIMIT = 0.5  # of the disk size (docs/reference.md: resync when the log outgrows 50 %)
 PROGRESS_SECONDS = 2.0
 READ_CHUNK = 64
 # A delta of this many distinct blocks (4 MiB) ships as soon as the previous cycle is done,

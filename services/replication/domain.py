@@ -1,7 +1,7 @@
 """Replication rules: pure, synchronous, no I/O.
 
 How a delta cycle is judged (sequence continuity, completeness), the protected item's state
-machine (REFERENCE.md states), health (Normal / Warning / Critical by the product's rules) and
+machine (docs/reference.md states), health (Normal / Warning / Critical by the product's rules) and
 RPO.
 """
 
@@ -165,7 +165,7 @@ class HealthVerdict:
 
 
 def evaluate_health(h: HealthInputs) -> HealthVerdict:
-    """REFERENCE.md: Critical on non-recoverable errors and when resync is required; Warning
+    """docs/reference.md: Critical on non-recoverable errors and when resync is required; Warning
     when more than 20 % of the cycles in the monitoring window were missed, or no log was
     shipped for over 1 h, or replication is paused."""
     window_start = max(h.now - timedelta(seconds=h.window_seconds), h.protected_since)

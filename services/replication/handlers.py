@@ -137,7 +137,7 @@ async def require_resync(
     ctx: Context, conn: asyncpg.Connection, item: dict[str, Any], reason: str
 ) -> None:
     """The replica can't take the next cycle: put the item in resync. The first time the
-    agent is asked at once; a resync that fails again is retried after a backoff (REFERENCE.md:
+    agent is asked at once; a resync that fails again is retried after a backoff (docs/reference.md:
     1, 2, 4, 8, 10 min, then every 30 min)."""
     RESYNCS.labels(reason.split(":")[0][:40]).inc()
     await repo.drop_cycles(conn, item["item_id"])

@@ -1,6 +1,6 @@
 """Retention: which recovery points of an item to keep. Pure; the caller prunes the rest.
 
-The rule (REFERENCE.md "Replication policy": 0-24 additional recovery points, hourly, and an
+The rule (docs/reference.md "Replication policy": 0-24 additional recovery points, hourly, and an
 app-consistent snapshot frequency of 1-12 h; ours goes up to 168 hours):
 
 1. The latest point is always kept: replication continues from it.

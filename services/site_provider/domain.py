@@ -232,7 +232,7 @@ def build_inventory(
 def _folder_nic(site: str, nic: FolderNic, networks: dict[str, NetworkSpec]) -> NicSpec:
     """A vm.json NIC as a site file's: a network id is looked up among this site's networks
     (one it doesn't have: not connected); an address the subnet can't give becomes `static`
-    (any free one of the pool), an unknown subnet the network's first (REFERENCE.md)."""
+    (any free one of the pool), an unknown subnet the network's first (docs/reference.md)."""
     name = nic.network
     if name is None and nic.network_id is not None:
         name = next((n for n in networks if object_id(site, "network", n) == nic.network_id), None)

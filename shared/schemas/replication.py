@@ -144,7 +144,7 @@ class CycleCompleted(EventPayload):
 
 
 class ItemState(StrEnum):
-    """Protected item states (REFERENCE.md "Replication lifecycle")."""
+    """Protected item states (docs/reference.md "Replication lifecycle")."""
 
     NOT_ENABLED = "not_enabled"
     READY_FOR_INITIAL = "ready_for_initial_replication"
