@@ -27,11 +27,14 @@ def build_app(settings: RegistrationSettings) -> FastAPI:
     )
 
     async def on_start(rt: Runtime) -> None:
-        rt.spawn("heartbeat-consumer", heartbeat_consumer(rt, settings).run)
+        heartbeats = heartbeat_consumer(rt, settings)
+        rt.spawn("heartbeat-consumer", heartbeats.run)
         rt.spawn_every(
             "disconnect-sweeper",
             settings.sweep_interval_seconds,
-            lambda: handlers.sweep_disconnected(rt.pool, settings.missed_heartbeats),
+            lambda: handlers.sweep_disconnected(
+                rt.pool, settings.missed_heartbeats, rt.kafka, lambda: heartbeats.last_records_at
+            ),
         )
 
     app = create_app(

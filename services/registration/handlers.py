@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ from services.registration import domain
 from services.registration import repository as repo
 from shared import outbox, signing
 from shared.kafka import Incoming, Rejected
+from shared.runtime import BrokerWatch
 from shared.schemas import registration as ev
 from shared.schemas.envelope import EventPayload
 
@@ -222,10 +224,39 @@ async def handle_heartbeat(conn: asyncpg.Connection, incoming: Incoming) -> None
         await _change_connection(conn, producer, new_state, at, "heartbeat received")
 
 
-async def sweep_disconnected(pool: asyncpg.Pool, missed: int) -> int:
-    """Mark producers that missed `missed` heartbeat intervals Disconnected (with an event)."""
+RECOVERY_HOLD_SECONDS = 60
+
+
+async def sweep_disconnected(
+    pool: asyncpg.Pool,
+    missed: int,
+    broker: BrokerWatch,
+    heartbeats_fetched_at: Callable[[], datetime | None] = lambda: None,
+) -> int:
+    """Mark producers that missed `missed` heartbeat intervals Disconnected (with an event).
+
+    Heartbeats reach this service through Kafka, so while this service cannot reach the
+    broker their absence says nothing about the edges: the missed-heartbeat clock is
+    suspended, and restarts when the broker answers again (a producer is then silent only
+    `missed` intervals after the recovery, time for its queued heartbeats to arrive). After a
+    recovery, until the heartbeat consumer fetches again (it rejoins its group first), the
+    clock stays suspended too, for at most `RECOVERY_HOLD_SECONDS`. Just before marking, the
+    broker is asked once more: the probe runs every few seconds, heartbeats are missed sooner."""
+    if not broker.reachable:
+        return 0
+    clock_from = broker.recovered_at
+    if clock_from is not None:
+        fetched = heartbeats_fetched_at()
+        held = datetime.now(UTC) - clock_from < timedelta(seconds=RECOVERY_HOLD_SECONDS)
+        if held and (fetched is None or fetched < clock_from):
+            return 0
+        clock_from = max(clock_from, fetched) if fetched is not None and held else clock_from
+    async with pool.acquire() as conn:
+        candidates = await repo.silent_producers(conn, missed, clock_from, lock=False)
+    if candidates and not await broker.probe():
+        return 0
     async with pool.acquire() as conn, conn.transaction():
-        silent = await repo.silent_producers(conn, missed)
+        silent = await repo.silent_producers(conn, missed, clock_from)
         for producer in silent:
             await _change_connection(
                 conn,

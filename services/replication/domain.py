@@ -154,6 +154,8 @@ class HealthInputs:
     stale_log_seconds: int
     missed_ratio_warning: float
     error: str | None
+    rpo_seconds: float | None = None
+    rpo_threshold_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,12 @@ def evaluate_health(h: HealthInputs) -> HealthVerdict:
     silent = (h.now - since).total_seconds()
     if replicating and silent > h.stale_log_seconds:
         warning.append(f"no cycle shipped for {silent:.0f}s")
+    over = h.rpo_threshold_seconds
+    if replicating and h.rpo_seconds is not None and over is not None and h.rpo_seconds > over:
+        warning.append(
+            f"RPO {h.rpo_seconds:.0f}s is over its threshold of {over:.0f}s: cycles are late "
+            "(check the source agent, the broker and the replica storage)"
+        )
     if critical:
         return HealthVerdict(Health.CRITICAL, tuple(critical + warning), expected, missed)
     if warning:

@@ -980,6 +980,10 @@ async def evaluate_health(ctx: Context) -> None:
                     stale_log_seconds=s.stale_log_seconds,
                     missed_ratio_warning=s.missed_cycles_warning_ratio,
                     error=item["error"],
+                    rpo_seconds=domain.rpo_seconds(now, item["last_point_source_time"]),
+                    rpo_threshold_seconds=domain.rpo_threshold_seconds(
+                        item["copy_interval_seconds"]
+                    ),
                 )
             )
             reasons = list(verdict.reasons)

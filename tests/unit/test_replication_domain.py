@@ -97,6 +97,14 @@ def test_more_than_20_percent_missed_is_warning() -> None:
     assert "25 of 120 cycles missed" in verdict.reasons[0]
 
 
+def test_rpo_over_its_threshold_is_warning_by_itself() -> None:
+    fine = inputs(rpo_seconds=50.0, rpo_threshold_seconds=60.0)
+    assert domain.evaluate_health(fine).health is Health.NORMAL
+    verdict = domain.evaluate_health(inputs(rpo_seconds=62.0, rpo_threshold_seconds=60.0))
+    assert verdict.health is Health.WARNING
+    assert "RPO 62s is over its threshold of 60s" in verdict.reasons[0]
+
+
 def test_no_log_for_over_an_hour_is_warning() -> None:
     verdict = domain.evaluate_health(
         inputs(
