@@ -35,6 +35,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.readmodels import NotYetKnown
+
 log = logging.getLogger(__name__)
 
 HTTP_REQUESTS = Counter("dr_http_requests_total", "HTTP requests", ["method", "route", "status"])
@@ -235,6 +237,14 @@ async def _refuse(problem: str, scope: Scope, receive: Receive, send: Send) -> N
     await response(scope, receive, send)
 
 
+def not_yet_known_response(exc: NotYetKnown) -> JSONResponse:
+    return JSONResponse(
+        error_body(409, f"{exc.message}; if it was just created, try again in a moment"),
+        status_code=409,
+        headers={"Retry-After": "2"},
+    )
+
+
 # A dependency that does not answer: the request may succeed in a moment.
 UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
@@ -381,6 +391,10 @@ def create_app(
         content_type = request.headers.get("content-type", "")
         status, message, details = _validation_message(exc, content_type)
         return JSONResponse(error_body(status, message, details), status_code=status)
+
+    @app.exception_handler(NotYetKnown)
+    async def not_yet_known(request: Request, exc: NotYetKnown) -> JSONResponse:
+        return not_yet_known_response(exc)
 
     @app.exception_handler(asyncpg.DataError)
     async def data_error(request: Request, exc: asyncpg.DataError) -> JSONResponse:

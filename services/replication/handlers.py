@@ -41,7 +41,7 @@ from shared import outbox
 from shared.faults import crash_point
 from shared.kafka import RUN_MEMO, Incoming, Rejected, RunFallback, RunHandler
 from shared.merkle import block_count, block_length, zero_block_hash
-from shared.readmodels import signature_verifier
+from shared.readmodels import NotYetKnown, signature_verifier
 from shared.schemas import agent as cmd
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload
@@ -709,7 +709,12 @@ def make_agent_event_handlers(ctx: Context) -> dict[str, Any]:
                         ItemState.ERROR,
                         reason=msg.error,
                         health=Health.CRITICAL,
-                        error=f"agent could not enable replication: {msg.error}",
+                        error=(
+                            f"agent could not enable replication: {msg.error} (cause: the "
+                            "source host could not start tracking the VM's disks; "
+                            "recommendation: check the VM's disk images on its host, then "
+                            "disable and enable protection again)"
+                        ),
                     )
 
     return {
@@ -740,13 +745,13 @@ async def enable_protection(ctx: Context, vault_id: uuid.UUID, vm_id: str) -> di
             )
         context = await repo.protection_context(conn, vault_id, vm_id)
         if context is None:
-            raise domain.ReplicationError(
+            raise NotYetKnown(
                 f"VM {vm_id} is not known in a paired cloud of this vault with a policy "
                 "(check inventory, the cloud pairing and its policy)"
             )
         agent = await repo.agent_named(conn, vault_id, context["host_name"])
         if agent is None:
-            raise domain.ReplicationError(
+            raise NotYetKnown(
                 f"no host agent registered for host '{context['host_name']}': install and "
                 "register the agent on the VM's host first"
             )

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from shared.http import create_app, screen_json, screen_query
+from shared.readmodels import NotYetKnown, until_known
 from shared.settings import ServiceSettings
 
 
@@ -146,3 +147,32 @@ def test_anything_else_is_a_json_500() -> None:
 def test_screens_pass_ordinary_input() -> None:
     assert screen_query("/v1/vaults/x/vms", b"name=db01&offset=20") is None
     assert screen_json(b'{"a": [1, 2, "x"], "b": 12345678901234567}') is None
+
+
+async def test_a_fact_not_yet_known_is_waited_for_then_409_with_retry_after() -> None:
+    calls = 0
+
+    async def soon() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise NotYetKnown("VM v1 is not known in a paired cloud")
+        return "done"
+
+    assert await until_known(soon, timeout=2, interval=0.01) == "done"
+
+    async def never() -> str:
+        raise NotYetKnown("VM v1 is not known in a paired cloud")
+
+    with pytest.raises(NotYetKnown):
+        await until_known(never, timeout=0.05, interval=0.01)
+    app = create_app(_Runtime(), title="t", description="t")
+
+    @app.get("/enable")
+    async def enable() -> None:
+        raise NotYetKnown("VM v1 is not known in a paired cloud")
+
+    with TestClient(app) as c:
+        resp = c.get("/enable")
+    assert "try again in a moment" in error_of(resp, 409)
+    assert resp.headers["retry-after"] == "2"
