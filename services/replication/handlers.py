@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -82,6 +82,26 @@ class Context:
     # verified and made durable in that site's store (the group being handled; then cleared)
     prestored: dict[uuid.UUID, tuple[str, dict[int, bytes]]] = field(default_factory=dict)
     store_bytes_at: float = float("-inf")  # when `dr_replica_store_bytes` was last measured
+    # item id -> its error while its cycles cannot be written to the replica store (disk
+    # full, I/O error); the record is retried, and a successful commit clears it
+    storage_faults: dict[uuid.UUID, str] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def storing(self, item_id: uuid.UUID) -> Iterator[None]:
+        """Around a replica-store write for `item_id`: a storage failure is noted for the
+        item's health (and re-raised: the record is retried, nothing is skipped)."""
+        try:
+            yield
+        except OSError as exc:
+            fault = domain.storage_fault(exc)
+            if fault is not None:
+                if item_id not in self.storage_faults:
+                    log.error(
+                        "replica storage failure",
+                        extra={"item_id": str(item_id), "error": str(exc)},
+                    )
+                self.storage_faults[item_id] = fault
+            raise
 
     def store(self, site: str) -> ReplicaStore:
         if site not in self.stores:
@@ -336,7 +356,8 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         if not (ready and len(ready) == len(decoded)):
             store = ctx.store(item["target_site"])
             try:
-                await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
+                with ctx.storing(msg.item_id):
+                    await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
             except ValueError as exc:  # BlockHashMismatch
                 return staged, 0, str(exc)
         return staged, sum(len(data) for _, _, data in decoded), None
@@ -424,7 +445,9 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         )
         store = ctx.store(item["target_site"])
         try:
-            await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
+            with ctx.storing(msg.item_id):
+                await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
+            ctx.storage_faults.pop(msg.item_id, None)
         except (RootMismatch, MissingBlock) as exc:
             CYCLES.labels("root_mismatch").inc()
             await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
@@ -940,10 +963,16 @@ async def apply_retention(ctx: Context) -> int:
             continue
         store = ctx.store(item["target_site"])
         try:
-            await asyncio.to_thread(store.prune, str(item["item_id"]), keep)
+            with ctx.storing(item["item_id"]):
+                await asyncio.to_thread(store.prune, str(item["item_id"]), keep)
         except ValueError as exc:  # the item changed meanwhile (e.g. a failover committed)
             log.warning(
                 "retention skipped", extra={"item_id": str(item["item_id"]), "why": str(exc)}
+            )
+            continue
+        except OSError as exc:  # the item's health shows a storage failure; retried next round
+            log.warning(
+                "retention failed", extra={"item_id": str(item["item_id"]), "error": str(exc)}
             )
             continue
         async with ctx.pool.acquire() as conn, conn.transaction():
@@ -956,6 +985,19 @@ async def apply_retention(ctx: Context) -> int:
             )
         pruned_total += len(drop)
     return pruned_total
+
+
+def _error_with_storage(error: str | None, fault: str | None) -> str | None:
+    """The item's error: a storage failure while there is one; once it clears, the error it
+    had before (a storage failure never hides another error: it is only set over none)."""
+    if fault is not None and (error is None or error.startswith(STORAGE_FAULT_PREFIX)):
+        return fault
+    if fault is None and error is not None and error.startswith(STORAGE_FAULT_PREFIX):
+        return None
+    return error
+
+
+STORAGE_FAULT_PREFIX = "replica storage failure"
 
 
 async def evaluate_health(ctx: Context) -> None:
@@ -989,10 +1031,16 @@ async def evaluate_health(ctx: Context) -> None:
                     rpo_threshold_seconds=domain.rpo_threshold_seconds(
                         item["copy_interval_seconds"]
                     ),
+                    storage_fault=ctx.storage_faults.get(item["item_id"]),
                 )
             )
             reasons = list(verdict.reasons)
-            if verdict.health.value != item["health"] or reasons != item["health_reasons"]:
+            error = _error_with_storage(item["error"], ctx.storage_faults.get(item["item_id"]))
+            if (
+                verdict.health.value != item["health"]
+                or reasons != item["health_reasons"]
+                or error != item["error"]
+            ):
                 await change_state(
                     conn,
                     item,
@@ -1000,6 +1048,7 @@ async def evaluate_health(ctx: Context) -> None:
                     reason="; ".join(reasons) or "healthy",
                     health=verdict.health,
                     health_reasons=reasons,
+                    error=error,
                 )
         counts[verdict.health] += 1
         if ItemState(item["state"]) is ItemState.FAILED_OVER:
