@@ -140,6 +140,10 @@ class KafkaProducer:
         self.started = False
         await self._producer.stop()
 
+    async def partition_count(self, topic: str) -> int:
+        """Partitions of the logical `topic` (from the broker's metadata)."""
+        return len(await self._producer.partitions_for(topics.physical(topic, self.prefix)))
+
     async def unreachable(self, timeout: float = 2.0) -> str | None:
         """None when a broker answers a metadata request within `timeout` seconds, else why
         not (a started producer says nothing of a broker that stopped answering since)."""

@@ -181,6 +181,7 @@ class HealthInputs:
     rpo_seconds: float | None = None
     rpo_threshold_seconds: float | None = None
     storage_fault: str | None = None
+    dead_letter: str | None = None  # why a record of the item was dead-lettered, if one was
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,8 @@ def evaluate_health(h: HealthInputs) -> HealthVerdict:
         critical.append(f"non-recoverable error: {h.error or 'unknown'}")
     if h.storage_fault:
         critical.append(h.storage_fault)
+    if h.dead_letter:
+        warning.append(h.dead_letter)
     if h.paused or h.state is ItemState.SUSPENDED:
         warning.append("replication is paused")
     replicating = h.state in (ItemState.REPLICATING, ItemState.INITIAL_REPLICATION)

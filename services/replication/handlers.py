@@ -37,9 +37,9 @@ from services.replication.store import (
     ReplicaStore,
     RootMismatch,
 )
-from shared import outbox
+from shared import outbox, topics
 from shared.faults import crash_point
-from shared.kafka import RUN_MEMO, Incoming, Rejected, RunFallback, RunHandler
+from shared.kafka import RUN_MEMO, Handler, Incoming, Rejected, RunFallback, RunHandler
 from shared.merkle import block_count, block_length, zero_block_hash
 from shared.readmodels import NotYetKnown, signature_verifier
 from shared.schemas import agent as cmd
@@ -85,6 +85,9 @@ class Context:
     # item id -> its error while its cycles cannot be written to the replica store (disk
     # full, I/O error); the record is retried, and a successful commit clears it
     storage_faults: dict[uuid.UUID, str] = field(default_factory=dict)
+    # item id -> why a delta record of it was dead-lettered, until a cycle of it commits again
+    dead_letters: dict[uuid.UUID, str] = field(default_factory=dict)
+    delta_partitions: int | None = None  # of replication.deltas, to check records' partitions
 
     @contextlib.contextmanager
     def storing(self, item_id: uuid.UUID) -> Iterator[None]:
@@ -311,8 +314,13 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         if verdict is domain.CycleVerdict.GAP:
             CYCLES.labels("gap").inc()
             expected = (item["last_committed_seq"] or 0) + 1
+            why = ctx.dead_letters.get(msg.item_id)
             await require_resync(
-                ctx, conn, item, f"sequence gap: expected cycle {expected}, got {msg.cycle_seq}"
+                ctx,
+                conn,
+                item,
+                f"sequence gap: expected cycle {expected}, got {msg.cycle_seq}"
+                + (f" (after {why})" if why else ""),
             )
             return
         await repo.drop_cycles(conn, msg.item_id)  # an unfinished earlier attempt, if any
@@ -448,6 +456,7 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
             with ctx.storing(msg.item_id):
                 await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
             ctx.storage_faults.pop(msg.item_id, None)
+            ctx.dead_letters.pop(msg.item_id, None)
         except (RootMismatch, MissingBlock) as exc:
             CYCLES.labels("root_mismatch").inc()
             await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
@@ -525,7 +534,66 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         "BlocksShipped": on_blocks,
         "CycleCompleted": on_completed,
     }
-    return handlers, {"BlocksShipped": on_blocks_run}
+    return (
+        {name: _delta_checked(ctx, handler) for name, handler in handlers.items()},
+        {"BlocksShipped": _delta_run_checked(ctx, on_blocks_run)},
+    )
+
+
+def _check_partition(ctx: Context, inc: Incoming) -> None:
+    """A delta record must be on the partition Kafka's default partitioner (murmur2) gives its
+    key: one item's records on one partition is what keeps its cycles in order."""
+    if ctx.delta_partitions is None or inc.key is None or inc.partition < 0:
+        return  # not known yet, or not from Kafka (an imported cycle file)
+    expected = topics.partition_for(inc.key.encode(), ctx.delta_partitions)
+    if inc.partition != expected:
+        raise Rejected(
+            "wrong_partition",
+            f"record keyed {inc.key} arrived on partition {inc.partition}, but Kafka's default "
+            f"partitioner (murmur2) puts that key on partition {expected} of "
+            f"{ctx.delta_partitions}: publish with a murmur2 partitioner (kcat: -X "
+            "partitioner=murmur2_random), or per-item order is lost",
+        )
+
+
+def _note_dead_letter(ctx: Context, inc: Incoming, rej: Rejected) -> None:
+    item_id = getattr(inc.payload, "item_id", None)
+    if isinstance(item_id, uuid.UUID) and rej.reason not in ("replayed_cycle",):
+        seq = getattr(inc.payload, "cycle_seq", "?")
+        ctx.dead_letters[item_id] = (
+            f"a replication record of cycle {seq} ({inc.envelope.type}) was dead-lettered: "
+            f"{rej.reason}: {rej.detail}; cause: the record cannot be applied as sent; "
+            f"recommendation: read its headers in {topics.dlq_of(topics.REPLICATION_DELTAS)}; "
+            "the cycle is missing, so the item resyncs at its next cycle"
+        )
+
+
+def _delta_checked(ctx: Context, handler: Handler) -> Handler:
+    """`handler` with the partition check first; a record it refuses is noted on its item."""
+
+    async def checked(conn: asyncpg.Connection, inc: Incoming) -> None:
+        try:
+            _check_partition(ctx, inc)
+            await handler(conn, inc)
+        except Rejected as rej:
+            _note_dead_letter(ctx, inc, rej)
+            raise
+
+    return checked
+
+
+def _delta_run_checked(ctx: Context, handler: RunHandler) -> RunHandler:
+    async def checked(conn: asyncpg.Connection, incs: list[Incoming]) -> None:
+        for inc in incs:
+            try:
+                _check_partition(ctx, inc)
+            except Rejected:
+                raise RunFallback(
+                    "a record on the wrong partition"
+                ) from None  # dead-lettered alone
+        await handler(conn, incs)
+
+    return checked
 
 
 def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]], Awaitable[None]]:
@@ -1032,6 +1100,7 @@ async def evaluate_health(ctx: Context) -> None:
                         item["copy_interval_seconds"]
                     ),
                     storage_fault=ctx.storage_faults.get(item["item_id"]),
+                    dead_letter=ctx.dead_letters.get(item["item_id"]),
                 )
             )
             reasons = list(verdict.reasons)
