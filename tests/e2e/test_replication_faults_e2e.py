@@ -250,3 +250,25 @@ async def test_replica_storage_full_shows_on_the_item_then_recovers(
         await eventually(recovered, timeout=120, what="replication stores cycles again")
         assert plat.services["replication"].alive()
         await all_verify(http, dr, item_id)
+
+
+async def test_enable_with_a_missing_disk_image_shows_the_agents_failure(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    plat.start("replication")
+    dr = await two_sites(plat, http, tmp_path, copy_seconds=1)
+    await dr.agent_call(http, "hv-p1", "POST", "/vms", {"name": "gone01", "disks": ["1MiB"]})
+    vm = await vm_named(http, dr, "gone01")
+    image = Path(vm["disks"][0]["path"])
+    assert await asyncio.to_thread(image.is_file), vm
+    await asyncio.to_thread(image.unlink)
+    protected = await protect(http, dr, vm["vm_id"])
+
+    async def failed() -> dict[str, Any] | None:
+        current = await item(http, dr, protected["item_id"])
+        return current if current["state"] == "error" else None
+
+    shown = await eventually(failed, timeout=30, what="the item shows the agent's failure")
+    assert shown["health"] == "Critical", shown
+    assert "no image file" in shown["error"] and "recommendation" in shown["error"], shown
+    assert any("no image file" in r for r in shown["health_reasons"]), shown
