@@ -224,33 +224,27 @@ async def handle_heartbeat(conn: asyncpg.Connection, incoming: Incoming) -> None
         await _change_connection(conn, producer, new_state, at, "heartbeat received")
 
 
-RECOVERY_HOLD_SECONDS = 60
-
-
 async def sweep_disconnected(
     pool: asyncpg.Pool,
     missed: int,
     broker: BrokerWatch,
+    clock: domain.MissedHeartbeatClock | None = None,
     heartbeats_fetched_at: Callable[[], datetime | None] = lambda: None,
 ) -> int:
     """Mark producers that missed `missed` heartbeat intervals Disconnected (with an event).
 
     Heartbeats reach this service through Kafka, so while this service cannot reach the
     broker their absence says nothing about the edges: the missed-heartbeat clock is
-    suspended, and restarts when the broker answers again (a producer is then silent only
-    `missed` intervals after the recovery, time for its queued heartbeats to arrive). After a
-    recovery, until the heartbeat consumer fetches again (it rejoins its group first), the
-    clock stays suspended too, for at most `RECOVERY_HOLD_SECONDS`. Just before marking, the
-    broker is asked once more: the probe runs every few seconds, heartbeats are missed sooner."""
+    suspended, and restarts after the broker answers again (`MissedHeartbeatClock`). Just
+    before marking, the broker is asked once more: the probe runs every few seconds,
+    heartbeats are missed sooner."""
     if not broker.reachable:
         return 0
-    clock_from = broker.recovered_at
-    if clock_from is not None:
-        fetched = heartbeats_fetched_at()
-        held = datetime.now(UTC) - clock_from < timedelta(seconds=RECOVERY_HOLD_SECONDS)
-        if held and (fetched is None or fetched < clock_from):
-            return 0
-        clock_from = max(clock_from, fetched) if fetched is not None and held else clock_from
+    judge, clock_from = (clock or domain.MissedHeartbeatClock()).counts_from(
+        broker.recovered_at, heartbeats_fetched_at(), datetime.now(UTC)
+    )
+    if not judge:
+        return 0
     async with pool.acquire() as conn:
         candidates = await repo.silent_producers(conn, missed, clock_from, lock=False)
     if candidates and not await broker.probe():
