@@ -266,7 +266,8 @@ async def test_enable_with_a_missing_disk_image_shows_the_agents_failure(
 
     async def failed() -> dict[str, Any] | None:
         current = await item(http, dr, protected["item_id"])
-        return current if current["state"] == "error" else None
+        reasons = current["health_reasons"]  # the health evaluation's, a moment after the state
+        return current if current["state"] == "error" and reasons else None
 
     shown = await eventually(failed, timeout=30, what="the item shows the agent's failure")
     assert shown["health"] == "Critical", shown
