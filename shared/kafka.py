@@ -140,6 +140,21 @@ class KafkaProducer:
         self.started = False
         await self._producer.stop()
 
+    async def partition_count(self, topic: str) -> int:
+        """Partitions of the logical `topic` (from the broker's metadata)."""
+        return len(await self._producer.partitions_for(topics.physical(topic, self.prefix)))
+
+    async def unreachable(self, timeout: float = 2.0) -> str | None:
+        """None when a broker answers a metadata request within `timeout` seconds, else why
+        not (a started producer says nothing of a broker that stopped answering since)."""
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout)
+        except TimeoutError:
+            return f"no broker answered a metadata request within {timeout:g}s"
+        except (KafkaError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
     async def send(
         self,
         topic: str,
@@ -318,6 +333,7 @@ class _RecordPipeline(Generic[H]):
         self.max_records = max_records
         self.alive = False
         self.applied = 0
+        self.last_records_at: datetime | None = None  # the last fetch that brought records
 
     async def _apply(self, incoming: Incoming, handler: H) -> None:
         raise NotImplementedError
@@ -341,6 +357,8 @@ class _RecordPipeline(Generic[H]):
         try:
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=self.max_records)
+                if batches:
+                    self.last_records_at = datetime.now(UTC)
                 for tp, records in batches.items():
                     for record in records:
                         await self.process(record)

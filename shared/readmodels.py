@@ -4,9 +4,11 @@ source of truth and writes these rows itself; other services apply the events he
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -162,3 +164,36 @@ def signature_verifier(
             raise Rejected("bad_signature", "signature does not match the producer's credential")
 
     return verify
+
+
+class NotYetKnown(Exception):
+    """A request needs a fact this service learns from an event it may not have applied yet
+    (e.g. enabling a VM right after its cloud was paired). `until_known` retries the request
+    for a few seconds; if the fact is still missing the answer is a 409 that says to try again
+    in a moment, with `Retry-After`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+READ_MODEL_WAIT_SECONDS = 5.0
+T = TypeVar("T")
+
+
+async def until_known(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = READ_MODEL_WAIT_SECONDS,
+    interval: float = 0.25,
+) -> T:
+    """`attempt()`, again every `interval` while it raises `NotYetKnown`, for at most
+    `timeout` seconds (then the last `NotYetKnown` propagates: a 409 with Retry-After)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await attempt()
+        except NotYetKnown:
+            if time.monotonic() + interval > deadline:
+                raise
+            await asyncio.sleep(interval)

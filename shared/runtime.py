@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,46 @@ from shared.settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 TaskFactory = Callable[[], Coroutine[Any, Any, None]]
+
+KAFKA_PROBE_SECONDS = 2.0
+
+
+class BrokerWatch:
+    """Whether this process reaches Kafka, from a metadata request every few seconds: what
+    /healthz reports (`kafka`), and what lets a service tell the platform's outage from its
+    edges' (registration suspends its missed-heartbeat clock while the broker is unreachable
+    and restarts it at `recovered_at`)."""
+
+    def __init__(self) -> None:
+        self._ask: Callable[[], Awaitable[str | None]] | None = None
+        self.problem: str | None = "not probed yet"
+        self.down_since: float | None = None
+        self.recovered_at: datetime | None = None  # wall clock: compared with heartbeat times
+
+    @property
+    def reachable(self) -> bool:
+        return self.problem is None
+
+    async def probe(self, ask: Callable[[], Awaitable[str | None]] | None = None) -> bool:
+        """Ask the broker now (with `ask`, remembered for the next calls); True: reachable."""
+        self._ask = ask or self._ask
+        if self._ask is None:
+            return False
+        problem = await self._ask()
+        now = time.monotonic()
+        if problem is not None and self.problem is None:
+            log.warning("Kafka unreachable", extra={"error": problem})
+            self.down_since = now
+        if problem is None and self.problem is not None:
+            if self.down_since is not None:
+                log.warning("Kafka reachable again", extra={"down_seconds": now - self.down_since})
+            self.recovered_at = datetime.now(UTC)
+            self.down_since = None
+        self.problem = problem
+        return problem is None
+
+    def check(self) -> str:
+        return "ok" if self.problem is None else f"unreachable: {self.problem}"
 
 
 class Runtime:
@@ -47,6 +89,7 @@ class Runtime:
         self._stop_hooks: list[Callable[[], Coroutine[Any, Any, Any]]] = []
         self._checks: dict[str, Callable[[], bool]] = {}
         self._stopping = False
+        self.kafka = BrokerWatch()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -78,6 +121,10 @@ class Runtime:
         await _retry("kafka producer", self._producer.start)
         relay = OutboxRelay(self._pool, self._producer, poll_ms=s.outbox_poll_ms)
         self.spawn("outbox-relay", relay.run)
+        producer = self._producer
+        self.spawn_every(
+            "kafka-probe", KAFKA_PROBE_SECONDS, lambda: self.kafka.probe(producer.unreachable)
+        )
         log.info("service started", extra={"schema": self.schema})
 
     def spawn(self, name: str, factory: TaskFactory) -> None:
@@ -126,6 +173,7 @@ class Runtime:
         except Exception as exc:
             checks["postgres"] = f"error: {type(exc).__name__}"
         checks["kafka_producer"] = "ok" if self._producer and self._producer.started else "down"
+        checks["kafka"] = self.kafka.check()
         for name, task in self._tasks.items():
             state = self._task_state.get(name, "starting")
             checks[f"task:{name}"] = "stopped" if task.done() else state

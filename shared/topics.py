@@ -52,3 +52,12 @@ def physical(topic: str, prefix: str) -> str:
 
 def logical(name: str, prefix: str) -> str:
     return name[len(prefix) :] if prefix and name.startswith(prefix) else name
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a keyed record (murmur2 of the key bytes,
+    as the Java client and aiokafka compute it; kcat with `-X partitioner=murmur2_random`).
+    Per-key order holds only if every producer of a topic partitions this way."""
+    from aiokafka.partitioner import murmur2  # the clients' own implementation
+
+    return int((murmur2(key) & 0x7FFFFFFF) % partitions)

@@ -334,6 +334,29 @@ def point_request(choice: PointChoice, cycle_seq: int | None) -> PointRequest:
     return PointRequest(choice, cycle_seq if choice is PointChoice.CHOSEN else None)
 
 
+def check_point_exists(item: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    """The point a test or unplanned failover asks for exists, checked when the job is asked
+    for (not when its materialise step runs): a chosen cycle past the item's latest point is a
+    404, a latest app-consistent point where none was taken a 409."""
+    choice = params.get("choice", PointChoice.LATEST.value)
+    latest = item.get("latest_seq")
+    if choice == PointChoice.CHOSEN.value and latest is not None:
+        seq = int(params["cycle_seq"])
+        if seq > int(latest):
+            raise FailoverRefused(
+                f"{item['vm_name']} has no recovery point {seq}: its latest is {latest}; "
+                "list the retained points (GET .../protected-items/{item_id}/recovery-points) "
+                "and choose one of them",
+                404,
+            )
+    if choice == PointChoice.LATEST_APP_CONSISTENT.value and item.get("latest_app_seq") is None:
+        raise FailoverRefused(
+            f"{item['vm_name']} has no app-consistent recovery point yet: choose latest or a "
+            "chosen point, or wait for the policy's app-consistent snapshot",
+            409,
+        )
+
+
 def data_loss_seconds(failover_at: datetime, source_time: datetime) -> float:
     """The data-loss window: what the source did after the point used is lost."""
     return max(0.0, (failover_at - source_time).total_seconds())

@@ -242,6 +242,8 @@ async def check_item(
         domain.check_planned(item, view)
     else:
         CHECKS[operation](item, view)
+    if operation in (Operation.TEST_FAILOVER, Operation.UNPLANNED_FAILOVER):
+        domain.check_point_exists(item, params)
     if operation is Operation.REVERSE:
         info = (view or {}).get("info", {})
         old = dict(info.get("source_disks", {}))

@@ -116,11 +116,13 @@ class CommandHandler:
                     result=result,
                 )
             except (CommandFailed, VmNotFound, OSError, ValueError) as exc:
+                item_id = getattr(command, "item_id", None)  # the item shows the failure
                 completed = CommandCompleted(
                     command_id=command_id,
                     command_type=env.type,
                     outcome=CommandOutcome.FAILED,
                     error=str(exc),
+                    result={"item_id": str(item_id)} if item_id is not None else {},
                 )
             self.done.put(completed)
             COMMANDS.labels(env.type, completed.outcome.value).inc()

@@ -10,6 +10,7 @@ from services.registration import handlers
 from services.registration.api import router
 from services.registration.config import RegistrationSettings
 from services.registration.consumer import heartbeat_consumer
+from services.registration.domain import MissedHeartbeatClock
 from shared import topics
 from shared.http import create_app
 from shared.logging import configure_logging
@@ -27,11 +28,19 @@ def build_app(settings: RegistrationSettings) -> FastAPI:
     )
 
     async def on_start(rt: Runtime) -> None:
-        rt.spawn("heartbeat-consumer", heartbeat_consumer(rt, settings).run)
+        heartbeats = heartbeat_consumer(rt, settings)
+        rt.spawn("heartbeat-consumer", heartbeats.run)
+        clock = MissedHeartbeatClock()
         rt.spawn_every(
             "disconnect-sweeper",
             settings.sweep_interval_seconds,
-            lambda: handlers.sweep_disconnected(rt.pool, settings.missed_heartbeats),
+            lambda: handlers.sweep_disconnected(
+                rt.pool,
+                settings.missed_heartbeats,
+                rt.kafka,
+                clock,
+                lambda: heartbeats.last_records_at,
+            ),
         )
 
     app = create_app(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ from services.registration import domain
 from services.registration import repository as repo
 from shared import outbox, signing
 from shared.kafka import Incoming, Rejected
+from shared.runtime import BrokerWatch
 from shared.schemas import registration as ev
 from shared.schemas.envelope import EventPayload
 
@@ -222,10 +224,33 @@ async def handle_heartbeat(conn: asyncpg.Connection, incoming: Incoming) -> None
         await _change_connection(conn, producer, new_state, at, "heartbeat received")
 
 
-async def sweep_disconnected(pool: asyncpg.Pool, missed: int) -> int:
-    """Mark producers that missed `missed` heartbeat intervals Disconnected (with an event)."""
+async def sweep_disconnected(
+    pool: asyncpg.Pool,
+    missed: int,
+    broker: BrokerWatch,
+    clock: domain.MissedHeartbeatClock | None = None,
+    heartbeats_fetched_at: Callable[[], datetime | None] = lambda: None,
+) -> int:
+    """Mark producers that missed `missed` heartbeat intervals Disconnected (with an event).
+
+    Heartbeats reach this service through Kafka, so while this service cannot reach the
+    broker their absence says nothing about the edges: the missed-heartbeat clock is
+    suspended, and restarts after the broker answers again (`MissedHeartbeatClock`). Just
+    before marking, the broker is asked once more: the probe runs every few seconds,
+    heartbeats are missed sooner."""
+    if not broker.reachable:
+        return 0
+    judge, clock_from = (clock or domain.MissedHeartbeatClock()).counts_from(
+        broker.recovered_at, heartbeats_fetched_at(), datetime.now(UTC)
+    )
+    if not judge:
+        return 0
+    async with pool.acquire() as conn:
+        candidates = await repo.silent_producers(conn, missed, clock_from, lock=False)
+    if candidates and not await broker.probe():
+        return 0
     async with pool.acquire() as conn, conn.transaction():
-        silent = await repo.silent_producers(conn, missed)
+        silent = await repo.silent_producers(conn, missed, clock_from)
         for producer in silent:
             await _change_connection(
                 conn,

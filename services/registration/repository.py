@@ -288,13 +288,18 @@ async def set_connection_state(
     )
 
 
-async def silent_producers(conn: asyncpg.Connection, missed: int) -> list[dict[str, Any]]:
-    """Connected producers whose last heartbeat is older than `missed` intervals (locked)."""
+async def silent_producers(
+    conn: asyncpg.Connection, missed: int, clock_from: datetime | None = None, lock: bool = True
+) -> list[dict[str, Any]]:
+    """Connected producers whose last heartbeat (or `clock_from`, when later: the instant the
+    missed-heartbeat clock restarted) is older than `missed` intervals (locked)."""
     rows = await conn.fetch(
         f"SELECT {PRODUCER_COLUMNS} FROM producers WHERE active AND connection_state = 'Connected'"
-        " AND last_heartbeat_at < now() - make_interval(secs => heartbeat_seconds * $1)"
-        " FOR UPDATE SKIP LOCKED",
+        " AND greatest(last_heartbeat_at, $2::timestamptz)"
+        "  < now() - make_interval(secs => heartbeat_seconds * $1)"
+        + (" FOR UPDATE SKIP LOCKED" if lock else ""),
         missed,
+        clock_from,
     )
     return [dict(r) for r in rows]
 

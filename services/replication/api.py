@@ -16,6 +16,7 @@ from services.replication import domain, handlers, offline
 from services.replication import repository as repo
 from services.replication.store import UnknownPoint
 from shared.auth import CurrentPrincipal
+from shared.readmodels import until_known
 from shared.schemas.registration import Role
 from shared.schemas.replication import Health, ItemState
 
@@ -119,7 +120,9 @@ async def enable(
     who.check(Role.OPERATOR, vault_id)
     await _prerequisites(request, vault_id, body.vm_id)
     try:
-        item = await handlers.enable_protection(_ctx(request), vault_id, body.vm_id)
+        item = await until_known(
+            lambda: handlers.enable_protection(_ctx(request), vault_id, body.vm_id)
+        )
     except domain.ReplicationError as exc:
         raise _refused(exc) from None
     return _out(item)

@@ -7,6 +7,7 @@ RPO.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -141,6 +142,29 @@ def choose_point(points: list[PointRef], choice: str, seq: int | None) -> int:
     raise ReplicationError(f"unknown recovery point choice '{choice}'")
 
 
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def storage_fault(exc: OSError) -> str | None:
+    """The item's error for a replica-store write that failed for a reason an operator must
+    fix (None: not such a failure): the error, its cause and a recommendation."""
+    if exc.errno not in STORAGE_ERRNOS:
+        return None
+    cause = {
+        errno.ENOSPC: "the replica store's filesystem is full",
+        errno.EDQUOT: "the replica store's disk quota is used up",
+        errno.EFBIG: "a replica store file reached the filesystem's size limit",
+        errno.EROFS: "the replica store's filesystem is read-only",
+        errno.EIO: "the replica store's disk reported an I/O error",
+    }[exc.errno]
+    return (
+        f"replica storage failure: cycles cannot be stored ({exc.strerror or exc}); cause: "
+        f"{cause}; recommendation: free or add space (or repair the disk) under the "
+        "replication service's store directory; the cycles wait in Kafka and are stored, "
+        "nothing lost, once writes succeed"
+    )
+
+
 @dataclass(frozen=True)
 class HealthInputs:
     state: ItemState
@@ -154,6 +178,10 @@ class HealthInputs:
     stale_log_seconds: int
     missed_ratio_warning: float
     error: str | None
+    rpo_seconds: float | None = None
+    rpo_threshold_seconds: float | None = None
+    storage_fault: str | None = None
+    dead_letter: str | None = None  # why a record of the item was dead-lettered, if one was
 
 
 @dataclass(frozen=True)
@@ -182,6 +210,10 @@ def evaluate_health(h: HealthInputs) -> HealthVerdict:
         critical.append(f"resync required: {h.error or 'replica diverged from the source'}")
     if h.state is ItemState.ERROR:
         critical.append(f"non-recoverable error: {h.error or 'unknown'}")
+    if h.storage_fault:
+        critical.append(h.storage_fault)
+    if h.dead_letter:
+        warning.append(h.dead_letter)
     if h.paused or h.state is ItemState.SUSPENDED:
         warning.append("replication is paused")
     replicating = h.state in (ItemState.REPLICATING, ItemState.INITIAL_REPLICATION)
@@ -191,6 +223,12 @@ def evaluate_health(h: HealthInputs) -> HealthVerdict:
     silent = (h.now - since).total_seconds()
     if replicating and silent > h.stale_log_seconds:
         warning.append(f"no cycle shipped for {silent:.0f}s")
+    over = h.rpo_threshold_seconds
+    if replicating and h.rpo_seconds is not None and over is not None and h.rpo_seconds > over:
+        warning.append(
+            f"RPO {h.rpo_seconds:.0f}s is over its threshold of {over:.0f}s: cycles are late "
+            "(check the source agent, the broker and the replica storage)"
+        )
     if critical:
         return HealthVerdict(Health.CRITICAL, tuple(critical + warning), expected, missed)
     if warning:

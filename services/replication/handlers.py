@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,11 +37,11 @@ from services.replication.store import (
     ReplicaStore,
     RootMismatch,
 )
-from shared import outbox
+from shared import outbox, topics
 from shared.faults import crash_point
-from shared.kafka import RUN_MEMO, Incoming, Rejected, RunFallback, RunHandler
+from shared.kafka import RUN_MEMO, Handler, Incoming, Rejected, RunFallback, RunHandler
 from shared.merkle import block_count, block_length, zero_block_hash
-from shared.readmodels import signature_verifier
+from shared.readmodels import NotYetKnown, signature_verifier
 from shared.schemas import agent as cmd
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload
@@ -82,6 +82,29 @@ class Context:
     # verified and made durable in that site's store (the group being handled; then cleared)
     prestored: dict[uuid.UUID, tuple[str, dict[int, bytes]]] = field(default_factory=dict)
     store_bytes_at: float = float("-inf")  # when `dr_replica_store_bytes` was last measured
+    # item id -> its error while its cycles cannot be written to the replica store (disk
+    # full, I/O error); the record is retried, and a successful commit clears it
+    storage_faults: dict[uuid.UUID, str] = field(default_factory=dict)
+    # item id -> why a delta record of it was dead-lettered, until a cycle of it commits again
+    dead_letters: dict[uuid.UUID, str] = field(default_factory=dict)
+    delta_partitions: int | None = None  # of replication.deltas, to check records' partitions
+
+    @contextlib.contextmanager
+    def storing(self, item_id: uuid.UUID) -> Iterator[None]:
+        """Around a replica-store write for `item_id`: a storage failure is noted for the
+        item's health (and re-raised: the record is retried, nothing is skipped)."""
+        try:
+            yield
+        except OSError as exc:
+            fault = domain.storage_fault(exc)
+            if fault is not None:
+                if item_id not in self.storage_faults:
+                    log.error(
+                        "replica storage failure",
+                        extra={"item_id": str(item_id), "error": str(exc)},
+                    )
+                self.storage_faults[item_id] = fault
+            raise
 
     def store(self, site: str) -> ReplicaStore:
         if site not in self.stores:
@@ -291,8 +314,13 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         if verdict is domain.CycleVerdict.GAP:
             CYCLES.labels("gap").inc()
             expected = (item["last_committed_seq"] or 0) + 1
+            why = ctx.dead_letters.get(msg.item_id)
             await require_resync(
-                ctx, conn, item, f"sequence gap: expected cycle {expected}, got {msg.cycle_seq}"
+                ctx,
+                conn,
+                item,
+                f"sequence gap: expected cycle {expected}, got {msg.cycle_seq}"
+                + (f" (after {why})" if why else ""),
             )
             return
         await repo.drop_cycles(conn, msg.item_id)  # an unfinished earlier attempt, if any
@@ -336,7 +364,8 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         if not (ready and len(ready) == len(decoded)):
             store = ctx.store(item["target_site"])
             try:
-                await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
+                with ctx.storing(msg.item_id):
+                    await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
             except ValueError as exc:  # BlockHashMismatch
                 return staged, 0, str(exc)
         return staged, sum(len(data) for _, _, data in decoded), None
@@ -424,7 +453,10 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         )
         store = ctx.store(item["target_site"])
         try:
-            await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
+            with ctx.storing(msg.item_id):
+                await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
+            ctx.storage_faults.pop(msg.item_id, None)
+            ctx.dead_letters.pop(msg.item_id, None)
         except (RootMismatch, MissingBlock) as exc:
             CYCLES.labels("root_mismatch").inc()
             await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
@@ -502,7 +534,66 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         "BlocksShipped": on_blocks,
         "CycleCompleted": on_completed,
     }
-    return handlers, {"BlocksShipped": on_blocks_run}
+    return (
+        {name: _delta_checked(ctx, handler) for name, handler in handlers.items()},
+        {"BlocksShipped": _delta_run_checked(ctx, on_blocks_run)},
+    )
+
+
+def _check_partition(ctx: Context, inc: Incoming) -> None:
+    """A delta record must be on the partition Kafka's default partitioner (murmur2) gives its
+    key: one item's records on one partition is what keeps its cycles in order."""
+    if ctx.delta_partitions is None or inc.key is None or inc.partition < 0:
+        return  # not known yet, or not from Kafka (an imported cycle file)
+    expected = topics.partition_for(inc.key.encode(), ctx.delta_partitions)
+    if inc.partition != expected:
+        raise Rejected(
+            "wrong_partition",
+            f"record keyed {inc.key} arrived on partition {inc.partition}, but Kafka's default "
+            f"partitioner (murmur2) puts that key on partition {expected} of "
+            f"{ctx.delta_partitions}: publish with a murmur2 partitioner (kcat: -X "
+            "partitioner=murmur2_random), or per-item order is lost",
+        )
+
+
+def _note_dead_letter(ctx: Context, inc: Incoming, rej: Rejected) -> None:
+    item_id = getattr(inc.payload, "item_id", None)
+    if isinstance(item_id, uuid.UUID) and rej.reason not in ("replayed_cycle",):
+        seq = getattr(inc.payload, "cycle_seq", "?")
+        ctx.dead_letters[item_id] = (
+            f"a replication record of cycle {seq} ({inc.envelope.type}) was dead-lettered: "
+            f"{rej.reason}: {rej.detail}; cause: the record cannot be applied as sent; "
+            f"recommendation: read its headers in {topics.dlq_of(topics.REPLICATION_DELTAS)}; "
+            "the cycle is missing, so the item resyncs at its next cycle"
+        )
+
+
+def _delta_checked(ctx: Context, handler: Handler) -> Handler:
+    """`handler` with the partition check first; a record it refuses is noted on its item."""
+
+    async def checked(conn: asyncpg.Connection, inc: Incoming) -> None:
+        try:
+            _check_partition(ctx, inc)
+            await handler(conn, inc)
+        except Rejected as rej:
+            _note_dead_letter(ctx, inc, rej)
+            raise
+
+    return checked
+
+
+def _delta_run_checked(ctx: Context, handler: RunHandler) -> RunHandler:
+    async def checked(conn: asyncpg.Connection, incs: list[Incoming]) -> None:
+        for inc in incs:
+            try:
+                _check_partition(ctx, inc)
+            except Rejected:
+                raise RunFallback(
+                    "a record on the wrong partition"
+                ) from None  # dead-lettered alone
+        await handler(conn, incs)
+
+    return checked
 
 
 def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]], Awaitable[None]]:
@@ -709,7 +800,12 @@ def make_agent_event_handlers(ctx: Context) -> dict[str, Any]:
                         ItemState.ERROR,
                         reason=msg.error,
                         health=Health.CRITICAL,
-                        error=f"agent could not enable replication: {msg.error}",
+                        error=(
+                            f"agent could not enable replication: {msg.error} (cause: the "
+                            "source host could not start tracking the VM's disks; "
+                            "recommendation: check the VM's disk images on its host, then "
+                            "disable and enable protection again)"
+                        ),
                     )
 
     return {
@@ -740,13 +836,13 @@ async def enable_protection(ctx: Context, vault_id: uuid.UUID, vm_id: str) -> di
             )
         context = await repo.protection_context(conn, vault_id, vm_id)
         if context is None:
-            raise domain.ReplicationError(
+            raise NotYetKnown(
                 f"VM {vm_id} is not known in a paired cloud of this vault with a policy "
                 "(check inventory, the cloud pairing and its policy)"
             )
         agent = await repo.agent_named(conn, vault_id, context["host_name"])
         if agent is None:
-            raise domain.ReplicationError(
+            raise NotYetKnown(
                 f"no host agent registered for host '{context['host_name']}': install and "
                 "register the agent on the VM's host first"
             )
@@ -935,10 +1031,16 @@ async def apply_retention(ctx: Context) -> int:
             continue
         store = ctx.store(item["target_site"])
         try:
-            await asyncio.to_thread(store.prune, str(item["item_id"]), keep)
+            with ctx.storing(item["item_id"]):
+                await asyncio.to_thread(store.prune, str(item["item_id"]), keep)
         except ValueError as exc:  # the item changed meanwhile (e.g. a failover committed)
             log.warning(
                 "retention skipped", extra={"item_id": str(item["item_id"]), "why": str(exc)}
+            )
+            continue
+        except OSError as exc:  # the item's health shows a storage failure; retried next round
+            log.warning(
+                "retention failed", extra={"item_id": str(item["item_id"]), "error": str(exc)}
             )
             continue
         async with ctx.pool.acquire() as conn, conn.transaction():
@@ -951,6 +1053,19 @@ async def apply_retention(ctx: Context) -> int:
             )
         pruned_total += len(drop)
     return pruned_total
+
+
+def _error_with_storage(error: str | None, fault: str | None) -> str | None:
+    """The item's error: a storage failure while there is one; once it clears, the error it
+    had before (a storage failure never hides another error: it is only set over none)."""
+    if fault is not None and (error is None or error.startswith(STORAGE_FAULT_PREFIX)):
+        return fault
+    if fault is None and error is not None and error.startswith(STORAGE_FAULT_PREFIX):
+        return None
+    return error
+
+
+STORAGE_FAULT_PREFIX = "replica storage failure"
 
 
 async def evaluate_health(ctx: Context) -> None:
@@ -980,10 +1095,21 @@ async def evaluate_health(ctx: Context) -> None:
                     stale_log_seconds=s.stale_log_seconds,
                     missed_ratio_warning=s.missed_cycles_warning_ratio,
                     error=item["error"],
+                    rpo_seconds=domain.rpo_seconds(now, item["last_point_source_time"]),
+                    rpo_threshold_seconds=domain.rpo_threshold_seconds(
+                        item["copy_interval_seconds"]
+                    ),
+                    storage_fault=ctx.storage_faults.get(item["item_id"]),
+                    dead_letter=ctx.dead_letters.get(item["item_id"]),
                 )
             )
             reasons = list(verdict.reasons)
-            if verdict.health.value != item["health"] or reasons != item["health_reasons"]:
+            error = _error_with_storage(item["error"], ctx.storage_faults.get(item["item_id"]))
+            if (
+                verdict.health.value != item["health"]
+                or reasons != item["health_reasons"]
+                or error != item["error"]
+            ):
                 await change_state(
                     conn,
                     item,
@@ -991,6 +1117,7 @@ async def evaluate_health(ctx: Context) -> None:
                     reason="; ".join(reasons) or "healthy",
                     health=verdict.health,
                     health_reasons=reasons,
+                    error=error,
                 )
         counts[verdict.health] += 1
         if ItemState(item["state"]) is ItemState.FAILED_OVER:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 from enum import StrEnum
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from pydantic import AwareDatetime, Field, model_validator
@@ -119,6 +120,20 @@ class ReplicationPolicySettings(EventPayload):
         return None
 
 
+def path_problem(name: str, path: str | None) -> str | None:
+    """A folder setting must be absolute (POSIX `/...`, Windows `X:\\...` or `\\\\server\\share`)
+    and without `..` components: an agent resolves it on its own host, where a relative or
+    climbing path would land somewhere else than the operator meant."""
+    if not (path or "").strip():
+        return None
+    assert path is not None
+    if not (PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute()):
+        return f"{name} must be an absolute path (e.g. /exports/dr), got {path!r}"
+    if ".." in PureWindowsPath(path).parts or ".." in PurePosixPath(path).parts:
+        return f"{name} must not contain '..' components, got {path!r}: name the folder itself"
+    return None
+
+
 def settings_problems(s: ReplicationPolicySettings) -> list[str]:
     """Every rule a policy breaks, each as a message that says what to fix."""
     out: list[str] = []
@@ -162,6 +177,10 @@ def settings_problems(s: ReplicationPolicySettings) -> list[str]:
             out.append(
                 "initial_replication offline needs offline_import_path (where the target imports)"
             )
+        for name in ("offline_export_path", "offline_import_path"):
+            problem = path_problem(name, getattr(s, name))
+            if problem:
+                out.append(problem)
     elif s.offline_export_path is not None or s.offline_import_path is not None:
         out.append(
             "offline_export_path and offline_import_path are only used with "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from scripts.procs import REPO
 from shared import topics
@@ -95,9 +96,19 @@ async def test_publish_with_kcat(
     assert rc == 0, err
     assert line.count("\n") == 1 and json.loads(line)["signature"]
     rc, _, err = await run(
-        binary, "-P", "-b", brokers, "-t", heartbeats, "-k", producer_id, stdin=line.encode()
-    )
+        binary, "-P", "-b", brokers, "-X", "partitioner=murmur2_random", "-t", heartbeats,
+        "-k", producer_id, stdin=line.encode(),
+    )  # fmt: skip
     assert rc == 0, err
+    # the partition the platform's own producers (murmur2) would have chosen for that key
+    sent = await wait_for_records(brokers, heartbeats, lambda r: r.value == line.strip().encode())
+    probe = AIOKafkaProducer(bootstrap_servers=brokers)
+    await probe.start()
+    try:
+        count = len(await probe.partitions_for(heartbeats))
+    finally:
+        await probe.stop()
+    assert sent[0].partition == topics.partition_for(producer_id.encode(), count)
 
     async def connected() -> bool:
         r = await http.get(

@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from shared import signing, topics
 from shared.kafka import KafkaProducer
@@ -239,5 +240,40 @@ async def test_no_recovery_point_from_bad_input(
                 headers=dr.bearer(dr.reader),
             )
             assert resp.status_code == 200 and resp.json()["ok"], resp.text
+
+        # 6. A record on another partition than Kafka's default partitioner (murmur2) gives
+        # its key: dead-lettered with that reason, and the reason shows on the item.
+        physical = topics.physical(topics.REPLICATION_DELTAS, platform.prefix)
+        raw = AIOKafkaProducer(bootstrap_servers=platform.stack.kafka)
+        await raw.start()
+        try:
+            count = len(await raw.partitions_for(physical))
+            wrong = (topics.partition_for(item_id.encode(), count) + 1) % count
+            env = new_envelope(
+                agent.started(4, ev.CycleKind.DELTA),
+                vault_id=agent.vault_id,
+                producer_id=agent.producer_id,
+                signing_key=agent.key,
+            )
+            await raw.send_and_wait(physical, env.to_bytes(), key=item_id.encode(), partition=wrong)
+        finally:
+            await raw.stop()
+        await dead_lettered(env.event_id, "wrong_partition")
+
+        async def shown_on_item() -> dict[str, Any] | None:
+            current = await item(http, dr, item_id)
+            found = [r for r in current["health_reasons"] if "wrong_partition" in r]
+            return current if found and current["health"] == "Warning" else None
+
+        warned = await eventually(shown_on_item, what="the dead-lettered record on the item")
+        assert any("murmur2" in r for r in warned["health_reasons"]), warned
+        await agent.cycle(4, ev.CycleKind.DELTA, [0])
+
+        async def normal_again() -> dict[str, Any] | None:
+            current = await item(http, dr, item_id)
+            done = current["last_committed_seq"] == 4 and current["health"] == "Normal"
+            return current if done else None
+
+        await eventually(normal_again, what="the next cycle commits and clears it")
     finally:
         await producer.stop()

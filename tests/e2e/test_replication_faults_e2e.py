@@ -4,8 +4,12 @@ still verifies, and the item catches up (without a full resync where none is nee
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import errno
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +179,97 @@ async def test_killed_agent_degrades_health_and_recovers(
 
     await eventually(recovered, timeout=120, what="health back to Normal")
     await all_verify(http, dr, item_id)
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `where` (root only: the test is skipped otherwise)."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem for the replica store needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into `folder` until its filesystem is full (ENOSPC)."""
+    filler = folder / "filler"
+    chunk = b"\0" * (1 << 20)
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(chunk)
+                out.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+@pytest.mark.timeout(600)
+async def test_replica_storage_full_shows_on_the_item_then_recovers(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    with small_filesystem(tmp_path / "store", "64m") as store:
+        env = {"DR_REPLICATION_STORE_DIR": str(store), "DR_REPLICATION_KEEP_RECENT_POINTS": "3"}
+        dr, item_id = await replicating_vm(plat, http, tmp_path, env)
+
+        async def healthy() -> dict[str, Any] | None:
+            current = await item(http, dr, item_id)
+            ok = current["health"] == "Normal" and (current["last_committed_seq"] or 0) >= 3
+            return current if ok else None
+
+        await eventually(healthy, timeout=90, what="healthy replication")
+        filler = await asyncio.to_thread(fill, store)
+
+        async def storage_error_shown() -> dict[str, Any] | None:
+            current = await item(http, dr, item_id)
+            error = current["error"] or ""
+            shown = current["health"] == "Critical" and "No space left" in error
+            return current if shown else None
+
+        full = await eventually(storage_error_shown, timeout=90, what="the item shows ENOSPC")
+        assert "cause:" in full["error"] and "recommendation:" in full["error"], full
+        assert any("No space left" in r for r in full["health_reasons"]), full
+        filler.unlink()
+
+        async def recovered() -> dict[str, Any] | None:
+            current = await item(http, dr, item_id)
+            moving = (current["last_committed_seq"] or 0) > (full["last_committed_seq"] or 0) + 2
+            ok = current["health"] == "Normal" and current["error"] is None and moving
+            return current if ok else None
+
+        await eventually(recovered, timeout=120, what="replication stores cycles again")
+        assert plat.services["replication"].alive()
+        await all_verify(http, dr, item_id)
+
+
+async def test_enable_with_a_missing_disk_image_shows_the_agents_failure(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    plat.start("replication")
+    dr = await two_sites(plat, http, tmp_path, copy_seconds=1)
+    await dr.agent_call(http, "hv-p1", "POST", "/vms", {"name": "gone01", "disks": ["1MiB"]})
+    vm = await vm_named(http, dr, "gone01")
+    image = Path(vm["disks"][0]["path"])
+    assert await asyncio.to_thread(image.is_file), vm
+    await asyncio.to_thread(image.unlink)
+    protected = await protect(http, dr, vm["vm_id"])
+
+    async def failed() -> dict[str, Any] | None:
+        current = await item(http, dr, protected["item_id"])
+        reasons = current["health_reasons"]  # the health evaluation's, a moment after the state
+        return current if current["state"] == "error" and reasons else None
+
+    shown = await eventually(failed, timeout=30, what="the item shows the agent's failure")
+    assert shown["health"] == "Critical", shown
+    assert "no image file" in shown["error"] and "recommendation" in shown["error"], shown
+    assert any("no image file" in r for r in shown["health_reasons"]), shown

@@ -131,6 +131,7 @@ async def test_a_repeated_command_id_is_answered_again_not_executed_again(
     await deliver(handler, missing)
     assert completed(sent)[-1].outcome == "failed"
     assert "not replicated" in completed(sent)[-1].error
+    assert completed(sent)[-1].result == {"item_id": str(missing.item_id)}  # shown on the item
 
     power = VmPowerRequested(
         command_id=uuid.uuid4(), agent_id=IDENTITY.producer_id, vm_id="vm-1", action="start"

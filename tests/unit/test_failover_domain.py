@@ -172,3 +172,15 @@ def test_nics_follow_the_mapping_and_the_ip_rules() -> None:
         None,
         None,
     ]
+
+
+def test_a_point_is_checked_when_the_job_is_asked_for() -> None:
+    item = {"vm_name": "db01", "latest_seq": 40, "latest_app_seq": None}
+    domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 40})
+    domain.check_point_exists(item, {"choice": "latest"})
+    with pytest.raises(FailoverRefused) as missing:
+        domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 2**62})
+    assert missing.value.status == 404 and "latest is 40" in missing.value.message
+    with pytest.raises(FailoverRefused) as no_app:
+        domain.check_point_exists(item, {"choice": "latest_app_consistent"})
+    assert no_app.value.status == 409

@@ -133,6 +133,23 @@ def test_offline_needs_both_paths() -> None:
     assert ok.offline_import_path == "/i"
 
 
+@pytest.mark.parametrize(
+    ("path", "wanted"),
+    [("../../../etc", "absolute"), ("exports", "absolute"), ("/exp/../etc", "'..'")],
+)
+def test_offline_paths_are_absolute_without_traversal(path: str, wanted: str) -> None:
+    msg = refused(initial_replication="offline", offline_export_path=path, offline_import_path="/i")
+    assert "offline_export_path" in msg and wanted in msg
+    msg = refused(initial_replication="offline", offline_export_path="/e", offline_import_path=path)
+    assert "offline_import_path" in msg and wanted in msg
+    ok = settings(
+        initial_replication="offline",
+        offline_export_path="C:\\exports",
+        offline_import_path="\\\\srv\\imports",
+    )
+    assert ok.offline_export_path == "C:\\exports"
+
+
 def test_paths_only_with_offline() -> None:
     assert "only used with initial_replication offline" in refused(offline_export_path="/e")
 

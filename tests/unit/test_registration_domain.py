@@ -65,3 +65,22 @@ def test_heartbeat_connects_only_when_not_connected() -> None:
 
 def test_disconnect_deadline_is_missed_intervals_after_last_beat() -> None:
     assert domain.disconnect_deadline(NOW, 2.5, 3) == NOW + timedelta(seconds=7.5)
+
+
+def test_the_missed_heartbeat_clock_restarts_after_a_broker_outage() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    clock = domain.MissedHeartbeatClock(hold_seconds=60)
+    assert clock.counts_from(None, None, t0) == (True, None)  # never down: last heartbeat only
+    recovered = t0 + timedelta(seconds=100)
+    # back, but the heartbeat consumer has not fetched since: nobody is judged
+    assert clock.counts_from(recovered, t0, recovered + timedelta(seconds=5)) == (False, None)
+    # its first fetch since the recovery restarts the clock; later fetches do not move it
+    first = recovered + timedelta(seconds=8)
+    assert clock.counts_from(recovered, first, first) == (True, first)
+    later = first + timedelta(seconds=30)
+    assert clock.counts_from(recovered, later, later) == (True, first)
+    # nothing fetched for the whole hold (no producer sends): counted from the recovery
+    again = t0 + timedelta(seconds=500)
+    quiet = domain.MissedHeartbeatClock(hold_seconds=60)
+    assert quiet.counts_from(again, None, again + timedelta(seconds=59))[0] is False
+    assert quiet.counts_from(again, None, again + timedelta(seconds=61)) == (True, again)

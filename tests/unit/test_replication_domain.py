@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -97,6 +98,14 @@ def test_more_than_20_percent_missed_is_warning() -> None:
     assert "25 of 120 cycles missed" in verdict.reasons[0]
 
 
+def test_rpo_over_its_threshold_is_warning_by_itself() -> None:
+    fine = inputs(rpo_seconds=50.0, rpo_threshold_seconds=60.0)
+    assert domain.evaluate_health(fine).health is Health.NORMAL
+    verdict = domain.evaluate_health(inputs(rpo_seconds=62.0, rpo_threshold_seconds=60.0))
+    assert verdict.health is Health.WARNING
+    assert "RPO 62s is over its threshold of 60s" in verdict.reasons[0]
+
+
 def test_no_log_for_over_an_hour_is_warning() -> None:
     verdict = domain.evaluate_health(
         inputs(
@@ -155,3 +164,14 @@ def test_the_recovery_point_to_fail_over_to() -> None:
 def test_rpo_threshold_is_two_intervals_at_least_30_s() -> None:
     assert domain.rpo_threshold_seconds(1) == 30
     assert domain.rpo_threshold_seconds(300) == 600
+
+
+def test_a_storage_failure_is_critical_with_cause_and_recommendation() -> None:
+    full = domain.storage_fault(OSError(errno.ENOSPC, "No space left on device"))
+    assert full is not None
+    assert "No space left on device" in full
+    assert "cause: the replica store's filesystem is full" in full
+    assert "recommendation:" in full
+    assert domain.storage_fault(OSError(errno.ECONNREFUSED, "refused")) is None
+    verdict = domain.evaluate_health(inputs(storage_fault=full))
+    assert verdict.health is Health.CRITICAL and verdict.reasons == (full,)
