@@ -57,6 +57,27 @@ async def until(probe: Callable[[], Awaitable[Any]], timeout: float, what: str) 
         await asyncio.sleep(0.25)
 
 
+READY_FOR_FAILBACK = ("replicating", "synced")
+
+
+async def failback_ready(
+    http: httpx.AsyncClient, replication: str, failover: str, item_id: str, headers: dict[str, str]
+) -> bool:
+    """A reverse-replication item is ready for failback once its resync against the seed has
+    committed a point (replication service) AND the failover service, which decides on the
+    failback, has seen that point and state: its view follows the replication events, so it may
+    be a few events behind the replication service's answer. `replication` and `failover` are
+    the vault's base URLs (`.../v1/vaults/<id>`)."""
+    item = (await http.get(f"{replication}/protected-items/{item_id}", headers=headers)).json()
+    if item.get("state") not in READY_FOR_FAILBACK or not item.get("last_committed_seq"):
+        return False
+    view = (await http.get(f"{failover}/failovers/{item_id}", headers=headers)).json()
+    return bool(
+        view.get("replication_state") in READY_FOR_FAILBACK
+        and (view.get("latest_seq") or 0) >= item["last_committed_seq"]
+    )
+
+
 @dataclass
 class Demo:
     kafka: str
@@ -762,16 +783,23 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
             demo.facts[op] = done
         rev = demo.facts["reverse"]["result"]["items"]
         demo.facts["reverse_items"] = {k: v["new_item_id"] for k, v in rev.items()}
-        rep = f"{demo.url('replication')}/v1/vaults/{vid}/protected-items"
+        vault = f"/v1/vaults/{vid}"
+        rep = f"{demo.url('replication')}{vault}/protected-items"
 
-        async def reverse_replicating() -> bool:
+        async def reverse_ready() -> bool:
             for new in demo.facts["reverse_items"].values():
-                item = (await http.get(f"{rep}/{new}", headers=reader)).json()
-                if item["state"] != "replicating" or not item["last_committed_seq"]:
+                ready = await failback_ready(
+                    http,
+                    f"{demo.url('replication')}{vault}",
+                    f"{demo.url('failover')}{vault}",
+                    new,
+                    reader,
+                )
+                if not ready:
                     return False
             return True
 
-        await until(reverse_replicating, 120, "reverse replication replicating")
+        await until(reverse_ready, 120, "reverse replication past its resync, seen by failover")
         sent = total = 0
         for new in demo.facts["reverse_items"].values():
             item = (await http.get(f"{rep}/{new}", headers=reader)).json()
