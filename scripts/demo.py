@@ -147,7 +147,7 @@ class Demo:
 
 
 async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
-    """Issue 2: vault, keys, two site providers and two host agents Connected, one stopped."""
+    """Registration: vault, keys, two site providers and two host agents Connected, one stopped."""
 
     async def services_healthy() -> str | None:
         for name in PLATFORM_SERVICES:
@@ -348,8 +348,9 @@ def drctl(demo: Demo, *args: str) -> Any:
 
 
 async def inventory_policy_story(demo: Demo, http: httpx.AsyncClient) -> None:
-    """Issue 3: discovery of both sites, a policy, a cloud pairing, a network mapping and the
-    enable-replication prerequisite check (one VM passes, one fails with its reasons)."""
+    """Inventory and policy: discovery of both sites, a policy, a cloud pairing, a network
+    mapping and the enable-replication prerequisite check (one VM passes, one fails with its
+    reasons)."""
     vid = demo.facts["vault_id"]
     reader = {"Authorization": f"Bearer {demo.facts['operator_token']}"}
     inventory = f"{demo.url('inventory')}/v1/vaults/{vid}"
@@ -475,7 +476,7 @@ def sha256_of(path: Path) -> str:
 
 
 async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
-    """Issue 4: three VMs with real disk images on hv-p1 protected at a 2 s copy interval,
+    """Replication: three VMs with real disk images on hv-p1 protected at a 2 s copy interval,
     workloads running, RPO and recovery points shown, the latest point of each VM verified
     byte for byte against its source disks."""
     vid = demo.facts["vault_id"]
@@ -619,7 +620,7 @@ JOB_ENDED = ("succeeded", "failed", "completed_with_errors")
 
 
 async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
-    """Issue 5: the three VMs in a two-group recovery plan; a test failover whose test VMs'
+    """Failover: the three VMs in a two-group recovery plan; a test failover whose test VMs'
     disks are checked, then cleaned up; a planned failover with the zero-data-loss proof and a
     manual action approved by the operator; commit; reverse replication; failback."""
     vid = demo.facts["vault_id"]

@@ -28,6 +28,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +83,12 @@ def layout() -> Layout:
     return Layout(Path(root).resolve())
 
 
-def service_port(name: str) -> int:
-    return int(os.environ.get(f"DR_{name.upper()}_HTTP_PORT", DEFAULT_PORTS[name]))
+def service_port(name: str, env: Mapping[str, str] = os.environ) -> int:
+    return int(env.get(f"DR_{name.upper()}_HTTP_PORT", DEFAULT_PORTS[name]))
 
 
-def service_url(name: str) -> str:
-    return f"http://127.0.0.1:{service_port(name)}"
+def service_url(name: str, env: Mapping[str, str] = os.environ) -> str:
+    return f"http://127.0.0.1:{service_port(name, env)}"
 
 
 def admin_token(lay: Layout) -> str:
@@ -281,6 +282,79 @@ def wait_connected(vault_id: str, token: str, names: list[str], timeout: float =
         time.sleep(1)
 
 
+def host_vms(lay: Layout, ports: dict[str, int]) -> int:
+    """The site files' VMs as disk images on their hosts (the host agents create them: folder,
+    sparse disks, a few written blocks), once; the providers then discover them with their
+    NICs. Returns how many were created."""
+    created = 0
+    with httpx.Client(timeout=30) as http:
+        for site in SITES:
+            spec = read_site(REPO / "deploy" / "sites" / f"{site}.yaml")
+            for vm in spec.vms:
+                hosts = vm.placement()
+                for n, name in enumerate(vm.names()):
+                    host = hosts[n % len(hosts)]
+                    identity = json.loads((lay.run / "edge" / host / "identity.json").read_text())
+                    agent = f"http://127.0.0.1:{ports[host]}/v1/vms"
+                    auth = {"Authorization": f"Bearer {identity['credential']}"}
+                    body = {
+                        "name": name,
+                        "disks": [d.size for d in vm.disks],
+                        "generation": vm.generation,
+                        "cpu": vm.cpu,
+                        "memory_mb": vm.memory_mb,
+                    }
+                    resp = http.post(agent, json=body, headers=auth)
+                    if resp.status_code == 409:
+                        continue  # created by an earlier `make run`
+                    resp.raise_for_status()
+                    meta = lay.run / "sites" / site / host / name / "vm.json"
+                    data = json.loads(meta.read_text())
+                    data["nics"] = [
+                        {
+                            "nic_id": f"nic{i}",
+                            "network": nic.network,
+                            "subnet": nic.subnet,
+                            "ip": nic.ip if nic.ip in ("dhcp", "static") else "static",
+                        }
+                        for i, nic in enumerate(vm.nics)
+                    ]
+                    meta.write_text(json.dumps(data))
+                    http.post(f"{agent}/{name}/writes", json={"blocks": 16}, headers=auth)
+                    created += 1
+    return created
+
+
+def site_vm_names() -> set[str]:
+    return {
+        name
+        for site in SITES
+        for vm in read_site(REPO / "deploy" / "sites" / f"{site}.yaml").vms
+        for name in vm.names()
+    }
+
+
+def wait_discovered(vault_id: str, token: str, timeout: float = 120) -> int:
+    """Until the inventory lists every VM of the site files with disk images that exist."""
+    url = f"{service_url('inventory')}/v1/vaults/{vault_id}/vms"
+    wanted = site_vm_names()
+    deadline = time.monotonic() + timeout
+    while True:
+        page = httpx.get(
+            url, params={"limit": 500}, headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ).json()
+        ready = {
+            vm["name"]
+            for vm in page.get("items", [])
+            if vm["disks"] and all(Path(d["path"]).exists() for d in vm["disks"])
+        }
+        if wanted <= ready:
+            return len(wanted)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not discovered after {timeout:g}s: {sorted(wanted - ready)}")
+        time.sleep(1)
+
+
 def start() -> int:
     lay = layout()
     stack = procs.read_stack_env()
@@ -319,11 +393,21 @@ def start() -> int:
         for spec in read_site(REPO / "deploy/sites" / f"{s}.yaml").hosts
         for h in spec.names()
     ]
-    edges = edge_programs(lay, env, key, edge_ports(lay, names))
+    ports = edge_ports(lay, names)
+    edges = edge_programs(lay, env, key, ports)
+    # The host agents first: they create the site files' VMs (disk images) before the
+    # providers' first discovery, so the inventory never shows VMs without their disks.
+    agents = {n: e for n, e in edges.items() if e[0] == "services.host_agent"}
+    write_conf(lay, {**programs, **agents})
+    ctl(lay, "update")
+    wait_connected(vault_id, token, list(agents))
+    print(f"host agents Connected: {', '.join(agents)}")
+    print(f"VMs of deploy/sites created on their hosts: {host_vms(lay, ports)} new")
     write_conf(lay, {**programs, **edges})
     ctl(lay, "update")
     wait_connected(vault_id, token, list(edges))
-    print(f"site providers and host agents Connected: {', '.join(edges)}")
+    print(f"site providers Connected: {', '.join(set(edges) - set(agents))}")
+    print(f"VMs discovered with their disks: {wait_discovered(vault_id, token)}")
     print(ctl(lay, "status", check=False).stdout.rstrip())
     gateway = stack.get("DR_GATEWAY_URL", "")
     print(
