@@ -128,3 +128,36 @@ def test_human_bytes() -> None:
         "5.0 MiB",
         "3.0 TiB",
     ]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_rich_draws_bars_and_a_task_table() -> None:
+    samples = iter(
+        [
+            item("initial_replication", 4 * MiB, 8 * MiB),
+            item("replicating", 8 * MiB, 8 * MiB, finished=True),
+        ]
+    )
+    out = Terminal()
+    InitialWatch(fetch=lambda _: next(samples), out=out, poll=0).run(["i1"])
+    text = out.getvalue()
+    assert "web-01" in text and "8.0/8.0 MiB" in text and "\x1b[" in text
+
+    jobs = iter(
+        [
+            {"operation": "commit", "state": "in_progress", "progress": 0, "tasks": []},
+            {
+                "operation": "commit",
+                "state": "succeeded",
+                "progress": 100,
+                "tasks": [{"task_no": 1, "name": "prune points", "state": "succeeded"}],
+            },
+        ]
+    )
+    out = Terminal()
+    JobWatch(fetch=lambda state, progress: next(jobs), out=out).run()
+    assert "commit succeeded 100%" in out.getvalue() and "prune points" in out.getvalue()
