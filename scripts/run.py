@@ -371,6 +371,12 @@ def start() -> int:
     )
     env = platform_env(lay, token, db_url, kafka)
     programs = {n: (f"services.{n}", e) for n, e in service_programs(lay, env).items()}
+    vault_file = lay.key_file.parent / "vault_id"
+    if supervisor_pid(lay) is not None and vault_file.exists():
+        print(ctl(lay, "status", check=False).stdout.rstrip())
+        print("already running")
+        connect_info(lay, stack.get("DR_GATEWAY_URL", ""), vault_file.read_text().strip())
+        return 0
     if supervisor_pid(lay) is None:
         write_conf(lay, programs)
         subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(lay.conf)], check=True)
@@ -409,7 +415,11 @@ def start() -> int:
     print(f"site providers Connected: {', '.join(set(edges) - set(agents))}")
     print(f"VMs discovered with their disks: {wait_discovered(vault_id, token)}")
     print(ctl(lay, "status", check=False).stdout.rstrip())
-    gateway = stack.get("DR_GATEWAY_URL", "")
+    connect_info(lay, stack.get("DR_GATEWAY_URL", ""), vault_id)
+    return 0
+
+
+def connect_info(lay: Layout, gateway: str, vault_id: str) -> None:
     print(
         f"\nThe platform runs under supervisord (logs: {lay.logs}).\n"
         f"  export DR_URL={gateway}\n"
@@ -417,7 +427,6 @@ def start() -> int:
         f"  export DR_VAULT={vault_id}   # vault `default`, both sites registered\n"
         "`make ps` shows the processes, `make stop` stops them."
     )
-    return 0
 
 
 def status() -> int:
