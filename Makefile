@@ -5,9 +5,10 @@
 # (DR_STATE_DIR, KAFKA_PORT, PG_PORT, DATABASE_URL, ...) are read from the environment,
 # e.g. `KAFKA_PORT=29092 PG_PORT=25432 make test`.
 #
-# Prerequisites: Python 3.11, and for the stack java (openjdk-17-jre-headless), mvn
-# (maven) and PostgreSQL (postgresql); stack.sh names what is missing. `.ci/run`
-# installs all of it on a fresh Debian 12 machine.
+# Prerequisites (Debian 12): `make prereqs` (deploy/local/prereqs.sh) checks the system
+# packages (python3.11, java 17, maven, postgresql, nginx, kcat, rsync, prometheus) and, as
+# root, installs what is missing with apt-get; otherwise it prints the one command to run.
+# `make up`, `test`, `demo` and `run` run it first; so does `.ci/run`.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -29,7 +30,7 @@ PYTHON311 := $(shell command -v python3.11 2>/dev/null || \
 # Component for `make logs` (kafka, postgres or nginx; empty = all).
 C ?=
 
-.PHONY: help venv up down status logs check test demo bench clean
+.PHONY: help prereqs venv up down status logs check test demo bench run stop ps clean
 
 help: ## List the targets
 	@echo "Targets:"
@@ -39,6 +40,9 @@ help: ## List the targets
 	@echo "Stack settings come from the environment, see the header of $(STACK)."
 
 # ---------------------------------------------------------------- Python environment
+
+prereqs: ## Install missing Debian packages (as root; otherwise print the apt-get command)
+	deploy/local/prereqs.sh
 
 venv: $(STAMP) ## Create .venv (Python 3.11) and pip install -e '.[dev]' when pyproject.toml changed
 
@@ -58,7 +62,7 @@ $(STAMP): pyproject.toml
 
 # ---------------------------------------------------------------- local stack
 
-up: ## Start Kafka + PostgreSQL + the nginx gateway (idempotent) and print stack.env
+up: prereqs ## Start Kafka + PostgreSQL + the nginx gateway (idempotent) and print stack.env
 	$(STACK) up
 
 down: ## Stop the gateway, Kafka and PostgreSQL (data kept)
@@ -80,18 +84,32 @@ check: venv ## Lint (ruff check + ruff format --check) and type-check (mypy)
 	  echo "$(VENV)/bin/mypy $(TYPE_DIRS)"; $(VENV)/bin/mypy $(TYPE_DIRS); \
 	fi
 
-test: venv ## Run pytest against the stack (started and stopped if it was down); PYTEST_ARGS=...
+test: prereqs venv ## Run pytest against the stack (started and stopped if it was down); PYTEST_ARGS=...
 	deploy/local/run-tests.sh
 
 # ---------------------------------------------------------------- demo and benchmark
 
-demo: venv up ## Run the end-to-end demo (python -m scripts.demo) on the stack
+demo: prereqs venv up ## Run the end-to-end demo (python -m scripts.demo) on the stack
 	$(STACK) exec $(PY) -m scripts.demo
 
 bench: venv up ## Run the benchmarks (python -m bench) on the stack
 	$(STACK) exec $(PY) -m bench
 
+# ---------------------------------------------------------------- the platform for an operator
+
+run: prereqs venv up ## The whole platform in the background under supervisord (services, sites)
+	$(STACK) exec $(PY) -m scripts.run start
+
+ps: ## The platform's processes (supervisord) and the stack
+	-$(PY) -m scripts.run status
+	$(STACK) status
+
+stop: ## Stop the platform's processes and the stack (data kept; `make run` resumes)
+	$(PY) -m scripts.run stop
+	$(STACK) down
+
 # ---------------------------------------------------------------- housekeeping
 
-clean: ## Stop the stack and delete .state (the .cache download cache is kept)
+clean: ## Stop the platform and the stack and delete .state (the .cache download cache is kept)
+	-[ ! -x $(PY) ] || $(PY) -m scripts.run stop
 	$(STACK) purge

@@ -57,6 +57,27 @@ async def until(probe: Callable[[], Awaitable[Any]], timeout: float, what: str) 
         await asyncio.sleep(0.25)
 
 
+READY_FOR_FAILBACK = ("replicating", "synced")
+
+
+async def failback_ready(
+    http: httpx.AsyncClient, replication: str, failover: str, item_id: str, headers: dict[str, str]
+) -> bool:
+    """A reverse-replication item is ready for failback once its resync against the seed has
+    committed a point (replication service) AND the failover service, which decides on the
+    failback, has seen that point and state: its view follows the replication events, so it may
+    be a few events behind the replication service's answer. `replication` and `failover` are
+    the vault's base URLs (`.../v1/vaults/<id>`)."""
+    item = (await http.get(f"{replication}/protected-items/{item_id}", headers=headers)).json()
+    if item.get("state") not in READY_FOR_FAILBACK or not item.get("last_committed_seq"):
+        return False
+    view = (await http.get(f"{failover}/failovers/{item_id}", headers=headers)).json()
+    return bool(
+        view.get("replication_state") in READY_FOR_FAILBACK
+        and (view.get("latest_seq") or 0) >= item["last_committed_seq"]
+    )
+
+
 @dataclass
 class Demo:
     kafka: str
@@ -126,7 +147,7 @@ class Demo:
 
 
 async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
-    """Issue 2: vault, keys, two site providers and two host agents Connected, one stopped."""
+    """Registration: vault, keys, two site providers and two host agents Connected, one stopped."""
 
     async def services_healthy() -> str | None:
         for name in PLATFORM_SERVICES:
@@ -327,8 +348,9 @@ def drctl(demo: Demo, *args: str) -> Any:
 
 
 async def inventory_policy_story(demo: Demo, http: httpx.AsyncClient) -> None:
-    """Issue 3: discovery of both sites, a policy, a cloud pairing, a network mapping and the
-    enable-replication prerequisite check (one VM passes, one fails with its reasons)."""
+    """Inventory and policy: discovery of both sites, a policy, a cloud pairing, a network
+    mapping and the enable-replication prerequisite check (one VM passes, one fails with its
+    reasons)."""
     vid = demo.facts["vault_id"]
     reader = {"Authorization": f"Bearer {demo.facts['operator_token']}"}
     inventory = f"{demo.url('inventory')}/v1/vaults/{vid}"
@@ -454,7 +476,7 @@ def sha256_of(path: Path) -> str:
 
 
 async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
-    """Issue 4: three VMs with real disk images on hv-p1 protected at a 2 s copy interval,
+    """Replication: three VMs with real disk images on hv-p1 protected at a 2 s copy interval,
     workloads running, RPO and recovery points shown, the latest point of each VM verified
     byte for byte against its source disks."""
     vid = demo.facts["vault_id"]
@@ -598,7 +620,7 @@ JOB_ENDED = ("succeeded", "failed", "completed_with_errors")
 
 
 async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
-    """Issue 5: the three VMs in a two-group recovery plan; a test failover whose test VMs'
+    """Failover: the three VMs in a two-group recovery plan; a test failover whose test VMs'
     disks are checked, then cleaned up; a planned failover with the zero-data-loss proof and a
     manual action approved by the operator; commit; reverse replication; failback."""
     vid = demo.facts["vault_id"]
@@ -762,16 +784,23 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
             demo.facts[op] = done
         rev = demo.facts["reverse"]["result"]["items"]
         demo.facts["reverse_items"] = {k: v["new_item_id"] for k, v in rev.items()}
-        rep = f"{demo.url('replication')}/v1/vaults/{vid}/protected-items"
+        vault = f"/v1/vaults/{vid}"
+        rep = f"{demo.url('replication')}{vault}/protected-items"
 
-        async def reverse_replicating() -> bool:
+        async def reverse_ready() -> bool:
             for new in demo.facts["reverse_items"].values():
-                item = (await http.get(f"{rep}/{new}", headers=reader)).json()
-                if item["state"] != "replicating" or not item["last_committed_seq"]:
+                ready = await failback_ready(
+                    http,
+                    f"{demo.url('replication')}{vault}",
+                    f"{demo.url('failover')}{vault}",
+                    new,
+                    reader,
+                )
+                if not ready:
                     return False
             return True
 
-        await until(reverse_replicating, 120, "reverse replication replicating")
+        await until(reverse_ready, 120, "reverse replication past its resync, seen by failover")
         sent = total = 0
         for new in demo.facts["reverse_items"].values():
             item = (await http.get(f"{rep}/{new}", headers=reader)).json()

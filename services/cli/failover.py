@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
+from services.cli.client import ApiError
 from services.cli.output import Column, field
+from services.cli.progress import JobWatch
 
 if TYPE_CHECKING:  # commands.py imports this module
     from services.cli.commands import Context
@@ -22,7 +25,6 @@ OPERATIONS = {
     "reverse": "reverse-replicate",
     "failback": "failback",
 }
-FINISHED = ("succeeded", "failed", "completed_with_errors")
 JOB_COLUMNS: list[Column] = [
     ("JOB_ID", field("job_id")),
     ("OPERATION", field("operation")),
@@ -63,9 +65,15 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _started(ctx: Context, job: dict[str, Any], watch: bool) -> None:
-    ctx.record(job, ["job_id", "operation", "target", "state"])
-    if watch and not ctx.json:
-        _watch(ctx, str(job["job_id"]))
+    if not watch:
+        ctx.record(job, ["job_id", "operation", "target", "state"])
+        return
+    if not ctx.json:
+        ctx.record(job, ["job_id", "operation", "target", "state"])
+    # Progress on stdout, or on stderr when stdout carries the JSON answer (the ended job).
+    done = _watch(ctx, str(job["job_id"]), sys.stderr if ctx.json else ctx.out)
+    if ctx.json:
+        ctx.record(done)
 
 
 def _operation(op: str, on: str) -> Callable[[Context, argparse.Namespace], None]:
@@ -77,34 +85,22 @@ def _operation(op: str, on: str) -> Callable[[Context, argparse.Namespace], None
     return run
 
 
-def _watch(ctx: Context, job_id: str, timeout: float = 24 * 3600) -> dict[str, Any]:
+def _approve_hint(job: dict[str, Any]) -> str | None:
+    if job["state"] == "waiting_for_input" and job.get("waiting_for"):
+        action = job["waiting_for"]["action_id"]
+        return f"waiting: approve with `drctl approve {job['job_id']} {action}`"
+    return None
+
+
+def _watch(ctx: Context, job_id: str, out: TextIO) -> dict[str, Any]:
     """Live progress until the job ends (long-polls the service)."""
-    deadline = time.monotonic() + timeout
-    state, progress = None, None
-    seen: set[tuple[int, str]] = set()
-    while time.monotonic() < deadline:
+
+    def fetch(state: str | None, progress: int | None) -> dict[str, Any]:
         params = {"state": state, "progress": progress, "timeout": 20}
-        job = ctx.api.call(
-            "failover", "GET", ctx.vault_path(f"/jobs/{job_id}/watch"), params=params
-        )
-        for task in job.get("tasks", []):
-            mark = (task["task_no"], task["state"])
-            if mark not in seen:
-                seen.add(mark)
-                extra = f": {task['error']}" if task.get("error") else ""
-                ctx.out.write(f"  [{task['state']:<17}] {task['name']}{extra}\n")
-        if job["state"] != state or job["progress"] != progress:
-            ctx.out.write(f"{job['operation']} {job['state']} {job['progress']}%\n")
-        if job["state"] == "waiting_for_input" and job.get("waiting_for"):
-            w = job["waiting_for"]
-            ctx.out.write(f"  waiting: approve with `drctl approve {job_id} {w['action_id']}`\n")
-        ctx.out.flush()
-        state, progress = job["state"], job["progress"]
-        if state in FINISHED:
-            if job.get("error"):
-                ctx.out.write(f"error: {job['error']}\n")
-            return dict(job)
-    return {}
+        path = ctx.vault_path(f"/jobs/{job_id}/watch")
+        return dict(ctx.api.call("failover", "GET", path, params=params))
+
+    return JobWatch(fetch=fetch, out=out, approve_hint=_approve_hint).run()
 
 
 def job_list(ctx: Context, args: argparse.Namespace) -> None:
@@ -127,7 +123,9 @@ def job_show(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def job_watch(ctx: Context, args: argparse.Namespace) -> None:
-    _watch(ctx, args.job_id)
+    job = _watch(ctx, args.job_id, sys.stderr if ctx.json else ctx.out)
+    if ctx.json:
+        ctx.record(job)
 
 
 def job_restart(ctx: Context, args: argparse.Namespace) -> None:
@@ -141,10 +139,25 @@ def approve(ctx: Context, args: argparse.Namespace) -> None:
     ctx.record(ctx.api.call("failover", "POST", path, body=body))
 
 
+READY = ("replicating", "synced")
+
+
 def failover_status(ctx: Context, args: argparse.Namespace) -> None:
     if args.item_id:
-        ctx.record(ctx.api.call("failover", "GET", ctx.vault_path(f"/failovers/{args.item_id}")))
+        path = ctx.vault_path(f"/failovers/{args.item_id}")
+        view = ctx.api.call("failover", "GET", path)
+        deadline = time.monotonic() + args.wait_seconds
+        while args.wait and not (view["replication_state"] in READY and view["latest_seq"]):
+            if time.monotonic() > deadline:
+                raise ApiError(0, f"not ready for failover after {args.wait_seconds:g} s")
+            time.sleep(1)
+            view = ctx.api.call("failover", "GET", path)
+        ctx.record(view)
         return
+    if args.wait:
+        from services.cli.commands import UsageError  # commands.py imports this module
+
+        raise UsageError("--wait needs an item id")
     rows = ctx.api.call("failover", "GET", ctx.vault_path("/failovers"))
     columns: list[Column] = [
         ("ITEM_ID", field("item_id")),
@@ -204,7 +217,15 @@ def add_failover_commands(group: Any, leaf: Any, resources: Any, common: Any) ->
         p = leaf(fo, op, help_, _operation(op, "failovers"))
         p.add_argument("item_id")
         _options(p, op)
-    leaf(fo, "status", "items' failover state", failover_status).add_argument("item_id", nargs="?")
+    p = leaf(fo, "status", "items' failover state", failover_status)
+    p.add_argument("item_id", nargs="?")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the failover service sees the item ready for a planned failover or "
+        "failback (replicating, with a recovery point)",
+    )
+    p.add_argument("--wait-seconds", type=float, default=600, help="give up after (default 600)")
 
     plan = group("plan", "recovery plans (at most 7 groups and 100 items)")
     p = leaf(plan, "create", "create a plan from a JSON file ({groups: [...]})", plan_create)

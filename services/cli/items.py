@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from services.cli import output
 from services.cli.output import Column, field
+from services.cli.progress import InitialWatch
 
 ITEM_COLUMNS: list[Column] = [
     ("ITEM_ID", field("item_id")),
@@ -41,36 +42,19 @@ def item_enable(ctx: Context, args: argparse.Namespace) -> None:
         ctx.api.call("replication", "POST", _path(ctx), body={"vm_id": vm_id})
         for vm_id in args.vm_ids
     ]
-    if ctx.json:
-        output.as_json(items, ctx.out)
+    if args.watch:
+        if not ctx.json:
+            ctx.rows(items, ITEM_COLUMNS)
+        # Progress on stdout, or on stderr when stdout carries the JSON answer.
+        watch = InitialWatch(
+            fetch=lambda item_id: ctx.api.call("replication", "GET", _path(ctx, f"/{item_id}")),
+            out=sys.stderr if ctx.json else ctx.out,
+        )
+        items = watch.run([str(i["item_id"]) for i in items])
+        if ctx.json:
+            output.as_json(items, ctx.out)
         return
     ctx.rows(items, ITEM_COLUMNS)
-    if args.watch:
-        for item in items:
-            _watch_initial(ctx, str(item["item_id"]))
-
-
-def _watch_initial(ctx: Context, item_id: str, timeout: float = 3600) -> None:
-    """A progress bar until the initial replication has committed its first point."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        item = ctx.api.call("replication", "GET", _path(ctx, f"/{item_id}"))
-        progress = item.get("initial_progress") or {}
-        total = progress.get("bytes_total") or 0
-        done = progress.get("bytes_done") or 0
-        if item.get("initial_done_at"):
-            done = total = max(total, 1)
-        share = done / total if total else 0.0
-        bar = "#" * int(share * 30)
-        ctx.out.write(
-            f"\r{item['vm_name']:<16} [{bar:<30}] {share * 100:5.1f}% {item['state']:<32}"
-        )
-        ctx.out.flush()
-        if item.get("initial_done_at"):
-            ctx.out.write("\n")
-            return
-        time.sleep(1)
-    ctx.out.write("\n(still replicating; watch again with `drctl item show`)\n")
 
 
 def item_list(ctx: Context, args: argparse.Namespace) -> None:
@@ -127,7 +111,11 @@ def add_item_commands(group: Any, leaf: Any) -> None:
     item = group("item", "replicated VMs (protected items) and their recovery points")
     p = leaf(item, "enable", "enable replication of VMs (prerequisites checked)", item_enable)
     p.add_argument("vm_ids", nargs="+", metavar="VM_ID")
-    p.add_argument("--watch", action="store_true", help="show initial replication progress")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="wait for initial replication, showing its progress (bytes, rate, ETA)",
+    )
     p = leaf(item, "list", "protected items with health and RPO", item_list)
     p.add_argument("--state")
     p.add_argument("--health", choices=["Normal", "Warning", "Critical"])

@@ -376,6 +376,21 @@ async def _reverse(
         ),
         str(msg.new_item_id),
     )
+    # The state the item is created in, for every view of it: a seeded item waits for its
+    # resync against the seed (not ready for failover or failback until that resync commits).
+    await emit(
+        conn,
+        vault_id,
+        ev.ItemStateChanged(
+            item_id=msg.new_item_id,
+            vm_id=msg.vm_id,
+            state=ItemState(item["state"]),
+            previous_state=None,
+            health=Health(item["health"]),
+            reason=item["error"] or "reverse replication: initial replication",
+        ),
+        str(msg.new_item_id),
+    )
     await repo.insert_request(
         conn,
         request_id=msg.request_id,

@@ -500,16 +500,8 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         }
         if item["initial_done_at"] is None:
             fields["initial_done_at"] = now
-        new_state = domain.state_after_point(ItemState(item["state"]), msg.kind)
-        healthy = Health.NORMAL if Health(item["health"]) is Health.CRITICAL else None
-        await change_state(
-            conn,
-            item,
-            new_state,
-            reason=f"recovery point {msg.cycle_seq}",
-            health=healthy,
-            **fields,
-        )
+        # The point first, then the state it brings: a view never sees the item `replicating`
+        # (e.g. past its resync) before the recovery point that made it so.
         await emit(
             conn,
             item["vault_id"],
@@ -525,6 +517,16 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
                 bytes_stored=nbytes,
             ),
             str(msg.item_id),
+        )
+        new_state = domain.state_after_point(ItemState(item["state"]), msg.kind)
+        healthy = Health.NORMAL if Health(item["health"]) is Health.CRITICAL else None
+        await change_state(
+            conn,
+            item,
+            new_state,
+            reason=f"recovery point {msg.cycle_seq}",
+            health=healthy,
+            **fields,
         )
         CYCLES.labels("committed").inc()
         APPLY_SECONDS.observe(latency)

@@ -15,7 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
+from scripts.demo import failback_ready
+from shared import topics
 from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
+from tests.support.kafka import read_all
 from tests.support.platform import Platform
 from tests.support.poll import eventually
 
@@ -112,6 +115,28 @@ async def finished(
         return None
 
     return await eventually(done, timeout=timeout, interval=0.3, what=f"job {job_id} finished")
+
+
+async def reverse_item_states_true(platform: Platform, item_id: str) -> None:
+    """The seeded reverse item's published states, in order: created waiting for its resync
+    against the seed (not `replicating`), resynchronizing, and `replicating` only after the
+    resync's recovery point was committed."""
+    records = await read_all(platform.stack.kafka, platform.prefix + topics.REPLICATION_EVENTS)
+    history: list[str] = []
+    for record in records:
+        env = record.json()
+        if env["payload"].get("item_id") != item_id:
+            continue
+        if env["type"] == "ItemStateChanged":
+            history.append(env["payload"]["state"])
+        elif env["type"] == "RecoveryPointCreated":
+            history.append(f"point:{env['payload']['kind']}")
+    assert history, "no events for the reverse item"
+    first_state = next(h for h in history if not h.startswith("point:"))
+    assert first_state == "waiting_to_start_resync", history
+    replicating = history.index("replicating")
+    assert "resynchronizing" in history[:replicating], history
+    assert "point:resync" in history[:replicating], history
 
 
 def task_named(job: dict[str, Any], fragment: str) -> list[dict[str, Any]]:
@@ -236,22 +261,15 @@ async def test_failover_story(platform: Platform, http: httpx.AsyncClient, tmp_p
     new_item = job["result"]["items"][item_id]["new_item_id"]
     assert job["result"]["items"][item_id]["seeded"] is True
 
-    async def reverse_replicating() -> dict[str, Any] | None:
-        now = await item(http, dr, new_item)
-        return now if now["state"] == "replicating" and now["last_committed_seq"] else None
-
-    await eventually(reverse_replicating, timeout=90, what="reverse replication replicating")
-
-    # --- failback: planned failover back to the primary, then reverse again
-    await failover_known(http, dr, new_item)
-
+    # --- failback: planned failover back to the primary, then reverse again. Asked for the
+    # moment the wait the demo uses says ready: nothing else in between.
     async def ready_for_failback() -> bool:
-        resp = await http.get(
-            dr.url("failover", f"/failovers/{new_item}"), headers=dr.bearer(dr.reader)
+        return await failback_ready(
+            http, dr.url("replication"), dr.url("failover"), new_item, dr.bearer(dr.reader)
         )
-        return resp.json()["replication_state"] == "replicating"
 
-    await eventually(ready_for_failback, timeout=30, what="failover service sees the reverse item")
+    await eventually(ready_for_failback, timeout=90, what="reverse item ready for failback")
+    await reverse_item_states_true(platform, new_item)
     resp = await start(http, dr, f"/failovers/{new_item}/failback")
     assert resp.status_code == 202, resp.text
     job = await finished(http, dr, resp.json()["job_id"], timeout=180)

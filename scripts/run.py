@@ -1,0 +1,489 @@
+"""`make run` / `make stop` / `make ps`: the whole platform in the background for an operator,
+under supervisord (restarts a process that crashes; one log per process).
+
+    python -m scripts.run start    # the five services, then a vault `default` and a
+                                   # registration key (scripts/bootstrap.py), then both sites'
+                                   # providers and one host agent per host of deploy/sites/*.yaml
+    python -m scripts.run status   # one line per process (exit 1 if one is not RUNNING)
+    python -m scripts.run stop     # stops every process and supervisord itself
+
+It runs on the stack `make up` started (Kafka, PostgreSQL and the gateway; `stack.env`), with a
+database of its own (`DR_RUN_DATABASE`, default `dr_platform`) and the services on the ports the
+gateway routes to (`DR_<SERVICE>_HTTP_PORT`, default 8101..8105). Files live under
+`DR_RUN_DIR` (default: `DR_STATE_DIR`, else `.state`):
+
+    logs/<process>.log           every process's output (supervisord.log: the supervisor's)
+    run/admin-token              the generated bootstrap admin token (0600)
+    run/supervisord.conf         the supervisor's configuration (0600: it holds the token)
+    run/sites/<site>/<host>/     the hosts' VM storage; run/edge/<name>/ the edges' identities
+    run/replica/                 the replica store
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from scripts import bootstrap, procs
+from scripts.procs import REPO
+from services.site_provider.sitefile import read_site
+
+SERVICES = ("registration", "inventory", "policy", "replication", "failover")
+DEFAULT_PORTS = dict(zip(SERVICES, range(8101, 8106), strict=True))
+SITES = ("primary", "recovery")
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def conf(self) -> Path:
+        return self.run / "supervisord.conf"
+
+    @property
+    def token_file(self) -> Path:
+        return self.run / "admin-token"
+
+    @property
+    def key_file(self) -> Path:
+        return self.run / "bootstrap" / "registration.key"
+
+    @property
+    def sock(self) -> Path:
+        return self.run / "supervisor.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run / "supervisord.pid"
+
+
+def layout() -> Layout:
+    root = os.environ.get("DR_RUN_DIR") or os.environ.get("DR_STATE_DIR") or str(REPO / ".state")
+    return Layout(Path(root).resolve())
+
+
+def service_port(name: str, env: Mapping[str, str] = os.environ) -> int:
+    return int(env.get(f"DR_{name.upper()}_HTTP_PORT", DEFAULT_PORTS[name]))
+
+
+def service_url(name: str, env: Mapping[str, str] = os.environ) -> str:
+    return f"http://127.0.0.1:{service_port(name, env)}"
+
+
+def admin_token(lay: Layout) -> str:
+    """The bootstrap admin token: generated once, kept in a file only its owner can read."""
+    if lay.token_file.exists():
+        return lay.token_file.read_text().strip()
+    lay.run.mkdir(parents=True, exist_ok=True)
+    token = f"adm_{secrets.token_urlsafe(24)}"
+    fd = os.open(lay.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+async def ensure_database(url: str, name: str) -> str:
+    """The platform's own database on the stack's PostgreSQL (created once)."""
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return f"{url.rsplit('/', 1)[0]}/{name}"
+
+
+def platform_env(lay: Layout, token: str, database_url: str, kafka: str) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka,
+        "DATABASE_URL": database_url,
+        "DR_TOPIC_PREFIX": os.environ.get("DR_TOPIC_PREFIX", ""),
+        "DR_ADMIN_TOKEN": token,
+        "DR_LOG_LEVEL": os.environ.get("DR_LOG_LEVEL", "INFO"),
+    }
+
+
+def service_programs(lay: Layout, env: dict[str, str]) -> dict[str, dict[str, str]]:
+    programs: dict[str, dict[str, str]] = {}
+    for name in SERVICES:
+        wiring = {f"DR_{name.upper()}_HTTP_PORT": str(service_port(name))}
+        if name == "replication":
+            wiring |= {
+                "DR_REPLICATION_POLICY_URL": service_url("policy"),
+                "DR_REPLICATION_STORE_DIR": str(lay.run / "replica"),
+                "DR_REPLICATION_MATERIALISE_ROOTS": str(lay.run / "sites"),
+            }
+        programs[name] = {**env, **wiring}
+    return programs
+
+
+def edge_programs(
+    lay: Layout, env: dict[str, str], key: str, ports: dict[str, int]
+) -> dict[str, tuple[str, dict[str, str]]]:
+    """Both sites' site providers and one host agent per host of the site files."""
+    edges: dict[str, tuple[str, dict[str, str]]] = {}
+    for site in SITES:
+        site_file = REPO / "deploy" / "sites" / f"{site}.yaml"
+        storage = lay.run / "sites" / site
+        common = {"REGISTRATION_KEY": key, "REGISTRATION_URL": service_url("registration")}
+        provider = f"vmm-{site}"
+        edges[provider] = (
+            "services.site_provider",
+            {
+                **env,
+                **{f"DR_PROVIDER_{k}": v for k, v in common.items()},
+                "DR_PROVIDER_NAME": provider,
+                "DR_PROVIDER_SITE": site,
+                "DR_PROVIDER_SITE_FILE": str(site_file),
+                "DR_PROVIDER_STORAGE_ROOT": str(storage),
+                "DR_PROVIDER_STATE_DIR": str(lay.run / "edge" / provider),
+                "DR_PROVIDER_HTTP_PORT": str(ports[provider]),
+            },
+        )
+        for spec in read_site(site_file).hosts:
+            for host in spec.names():
+                edges[host] = (
+                    "services.host_agent",
+                    {
+                        **env,
+                        **{f"DR_AGENT_{k}": v for k, v in common.items()},
+                        "DR_AGENT_NAME": host,
+                        "DR_AGENT_SITE": site,
+                        "DR_AGENT_STORAGE_DIR": str(storage / host),
+                        "DR_AGENT_STATE_DIR": str(lay.run / "edge" / host),
+                        "DR_AGENT_HTTP_PORT": str(ports[host]),
+                    },
+                )
+    return edges
+
+
+def edge_ports(lay: Layout, names: list[str]) -> dict[str, int]:
+    """Each edge's HTTP port, chosen once and kept (run/edge-ports.json)."""
+    path = lay.run / "edge-ports.json"
+    ports: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
+    for name in names:
+        ports.setdefault(name, procs.free_port())
+    path.write_text(json.dumps(ports, indent=1))
+    return ports
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("%", "%%").replace('"', "") + '"'
+
+
+def write_conf(lay: Layout, programs: dict[str, tuple[str, dict[str, str]]]) -> None:
+    lines = [
+        "; written by `python -m scripts.run start` (make run); do not edit",
+        "[unix_http_server]",
+        f"file={lay.sock}",
+        "chmod=0700",
+        "[supervisord]",
+        f"logfile={lay.logs / 'supervisord.log'}",
+        f"pidfile={lay.pid_file}",
+        f"directory={REPO}",
+        "logfile_maxbytes=10MB",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "[supervisorctl]",
+        f"serverurl=unix://{lay.sock}",
+    ]
+    for name, (module, env) in programs.items():
+        environment = ",".join(f"{k}={_quote(v)}" for k, v in sorted(env.items()))
+        lines += [
+            f"[program:{name}]",
+            f"command={sys.executable} -m {module}",
+            f"directory={REPO}",
+            f"environment={environment}",
+            "autostart=true",
+            "autorestart=true",
+            "startsecs=3",
+            "startretries=20",
+            "stopsignal=TERM",
+            "stopwaitsecs=20",
+            "stopasgroup=true",
+            "killasgroup=true",
+            "redirect_stderr=true",
+            f"stdout_logfile={lay.logs / (name + '.log')}",
+            "stdout_logfile_maxbytes=20MB",
+            "stdout_logfile_backups=2",
+        ]
+    lay.run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lay.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def ctl(lay: Layout, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV_BIN / "supervisorctl"), "-c", str(lay.conf), *args],
+        capture_output=True,
+        text=True,
+        check=check,
+    )
+
+
+def supervisor_pid(lay: Layout) -> int | None:
+    """supervisord's pid if it runs (its pid file names a live process)."""
+    try:
+        pid = int(lay.pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def wait_healthy(urls: dict[str, str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    pending = dict(urls)
+    while pending:
+        for name, url in list(pending.items()):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    del pending[name]
+            except httpx.HTTPError:
+                pass
+        if pending and time.monotonic() > deadline:
+            raise SystemExit(f"not healthy after {timeout:g}s: {', '.join(pending)} (see logs/)")
+        time.sleep(0.5)
+
+
+def wait_connected(vault_id: str, token: str, names: list[str], timeout: float = 120) -> None:
+    url = f"{service_url('registration')}/v1/vaults/{vault_id}/producers"
+    deadline = time.monotonic() + timeout
+    while True:
+        found = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+        state = {p["name"]: p["connection_state"] for p in found}
+        missing = [n for n in names if state.get(n) != "Connected"]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not Connected after {timeout:g}s: {', '.join(missing)}")
+        time.sleep(1)
+
+
+def host_vms(lay: Layout, ports: dict[str, int]) -> int:
+    """The site files' VMs as disk images on their hosts (the host agents create them: folder,
+    sparse disks, a few written blocks), once; the providers then discover them with their
+    NICs. Returns how many were created."""
+    created = 0
+    with httpx.Client(timeout=30) as http:
+        for site in SITES:
+            spec = read_site(REPO / "deploy" / "sites" / f"{site}.yaml")
+            for vm in spec.vms:
+                hosts = vm.placement()
+                for n, name in enumerate(vm.names()):
+                    host = hosts[n % len(hosts)]
+                    identity = json.loads((lay.run / "edge" / host / "identity.json").read_text())
+                    agent = f"http://127.0.0.1:{ports[host]}/v1/vms"
+                    auth = {"Authorization": f"Bearer {identity['credential']}"}
+                    body = {
+                        "name": name,
+                        "disks": [d.size for d in vm.disks],
+                        "generation": vm.generation,
+                        "cpu": vm.cpu,
+                        "memory_mb": vm.memory_mb,
+                    }
+                    resp = http.post(agent, json=body, headers=auth)
+                    if resp.status_code == 409:
+                        continue  # created by an earlier `make run`
+                    resp.raise_for_status()
+                    meta = lay.run / "sites" / site / host / name / "vm.json"
+                    data = json.loads(meta.read_text())
+                    data["nics"] = [
+                        {
+                            "nic_id": f"nic{i}",
+                            "network": nic.network,
+                            "subnet": nic.subnet,
+                            "ip": nic.ip if nic.ip in ("dhcp", "static") else "static",
+                        }
+                        for i, nic in enumerate(vm.nics)
+                    ]
+                    meta.write_text(json.dumps(data))
+                    http.post(f"{agent}/{name}/writes", json={"blocks": 16}, headers=auth)
+                    created += 1
+    return created
+
+
+def site_vm_names() -> set[str]:
+    return {
+        name
+        for site in SITES
+        for vm in read_site(REPO / "deploy" / "sites" / f"{site}.yaml").vms
+        for name in vm.names()
+    }
+
+
+def wait_discovered(vault_id: str, token: str, timeout: float = 120) -> int:
+    """Until the inventory lists every VM of the site files with disk images that exist."""
+    url = f"{service_url('inventory')}/v1/vaults/{vault_id}/vms"
+    wanted = site_vm_names()
+    deadline = time.monotonic() + timeout
+    while True:
+        page = httpx.get(
+            url, params={"limit": 500}, headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ).json()
+        ready = {
+            vm["name"]
+            for vm in page.get("items", [])
+            if vm["disks"] and all(Path(d["path"]).exists() for d in vm["disks"])
+        }
+        if wanted <= ready:
+            return len(wanted)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not discovered after {timeout:g}s: {sorted(wanted - ready)}")
+        time.sleep(1)
+
+
+def start() -> int:
+    lay = layout()
+    stack = procs.read_stack_env()
+    kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or stack.get("KAFKA_BOOTSTRAP_SERVERS")
+    database = os.environ.get("DATABASE_URL") or stack.get("DATABASE_URL")
+    if not kafka or not database:
+        print("no stack: run `make up` first (or set KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL)")
+        return 2
+    for folder in (lay.logs, lay.run):
+        folder.mkdir(parents=True, exist_ok=True)
+    token = admin_token(lay)
+    db_url = asyncio.run(
+        ensure_database(database, os.environ.get("DR_RUN_DATABASE", "dr_platform"))
+    )
+    env = platform_env(lay, token, db_url, kafka)
+    programs = {n: (f"services.{n}", e) for n, e in service_programs(lay, env).items()}
+    vault_file = lay.key_file.parent / "vault_id"
+    if supervisor_pid(lay) is not None and vault_file.exists():
+        print(ctl(lay, "status", check=False).stdout.rstrip())
+        print("already running")
+        connect_info(lay, stack.get("DR_GATEWAY_URL", ""), vault_file.read_text().strip())
+        return 0
+    if supervisor_pid(lay) is None:
+        write_conf(lay, programs)
+        subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(lay.conf)], check=True)
+    wait_healthy({n: service_url(n) for n in SERVICES})
+    print(f"services healthy: {', '.join(SERVICES)}")
+
+    # A vault `default` and a registration key for the edges (scripts/bootstrap.py).
+    os.environ |= {
+        "DR_REGISTRATION_URL": service_url("registration"),
+        "DR_ADMIN_TOKEN": token,
+        "DR_BOOTSTRAP_KEY_FILE": str(lay.key_file),
+    }
+    if bootstrap.main() != 0:
+        return 1
+    vault_id = (lay.key_file.parent / "vault_id").read_text().strip()
+    key = lay.key_file.read_text().strip()
+    names = [f"vmm-{s}" for s in SITES] + [
+        h
+        for s in SITES
+        for spec in read_site(REPO / "deploy/sites" / f"{s}.yaml").hosts
+        for h in spec.names()
+    ]
+    ports = edge_ports(lay, names)
+    edges = edge_programs(lay, env, key, ports)
+    # The host agents first: they create the site files' VMs (disk images) before the
+    # providers' first discovery, so the inventory never shows VMs without their disks.
+    agents = {n: e for n, e in edges.items() if e[0] == "services.host_agent"}
+    write_conf(lay, {**programs, **agents})
+    ctl(lay, "update")
+    wait_connected(vault_id, token, list(agents))
+    print(f"host agents Connected: {', '.join(agents)}")
+    print(f"VMs of deploy/sites created on their hosts: {host_vms(lay, ports)} new")
+    write_conf(lay, {**programs, **edges})
+    ctl(lay, "update")
+    wait_connected(vault_id, token, list(edges))
+    print(f"site providers Connected: {', '.join(set(edges) - set(agents))}")
+    print(f"VMs discovered with their disks: {wait_discovered(vault_id, token)}")
+    print(ctl(lay, "status", check=False).stdout.rstrip())
+    connect_info(lay, stack.get("DR_GATEWAY_URL", ""), vault_id)
+    return 0
+
+
+def connect_info(lay: Layout, gateway: str, vault_id: str) -> None:
+    print(
+        f"\nThe platform runs under supervisord (logs: {lay.logs}).\n"
+        f"  export DR_URL={gateway}\n"
+        f"  export DR_TOKEN=$(cat {lay.token_file})   # the bootstrap admin token (0600)\n"
+        f"  export DR_VAULT={vault_id}   # vault `default`, both sites registered\n"
+        "`make ps` shows the processes, `make stop` stops them."
+    )
+
+
+def status() -> int:
+    lay = layout()
+    if supervisor_pid(lay) is None:
+        print("platform not running (`make run` starts it)")
+        return 1
+    out = ctl(lay, "status", check=False)
+    print(out.stdout.rstrip())
+    return out.returncode
+
+
+def child_pids(pid: int) -> list[int]:
+    """Every descendant of `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop() -> int:
+    lay = layout()
+    pid = supervisor_pid(lay)
+    if pid is None:
+        print("platform not running")
+        return 0
+    tree = [pid, *child_pids(pid)]
+    ctl(lay, "shutdown", check=False)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        alive = [p for p in tree if Path(f"/proc/{p}").exists()]
+        if not alive:
+            print(f"platform stopped ({len(tree)} processes, none left)")
+            return 0
+        time.sleep(0.5)
+    print(f"still running after 90 s: pids {alive}")
+    return 1
+
+
+def main() -> None:
+    commands = {"start": start, "status": status, "stop": stop}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        print(f"usage: python -m scripts.run {{{'|'.join(commands)}}}")
+        sys.exit(2)
+    sys.exit(commands[sys.argv[1]]())
+
+
+if __name__ == "__main__":
+    main()
