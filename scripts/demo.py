@@ -100,7 +100,11 @@ class Demo:
                 "DR_REPLICATION_HEALTH_INTERVAL_SECONDS": "1",
             }
         if name == "failover":
-            wiring = {"DR_FAILOVER_POLL_SECONDS": "0.2", "DR_FAILOVER_SYNC_TIMEOUT_SECONDS": "30"}
+            wiring = {
+                "DR_FAILOVER_POLL_SECONDS": "0.2",
+                "DR_FAILOVER_SYNC_TIMEOUT_SECONDS": "30",
+                "DR_FAILOVER_SCRIPTS_DIR": str(self.run_dir / "scripts"),
+            }
         proc = procs.service(name, {**self.env, **wiring}, self.run_dir)
         self.services[name] = proc.start()
         return proc
@@ -633,7 +637,8 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
             return True
 
         await until(known, 30, "the failover service knows the protected items")
-        script = demo.run_dir / "warm-up.sh"
+        (demo.run_dir / "scripts").mkdir(exist_ok=True)
+        script = demo.run_dir / "scripts" / "warm-up.sh"
         script.write_text("#!/bin/sh\necho 'load balancer drained'\n")
         script.chmod(0o755)
         plan = {
@@ -646,7 +651,7 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
                             "action_id": "lb",
                             "name": "drain load balancer",
                             "kind": "script",
-                            "path": str(script),
+                            "script": script.name,
                         }
                     ],
                 },
