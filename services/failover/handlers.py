@@ -89,6 +89,13 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
 
     async def on_materialised(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
+        assert isinstance(
+            ev, failover.RecoveryPointMaterialised | failover.RecoveryPointMaterialiseFailed
+        )
+        if not await repo.check_answerer(
+            conn, ev.request_id, inc.envelope.vault_id, inc.envelope.producer_id
+        ):
+            return
         if isinstance(ev, failover.RecoveryPointMaterialised):
             await repo.save_answer(
                 conn,
@@ -108,11 +115,10 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
     async def on_completed(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, agent.CommandCompleted)
-        ours = await conn.fetchval(
-            "SELECT true FROM tasks WHERE command_id = $1 LIMIT 1", ev.command_id
-        )
-        if not ours:
-            return
+        if not await repo.check_answerer(
+            conn, ev.command_id, inc.envelope.vault_id, inc.envelope.producer_id
+        ):
+            return  # another service's command
         await repo.save_answer(
             conn,
             ev.command_id,

@@ -4,14 +4,37 @@ not asked, inventory of another vault, oversize and bomb blocks, path traversal.
 
 from __future__ import annotations
 
+import base64
+import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.test_failover_e2e import finished, start, task_named
-from tests.support.dr import DrSetup
+from shared import signing, topics
+from shared.kafka import KafkaProducer
+from shared.merkle import block_hash
+from shared.schemas import agent as agent_ev
+from shared.schemas import replication as ev
+from shared.schemas.envelope import EventPayload, new_envelope
+from tests.e2e.test_failover_e2e import (
+    failover_known,
+    failover_up,
+    finished,
+    protected_vm,
+    start,
+    task_named,
+)
+from tests.e2e.test_replication_bad_input_e2e import (
+    BLOCKS,
+    DISK_SIZE,
+    ScriptedAgent,
+    register_agent,
+)
+from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
+from tests.support.kafka import wait_for_records
 from tests.support.platform import Platform
 from tests.support.poll import eventually
 
@@ -149,3 +172,218 @@ async def test_script_actions_admin_only_named_from_the_folder_with_no_secret(
     resp = await start(http, dr, "/recovery-plans/probe/test-failover", {"network": "none"})
     job = await finished(http, dr, resp.json()["job_id"])
     assert job["state"] == "failed" and "could not start" in job["error"], job["error"]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def zlib_bomb(expanded: int) -> bytes:
+    deflate = zlib.compressobj(9)
+    zeros = bytes(1 << 20)
+    return b"".join(deflate.compress(zeros) for _ in range(expanded >> 20)) + deflate.flush()
+
+
+async def test_decompression_bomb_and_oversize_disk_go_to_the_dlq_memory_bounded(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    vms = [{"name": "bomb01", "host": "hv-bomb", "disks": [{"name": "os", "size": DISK_SIZE}]}]
+    dr = await two_sites(
+        platform, http, tmp_path, primary_hosts=("hv-bomb",), primary_vms=vms, agents_on=()
+    )
+    reg = await register_agent(http, platform, dr.key, "hv-bomb")
+    vm = await vm_named(http, dr, "bomb01")
+    producer = KafkaProducer(platform.stack.kafka, platform.prefix, "bomb-agent")
+    await producer.start()
+    pid = platform.services["replication"].popen.pid  # type: ignore[union-attr]
+    try:
+        agent = ScriptedAgent(dr, producer, reg, vm["disks"][0]["disk_id"])
+        protected = await protect(http, dr, vm["vm_id"])
+        agent.item_id = uuid.UUID(protected["item_id"])
+        item_id = protected["item_id"]
+        dlq = platform.prefix + topics.dlq_of(topics.REPLICATION_DELTAS)
+
+        async def state_is(*states: str) -> dict[str, Any] | None:
+            current = await item(http, dr, item_id)
+            return current if current["state"] in states else None
+
+        async def dead_lettered(event_id: uuid.UUID) -> tuple[str, str]:
+            found = await wait_for_records(
+                platform.stack.kafka, dlq, lambda r: r.json().get("event_id") == str(event_id)
+            )
+            return found[0].headers["dlq.reason"], found[0].headers.get("dlq.detail", "")
+
+        await agent.cycle(1, ev.CycleKind.INITIAL, list(range(BLOCKS)))
+        await eventually(lambda: state_is("replicating"), what="initial point committed")
+        rss_before = rss_bytes(pid)
+        peak = rss_before
+
+        def bomb_batch(seq: int, expanded: int) -> ev.BlocksShipped:
+            data = base64.b64encode(zlib_bomb(expanded)).decode()
+            sha = block_hash(agent.blocks[0]).hex()
+            return ev.BlocksShipped(
+                item_id=agent.item_id,
+                cycle_seq=seq,
+                batch_no=0,
+                disk_id=agent.disk_id,
+                compression=ev.Compression.ZLIB,
+                blocks=[ev.Block(index=0, sha256=sha, data=data)],
+            )
+
+        # 1. 48 MiB of zeros in a ~48 KB block: decompression stops at the block's 64 KiB;
+        # 2. 600 MiB in ~600 KB: refused on its size before it is even decoded
+        for seq, (expanded, why) in enumerate(
+            ((48 << 20, "expands beyond"), (600 << 20, "characters of base64")), start=2
+        ):
+            await agent.send(agent.started(seq, ev.CycleKind.DELTA))
+            event = await agent.send(bomb_batch(seq, expanded))
+            reason, error = await dead_lettered(event)
+            assert reason == "bad_block" and why in error, (reason, error)
+            peak = max(peak, rss_bytes(pid))
+            await eventually(
+                lambda: state_is("resynchronizing", "waiting_to_start_resync"),
+                what="the bomb's cycle given up -> resync",
+            )
+            await agent.cycle(seq, ev.CycleKind.RESYNC, [])
+            await eventually(lambda: state_is("replicating"), what="resync committed")
+            peak = max(peak, rss_bytes(pid))
+
+        # 3. a cycle claiming a 60 TiB disk, another disk, or too large a block size
+        seq = 4
+        for disks, reason in (
+            ([ev.DiskGeometry(disk_id=agent.disk_id, size_bytes=60 << 40)], "disk_size_mismatch"),
+            ([ev.DiskGeometry(disk_id="not-a-disk", size_bytes=DISK_SIZE)], "unknown_disk"),
+            (
+                [ev.DiskGeometry(disk_id=agent.disk_id, size_bytes=DISK_SIZE, block_size=4 << 20)],
+                "bad_geometry",
+            ),
+        ):
+            started = agent.started(seq, ev.CycleKind.DELTA).model_copy(update={"disks": disks})
+            event = await agent.send(started)
+            assert (await dead_lettered(event))[0] == reason
+        peak = max(peak, rss_bytes(pid))
+        print(f"replication service RSS: {rss_before >> 20} MiB before, peak {peak >> 20} MiB")
+        assert peak - rss_before < 40 << 20, (rss_before, peak)
+        # nothing changed: the same single point, the item replicating, its disk as it was
+        current = await item(http, dr, item_id)
+        assert current["state"] == "replicating" and current["last_committed_seq"] == 3
+        assert [p["cycle_seq"] for p in await points(http, dr, item_id)] == [3, 2, 1]
+        # and the item goes on: a good cycle 4 commits
+        await agent.cycle(4, ev.CycleKind.DELTA, [0])
+
+        async def committed() -> bool:
+            return bool((await item(http, dr, item_id))["last_committed_seq"] == 4)
+
+        await eventually(committed, what="a good cycle after the attacks commits")
+    finally:
+        await producer.stop()
+
+
+async def publish_as(
+    producer: KafkaProducer,
+    payload: EventPayload,
+    *,
+    vault_id: str,
+    producer_id: str,
+    credential: str,
+    topic: str,
+) -> uuid.UUID:
+    env = new_envelope(
+        payload,
+        vault_id=uuid.UUID(vault_id),
+        producer_id=producer_id,
+        signing_key=signing.derive_signing_key(credential),
+    )
+    await producer.publish(env, key=producer_id, topic=topic)
+    return env.event_id
+
+
+async def test_an_answer_counts_only_from_whom_it_was_asked(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    dr = await two_sites(platform, http, tmp_path, copy_seconds=1)
+    await failover_up(platform, http, dr)
+    vm = await protected_vm(http, dr, "ans01", ["256KiB"], "10.10.0.191")
+    item_id = vm["item_id"]
+    await failover_known(http, dr, item_id)
+    other = await platform.new_vault(http, "ans-other")
+    other_key = (await platform.new_key(http, other["vault_id"]))["key"]
+    stranger = await register_agent(http, platform, other_key, "hv-stranger")
+    dlq = platform.prefix + topics.dlq_of(topics.AGENT_EVENTS)
+    producer = KafkaProducer(platform.stack.kafka, platform.prefix, "answer-forger")
+    await producer.start()
+    try:
+        # the recovery host's agent is down: the job waits for its answer to "create the VM"
+        dr.agents["hv-r1"].stop()
+        resp = await start(http, dr, f"/failovers/{item_id}/test-failover", {"network": "none"})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["job_id"]
+
+        async def waiting_task() -> dict[str, Any] | None:
+            got = await http.get(
+                dr.url("failover", f"/jobs/{job_id}"), headers=dr.bearer(dr.reader)
+            )
+            tasks = task_named(got.json(), "create and start the VM")
+            return tasks[0] if tasks and tasks[0]["state"] == "in_progress" else None
+
+        task = await eventually(waiting_task, timeout=60, what="the job waits for hv-r1")
+        forged = agent_ev.CommandCompleted(
+            command_id=uuid.UUID(task["command_id"]),
+            command_type="VmCreateRequested",
+            outcome=agent_ev.CommandOutcome.FAILED,
+            error="forged failure",
+        )
+        primary = dr.agent_identity("hv-p1")
+
+        async def refused(event_id: uuid.UUID) -> str:
+            found = await wait_for_records(
+                platform.stack.kafka, dlq, lambda r: r.json().get("event_id") == str(event_id)
+            )
+            return str(found[0].headers["dlq.reason"])
+
+        # 1. the vault's other agent (hv-p1) answers a command sent to hv-r1
+        event = await publish_as(
+            producer,
+            forged,
+            vault_id=dr.vault_id,
+            producer_id=primary["producer_id"],
+            credential=primary["credential"],
+            topic=topics.AGENT_EVENTS,
+        )
+        assert await refused(event) == "wrong_answerer"
+
+        # 2. another vault's agent answers it, under its own vault and under this one
+        async def stranger_refused() -> bool:
+            event = await publish_as(
+                producer,
+                forged,
+                vault_id=stranger["vault_id"],
+                producer_id=stranger["producer_id"],
+                credential=stranger["credential"],
+                topic=topics.AGENT_EVENTS,
+            )
+            reason = await refused(event)
+            assert reason in ("unknown_producer", "vault_mismatch"), reason
+            return reason == "vault_mismatch"
+
+        await eventually(stranger_refused, timeout=60, what="another vault's answer refused")
+        event = await publish_as(
+            producer,
+            forged,
+            vault_id=dr.vault_id,
+            producer_id=stranger["producer_id"],
+            credential=stranger["credential"],
+            topic=topics.AGENT_EVENTS,
+        )
+        assert await refused(event) in ("vault_mismatch", "bad_signature")
+
+        # nothing changed: the task still waits; hv-r1 back, the job succeeds
+        assert await waiting_task() is not None
+        dr.agents["hv-r1"].start()
+        job = await finished(http, dr, job_id)
+        assert job["state"] == "succeeded", (job["error"], job["failed_tasks"])
+    finally:
+        await producer.stop()

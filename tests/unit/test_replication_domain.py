@@ -155,3 +155,22 @@ def test_the_recovery_point_to_fail_over_to() -> None:
 def test_rpo_threshold_is_two_intervals_at_least_30_s() -> None:
     assert domain.rpo_threshold_seconds(1) == 30
     assert domain.rpo_threshold_seconds(300) == 600
+
+
+def test_a_cycles_disks_must_be_the_items_known_disks_within_bounds() -> None:
+    known = [{"disk_id": "d0", "size_bytes": 1 << 20}, {"disk_id": "d1", "size_bytes": 2 << 20}]
+
+    def disk(disk_id: str, size: int, block: int = 65536) -> dict[str, int | str]:
+        return {"disk_id": disk_id, "size_bytes": size, "block_size": block}
+
+    def problem(*disks: dict[str, int | str]) -> str | None:
+        found = domain.geometry_problem(known, list(disks), 4 << 20, 1 << 20)
+        return None if found is None else found[0]
+
+    assert problem(disk("d0", 1 << 20), disk("d1", 2 << 20)) is None
+    assert problem(disk("d1", 2 << 20)) is None
+    assert problem(disk("d9", 1 << 20)) == "unknown_disk"
+    assert problem(disk("d0", 3 << 20)) == "disk_size_mismatch"
+    assert problem(disk("d0", 64 << 40)) == "disk_too_large"
+    assert problem(disk("d0", 1 << 20, 4 << 20)) == "bad_geometry"
+    assert problem(disk("d0", 1 << 20), disk("d0", 1 << 20)) == "bad_geometry"
