@@ -59,7 +59,7 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> dict[str, Any]:
     if item is None:
         raise StepFailed(f"protected item {item_id} is not known", "no ProtectionEnabled seen")
     link = await repo.link_of(pool, new=item_id)
-    vm_row = await repo.vm(pool, item["vm_id"])
+    vm_row = await repo.vm(pool, item["vault_id"], item["vm_id"])
     vm = vm_row["vm"] if vm_row else {}
     preferred: uuid.UUID | None = None
     if link is not None:
@@ -76,7 +76,7 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> dict[str, Any]:
         nics = list(vm.get("nics", []))
         source = await repo.producer(pool, item["source_agent_id"])
         source_site = source["site"] if source else (vm_row["site"] if vm_row else "")
-        target_site = await repo.cloud_site(pool, item["target_cloud_id"]) or ""
+        target_site = await repo.cloud_site(pool, item["vault_id"], item["target_cloud_id"]) or ""
     if not target_site:
         raise StepFailed(
             f"the recovery site of {item['vm_name']} is not known",

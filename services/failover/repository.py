@@ -86,8 +86,10 @@ async def items(conn: Conn, vault_id: uuid.UUID) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-async def vm(conn: Conn, vm_id: str) -> dict[str, Any] | None:
-    row = await conn.fetchrow("SELECT * FROM rm_vms WHERE vm_id = $1", vm_id)
+async def vm(conn: Conn, vault_id: uuid.UUID, vm_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM rm_vms WHERE vault_id = $1 AND vm_id = $2", vault_id, vm_id
+    )
     return dict(row) if row else None
 
 
@@ -106,9 +108,9 @@ async def mappings(conn: Conn, vault_id: uuid.UUID) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-async def cloud_site(conn: Conn, cloud_id: str) -> str | None:
+async def cloud_site(conn: Conn, vault_id: uuid.UUID, cloud_id: str) -> str | None:
     site: str | None = await conn.fetchval(
-        "SELECT site FROM rm_clouds WHERE cloud_id = $1", cloud_id
+        "SELECT site FROM rm_clouds WHERE vault_id = $1 AND cloud_id = $2", vault_id, cloud_id
     )
     return site
 

@@ -657,7 +657,7 @@ def make_read_model_handlers() -> dict[str, Any]:
         msg = inc.payload
         assert isinstance(msg, inv.VmChanged)
         if msg.vm is None:
-            await repo.remove_vm(conn, msg.vm_id)
+            await repo.remove_vm(conn, inc.envelope.vault_id, msg.vm_id)
         else:
             await repo.upsert_vm(
                 conn, inc.envelope.vault_id, msg.site, msg.vm.model_dump(mode="json")
@@ -667,7 +667,7 @@ def make_read_model_handlers() -> dict[str, Any]:
         msg = inc.payload
         assert isinstance(msg, inv.HostChanged)
         if msg.host is None:
-            await repo.remove_host(conn, msg.host_id)
+            await repo.remove_host(conn, inc.envelope.vault_id, msg.host_id)
         else:
             await repo.upsert_host(
                 conn, inc.envelope.vault_id, msg.site, msg.host.model_dump(mode="json")
@@ -783,7 +783,7 @@ async def enable_protection(ctx: Context, vault_id: uuid.UUID, vm_id: str) -> di
     """Create the protected item and command the source agent (the caller has run the
     prerequisite check)."""
     async with ctx.pool.acquire() as conn, conn.transaction():
-        existing = await repo.active_item_for_vm(conn, vm_id)
+        existing = await repo.active_item_for_vm(conn, vault_id, vm_id)
         if existing is not None:
             raise domain.ReplicationError(
                 f"VM {vm_id} is already protected (item {existing['item_id']})"
@@ -949,7 +949,7 @@ async def disable(
 ) -> dict[str, Any]:
     async with ctx.pool.acquire() as conn, conn.transaction():
         item = await _load_for_action(conn, vault_id, item_id)
-        settings = await repo.policy_settings(conn, item["policy_id"])
+        settings = await repo.policy_settings(conn, item["vault_id"], item["policy_id"])
         delete = (
             delete_replica
             if delete_replica is not None
@@ -994,7 +994,7 @@ async def apply_retention(ctx: Context) -> int:
             continue  # its points are the failover's to choose from, until commit
         async with ctx.pool.acquire() as conn:
             points = await repo.live_points(conn, item["item_id"])
-            settings = await repo.policy_settings(conn, item["policy_id"])
+            settings = await repo.policy_settings(conn, item["vault_id"], item["policy_id"])
         if len(points) <= 1:
             continue
         keep = select_retained(

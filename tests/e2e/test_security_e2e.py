@@ -19,6 +19,7 @@ from shared.merkle import block_hash
 from shared.schemas import agent as agent_ev
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload, new_envelope
+from shared.schemas.inventory import DiscoveryChange, Inventory, Removals, Vm
 from tests.e2e.test_failover_e2e import (
     failover_known,
     failover_up,
@@ -27,6 +28,7 @@ from tests.e2e.test_failover_e2e import (
     start,
     task_named,
 )
+from tests.e2e.test_inventory_e2e import identity_of
 from tests.e2e.test_replication_bad_input_e2e import (
     BLOCKS,
     DISK_SIZE,
@@ -387,3 +389,132 @@ async def test_an_answer_counts_only_from_whom_it_was_asked(
         assert job["state"] == "succeeded", (job["error"], job["failed_tasks"])
     finally:
         await producer.stop()
+
+
+async def test_vaults_with_the_same_names_keep_their_own_vms(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Two vaults, each with a site 'primary', a host 'hv-twin' and a VM 'twin01' (disks of
+    different sizes): each protects its own VM; vault B's provider publishing vault A's VM id
+    is refused and changes nothing of vault A."""
+    setups = []
+    for label, blocks in (("a", BLOCKS), ("b", 2 * BLOCKS)):
+        vms = [
+            {"name": "twin01", "host": "hv-twin", "disks": [{"name": "os", "size": blocks * 65536}]}
+        ]
+        root = tmp_path / label
+        root.mkdir()
+        dr = await two_sites(
+            platform, http, root, primary_hosts=("hv-twin",), primary_vms=vms, agents_on=()
+        )
+        await register_agent(http, platform, dr.key, "hv-twin")
+        setups.append((dr, await vm_named(http, dr, "twin01")))
+    (a, vm_a), (b, vm_b) = setups
+    assert vm_a["vm_id"] != vm_b["vm_id"]
+    assert [d["size_bytes"] for d in vm_a["disks"]] == [BLOCKS * 65536]
+
+    # vault B's provider describes a VM under vault A's id (its own names, a huge disk)
+    ident = identity_of(b.providers["primary"])
+    stolen = Vm.model_validate(
+        {
+            **{k: v for k, v in vm_b.items() if k in Vm.model_fields},
+            "vm_id": vm_a["vm_id"],
+            "disks": [{**vm_b["disks"][0], "size_bytes": 64 << 30}],
+        }
+    )
+    change = DiscoveryChange(
+        site="primary", sequence=2**62, upserts=Inventory(vms=[stolen]), removals=Removals()
+    )
+    producer = KafkaProducer(platform.stack.kafka, platform.prefix, "twin-provider")
+    await producer.start()
+    try:
+        event = await publish_as(
+            producer,
+            change,
+            vault_id=str(ident.vault_id),
+            producer_id=str(ident.producer_id),
+            credential=ident.credential,
+            topic=topics.INVENTORY_DISCOVERY,
+        )
+    finally:
+        await producer.stop()
+    found = await wait_for_records(
+        platform.stack.kafka,
+        platform.prefix + topics.dlq_of(topics.INVENTORY_DISCOVERY),
+        lambda r: r.json().get("event_id") == str(event),
+    )
+    assert found[0].headers["dlq.reason"] == "foreign_id"
+    assert await vm_named(http, a, "twin01") == vm_a  # vault A's VM unchanged
+
+    # each vault protects its own VM, with its own disks
+    for dr, vm, blocks in ((a, vm_a, BLOCKS), (b, vm_b, 2 * BLOCKS)):
+        protected = await protect(http, dr, vm["vm_id"])
+        got = await item(http, dr, protected["item_id"])
+        assert got["vm_id"] == vm["vm_id"], got
+        assert [d["size_bytes"] for d in got["disks"]] == [blocks * 65536], got
+        # and the other vault can't see it
+        other = b if dr is a else a
+        resp = await http.get(
+            other.url("replication", f"/protected-items/{protected['item_id']}"),
+            headers=other.bearer(other.reader),
+        )
+        assert resp.status_code == 404, resp.text
+
+
+async def test_path_traversal_through_every_path_input_is_refused(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Materialise target folders and offline import folders must resolve (after links)
+    under the configured roots; a target holding a VM is never overwritten."""
+    vms = [{"name": "path01", "host": "hv-path", "disks": [{"name": "os", "size": DISK_SIZE}]}]
+    dr = await two_sites(
+        platform, http, tmp_path, primary_hosts=("hv-path",), primary_vms=vms, agents_on=()
+    )
+    reg = await register_agent(http, platform, dr.key, "hv-path")
+    vm = await vm_named(http, dr, "path01")
+    producer = KafkaProducer(platform.stack.kafka, platform.prefix, "path-agent")
+    await producer.start()
+    try:
+        agent = ScriptedAgent(dr, producer, reg, vm["disks"][0]["disk_id"])
+        item_id = (await protect(http, dr, vm["vm_id"]))["item_id"]
+        agent.item_id = uuid.UUID(item_id)
+        await agent.cycle(1, ev.CycleKind.INITIAL, list(range(BLOCKS)))
+
+        async def committed() -> bool:
+            return bool((await item(http, dr, item_id))["last_committed_seq"] == 1)
+
+        await eventually(committed, what="the first point committed")
+    finally:
+        await producer.stop()
+
+    roots = Path(platform.services["replication"].env["DR_REPLICATION_MATERIALISE_ROOTS"])
+    outside = Path("/tmp") / f"dr-outside-{uuid.uuid4().hex[:8]}"
+    escape = tmp_path / "escape"
+    escape.symlink_to(outside)
+    holds_vm = tmp_path / "running-vm"
+    holds_vm.mkdir()
+    (holds_vm / "vm.json").write_text("{}")
+    url = dr.url("replication", f"/protected-items/{item_id}/recovery-points/1/materialise")
+    for target, why in (
+        (str(outside), "not under an allowed folder"),
+        (f"{roots}/../../../{outside}", "not under an allowed folder"),
+        (str(escape / "disks"), "not under an allowed folder"),
+        ("relative/dir", "not an absolute path"),
+        (str(holds_vm), "holds a VM"),
+    ):
+        resp = await http.post(url, json={"target_dir": target}, headers=dr.bearer(dr.operator))
+        assert resp.status_code == 422 and why in resp.text, (target, resp.text)
+    assert not outside.exists()  # nothing written anywhere
+    assert sorted(p.name for p in holds_vm.iterdir()) == ["vm.json"]
+    good = tmp_path / "materialised"
+    resp = await http.post(url, json={"target_dir": str(good)}, headers=dr.bearer(dr.operator))
+    assert resp.status_code == 200, resp.text
+    assert [d["path"] for d in resp.json()["disks"]] == [str(good / f"{agent.disk_id}.vhdx")]
+
+    # offline import: the folder of exported cycles must lie under the roots too
+    imported = dr.url("replication", f"/protected-items/{item_id}/import")
+    (tmp_path / "courier").symlink_to("/etc")
+    for path in ("/etc", f"{roots}/../../../etc", str(tmp_path / "courier")):
+        resp = await http.post(imported, json={"path": path}, headers=dr.bearer(dr.operator))
+        assert resp.status_code == 422 and "not under an allowed folder" in resp.text, resp.text
+    assert (await item(http, dr, item_id))["last_committed_seq"] == 1
