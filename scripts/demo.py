@@ -63,7 +63,7 @@ class Demo:
     database_url: str
     run_dir: Path
     prefix: str = field(default_factory=lambda: f"demo{secrets.token_hex(3)}.")
-    admin_token: str = field(default_factory=lambda: f"adm_{secrets.token_urlsafe(16)}")
+    admin_token: str = field(default_factory=lambda: f"adm_{secrets.token_urlsafe(32)}")
     services: dict[str, Proc] = field(default_factory=dict)
     edges: dict[str, Proc] = field(default_factory=dict)
     results: list[tuple[str, str | None]] = field(default_factory=list)

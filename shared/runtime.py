@@ -62,6 +62,10 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        problem = s.admin_token_problem()
+        if problem is not None:
+            log.critical("refusing to start", extra={"reason": problem})
+            raise SystemExit(f"{self.name}: {problem}")
         self._pool = await _retry("postgres", lambda: db.create_pool(s.database_url, self.schema))
         folders = [self.migrations] if self.migrations else []
         await db.migrate(self._pool, self.schema, *folders)

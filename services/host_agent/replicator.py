@@ -63,6 +63,7 @@ from services.host_agent.tracking import (
 )
 from shared.files import OutsideRoots, confined, write_atomic
 from shared.merkle import BLOCK_SIZE, HASH_SIZE, MerkleTree, block_hash
+from shared.metrics import reason_label
 from shared.schemas.agent import (
     DiskSpec,
     InitialReplication,
@@ -311,7 +312,7 @@ class ItemReplicator:
     async def fault(self, reason: str) -> None:
         """The journal can't go on: drop it, stop delta cycles, ask for a resync."""
         log.warning("replication faulted", extra={"item_id": str(self.item_id), "reason": reason})
-        FAULTS.labels(reason.split(":")[0][:40]).inc()
+        FAULTS.labels(reason_label(reason)).inc()
         for disk in self.disks:
             if disk.journal is not None:
                 disk.journal.discard()

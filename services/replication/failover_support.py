@@ -68,7 +68,7 @@ def materialise_target(settings: ReplicationSettings, target_dir: str, disk_ids:
     try:
         target = confined(target_dir, settings.allowed_roots())
     except OutsideRoots as exc:
-        raise ValueError(f"target_dir: {exc}") from None
+        raise ValueError(f"target_dir is not under a materialise root: {exc}") from None
     if (target / "vm.json").exists():
         raise ValueError(f"target_dir {target} holds a VM (vm.json): its disks are not overwritten")
     bad = [d for d in disk_ids if not SAFE_FILE.fullmatch(d)]

@@ -41,6 +41,7 @@ from shared import outbox
 from shared.faults import crash_point
 from shared.kafka import RUN_MEMO, Incoming, Rejected, RunFallback, RunHandler
 from shared.merkle import block_count, block_length, zero_block_hash
+from shared.metrics import reason_label
 from shared.readmodels import signature_verifier
 from shared.schemas import agent as cmd
 from shared.schemas import replication as ev
@@ -139,7 +140,7 @@ async def require_resync(
     """The replica can't take the next cycle: put the item in resync. The first time the
     agent is asked at once; a resync that fails again is retried after a backoff (REFERENCE.md:
     1, 2, 4, 8, 10 min, then every 30 min)."""
-    RESYNCS.labels(reason.split(":")[0][:40]).inc()
+    RESYNCS.labels(reason_label(reason)).inc()
     await repo.drop_cycles(conn, item["item_id"])
     retrying = ItemState(item["state"]) in (
         ItemState.RESYNCHRONIZING,

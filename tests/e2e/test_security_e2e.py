@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from scripts import procs
 from shared import signing, topics
 from shared.kafka import KafkaProducer
 from shared.merkle import block_hash
@@ -518,3 +519,21 @@ async def test_path_traversal_through_every_path_input_is_refused(
         resp = await http.post(imported, json={"path": path}, headers=dr.bearer(dr.operator))
         assert resp.status_code == 422 and "not under an allowed folder" in resp.text, resp.text
     assert (await item(http, dr, item_id))["last_committed_seq"] == 1
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [(None, "DR_ADMIN_TOKEN is not set"), ("short-token", "too weak"), ("a" * 40, "too weak")],
+)
+def test_a_service_refuses_to_start_without_a_strong_admin_token(
+    platform: Platform, tmp_path: Path, token: str | None, why: str
+) -> None:
+    env = {k: v for k, v in platform.env.items() if k != "DR_ADMIN_TOKEN"}
+    if token is not None:
+        env["DR_ADMIN_TOKEN"] = token
+    proc = procs.service("policy", env, tmp_path)
+    proc.env.pop("DR_ADMIN_TOKEN", None)
+    # the child inherits this process's environment first: blank the variable there too
+    with pytest.raises(RuntimeError, match="exited with"):
+        proc.start(extra_env={"DR_ADMIN_TOKEN": token or ""})
+    assert why in proc.tail(), proc.tail()

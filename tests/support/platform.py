@@ -22,7 +22,7 @@ class Platform:
     database_url: str
     prefix: str
     log_dir: Path
-    admin_token: str = field(default_factory=lambda: f"adm_{secrets.token_urlsafe(16)}")
+    admin_token: str = field(default_factory=lambda: f"adm_{secrets.token_urlsafe(32)}")
     services: dict[str, Proc] = field(default_factory=dict)
     edges: list[Proc] = field(default_factory=list)
 

@@ -106,3 +106,14 @@ async def test_the_agent_refuses_disks_and_exports_outside_its_folders(tmp_path:
         assert replicator.items == {}
     finally:
         await replicator.stop()
+
+
+def test_metric_reasons_are_bounded() -> None:
+    from shared.metrics import reason_label
+
+    assert reason_label("cycle 12: root mismatch") == "cycle N"
+    assert reason_label("bad block in cycle 7: block 3: x") == "bad block in cycle N"
+    assert reason_label("sequence gap: expected cycle 5, got 9") == "sequence gap"
+    assert reason_label("") == "other"
+    labels = {reason_label(f"cycle {n}: anything {n}") for n in range(1000)}
+    assert labels == {"cycle N"}
