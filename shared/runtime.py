@@ -82,6 +82,7 @@ class Runtime:
         await _retry("kafka producer", self._producer.start)
         relay = OutboxRelay(self._pool, self._producer, poll_ms=s.outbox_poll_ms)
         self.spawn("outbox-relay", relay.run)
+        self.spawn_every("prune-processed", 3600, lambda: prune_processed(self.pool, s))
         log.info("service started", extra={"schema": self.schema})
 
     def spawn(self, name: str, factory: TaskFactory) -> None:
@@ -153,6 +154,19 @@ class Runtime:
         if self._pool is not None:
             await self._pool.close()
         log.info("service stopped")
+
+
+async def prune_processed(pool: asyncpg.Pool, settings: ServiceSettings) -> int:
+    """Delete de-duplication rows and published outbox rows older than the retention."""
+    hours = settings.processed_events_retention_hours
+    done = await pool.execute(
+        "DELETE FROM processed_events WHERE processed_at < now() - make_interval(secs => $1)",
+        hours * 3600,
+    )
+    await pool.execute(
+        "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)", hours * 3600
+    )
+    return int(done.split()[-1])
 
 
 async def _retry(what: str, action: Callable[[], Coroutine[Any, Any, Any]], tries: int = 30) -> Any:

@@ -77,6 +77,14 @@ class CommonSettings(BaseSettings):
 class ServiceSettings(CommonSettings):
     """Base for a service: its HTTP address and database schema."""
 
+    processed_events_retention_hours: float = Field(
+        validation_alias="DR_PROCESSED_EVENTS_RETENTION_HOURS",
+        default=168,
+        gt=0,
+        description="How long a consumed event's de-duplication row and a published outbox row "
+        "are kept (7 days, Kafka's default retention: a redelivery is never older).",
+    )
+
     http_host: str = Field(default="127.0.0.1", description="HTTP listen address.")
     http_port: int = Field(default=8000, ge=0, le=65535)
     db_schema: str = Field(

@@ -37,6 +37,12 @@ class VaultOut(BaseModel):
 class TokenIn(Strict):
     name: str = Field(min_length=1, max_length=100, pattern=NAME_PATTERN)
     role: Role
+    expires_in: int | None = Field(
+        default=None,
+        ge=1,
+        le=10 * 365 * 24 * 3600,
+        description="Seconds until the token stops authenticating; absent: it never expires.",
+    )
 
 
 class TokenOut(BaseModel):
@@ -45,6 +51,7 @@ class TokenOut(BaseModel):
     name: str
     role: Role
     created_at: datetime
+    expires_at: datetime | None = None
     revoked_at: datetime | None
 
 
@@ -143,7 +150,9 @@ async def issue_token(
     """Issue an API token with a role in this vault. The token is shown once."""
     who.check(Role.ADMIN, vault_id)
     await _vault_or_404(request, vault_id)
-    return await handlers.issue_token(request.app.state.pool, vault_id, body.name, body.role)
+    return await handlers.issue_token(
+        request.app.state.pool, vault_id, body.name, body.role, body.expires_in
+    )
 
 
 @router.get("/vaults/{vault_id}/tokens", response_model=list[TokenOut], tags=["tokens"])

@@ -537,3 +537,44 @@ def test_a_service_refuses_to_start_without_a_strong_admin_token(
     with pytest.raises(RuntimeError, match="exited with"):
         proc.start(extra_env={"DR_ADMIN_TOKEN": token or ""})
     assert why in proc.tail(), proc.tail()
+
+
+async def test_tokens_expire_and_never_reach_another_vault(
+    platform: Platform, http: httpx.AsyncClient
+) -> None:
+    dr = await vault_with_tokens(platform, http)
+    platform.start("policy")
+    other = await vault_with_tokens(platform, http)
+    resp = await http.post(
+        dr.url("registration", "/tokens"),
+        json={"name": "short-lived", "role": "reader", "expires_in": 3},
+        headers=dr.bearer(dr.admin),
+    )
+    assert resp.status_code == 201, resp.text
+    short = resp.json()
+    assert short["expires_at"] is not None
+    bad = await http.post(
+        dr.url("registration", "/tokens"),
+        json={"name": "never", "role": "reader", "expires_in": 0},
+        headers=dr.bearer(dr.admin),
+    )
+    assert bad.status_code == 422, bad.text
+
+    async def reads(token: str, setup: DrSetup) -> int:
+        got = await http.get(setup.url("policy", "/policies"), headers=setup.bearer(token))
+        return got.status_code
+
+    async def works() -> bool:
+        return await reads(short["token"], dr) == 200
+
+    await eventually(works, what="the short-lived token works (policy knows it)")
+    # a token of one vault reads nothing of another, whatever its role
+    for token in (dr.reader, dr.admin, short["token"]):
+        assert await reads(token, other) == 403
+
+    async def expired() -> bool:
+        got = await http.get(dr.url("policy", "/policies"), headers=dr.bearer(short["token"]))
+        return got.status_code == 401 and "expired" in got.text
+
+    await eventually(expired, timeout=30, what="the token expired")
+    assert await reads(dr.reader, dr) == 200  # the vault's other tokens go on
