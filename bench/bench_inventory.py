@@ -51,8 +51,9 @@ vms:
 """
 
 
-def site_inventory(site: str) -> Inventory:
-    return build_inventory(site, parse_site(SITE), Path("/srv/hosts"), []).inventory
+def site_inventory(site: str, vault_id: uuid.UUID) -> Inventory:
+    scope = str(vault_id)
+    return build_inventory(site, parse_site(SITE), Path("/srv/hosts"), [], id_scope=scope).inventory
 
 
 def with_changes(inventory: Inventory, every: int) -> Inventory:
@@ -110,18 +111,17 @@ async def main() -> None:
     pool = await db.create_pool(settings.database_url, schema)
     try:
         await db.migrate(pool, schema, MIGRATIONS)
-        base = site_inventory("bench")
+        vault = uuid.uuid4()  # ids derive from the provider's vault and site
+        base = site_inventory("bench", vault)
         changed = with_changes(base, every=100)  # 1 % of the VMs
-        sizes = [
-            len(v) for v in records(ProviderRef(uuid.uuid4(), uuid.uuid4(), "p", "bench"), 1, base)
-        ]
+        sizes = [len(v) for v in records(ProviderRef(uuid.uuid4(), vault, "p", "bench"), 1, base)]
         line("inventory_snapshot_vms", len(base.vms), "count")
         line("inventory_snapshot_records", len(sizes), "count")
         line("inventory_snapshot_largest_record_kib", max(sizes) / 1024, "KiB")
 
         first, unchanged, one_pct, in_memory = [], [], [], []
         for _ in range(REPEATS):
-            ref = ProviderRef(uuid.uuid4(), uuid.uuid4(), "bench-vmm", "bench")
+            ref = ProviderRef(uuid.uuid4(), vault, "bench-vmm", "bench")
             first.append(await apply_records(pool, ref, records(ref, 1, base)))
             unchanged.append(await apply_records(pool, ref, records(ref, 2, base)))
             # alternate so that every measured apply changes 20 VMs

@@ -84,7 +84,7 @@ class Demo:
     database_url: str
     run_dir: Path
     prefix: str = field(default_factory=lambda: f"demo{secrets.token_hex(3)}.")
-    admin_token: str = field(default_factory=lambda: f"adm_{secrets.token_urlsafe(16)}")
+    admin_token: str = field(default_factory=lambda: f"adm_{secrets.token_urlsafe(32)}")
     services: dict[str, Proc] = field(default_factory=dict)
     edges: dict[str, Proc] = field(default_factory=dict)
     results: list[tuple[str, str | None]] = field(default_factory=list)
@@ -121,7 +121,11 @@ class Demo:
                 "DR_REPLICATION_HEALTH_INTERVAL_SECONDS": "1",
             }
         if name == "failover":
-            wiring = {"DR_FAILOVER_POLL_SECONDS": "0.2", "DR_FAILOVER_SYNC_TIMEOUT_SECONDS": "30"}
+            wiring = {
+                "DR_FAILOVER_POLL_SECONDS": "0.2",
+                "DR_FAILOVER_SYNC_TIMEOUT_SECONDS": "30",
+                "DR_FAILOVER_SCRIPTS_DIR": str(self.run_dir / "scripts"),
+            }
         proc = procs.service(name, {**self.env, **wiring}, self.run_dir)
         self.services[name] = proc.start()
         return proc
@@ -655,7 +659,8 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
             return True
 
         await until(known, 30, "the failover service knows the protected items")
-        script = demo.run_dir / "warm-up.sh"
+        (demo.run_dir / "scripts").mkdir(exist_ok=True)
+        script = demo.run_dir / "scripts" / "warm-up.sh"
         script.write_text("#!/bin/sh\necho 'load balancer drained'\n")
         script.chmod(0o755)
         plan = {
@@ -668,7 +673,7 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
                             "action_id": "lb",
                             "name": "drain load balancer",
                             "kind": "script",
-                            "path": str(script),
+                            "script": script.name,
                         }
                     ],
                 },

@@ -68,9 +68,16 @@ async def lookup_token(pool: asyncpg.Pool, token: str, admin_token: str | None) 
     if admin_token and signing.constant_time_equals(token, admin_token):
         return Principal(token_id="bootstrap-admin", role=Role.ADMIN, vault_id=None)
     row = await pool.fetchrow(
-        "SELECT token_id, vault_id, role, revoked FROM known_tokens WHERE token_hash = $1",
+        "SELECT token_id, vault_id, role, revoked, expires_at <= now() AS expired"
+        " FROM known_tokens WHERE token_hash = $1",
         signing.hash_secret(token),
     )
+    if row is not None and row["expired"]:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "this token has expired: ask an admin of the vault for a new one",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if row is None or row["revoked"]:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

@@ -113,6 +113,8 @@ async def register(
         "metadata": metadata,
     }
     headers = {"Authorization": f"Bearer {settings.registration_key.get_secret_value()}"}
+    if settings.force_register and settings.admin_token is not None:  # needed to force
+        headers["X-DR-Admin-Token"] = settings.admin_token.get_secret_value()
     async with httpx.AsyncClient(base_url=settings.registration_url, timeout=10) as client:
         resp = await client.post("/v1/registrations", json=body, headers=headers)
     if resp.status_code != 201:

@@ -16,6 +16,7 @@ Every error is that JSON shape, whatever raised it:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -71,19 +72,25 @@ class BodyLimitMiddleware:
                 await self._too_large(scope, receive, send)
                 return
         seen = 0
+        too_large = False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    too_large = True
                     raise _TooLarge()
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
+        async def guarded(message: Message) -> None:
+            if not too_large:  # the app's answer to a body cut short (a 400) is replaced
+                await send(message)
+
+        with contextlib.suppress(_TooLarge):
+            await self.app(scope, limited, guarded)
+        if too_large:
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -28,12 +28,13 @@ async def upsert_vault(conn: asyncpg.Connection, vault_id: uuid.UUID, name: str)
 
 async def upsert_token(conn: asyncpg.Connection, ev: reg.ApiTokenIssued) -> None:
     await conn.execute(
-        "INSERT INTO known_tokens (token_hash, token_id, vault_id, role) VALUES ($1,$2,$3,$4)"
-        " ON CONFLICT (token_hash) DO NOTHING",
+        "INSERT INTO known_tokens (token_hash, token_id, vault_id, role, expires_at)"
+        " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (token_hash) DO NOTHING",
         ev.token_hash,
         ev.token_id,
         ev.vault_id,
         ev.role.value,
+        ev.expires_at,
     )
 
 

@@ -105,6 +105,10 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        problem = s.admin_token_problem()
+        if problem is not None:
+            log.critical("refusing to start", extra={"reason": problem})
+            raise SystemExit(f"{self.name}: {problem}")
         self._pool = await _retry("postgres", lambda: db.create_pool(s.database_url, self.schema))
         folders = [self.migrations] if self.migrations else []
         await db.migrate(self._pool, self.schema, *folders)
@@ -125,6 +129,7 @@ class Runtime:
         self.spawn_every(
             "kafka-probe", KAFKA_PROBE_SECONDS, lambda: self.kafka.probe(producer.unreachable)
         )
+        self.spawn_every("prune-processed", 3600, lambda: prune_processed(self.pool, s))
         log.info("service started", extra={"schema": self.schema})
 
     def spawn(self, name: str, factory: TaskFactory) -> None:
@@ -197,6 +202,19 @@ class Runtime:
         if self._pool is not None:
             await self._pool.close()
         log.info("service stopped")
+
+
+async def prune_processed(pool: asyncpg.Pool, settings: ServiceSettings) -> int:
+    """Delete de-duplication rows and published outbox rows older than the retention."""
+    hours = settings.processed_events_retention_hours
+    done = await pool.execute(
+        "DELETE FROM processed_events WHERE processed_at < now() - make_interval(secs => $1)",
+        hours * 3600,
+    )
+    await pool.execute(
+        "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)", hours * 3600
+    )
+    return int(done.split()[-1])
 
 
 async def _retry(what: str, action: Callable[[], Coroutine[Any, Any, Any]], tries: int = 30) -> Any:

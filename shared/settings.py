@@ -10,6 +10,8 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MIN_ADMIN_TOKEN_CHARS = 32
+
 
 class CommonSettings(BaseSettings):
     """Settings every process of the platform reads (prefix `DR_`, or the bare names below)."""
@@ -48,7 +50,9 @@ class CommonSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         validation_alias="DR_ADMIN_TOKEN",
         default=None,
-        description="Bootstrap admin token (global admin over every vault). Unset: no bootstrap.",
+        description="Bootstrap admin token (global admin over every vault). Required by every "
+        f"platform service, at least {MIN_ADMIN_TOKEN_CHARS} characters (e.g. "
+        "`openssl rand -base64 32`); edges never get it.",
     )
     max_body_bytes: int = Field(
         validation_alias="DR_MAX_BODY_BYTES",
@@ -73,6 +77,14 @@ class CommonSettings(BaseSettings):
 class ServiceSettings(CommonSettings):
     """Base for a service: its HTTP address and database schema."""
 
+    processed_events_retention_hours: float = Field(
+        validation_alias="DR_PROCESSED_EVENTS_RETENTION_HOURS",
+        default=168,
+        gt=0,
+        description="How long a consumed event's de-duplication row and a published outbox row "
+        "are kept (7 days, Kafka's default retention: a redelivery is never older).",
+    )
+
     http_host: str = Field(default="127.0.0.1", description="HTTP listen address.")
     http_port: int = Field(default=8000, ge=0, le=65535)
     db_schema: str = Field(
@@ -80,3 +92,15 @@ class ServiceSettings(CommonSettings):
         pattern=r"^[a-z_][a-z0-9_]*$|^$",
         description="PostgreSQL schema; empty: the service name.",
     )
+
+    def admin_token_problem(self) -> str | None:
+        """Why this service must not start with its admin token (None: it may)."""
+        token = self.admin_token.get_secret_value() if self.admin_token else ""
+        if not token:
+            return "DR_ADMIN_TOKEN is not set: generate one (e.g. `openssl rand -base64 32`)"
+        if len(token) < MIN_ADMIN_TOKEN_CHARS or len(set(token)) < 8:
+            return (
+                f"DR_ADMIN_TOKEN is too weak: use a random value of at least "
+                f"{MIN_ADMIN_TOKEN_CHARS} characters (e.g. `openssl rand -base64 32`)"
+            )
+        return None

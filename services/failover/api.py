@@ -386,10 +386,46 @@ def plan_out(p: dict[str, Any]) -> dict[str, Any]:
     return encoded
 
 
-async def _validated(request: Request, vault_id: uuid.UUID, body: PlanIn) -> list[dict[str, Any]]:
+def _check_scripts(
+    request: Request,
+    principal: Principal,
+    vault_id: uuid.UUID,
+    body: PlanIn,
+    before: list[dict[str, Any]] | None,
+) -> None:
+    """Only an admin creates or changes a script action; every script of the plan must be an
+    executable file of the service's scripts folder."""
+    scripts = domain.script_actions(body.groups)
+    unchanged = scripts == (domain.script_actions(before) if before is not None else [])
+    if scripts and not unchanged and not principal.allows(Role.ADMIN, vault_id):
+        raise HTTPException(
+            403,
+            "only an admin can create or change a plan's script actions; an operator can "
+            "change its items and manual actions",
+        )
+    folder = _ctx(request).settings.scripts_dir
+    for action in scripts:
+        try:
+            domain.script_file(folder, action["script"])
+        except ValueError as exc:
+            raise HTTPException(
+                422,
+                f"action {action['action_id']}: {exc}; scripts are installed by the host's "
+                "administrator in the failover service's scripts folder",
+            ) from None
+
+
+async def _validated(
+    request: Request,
+    principal: Principal,
+    vault_id: uuid.UUID,
+    body: PlanIn,
+    before: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     problems = domain.plan_problems(body.groups)
     if problems:
         raise HTTPException(422, "; ".join(problems))
+    _check_scripts(request, principal, vault_id, body, before)
     pool = _ctx(request).pool
     ids = [i for g in body.groups for i in g.items]
     known = {
@@ -410,13 +446,13 @@ async def _validated(request: Request, vault_id: uuid.UUID, body: PlanIn) -> lis
     "/recovery-plans",
     status_code=201,
     tags=["recovery plans"],
-    summary="Create a recovery plan (operator)",
+    summary="Create a recovery plan (operator; with script actions: admin)",
 )
 async def create_plan(
     vault_id: uuid.UUID, body: PlanIn, request: Request, principal: CurrentPrincipal
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
-    groups = await _validated(request, vault_id, body)
+    groups = await _validated(request, principal, vault_id, body)
     try:
         row = await _ctx(request).pool.fetchrow(
             "INSERT INTO recovery_plans (plan_id, vault_id, name, description, groups)"
@@ -460,14 +496,16 @@ async def show_plan(
 
 
 @router.put(
-    "/recovery-plans/{plan}", tags=["recovery plans"], summary="Replace a recovery plan (operator)"
+    "/recovery-plans/{plan}",
+    tags=["recovery plans"],
+    summary="Replace a recovery plan (operator; adding or changing a script action: admin)",
 )
 async def update_plan(
     vault_id: uuid.UUID, plan: str, body: PlanIn, request: Request, principal: CurrentPrincipal
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
     found = await _plan(request, vault_id, plan)
-    groups = await _validated(request, vault_id, body)
+    groups = await _validated(request, principal, vault_id, body, list(found["groups"]))
     row = await _ctx(request).pool.fetchrow(
         "UPDATE recovery_plans SET name = $2, description = $3, groups = $4, updated_at = now()"
         " WHERE plan_id = $1 RETURNING *",

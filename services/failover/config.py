@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -24,6 +26,30 @@ class FailoverSettings(ServiceSettings):
     )
     script_timeout_seconds: float = Field(
         default=600, gt=0, description="Default timeout of a recovery plan's script action."
+    )
+    scripts_dir: Path = Field(
+        default=Path("/etc/dr/failover/scripts"),
+        description="The folder of scripts a recovery plan's script action may run, by file "
+        "name only (links are followed and must stay inside). Only an admin of the host should "
+        "be able to write to it.",
+    )
+    script_path: str = Field(
+        default="/usr/local/bin:/usr/bin:/bin",
+        max_length=4096,
+        description="PATH of a script action: its whole environment is PATH and DR_PLAN_* values.",
+    )
+    script_output_bytes: int = Field(
+        default=65_536,
+        ge=1024,
+        le=16 * 1_048_576,
+        description="Most of a script's output (stdout, stderr each) kept while it runs; the "
+        "rest is read and dropped.",
+    )
+    script_excerpt_chars: int = Field(
+        default=2000,
+        ge=0,
+        le=65_536,
+        description="Characters of a script's output (its end, secrets removed) kept in the job.",
     )
     step_timeout_seconds: float = Field(
         default=1800,

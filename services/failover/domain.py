@@ -4,12 +4,15 @@ synchronous, no I/O: handlers and the workflow engine load the facts, these func
 
 from __future__ import annotations
 
+import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,6 +24,7 @@ from shared.schemas.inventory import Nic, VmNetwork
 
 MAX_PLAN_ITEMS = 100
 MAX_PLAN_GROUPS = 7
+SCRIPT_NAME = r"^[A-Za-z0-9_][A-Za-z0-9._-]*$"
 NAMESPACE = uuid.UUID("6f1c4a52-2f0e-4d84-9a57-0b3c2d51f1e1")
 
 
@@ -247,7 +251,13 @@ class PlanAction(BaseModel):
     )
     name: str = Field(min_length=1, max_length=200)
     kind: str = Field(pattern=r"^(script|manual)$")
-    path: str | None = Field(default=None, max_length=1024, description="Script to run.")
+    script: str | None = Field(
+        default=None,
+        max_length=255,
+        pattern=SCRIPT_NAME,
+        description="The script's file name in the failover service's scripts folder "
+        "(`DR_FAILOVER_SCRIPTS_DIR`): a name, never a path.",
+    )
     args: list[str] = Field(default_factory=list, max_length=50)
     timeout_seconds: float | None = Field(default=None, gt=0, le=24 * 3600)
     instructions: str = Field(default="", max_length=4000)
@@ -256,11 +266,18 @@ class PlanAction(BaseModel):
         description="Limit the action to test, planned and/or unplanned runs.",
     )
 
-    @field_validator("path")
+    @field_validator("script")
     @classmethod
-    def _absolute(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("/"):
-            raise ValueError("a script path must be absolute")
+    def _name_only(cls, value: str | None) -> str | None:
+        if value is not None and ".." in value:
+            raise ValueError("a script is named by its file name: '..' is not allowed")
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _short_args(cls, value: list[str]) -> list[str]:
+        if any(len(a) > 1024 or "\x00" in a for a in value):
+            raise ValueError("a script argument has at most 1024 characters and no NUL")
         return value
 
 
@@ -295,8 +312,8 @@ def plan_problems(groups: Sequence[PlanGroup]) -> list[str]:
         problems.append("action ids must be unique within a plan")
     for g_no, group in enumerate(groups, 1):
         for action in (*group.pre_actions, *group.post_actions):
-            if action.kind == "script" and not action.path:
-                problems.append(f"group {g_no}: script action '{action.name}' needs a path")
+            if action.kind == "script" and not action.script:
+                problems.append(f"group {g_no}: script action '{action.name}' needs a script")
     return problems
 
 
@@ -307,15 +324,79 @@ def actions_for(actions: Iterable[PlanAction], kind: FailoverKind | None) -> lis
     return [a for a in actions if kind in a.run_on]
 
 
+def script_actions(groups: Iterable[PlanGroup | dict[str, Any]]) -> list[dict[str, Any]]:
+    """A plan's script actions, as compared to decide whether a change needs an admin: an
+    operator may change a plan's items and manual actions, not what it runs."""
+    found = []
+    for group in groups:
+        g = group if isinstance(group, PlanGroup) else PlanGroup.model_validate(group)
+        for where, actions in (("pre", g.pre_actions), ("post", g.post_actions)):
+            found += [
+                {"at": where, **a.model_dump(mode="json", exclude={"name", "instructions"})}
+                for a in actions
+                if a.kind == "script"
+            ]
+    return sorted(found, key=lambda a: (a["action_id"], a["at"]))
+
+
+def script_file(folder: Path, name: str) -> Path:
+    """The script `name` of the scripts folder, resolved after following links; raises
+    ValueError unless it is an executable file inside the folder."""
+    if not re.fullmatch(SCRIPT_NAME, name) or ".." in name:
+        raise ValueError(f"'{name}' is not a script name (a file name, no path)")
+    root = folder.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ValueError(f"script '{name}' resolves outside the scripts folder")
+    if not path.is_file():
+        raise ValueError(f"script '{name}' is not a file in the scripts folder {folder}")
+    if not os.access(path, os.X_OK):
+        raise ValueError(f"script '{name}' in the scripts folder is not executable")
+    return path
+
+
+def script_env(path_var: str, values: dict[str, str]) -> dict[str, str]:
+    """A script action's whole environment: PATH and the DR_PLAN_* values, nothing of the
+    service's own (no tokens, no database URL)."""
+    return {"PATH": path_var, **{f"DR_PLAN_{k.upper()}": v for k, v in values.items()}}
+
+
+SECRET_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|KEY|CREDENTIAL|DATABASE_URL|DSN", re.IGNORECASE)
+SECRET_TEXT = re.compile(
+    r"(?i)(bearer\s+|(?:token|password|passwd|secret|key|credential)\s*[=:]\s*)\S+"
+    r"|\bdr[tkc]_[A-Za-z0-9_-]{12,}"
+    r"|[a-z][a-z0-9+.-]*://[^/\s:@]+:[^@\s]+@"
+)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every known secret value and anything shaped like a credential (bearer
+    tokens, key=value secrets, passwords in URLs) replaced by [redacted]."""
+    for secret in sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    return SECRET_TEXT.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+
+
+def environment_secrets(environ: dict[str, str]) -> list[str]:
+    """The values of the service's environment variables that are secrets by name."""
+    return [v for k, v in environ.items() if SECRET_NAME.search(k) and v]
+
+
+def excerpt(data: bytes, limit: int, secrets: Iterable[str]) -> str:
+    """The last `limit` characters of a script's output, secrets removed."""
+    text = redact(data.decode(errors="replace"), secrets)
+    return text if len(text) <= limit else "[...]" + text[-limit:]
+
+
 def script_failure(returncode: int | None, stderr: str, timed_out: bool, timeout: float) -> str:
     """Why a script action failed ('' if it succeeded): a timeout, a non-zero exit or any
     output on stderr."""
     if timed_out:
         return f"timed out after {timeout:g} s"
     if returncode:
-        return f"exited with status {returncode}" + (f": {stderr.strip()[:500]}" if stderr else "")
+        return f"exited with status {returncode}" + (f": {stderr.strip()}" if stderr else "")
     if stderr.strip():
-        return f"wrote to stderr: {stderr.strip()[:500]}"
+        return f"wrote to stderr: {stderr.strip()}"
     return ""
 
 

@@ -42,7 +42,7 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
             "INSERT INTO rm_items (item_id, vault_id, vm_id, vm_name, source_cloud_id,"
             " target_cloud_id, pairing_id, source_agent_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
             " ON CONFLICT (item_id) DO UPDATE SET source_agent_id = EXCLUDED.source_agent_id,"
-            " active = true, updated_at = now()",
+            " active = true, updated_at = now() WHERE rm_items.vault_id = EXCLUDED.vault_id",
             ev.item_id,
             inc.envelope.vault_id,
             ev.vm_id,
@@ -57,16 +57,22 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
     async def on_disabled(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, replication.ProtectionDisabled)
-        await conn.execute("UPDATE rm_items SET active = false WHERE item_id = $1", ev.item_id)
+        await conn.execute(
+            "UPDATE rm_items SET active = false WHERE item_id = $1 AND vault_id = $2",
+            ev.item_id,
+            inc.envelope.vault_id,
+        )
 
     async def on_state(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, replication.ItemStateChanged)
         await conn.execute(
-            "UPDATE rm_items SET state = $2, health = $3, updated_at = now() WHERE item_id = $1",
+            "UPDATE rm_items SET state = $2, health = $3, updated_at = now()"
+            " WHERE item_id = $1 AND vault_id = $4",
             ev.item_id,
             ev.state.value,
             ev.health.value,
+            inc.envelope.vault_id,
         )
         notifier.poke()
 
@@ -79,16 +85,24 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
             "  THEN $3 ELSE latest_source_time END,"
             " latest_seq = greatest(coalesce(latest_seq, 0), $2),"
             " latest_app_seq = CASE WHEN $4 THEN greatest(coalesce(latest_app_seq, 0), $2)"
-            "  ELSE latest_app_seq END, updated_at = now() WHERE item_id = $1",
+            "  ELSE latest_app_seq END, updated_at = now() WHERE item_id = $1 AND vault_id = $5",
             ev.item_id,
             ev.cycle_seq,
             ev.source_time,
             app,
+            inc.envelope.vault_id,
         )
         notifier.poke()
 
     async def on_materialised(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
+        assert isinstance(
+            ev, failover.RecoveryPointMaterialised | failover.RecoveryPointMaterialiseFailed
+        )
+        if not await repo.check_answerer(
+            conn, ev.request_id, inc.envelope.vault_id, inc.envelope.producer_id
+        ):
+            return
         if isinstance(ev, failover.RecoveryPointMaterialised):
             await repo.save_answer(
                 conn,
@@ -108,11 +122,10 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
     async def on_completed(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, agent.CommandCompleted)
-        ours = await conn.fetchval(
-            "SELECT true FROM tasks WHERE command_id = $1 LIMIT 1", ev.command_id
-        )
-        if not ours:
-            return
+        if not await repo.check_answerer(
+            conn, ev.command_id, inc.envelope.vault_id, inc.envelope.producer_id
+        ):
+            return  # another service's command
         await repo.save_answer(
             conn,
             ev.command_id,
@@ -128,14 +141,17 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         assert isinstance(ev, inventory.VmChanged)
         if ev.vm is None:
             await conn.execute(
-                "UPDATE rm_vms SET removed = true WHERE vm_id = $1 AND site = $2", ev.vm_id, ev.site
+                "UPDATE rm_vms SET removed = true WHERE vault_id = $1 AND vm_id = $2 AND site = $3",
+                inc.envelope.vault_id,
+                ev.vm_id,
+                ev.site,
             )
             return
         # A recovery VM keeps its source's id: the primary's record stays the one we use for
         # the source disks and NICs; only an item's own source site may overwrite it.
         await conn.execute(
             "INSERT INTO rm_vms (vm_id, vault_id, site, vm) VALUES ($1,$2,$3,$4)"
-            " ON CONFLICT (vm_id) DO UPDATE SET vm = EXCLUDED.vm, site = EXCLUDED.site,"
+            " ON CONFLICT (vault_id, vm_id) DO UPDATE SET vm = EXCLUDED.vm, site = EXCLUDED.site,"
             " removed = false WHERE rm_vms.site = EXCLUDED.site OR rm_vms.removed",
             ev.vm_id,
             inc.envelope.vault_id,
@@ -148,12 +164,14 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         assert isinstance(ev, inventory.NetworkChanged)
         if ev.network is None:
             await conn.execute(
-                "UPDATE rm_networks SET removed = true WHERE network_id = $1", ev.network_id
+                "UPDATE rm_networks SET removed = true WHERE vault_id = $1 AND network_id = $2",
+                inc.envelope.vault_id,
+                ev.network_id,
             )
             return
         await conn.execute(
             "INSERT INTO rm_networks (network_id, vault_id, site, network) VALUES ($1,$2,$3,$4)"
-            " ON CONFLICT (network_id) DO UPDATE SET network = EXCLUDED.network,"
+            " ON CONFLICT (vault_id, network_id) DO UPDATE SET network = EXCLUDED.network,"
             " site = EXCLUDED.site, removed = false",
             ev.network_id,
             inc.envelope.vault_id,
@@ -166,7 +184,7 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         assert isinstance(ev, inventory.CloudChanged)
         await conn.execute(
             "INSERT INTO rm_clouds (cloud_id, vault_id, site) VALUES ($1,$2,$3)"
-            " ON CONFLICT (cloud_id) DO UPDATE SET site = EXCLUDED.site",
+            " ON CONFLICT (vault_id, cloud_id) DO UPDATE SET site = EXCLUDED.site",
             ev.cloud_id,
             inc.envelope.vault_id,
             ev.site,
@@ -183,7 +201,7 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         m = ev.mapping
         await conn.execute(
             "INSERT INTO rm_mappings (mapping_id, vault_id, source_network_id, target_network_id,"
-            " removed) VALUES ($1,$2,$3,$4,$5) ON CONFLICT (mapping_id) DO UPDATE SET"
+            " removed) VALUES ($1,$2,$3,$4,$5) ON CONFLICT (vault_id, mapping_id) DO UPDATE SET"
             " target_network_id = EXCLUDED.target_network_id, removed = EXCLUDED.removed",
             m.mapping_id,
             inc.envelope.vault_id,
@@ -281,7 +299,9 @@ async def start_job(
                 raise FailoverRefused(f"{what} of {name} is already running; wait for it to finish")
             items.append(await check_item(conn, vault_id, item_id, operation, params))
         if operation is Operation.TEST_FAILOVER and items and "target_site" not in params:
-            params["target_site"] = await repo.cloud_site(conn, items[0]["target_cloud_id"]) or ""
+            params["target_site"] = (
+                await repo.cloud_site(conn, vault_id, items[0]["target_cloud_id"]) or ""
+            )
         params["items"] = [str(i) for i in item_ids]
         job = await repo.insert_job(
             conn,

@@ -5,7 +5,9 @@ in order, items of a group in parallel, pre/post actions)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,7 +59,7 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> dict[str, Any]:
     if item is None:
         raise StepFailed(f"protected item {item_id} is not known", "no ProtectionEnabled seen")
     link = await repo.link_of(pool, new=item_id)
-    vm_row = await repo.vm(pool, item["vm_id"])
+    vm_row = await repo.vm(pool, item["vault_id"], item["vm_id"])
     vm = vm_row["vm"] if vm_row else {}
     preferred: uuid.UUID | None = None
     if link is not None:
@@ -74,7 +76,7 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> dict[str, Any]:
         nics = list(vm.get("nics", []))
         source = await repo.producer(pool, item["source_agent_id"])
         source_site = source["site"] if source else (vm_row["site"] if vm_row else "")
-        target_site = await repo.cloud_site(pool, item["target_cloud_id"]) or ""
+        target_site = await repo.cloud_site(pool, item["vault_id"], item["target_cloud_id"]) or ""
     if not target_site:
         raise StepFailed(
             f"the recovery site of {item['vm_name']} is not known",
@@ -904,49 +906,95 @@ async def run_items(
 # ------------------------------------------------------------------ recovery plans
 
 
+async def _bounded_read(stream: asyncio.StreamReader | None, limit: int) -> bytes:
+    """Read a stream to its end, keeping only its last `limit` bytes."""
+    kept = bytearray()
+    while stream is not None and (chunk := await stream.read(65_536)):
+        kept += chunk
+        if len(kept) > limit:
+            del kept[: len(kept) - limit]
+    return bytes(kept)
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 async def run_action(run: Run, key: str, action: PlanAction) -> None:
     if action.kind == "manual":
         await run.manual(key, action.model_dump(mode="json"))
         return
-    timeout = action.timeout_seconds or run.settings.script_timeout_seconds
+    settings = run.settings
+    timeout = action.timeout_seconds or settings.script_timeout_seconds
+    secrets = domain.environment_secrets(dict(os.environ))
+
+    def excerpt(data: bytes, limit: int) -> str:
+        return domain.excerpt(data, limit, secrets)
 
     async def effect(_cid: uuid.UUID) -> dict[str, Any]:
-        assert action.path is not None
+        assert action.script is not None
         try:
+            path = domain.script_file(settings.scripts_dir, action.script)
             proc = await asyncio.create_subprocess_exec(
-                action.path,
+                str(path),
                 *action.args,
+                stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env={
-                    **os.environ,
-                    "DR_JOB_ID": str(run.job_id),
-                    "DR_OPERATION": run.job["operation"],
-                },
+                cwd=path.parent,
+                start_new_session=True,
+                env=domain.script_env(
+                    settings.script_path,
+                    {
+                        "job_id": str(run.job_id),
+                        "operation": run.job["operation"],
+                        "vault_id": str(run.vault_id),
+                        "target": str(run.job["target"]),
+                        "action_id": action.action_id,
+                    },
+                ),
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise StepFailed(
-                f"script {action.name} could not start: {exc}",
-                "bad path or permissions",
-                "fix the plan's script action",
+                f"script {action.name} could not start: {excerpt(str(exc).encode(), 500)}",
+                "the script is missing from the scripts folder or is not executable",
+                "put the script in the failover service's scripts folder, then restart the job",
             ) from None
+        limit = settings.script_output_bytes
+        reads = asyncio.gather(_bounded_read(proc.stdout, limit), _bounded_read(proc.stderr, limit))
+
+        async def finish() -> tuple[bytes, bytes]:
+            out_err = await asyncio.shield(reads)
+            await proc.wait()
+            return out_err
+
         timed_out = False
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            out, err = await asyncio.wait_for(finish(), timeout)
         except TimeoutError:
             timed_out = True
-            proc.kill()
-            out, err = await proc.communicate()
-        why = domain.script_failure(
-            proc.returncode, err.decode(errors="replace"), timed_out, timeout
-        )
+        finally:
+            if proc.returncode is None:
+                _kill_group(proc)
+        if timed_out:
+            try:  # whatever it wrote until killed (a child that left the group may hold a pipe)
+                out, err = await asyncio.wait_for(asyncio.shield(reads), 5)
+            except TimeoutError:
+                reads.cancel()
+                out, err = b"", b""
+            await proc.wait()
+        why = domain.script_failure(proc.returncode, excerpt(err, 500), timed_out, timeout)
         if why:
             raise StepFailed(
                 f"script {action.name} failed: {why}",
                 "a script action fails on a timeout, a non-zero exit or any stderr output",
                 "fix the script, then restart the job",
             )
-        return {"returncode": proc.returncode, "stdout": out.decode(errors="replace")[-2000:]}
+        return {
+            "returncode": proc.returncode,
+            "output": excerpt(out, settings.script_excerpt_chars),
+        }
 
     await run.step(key, f"script: {action.name}", effect, crash="script")
 

@@ -9,6 +9,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from shared import outbox
+from shared.kafka import Rejected
 from shared.schemas.envelope import EventPayload
 from shared.schemas.failover import JobChanged, JobState, TaskChanged
 
@@ -17,10 +18,54 @@ PRODUCER_ID = "service:failover"
 Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
 
+REPLICATION = "service:replication"
+
+
 async def emit(
     conn: asyncpg.Connection, vault_id: uuid.UUID, payload: EventPayload, key: str
 ) -> None:
+    """Publish `payload` (through the outbox); a question (an agent's command, a request to
+    the replication service) is recorded with whom it was asked of, in the same transaction."""
+    question = _question(payload)
+    if question is not None:
+        await conn.execute(
+            "INSERT INTO questions (request_id, vault_id, addressee) VALUES ($1,$2,$3)"
+            " ON CONFLICT (request_id) DO NOTHING",
+            question[0],
+            vault_id,
+            question[1],
+        )
     await outbox.emit(conn, payload, vault_id=vault_id, key=key, producer_id=PRODUCER_ID)
+
+
+def _question(payload: EventPayload) -> tuple[uuid.UUID, str] | None:
+    command_id, agent_id = getattr(payload, "command_id", None), getattr(payload, "agent_id", None)
+    if isinstance(command_id, uuid.UUID) and isinstance(agent_id, uuid.UUID):
+        return command_id, str(agent_id)
+    request_id = getattr(payload, "request_id", None)
+    if isinstance(request_id, uuid.UUID):
+        return request_id, REPLICATION
+    return None
+
+
+async def check_answerer(
+    conn: asyncpg.Connection, request_id: uuid.UUID, vault_id: uuid.UUID, producer_id: str
+) -> bool:
+    """True if `request_id` is a question of ours and this answer comes from whom it was asked
+    of, in its vault; False if it is not ours (nothing to do). Raises Rejected otherwise."""
+    row = await conn.fetchrow(
+        "SELECT vault_id, addressee FROM questions WHERE request_id = $1", request_id
+    )
+    if row is None:
+        return False
+    if row["vault_id"] != vault_id:
+        raise Rejected("vault_mismatch", f"{request_id} was asked in another vault")
+    if row["addressee"] is not None and row["addressee"] != producer_id:
+        raise Rejected(
+            "wrong_answerer",
+            f"{request_id} was asked of {row['addressee']}, not {producer_id}",
+        )
+    return True
 
 
 # ------------------------------------------------------------------ read models
@@ -41,8 +86,10 @@ async def items(conn: Conn, vault_id: uuid.UUID) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-async def vm(conn: Conn, vm_id: str) -> dict[str, Any] | None:
-    row = await conn.fetchrow("SELECT * FROM rm_vms WHERE vm_id = $1", vm_id)
+async def vm(conn: Conn, vault_id: uuid.UUID, vm_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM rm_vms WHERE vault_id = $1 AND vm_id = $2", vault_id, vm_id
+    )
     return dict(row) if row else None
 
 
@@ -61,9 +108,9 @@ async def mappings(conn: Conn, vault_id: uuid.UUID) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-async def cloud_site(conn: Conn, cloud_id: str) -> str | None:
+async def cloud_site(conn: Conn, vault_id: uuid.UUID, cloud_id: str) -> str | None:
     site: str | None = await conn.fetchval(
-        "SELECT site FROM rm_clouds WHERE cloud_id = $1", cloud_id
+        "SELECT site FROM rm_clouds WHERE vault_id = $1 AND cloud_id = $2", vault_id, cloud_id
     )
     return site
 

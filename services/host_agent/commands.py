@@ -18,10 +18,10 @@ from prometheus_client import Counter
 
 from services.host_agent import vm_lifecycle
 from services.host_agent.replicator import CommandFailed, Emit, Replicator
-from services.host_agent.tracking import write_atomic
 from services.host_agent.vms import VmNotFound, find_vm, set_state
 from services.host_agent.workload import Workloads
 from shared.edge import Identity
+from shared.files import write_atomic
 from shared.kafka import Incoming, Rejected
 from shared.schemas.agent import (
     CommandCompleted,

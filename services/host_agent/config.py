@@ -17,6 +17,14 @@ class AgentSettings(EdgeSettings):
     storage_dir: Path = Field(
         default=Path(".state/agent/storage"), description="The host's VM storage folder."
     )
+    export_roots: str = Field(
+        default="",
+        description="Comma-separated folders an offline initial replication may export cycle "
+        "files to (after following links); empty: offline export is refused.",
+    )
     host_os_version: str = Field(
         default="Windows Server 2022", description="Reported host OS version."
     )
+
+    def allowed_export_roots(self) -> list[Path]:
+        return [Path(p).resolve() for p in self.export_roots.split(",") if p.strip()]

@@ -37,6 +37,7 @@ from aiokafka.errors import KafkaError
 
 from shared import topics
 from shared.edge import Identity
+from shared.files import replace_synced
 from shared.kafka import KafkaProducer
 from shared.merkle import block_hash, zero_block_hash
 from shared.schemas.envelope import Envelope, EventPayload, new_envelope
@@ -276,7 +277,7 @@ class FileSink:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
-        os.replace(self._tmp, self.path)
+        replace_synced(self._tmp, self.path)
 
     def abort(self) -> None:
         self._fh.close()

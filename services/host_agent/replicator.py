@@ -30,7 +30,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,9 +60,10 @@ from services.host_agent.tracking import (
     disk_blocks,
     load_leaves,
     save_leaves,
-    write_atomic,
 )
+from shared.files import OutsideRoots, confined, write_atomic
 from shared.merkle import BLOCK_SIZE, HASH_SIZE, MerkleTree, block_hash
+from shared.metrics import reason_label
 from shared.schemas.agent import (
     DiskSpec,
     InitialReplication,
@@ -311,7 +312,7 @@ class ItemReplicator:
     async def fault(self, reason: str) -> None:
         """The journal can't go on: drop it, stop delta cycles, ask for a resync."""
         log.warning("replication faulted", extra={"item_id": str(self.item_id), "reason": reason})
-        FAULTS.labels(reason.split(":")[0][:40]).inc()
+        FAULTS.labels(reason_label(reason)).inc()
         for disk in self.disks:
             if disk.journal is not None:
                 disk.journal.discard()
@@ -822,6 +823,15 @@ def load_replica_leaves(folder: Path) -> dict[str, tuple[int, bytes]]:
 # ---------------------------------------------------------------------- all items
 
 
+def _confine(path: str, roots: Sequence[Path] | None, what: str) -> None:
+    if roots is None:
+        return
+    try:
+        confined(path, roots)
+    except OutsideRoots as exc:
+        raise CommandFailed(f"{what}: {exc}") from None
+
+
 def _disk_problem(spec: DiskSpec) -> str | None:
     path = Path(spec.path)
     if not path.is_file():
@@ -834,10 +844,21 @@ def _disk_problem(spec: DiskSpec) -> str | None:
 class Replicator:
     """Every protected item of this host."""
 
-    def __init__(self, state_dir: Path, host: HostIO, wiring: Wiring) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        host: HostIO,
+        wiring: Wiring,
+        disk_roots: Sequence[Path] | None = None,
+        export_roots: Sequence[Path] | None = None,
+    ) -> None:
+        """`disk_roots`/`export_roots`: the folders a command's disk images and offline export
+        path must lie in (after links); None: anywhere (tests of the replication mechanics)."""
         self.folder = state_dir / "items"
         self.host = host
         self.wiring = wiring
+        self.disk_roots = disk_roots
+        self.export_roots = export_roots
         self.items: dict[uuid.UUID, ItemReplicator] = {}
 
     async def start(self) -> None:
@@ -878,6 +899,7 @@ class Replicator:
         if existing is not None:
             return {"already_enabled": True, "next_cycle_seq": existing.record.next_seq}
         for spec in c.disks:
+            _confine(spec.path, self.disk_roots, f"disk {spec.disk_id}")
             problem = await asyncio.to_thread(_disk_problem, spec)
             if problem is None and self.host.tracked(Path(spec.path)) is not None:
                 problem = f"{spec.path} is already replicated"
@@ -885,6 +907,8 @@ class Replicator:
                 raise CommandFailed(f"disk {spec.disk_id}: {problem}")
         if c.initial_replication is InitialReplication.OFFLINE and not c.export_path:
             raise CommandFailed("offline initial replication needs an export_path")
+        if c.export_path:
+            _confine(c.export_path, self.export_roots, "export_path")
         if c.initial_replication is InitialReplication.ONLINE_SCHEDULED and not c.scheduled_at:
             raise CommandFailed("scheduled initial replication needs scheduled_at")
         record = ItemRecord(

@@ -98,7 +98,13 @@ class AgentRuntime(EdgeRuntime):
             emit=emit,
             sink=lambda item_id, _seq: KafkaSink(deltas, sign, item_id),
         )
-        self.replicator = Replicator(s.state_dir, self.host, wiring)
+        self.replicator = Replicator(
+            s.state_dir,
+            self.host,
+            wiring,
+            disk_roots=[s.storage_dir.resolve()],
+            export_roots=s.allowed_export_roots(),
+        )
         await self.replicator.start()
         handler = CommandHandler(
             self.identity,

@@ -26,10 +26,10 @@ from services.host_agent.tracking import (
     TrackedDisk,
     agent_lock,
     disk_blocks,
-    write_atomic,
 )
 from services.host_agent.vms import create_vm, disk_path, load_vm, parse_size
 from services.host_agent.workload import Pattern, Writer, write_blocks
+from shared.files import write_atomic
 from shared.merkle import MerkleTree
 
 

@@ -9,7 +9,6 @@ one sparse image file per disk (`<disk>.vhdx`, the file's size is the disk's siz
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.files import write_atomic
 from shared.schemas.inventory import VmState
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -80,9 +80,7 @@ def disk_path(storage: Path, vm: VmFile, disk: VmDisk) -> Path:
 
 def save_vm(storage: Path, vm: VmFile) -> None:
     folder = vm_dir(storage, vm.name)
-    tmp = folder / "vm.json.tmp"
-    tmp.write_text(vm.model_dump_json(indent=2))
-    os.replace(tmp, folder / "vm.json")
+    write_atomic(folder / "vm.json", vm.model_dump_json(indent=2).encode())
 
 
 def load_vm(storage: Path, name: str) -> VmFile:

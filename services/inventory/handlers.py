@@ -18,7 +18,13 @@ from shared import outbox, readmodels
 from shared.kafka import Incoming, Rejected
 from shared.schemas import registration as reg
 from shared.schemas.envelope import Envelope
-from shared.schemas.inventory import DiscoveryChange, DiscoverySnapshot, Inventory, object_id_of
+from shared.schemas.inventory import (
+    DiscoveryChange,
+    DiscoverySnapshot,
+    Inventory,
+    foreign_ids,
+    object_id_of,
+)
 from shared.schemas.registration import ProducerKind
 
 log = logging.getLogger(__name__)
@@ -95,6 +101,7 @@ async def apply_snapshot(
     problems = domain.snapshot_problems(inventory)
     if problems:
         raise Rejected("invalid_inventory", "; ".join(problems))
+    _own_ids_only(ref, inventory)
     plan = domain.plan_snapshot(await repo.object_hashes(conn, ref.provider_id), inventory)
     await apply_plan(conn, ref, plan)
     await repo.record_applied(conn, ref.provider_id, snapshot.sequence, at, snapshot=True)
@@ -118,6 +125,7 @@ async def apply_change(
     problems = domain.duplicate_problems(change.upserts)
     if problems:
         raise Rejected("invalid_inventory", "; ".join(problems[:10]))
+    _own_ids_only(ref, change.upserts)
     keys = [(kind, object_id_of(o)) for kind, o in change.upserts.objects()]
     existing = await repo.object_hashes(conn, ref.provider_id, keys + change.removals.keys())
     plan = domain.plan_change(existing, change.upserts, change.removals)
@@ -125,6 +133,14 @@ async def apply_change(
     await repo.record_applied(conn, ref.provider_id, change.sequence, at, snapshot=False)
     _applied("DiscoveryChange", ref, change.sequence, plan, started, change.upserts.size())
     return plan
+
+
+def _own_ids_only(ref: ProviderRef, inventory: Inventory) -> None:
+    """A provider describes only objects whose ids its own vault and site derive: it can't
+    publish (and so overwrite) another vault's or site's VM, host, cloud, network or disk."""
+    foreign = foreign_ids(inventory, ref.vault_id, ref.site)
+    if foreign:
+        raise Rejected("foreign_id", "; ".join(foreign))
 
 
 async def _assemble(

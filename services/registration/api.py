@@ -37,6 +37,12 @@ class VaultOut(BaseModel):
 class TokenIn(Strict):
     name: str = Field(min_length=1, max_length=100, pattern=NAME_PATTERN)
     role: Role
+    expires_in: int | None = Field(
+        default=None,
+        ge=1,
+        le=10 * 365 * 24 * 3600,
+        description="Seconds until the token stops authenticating; absent: it never expires.",
+    )
 
 
 class TokenOut(BaseModel):
@@ -45,6 +51,7 @@ class TokenOut(BaseModel):
     name: str
     role: Role
     created_at: datetime
+    expires_at: datetime | None = None
     revoked_at: datetime | None
 
 
@@ -143,7 +150,9 @@ async def issue_token(
     """Issue an API token with a role in this vault. The token is shown once."""
     who.check(Role.ADMIN, vault_id)
     await _vault_or_404(request, vault_id)
-    return await handlers.issue_token(request.app.state.pool, vault_id, body.name, body.role)
+    return await handlers.issue_token(
+        request.app.state.pool, vault_id, body.name, body.role, body.expires_in
+    )
 
 
 @router.get("/vaults/{vault_id}/tokens", response_model=list[TokenOut], tags=["tokens"])
@@ -206,16 +215,43 @@ async def revoke_key(
     return row
 
 
+ADMIN_HEADER = "X-DR-Admin-Token"
+
+
+async def _check_force(request: Request, key: str) -> None:
+    """A forced re-registration cuts the registered producer off: besides the registration
+    key it needs an admin token of the key's vault (or the bootstrap admin token) in the
+    `X-DR-Admin-Token` header, so a registration-key holder can't take over a producer."""
+    token = request.headers.get(ADMIN_HEADER, "").strip()
+    if not token:
+        raise HTTPException(
+            403,
+            f"a forced re-registration needs an admin token of the vault in the {ADMIN_HEADER} "
+            "header (for an edge: set DR_ADMIN_TOKEN for that one run)",
+        )
+    admin = request.app.state.settings.admin_token
+    principal = await auth.lookup_token(
+        request.app.state.pool, token, admin.get_secret_value() if admin else None
+    )
+    async with request.app.state.pool.acquire() as conn:
+        found = await repo.key_by_hash(conn, signing.hash_secret(key))
+    if found is not None:  # an unknown key is refused (401) by the registration itself
+        principal.check(Role.ADMIN, found[0])
+
+
 @router.post("/registrations", status_code=201, response_model=Registered, tags=["producers"])
 async def register(body: RegistrationIn, request: Request) -> Any:
     """Register a site provider (VMM server) or host agent.
 
     Authenticate with the vault's registration key as the bearer token. Returns the producer's
     own credential, shown once. An already-registered server is refused unless `force` is true;
-    re-registering issues a new credential and the old one stops working.
+    re-registering issues a new credential and the old one stops working, and needs an admin
+    token of the vault in the `X-DR-Admin-Token` header.
     """
     key = auth.bearer_of(request)
     settings = request.app.state.settings
+    if body.force:
+        await _check_force(request, key)
     try:
         return await handlers.register_producer(
             request.app.state.pool,

@@ -52,18 +52,32 @@ async def create_vault(pool: asyncpg.Pool, name: str) -> dict[str, Any]:
 
 
 async def issue_token(
-    pool: asyncpg.Pool, vault_id: uuid.UUID, name: str, role: ev.Role
+    pool: asyncpg.Pool,
+    vault_id: uuid.UUID,
+    name: str,
+    role: ev.Role,
+    expires_in_seconds: int | None = None,
 ) -> dict[str, Any]:
     token_id = f"tok-{secrets.token_hex(6)}"
     token = signing.new_secret("drt")
     token_hash = signing.hash_secret(token)
+    expires_at = (
+        datetime.now(UTC) + timedelta(seconds=expires_in_seconds) if expires_in_seconds else None
+    )
     async with pool.acquire() as conn, conn.transaction():
-        row = await repo.insert_token(conn, token_id, vault_id, name, role.value, token_hash)
+        row = await repo.insert_token(
+            conn, token_id, vault_id, name, role.value, token_hash, expires_at
+        )
         await emit(
             conn,
             vault_id,
             ev.ApiTokenIssued(
-                token_id=token_id, token_hash=token_hash, role=role, vault_id=vault_id, name=name
+                token_id=token_id,
+                token_hash=token_hash,
+                role=role,
+                vault_id=vault_id,
+                name=name,
+                expires_at=expires_at,
             ),
         )
     return {**row, "token": token}

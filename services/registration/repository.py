@@ -49,29 +49,34 @@ async def insert_token(
     name: str,
     role: str,
     token_hash: str,
+    expires_at: datetime | None = None,
 ) -> dict[str, Any]:
     row = await conn.fetchrow(
-        "INSERT INTO api_tokens (token_id, vault_id, name, role) VALUES ($1,$2,$3,$4)"
-        " RETURNING token_id, vault_id, name, role, created_at, revoked_at",
+        "INSERT INTO api_tokens (token_id, vault_id, name, role, expires_at)"
+        " VALUES ($1,$2,$3,$4,$5)"
+        " RETURNING token_id, vault_id, name, role, created_at, revoked_at, expires_at",
         token_id,
         vault_id,
         name,
         role,
+        expires_at,
     )
     await conn.execute(
-        "INSERT INTO known_tokens (token_hash, token_id, vault_id, role) VALUES ($1,$2,$3,$4)",
+        "INSERT INTO known_tokens (token_hash, token_id, vault_id, role, expires_at)"
+        " VALUES ($1,$2,$3,$4,$5)",
         token_hash,
         token_id,
         vault_id,
         role,
+        expires_at,
     )
     return dict(row)
 
 
 async def list_tokens(conn: asyncpg.Connection, vault_id: uuid.UUID) -> list[dict[str, Any]]:
     rows = await conn.fetch(
-        "SELECT token_id, vault_id, name, role, created_at, revoked_at FROM api_tokens"
-        " WHERE vault_id = $1 ORDER BY created_at",
+        "SELECT token_id, vault_id, name, role, created_at, revoked_at, expires_at"
+        " FROM api_tokens WHERE vault_id = $1 ORDER BY created_at",
         vault_id,
     )
     return [dict(r) for r in rows]
@@ -83,7 +88,7 @@ async def revoke_token(
     row = await conn.fetchrow(
         "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())"
         " WHERE vault_id = $1 AND token_id = $2"
-        " RETURNING token_id, vault_id, name, role, created_at, revoked_at",
+        " RETURNING token_id, vault_id, name, role, created_at, revoked_at, expires_at",
         vault_id,
         token_id,
     )

@@ -14,8 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.replication import domain, handlers, offline
 from services.replication import repository as repo
+from services.replication.failover_support import materialise_target
 from services.replication.store import UnknownPoint
 from shared.auth import CurrentPrincipal
+from shared.files import OutsideRoots, confined
 from shared.readmodels import until_known
 from shared.schemas.registration import Role
 from shared.schemas.replication import Health, ItemState
@@ -231,14 +233,19 @@ async def materialise_point(
     who.check(Role.OPERATOR, vault_id)
     item = await _item(request, vault_id, item_id)
     settings = _ctx(request).settings
-    target = await asyncio.to_thread(Path(body.target_dir).resolve)
-    if not any(target.is_relative_to(root) for root in settings.allowed_roots()):
-        roots = ", ".join(str(r) for r in settings.allowed_roots())
-        raise HTTPException(422, f"target_dir must be under one of: {roots}")
     async with _ctx(request).pool.acquire() as conn:
         points = {p["cycle_seq"]: p for p in await repo.live_points(conn, item_id)}
     if seq not in points:
         raise HTTPException(404, f"recovery point {seq} not found (pruned or never committed)")
+    try:
+        target = await asyncio.to_thread(
+            materialise_target,
+            settings,
+            body.target_dir,
+            [d["disk_id"] for d in points[seq]["disks"]],
+        )
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
     store = _ctx(request).store(item["target_site"])
     await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
     disks = []
@@ -285,11 +292,14 @@ async def import_offline(
     who.check(Role.OPERATOR, vault_id)
     item = await _item(request, vault_id, item_id)
     async with _ctx(request).pool.acquire() as conn:
-        settings = await repo.policy_settings(conn, item["policy_id"])
+        settings = await repo.policy_settings(conn, item["vault_id"], item["policy_id"])
     base = body.path or settings.get("offline_import_path")
     if not base:
         raise HTTPException(422, "no import path: pass 'path' or set the policy's import path")
-    folder = Path(base) / str(item_id)
+    try:
+        folder = confined(Path(base) / str(item_id), _ctx(request).settings.allowed_offline_roots())
+    except OutsideRoots as exc:
+        raise HTTPException(422, f"import path: {exc}") from None
     if not await asyncio.to_thread(folder.is_dir):
         raise HTTPException(404, f"no exported cycles at {folder}")
     lines = await offline.import_cycles(request.app.state.import_pipeline, folder, str(item_id))

@@ -48,6 +48,25 @@ class ReplicationSettings(ServiceSettings):
         description="Comma-separated folders recovery points may be materialised under "
         "(recovery hosts' storage); empty: the parent of the store folder.",
     )
+    offline_roots: str = Field(
+        default="",
+        description="Comma-separated folders an offline import may read exported cycles from "
+        "(after following links); empty: the materialise roots.",
+    )
+    max_disk_bytes: int = Field(
+        default=64 * 2**40,
+        gt=0,
+        le=64 * 2**40,
+        description="Largest disk the service protects (64 TiB, a VHDX's limit); a larger disk "
+        "is refused at enable and a cycle claiming one goes to the DLQ.",
+    )
+    max_block_bytes: int = Field(
+        default=1_048_576,
+        ge=4096,
+        le=4 * 1_048_576,
+        description="Largest block size a cycle may declare (agents use 64 KiB): bounds the "
+        "memory one batch of blocks can take.",
+    )
     health_interval_seconds: float = Field(
         default=2, gt=0, description="How often RPO and health are re-evaluated."
     )
@@ -55,6 +74,11 @@ class ReplicationSettings(ServiceSettings):
     def resync_backoff(self, attempt: int) -> float:
         steps = [float(x) for x in self.resync_backoff_seconds.split(",") if x.strip()]
         return steps[min(max(attempt, 1), len(steps)) - 1]
+
+    def allowed_offline_roots(self) -> list[Path]:
+        if not self.offline_roots.strip():
+            return self.allowed_roots()
+        return [Path(p).resolve() for p in self.offline_roots.split(",") if p.strip()]
 
     def allowed_roots(self) -> list[Path]:
         if not self.materialise_roots.strip():

@@ -11,6 +11,7 @@ import errno
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from shared.schemas.replication import CycleKind, Health, ItemState
 
@@ -270,3 +271,35 @@ def check_action(state: ItemState, action: str) -> None:
             f"cannot {action} an item in state '{state.value}'; allowed in: "
             + ", ".join(sorted(s.value for s in allowed[action]))
         )
+
+
+def geometry_problem(
+    known: list[dict[str, Any]],
+    disks: list[dict[str, Any]],
+    max_disk_bytes: int,
+    max_block_bytes: int,
+) -> tuple[str, str] | None:
+    """(reason, text) if a cycle's disks are not the item's known disks with their sizes, or
+    exceed the service's bounds; None if they are fine."""
+    sizes = {d["disk_id"]: d["size_bytes"] for d in known}
+    seen = set()
+    for disk in disks:
+        disk_id, size = disk["disk_id"], disk["size_bytes"]
+        if disk_id in seen:
+            return "bad_geometry", f"disk {disk_id} appears twice in the cycle"
+        seen.add(disk_id)
+        if size > max_disk_bytes:
+            return "disk_too_large", f"disk {disk_id}: {size} bytes > the {max_disk_bytes} allowed"
+        if disk["block_size"] > max_block_bytes:
+            return (
+                "bad_geometry",
+                f"disk {disk_id}: block size {disk['block_size']} > the {max_block_bytes} allowed",
+            )
+        if disk_id not in sizes:
+            return "unknown_disk", f"disk {disk_id} is not a disk of the protected item"
+        if size != sizes[disk_id]:
+            return (
+                "disk_size_mismatch",
+                f"disk {disk_id}: {size} bytes, the item's disk has {sizes[disk_id]}",
+            )
+    return None

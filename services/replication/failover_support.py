@@ -31,6 +31,7 @@ import asyncpg
 
 from services.replication import domain
 from services.replication import repository as repo
+from services.replication.config import ReplicationSettings
 from services.replication.handlers import (
     Context,
     change_state,
@@ -40,6 +41,7 @@ from services.replication.handlers import (
     request_resync,
 )
 from services.replication.store import StoreError
+from shared.files import OutsideRoots, confined
 from shared.kafka import Handler, Incoming, Rejected
 from shared.schemas import agent as cmd
 from shared.schemas import failover as fo
@@ -57,6 +59,22 @@ BATCH = 4  # requests worked on at once
 
 class _Refused(Exception):
     """A request that can't be carried out; the message is the answer's error."""
+
+
+def materialise_target(settings: ReplicationSettings, target_dir: str, disk_ids: list[str]) -> Path:
+    """The folder a point's disks are written to, `target_dir` resolved: it must lie under a
+    materialise root (after links), hold no VM (vm.json) and every disk id must be usable as a
+    file name. ValueError says what is wrong."""
+    try:
+        target = confined(target_dir, settings.allowed_roots())
+    except OutsideRoots as exc:
+        raise ValueError(f"target_dir is not under a materialise root: {exc}") from None
+    if (target / "vm.json").exists():
+        raise ValueError(f"target_dir {target} holds a VM (vm.json): its disks are not overwritten")
+    bad = [d for d in disk_ids if not SAFE_FILE.fullmatch(d)]
+    if bad:
+        raise ValueError(f"disk ids unusable as file names: {bad}")
+    return target
 
 
 def _check_requester(inc: Incoming) -> None:
@@ -218,7 +236,7 @@ def make_failover_handlers(ctx: Context) -> dict[str, Handler]:
         if old is not None:
             _same_vault(inc, old)
         try:
-            plan = await _plan_reverse(conn, inc, msg, old)
+            plan = await _plan_reverse(conn, inc, msg, old, ctx.settings.allowed_roots())
         except _Refused as exc:
             await _refuse_reverse(conn, inc, msg, str(exc))
             return
@@ -241,8 +259,10 @@ async def _plan_reverse(
     inc: Incoming,
     msg: fo.ReverseReplicationRequested,
     old: dict[str, Any] | None,
+    roots: list[Path],
 ) -> dict[str, Any]:
-    """Check the request; the settings and clouds of the new item. `_Refused` says why not."""
+    """Check the request; the settings and clouds of the new item. `_Refused` says why not.
+    Seed disks must lie under the materialise roots (after links)."""
     if old is None or not old["active"]:
         raise _Refused(f"protected item {msg.old_item_id} not found (or no longer active)")
     if ItemState(old["state"]) is not ItemState.FAILED_OVER:
@@ -261,7 +281,11 @@ async def _plan_reverse(
                 f"seeds {sorted(s.disk_id for s in msg.seed_disks)}"
             )
         for disk_id, path in seeds.items():
-            if not await asyncio.to_thread(Path(path).is_file):
+            try:
+                real = confined(path, roots)
+            except OutsideRoots as exc:
+                raise _Refused(f"seed disk {disk_id}: {exc}") from None
+            if not await asyncio.to_thread(real.is_file):
                 raise _Refused(f"seed disk {disk_id}: no image file at {path}")
     elif not msg.force_full_resync:
         raise _Refused(
@@ -271,13 +295,13 @@ async def _plan_reverse(
     agent = await repo.agent_by_id(conn, msg.source_agent_id)
     if agent is None or not agent["active"] or agent["vault_id"] != inc.envelope.vault_id:
         raise _Refused(f"no active host agent {msg.source_agent_id} in this vault")
-    clash = await repo.active_item_for_vm(conn, msg.vm_id)
+    clash = await repo.active_item_for_vm(conn, old["vault_id"], msg.vm_id)
     if clash is not None and clash["item_id"] != old["item_id"]:
         raise _Refused(f"VM {msg.vm_id} is already protected (item {clash['item_id']})")
-    settings = await repo.policy_settings(conn, old["policy_id"])
+    settings = await repo.policy_settings(conn, old["vault_id"], old["policy_id"])
     old_source_cloud = await repo.pairing_source_cloud(
-        conn, old["pairing_id"]
-    ) or await repo.vm_cloud(conn, old["vm_id"])
+        conn, old["vault_id"], old["pairing_id"]
+    ) or await repo.vm_cloud(conn, old["vault_id"], old["vm_id"])
     return {
         "settings": settings,
         "source_cloud_id": old["target_cloud_id"],
@@ -423,11 +447,12 @@ async def _seed_and_resync(ctx: Context, request: dict[str, Any]) -> None:
     msg = fo.ReverseReplicationRequested.model_validate(request["request"])
     item_key = str(msg.new_item_id)
     store = ctx.store(msg.target_site)
-    images = {s.disk_id: Path(s.path) for s in msg.seed_disks}
     source_time: datetime = request["created_at"]
     manifest = None
     failure = None
     try:
+        roots = ctx.settings.allowed_roots()  # checked again: a link may have changed since
+        images = {s.disk_id: confined(s.path, roots) for s in msg.seed_disks}
         manifest = await asyncio.to_thread(store.seed_from_images, item_key, 1, images, source_time)
     except (OSError, StoreError, ValueError) as exc:
         failure = f"seeding from the old primary's disks failed ({exc}); copying every block"
@@ -439,7 +464,7 @@ async def _seed_and_resync(ctx: Context, request: dict[str, Any]) -> None:
             return
         if not await repo.answer_request(conn, msg.request_id, "answered", None, None):
             return  # done by an earlier attempt
-        settings = await repo.policy_settings(conn, item["policy_id"])
+        settings = await repo.policy_settings(conn, item["vault_id"], item["policy_id"])
         settings = {
             **settings,
             "initial_replication": cmd.InitialReplication.SEEDED.value,
@@ -529,19 +554,12 @@ async def _materialise(ctx: Context, request: dict[str, Any]) -> EventPayload:
     except domain.ReplicationError as exc:
         return failed(exc.message)
     point = next(p for p in live if p["cycle_seq"] == seq)
-    roots = ctx.settings.allowed_roots()
-    target = await asyncio.to_thread(Path(msg.target_dir).resolve)
-    if not any(target.is_relative_to(root) for root in roots):
-        return failed(
-            f"target_dir {msg.target_dir} is not under a materialise root ("
-            + ", ".join(str(r) for r in roots)
-            + ")"
+    try:
+        target = await asyncio.to_thread(
+            materialise_target, ctx.settings, msg.target_dir, [d["disk_id"] for d in point["disks"]]
         )
-    if await asyncio.to_thread((target / "vm.json").exists):
-        return failed(f"target_dir {target} holds a VM (vm.json): its disks are not overwritten")
-    bad = [d["disk_id"] for d in point["disks"] if not SAFE_FILE.fullmatch(d["disk_id"])]
-    if bad:
-        return failed(f"disk ids unusable as file names: {bad}")
+    except ValueError as exc:
+        return failed(str(exc))
     store = ctx.store(item["target_site"])
     disks = []
     try:

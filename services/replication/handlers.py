@@ -41,6 +41,7 @@ from shared import outbox, topics
 from shared.faults import crash_point
 from shared.kafka import RUN_MEMO, Handler, Incoming, Rejected, RunFallback, RunHandler
 from shared.merkle import block_count, block_length, zero_block_hash
+from shared.metrics import reason_label
 from shared.readmodels import NotYetKnown, signature_verifier
 from shared.schemas import agent as cmd
 from shared.schemas import replication as ev
@@ -162,7 +163,7 @@ async def require_resync(
     """The replica can't take the next cycle: put the item in resync. The first time the
     agent is asked at once; a resync that fails again is retried after a backoff (docs/reference.md:
     1, 2, 4, 8, 10 min, then every 30 min)."""
-    RESYNCS.labels(reason.split(":")[0][:40]).inc()
+    RESYNCS.labels(reason_label(reason)).inc()
     await repo.drop_cycles(conn, item["item_id"])
     retrying = ItemState(item["state"]) in (
         ItemState.RESYNCHRONIZING,
@@ -290,6 +291,14 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         msg = inc.payload
         assert isinstance(msg, ev.CycleStarted)
         item = await _item_for(conn, inc, msg.item_id)
+        problem = domain.geometry_problem(
+            item["disks"],
+            [d.model_dump() for d in msg.disks],
+            ctx.settings.max_disk_bytes,
+            ctx.settings.max_block_bytes,
+        )
+        if problem is not None:
+            raise Rejected(*problem)
         verdict = domain.judge_cycle_start(
             ItemState(item["state"]),
             item["last_committed_seq"],
@@ -338,10 +347,10 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
 
     async def stored_blocks(
         item: dict[str, Any], cycle: dict[str, Any], inc: Incoming
-    ) -> tuple[list[tuple[int, str]], int, str | None]:
+    ) -> tuple[list[tuple[int, str]], int, tuple[str, str] | None]:
         """One batch's blocks checked against the cycle's disks and their hashes, and durable
         in the store: ((index, sha256) of each, bytes stored, None) or, for a bad block,
-        (.., .., what is wrong with it)."""
+        (.., .., (reason, what is wrong with it))."""
         msg = inc.payload
         assert isinstance(msg, ev.BlocksShipped)
         geometry = {d["disk_id"]: d for d in cycle["disks"]}
@@ -357,7 +366,7 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
             try:
                 data = _block_bytes(block, disk, msg.compression, ready.get(block.index))
             except ValueError as exc:
-                return staged, 0, f"block {block.index}: {exc}"
+                return staged, 0, ("bad_block", f"block {block.index}: {exc}")
             staged.append((block.index, block.sha256))
             if data is not None:
                 decoded.append((block.index, block.sha256, data))
@@ -367,7 +376,7 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
                 with ctx.storing(msg.item_id):
                     await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
             except ValueError as exc:  # BlockHashMismatch
-                return staged, 0, str(exc)
+                return staged, 0, ("block_hash_mismatch", str(exc))
         return staged, sum(len(data) for _, _, data in decoded), None
 
     async def on_blocks(conn: asyncpg.Connection, inc: Incoming) -> None:
@@ -379,9 +388,10 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
             return  # a batch of a cycle we ignore or already gave up on
         staged, nbytes, why = await stored_blocks(item, cycle, inc)
         if why is not None:
-            await repo.poison_cycle(conn, msg.item_id, msg.cycle_seq, why)
-            await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {why}")
-            raise Rejected("block_hash_mismatch", why, keep_effects=True)
+            reason, text = why
+            await repo.poison_cycle(conn, msg.item_id, msg.cycle_seq, text)
+            await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {text}")
+            raise Rejected(reason, text, keep_effects=True)
         crash_point("replication.blocks_stored")
         await repo.stage_batches(
             conn, msg.item_id, msg.cycle_seq, [(msg.batch_no, msg.disk_id, staged, nbytes)]
@@ -413,7 +423,7 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
             assert isinstance(msg, ev.BlocksShipped)
             staged, nbytes, why = await stored_blocks(item, cycle, inc)
             if why is not None:
-                raise RunFallback(why)
+                raise RunFallback(why[1])
             batches.append((msg.batch_no, msg.disk_id, staged, nbytes))
         crash_point("replication.blocks_stored")
         await repo.stage_batches(conn, first.item_id, first.cycle_seq, batches)
@@ -618,6 +628,13 @@ def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]
             return
         by_item: dict[tuple[uuid.UUID, str], list[tuple[Any, dict[int, tuple[str, bytes]]]]] = {}
         items: dict[uuid.UUID, dict[str, Any] | None] = {}
+        # the geometry a batch is decoded to: its cycle's start in this chunk, else the open
+        # cycle (on_blocks checks the bytes against the cycle it finds)
+        cycles: dict[tuple[uuid.UUID, int], dict[str, Any] | None] = {
+            (msg.item_id, msg.cycle_seq): {"disks": [d.model_dump() for d in msg.disks]}
+            for _, msg in group
+            if isinstance(msg, ev.CycleStarted)
+        }
         token = RUN_MEMO.set({})  # each producer looked up once for the chunk
         try:
             async with ctx.pool.acquire() as conn:
@@ -631,11 +648,23 @@ def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]
                     item = items[msg.item_id]
                     if item is None or str(item["source_agent_id"]) != env.producer_id:
                         continue
+                    if (msg.item_id, msg.cycle_seq) not in cycles:
+                        cycles[msg.item_id, msg.cycle_seq] = await repo.open_cycle(
+                            conn, msg.item_id, msg.cycle_seq
+                        )
+                    cycle = cycles[msg.item_id, msg.cycle_seq]
+                    disk = next(
+                        (d for d in (cycle or {}).get("disks", []) if d["disk_id"] == msg.disk_id),
+                        None,
+                    )
+                    if disk is None or disk["block_size"] > ctx.settings.max_block_bytes:
+                        continue
                     try:
                         blocks = {
-                            b.index: (b.sha256, _decode_data(b, msg.compression))
+                            b.index: (b.sha256, data)
                             for b in msg.blocks
                             if b.data is not None
+                            and (data := _block_bytes(b, disk, msg.compression)) is not None
                         }
                     except ValueError:
                         continue
@@ -677,21 +706,38 @@ def _block_bytes(
         if block.sha256 != zero:
             raise ValueError("marked zero but its SHA-256 is not that of a zero block")
         return None
+    length = block_length(block.index, size, block_size)
     if ready is not None:
+        if len(ready) != length:
+            raise ValueError(f"{len(ready)} bytes where the block has {length}")
         return ready
-    return _decode_data(block, compression)
+    return _decode_data(block, compression, length)
 
 
-def _decode_data(block: ev.Block, compression: ev.Compression) -> bytes:
+def _decode_data(block: ev.Block, compression: ev.Compression, length: int) -> bytes:
+    """The block's bytes, decoded and decompressed to at most `length` (the block's length
+    from the cycle's geometry): data that is longer, or expands beyond it (a decompression
+    bomb), is refused before more than `length` bytes are made."""
     assert block.data is not None
+    if len(block.data) > 4 * ((length + length // 100 + 64) // 3 + 1):
+        raise ValueError(f"{len(block.data)} characters of base64 for a block of {length} bytes")
     try:
         raw = pybase64.b64decode(block.data, validate=True)  # binascii.Error if not base64
         compressed = (
             block.compressed if block.compressed is not None else compression is ev.Compression.ZLIB
         )
-        return zlib.decompress(raw) if compressed else raw
+        if compressed:
+            inflater = zlib.decompressobj()
+            data = inflater.decompress(raw, length)
+            if inflater.unconsumed_tail or not inflater.eof:
+                raise ValueError(f"expands beyond the block's {length} bytes or is truncated")
+        else:
+            data = raw
     except (binascii.Error, zlib.error) as exc:
         raise ValueError(f"undecodable data ({exc})") from None
+    if len(data) != length:
+        raise ValueError(f"{len(data)} bytes where the block has {length}")
+    return data
 
 
 # ------------------------------------------------------------------ read models
@@ -705,7 +751,7 @@ def make_read_model_handlers() -> dict[str, Any]:
         msg = inc.payload
         assert isinstance(msg, inv.VmChanged)
         if msg.vm is None:
-            await repo.remove_vm(conn, msg.vm_id)
+            await repo.remove_vm(conn, inc.envelope.vault_id, msg.vm_id)
         else:
             await repo.upsert_vm(
                 conn, inc.envelope.vault_id, msg.site, msg.vm.model_dump(mode="json")
@@ -715,7 +761,7 @@ def make_read_model_handlers() -> dict[str, Any]:
         msg = inc.payload
         assert isinstance(msg, inv.HostChanged)
         if msg.host is None:
-            await repo.remove_host(conn, msg.host_id)
+            await repo.remove_host(conn, inc.envelope.vault_id, msg.host_id)
         else:
             await repo.upsert_host(
                 conn, inc.envelope.vault_id, msg.site, msg.host.model_dump(mode="json")
@@ -794,8 +840,13 @@ def make_agent_event_handlers(ctx: Context) -> dict[str, Any]:
             )
             item_id = msg.result.get("item_id")
             if msg.command_type == "ReplicationEnableRequested" and item_id:
-                item = await repo.get_item(conn, uuid.UUID(str(item_id)), lock=True)
+                try:
+                    item_uuid = uuid.UUID(str(item_id))
+                except ValueError:
+                    raise Rejected("bad_result", f"item_id {str(item_id)[:100]!r}") from None
+                item = await repo.get_item(conn, item_uuid, lock=True)
                 if item is not None and item["active"]:
+                    _check_enable_answer(item, inc)
                     await change_state(
                         conn,
                         item,
@@ -831,7 +882,7 @@ async def enable_protection(ctx: Context, vault_id: uuid.UUID, vm_id: str) -> di
     """Create the protected item and command the source agent (the caller has run the
     prerequisite check)."""
     async with ctx.pool.acquire() as conn, conn.transaction():
-        existing = await repo.active_item_for_vm(conn, vm_id)
+        existing = await repo.active_item_for_vm(conn, vault_id, vm_id)
         if existing is not None:
             raise domain.ReplicationError(
                 f"VM {vm_id} is already protected (item {existing['item_id']})"
@@ -853,6 +904,12 @@ async def enable_protection(ctx: Context, vault_id: uuid.UUID, vm_id: str) -> di
         disks = _vm_disks(vm)
         if not disks:
             raise domain.ReplicationError(f"VM {vm_id} has no disks to replicate")
+        too_large = [d for d in disks if d["size_bytes"] > ctx.settings.max_disk_bytes]
+        if too_large:
+            raise domain.ReplicationError(
+                f"VM {vm_id}: disk {too_large[0]['disk_id']} has {too_large[0]['size_bytes']} "
+                f"bytes, more than the {ctx.settings.max_disk_bytes} this service protects"
+            )
         item_id = uuid.uuid4()
         item = await repo.insert_item(
             conn,
@@ -889,12 +946,33 @@ async def enable_protection(ctx: Context, vault_id: uuid.UUID, vm_id: str) -> di
     return item
 
 
+def _check_enable_answer(item: dict[str, Any], inc: Incoming) -> None:
+    """An enable failure counts only from the item's source agent, in its vault, for the
+    enable command the item is waiting on."""
+    msg = inc.payload
+    assert isinstance(msg, cmd.CommandCompleted)
+    if item["vault_id"] != inc.envelope.vault_id:
+        raise Rejected("vault_mismatch", "the item belongs to another vault")
+    if str(item["source_agent_id"]) != inc.envelope.producer_id:
+        raise Rejected(
+            "wrong_answerer",
+            f"the enable command was sent to {item['source_agent_id']}, "
+            f"not {inc.envelope.producer_id}",
+        )
+    if msg.command_id != enable_command_id(item):
+        raise Rejected("wrong_answerer", f"{msg.command_id} is not the item's enable command")
+
+
+def enable_command_id(item: dict[str, Any]) -> uuid.UUID:
+    return uuid.uuid5(item["item_id"], f"enable:{item['last_committed_seq'] or 0}")
+
+
 def enable_command(
     item: dict[str, Any], settings: dict[str, Any]
 ) -> cmd.ReplicationEnableRequested:
     initial = settings.get("initial_replication", "online_now")
     return cmd.ReplicationEnableRequested(
-        command_id=uuid.uuid5(item["item_id"], f"enable:{item['last_committed_seq'] or 0}"),
+        command_id=enable_command_id(item),
         agent_id=item["source_agent_id"],
         item_id=item["item_id"],
         vm_id=item["vm_id"],
@@ -970,7 +1048,7 @@ async def disable(
 ) -> dict[str, Any]:
     async with ctx.pool.acquire() as conn, conn.transaction():
         item = await _load_for_action(conn, vault_id, item_id)
-        settings = await repo.policy_settings(conn, item["policy_id"])
+        settings = await repo.policy_settings(conn, item["vault_id"], item["policy_id"])
         delete = (
             delete_replica
             if delete_replica is not None
@@ -1015,7 +1093,7 @@ async def apply_retention(ctx: Context) -> int:
             continue  # its points are the failover's to choose from, until commit
         async with ctx.pool.acquire() as conn:
             points = await repo.live_points(conn, item["item_id"])
-            settings = await repo.policy_settings(conn, item["policy_id"])
+            settings = await repo.policy_settings(conn, item["vault_id"], item["policy_id"])
         if len(points) <= 1:
             continue
         keep = select_retained(

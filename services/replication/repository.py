@@ -23,8 +23,8 @@ async def upsert_vm(
 ) -> None:
     await conn.execute(
         "INSERT INTO rm_vms (vm_id, vault_id, name, site, cloud_id, host_id, vm)"
-        " VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (vm_id) DO UPDATE SET name = $3, site = $4,"
-        " cloud_id = $5, host_id = $6, vm = $7, removed = false",
+        " VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (vault_id, vm_id) DO UPDATE SET name = $3,"
+        " site = $4, cloud_id = $5, host_id = $6, vm = $7, removed = false",
         vm["vm_id"],
         vault_id,
         vm["name"],
@@ -35,8 +35,10 @@ async def upsert_vm(
     )
 
 
-async def remove_vm(conn: asyncpg.Connection, vm_id: str) -> None:
-    await conn.execute("UPDATE rm_vms SET removed = true WHERE vm_id = $1", vm_id)
+async def remove_vm(conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str) -> None:
+    await conn.execute(
+        "UPDATE rm_vms SET removed = true WHERE vault_id = $1 AND vm_id = $2", vault_id, vm_id
+    )
 
 
 async def upsert_host(
@@ -44,7 +46,7 @@ async def upsert_host(
 ) -> None:
     await conn.execute(
         "INSERT INTO rm_hosts (host_id, vault_id, name, site, cloud_id) VALUES ($1,$2,$3,$4,$5)"
-        " ON CONFLICT (host_id) DO UPDATE SET name = $3, site = $4, cloud_id = $5,"
+        " ON CONFLICT (vault_id, host_id) DO UPDATE SET name = $3, site = $4, cloud_id = $5,"
         " removed = false",
         host["host_id"],
         vault_id,
@@ -54,8 +56,12 @@ async def upsert_host(
     )
 
 
-async def remove_host(conn: asyncpg.Connection, host_id: str) -> None:
-    await conn.execute("UPDATE rm_hosts SET removed = true WHERE host_id = $1", host_id)
+async def remove_host(conn: asyncpg.Connection, vault_id: uuid.UUID, host_id: str) -> None:
+    await conn.execute(
+        "UPDATE rm_hosts SET removed = true WHERE vault_id = $1 AND host_id = $2",
+        vault_id,
+        host_id,
+    )
 
 
 async def upsert_policy(
@@ -63,7 +69,7 @@ async def upsert_policy(
 ) -> None:
     await conn.execute(
         "INSERT INTO rm_policies (policy_id, vault_id, name, version, settings, deleted)"
-        " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (policy_id) DO UPDATE SET name = $3,"
+        " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (vault_id, policy_id) DO UPDATE SET name = $3,"
         " version = $4, settings = $5, deleted = $6 WHERE rm_policies.version <= $4",
         uuid.UUID(str(policy["policy_id"])),
         vault_id,
@@ -80,7 +86,7 @@ async def upsert_pairing(
     await conn.execute(
         "INSERT INTO rm_pairings (pairing_id, vault_id, source_cloud_id, source_site,"
         " target_cloud_id, target_site, policy_id, removed) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
-        " ON CONFLICT (pairing_id) DO UPDATE SET removed = $8, policy_id = $7",
+        " ON CONFLICT (vault_id, pairing_id) DO UPDATE SET removed = $8, policy_id = $7",
         uuid.UUID(str(pairing["pairing_id"])),
         vault_id,
         pairing["source_cloud_id"],
@@ -100,9 +106,12 @@ async def protection_context(
     row = await conn.fetchrow(
         "SELECT v.vm, v.name AS vm_name, v.site, h.name AS host_name, p.pairing_id,"
         " p.target_cloud_id, p.target_site, pol.policy_id, pol.settings"
-        " FROM rm_vms v JOIN rm_hosts h ON h.host_id = v.host_id AND NOT h.removed"
-        " JOIN rm_pairings p ON p.source_cloud_id = v.cloud_id AND NOT p.removed"
-        " JOIN rm_policies pol ON pol.policy_id = p.policy_id AND NOT pol.deleted"
+        " FROM rm_vms v JOIN rm_hosts h ON h.vault_id = v.vault_id AND h.host_id = v.host_id"
+        "  AND NOT h.removed"
+        " JOIN rm_pairings p ON p.vault_id = v.vault_id AND p.source_cloud_id = v.cloud_id"
+        "  AND NOT p.removed"
+        " JOIN rm_policies pol ON pol.vault_id = p.vault_id AND pol.policy_id = p.policy_id"
+        "  AND NOT pol.deleted"
         " WHERE v.vm_id = $1 AND v.vault_id = $2 AND NOT v.removed",
         vm_id,
         vault_id,
@@ -122,9 +131,13 @@ async def agent_named(
     return dict(row) if row else None
 
 
-async def policy_settings(conn: asyncpg.Connection, policy_id: uuid.UUID) -> dict[str, Any]:
+async def policy_settings(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, policy_id: uuid.UUID
+) -> dict[str, Any]:
     settings = await conn.fetchval(
-        "SELECT settings FROM rm_policies WHERE policy_id = $1", policy_id
+        "SELECT settings FROM rm_policies WHERE vault_id = $1 AND policy_id = $2",
+        vault_id,
+        policy_id,
     )
     return dict(settings or {})
 
@@ -154,9 +167,13 @@ async def get_item(
     return dict(row) if row else None
 
 
-async def active_item_for_vm(conn: asyncpg.Connection, vm_id: str) -> dict[str, Any] | None:
+async def active_item_for_vm(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str
+) -> dict[str, Any] | None:
     row = await conn.fetchrow(
-        f"SELECT {ITEM_COLUMNS} FROM protected_items WHERE vm_id = $1 AND active", vm_id
+        f"SELECT {ITEM_COLUMNS} FROM protected_items WHERE vault_id = $1 AND vm_id = $2 AND active",
+        vault_id,
+        vm_id,
     )
     return dict(row) if row else None
 
@@ -485,15 +502,21 @@ async def bump_request_attempts(conn: asyncpg.Connection, request_id: uuid.UUID)
     )
 
 
-async def pairing_source_cloud(conn: asyncpg.Connection, pairing_id: uuid.UUID) -> str | None:
+async def pairing_source_cloud(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, pairing_id: uuid.UUID
+) -> str | None:
     value = await conn.fetchval(
-        "SELECT source_cloud_id FROM rm_pairings WHERE pairing_id = $1", pairing_id
+        "SELECT source_cloud_id FROM rm_pairings WHERE vault_id = $1 AND pairing_id = $2",
+        vault_id,
+        pairing_id,
     )
     return str(value) if value is not None else None
 
 
-async def vm_cloud(conn: asyncpg.Connection, vm_id: str) -> str | None:
-    value = await conn.fetchval("SELECT cloud_id FROM rm_vms WHERE vm_id = $1", vm_id)
+async def vm_cloud(conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str) -> str | None:
+    value = await conn.fetchval(
+        "SELECT cloud_id FROM rm_vms WHERE vault_id = $1 AND vm_id = $2", vault_id, vm_id
+    )
     return str(value) if value is not None else None
 
 

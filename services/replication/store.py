@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.faults import crash_point
+from shared.files import fsync_dir, replace_synced
 from shared.merkle import (
     BLOCK_SIZE,
     HASH_SIZE,
@@ -371,12 +372,7 @@ class _Layout:
         return self.tmp / f"{name}.{uuid.uuid4().hex[:12]}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
 
 
 _IOV_MAX = 1024  # the most buffers one writev(2) takes (Linux's IOV_MAX)
@@ -1052,7 +1048,7 @@ class ReplicaStore:
                             whole.update(data)
                     out.truncate(m.size_bytes)
                     os.fsync(out.fileno())
-                os.replace(tmp, out_path)
+                replace_synced(tmp, out_path)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise

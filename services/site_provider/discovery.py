@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from services.site_provider.domain import (
 )
 from services.site_provider.sitefile import SiteFileError, SiteSpec, parse_folder_meta, read_site
 from shared.edge import SignedPublisher
+from shared.files import write_atomic
 from shared.schemas.inventory import DiscoveryChange, Inventory
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,7 @@ def load_state(state_dir: Path) -> DiscoveryState:
 
 def save_state(state_dir: Path, state: DiscoveryState) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / "discovery.json"
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(state.model_dump_json())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(state_dir / "discovery.json", state.model_dump_json().encode())
 
 
 def scan_storage(plans: list[HostPlan]) -> list[FolderVm]:

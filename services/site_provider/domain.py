@@ -5,7 +5,6 @@ the change between two inventories, and a snapshot split to fit Kafka's record l
 from __future__ import annotations
 
 import ipaddress
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,17 +39,11 @@ from shared.schemas.inventory import (
     VmNetwork,
     VmState,
     content_hash,
+    object_id,
     object_id_of,
 )
 
-# Namespace of the ids this provider derives (uuid5 of "<site>/<kind>/<name>[/...]").
-ID_NAMESPACE = uuid.UUID("5d0c8f3e-2b7a-4c61-9e3d-0a4f6b1c7e29")
 DISK_SUFFIXES = {".vhdx": DiskType.VHDX, ".vhd": DiskType.VHD}
-
-
-def object_id(site: str, kind: str, *names: str) -> str:
-    """Stable id of a site's object: the same site and names always give the same UUID."""
-    return str(uuid.uuid5(ID_NAMESPACE, "/".join((site, kind, *names))))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from shared.schemas.envelope import EventPayload
 from shared.schemas.registry import event_type
 
 ObjectId = str
+# Namespace of the ids a site provider derives: uuid5 of "<vault>/<site>/<kind>/<name>[/...]".
+ID_NAMESPACE = uuid.UUID("5d0c8f3e-2b7a-4c61-9e3d-0a4f6b1c7e29")
 ID_FIELD = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 NAME_FIELD = Field(min_length=1, max_length=200)
 
@@ -263,3 +265,32 @@ class NetworkChanged(_InventoryEvent):
 
     network_id: ObjectId
     network: VmNetwork | None
+
+
+def object_id(site: str, kind: str, *names: str) -> str:
+    """Stable id of a site's object: the same (vault-scoped) site and names always give the
+    same UUID. `site` is "<vault>/<site>" for every provider that has registered."""
+    return str(uuid.uuid5(ID_NAMESPACE, "/".join((site, kind, *names))))
+
+
+def foreign_ids(inventory: Inventory, vault_id: uuid.UUID, site: str, limit: int = 10) -> list[str]:
+    """The objects of `inventory` whose ids are not the ones the provider's own vault and site
+    derive from their names: a provider may describe only its own site's objects."""
+    scope = f"{vault_id}/{site}"
+    found = []
+    for kind, oid, names in (
+        *(("cloud", c.cloud_id, (c.name,)) for c in inventory.clouds),
+        *(("host", h.host_id, (h.name,)) for h in inventory.hosts),
+        *(("network", n.network_id, (n.name,)) for n in inventory.networks),
+        *(("vm", v.vm_id, (v.name,)) for v in inventory.vms),
+        *(
+            ("disk", d.disk_id, (v.name, d.name.rsplit(".", 1)[0] if "." in d.name else d.name))
+            for v in inventory.vms
+            for d in v.disks
+        ),
+    ):
+        if oid != object_id(scope, kind, *names):
+            found.append(f"{kind} {names[-1]!r}: id {oid} is not this provider's site's id")
+            if len(found) >= limit:
+                break
+    return found

@@ -8,7 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import AwareDatetime, Field
 
 from shared import topics
 from shared.schemas.envelope import EventPayload
@@ -48,6 +48,9 @@ class ApiTokenIssued(EventPayload):
     role: Role
     vault_id: uuid.UUID
     name: str
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="When the token stops authenticating; None: never."
+    )
 
 
 @event_type("ApiTokenRevoked", topic=topics.REGISTRATION_EVENTS)

@@ -344,14 +344,12 @@ async def test_plan_survives_kill_9(
     items = [await protected_vm(http, dr, f"app{i}", ["1MiB"], f"10.10.0.16{i}") for i in range(3)]
     for it in items:
         await failover_known(http, dr, it["item_id"])
-    script = tmp_path / "pre.sh"
-    script.write_text("#!/bin/sh\necho pre-ok\n")
-    script.chmod(0o755)
+    script = platform.script("#!/bin/sh\necho pre-ok\n")
     groups = [
         {
             "items": [items[0]["item_id"], items[1]["item_id"]],
             "pre_actions": [
-                {"action_id": "pre1", "name": "warm up", "kind": "script", "path": str(script)}
+                {"action_id": "pre1", "name": "warm up", "kind": "script", "script": script}
             ],
         },
         {
@@ -361,7 +359,7 @@ async def test_plan_survives_kill_9(
             ],
         },
     ]
-    resp = await start(http, dr, "/recovery-plans", {"name": "tier", "groups": groups})
+    resp = await start(http, dr, "/recovery-plans", {"name": "tier", "groups": groups}, dr.admin)
     assert resp.status_code == 201, resp.text
 
     failover.stop()

@@ -54,11 +54,8 @@ def vm_json(dr: DrSetup, site: str, host: str, name: str) -> dict[str, Any]:
     return data
 
 
-def failing_script(root: Path, name: str = "post.sh") -> Path:
-    script = root / name
-    script.write_text("#!/bin/sh\necho checking the app\nexit 3\n")
-    script.chmod(0o755)
-    return script
+def failing_script(platform: Platform, name: str) -> str:
+    return platform.script("#!/bin/sh\necho checking the app\nexit 3\n", name)
 
 
 async def test_unplanned_item_and_cli(
@@ -146,7 +143,7 @@ async def test_plan_script_failure_planned_stops_unplanned_goes_on(
     ids = [v["item_id"] for v in vms]
     for item_id in ids:
         await failover_known(http, dr, item_id)
-    script = failing_script(tmp_path)
+    script = failing_script(platform, f"post-{dr.vault_id[:8]}.sh")
 
     def groups(first: str, second: str) -> list[dict[str, Any]]:
         return [
@@ -157,17 +154,21 @@ async def test_plan_script_failure_planned_stops_unplanned_goes_on(
                         "action_id": "check",
                         "name": "app check",
                         "kind": "script",
-                        "path": str(script),
+                        "script": script,
                     }
                 ],
             },
             {"items": [second]},
         ]
 
-    resp = await start(http, dr, "/recovery-plans", {"name": "planned", "groups": groups(*ids[:2])})
+    planned = {"name": "planned", "groups": groups(*ids[:2])}
+    # only an admin creates a script action
+    denied = await start(http, dr, "/recovery-plans", planned)
+    assert denied.status_code == 403 and "only an admin" in denied.text, denied.text
+    resp = await start(http, dr, "/recovery-plans", planned, token=dr.admin)
     assert resp.status_code == 201, resp.text
     resp = await start(
-        http, dr, "/recovery-plans", {"name": "disaster", "groups": groups(*ids[2:])}
+        http, dr, "/recovery-plans", {"name": "disaster", "groups": groups(*ids[2:])}, dr.admin
     )
     assert resp.status_code == 201, resp.text
 
@@ -192,7 +193,7 @@ async def test_plan_script_failure_planned_stops_unplanned_goes_on(
     assert denied.status_code == 403, denied.text
 
     # --- the script fixed, the failed job is restarted: done steps stand, the rest run
-    script.write_text("#!/bin/sh\necho app ok\n")
+    platform.script("#!/bin/sh\necho app ok\n", script)
     resp = await start(http, dr, f"/jobs/{job_id}/restart")
     assert resp.status_code == 200, resp.text
     assert resp.json()["state"] == "in_progress" and resp.json()["run_no"] == 2
@@ -210,7 +211,7 @@ async def test_plan_script_failure_planned_stops_unplanned_goes_on(
     assert vm_json(dr, "recovery", "hv-r1", "tier1")["state"] == "Running"
 
     # --- unplanned: the same failing script, and the run goes on to group 2
-    failing_script(tmp_path)
+    failing_script(platform, script)
     resp = await start(
         http, dr, "/recovery-plans/disaster/unplanned-failover", {"shutdown_source": False}
     )

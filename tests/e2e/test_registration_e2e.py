@@ -154,8 +154,28 @@ async def test_forced_reregistration_replaces_the_credential(
     again = await register(http, platform, key, name="hv-7")
     assert again.status_code == 409
     assert "force=true" in again.json()["error"]["message"]
-    forced = await register(http, platform, key, name="hv-7", force=True)
-    assert forced.status_code == 201
+    # forcing needs an admin token of the vault besides the key: the key alone can't cut the
+    # registered agent off, nor can another vault's admin
+    other = await platform.new_vault(http)
+    for admin in (None, await platform.new_token(http, other["vault_id"], "admin")):
+        refused = await http.post(
+            f"{platform.url('registration')}/v1/registrations",
+            json={"kind": "agent", "site": "primary", "name": "hv-7", "force": True},
+            headers={"Authorization": f"Bearer {key}"}
+            | ({"X-DR-Admin-Token": admin} if admin else {}),
+        )
+        assert refused.status_code == 403, refused.text
+    assert (await http.get(
+        f"{platform.url('registration')}/v1/self",
+        headers={"Authorization": f"Bearer {first.json()['credential']}"},
+    )).is_success  # fmt: skip
+    vault_admin = await platform.new_token(http, vault["vault_id"], "admin")
+    forced = await http.post(
+        f"{platform.url('registration')}/v1/registrations",
+        json={"kind": "agent", "site": "primary", "name": "hv-7", "force": True},
+        headers={"Authorization": f"Bearer {key}", "X-DR-Admin-Token": vault_admin},
+    )
+    assert forced.status_code == 201, forced.text
     old, new = first.json(), forced.json()
     assert new["producer_id"] == old["producer_id"]
     assert new["generation"] == old["generation"] + 1

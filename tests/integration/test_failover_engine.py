@@ -147,9 +147,52 @@ async def test_failed_step_fails_the_job_and_an_operator_restart_uses_a_new_key(
     restarted = await handlers.restart(ctx, job["vault_id"], job_id, "operator")
     assert restarted["run_no"] == 2
     await eventually(lambda: _count(rec, 3), timeout=10, what="second step re-sent")
-    assert rec.effects[2][1] != rec.effects[1][1]
-    with pytest.raises(StepFailed):
-        raise StepFailed("x")
+    old_key, new_key = rec.effects[1][1], rec.effects[2][1]
+    assert new_key != old_key
+    # a late answer to the failed run's key does not complete the restarted step
+    async with pool.acquire() as conn:
+        await repo.save_answer(conn, old_key, "agent", True, "", {"late": True})
+    eng.notifier.poke(0)
+    await asyncio.sleep(0.3)  # several poll rounds (poll_seconds=0.05): the step must still wait
+    task = await repo.task(pool, job_id, "second")
+    assert task is not None and task["state"] == "in_progress", task
+    assert (await repo.job(pool, job_id) or {})["state"] == "in_progress"
+    async with pool.acquire() as conn:
+        await repo.save_answer(conn, new_key, "agent", True, "", {"ok": True})
+    eng.notifier.poke(0)
+
+    async def succeeded() -> dict[str, Any] | None:
+        found = await repo.job(pool, job_id)
+        return found if found and found["state"] == "succeeded" else None
+
+    job = await eventually(succeeded, timeout=10, what="the restarted job succeeded")
+    assert job["result"]["two"] == {"ok": True}  # the new key's answer, not the late one
+    await eng.stop()
+
+
+async def test_a_step_that_raises_step_failed_fails_its_job_with_the_reason(
+    pool: asyncpg.Pool,
+) -> None:
+    async def failing(run: Run) -> dict[str, Any]:
+        async def effect(_cid: uuid.UUID) -> dict[str, Any]:
+            raise StepFailed("host unreachable", "the agent is down", "start the agent")
+
+        await run.step("only", "only step", effect)
+        return {}
+
+    job_id = await new_job(pool)
+    eng = Engine(pool, FailoverSettings(poll_seconds=0.05), {"item:commit": failing})
+    eng.submit(job_id)
+
+    async def failed() -> dict[str, Any] | None:
+        found = await repo.job(pool, job_id)
+        return found if found and found["state"] == "failed" else None
+
+    job = await eventually(failed, timeout=10, what="the job failed")
+    assert "host unreachable" in job["error"]
+    assert job["cause"] == "the agent is down" and job["recommendation"] == "start the agent"
+    task = await repo.task(pool, job_id, "only")
+    assert task is not None and task["state"] == "failed" and task["error"] == "host unreachable"
     await eng.stop()
 
 

@@ -45,9 +45,10 @@ vms:
 """
 
 
-def inventory(site: str, vms: int = 10, cpu: int = 2) -> Inventory:
+def inventory(ref: ProviderRef, vms: int = 10, cpu: int = 2) -> Inventory:
     text = SITE.replace("VMS", str(vms)).replace("nics:", f"cpu: {cpu}, nics:")
-    return build_inventory(site, parse_site(text), Path("/srv"), []).inventory
+    scope = str(ref.vault_id)
+    return build_inventory(ref.site, parse_site(text), Path("/srv"), [], id_scope=scope).inventory
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ async def provider(pool: asyncpg.Pool, ref: ProviderRef) -> asyncpg.Record:
 async def test_full_snapshot_adds_everything_with_one_event_each(
     pool: asyncpg.Pool, ref: ProviderRef
 ) -> None:
-    await snapshot(pool, ref, 10, inventory(ref.site))
+    await snapshot(pool, ref, 10, inventory(ref))
     stored = await objects(pool, ref)
     assert sum(1 for kind, _ in stored if kind == "vm") == 10
     assert len(stored) == 2 + 3 + 10 + 1
@@ -116,7 +117,7 @@ async def test_full_snapshot_adds_everything_with_one_event_each(
     assert {e["payload"]["change"] for e in evs} == {"added"}
     assert {e["vault_id"] for e in evs} == {str(ref.vault_id)}
     assert evs[-1]["payload"]["vm"]["nics"][0]["network_id"] == object_id(
-        ref.site, "network", "Corp"
+        f"{ref.vault_id}/{ref.site}", "network", "Corp"
     )
     row = await provider(pool, ref)
     assert (row["last_sequence"], row["last_snapshot_sequence"]) == (10, 10)
@@ -125,9 +126,9 @@ async def test_full_snapshot_adds_everything_with_one_event_each(
 async def test_reapplying_an_unchanged_snapshot_writes_nothing(
     pool: asyncpg.Pool, ref: ProviderRef
 ) -> None:
-    await snapshot(pool, ref, 1, inventory(ref.site))
+    await snapshot(pool, ref, 1, inventory(ref))
     before, emitted = await objects(pool, ref), len(await events(pool, ref))
-    plan = await snapshot(pool, ref, 2, inventory(ref.site))
+    plan = await snapshot(pool, ref, 2, inventory(ref))
     assert plan is not None and plan.empty
     assert await objects(pool, ref) == before
     assert len(await events(pool, ref)) == emitted
@@ -137,9 +138,9 @@ async def test_reapplying_an_unchanged_snapshot_writes_nothing(
 async def test_snapshot_changes_and_removes_only_what_differs(
     pool: asyncpg.Pool, ref: ProviderRef
 ) -> None:
-    await snapshot(pool, ref, 1, inventory(ref.site, vms=10))
+    await snapshot(pool, ref, 1, inventory(ref, vms=10))
     before, emitted = await objects(pool, ref), len(await events(pool, ref))
-    smaller = inventory(ref.site, vms=9)
+    smaller = inventory(ref, vms=9)
     edited = smaller.model_copy(
         update={"vms": [*smaller.vms[:-1], smaller.vms[-1].model_copy(update={"cpu_count": 16})]}
     )
@@ -154,13 +155,13 @@ async def test_snapshot_changes_and_removes_only_what_differs(
         ("VmChanged", "removed"),
     ]
     assert new[1]["payload"]["vm"] is None
-    assert new[1]["payload"]["vm_id"] == object_id(ref.site, "vm", "web-10")
+    assert new[1]["payload"]["vm_id"] == object_id(f"{ref.vault_id}/{ref.site}", "vm", "web-10")
 
 
 async def test_change_applies_incrementally_and_idempotently(
     pool: asyncpg.Pool, ref: ProviderRef
 ) -> None:
-    inv = inventory(ref.site, vms=3)
+    inv = inventory(ref, vms=3)
     await snapshot(pool, ref, 1, inv)
     emitted = len(await events(pool, ref))
     bigger = inv.vms[0].model_copy(update={"memory_mb": 8192})
@@ -179,7 +180,7 @@ async def test_change_applies_incrementally_and_idempotently(
 
 
 async def test_stale_records_are_ignored_and_counted(pool: asyncpg.Pool, ref: ProviderRef) -> None:
-    await snapshot(pool, ref, 5, inventory(ref.site, vms=2))
+    await snapshot(pool, ref, 5, inventory(ref, vms=2))
     before, emitted = await objects(pool, ref), len(await events(pool, ref))
     assert await snapshot(pool, ref, 5, Inventory()) is None
     assert await snapshot(pool, ref, 4, Inventory()) is None
@@ -193,8 +194,8 @@ async def test_stale_records_are_ignored_and_counted(pool: asyncpg.Pool, ref: Pr
 async def test_split_snapshot_applies_once_every_part_is_here(
     pool: asyncpg.Pool, ref: ProviderRef
 ) -> None:
-    await snapshot(pool, ref, 1, inventory(ref.site, vms=5))
-    parts = split_snapshot(ref.site, 2, inventory(ref.site, vms=40), max_bytes=8_000)
+    await snapshot(pool, ref, 1, inventory(ref, vms=5))
+    parts = split_snapshot(ref.site, 2, inventory(ref, vms=40), max_bytes=8_000)
     assert len(parts) >= 3
     for part in parts[:-1]:
         async with pool.acquire() as conn, conn.transaction():
@@ -218,13 +219,38 @@ async def test_split_snapshot_applies_once_every_part_is_here(
 async def test_inconsistent_snapshot_is_rejected_and_changes_nothing(
     pool: asyncpg.Pool, ref: ProviderRef
 ) -> None:
-    inv = inventory(ref.site, vms=2)
+    inv = inventory(ref, vms=2)
     broken = inv.model_copy(update={"hosts": inv.hosts[1:]})  # hv1's VMs lose their host
     with pytest.raises(Rejected) as rej:
         await snapshot(pool, ref, 1, broken)
     assert rej.value.reason == "invalid_inventory"
     assert "is not in the snapshot" in rej.value.detail
     assert await objects(pool, ref) == {}
+
+
+async def test_ids_of_another_vault_or_site_are_refused_and_change_nothing(
+    pool: asyncpg.Pool, ref: ProviderRef
+) -> None:
+    """A provider can't describe (and so overwrite downstream) another vault's objects: their
+    ids derive from the other vault and site, not its own."""
+    other_vault = ProviderRef(uuid.uuid4(), uuid.uuid4(), ref.name, ref.site)
+    other_site = ProviderRef(uuid.uuid4(), ref.vault_id, ref.name, "elsewhere")
+    for foreign in (inventory(other_vault, vms=2), inventory(other_site, vms=2)):
+        with pytest.raises(Rejected) as rej:
+            await snapshot(pool, ref, 1, foreign)
+        assert rej.value.reason == "foreign_id", rej.value
+        assert "is not this provider's site's id" in rej.value.detail
+    own = inventory(ref, vms=2)
+    stolen = own.model_copy(
+        update={
+            "vms": [own.vms[0].model_copy(update={"vm_id": inventory(other_vault).vms[0].vm_id})]
+        }
+    )
+    with pytest.raises(Rejected, match="foreign_id"):
+        await change(pool, ref, 1, upserts=stolen)
+    assert await objects(pool, ref) == {}
+    await snapshot(pool, ref, 1, own)
+    assert await objects(pool, ref)
 
 
 async def test_consumer_entry_rejects_agents_and_wrong_sites(pool: asyncpg.Pool) -> None:
@@ -262,7 +288,7 @@ async def test_consumer_entry_rejects_agents_and_wrong_sites(pool: asyncpg.Pool)
 async def test_unregistered_provider_loses_its_inventory(
     pool: asyncpg.Pool, ref: ProviderRef
 ) -> None:
-    await snapshot(pool, ref, 1, inventory(ref.site, vms=2))
+    await snapshot(pool, ref, 1, inventory(ref, vms=2))
     emitted = len(await events(pool, ref))
     ev = reg.ProducerUnregistered(
         producer_id=ref.provider_id, kind=reg.ProducerKind.PROVIDER, name=ref.name

@@ -116,6 +116,7 @@ class DrSetup:
                 "DR_AGENT_SITE": site,
                 "DR_AGENT_STORAGE_DIR": str(storage),
                 "DR_AGENT_HEARTBEAT_SECONDS": "1",
+                "DR_AGENT_EXPORT_ROOTS": str(self.root),
                 **env,
             },
         )

@@ -22,7 +22,7 @@ class Platform:
     database_url: str
     prefix: str
     log_dir: Path
-    admin_token: str = field(default_factory=lambda: f"adm_{secrets.token_urlsafe(16)}")
+    admin_token: str = field(default_factory=lambda: f"adm_{secrets.token_urlsafe(32)}")
     services: dict[str, Proc] = field(default_factory=dict)
     edges: list[Proc] = field(default_factory=list)
 
@@ -54,11 +54,27 @@ class Platform:
                     "DR_FAILOVER_STEP_TIMEOUT_SECONDS": "120",
                     "DR_FAILOVER_SYNC_TIMEOUT_SECONDS": "20",
                     "DR_FAILOVER_POLL_SECONDS": "0.2",
+                    "DR_FAILOVER_SCRIPTS_DIR": str(self.scripts_dir),
                 }
             env = {**self.env, **wiring, **(extra_env or {})}
             proc = processes.service(name, env, self.log_dir)
             self.services[name] = proc.start()
         return self.services[name]
+
+    @property
+    def scripts_dir(self) -> Path:
+        """The failover service's scripts folder (made on first use)."""
+        folder = self.log_dir / "scripts"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def script(self, text: str, name: str | None = None) -> str:
+        """Install an executable script in the scripts folder; returns its name."""
+        name = name or f"s-{secrets.token_hex(4)}.sh"
+        path = self.scripts_dir / name
+        path.write_text(text)
+        path.chmod(0o755)
+        return name
 
     def url(self, name: str) -> str:
         return self.services[name].url

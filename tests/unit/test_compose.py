@@ -52,3 +52,25 @@ def test_services_wait_for_healthy_dependencies() -> None:
         for svc in runs:
             conditions = {d["condition"] for d in svc["depends_on"].values()}
             assert conditions <= {"service_healthy", "service_completed_successfully"}, name
+
+
+def test_no_default_secrets_and_edges_get_only_their_registration_key() -> None:
+    text = (REPO / "docker-compose.yml").read_text()
+    for well_known in ("change-me", "dr:dr@", "POSTGRES_PASSWORD: dr"):
+        assert well_known not in text, well_known
+    services = compose()["services"]
+    for name in ("DR_ADMIN_TOKEN",):
+        for svc_name in ("registration", "failover", "bootstrap"):
+            value = services[svc_name]["environment"][name]
+            assert value.startswith("${DR_ADMIN_TOKEN:?"), (svc_name, value)
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(
+        "${POSTGRES_PASSWORD:?"
+    )
+    for svc_name, svc in services.items():
+        if svc_name.startswith(("site-provider", "host-agent")):
+            env = svc["environment"]
+            assert "DR_ADMIN_TOKEN" not in env and "DATABASE_URL" not in env, svc_name
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert "--web.enable-lifecycle" not in services["prometheus"]["command"]

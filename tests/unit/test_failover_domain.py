@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from services.failover import domain
 from services.failover.domain import (
@@ -102,7 +104,7 @@ def test_plan_limits() -> None:
     dup = [PlanGroup(items=[items[0]]), PlanGroup(items=[items[0]])]
     assert any("only one group" in p for p in domain.plan_problems(dup))
     bad = PlanGroup(pre_actions=[PlanAction(name="x", kind="script")])
-    assert any("needs a path" in p for p in domain.plan_problems([bad]))
+    assert any("needs a script" in p for p in domain.plan_problems([bad]))
 
 
 def test_actions_are_filtered_by_run_kind() -> None:
@@ -119,6 +121,79 @@ def test_script_failures() -> None:
     assert domain.script_failure(None, "", True, 600) == "timed out after 600 s"
     assert "exited with status 3" in domain.script_failure(3, "", False, 600)
     assert domain.script_failure(0, "warn\n", False, 600) == "wrote to stderr: warn"
+
+
+def test_a_script_is_a_name_from_the_scripts_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "scripts"
+    folder.mkdir()
+    ok = folder / "drain.sh"
+    ok.write_text("#!/bin/sh\n")
+    ok.chmod(0o755)
+    assert domain.script_file(folder, "drain.sh") == ok.resolve()
+    plain = folder / "plain.sh"
+    plain.write_text("#!/bin/sh\n")
+    with pytest.raises(ValueError, match="not executable"):
+        domain.script_file(folder, "plain.sh")
+    outside = tmp_path / "evil.sh"
+    outside.write_text("#!/bin/sh\n")
+    outside.chmod(0o755)
+    (folder / "link.sh").symlink_to(outside)
+    with pytest.raises(ValueError, match="outside the scripts folder"):
+        domain.script_file(folder, "link.sh")
+    (folder / "sub").mkdir()
+    with pytest.raises(ValueError, match="not a file"):
+        domain.script_file(folder, "sub")
+    with pytest.raises(ValueError, match="not a file"):
+        domain.script_file(folder, "missing.sh")
+    for bad in ("../evil.sh", "/bin/sh", "..", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="not a script name"):
+            domain.script_file(folder, bad)
+        with pytest.raises(ValidationError):
+            PlanAction(name="x", kind="script", script=bad)
+    with pytest.raises(ValidationError):
+        PlanAction.model_validate({"name": "x", "kind": "script", "path": "/bin/sh"})
+
+
+def test_script_environment_and_excerpt_hold_no_secret() -> None:
+    env = domain.script_env("/usr/bin:/bin", {"job_id": "j1", "operation": "test_failover"})
+    assert env == {
+        "PATH": "/usr/bin:/bin",
+        "DR_PLAN_JOB_ID": "j1",
+        "DR_PLAN_OPERATION": "test_failover",
+    }
+    environ = {
+        "DR_ADMIN_TOKEN": "adm_not-a-real-token-0123",
+        "DATABASE_URL": "postgresql://dr:hunter22@db/dr",
+        "DR_LOG_LEVEL": "INFO",
+    }
+    secrets = domain.environment_secrets(environ)
+    assert sorted(secrets) == sorted([environ["DR_ADMIN_TOKEN"], environ["DATABASE_URL"]])
+    out = (
+        b"token adm_not-a-real-token-0123 and db postgresql://dr:hunter22@db/dr\n"
+        b"Authorization: Bearer abc.def password=swordfish drt_AAAAAAAAAAAAAAAAAAAA ok\n"
+    )
+    text = domain.excerpt(out, 10_000, secrets)
+    for secret in ("adm_not", "hunter22", "abc.def", "swordfish", "drt_AAAA"):
+        assert secret not in text, text
+    assert text.endswith("ok\n") and "[redacted]" in text
+    assert domain.excerpt(b"x" * 50, 10, []) == "[...]" + "x" * 10
+
+
+def test_only_script_actions_count_as_script_changes() -> None:
+    script = {"action_id": "s", "name": "s", "kind": "script", "script": "a.sh"}
+    manual = {"action_id": "m", "name": "m", "kind": "manual"}
+    before = [PlanGroup.model_validate({"post_actions": [script, manual]})]
+    renamed = [
+        PlanGroup.model_validate(
+            {"items": [str(uuid.uuid4())], "post_actions": [{**script, "name": "t"}]}
+        )
+    ]
+    changed = [PlanGroup.model_validate({"post_actions": [{**script, "args": ["-x"]}]})]
+    moved = [PlanGroup.model_validate({"pre_actions": [script]})]
+    dumped = [g.model_dump(mode="json") for g in before]
+    assert domain.script_actions(renamed) == domain.script_actions(dumped)
+    assert domain.script_actions(changed) != domain.script_actions(before)
+    assert domain.script_actions(moved) != domain.script_actions(before)
 
 
 def test_zero_data_loss_proof() -> None:

@@ -175,3 +175,22 @@ def test_a_storage_failure_is_critical_with_cause_and_recommendation() -> None:
     assert domain.storage_fault(OSError(errno.ECONNREFUSED, "refused")) is None
     verdict = domain.evaluate_health(inputs(storage_fault=full))
     assert verdict.health is Health.CRITICAL and verdict.reasons == (full,)
+
+
+def test_a_cycles_disks_must_be_the_items_known_disks_within_bounds() -> None:
+    known = [{"disk_id": "d0", "size_bytes": 1 << 20}, {"disk_id": "d1", "size_bytes": 2 << 20}]
+
+    def disk(disk_id: str, size: int, block: int = 65536) -> dict[str, int | str]:
+        return {"disk_id": disk_id, "size_bytes": size, "block_size": block}
+
+    def problem(*disks: dict[str, int | str]) -> str | None:
+        found = domain.geometry_problem(known, list(disks), 4 << 20, 1 << 20)
+        return None if found is None else found[0]
+
+    assert problem(disk("d0", 1 << 20), disk("d1", 2 << 20)) is None
+    assert problem(disk("d1", 2 << 20)) is None
+    assert problem(disk("d9", 1 << 20)) == "unknown_disk"
+    assert problem(disk("d0", 3 << 20)) == "disk_size_mismatch"
+    assert problem(disk("d0", 64 << 40)) == "disk_too_large"
+    assert problem(disk("d0", 1 << 20, 4 << 20)) == "bad_geometry"
+    assert problem(disk("d0", 1 << 20), disk("d0", 1 << 20)) == "bad_geometry"

@@ -1,0 +1,54 @@
+"""Files on disk, one way for every process: durable renames (the file fsynced, renamed into
+place, its folder fsynced so the rename survives a crash) and paths confined to configured
+roots after following links."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of `folder` (a rename, a new file) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_synced(tmp: Path, path: Path) -> None:
+    """Rename the (already fsynced) `tmp` to `path` and fsync the folder."""
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` all or nothing, durably (a crash leaves the old or the new)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    replace_synced(tmp, path)
+
+
+class OutsideRoots(ValueError):
+    """A path that resolves (after links) outside every allowed root."""
+
+
+def confined(path: str | Path, roots: Iterable[Path]) -> Path:
+    """`path` resolved (links followed, `..` applied); raises OutsideRoots unless it lies in
+    one of `roots` (themselves resolved). A relative path or one with a NUL is refused."""
+    text = str(path)
+    if "\x00" in text or not os.path.isabs(text):
+        raise OutsideRoots(f"{text[:200]!r} is not an absolute path")
+    resolved = Path(text).resolve()
+    allowed = [Path(r).resolve() for r in roots]
+    if not any(resolved.is_relative_to(root) for root in allowed):
+        raise OutsideRoots(
+            f"{text[:200]} is not under an allowed folder ({', '.join(map(str, allowed))})"
+        )
+    return resolved
