@@ -256,7 +256,7 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
             Heartbeat(kind=ProducerKind.AGENT, sequence=99, interval_seconds=1),
             vault_id=uuid.UUID(vid),
             producer_id=agent["producer_id"],
-            signing_key=signing.derive_signing_key("drc_forged"),
+            signing_key=signing.new_private_key(),
         )
         producer = KafkaProducer(demo.kafka, demo.prefix, "demo")
         await producer.start()

@@ -1,7 +1,12 @@
 """What every edge process (site provider, host agent) shares: registration with a vault's
-registration key, a persisted identity (the credential is shown once, so it is kept in a 0600
-file in the process's state folder), signed publishing, the heartbeat loop and a runtime with
+registration key, a persisted identity, signed publishing, the heartbeat loop and a runtime with
 health for the HTTP edge.
+
+The identity (`identity.json` in the process's state folder, mode 0600, written atomically)
+holds the credential the registration service shows once and the Ed25519 private key the
+process made for that registration; only the public key was sent. An identity file from before
+Ed25519 signatures (a credential and no private key) is replaced by a forced re-registration
+when the registration key is set, and refused with a message saying so otherwise.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from shared import signing, topics
 from shared.kafka import KafkaProducer
@@ -43,11 +49,13 @@ class EdgeSettings(CommonSettings):
     name: str = Field(default="", description="Server name (FQDN); default: the host name.")
     site: str = Field(default="primary", description="Site this server belongs to.")
     state_dir: Path = Field(
-        default=Path(".state/edge"), description="Holds the identity (credential, 0600)."
+        default=Path(".state/edge"),
+        description="Holds the identity (credential and Ed25519 private key, mode 0600).",
     )
     heartbeat_seconds: float = Field(default=5.0, gt=0, le=3600, description="Heartbeat interval.")
     force_register: bool = Field(
-        default=False, description="Re-register even with a saved identity (new credential)."
+        default=False,
+        description="Re-register even with a saved identity (new credential and key pair).",
     )
     http_host: str = Field(default="127.0.0.1", description="HTTP listen address.")
     http_port: int = Field(
@@ -63,14 +71,25 @@ class Identity(BaseModel):
     site: str
     generation: int
     credential: str
+    private_key: str = Field(
+        pattern=signing.PRIVATE_KEY_HEX, repr=False, description="Ed25519 seed (hex); never sent."
+    )
 
     @property
-    def signing_key(self) -> str:
-        return signing.derive_signing_key(self.credential)
+    def signing_key(self) -> Ed25519PrivateKey:
+        return signing.load_private_key(self.private_key)
+
+    @property
+    def public_key(self) -> str:
+        return signing.public_key_hex(self.signing_key)
 
 
 class RegistrationFailed(Exception):
     pass
+
+
+class LegacyIdentity(Exception):
+    """The saved identity has no Ed25519 private key (it signed with the retired HMAC scheme)."""
 
 
 def identity_path(state_dir: Path) -> Path:
@@ -78,10 +97,22 @@ def identity_path(state_dir: Path) -> Path:
 
 
 def load_identity(state_dir: Path) -> Identity | None:
+    """The saved identity, None if there is none; `LegacyIdentity` for one without a key."""
     path = identity_path(state_dir)
     if not path.exists():
         return None
-    return Identity.model_validate_json(path.read_text())
+    text = path.read_text()
+    try:
+        return Identity.model_validate_json(text)
+    except ValidationError as exc:
+        if any(err["loc"] == ("private_key",) for err in exc.errors()):
+            raise LegacyIdentity(
+                f"{path} was saved before Ed25519 event signatures and has no private key:"
+                " its events would be refused. Set the registration key to re-register this"
+                " server (a forced re-registration that makes a new key pair), or remove the"
+                " file and register it again"
+            ) from None
+        raise
 
 
 def save_identity(state_dir: Path, identity: Identity) -> None:
@@ -97,20 +128,23 @@ def save_identity(state_dir: Path, identity: Identity) -> None:
 
 
 async def register(
-    settings: EdgeSettings, kind: ProducerKind, metadata: dict[str, Any]
+    settings: EdgeSettings, kind: ProducerKind, metadata: dict[str, Any], *, force: bool = False
 ) -> Identity:
-    """POST /v1/registrations with the registration key; raises with the service's message."""
+    """POST /v1/registrations with the registration key and a new Ed25519 public key (the
+    private key goes only into the returned identity); raises with the service's message."""
     if settings.registration_key is None:
         raise RegistrationFailed(
             "no identity in the state folder and no registration key: set the registration key"
         )
+    private_key = signing.new_private_key()
     body = {
         "kind": kind.value,
         "name": settings.name,
         "site": settings.site,
         "heartbeat_interval_seconds": settings.heartbeat_seconds,
-        "force": settings.force_register,
+        "force": force or settings.force_register,
         "metadata": metadata,
+        "public_key": signing.public_key_hex(private_key),
     }
     headers = {"Authorization": f"Bearer {settings.registration_key.get_secret_value()}"}
     async with httpx.AsyncClient(base_url=settings.registration_url, timeout=10) as client:
@@ -130,17 +164,26 @@ async def register(
         site=data["site"],
         generation=data["generation"],
         credential=data["credential"],
+        private_key=signing.private_key_hex(private_key),
     )
 
 
 async def obtain_identity(
     settings: EdgeSettings, kind: ProducerKind, metadata: dict[str, Any]
 ) -> Identity:
-    """The saved identity, or a new registration (also when `force_register` is set)."""
-    saved = load_identity(settings.state_dir)
+    """The saved identity, or a new registration (also when `force_register` is set, and a
+    forced one in place of an identity from before Ed25519 signatures)."""
+    try:
+        saved = load_identity(settings.state_dir)
+        legacy = False
+    except LegacyIdentity as exc:
+        if settings.registration_key is None:
+            raise RegistrationFailed(str(exc)) from None
+        log.warning("re-registering: saved identity has no Ed25519 key", extra={"error": str(exc)})
+        saved, legacy = None, True
     if saved is not None and not settings.force_register:
         return saved
-    identity = await register(settings, kind, metadata)
+    identity = await register(settings, kind, metadata, force=legacy)
     save_identity(settings.state_dir, identity)
     log.info(
         "registered",
@@ -150,7 +193,7 @@ async def obtain_identity(
 
 
 class SignedPublisher:
-    """Publishes payloads in envelopes signed with this producer's credential."""
+    """Publishes payloads in envelopes signed with this producer's Ed25519 private key."""
 
     def __init__(self, producer: KafkaProducer, identity: Identity) -> None:
         self.producer = producer

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.registration import domain, handlers
 from services.registration import repository as repo
@@ -77,6 +77,18 @@ class RegistrationIn(Strict):
     heartbeat_interval_seconds: float | None = Field(default=None, gt=0, le=3600)
     force: bool = Field(default=False, description="Re-register a registered server.")
     metadata: dict[str, Any] = Field(default_factory=dict)
+    public_key: str = Field(
+        pattern=signing.PUBLIC_KEY_HEX,
+        description="The server's Ed25519 public key (32 bytes as 64 hex digits) that verifies"
+        " its event signatures. The server makes the key pair and keeps the private key.",
+    )
+
+    @field_validator("public_key")
+    @classmethod
+    def _loads(cls, value: str) -> str:
+        if not signing.is_public_key(value):
+            raise ValueError("not an Ed25519 public key")
+        return value
 
 
 class ProducerOut(BaseModel):
@@ -210,9 +222,11 @@ async def revoke_key(
 async def register(body: RegistrationIn, request: Request) -> Any:
     """Register a site provider (VMM server) or host agent.
 
-    Authenticate with the vault's registration key as the bearer token. Returns the producer's
-    own credential, shown once. An already-registered server is refused unless `force` is true;
-    re-registering issues a new credential and the old one stops working.
+    Authenticate with the vault's registration key as the bearer token and send the server's
+    Ed25519 public key (the server keeps the private key and signs its events with it). Returns
+    the producer's own credential, shown once. An already-registered server is refused unless
+    `force` is true; re-registering issues a new credential, replaces the public key, and the
+    old credential and key stop working.
     """
     key = auth.bearer_of(request)
     settings = request.app.state.settings
@@ -226,6 +240,7 @@ async def register(body: RegistrationIn, request: Request) -> Any:
             heartbeat_seconds=body.heartbeat_interval_seconds or settings.default_heartbeat_seconds,
             force=body.force,
             metadata=body.metadata,
+            public_key=body.public_key,
         )
     except domain.RegistrationError as exc:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
