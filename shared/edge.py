@@ -155,15 +155,19 @@ async def register(
         except (ValueError, KeyError, TypeError):
             message = resp.text
         raise RegistrationFailed(f"registration refused ({resp.status_code}): {message}")
-    data = resp.json()
+    return identity_from(resp.json(), private_key)
+
+
+def identity_from(registered: dict[str, Any], private_key: Ed25519PrivateKey) -> Identity:
+    """The identity from a registration's answer and the private key of its public key."""
     return Identity(
-        producer_id=data["producer_id"],
-        vault_id=data["vault_id"],
-        kind=kind,
-        name=data["name"],
-        site=data["site"],
-        generation=data["generation"],
-        credential=data["credential"],
+        producer_id=registered["producer_id"],
+        vault_id=registered["vault_id"],
+        kind=ProducerKind(registered["kind"]),
+        name=registered["name"],
+        site=registered["site"],
+        generation=registered["generation"],
+        credential=registered["credential"],
         private_key=signing.private_key_hex(private_key),
     )
 

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import signing, topics
-from shared.edge import Identity, SignedPublisher
+from shared.edge import Identity, SignedPublisher, identity_from
 from shared.kafka import KafkaProducer
 from shared.schemas.envelope import Envelope, new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
@@ -50,16 +50,17 @@ async def register(
     )
 
 
-def identity_of(reg: dict[str, Any], private_key: Ed25519PrivateKey) -> Identity:
-    return Identity(
-        producer_id=reg["producer_id"],
-        vault_id=reg["vault_id"],
-        kind=ProducerKind(reg["kind"]),
-        name=reg["name"],
-        site=reg["site"],
-        generation=reg["generation"],
-        credential=reg["credential"],
-        private_key=signing.private_key_hex(private_key),
+async def registration_events(
+    plat: Platform, type_name: str, producer_id: str, count: int = 1
+) -> list[Record]:
+    """`type_name` events about `producer_id` on registration.events.v1, as anyone reads them."""
+    return await wait_for_records(
+        plat.stack.kafka,
+        plat.prefix + topics.REGISTRATION_EVENTS,
+        lambda r: (
+            r.json()["type"] == type_name and r.json()["payload"]["producer_id"] == producer_id
+        ),
+        count=count,
     )
 
 
@@ -108,15 +109,7 @@ async def test_sites_and_agents_connect_and_a_stopped_agent_disconnects(
     assert still["hv-recovery-1"]["connection_state"] == "Connected"
 
     agent_id = found["hv-primary-1"]["producer_id"]
-    changes = await wait_for_records(
-        platform.stack.kafka,
-        platform.prefix + topics.REGISTRATION_EVENTS,
-        lambda r: (
-            r.json()["type"] == "ProducerConnectionChanged"
-            and r.json()["payload"]["producer_id"] == agent_id
-        ),
-        count=2,
-    )
+    changes = await registration_events(platform, "ProducerConnectionChanged", agent_id, 2)
     assert [r.json()["payload"]["state"] for r in changes] == ["Connected", "Disconnected"]
 
     # The agent comes back with its saved identity (no key needed) and reconnects.
@@ -202,15 +195,7 @@ async def test_forced_reregistration_replaces_the_credential_and_key_pair(
     assert "re-registration" in stale.json()["error"]["message"]
 
     # registration.events.v1 carries each registration's public key and nothing to sign with
-    registered = await wait_for_records(
-        platform.stack.kafka,
-        platform.prefix + topics.REGISTRATION_EVENTS,
-        lambda r: (
-            r.json()["type"] == "ProducerRegistered"
-            and r.json()["payload"]["producer_id"] == old["producer_id"]
-        ),
-        count=2,
-    )
+    registered = await registration_events(platform, "ProducerRegistered", old["producer_id"], 2)
     published = [r.json()["payload"] for r in registered]
     assert [p["public_key"] for p in published] == [
         signing.public_key_hex(old_key),
@@ -221,7 +206,7 @@ async def test_forced_reregistration_replaces_the_credential_and_key_pair(
     )
 
     # A heartbeat signed with the old private key is rejected to the DLQ; state unchanged.
-    old_identity = identity_of(old, old_key)
+    old_identity = identity_from(old, old_key)
     event_id = await publish_heartbeat(platform, old_identity)
     dlq = await wait_for_records(
         platform.stack.kafka,
@@ -233,7 +218,7 @@ async def test_forced_reregistration_replaces_the_credential_and_key_pair(
     assert found["hv-7"]["connection_state"] == "Disconnected"
 
     # The new key pair works: the consumer went on past the rejected record.
-    await publish_heartbeat(platform, identity_of(new, new_key))
+    await publish_heartbeat(platform, identity_from(new, new_key))
 
     async def connected() -> bool:
         return (await producers(http, platform, vault["vault_id"]))["hv-7"][
@@ -331,14 +316,7 @@ async def test_bad_heartbeats_go_to_the_dlq_with_their_reason(
 
     # What anyone reading registration.events.v1 has: the producer's public key. Used as a
     # private key it signs nothing that verifies.
-    registered = await wait_for_records(
-        platform.stack.kafka,
-        platform.prefix + topics.REGISTRATION_EVENTS,
-        lambda r: (
-            r.json()["type"] == "ProducerRegistered"
-            and r.json()["payload"]["producer_id"] == producer_id
-        ),
-    )
+    registered = await registration_events(platform, "ProducerRegistered", producer_id)
     published_key = registered[0].json()["payload"]["public_key"]
     assert published_key == signing.public_key_hex(own_key)
     from_the_topic = envelope(vault["vault_id"], signing.load_private_key(published_key))
