@@ -116,10 +116,14 @@ def load_identity(state_dir: Path) -> Identity | None:
 
 
 def save_identity(state_dir: Path, identity: Identity) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """Atomically (temporary file, fsync, rename) and readable by the owner only: it holds the
+    private key. The mode is set on the open file too, as a left-over temporary file keeps its
+    own mode through O_CREAT."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = identity_path(state_dir)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(identity.model_dump_json())
         fh.flush()

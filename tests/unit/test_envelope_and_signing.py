@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -237,3 +238,31 @@ def test_tampered_block_data_fails_the_replica_hash_check(tmp_path: object) -> N
     with pytest.raises(BlockHashMismatch):
         store.put_blocks("item-1", [(block.index, block.sha256, data)])
     store.close()
+
+
+def test_the_identity_file_is_owner_only_and_a_legacy_one_is_named(tmp_path: Path) -> None:
+    from shared.edge import Identity, LegacyIdentity, identity_path, load_identity, save_identity
+
+    identity = Identity(
+        producer_id=uuid.uuid4(),
+        vault_id=VAULT,
+        kind=ProducerKind.AGENT,
+        name="hv-1",
+        site="primary",
+        generation=1,
+        credential=CREDENTIAL,
+        private_key=signing.private_key_hex(KEY),
+    )
+    left_over = identity_path(tmp_path).with_suffix(".tmp")
+    left_over.write_text("")
+    left_over.chmod(0o644)  # a temporary file a crash left behind keeps its mode on open
+    save_identity(tmp_path, identity)
+    assert identity_path(tmp_path).stat().st_mode & 0o777 == 0o600
+    loaded = load_identity(tmp_path)
+    assert loaded == identity and loaded.public_key == PUBLIC
+    assert signing.private_key_hex(KEY) not in repr(loaded)
+
+    legacy = identity.model_dump(mode="json", exclude={"private_key"})
+    identity_path(tmp_path).write_text(json.dumps(legacy))
+    with pytest.raises(LegacyIdentity, match="before Ed25519 event signatures"):
+        load_identity(tmp_path)
