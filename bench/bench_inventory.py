@@ -25,7 +25,7 @@ from services.inventory.__main__ import MIGRATIONS
 from services.inventory.repository import ProviderRef
 from services.site_provider.domain import build_inventory, split_snapshot
 from services.site_provider.sitefile import parse_site
-from shared import db
+from shared import db, signing
 from shared.kafka import decode_event
 from shared.schemas.envelope import new_envelope
 from shared.schemas.inventory import DiscoverySnapshot, Inventory
@@ -67,9 +67,10 @@ def with_changes(inventory: Inventory, every: int) -> Inventory:
 
 def records(ref: ProviderRef, sequence: int, inventory: Inventory) -> list[bytes]:
     """The snapshot as the Kafka record values the provider would publish (signed)."""
+    key = signing.new_private_key()
     return [
         new_envelope(
-            part, vault_id=ref.vault_id, producer_id=str(ref.provider_id), signing_key="ab" * 32
+            part, vault_id=ref.vault_id, producer_id=str(ref.provider_id), signing_key=key
         ).to_bytes()
         for part in split_snapshot(ref.site, sequence, inventory, PART_BYTES)
     ]

@@ -264,7 +264,12 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
     async def refused_reregistration() -> str | None:
         resp = await http.post(
             f"{demo.url('registration')}/v1/registrations",
-            json={"kind": "agent", "name": "hv-p1", "site": "primary"},
+            json={
+                "kind": "agent",
+                "name": "hv-p1",
+                "site": "primary",
+                "public_key": signing.public_key_hex(signing.new_private_key()),
+            },
             headers={"Authorization": f"Bearer {demo.facts['registration_key']}"},
         )
         if resp.status_code != 409 or "force=true" not in resp.text:
@@ -281,7 +286,7 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
             Heartbeat(kind=ProducerKind.AGENT, sequence=99, interval_seconds=1),
             vault_id=uuid.UUID(vid),
             producer_id=agent["producer_id"],
-            signing_key=signing.derive_signing_key("drc_forged"),
+            signing_key=signing.new_private_key(),
         )
         producer = KafkaProducer(demo.kafka, demo.prefix, "demo")
         await producer.start()

@@ -1,12 +1,18 @@
 """What every edge process (site provider, host agent) shares: registration with a vault's
-registration key, a persisted identity (the credential is shown once, so it is kept in a 0600
-file in the process's state folder), signed publishing, the heartbeat loop and a runtime with
+registration key, a persisted identity, signed publishing, the heartbeat loop and a runtime with
 health for the HTTP edge.
+
+The identity (`identity.json` in the process's state folder, mode 0600, written atomically)
+holds the credential the registration service shows once and the Ed25519 private key the
+process made for that registration; only the public key was sent. An identity file from before
+Ed25519 signatures (a credential and no private key) is replaced by a forced re-registration
+when the registration key is set, and refused with a message saying so otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import uuid
@@ -15,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from shared import signing, topics
 from shared.kafka import KafkaProducer
@@ -43,11 +50,13 @@ class EdgeSettings(CommonSettings):
     name: str = Field(default="", description="Server name (FQDN); default: the host name.")
     site: str = Field(default="primary", description="Site this server belongs to.")
     state_dir: Path = Field(
-        default=Path(".state/edge"), description="Holds the identity (credential, 0600)."
+        default=Path(".state/edge"),
+        description="Holds the identity (credential and Ed25519 private key, mode 0600).",
     )
     heartbeat_seconds: float = Field(default=5.0, gt=0, le=3600, description="Heartbeat interval.")
     force_register: bool = Field(
-        default=False, description="Re-register even with a saved identity (new credential)."
+        default=False,
+        description="Re-register even with a saved identity (new credential and key pair).",
     )
     http_host: str = Field(default="127.0.0.1", description="HTTP listen address.")
     http_port: int = Field(
@@ -63,14 +72,30 @@ class Identity(BaseModel):
     site: str
     generation: int
     credential: str
+    private_key: str = Field(
+        pattern=signing.PRIVATE_KEY_HEX, repr=False, description="Ed25519 seed (hex); never sent."
+    )
 
     @property
-    def signing_key(self) -> str:
-        return signing.derive_signing_key(self.credential)
+    def signing_key(self) -> Ed25519PrivateKey:
+        return signing.load_private_key(self.private_key)
+
+    @property
+    def public_key(self) -> str:
+        return signing.public_key_hex(self.signing_key)
 
 
 class RegistrationFailed(Exception):
     pass
+
+
+class LegacyIdentity(Exception):
+    """The saved identity has no Ed25519 private key (it signed with the retired HMAC scheme).
+    `credential` is its credential, which proves who re-registers (no admin token needed)."""
+
+    def __init__(self, message: str, credential: str | None) -> None:
+        super().__init__(message)
+        self.credential = credential
 
 
 def identity_path(state_dir: Path) -> Path:
@@ -78,17 +103,38 @@ def identity_path(state_dir: Path) -> Path:
 
 
 def load_identity(state_dir: Path) -> Identity | None:
+    """The saved identity, None if there is none; `LegacyIdentity` for one without a key."""
     path = identity_path(state_dir)
     if not path.exists():
         return None
-    return Identity.model_validate_json(path.read_text())
+    text = path.read_text()
+    try:
+        return Identity.model_validate_json(text)
+    except ValidationError as exc:
+        if any(err["loc"] == ("private_key",) for err in exc.errors()):
+            try:
+                credential = json.loads(text).get("credential")
+            except (ValueError, AttributeError):
+                credential = None
+            raise LegacyIdentity(
+                f"{path} was saved before Ed25519 event signatures and has no private key:"
+                " its events would be refused. Set the registration key to re-register this"
+                " server (a forced re-registration that makes a new key pair), or remove the"
+                " file and register it again",
+                credential if isinstance(credential, str) else None,
+            ) from None
+        raise
 
 
 def save_identity(state_dir: Path, identity: Identity) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """Atomically (temporary file, fsync, rename) and readable by the owner only: it holds the
+    private key. The mode is set on the open file too, as a left-over temporary file keeps its
+    own mode through O_CREAT."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = identity_path(state_dir)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(identity.model_dump_json())
         fh.flush()
@@ -97,23 +143,34 @@ def save_identity(state_dir: Path, identity: Identity) -> None:
 
 
 async def register(
-    settings: EdgeSettings, kind: ProducerKind, metadata: dict[str, Any]
+    settings: EdgeSettings,
+    kind: ProducerKind,
+    metadata: dict[str, Any],
+    *,
+    force: bool = False,
+    credential: str | None = None,
 ) -> Identity:
-    """POST /v1/registrations with the registration key; raises with the service's message."""
+    """POST /v1/registrations with the registration key and a new Ed25519 public key (the
+    private key goes only into the returned identity); raises with the service's message.
+    A forced one proves its right with `credential` (the server's own) or the admin token."""
     if settings.registration_key is None:
         raise RegistrationFailed(
             "no identity in the state folder and no registration key: set the registration key"
         )
+    private_key = signing.new_private_key()
     body = {
         "kind": kind.value,
         "name": settings.name,
         "site": settings.site,
         "heartbeat_interval_seconds": settings.heartbeat_seconds,
-        "force": settings.force_register,
+        "force": force or settings.force_register,
         "metadata": metadata,
+        "public_key": signing.public_key_hex(private_key),
     }
     headers = {"Authorization": f"Bearer {settings.registration_key.get_secret_value()}"}
-    if settings.force_register and settings.admin_token is not None:  # needed to force
+    if credential is not None:  # renewing its own identity
+        headers["X-DR-Credential"] = credential
+    elif settings.force_register and settings.admin_token is not None:  # needed to force
         headers["X-DR-Admin-Token"] = settings.admin_token.get_secret_value()
     async with httpx.AsyncClient(base_url=settings.registration_url, timeout=10) as client:
         resp = await client.post("/v1/registrations", json=body, headers=headers)
@@ -123,26 +180,39 @@ async def register(
         except (ValueError, KeyError, TypeError):
             message = resp.text
         raise RegistrationFailed(f"registration refused ({resp.status_code}): {message}")
-    data = resp.json()
+    return identity_from(resp.json(), private_key)
+
+
+def identity_from(registered: dict[str, Any], private_key: Ed25519PrivateKey) -> Identity:
+    """The identity from a registration's answer and the private key of its public key."""
     return Identity(
-        producer_id=data["producer_id"],
-        vault_id=data["vault_id"],
-        kind=kind,
-        name=data["name"],
-        site=data["site"],
-        generation=data["generation"],
-        credential=data["credential"],
+        producer_id=registered["producer_id"],
+        vault_id=registered["vault_id"],
+        kind=ProducerKind(registered["kind"]),
+        name=registered["name"],
+        site=registered["site"],
+        generation=registered["generation"],
+        credential=registered["credential"],
+        private_key=signing.private_key_hex(private_key),
     )
 
 
 async def obtain_identity(
     settings: EdgeSettings, kind: ProducerKind, metadata: dict[str, Any]
 ) -> Identity:
-    """The saved identity, or a new registration (also when `force_register` is set)."""
-    saved = load_identity(settings.state_dir)
+    """The saved identity, or a new registration (also when `force_register` is set, and a
+    forced one in place of an identity from before Ed25519 signatures)."""
+    try:
+        saved = load_identity(settings.state_dir)
+        legacy, credential = False, None
+    except LegacyIdentity as exc:
+        if settings.registration_key is None:
+            raise RegistrationFailed(str(exc)) from None
+        log.warning("re-registering: saved identity has no Ed25519 key", extra={"error": str(exc)})
+        saved, legacy, credential = None, True, exc.credential
     if saved is not None and not settings.force_register:
         return saved
-    identity = await register(settings, kind, metadata)
+    identity = await register(settings, kind, metadata, force=legacy, credential=credential)
     save_identity(settings.state_dir, identity)
     log.info(
         "registered",
@@ -152,7 +222,7 @@ async def obtain_identity(
 
 
 class SignedPublisher:
-    """Publishes payloads in envelopes signed with this producer's credential."""
+    """Publishes payloads in envelopes signed with this producer's Ed25519 private key."""
 
     def __init__(self, producer: KafkaProducer, identity: Identity) -> None:
         self.producer = producer

@@ -1,6 +1,7 @@
 """Read models every service keeps from `registration.events.v1`: vaults, API tokens and edge
-producers (with the keys that verify their signatures). The registration service owns the
-source of truth and writes these rows itself; other services apply the events here."""
+producers (with the Ed25519 public keys that verify their signatures and cannot sign). The
+registration service owns the source of truth and writes these rows itself; other services
+apply the events here."""
 
 from __future__ import annotations
 
@@ -47,9 +48,9 @@ async def upsert_producer(
 ) -> None:
     await conn.execute(
         "INSERT INTO known_producers (producer_id, vault_id, kind, name, site, generation,"
-        " verification_key, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
+        " public_key, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
         " ON CONFLICT (producer_id) DO UPDATE SET generation = EXCLUDED.generation,"
-        " verification_key = EXCLUDED.verification_key, site = EXCLUDED.site,"
+        " public_key = EXCLUDED.public_key, site = EXCLUDED.site,"
         " metadata = EXCLUDED.metadata, active = true"
         " WHERE known_producers.generation <= EXCLUDED.generation",
         ev.producer_id,
@@ -58,7 +59,7 @@ async def upsert_producer(
         ev.name,
         ev.site,
         ev.generation,
-        ev.verification_key,
+        ev.public_key,
         ev.metadata,
     )
 
@@ -131,7 +132,7 @@ async def known_producer(conn: asyncpg.Connection, producer_id: str) -> dict[str
     except ValueError:
         return None
     row = await conn.fetchrow(
-        "SELECT vault_id, verification_key, active, kind, name, site FROM known_producers"
+        "SELECT vault_id, public_key, active, kind, name, site FROM known_producers"
         " WHERE producer_id = $1",
         pid,
     )
@@ -161,8 +162,17 @@ def signature_verifier(
             raise Rejected("producer_inactive", f"producer {env.producer_id} was unregistered")
         if producer["vault_id"] != env.vault_id:
             raise Rejected("vault_mismatch", "event's vault is not the producer's vault")
-        if not env.signature_valid(producer["verification_key"]):
-            raise Rejected("bad_signature", "signature does not match the producer's credential")
+        if producer["public_key"] is None:
+            raise Rejected(
+                "no_public_key",
+                f"producer {env.producer_id} was registered before Ed25519 event signatures:"
+                " re-register it (force) so it registers a public key",
+            )
+        if not env.signature_valid(producer["public_key"]):
+            raise Rejected(
+                "bad_signature",
+                "signature does not verify with the producer's registered public key",
+            )
 
     return verify
 

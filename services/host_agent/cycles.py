@@ -168,7 +168,7 @@ SinkFactory = Callable[[uuid.UUID, int], CycleSink]
 
 
 def signer_for(identity: Identity) -> Signer:
-    """Envelopes signed with the agent's credential, as `SignedPublisher` makes them."""
+    """Envelopes signed with the agent's private key, as `SignedPublisher` makes them."""
     key = identity.signing_key
 
     def sign(payload: EventPayload) -> Envelope:

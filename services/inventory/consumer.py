@@ -27,7 +27,7 @@ def discovery_verifier(
 ) -> Callable[[asyncpg.Connection, Envelope, bool], Awaitable[None]]:
     """`shared.readmodels.signature_verifier`, patient for `grace` after an event occurred when
     its producer is unknown or its signature doesn't verify with the known key: the
-    ProducerRegistered event (new producer, or re-registration with a new credential) may still
+    ProducerRegistered event (new producer, or re-registration with a new key pair) may still
     be on its way. After that the event is dead-lettered with the verifier's reason."""
     verify = readmodels.signature_verifier()
 
@@ -37,7 +37,7 @@ def discovery_verifier(
             known = await readmodels.known_producer(conn, env.producer_id)
             if known is None or (
                 known["vault_id"] == env.vault_id
-                and not env.signature_valid(known["verification_key"])
+                and (known["public_key"] is None or not env.signature_valid(known["public_key"]))
             ):
                 raise RegistrationPending(f"producer {env.producer_id} not (yet) verifiable")
         await verify(conn, env, signed)

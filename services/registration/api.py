@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.registration import domain, handlers
 from services.registration import repository as repo
@@ -84,6 +84,18 @@ class RegistrationIn(Strict):
     heartbeat_interval_seconds: float | None = Field(default=None, gt=0, le=3600)
     force: bool = Field(default=False, description="Re-register a registered server.")
     metadata: dict[str, Any] = Field(default_factory=dict)
+    public_key: str = Field(
+        pattern=signing.PUBLIC_KEY_HEX,
+        description="The server's Ed25519 public key (32 bytes as 64 hex digits) that verifies"
+        " its event signatures. The server makes the key pair and keeps the private key.",
+    )
+
+    @field_validator("public_key")
+    @classmethod
+    def _loads(cls, value: str) -> str:
+        if not signing.is_public_key(value):
+            raise ValueError("not an Ed25519 public key")
+        return value
 
 
 class ProducerOut(BaseModel):
@@ -218,16 +230,38 @@ async def revoke_key(
 ADMIN_HEADER = "X-DR-Admin-Token"
 
 
-async def _check_force(request: Request, key: str) -> None:
+CREDENTIAL_HEADER = "X-DR-Credential"
+
+
+async def _check_force(request: Request, key: str, body: RegistrationIn) -> None:
     """A forced re-registration cuts the registered producer off: besides the registration
     key it needs an admin token of the key's vault (or the bootstrap admin token) in the
-    `X-DR-Admin-Token` header, so a registration-key holder can't take over a producer."""
+    `X-DR-Admin-Token` header, so a registration-key holder can't take over a producer; or the
+    producer's own current credential in `X-DR-Credential` (a server renewing its own identity,
+    e.g. its signing key pair, proves it is that server)."""
+    credential = request.headers.get(CREDENTIAL_HEADER, "").strip()
+    if credential:
+        async with request.app.state.pool.acquire() as conn:
+            me = await repo.producer_by_credential(conn, signing.hash_secret(credential))
+            found = await repo.key_by_hash(conn, signing.hash_secret(key))
+        if (
+            me is None
+            or found is None
+            or (me["vault_id"], me["kind"], me["name"]) != (found[0], body.kind, body.name)
+        ):
+            raise HTTPException(
+                403,
+                f"the credential in {CREDENTIAL_HEADER} is not the current credential of "
+                f"{body.kind} {body.name!r} in this registration key's vault",
+            )
+        return
     token = request.headers.get(ADMIN_HEADER, "").strip()
     if not token:
         raise HTTPException(
             403,
             f"a forced re-registration needs an admin token of the vault in the {ADMIN_HEADER} "
-            "header (for an edge: set DR_ADMIN_TOKEN for that one run)",
+            "header (for an edge: set DR_ADMIN_TOKEN for that one run), or the server's own "
+            f"current credential in {CREDENTIAL_HEADER}",
         )
     admin = request.app.state.settings.admin_token
     principal = await auth.lookup_token(
@@ -243,15 +277,17 @@ async def _check_force(request: Request, key: str) -> None:
 async def register(body: RegistrationIn, request: Request) -> Any:
     """Register a site provider (VMM server) or host agent.
 
-    Authenticate with the vault's registration key as the bearer token. Returns the producer's
-    own credential, shown once. An already-registered server is refused unless `force` is true;
-    re-registering issues a new credential and the old one stops working, and needs an admin
-    token of the vault in the `X-DR-Admin-Token` header.
+    Authenticate with the vault's registration key as the bearer token and send the server's
+    Ed25519 public key (the server keeps the private key and signs its events with it). Returns
+    the producer's own credential, shown once. An already-registered server is refused unless
+    `force` is true; re-registering issues a new credential, replaces the public key, and the
+    old credential and key stop working; it needs an admin token of the vault in the
+    `X-DR-Admin-Token` header, or the server's own current credential in `X-DR-Credential`.
     """
     key = auth.bearer_of(request)
     settings = request.app.state.settings
     if body.force:
-        await _check_force(request, key)
+        await _check_force(request, key, body)
     try:
         return await handlers.register_producer(
             request.app.state.pool,
@@ -262,6 +298,7 @@ async def register(body: RegistrationIn, request: Request) -> Any:
             heartbeat_seconds=body.heartbeat_interval_seconds or settings.default_heartbeat_seconds,
             force=body.force,
             metadata=body.metadata,
+            public_key=body.public_key,
         )
     except domain.RegistrationError as exc:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None

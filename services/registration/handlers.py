@@ -125,10 +125,12 @@ async def register_producer(
     heartbeat_seconds: float,
     force: bool,
     metadata: dict[str, Any],
+    public_key: str,
 ) -> dict[str, Any]:
-    """Register (or, with force, re-register) a provider or agent; returns its new credential."""
+    """Register (or, with force, re-register) a provider or agent with the Ed25519 public key
+    it made (it keeps the private key); returns its new credential. A re-registration
+    replaces the public key, so events signed with the old private key are refused."""
     credential = signing.new_secret("drc")
-    verification_key = signing.derive_signing_key(credential)
     async with pool.acquire() as conn, conn.transaction():
         found = await repo.key_by_hash(conn, signing.hash_secret(registration_key))
         domain.check_registration_key(found[1] if found else None, datetime.now(UTC))
@@ -145,7 +147,7 @@ async def register_producer(
             name=name,
             site=site,
             credential_hash=signing.hash_secret(credential),
-            verification_key=verification_key,
+            public_key=public_key,
             key_id=key.key_id,
             heartbeat_seconds=heartbeat_seconds,
             metadata=metadata,
@@ -159,7 +161,7 @@ async def register_producer(
                 name=name,
                 site=site,
                 generation=row["generation"],
-                verification_key=verification_key,
+                public_key=public_key,
                 heartbeat_interval_seconds=heartbeat_seconds,
                 metadata=metadata,
             ),

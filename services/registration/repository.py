@@ -190,7 +190,7 @@ async def upsert_producer(
     name: str,
     site: str,
     credential_hash: str,
-    verification_key: str,
+    public_key: str,
     key_id: str,
     heartbeat_seconds: float,
     metadata: dict[str, Any],
@@ -198,12 +198,12 @@ async def upsert_producer(
     """Insert a new producer, or re-register an existing one (same id, generation + 1)."""
     row = await conn.fetchrow(
         "INSERT INTO producers (producer_id, vault_id, kind, name, site, credential_hash,"
-        " verification_key, registered_key_id, heartbeat_seconds, metadata)"
+        " public_key, registered_key_id, heartbeat_seconds, metadata)"
         " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
         " ON CONFLICT (vault_id, kind, name) DO UPDATE SET"
         " generation = producers.generation + 1, site = EXCLUDED.site,"
         " credential_hash = EXCLUDED.credential_hash,"
-        " verification_key = EXCLUDED.verification_key,"
+        " public_key = EXCLUDED.public_key,"
         " registered_key_id = EXCLUDED.registered_key_id, registered_at = now(),"
         " heartbeat_seconds = EXCLUDED.heartbeat_seconds, metadata = EXCLUDED.metadata,"
         " active = true, last_sequence = NULL"
@@ -214,7 +214,7 @@ async def upsert_producer(
         name,
         site,
         credential_hash,
-        verification_key,
+        public_key,
         key_id,
         heartbeat_seconds,
         metadata,
@@ -226,7 +226,7 @@ async def get_producer(
     conn: asyncpg.Connection, producer_id: uuid.UUID, *, lock: bool = False
 ) -> dict[str, Any] | None:
     row = await conn.fetchrow(
-        f"SELECT {PRODUCER_COLUMNS}, verification_key, credential_hash FROM producers"
+        f"SELECT {PRODUCER_COLUMNS}, public_key, credential_hash FROM producers"
         f" WHERE producer_id = $1{' FOR UPDATE' if lock else ''}",
         producer_id,
     )
@@ -328,7 +328,7 @@ async def producer_lookup(conn: asyncpg.Connection, producer_id: str) -> dict[st
     except ValueError:
         return None
     row = await conn.fetchrow(
-        "SELECT vault_id, verification_key, active, kind, name, site FROM producers"
+        "SELECT vault_id, public_key, active, kind, name, site FROM producers"
         " WHERE producer_id = $1",
         pid,
     )

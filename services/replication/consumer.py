@@ -158,7 +158,7 @@ def delta_app(
         stream_buffer_maxsize=256,
         consumer_max_fetch_size=2 * topics.DELTA_RECORD_BATCH_BYTES,
         # Kafka's CRC over each record batch is redundant here: every delta record is signed
-        # (HMAC over all of it but block data) and every block is checked against its signed
+        # (Ed25519 over all of it but block data) and every block is checked against its signed
         # SHA-256 before it is stored; a damaged record is dead-lettered by those checks.
         # (crc32c was ~4 % of the service's CPU while replicating.)
         broker_check_crcs=False,

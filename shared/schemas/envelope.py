@@ -1,5 +1,6 @@
 """The event envelope: id (de-duplication), type, schema version, occurred-at, vault, producer,
-payload and, for edge-produced events, an HMAC signature made with the producer's credential."""
+payload and, for edge-produced events, an Ed25519 signature made with the producer's private key
+(see shared/signing.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import to_jsonable_python
 
 from shared import signing
@@ -31,7 +33,21 @@ class Envelope(BaseModel):
         min_length=1, max_length=200, description="`service:<name>` or a producer's id."
     )
     payload: dict[str, Any]
-    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    signature: str | None = Field(
+        default=None,
+        pattern=signing.SIGNATURE_HEX,
+        description="Ed25519 signature (hex) of the producer; edge events only.",
+    )
+
+    @field_validator("signature", mode="before")
+    @classmethod
+    def _not_hmac(cls, value: Any) -> Any:
+        if isinstance(value, str) and len(value) == 64:
+            raise ValueError(
+                "a 64-digit signature is the retired HMAC scheme, no longer accepted: sign"
+                " with the producer's Ed25519 private key (128 hex digits)"
+            )
+        return value
 
     def signed_fields(self) -> dict[str, Any]:
         """What the signature covers: every field but `signature`, with the payload reduced
@@ -45,20 +61,16 @@ class Envelope(BaseModel):
         fields["payload"] = to_jsonable_python(et.signed_view(self.payload))
         return fields
 
-    def signed_with(self, signing_key: str) -> Envelope:
+    def signed_with(self, private_key: Ed25519PrivateKey) -> Envelope:
         return self.model_copy(
-            update={"signature": signing.sign(self.signed_fields(), signing_key)}
+            update={"signature": signing.sign(self.signed_fields(), private_key)}
         )
 
-    def signature_valid(self, signing_key: str) -> bool:
+    def signature_valid(self, public_key: str) -> bool:
+        """True when the signature is `public_key`'s (hex) over `signed_fields()`."""
         if self.signature is None:
             return False
-        fields = self.signed_fields()
-        if signing.verify(fields, self.signature, signing_key):
-            return True
-        # A producer from before its type's signed view signed the whole payload: still valid.
-        whole = self.model_dump(mode="json", exclude={"signature"})
-        return whole != fields and signing.verify(whole, self.signature, signing_key)
+        return signing.verify(self.signed_fields(), self.signature, public_key)
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
@@ -70,7 +82,7 @@ def new_envelope(
     vault_id: uuid.UUID,
     producer_id: str,
     occurred_at: datetime | None = None,
-    signing_key: str | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> Envelope:
     from shared.schemas.registry import type_name_of
 
@@ -84,4 +96,4 @@ def new_envelope(
         producer_id=producer_id,
         payload=payload.model_dump(mode="json"),
     )
-    return env.signed_with(signing_key) if signing_key else env
+    return env.signed_with(signing_key) if signing_key is not None else env

@@ -13,6 +13,7 @@ from pydantic import AwareDatetime, Field
 from shared import topics
 from shared.schemas.envelope import EventPayload
 from shared.schemas.registry import event_type
+from shared.signing import PUBLIC_KEY_HEX
 
 
 class Role(StrEnum):
@@ -75,12 +76,13 @@ class RegistrationKeyRevoked(EventPayload):
     key_id: str
 
 
-@event_type("ProducerRegistered", topic=topics.REGISTRATION_EVENTS)
+@event_type("ProducerRegistered", topic=topics.REGISTRATION_EVENTS, version=2)
 class ProducerRegistered(EventPayload):
     """A site provider or host agent registered (or was re-registered, `generation` > 1).
 
-    `verification_key` verifies the producer's event signatures; a re-registration replaces it,
-    so events signed with the old credential are rejected from then on.
+    `public_key` is the producer's Ed25519 public key (hex): it verifies the producer's event
+    signatures and cannot make one. A re-registration replaces it, so events signed with the
+    old private key are rejected from then on. (Version 1, retired, carried an HMAC key.)
     """
 
     producer_id: uuid.UUID
@@ -88,7 +90,7 @@ class ProducerRegistered(EventPayload):
     name: str
     site: str
     generation: int = Field(ge=1)
-    verification_key: str = Field(pattern=r"^[0-9a-f]{64}$")
+    public_key: str = Field(pattern=PUBLIC_KEY_HEX)
     heartbeat_interval_seconds: float
     metadata: dict[str, Any] = Field(default_factory=dict)
 

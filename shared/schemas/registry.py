@@ -39,7 +39,8 @@ def event_type(
 ) -> Callable[[P], P]:
     """Class decorator registering a payload model as event `name` v`version` on `topic`.
 
-    `signed=True` marks events that edge producers publish: consumers require a valid HMAC.
+    `signed=True` marks events that edge producers publish: consumers require a valid Ed25519
+    signature by the producer's registered public key.
     `signed_view` (signed types only): the part of the payload (as JSON) the signature
     covers, when not all of it, e.g. block hashes instead of block bytes that the consumer
     checks against those hashes anyway. It must keep everything that gives the event its

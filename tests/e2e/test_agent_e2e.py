@@ -45,6 +45,7 @@ class Agent:
     producer_id: uuid.UUID
     vault_id: uuid.UUID
     credential: str
+    public_key: str
     vm: dict[str, Any]
 
     @property
@@ -101,6 +102,7 @@ async def start_agent(platform: Platform, http: httpx.AsyncClient, tmp: Path) ->
         uuid.UUID(identity["producer_id"]),
         uuid.UUID(identity["vault_id"]),
         identity["credential"],
+        signing.public_key_hex(signing.load_private_key(identity["private_key"])),
         json.loads(created),
     )
 
@@ -154,14 +156,14 @@ async def wait_cycle(
 class Replica:
     """Rebuilds disks from the delta stream, checking signatures, hashes, counts and roots."""
 
-    signing_key: str
+    public_key: str
     images: dict[str, bytearray] = field(default_factory=dict)
     cycles: list[dict[str, Any]] = field(default_factory=list)
 
     def apply(self, envelopes: list[dict[str, Any]]) -> None:
         by_seq: dict[int, list[dict[str, Any]]] = {}
         for env in envelopes:
-            assert Envelope.model_validate(env).signature_valid(self.signing_key)
+            assert Envelope.model_validate(env).signature_valid(self.public_key)
             by_seq.setdefault(env["payload"]["cycle_seq"], []).append(env)
         for seq in sorted(by_seq):
             msgs = by_seq[seq]
@@ -297,7 +299,7 @@ async def test_initial_and_delta_cycles_rebuild_the_disks(
     vm = json.loads((agent.storage / "web01" / "vm.json").read_text())
     assert vm["state"] == "Off"
 
-    replica = Replica(signing.derive_signing_key(agent.credential))
+    replica = Replica(agent.public_key)
     replica.apply(await deltas(platform, item_id))
     seqs = [c["cycle_seq"] for c in replica.cycles]
     assert seqs == list(range(5, final["cycle_seq"] + 1)), seqs
@@ -341,7 +343,7 @@ async def test_restarts_scan_mode_and_resync(
 ) -> None:
     agent = await start_agent(platform, http, tmp_path)
     item_id = uuid.uuid4()
-    replica = Replica(signing.derive_signing_key(agent.credential))
+    replica = Replica(agent.public_key)
     await command(platform, agent, enable_command(agent, item_id))
     await wait_cycle(http, agent, item_id, 1)
 

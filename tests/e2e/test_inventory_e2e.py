@@ -13,14 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from scripts.procs import Proc
 from services.site_provider.domain import object_id
-from shared import topics
+from shared import signing, topics
 from shared.edge import Identity, load_identity
 from shared.schemas.envelope import Envelope, new_envelope
 from shared.schemas.inventory import DiscoverySnapshot, Inventory
-from shared.signing import derive_signing_key
 from tests.support.kafka import Record, produce, wait_for_records
 from tests.support.platform import Platform
 from tests.support.poll import eventually
@@ -94,7 +94,9 @@ async def test_sites_are_discovered_served_and_kept_up_to_date(
     primary = start_provider(
         platform, key, "primary", primary_file, storage, MAX_PART_BYTES="10000"
     )
-    start_provider(platform, key, "recovery", SITES / "recovery.yaml", tmp_path / "r-storage")
+    recovery = start_provider(
+        platform, key, "recovery", SITES / "recovery.yaml", tmp_path / "r-storage"
+    )
 
     async def both_sites() -> list[dict[str, Any]] | None:
         resp = await api.get("/sites")
@@ -194,10 +196,14 @@ async def test_sites_are_discovered_served_and_kept_up_to_date(
     def mine(payload: DiscoverySnapshot, vault_id: uuid.UUID = ident.vault_id) -> Envelope:
         return new_envelope(payload, vault_id=vault_id, producer_id=str(ident.producer_id))
 
-    def signed(env: Envelope, key: str) -> bytes:
+    def signed(env: Envelope, key: Ed25519PrivateKey) -> bytes:
         return env.signed_with(key).to_bytes()
 
-    forged_key = derive_signing_key("drc_not-the-credential")
+    forged_key = signing.new_private_key()
+    # the recovery site's provider: a producer of the same vault, not this one
+    neighbours_key = identity_of(recovery).signing_key
+    # what a reader of registration.events.v1 has, used as a private key
+    published_key = signing.load_private_key(ident.public_key)
     bad: dict[str, tuple[bytes, str]] = {
         "malformed": (
             mine(empty)
@@ -209,6 +215,8 @@ async def test_sites_are_discovered_served_and_kept_up_to_date(
         "garbage": (b"{not json", "malformed_json"),
         "unsigned": (mine(empty).to_bytes(), "unsigned"),
         "forged": (signed(mine(empty), forged_key), "bad_signature"),
+        "neighbours-key": (signed(mine(empty), neighbours_key), "bad_signature"),
+        "published-key": (signed(mine(empty), published_key), "bad_signature"),
         "other-vault": (
             signed(mine(empty, uuid.UUID(other["vault_id"])), ident.signing_key),
             "vault_mismatch",

@@ -3,17 +3,20 @@ with its failure paths."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import signing, topics
-from shared.edge import Identity, SignedPublisher
+from shared.edge import Identity, SignedPublisher, identity_from
 from shared.kafka import KafkaProducer
-from shared.schemas.envelope import new_envelope
+from shared.schemas.envelope import Envelope, new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
 from tests.support.kafka import Record, produce, wait_for_records
 from tests.support.platform import Platform
@@ -31,12 +34,35 @@ async def producers(http: httpx.AsyncClient, plat: Platform, vault_id: str) -> d
 
 
 async def register(
-    http: httpx.AsyncClient, plat: Platform, key: str, **body: Any
+    http: httpx.AsyncClient,
+    plat: Platform,
+    key: str,
+    *,
+    private_key: Ed25519PrivateKey | None = None,
+    admin: str | None = None,
+    **body: Any,
 ) -> httpx.Response:
+    """POST /v1/registrations with the public key of `private_key` (a new one if None), and
+    `admin` (an admin token, needed to force) in the X-DR-Admin-Token header."""
+    public_key = signing.public_key_hex(private_key or signing.new_private_key())
     return await http.post(
         f"{plat.url('registration')}/v1/registrations",
-        json={"kind": "agent", "site": "primary", **body},
-        headers={"Authorization": f"Bearer {key}"},
+        json={"kind": "agent", "site": "primary", "public_key": public_key, **body},
+        headers={"Authorization": f"Bearer {key}"} | ({"X-DR-Admin-Token": admin} if admin else {}),
+    )
+
+
+async def registration_events(
+    plat: Platform, type_name: str, producer_id: str, count: int = 1
+) -> list[Record]:
+    """`type_name` events about `producer_id` on registration.events.v1, as anyone reads them."""
+    return await wait_for_records(
+        plat.stack.kafka,
+        plat.prefix + topics.REGISTRATION_EVENTS,
+        lambda r: (
+            r.json()["type"] == type_name and r.json()["payload"]["producer_id"] == producer_id
+        ),
+        count=count,
     )
 
 
@@ -85,15 +111,7 @@ async def test_sites_and_agents_connect_and_a_stopped_agent_disconnects(
     assert still["hv-recovery-1"]["connection_state"] == "Connected"
 
     agent_id = found["hv-primary-1"]["producer_id"]
-    changes = await wait_for_records(
-        platform.stack.kafka,
-        platform.prefix + topics.REGISTRATION_EVENTS,
-        lambda r: (
-            r.json()["type"] == "ProducerConnectionChanged"
-            and r.json()["payload"]["producer_id"] == agent_id
-        ),
-        count=2,
-    )
+    changes = await registration_events(platform, "ProducerConnectionChanged", agent_id, 2)
     assert [r.json()["payload"]["state"] for r in changes] == ["Connected", "Disconnected"]
 
     # The agent comes back with its saved identity (no key needed) and reconnects.
@@ -143,13 +161,24 @@ async def test_registration_keys_expire_and_can_be_revoked(
     assert all("key" not in k for k in listed.json()), "keys are shown once only"
 
 
-async def test_forced_reregistration_replaces_the_credential(
+async def test_forced_reregistration_replaces_the_credential_and_key_pair(
     platform: Platform, http: httpx.AsyncClient
 ) -> None:
     platform.start("registration")
     vault = await platform.new_vault(http)
     key = (await platform.new_key(http, vault["vault_id"]))["key"]
-    first = await register(http, platform, key, name="hv-7", heartbeat_interval_seconds=30)
+    old_key, new_key = signing.new_private_key(), signing.new_private_key()
+    missing = await http.post(
+        f"{platform.url('registration')}/v1/registrations",
+        json={"kind": "agent", "site": "primary", "name": "hv-7"},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert missing.status_code == 422 and "public_key" in missing.json()["error"]["message"]
+    not_a_key = await register(http, platform, key, name="hv-7", public_key="ab" * 16)
+    assert not_a_key.status_code == 422 and "public_key" in not_a_key.json()["error"]["message"]
+    first = await register(
+        http, platform, key, name="hv-7", heartbeat_interval_seconds=30, private_key=old_key
+    )
     assert first.status_code == 201, first.text
     again = await register(http, platform, key, name="hv-7")
     assert again.status_code == 409
@@ -158,11 +187,8 @@ async def test_forced_reregistration_replaces_the_credential(
     # registered agent off, nor can another vault's admin
     other = await platform.new_vault(http)
     for admin in (None, await platform.new_token(http, other["vault_id"], "admin")):
-        refused = await http.post(
-            f"{platform.url('registration')}/v1/registrations",
-            json={"kind": "agent", "site": "primary", "name": "hv-7", "force": True},
-            headers={"Authorization": f"Bearer {key}"}
-            | ({"X-DR-Admin-Token": admin} if admin else {}),
+        refused = await register(
+            http, platform, key, name="hv-7", force=True, private_key=new_key, admin=admin
         )
         assert refused.status_code == 403, refused.text
     assert (await http.get(
@@ -170,10 +196,8 @@ async def test_forced_reregistration_replaces_the_credential(
         headers={"Authorization": f"Bearer {first.json()['credential']}"},
     )).is_success  # fmt: skip
     vault_admin = await platform.new_token(http, vault["vault_id"], "admin")
-    forced = await http.post(
-        f"{platform.url('registration')}/v1/registrations",
-        json={"kind": "agent", "site": "primary", "name": "hv-7", "force": True},
-        headers={"Authorization": f"Bearer {key}", "X-DR-Admin-Token": vault_admin},
+    forced = await register(
+        http, platform, key, name="hv-7", force=True, private_key=new_key, admin=vault_admin
     )
     assert forced.status_code == 201, forced.text
     old, new = first.json(), forced.json()
@@ -187,16 +211,19 @@ async def test_forced_reregistration_replaces_the_credential(
     assert stale.status_code == 401
     assert "re-registration" in stale.json()["error"]["message"]
 
-    # A heartbeat signed with the old credential is rejected to the DLQ; state unchanged.
-    old_identity = Identity(
-        producer_id=old["producer_id"],
-        vault_id=vault["vault_id"],
-        kind=ProducerKind.AGENT,
-        name="hv-7",
-        site="primary",
-        generation=old["generation"],
-        credential=old["credential"],
+    # registration.events.v1 carries each registration's public key and nothing to sign with
+    registered = await registration_events(platform, "ProducerRegistered", old["producer_id"], 2)
+    published = [r.json()["payload"] for r in registered]
+    assert [p["public_key"] for p in published] == [
+        signing.public_key_hex(old_key),
+        signing.public_key_hex(new_key),
+    ]
+    assert all(
+        set(p) & {"verification_key", "credential", "private_key"} == set() for p in published
     )
+
+    # A heartbeat signed with the old private key is rejected to the DLQ; state unchanged.
+    old_identity = identity_from(old, old_key)
     event_id = await publish_heartbeat(platform, old_identity)
     dlq = await wait_for_records(
         platform.stack.kafka,
@@ -207,10 +234,8 @@ async def test_forced_reregistration_replaces_the_credential(
     found = await producers(http, platform, vault["vault_id"])
     assert found["hv-7"]["connection_state"] == "Disconnected"
 
-    # The new credential works: the consumer went on past the rejected record.
-    await publish_heartbeat(
-        platform, old_identity.model_copy(update={"credential": new["credential"]})
-    )
+    # The new key pair works: the consumer went on past the rejected record.
+    await publish_heartbeat(platform, identity_from(new, new_key))
 
     async def connected() -> bool:
         return (await producers(http, platform, vault["vault_id"]))["hv-7"][
@@ -218,6 +243,60 @@ async def test_forced_reregistration_replaces_the_credential(
         ] == "Connected"
 
     await eventually(connected, timeout=20, what="re-registered agent Connected")
+
+
+def write_legacy_identity(state: Path, reg: dict[str, Any]) -> None:
+    """An identity file as edge processes saved it before Ed25519: credential, no key."""
+    state.mkdir(parents=True)
+    legacy = {k: reg[k] for k in ("producer_id", "vault_id", "kind", "name", "site")}
+    legacy |= {"generation": reg["generation"], "credential": reg["credential"]}
+    (state / "identity.json").write_text(json.dumps(legacy))
+
+
+async def test_an_identity_from_before_ed25519_is_refused_or_re_registered(
+    platform: Platform, http: httpx.AsyncClient
+) -> None:
+    """An agent whose identity file holds a credential and no private key (the retired HMAC
+    scheme) refuses to start without its registration key, saying why; with the key it makes
+    a key pair, re-registers (forced, same producer id) and connects."""
+    platform.start("registration")
+    vault = await platform.new_vault(http)
+    key = (await platform.new_key(http, vault["vault_id"]))["key"]
+    first = await register(http, platform, key, name="hv-legacy")
+    assert first.status_code == 201, first.text
+    reg = first.json()
+    env = {
+        "DR_AGENT_REGISTRATION_URL": platform.url("registration"),
+        "DR_AGENT_NAME": "hv-legacy",
+        "DR_AGENT_SITE": "primary",
+        "DR_AGENT_HEARTBEAT_SECONDS": "0.5",
+    }
+    agent = platform.edge("services.host_agent", "DR_AGENT_", "hv-legacy", env)
+    state = Path(agent.env["DR_AGENT_STATE_DIR"])
+    write_legacy_identity(state, reg)
+
+    agent.start(wait=False)
+
+    async def exited() -> bool:
+        return agent.popen is not None and agent.popen.poll() is not None
+
+    await eventually(exited, timeout=30, what="agent with a legacy identity to stop")
+    assert agent.popen is not None and agent.popen.returncode != 0
+    assert "saved before Ed25519 event signatures" in agent.tail(80)
+    found = await producers(http, platform, vault["vault_id"])
+    assert found["hv-legacy"]["generation"] == 1
+
+    agent.start(extra_env={"DR_AGENT_REGISTRATION_KEY": key})
+
+    async def reconnected() -> dict[str, Any] | None:
+        found = (await producers(http, platform, vault["vault_id"]))["hv-legacy"]
+        return found if found["connection_state"] == "Connected" else None
+
+    now = await eventually(reconnected, timeout=30, what="re-registered agent Connected")
+    assert now["producer_id"] == reg["producer_id"] and now["generation"] == 2
+    saved = json.loads((state / "identity.json").read_text())
+    assert saved["generation"] == 2 and len(saved["private_key"]) == 64
+    assert (state / "identity.json").stat().st_mode & 0o777 == 0o600
 
 
 async def publish_heartbeat(platform: Platform, identity: Identity) -> uuid.UUID:
@@ -238,23 +317,45 @@ async def test_bad_heartbeats_go_to_the_dlq_with_their_reason(
     vault = await platform.new_vault(http)
     other_vault = await platform.new_vault(http, "other")
     key = (await platform.new_key(http, vault["vault_id"]))["key"]
-    reg = (await register(http, platform, key, name="hv-bad", heartbeat_interval_seconds=30)).json()
+    own_key, other_key = signing.new_private_key(), signing.new_private_key()
+    reg = await register(
+        http, platform, key, name="hv-bad", heartbeat_interval_seconds=30, private_key=own_key
+    )
+    reg = reg.json()
+    neighbour = await register(http, platform, key, name="hv-neighbour", private_key=other_key)
+    assert neighbour.status_code == 201, neighbour.text
     producer_id = reg["producer_id"]
-    signing_key = signing.derive_signing_key(reg["credential"])
     topic = platform.prefix + topics.REGISTRATION_HEARTBEATS
     beat = Heartbeat(kind=ProducerKind.AGENT, sequence=1, interval_seconds=30)
 
-    def envelope(vault_id: str, key: str | None, pid: str = producer_id) -> Any:
+    def envelope(vault_id: str, key: Ed25519PrivateKey | None, pid: str = producer_id) -> Envelope:
         return new_envelope(beat, vault_id=uuid.UUID(vault_id), producer_id=pid, signing_key=key)
 
-    forged = envelope(vault["vault_id"], signing.derive_signing_key("drc_forged"))
+    # What anyone reading registration.events.v1 has: the producer's public key. Used as a
+    # private key it signs nothing that verifies.
+    registered = await registration_events(platform, "ProducerRegistered", producer_id)
+    published_key = registered[0].json()["payload"]["public_key"]
+    assert published_key == signing.public_key_hex(own_key)
+    from_the_topic = envelope(vault["vault_id"], signing.load_private_key(published_key))
+    # The retired HMAC scheme: a 64-digit signature over the same canonical JSON.
     unsigned = envelope(vault["vault_id"], None)
-    other = envelope(other_vault["vault_id"], signing_key)
-    stranger = envelope(vault["vault_id"], signing_key, pid=str(uuid.uuid4()))
+    hmac_signed = {
+        **unsigned.model_dump(mode="json"),
+        "signature": hmac.new(
+            bytes.fromhex(published_key), signing.canonical_json(unsigned.signed_fields()), "sha256"
+        ).hexdigest(),
+    }
+    forged = envelope(vault["vault_id"], signing.new_private_key())
+    neighbours_key = envelope(vault["vault_id"], other_key)
+    other = envelope(other_vault["vault_id"], own_key)
+    stranger = envelope(vault["vault_id"], own_key, pid=str(uuid.uuid4()))
     cases = {
         b"{not json": "malformed_json",
         json.dumps({"type": "Heartbeat"}).encode(): "invalid_envelope",
         forged.to_bytes(): "bad_signature",
+        neighbours_key.to_bytes(): "bad_signature",
+        from_the_topic.to_bytes(): "bad_signature",
+        json.dumps(hmac_signed).encode(): "invalid_envelope",
         unsigned.to_bytes(): "unsigned",
         other.to_bytes(): "vault_mismatch",
         stranger.to_bytes(): "unknown_producer",
@@ -269,12 +370,14 @@ async def test_bad_heartbeats_go_to_the_dlq_with_their_reason(
     for record in dlq:
         assert record.headers["dlq.source.topic"] == topics.REGISTRATION_HEARTBEATS
         assert cases[record.value] == record.headers["dlq.reason"]
+        if record.value == json.dumps(hmac_signed).encode():
+            assert "retired HMAC scheme" in record.headers["dlq.detail"]
     found = await producers(http, platform, vault["vault_id"])
     assert found["hv-bad"]["connection_state"] == "Disconnected"
     assert found["hv-bad"]["last_heartbeat_at"] is None
 
     # Replaying a valid heartbeat applies it once; the replay is skipped as a duplicate.
-    valid = envelope(vault["vault_id"], signing_key)
+    valid = envelope(vault["vault_id"], own_key)
     for _ in range(2):
         await produce(platform.stack.kafka, topic, valid.to_bytes(), key=producer_id)
 

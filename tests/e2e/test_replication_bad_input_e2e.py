@@ -2,12 +2,13 @@
 signature, a tampered block and a cycle for an item of another vault are each rejected (DLQ
 with its reason, or the item's state with its reason), and the item recovers by resync.
 
-The test plays the host agent itself (registered through the API, signing with its own
-credential), so every message is exactly what the test says it is."""
+The test plays the host agent itself (registered through the API with a key pair of its own,
+signing with its private key), so every message is exactly what the test says it is."""
 
 from __future__ import annotations
 
 import base64
+import hmac
 import os
 import uuid
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import signing, topics
 from shared.kafka import KafkaProducer
@@ -42,7 +44,7 @@ class ScriptedAgent:
         self.producer = producer
         self.producer_id = reg["producer_id"]
         self.vault_id = uuid.UUID(reg["vault_id"])
-        self.key = signing.derive_signing_key(reg["credential"])
+        self.key = reg["private_key"]
         self.disk_id = disk
         self.blocks = [os.urandom(BLOCK_SIZE) for _ in range(BLOCKS)]
         self.item_id = uuid.UUID(int=0)
@@ -52,13 +54,17 @@ class ScriptedAgent:
         return MerkleTree.from_leaves(leaves, len(leaves)).root_hex()
 
     async def send(
-        self, payload: EventPayload, *, key: str | None = None, vault: uuid.UUID | None = None
+        self,
+        payload: EventPayload,
+        *,
+        key: Ed25519PrivateKey | None = None,
+        vault: uuid.UUID | None = None,
     ) -> uuid.UUID:
         env = new_envelope(
             payload,
             vault_id=vault or self.vault_id,
             producer_id=self.producer_id,
-            signing_key=key or self.key,
+            signing_key=key if key is not None else self.key,
         )
         await self.producer.publish(env, key=str(self.item_id), topic=topics.REPLICATION_DELTAS)
         return env.event_id
@@ -116,13 +122,21 @@ class ScriptedAgent:
 
 
 async def register_agent(http: httpx.AsyncClient, plat: Platform, key: str, name: str) -> Any:
+    """The registration's answer, with the private key of the public key it registered."""
+    private_key = signing.new_private_key()
     resp = await http.post(
         f"{plat.url('registration')}/v1/registrations",
-        json={"kind": "agent", "name": name, "site": "primary", "heartbeat_interval_seconds": 60},
+        json={
+            "kind": "agent",
+            "name": name,
+            "site": "primary",
+            "heartbeat_interval_seconds": 60,
+            "public_key": signing.public_key_hex(private_key),
+        },
         headers={"Authorization": f"Bearer {key}"},
     )
     assert resp.status_code == 201, resp.text
-    return resp.json()
+    return {**resp.json(), "private_key": private_key}
 
 
 async def test_no_recovery_point_from_bad_input(
@@ -175,11 +189,28 @@ async def test_no_recovery_point_from_bad_input(
         replay = await agent.send(agent.started(1, ev.CycleKind.INITIAL))
         await dead_lettered(replay, "replayed_cycle")
 
-        # 3. A forged signature.
+        # 3. A forged signature, and one made with the published public key as a private key.
         forged = await agent.send(
-            agent.started(3, ev.CycleKind.DELTA), key=signing.derive_signing_key("drc_forged")
+            agent.started(3, ev.CycleKind.DELTA), key=signing.new_private_key()
         )
         await dead_lettered(forged, "bad_signature")
+        published = signing.load_private_key(signing.public_key_hex(agent.key))
+        from_the_topic = await agent.send(agent.started(3, ev.CycleKind.DELTA), key=published)
+        await dead_lettered(from_the_topic, "bad_signature")
+        # ... and one signed the retired HMAC way (64 hex digits), keyed with the public key.
+        retired = new_envelope(
+            agent.started(3, ev.CycleKind.DELTA),
+            vault_id=agent.vault_id,
+            producer_id=agent.producer_id,
+        )
+        mac = hmac.new(
+            bytes.fromhex(signing.public_key_hex(agent.key)),
+            signing.canonical_json(retired.signed_fields()),
+            "sha256",
+        )
+        retired = retired.model_copy(update={"signature": mac.hexdigest()})  # not validated
+        await producer.publish(retired, key=str(agent.item_id), topic=topics.REPLICATION_DELTAS)
+        await dead_lettered(retired.event_id, "invalid_envelope")
 
         # 4. A cycle for this item signed by an agent of another vault.
         other = await platform.new_vault(http, "other")

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from scripts import procs
 from shared import signing, topics
@@ -291,14 +292,17 @@ async def publish_as(
     *,
     vault_id: str,
     producer_id: str,
-    credential: str,
+    private_key: Ed25519PrivateKey | str,
     topic: str,
 ) -> uuid.UUID:
+    """`payload` signed with the producer's own private key (an object or its hex form)."""
+    key = (
+        private_key
+        if isinstance(private_key, Ed25519PrivateKey)
+        else signing.load_private_key(private_key)
+    )
     env = new_envelope(
-        payload,
-        vault_id=uuid.UUID(vault_id),
-        producer_id=producer_id,
-        signing_key=signing.derive_signing_key(credential),
+        payload, vault_id=uuid.UUID(vault_id), producer_id=producer_id, signing_key=key
     )
     await producer.publish(env, key=producer_id, topic=topic)
     return env.event_id
@@ -353,7 +357,7 @@ async def test_an_answer_counts_only_from_whom_it_was_asked(
             forged,
             vault_id=dr.vault_id,
             producer_id=primary["producer_id"],
-            credential=primary["credential"],
+            private_key=primary["private_key"],
             topic=topics.AGENT_EVENTS,
         )
         assert await refused(event) == "wrong_answerer"
@@ -365,7 +369,7 @@ async def test_an_answer_counts_only_from_whom_it_was_asked(
                 forged,
                 vault_id=stranger["vault_id"],
                 producer_id=stranger["producer_id"],
-                credential=stranger["credential"],
+                private_key=stranger["private_key"],
                 topic=topics.AGENT_EVENTS,
             )
             reason = await refused(event)
@@ -378,7 +382,7 @@ async def test_an_answer_counts_only_from_whom_it_was_asked(
             forged,
             vault_id=dr.vault_id,
             producer_id=stranger["producer_id"],
-            credential=stranger["credential"],
+            private_key=stranger["private_key"],
             topic=topics.AGENT_EVENTS,
         )
         assert await refused(event) in ("vault_mismatch", "bad_signature")
@@ -434,7 +438,7 @@ async def test_vaults_with_the_same_names_keep_their_own_vms(
             change,
             vault_id=str(ident.vault_id),
             producer_id=str(ident.producer_id),
-            credential=ident.credential,
+            private_key=ident.private_key,
             topic=topics.INVENTORY_DISCOVERY,
         )
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import signing, topics
 from shared.kafka import RUN_MEMO, EventConsumer, Incoming, KafkaProducer, Rejected
@@ -69,10 +70,12 @@ class Agent:
     def __init__(self, vault: uuid.UUID) -> None:
         self.vault = vault
         self.producer_id = uuid.uuid4()
-        self.key = signing.derive_signing_key(f"drc_{uuid.uuid4().hex}")
+        self.key = signing.new_private_key()
         self.item = uuid.uuid4()
 
-    def batch(self, batch_no: int, *, key: str | None = None) -> tuple[uuid.UUID, bytes]:
+    def batch(
+        self, batch_no: int, *, key: Ed25519PrivateKey | None = None
+    ) -> tuple[uuid.UUID, bytes]:
         data = os.urandom(1024)
         payload = ev.BlocksShipped(
             item_id=self.item,
@@ -91,7 +94,7 @@ class Agent:
             payload,
             vault_id=self.vault,
             producer_id=str(self.producer_id),
-            signing_key=key or self.key,
+            signing_key=key if key is not None else self.key,
         )
         return env.event_id, env.to_bytes()
 
@@ -103,10 +106,10 @@ async def setup(
     async with pool.acquire() as conn:
         await conn.execute(
             "INSERT INTO known_producers (producer_id, vault_id, kind, name, site, generation,"
-            " verification_key) VALUES ($1, $2, 'agent', 'hv', 'primary', 1, $3)",
+            " public_key) VALUES ($1, $2, 'agent', 'hv', 'primary', 1, $3)",
             agent.producer_id,
             agent.vault,
-            agent.key,
+            signing.public_key_hex(agent.key),
         )
     lookups = 0
 
@@ -191,7 +194,7 @@ async def test_a_run_with_a_bad_record_is_handled_one_by_one(
     consumer, agent = await setup(pool, producer, stack, topic_prefix)
     good = [agent.batch(n) for n in (0, 1)]
     refused = agent.batch(13)
-    forged = agent.batch(5, key=signing.derive_signing_key("drc_forged"))
+    forged = agent.batch(5, key=signing.new_private_key())
     after = [agent.batch(n) for n in (6, 7)]
     run = [*good, refused, forged, *after]
     await consumer.process_many(records(agent, [v for _, v in run]))

@@ -261,7 +261,7 @@ async def test_consumer_entry_rejects_agents_and_wrong_sites(pool: asyncpg.Pool)
         pid = uuid.uuid4()
         ev = reg.ProducerRegistered(
             producer_id=pid, kind=kind, name=f"{kind}-{pid}", site=site, generation=1,
-            verification_key="0" * 64, heartbeat_interval_seconds=5,
+            public_key="0" * 64, heartbeat_interval_seconds=5,
         )  # fmt: skip
         async with pool.acquire() as conn:
             await readmodels.upsert_producer(conn, vault, ev)

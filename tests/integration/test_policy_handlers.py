@@ -118,7 +118,7 @@ class World:
                 name=f"vmm-{site}",
                 site=site,
                 generation=1,
-                verification_key=signing.derive_signing_key("x"),
+                public_key=signing.public_key_hex(signing.new_private_key()),
                 heartbeat_interval_seconds=5,
             ),
         )

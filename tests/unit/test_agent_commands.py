@@ -14,6 +14,7 @@ from services.host_agent.replicator import Replicator, Wiring
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path, load_vm
 from services.host_agent.workload import Workloads
+from shared import signing
 from shared.edge import Identity
 from shared.kafka import Incoming, Rejected
 from shared.schemas.agent import (
@@ -36,6 +37,7 @@ IDENTITY = Identity(
     site="primary",
     generation=1,
     credential="drc_unit-test",
+    private_key=signing.private_key_hex(signing.new_private_key()),
 )
 
 

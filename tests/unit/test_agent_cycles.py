@@ -18,10 +18,11 @@ from services.host_agent.replicator import ItemRecord, ItemReplicator, Wiring
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path
 from services.host_agent.workload import Pattern, Writer, write_blocks
+from shared import signing
 from shared.edge import Identity
 from shared.merkle import BLOCK_SIZE, disk_root, disk_tree
 from shared.schemas.agent import DiskSpec, InitialReplication, ResyncRequested
-from shared.schemas.envelope import EventPayload
+from shared.schemas.envelope import Envelope, EventPayload
 from shared.schemas.registration import ProducerKind
 from shared.schemas.replication import MAX_BLOCKS_PER_BATCH, Compression, CycleKind
 
@@ -33,6 +34,7 @@ IDENTITY = Identity(
     site="primary",
     generation=1,
     credential="drc_unit-test",
+    private_key=signing.private_key_hex(signing.new_private_key()),
 )
 
 
@@ -260,7 +262,9 @@ async def test_offline_initial_replication_writes_the_signed_cycle_to_a_file(
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [lines[0]["type"], lines[-1]["type"]] == ["CycleStarted", "CycleCompleted"]
     assert all(
-        line["signature"] and line["producer_id"] == str(IDENTITY.producer_id) for line in lines
+        Envelope.model_validate(line).signature_valid(IDENTITY.public_key)
+        and line["producer_id"] == str(IDENTITY.producer_id)
+        for line in lines
     )
     assert not list(export.rglob("*.tmp"))
     assert h.item.record.next_seq == 4 and h.item.record.initial_done

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,8 @@ from shared.schemas.registration import Heartbeat, ProducerKind, VaultCreated
 
 VAULT = uuid.uuid4()
 CREDENTIAL = signing.new_secret("drc")
-KEY = signing.derive_signing_key(CREDENTIAL)
+KEY = signing.new_private_key()
+PUBLIC = signing.public_key_hex(KEY)
 MAX_AGE = timedelta(minutes=10)
 
 
@@ -29,26 +31,67 @@ def heartbeat(**overrides: object) -> Envelope:
 
 def test_signature_round_trip() -> None:
     env = heartbeat()
-    assert env.signature_valid(KEY)
+    assert env.signature is not None and len(env.signature) == 128
+    assert env.signature_valid(PUBLIC)
     decoded, payload = decode_event(env.to_bytes(), MAX_AGE)
     assert decoded == env
     assert isinstance(payload, Heartbeat)
-    assert decoded.signature_valid(KEY)
+    assert decoded.signature_valid(PUBLIC)
 
 
-def test_signature_fails_with_another_credential_or_tampering() -> None:
+def test_signature_fails_with_another_key_or_tampering() -> None:
     env = heartbeat()
-    assert not env.signature_valid(signing.derive_signing_key(signing.new_secret("drc")))
+    assert not env.signature_valid(signing.public_key_hex(signing.new_private_key()))
     tampered = env.model_copy(update={"payload": {**env.payload, "sequence": 2}})
-    assert not tampered.signature_valid(KEY)
+    assert not tampered.signature_valid(PUBLIC)
     other_vault = env.model_copy(update={"vault_id": uuid.uuid4()})
-    assert not other_vault.signature_valid(KEY)
+    assert not other_vault.signature_valid(PUBLIC)
+    other_producer = env.model_copy(update={"producer_id": str(uuid.uuid4())})
+    assert not other_producer.signature_valid(PUBLIC)
+    assert env.signature is not None
+    flipped = env.signature[:-1] + ("0" if env.signature[-1] != "0" else "1")
+    assert not env.model_copy(update={"signature": flipped}).signature_valid(PUBLIC)
+
+
+def test_the_public_key_cannot_sign() -> None:
+    """What services store and registration publishes is useless for signing: used as a
+    private key it makes signatures that its own public key refuses."""
+    env = heartbeat(signature=None)
+    as_private = signing.load_private_key(PUBLIC)
+    forged = env.signed_with(as_private)
+    assert not forged.signature_valid(PUBLIC)
+    assert signing.public_key_hex(as_private) != PUBLIC
+    assert not hasattr(KEY.public_key(), "sign")
+
+
+def test_private_key_round_trips_as_hex_and_bad_keys_fail_cleanly() -> None:
+    text = signing.private_key_hex(KEY)
+    assert signing.public_key_hex(signing.load_private_key(text)) == PUBLIC
+    with pytest.raises(ValueError):
+        signing.load_private_key("ab" * 31)
+    env = heartbeat()
+    for bad in ("", "zz" * 32, "ab" * 31, PUBLIC + "00"):
+        assert not env.signature_valid(bad)
+    assert signing.is_public_key(PUBLIC) and not signing.is_public_key("ab" * 31)
+
+
+def test_an_hmac_signature_is_refused_with_a_clear_reason() -> None:
+    import hashlib
+    import hmac
+
+    env = heartbeat(signature=None)
+    fields = env.model_dump(mode="json", exclude={"signature"})
+    legacy = hmac.new(b"k" * 32, signing.canonical_json(fields), hashlib.sha256).hexdigest()
+    record = {**json.loads(env.to_bytes()), "signature": legacy}
+    with pytest.raises(Rejected) as exc:
+        decode_event(json.dumps(record).encode(), MAX_AGE)
+    assert exc.value.reason == "invalid_envelope"
+    assert "HMAC" in str(exc.value) and "Ed25519" in str(exc.value)
 
 
 def test_secrets_are_stored_as_hashes_only() -> None:
     assert signing.hash_secret(CREDENTIAL) != CREDENTIAL
     assert len(signing.hash_secret(CREDENTIAL)) == 64
-    assert signing.derive_signing_key(CREDENTIAL) != signing.hash_secret(CREDENTIAL)
 
 
 @pytest.mark.parametrize(
@@ -137,15 +180,15 @@ def test_blocks_signature_covers_hashes_not_data() -> None:
     import base64
 
     env = _shipped([b"a" * 4096, b"b" * 4096])
-    assert env.signature_valid(KEY)
+    assert env.signature_valid(PUBLIC)
     decoded, _ = decode_event(env.to_bytes(), MAX_AGE)
-    assert decoded.signature_valid(KEY)
+    assert decoded.signature_valid(PUBLIC)
     # the signed JSON has no block data in it (cheap to sign and verify)
     assert all("data" not in b for b in env.signed_fields()["payload"]["blocks"])
     assert "data" in env.model_dump(mode="json")["payload"]["blocks"][0]
     # altered bytes keep the signature valid: the replica's hash check refuses them
     forged = _with_block(env, 0, data=base64.b64encode(b"x" * 4096).decode())
-    assert forged.signature_valid(KEY)
+    assert forged.signature_valid(PUBLIC)
 
 
 @pytest.mark.parametrize(
@@ -161,16 +204,16 @@ def test_blocks_signature_fails_when_a_hash_index_or_flag_changes(
     changes: dict[str, object],
 ) -> None:
     env = _shipped([b"a" * 4096, b"b" * 4096])
-    assert not _with_block(env, 1, **changes).signature_valid(KEY)
+    assert not _with_block(env, 1, **changes).signature_valid(PUBLIC)
 
 
 def test_blocks_signature_fails_when_a_batch_field_changes() -> None:
     env = _shipped([b"a" * 4096])
     for field, value in (("batch_no", 1), ("cycle_seq", 4), ("compression", "zlib")):
         tampered = env.model_copy(update={"payload": {**env.payload, field: value}})
-        assert not tampered.signature_valid(KEY)
+        assert not tampered.signature_valid(PUBLIC)
     dropped = env.model_copy(update={"payload": {**env.payload, "blocks": []}})
-    assert not dropped.signature_valid(KEY)
+    assert not dropped.signature_valid(PUBLIC)
 
 
 def test_tampered_block_data_fails_the_replica_hash_check(tmp_path: object) -> None:
@@ -186,7 +229,7 @@ def test_tampered_block_data_fails_the_replica_hash_check(tmp_path: object) -> N
     env = _shipped([b"a" * 4096])
     forged = _with_block(env, 0, data=base64.b64encode(b"x" * 4096).decode())
     decoded, payload = decode_event(forged.to_bytes(), MAX_AGE)
-    assert decoded.signature_valid(KEY)
+    assert decoded.signature_valid(PUBLIC)
     assert isinstance(payload, BlocksShipped)
     block = payload.blocks[0]
     data = _block_bytes(block, {"size_bytes": 4096, "block_size": 4096}, payload.compression)
@@ -197,10 +240,29 @@ def test_tampered_block_data_fails_the_replica_hash_check(tmp_path: object) -> N
     store.close()
 
 
-def test_blocks_signed_over_the_whole_payload_by_an_older_agent_still_verify() -> None:
-    env = _shipped([b"a" * 4096]).model_copy(update={"signature": None})
-    legacy = env.model_copy(
-        update={"signature": signing.sign(env.model_dump(mode="json", exclude={"signature"}), KEY)}
+def test_the_identity_file_is_owner_only_and_a_legacy_one_is_named(tmp_path: Path) -> None:
+    from shared.edge import Identity, LegacyIdentity, identity_path, load_identity, save_identity
+
+    identity = Identity(
+        producer_id=uuid.uuid4(),
+        vault_id=VAULT,
+        kind=ProducerKind.AGENT,
+        name="hv-1",
+        site="primary",
+        generation=1,
+        credential=CREDENTIAL,
+        private_key=signing.private_key_hex(KEY),
     )
-    assert legacy.signature_valid(KEY)
-    assert not legacy.signature_valid(signing.derive_signing_key(signing.new_secret("drc")))
+    left_over = identity_path(tmp_path).with_suffix(".tmp")
+    left_over.write_text("")
+    left_over.chmod(0o644)  # a temporary file a crash left behind keeps its mode on open
+    save_identity(tmp_path, identity)
+    assert identity_path(tmp_path).stat().st_mode & 0o777 == 0o600
+    loaded = load_identity(tmp_path)
+    assert loaded == identity and loaded.public_key == PUBLIC
+    assert signing.private_key_hex(KEY) not in repr(loaded)
+
+    legacy = identity.model_dump(mode="json", exclude={"private_key"})
+    identity_path(tmp_path).write_text(json.dumps(legacy))
+    with pytest.raises(LegacyIdentity, match="before Ed25519 event signatures"):
+        load_identity(tmp_path)
