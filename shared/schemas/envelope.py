@@ -13,12 +13,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 from pydantic_core import to_jsonable_python
 
 from shared import signing
+from shared.schemas.base import EventPayload
+from shared.schemas.registry import payload_model, type_name_of
 
-
-class EventPayload(BaseModel):
-    """Base of every event payload: immutable, unknown fields rejected."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = ["Envelope", "EventPayload", "new_envelope"]
 
 
 class Envelope(BaseModel):
@@ -52,8 +50,6 @@ class Envelope(BaseModel):
     def signed_fields(self) -> dict[str, Any]:
         """What the signature covers: every field but `signature`, with the payload reduced
         to its event type's signed view if the type registers one (see `event_type`)."""
-        from shared.schemas.registry import payload_model
-
         et = payload_model(self.type, self.schema_version)
         if et is None or et.signed_view is None:
             return self.model_dump(mode="json", exclude={"signature"})
@@ -84,8 +80,6 @@ def new_envelope(
     occurred_at: datetime | None = None,
     signing_key: Ed25519PrivateKey | None = None,
 ) -> Envelope:
-    from shared.schemas.registry import type_name_of
-
     type_name, version = type_name_of(type(payload))
     env = Envelope(
         event_id=uuid.uuid4(),

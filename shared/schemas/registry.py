@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from shared.schemas.envelope import EventPayload
+from shared.schemas.base import EventPayload
 
 
 @dataclass(frozen=True)
