@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from services.cli.client import Api, ApiError, service_urls
-from services.cli.commands import Context, UsageError, build_parser
+from services.cli.commands import build_parser
+from services.cli.context import Context, UsageError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

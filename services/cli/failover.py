@@ -7,14 +7,12 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from services.cli.client import ApiError
+from services.cli.context import Context, UsageError
 from services.cli.output import Column, field
 from services.cli.progress import JobWatch
-
-if TYPE_CHECKING:  # commands.py imports this module
-    from services.cli.commands import Context
 
 OPERATIONS = {
     "test": "test-failover",
@@ -155,8 +153,6 @@ def failover_status(ctx: Context, args: argparse.Namespace) -> None:
         ctx.record(view)
         return
     if args.wait:
-        from services.cli.commands import UsageError  # commands.py imports this module
-
         raise UsageError("--wait needs an item id")
     rows = ctx.api.call("failover", "GET", ctx.vault_path("/failovers"))
     columns: list[Column] = [

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from services.cli import output
+from services.cli.context import Context
 from services.cli.output import Column, field
 from services.cli.progress import InitialWatch
 
@@ -28,9 +29,6 @@ POINT_COLUMNS: list[Column] = [
     ("CHANGED_BLOCKS", field("changed_blocks")),
     ("BYTES", field("bytes")),
 ]
-
-if TYPE_CHECKING:  # commands.py imports this module
-    from services.cli.commands import Context
 
 
 def _path(ctx: Context, suffix: str = "") -> str:
