@@ -28,7 +28,12 @@
 #   DR_CACHE_DIR          <repo>/.cache   downloaded Kafka jars (kept by purge)
 #   KAFKA_VERSION         3.9.1           must be 3.x (4.x breaks the Python clients)
 #   SCALA_VERSION         2.13
-#   KAFKA_PORT            19092           PLAINTEXT listener on 127.0.0.1
+#   KAFKA_PORT            19092           the client listener on 127.0.0.1 (SSL with client
+#                                         certificates; PLAINTEXT with KAFKA_SECURITY=plaintext)
+#   KAFKA_SECURITY        tls             tls: mutual TLS on every listener, the StandardAuthorizer
+#                                         with ACLs (nothing allowed without one); plaintext: no
+#                                         authentication (a benchmark baseline). Changing it needs
+#                                         a `down` first.
 #   KAFKA_CONTROLLER_PORT 19093           KRaft controller listener on 127.0.0.1
 #   KAFKA_HEAP_OPTS       -Xmx512m -Xms256m
 #   KAFKA_JVM_OPTS        -XX:+UseSerialGC -Djava.awt.headless=true
@@ -71,6 +76,16 @@
 # local ports (see the template) and serves the merged OpenAPI document at /openapi.json; a
 # service that is not running answers 502 through it. stack.env gets DR_GATEWAY_URL.
 #
+# Kafka security (KAFKA_SECURITY=tls): on first start openssl makes a platform CA under
+# ${DR_STATE_DIR}/pki (ca.pem; ca.key stays there, mode 0600), the broker's certificate
+# (CN=broker, a super user; SANs 127.0.0.1 and localhost) and one client certificate per
+# platform principal: admin (a super user: topic tooling, tests, operators), registration,
+# inventory, policy, replication, failover and edge. A principal is its certificate's CN
+# (ssl.principal.mapping.rules). ACLs per topic prefix are set by `python -m shared.kafka_acl`
+# (what each principal may write, read and which consumer groups it may use); stack.env names
+# the admin certificate (DR_KAFKA_CERT_FILE/DR_KAFKA_KEY_FILE), the CA and the pki folder.
+# Java tools (kafka-run) take `--command-config ${DR_STATE_DIR}/pki/admin.properties`.
+#
 # Exit codes: 0 ok, 1 failure, 2 missing prerequisite (the message names the Debian package).
 set -euo pipefail
 
@@ -109,6 +124,17 @@ KAFKA_PROPS="$KAFKA_STATE/server.properties"
 KAFKA_LOG4J="$KAFKA_STATE/log4j.properties"
 KAFKA_TOOLS_LOG4J="$KAFKA_STATE/tools-log4j.properties"
 KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+KAFKA_SECURITY="${KAFKA_SECURITY:-tls}"
+PKI_DIR="$DR_STATE_DIR/pki"
+PKI_PRINCIPALS="admin registration inventory policy replication failover edge"
+if [[ "$KAFKA_SECURITY" == "tls" ]]; then
+  KAFKA_LISTENERS="SSL://127.0.0.1:${KAFKA_PORT},CONTROLLER://127.0.0.1:${KAFKA_CONTROLLER_PORT}"
+elif [[ "$KAFKA_SECURITY" == "plaintext" ]]; then
+  KAFKA_LISTENERS="PLAINTEXT://127.0.0.1:${KAFKA_PORT},CONTROLLER://127.0.0.1:${KAFKA_CONTROLLER_PORT}"
+else
+  printf '[stack] ERROR: KAFKA_SECURITY must be tls or plaintext, not %s\n' "$KAFKA_SECURITY" >&2
+  exit 1
+fi
 
 GATEWAY_PORT="${GATEWAY_PORT:-18100}"
 GATEWAY="${GATEWAY:-1}"
@@ -358,19 +384,94 @@ kafka_java() {
   "${KAFKA_TOOL_CMD[@]}" "$@"
 }
 
+# The platform CA and the certificates of the broker and of each platform principal (once;
+# kept across restarts). EC P-256 keys; the broker's key is PKCS#8-encrypted because Kafka
+# reads a PEM key store file only with ssl.key.password (PBE-SHA1-3DES: Java 17 reads no
+# PBES2 key in a PEM file; the password sits next to the file, the folder is 0700).
+make_pki() {
+  [[ "$KAFKA_SECURITY" == "tls" ]] || return 0
+  if [[ -f "$PKI_DIR/ca.pem" && -f "$PKI_DIR/broker.keystore.pem" && -f "$PKI_DIR/admin.properties" ]]; then
+    return
+  fi
+  command -v openssl >/dev/null 2>&1 || die "openssl not found (Debian package: openssl)"
+  log "kafka: making the platform CA and certificates in $PKI_DIR"
+  mkdir -p "$PKI_DIR"
+  chmod 700 "$PKI_DIR"
+  (
+    set -e
+    cd "$PKI_DIR"
+    umask 077
+    openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out ca.key
+    openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=dr-platform-ca" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -out ca.pem 2>/dev/null
+    issue() { # NAME [SAN [EXTENDED KEY USAGE]]
+      openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1.key"
+      openssl req -new -key "$1.key" -subj "/CN=$1" -out "$1.csr" 2>/dev/null
+      printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n%s\n' \
+        "${3:-clientAuth}" "${2:+subjectAltName=$2}" >"$1.ext"
+      openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 -days 825 \
+        -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+      rm -f "$1.csr" "$1.ext"
+    }
+    issue broker "IP:127.0.0.1,DNS:localhost" "serverAuth,clientAuth"
+    openssl rand -hex 24 >broker.password
+    openssl pkcs8 -topk8 -in broker.key -v1 PBE-SHA1-3DES -passout "file:broker.password" -out broker.key.enc
+    cat broker.pem broker.key.enc >broker.keystore.pem
+    rm -f broker.key.enc
+    for p in $PKI_PRINCIPALS; do issue "$p"; done
+    openssl pkcs8 -topk8 -in admin.key -v1 PBE-SHA1-3DES -passout "file:broker.password" -out admin.key.enc
+    cat admin.pem admin.key.enc >admin.keystore.pem
+    rm -f admin.key.enc
+    {
+      echo "security.protocol=SSL"
+      echo "ssl.keystore.type=PEM"
+      echo "ssl.keystore.location=$PKI_DIR/admin.keystore.pem"
+      echo "ssl.key.password=$(cat broker.password)"
+      echo "ssl.truststore.type=PEM"
+      echo "ssl.truststore.location=$PKI_DIR/ca.pem"
+    } >admin.properties
+  ) || die "kafka: making the certificates in $PKI_DIR failed"
+}
+
+# Kafka's security settings for KAFKA_SECURITY.
+kafka_security_config() {
+  if [[ "$KAFKA_SECURITY" != "tls" ]]; then
+    echo "inter.broker.listener.name=PLAINTEXT"
+    echo "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    return
+  fi
+  cat <<EOF
+# Mutual TLS on both listeners (the controller's too: the broker talks to it as CN=broker);
+# a client's principal is its certificate's CN; nothing is allowed without an ACL.
+inter.broker.listener.name=SSL
+listener.security.protocol.map=CONTROLLER:SSL,SSL:SSL
+ssl.client.auth=required
+ssl.keystore.type=PEM
+ssl.keystore.location=$PKI_DIR/broker.keystore.pem
+ssl.key.password=$(cat "$PKI_DIR/broker.password")
+ssl.truststore.type=PEM
+ssl.truststore.location=$PKI_DIR/ca.pem
+ssl.principal.mapping.rules=RULE:^CN=([^,]+)(,.*)?\$/\$1/,DEFAULT
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:broker;User:admin
+EOF
+}
+
 write_kafka_config() {
   mkdir -p "$KAFKA_DATA"
+  make_pki
   cat >"$KAFKA_PROPS" <<EOF
 # Generated by deploy/local/stack.sh on every start; edits are overwritten.
 # Single-node KRaft: this process is both the broker and the (only) controller.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:${KAFKA_CONTROLLER_PORT}
-listeners=PLAINTEXT://127.0.0.1:${KAFKA_PORT},CONTROLLER://127.0.0.1:${KAFKA_CONTROLLER_PORT}
-advertised.listeners=PLAINTEXT://127.0.0.1:${KAFKA_PORT}
-inter.broker.listener.name=PLAINTEXT
+listeners=${KAFKA_LISTENERS}
+advertised.listeners=${KAFKA_LISTENERS%%,*}
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+$(kafka_security_config)
 log.dirs=${KAFKA_DATA}
 num.partitions=4
 default.replication.factor=1
@@ -438,9 +539,9 @@ kafka_pid() {
 
 # The broker runs, but with other ports than configured now: refuse to guess.
 check_kafka_running_ports() {
-  local want="listeners=PLAINTEXT://127.0.0.1:${KAFKA_PORT},CONTROLLER://127.0.0.1:${KAFKA_CONTROLLER_PORT}"
+  local want="listeners=${KAFKA_LISTENERS}"
   if ! grep -qxF "$want" "$KAFKA_PROPS" 2>/dev/null; then
-    die "kafka: the broker of $DR_STATE_DIR runs with other ports ($(grep '^listeners=' "$KAFKA_PROPS" 2>/dev/null || echo '?')); run '$0 down' first"
+    die "kafka: the broker of $DR_STATE_DIR runs with other ports or KAFKA_SECURITY ($(grep '^listeners=' "$KAFKA_PROPS" 2>/dev/null || echo '?')); run '$0 down' first"
   fi
 }
 
@@ -505,8 +606,10 @@ start_kafka() {
   local left=$((deadline - SECONDS))
   ((left >= 20)) || left=20
   kafka_tool_cmd
+  local -a client_config=()
+  [[ "$KAFKA_SECURITY" == "tls" ]] && client_config=(--command-config "$PKI_DIR/admin.properties")
   if ! timeout "$left" "${KAFKA_TOOL_CMD[@]}" org.apache.kafka.tools.TopicCommand \
-    --bootstrap-server "$KAFKA_BOOTSTRAP" --list >/dev/null 9>&-; then
+    --bootstrap-server "$KAFKA_BOOTSTRAP" "${client_config[@]}" --list >/dev/null 9>&-; then
     kafka_fail_start "$pid" "the broker listens but a metadata request (TopicCommand --list) failed"
   fi
   tail -c "+$((log_offset + 1))" "$KAFKA_LOG" | grep -q 'Kafka Server started' ||
@@ -802,6 +905,13 @@ write_stack_env() {
   local tmp="$STACK_ENV.tmp.$$"
   {
     echo "KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP"
+    echo "DR_KAFKA_SECURITY=$KAFKA_SECURITY"
+    if [[ "$KAFKA_SECURITY" == "tls" ]]; then
+      echo "DR_KAFKA_CA_FILE=$PKI_DIR/ca.pem"
+      echo "DR_KAFKA_CERT_FILE=$PKI_DIR/admin.pem"
+      echo "DR_KAFKA_KEY_FILE=$PKI_DIR/admin.key"
+      echo "DR_KAFKA_PKI_DIR=$PKI_DIR"
+    fi
     echo "DATABASE_URL=$(database_url)"
     if [[ "$GATEWAY" == "1" ]]; then echo "DR_GATEWAY_URL=$GATEWAY_URL"; fi
   } >"$tmp"
