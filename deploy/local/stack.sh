@@ -385,53 +385,13 @@ kafka_java() {
 }
 
 # The platform CA and the certificates of the broker and of each platform principal (once;
-# kept across restarts). EC P-256 keys; the broker's key is PKCS#8-encrypted because Kafka
-# reads a PEM key store file only with ssl.key.password (PBE-SHA1-3DES: Java 17 reads no
-# PBES2 key in a PEM file; the password sits next to the file, the folder is 0700).
+# kept across restarts): deploy/make-pki.sh.
 make_pki() {
   [[ "$KAFKA_SECURITY" == "tls" ]] || return 0
-  if [[ -f "$PKI_DIR/ca.pem" && -f "$PKI_DIR/broker.keystore.pem" && -f "$PKI_DIR/admin.properties" ]]; then
-    return
-  fi
-  command -v openssl >/dev/null 2>&1 || die "openssl not found (Debian package: openssl)"
+  [[ -f "$PKI_DIR/ca.pem" ]] && return 0
   log "kafka: making the platform CA and certificates in $PKI_DIR"
-  mkdir -p "$PKI_DIR"
-  chmod 700 "$PKI_DIR"
-  (
-    set -e
-    cd "$PKI_DIR"
-    umask 077
-    openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out ca.key
-    openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=dr-platform-ca" \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-      -out ca.pem 2>/dev/null
-    issue() { # NAME [SAN [EXTENDED KEY USAGE]]
-      openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1.key"
-      openssl req -new -key "$1.key" -subj "/CN=$1" -out "$1.csr" 2>/dev/null
-      printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n%s\n' \
-        "${3:-clientAuth}" "${2:+subjectAltName=$2}" >"$1.ext"
-      openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 -days 825 \
-        -extfile "$1.ext" -out "$1.pem" 2>/dev/null
-      rm -f "$1.csr" "$1.ext"
-    }
-    issue broker "IP:127.0.0.1,DNS:localhost" "serverAuth,clientAuth"
-    openssl rand -hex 24 >broker.password
-    openssl pkcs8 -topk8 -in broker.key -v1 PBE-SHA1-3DES -passout "file:broker.password" -out broker.key.enc
-    cat broker.pem broker.key.enc >broker.keystore.pem
-    rm -f broker.key.enc
-    for p in $PKI_PRINCIPALS; do issue "$p"; done
-    openssl pkcs8 -topk8 -in admin.key -v1 PBE-SHA1-3DES -passout "file:broker.password" -out admin.key.enc
-    cat admin.pem admin.key.enc >admin.keystore.pem
-    rm -f admin.key.enc
-    {
-      echo "security.protocol=SSL"
-      echo "ssl.keystore.type=PEM"
-      echo "ssl.keystore.location=$PKI_DIR/admin.keystore.pem"
-      echo "ssl.key.password=$(cat broker.password)"
-      echo "ssl.truststore.type=PEM"
-      echo "ssl.truststore.location=$PKI_DIR/ca.pem"
-    } >admin.properties
-  ) || die "kafka: making the certificates in $PKI_DIR failed"
+  # shellcheck disable=SC2086
+  "$SCRIPT_DIR/../make-pki.sh" "$PKI_DIR" $PKI_PRINCIPALS || die "kafka: making the certificates in $PKI_DIR failed"
 }
 
 # Kafka's security settings for KAFKA_SECURITY.
