@@ -56,10 +56,11 @@ from typing import Any
 import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 
 from scripts.procs import REPO, Proc
 from shared import topics
+from shared.kafka import KafkaSecurity, admin_client
 from tests.support.dr import DrSetup, item, points, protect, two_sites
 from tests.support.platform import Platform
 from tests.support.poll import eventually
@@ -320,7 +321,7 @@ async def raw_kafka_mbps(stack: Stack, nbytes: int) -> tuple[float, float]:
     settings of the delta stream (record batches up to `topics.DELTA_RECORD_BATCH_BYTES`);
     (MB/s end to end, MB/s one message at a time with send_and_wait)."""
     topic = f"{random_prefix('benchraw')}raw"
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka)
+    admin = admin_client(stack.kafka)
     await admin.start()
     try:
         await admin.create_topics(
@@ -337,6 +338,7 @@ async def raw_kafka_mbps(stack: Stack, nbytes: int) -> tuple[float, float]:
         await admin.close()
     producer = AIOKafkaProducer(
         bootstrap_servers=stack.kafka,
+        **KafkaSecurity.from_env().client_options(),
         acks="all",
         enable_idempotence=True,
         linger_ms=0,  # as the agents' delta producer (lingering only delays records this large)
@@ -345,6 +347,7 @@ async def raw_kafka_mbps(stack: Stack, nbytes: int) -> tuple[float, float]:
     )
     consumer = AIOKafkaConsumer(
         bootstrap_servers=stack.kafka,
+        **KafkaSecurity.from_env().client_options(),
         enable_auto_commit=False,
         max_partition_fetch_bytes=2 * topics.DELTA_RECORD_BATCH_BYTES,  # as the service
         fetch_max_bytes=16 * MIB,
@@ -386,7 +389,7 @@ async def raw_kafka_mbps(stack: Stack, nbytes: int) -> tuple[float, float]:
     finally:
         await producer.stop()
         await consumer.stop()
-        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka)
+        admin = admin_client(stack.kafka)
         await admin.start()
         with contextlib.suppress(Exception):
             await admin.delete_topics([topic])

@@ -126,13 +126,42 @@ def stop_all(procs: Iterable[Proc]) -> None:
         proc.stop()
 
 
+_GRANTED: set[tuple[str, str]] = set()
+
+
+def kafka_identity(env: dict[str, str], principal: str) -> dict[str, str]:
+    """On a stack with Kafka TLS (stack.env names DR_KAFKA_PKI_DIR): the client certificate of
+    `principal` (a service's name, or `edge`) for a process's environment, after the ACLs of
+    the environment's topic prefix are granted (once per prefix, with the admin certificate:
+    `python -m shared.kafka_acl`). Empty on a plaintext stack."""
+    full = {**os.environ, **env}
+    pki = full.get("DR_KAFKA_PKI_DIR")
+    if not pki or full.get("DR_KAFKA_SECURITY", "tls") != "tls":
+        return {}
+    key = (full.get("KAFKA_BOOTSTRAP_SERVERS", ""), full.get("DR_TOPIC_PREFIX", ""))
+    if key not in _GRANTED:
+        subprocess.run(
+            [sys.executable, "-m", "shared.kafka_acl", "--prefix", key[1]],
+            env=full,
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        _GRANTED.add(key)
+    return {
+        "DR_KAFKA_CERT_FILE": str(Path(pki) / f"{principal}.pem"),
+        "DR_KAFKA_KEY_FILE": str(Path(pki) / f"{principal}.key"),
+    }
+
+
 def service(name: str, env: dict[str, str], log_dir: Path, env_prefix: str | None = None) -> Proc:
-    """A platform service process with its own free HTTP port."""
+    """A platform service process with its own free HTTP port and Kafka certificate."""
     port = free_port()
     prefix = env_prefix or f"DR_{name.upper()}_"
     return Proc(
         module=f"services.{name}",
-        env={**env, f"{prefix}HTTP_PORT": str(port)},
+        env={**env, **kafka_identity(env, name), f"{prefix}HTTP_PORT": str(port)},
         log_path=log_dir / f"{name}.log",
         port=port,
     )
@@ -145,7 +174,12 @@ def edge(module: str, prefix: str, env: dict[str, str], log_dir: Path, label: st
     state = log_dir / f"{label}-state"
     return Proc(
         module=module,
-        env={**env, f"{prefix}HTTP_PORT": str(port), f"{prefix}STATE_DIR": str(state)},
+        env={
+            **env,
+            **kafka_identity(env, "edge"),
+            f"{prefix}HTTP_PORT": str(port),
+            f"{prefix}STATE_DIR": str(state),
+        },
         log_path=log_dir / f"{label}.log",
         port=port,
     )

@@ -15,18 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 from pydantic_core import from_json
@@ -34,6 +36,7 @@ from pydantic_core import from_json
 from shared import topics
 from shared.schemas.envelope import Envelope, EventPayload
 from shared.schemas.registry import payload_model
+from shared.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,67 @@ class Rejected(Exception):
         self.keep_effects = keep_effects
 
 
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How a client reaches the broker: mutual TLS with a client certificate (the broker
+    maps the certificate's CN to the principal its ACLs name) or plaintext. Every Kafka
+    client of the platform (aiokafka producers, consumers and admin clients, faust apps)
+    takes its settings from here."""
+
+    protocol: Literal["tls", "plaintext"] = "plaintext"
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    @classmethod
+    def from_settings(cls, s: CommonSettings) -> KafkaSecurity:
+        return cls(s.kafka_security, s.kafka_ca_file, s.kafka_cert_file, s.kafka_key_file)
+
+    @classmethod
+    def from_env(cls) -> KafkaSecurity:
+        """From DR_KAFKA_SECURITY, DR_KAFKA_CA_FILE, DR_KAFKA_CERT_FILE, DR_KAFKA_KEY_FILE."""
+        return cls.from_settings(CommonSettings())
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """None for plaintext; for tls a context that checks the broker's certificate and
+        host name against the CA and presents this client's certificate."""
+        if self.protocol == "plaintext":
+            return None
+        missing = [
+            name
+            for name, path in (
+                ("DR_KAFKA_CA_FILE", self.ca_file),
+                ("DR_KAFKA_CERT_FILE", self.cert_file),
+                ("DR_KAFKA_KEY_FILE", self.key_file),
+            )
+            if not path
+        ]
+        if missing:
+            raise ValueError(f"DR_KAFKA_SECURITY=tls needs {', '.join(missing)}")
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=self.ca_file, certfile=self.cert_file, keyfile=self.key_file
+        )
+        return context
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for an aiokafka client."""
+        context = self.ssl_context()
+        if context is None:
+            return {}
+        return {"security_protocol": "SSL", "ssl_context": context}
+
+
+def admin_client(
+    bootstrap: str, security: KafkaSecurity | None = None, **options: Any
+) -> AIOKafkaAdminClient:
+    """An aiokafka admin client with `security` (default: from the environment)."""
+    return AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        **(security or KafkaSecurity.from_env()).client_options(),
+        **options,
+    )
+
+
 class KafkaProducer:
     def __init__(
         self,
@@ -111,6 +175,7 @@ class KafkaProducer:
         *,
         linger_ms: int = 5,
         max_batch_bytes: int = 16_384,
+        security: KafkaSecurity | None = None,
     ) -> None:
         """`linger_ms`: how long a record waits for others to share its batch. aiokafka keeps
         one open batch per partition and a record that does not fit waits for it to go, so
@@ -118,7 +183,8 @@ class KafkaProducer:
         and pays it on every record: edges use 0. `max_batch_bytes`: the most one record batch
         holds; aiokafka has one produce request in flight per broker, so records queued
         meanwhile go together in the next (an agent uses `topics.DELTA_RECORD_BATCH_BYTES`;
-        the topic's `max.message.bytes` must allow it)."""
+        the topic's `max.message.bytes` must allow it). `security`: default from the
+        environment (`KafkaSecurity.from_env`)."""
         self.prefix = prefix
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
@@ -129,6 +195,7 @@ class KafkaProducer:
             max_batch_size=max_batch_bytes,
             max_request_size=max(1_048_576, 2 * max_batch_bytes),
             request_timeout_ms=30_000,
+            **(security or KafkaSecurity.from_env()).client_options(),
         )
         self.started = False
 
@@ -187,11 +254,18 @@ class KafkaProducer:
 
 
 async def ensure_topics(
-    bootstrap: str, prefix: str, names: Iterable[str], *, partitions: int
+    bootstrap: str,
+    prefix: str,
+    names: Iterable[str],
+    *,
+    partitions: int,
+    security: KafkaSecurity | None = None,
 ) -> None:
     """Create each logical topic and its DLQ twin if missing, with its `topics.CONFIGS`, and
-    set those configs on the ones that exist (idempotent)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    set those configs on the ones that exist (idempotent). A topic the client's principal
+    may not describe looks missing and its creation is refused: the broker's answer is not
+    an error here (the topic is someone else's to create)."""
+    admin = admin_client(bootstrap, security)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -322,8 +396,10 @@ class _RecordPipeline(Generic[H]):
         handlers: dict[str, H],
         max_age: timedelta | None = timedelta(minutes=10),
         max_records: int = 200,
+        security: KafkaSecurity | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self.security = security or KafkaSecurity.from_env()
         self.prefix = prefix
         self.group = f"{prefix}{group}"
         self.topic_names = topic_names
@@ -348,6 +424,7 @@ class _RecordPipeline(Generic[H]):
             max_partition_fetch_bytes=2 * 1_048_576,
             session_timeout_ms=10_000,  # a kill -9 consumer is replaced within ~10 s
             heartbeat_interval_ms=3_000,
+            **self.security.client_options(),
         )
 
     async def run(self) -> None:

@@ -7,6 +7,8 @@ environment drives the whole platform. Nothing connects at import time.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -24,6 +26,30 @@ class CommonSettings(BaseSettings):
         default="127.0.0.1:19092",
         validation_alias="KAFKA_BOOTSTRAP_SERVERS",
         description="Kafka bootstrap servers (comma separated).",
+    )
+    kafka_security: Literal["tls", "plaintext"] = Field(
+        default="tls",
+        validation_alias="DR_KAFKA_SECURITY",
+        description="tls: mutual TLS to Kafka with the certificate below (the broker's ACLs"
+        " decide what its principal, the certificate's CN, may do); plaintext: no TLS and no"
+        " authentication (a broker without security only).",
+    )
+    kafka_ca_file: str = Field(
+        default="",
+        validation_alias="DR_KAFKA_CA_FILE",
+        description="PEM file of the CA that signed the broker's certificate (tls).",
+    )
+    kafka_cert_file: str = Field(
+        default="",
+        validation_alias="DR_KAFKA_CERT_FILE",
+        description="PEM file of this process's Kafka client certificate (tls; its CN is the"
+        " principal).",
+    )
+    kafka_key_file: str = Field(
+        default="",
+        validation_alias="DR_KAFKA_KEY_FILE",
+        description="PEM file of the private key of DR_KAFKA_CERT_FILE (tls; unencrypted, keep it"
+        " mode 0600).",
     )
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:15432/dr",

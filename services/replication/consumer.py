@@ -31,7 +31,7 @@ from services.replication import handlers
 from services.replication.config import ReplicationSettings
 from services.replication.failover_support import make_failover_handlers
 from shared import topics
-from shared.kafka import EventConsumer
+from shared.kafka import EventConsumer, KafkaSecurity
 from shared.readmodels import registration_handlers, signature_verifier
 from shared.runtime import Runtime
 
@@ -135,6 +135,12 @@ async def take_groups(
         impl._processors.remove(add_to_buffer)
 
 
+def _faust_credentials(settings: ReplicationSettings) -> faust.SSLCredentials | None:
+    """The service's Kafka client certificate for faust (None: plaintext)."""
+    context = KafkaSecurity.from_settings(settings).ssl_context()
+    return None if context is None else faust.SSLCredentials(context)
+
+
 def delta_app(
     settings: ReplicationSettings, pipeline: EventConsumer, ctx: handlers.Context | None = None
 ) -> faust.App:
@@ -144,6 +150,7 @@ def delta_app(
     app = faust.App(
         f"{settings.topic_prefix}replication-deltas",
         broker=[f"kafka://{b}" for b in settings.kafka_bootstrap_servers.split(",")],
+        broker_credentials=_faust_credentials(settings),
         processing_guarantee="at_least_once",
         web_enabled=False,
         autodiscover=False,

@@ -18,6 +18,7 @@ from scripts.gateway import Gateway, nginx_binary
 from scripts.procs import REPO, free_port
 from tests.support.cli import run_drctl
 from tests.support.platform import Platform
+from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -79,8 +80,13 @@ async def test_drctl_through_the_gateway(
     rc, sites, err = await drctl(gateway.url, op, "site", "list", "--json", vault=vault_id)
     assert rc == 0, err
     assert sites == []
-    rc, clouds, err = await drctl(gateway.url, op, "inventory", "clouds", "--json", vault=vault_id)
-    assert rc == 0, err
+
+    # inventory learns of the new token from registration's events, a moment later
+    async def clouds_listed() -> tuple[int, Any, str] | None:
+        answer = await drctl(gateway.url, op, "inventory", "clouds", "--json", vault=vault_id)
+        return answer if answer[0] == 0 else None
+
+    rc, clouds, err = await eventually(clouds_listed, timeout=30, what="the token at inventory")
     assert clouds == [] or isinstance(clouds, (list, dict))
 
     # policy

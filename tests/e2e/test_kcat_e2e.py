@@ -2,7 +2,8 @@
 real: an agent registered through the registration service, a heartbeat signed with
 `scripts/sign_event.py` and produced with kcat makes it Connected; a malformed record and a
 wrongly signed one produced with kcat land in the DLQ with their reasons (read back with
-`kcat -C -f '%h'`)."""
+`kcat -C -f '%h'`). kcat authenticates with a client certificate as the guide shows (the
+publisher as `edge`, the operator reading the DLQ as `admin`); without one it is refused."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from scripts.procs import REPO
+from scripts.procs import REPO, kafka_identity
 from shared import topics
 from tests.support.kafka import wait_for_records
 from tests.support.own_platform import own_platform
@@ -49,6 +50,19 @@ def kcat() -> str:
     if os.environ.get("CI"):
         pytest.fail("kcat is not installed (Debian package: kcat); CI must have it")
     pytest.skip("kcat is not installed (Debian package: kcat)")
+
+
+def tls(principal: str, env: dict[str, str]) -> list[str]:
+    """kcat's `-X` options for `principal`'s certificate (none on a plaintext stack)."""
+    identity = kafka_identity(env, principal)
+    if not identity:
+        return []
+    return [
+        "-X", "security.protocol=ssl",
+        "-X", f"ssl.ca.location={os.environ['DR_KAFKA_CA_FILE']}",
+        "-X", f"ssl.certificate.location={identity['DR_KAFKA_CERT_FILE']}",
+        "-X", f"ssl.key.location={identity['DR_KAFKA_KEY_FILE']}",
+    ]  # fmt: skip
 
 
 async def run(*args: str, stdin: bytes | None = None, timeout: float = 60) -> tuple[int, str, str]:
@@ -105,6 +119,7 @@ async def test_publish_with_kcat(
 
     heartbeats = topics.physical(topics.REGISTRATION_HEARTBEATS, platform.prefix)
     brokers = platform.stack.kafka
+    publisher, operator = tls("edge", platform.env), tls("admin", platform.env)
 
     # 1. a correctly signed heartbeat, built as the guide says, produced with kcat
     payload = tmp_path / "heartbeat.json"
@@ -117,8 +132,8 @@ async def test_publish_with_kcat(
     assert rc == 0, err
     assert line.count("\n") == 1 and json.loads(line)["signature"]
     rc, _, err = await run(
-        binary, "-P", "-b", brokers, "-X", "partitioner=murmur2_random", "-t", heartbeats,
-        "-k", producer_id, stdin=line.encode(),
+        binary, "-P", "-b", brokers, *publisher, "-X", "partitioner=murmur2_random",
+        "-t", heartbeats, "-k", producer_id, stdin=line.encode(),
     )  # fmt: skip
     assert rc == 0, err
     # the partition the platform's own producers (murmur2) would have chosen for that key
@@ -156,6 +171,7 @@ async def test_publish_with_kcat(
         "-P",
         "-b",
         brokers,
+        *publisher,
         "-t",
         heartbeats,
         "-k",
@@ -178,8 +194,32 @@ async def test_publish_with_kcat(
 
     # and the same headers as an operator reads them with kcat
     rc, out, err = await run(
-        binary, "-C", "-b", brokers, "-t", dlq, "-o", "beginning", "-e", "-q",
+        binary, "-C", "-b", brokers, *operator, "-t", dlq, "-o", "beginning", "-e", "-q",
         "-f", "%h\\n",
     )  # fmt: skip
     assert rc == 0, err
     assert "dlq.reason=malformed_json" in out
+
+
+async def test_kcat_without_a_certificate_is_refused(platform: Platform, tmp_path: Path) -> None:
+    """The same publish with TLS but no client certificate: the broker refuses the
+    handshake, kcat fails, and nothing reaches the topic."""
+    binary = kcat()
+    if os.environ.get("DR_KAFKA_SECURITY", "tls") != "tls":
+        pytest.skip("the stack runs Kafka without TLS (KAFKA_SECURITY=plaintext)")
+    platform.start("registration")  # the prefix's topics and ACLs exist
+    heartbeats = topics.physical(topics.REGISTRATION_HEARTBEATS, platform.prefix)
+    tag = secrets.token_hex(6)
+    rc, out, err = await run(
+        binary, "-P", "-b", platform.stack.kafka, "-t", heartbeats, "-k", tag,
+        "-X", "security.protocol=ssl", "-X", f"ssl.ca.location={os.environ['DR_KAFKA_CA_FILE']}",
+        "-X", "message.timeout.ms=5000",
+        stdin=f'{{"uncredentialed": "{tag}"}}\n'.encode(),
+    )  # fmt: skip
+    assert rc != 0 or "failed" in err.lower(), (rc, out, err)
+    rc, out, err = await run(
+        binary, "-C", "-b", platform.stack.kafka, *tls("admin", platform.env), "-t", heartbeats,
+        "-o", "beginning", "-e", "-q",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert tag not in out

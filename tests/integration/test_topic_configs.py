@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from shared import topics
-from shared.kafka import KafkaProducer, ensure_topics
+from shared.kafka import KafkaProducer, admin_client, ensure_topics
 from tests.support.kafka import read_all
 from tests.support.stack import Stack
 
@@ -29,7 +29,7 @@ async def max_message_bytes(admin: AIOKafkaAdminClient, name: str) -> str:
 
 async def test_the_delta_topic_gets_its_configs_created_or_found(stack: Stack) -> None:
     fresh, found = f"cfg-{uuid.uuid4().hex[:8]}-", f"cfg-{uuid.uuid4().hex[:8]}-"
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka)
+    admin = admin_client(stack.kafka)
     await admin.start()
     try:
         plain = topics.physical(topics.REPLICATION_DELTAS, found)

@@ -11,6 +11,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from shared.kafka import KafkaSecurity, admin_client
+
 
 @dataclass(frozen=True)
 class Record:
@@ -26,7 +28,11 @@ class Record:
 
 async def read_all(bootstrap: str, topic: str) -> list[Record]:
     """Every record currently in `topic` (all partitions, from the beginning)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        **KafkaSecurity.from_env().client_options(),
+    )
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic)
@@ -84,7 +90,9 @@ async def wait_for_records(
 
 
 async def produce(bootstrap: str, topic: str, value: bytes, key: str | None = None) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", **KafkaSecurity.from_env().client_options()
+    )
     await producer.start()
     try:
         await producer.send_and_wait(topic, value, key=key.encode() if key else None)
@@ -96,10 +104,9 @@ async def delete_prefixed_topics(bootstrap: str, prefix: str) -> int:
     """Delete every topic whose name starts with `prefix` (a test platform's own topics, and
     faust's internal ones under it): a broker holding fewer partitions restarts faster.
     Best effort: returns how many were asked to go, 0 when the broker does not answer."""
-    from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    admin = admin_client(bootstrap, request_timeout_ms=15000)
     try:
         await admin.start()
         names = [t for t in await admin.list_topics() if t.startswith(prefix)]

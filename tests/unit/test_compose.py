@@ -35,11 +35,41 @@ def test_every_service_in_the_repo_runs_in_compose() -> None:
 def test_every_service_has_a_healthcheck_and_the_stack_is_real() -> None:
     services = compose()["services"]
     for name, svc in services.items():
-        if name == "bootstrap":
+        if name in ("bootstrap", "kafka-acls"):  # one-shot jobs
             continue
         assert "healthcheck" in svc, f"{name} has no healthcheck"
     assert services["kafka"]["image"].startswith("apache/kafka:3.9")
-    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    broker = (REPO / "deploy" / "kafka" / "server.properties").read_text().splitlines()
+    assert "process.roles=broker,controller" in broker
+
+
+def test_kafka_in_compose_takes_only_certificates_and_acls() -> None:
+    broker = (REPO / "deploy" / "kafka" / "server.properties").read_text().splitlines()
+    for line in (
+        "listener.security.protocol.map=CONTROLLER:SSL,SSL:SSL",
+        "ssl.client.auth=required",
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found=false",
+    ):
+        assert line in broker
+    services = compose()["services"]
+    for name, svc in services.items():
+        env = svc.get("environment", {})
+        if "KAFKA_BOOTSTRAP_SERVERS" in env:
+            assert env["DR_KAFKA_SECURITY"] == "tls", name
+            assert env["DR_KAFKA_CERT_FILE"].startswith("/etc/dr/pki/"), name
+            if env["DR_KAFKA_CERT_FILE"] == "/etc/dr/pki/edge.pem":
+                # an edge host gets its own certificate and the CA's, no other key
+                pki = sorted(v for v in svc["volumes"] if "deploy/pki" in v)
+                assert pki == [
+                    f"./deploy/pki/{f}:/etc/dr/pki/{f}:ro"
+                    for f in ("ca.pem", "edge.key", "edge.pem")
+                ], name
+            else:
+                assert "./deploy/pki:/etc/dr/pki:ro" in svc["volumes"], name
+            assert svc["environment"]["DR_KAFKA_CERT_FILE"] != "/etc/dr/pki/admin.pem" or (
+                name == "kafka-acls"
+            ), name
     assert services["postgres"]["image"].startswith("postgres:")
 
 

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# deploy/make-pki.sh DIR [PRINCIPAL...] — the platform's Kafka certificates, made with openssl.
+#
+# In DIR (created mode 0700; nothing is overwritten when DIR/ca.pem exists):
+#   ca.pem, ca.key              the platform CA (keep ca.key to the operator: it issues principals)
+#   broker.pem/.key             the broker (CN=broker; SANs 127.0.0.1, localhost, kafka)
+#   broker.keystore.pem         broker.pem + its key PKCS#8-encrypted with broker.password:
+#                               Kafka reads a PEM key store file only with ssl.key.password
+#                               (PBE-SHA1-3DES: Java 17 reads no PBES2 key from a PEM file)
+#   <principal>.pem/.key        a client certificate (CN=<principal>) per principal; default
+#                               admin registration inventory policy replication failover edge
+#   admin.keystore.pem          admin's, for Java tools (with broker.password)
+#   admin.properties            --command-config of Kafka's Java tools as admin
+# EC P-256 keys; certificates valid 825 days (the CA 10 years). Used by deploy/local/stack.sh
+# (make up) and, once by hand, for docker-compose.yml (`deploy/make-pki.sh deploy/pki`).
+set -euo pipefail
+
+DIR="$(realpath -m "${1:?usage: make-pki.sh DIR [PRINCIPAL...]}")"
+shift
+PRINCIPALS=("$@")
+((${#PRINCIPALS[@]})) || PRINCIPALS=(admin registration inventory policy replication failover edge)
+
+command -v openssl >/dev/null 2>&1 || { echo "openssl not found (Debian package: openssl)" >&2; exit 2; }
+[[ -f "$DIR/ca.pem" ]] && exit 0
+mkdir -p "$DIR"
+chmod 700 "$DIR"
+cd "$DIR"
+umask 077
+
+new_key() { openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1"; }
+
+new_key ca.key
+openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=dr-platform-ca" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+  -out ca.pem 2>/dev/null
+
+issue() { # NAME [SAN [EXTENDED KEY USAGE]]
+  new_key "$1.key"
+  openssl req -new -key "$1.key" -subj "/CN=$1" -out "$1.csr" 2>/dev/null
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n%s\n' \
+    "${3:-clientAuth}" "${2:+subjectAltName=$2}" >"$1.ext"
+  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 -days 825 \
+    -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+  rm -f "$1.csr" "$1.ext"
+}
+
+keystore() { # NAME: cert + encrypted key in one PEM file, for Java
+  openssl pkcs8 -topk8 -in "$1.key" -v1 PBE-SHA1-3DES -passout "file:broker.password" -out "$1.key.enc"
+  cat "$1.pem" "$1.key.enc" >"$1.keystore.pem"
+  rm -f "$1.key.enc"
+}
+
+issue broker "IP:127.0.0.1,DNS:localhost,DNS:kafka" "serverAuth,clientAuth"
+openssl rand -hex 24 >broker.password
+keystore broker
+for p in "${PRINCIPALS[@]}"; do issue "$p"; done
+keystore admin
+{
+  echo "security.protocol=SSL"
+  echo "ssl.keystore.type=PEM"
+  echo "ssl.keystore.location=$DIR/admin.keystore.pem"
+  echo "ssl.key.password=$(cat broker.password)"
+  echo "ssl.truststore.type=PEM"
+  echo "ssl.truststore.location=$DIR/ca.pem"
+} >admin.properties
+# certificates readable by anyone; keys, the CA key and the key store password by the owner only
+chmod 644 ./*.pem
+chmod 600 ./*.key broker.password admin.properties ./*.keystore.pem

@@ -1,0 +1,252 @@
+"""Who may do what on Kafka: the platform's principals and the ACLs that confine them.
+
+A principal is the CN of a client certificate (the broker's `ssl.principal.mapping.rules`).
+The broker runs Kafka's StandardAuthorizer with `allow.everyone.if.no.acl.found=false`, so a
+principal can do only what an ACL below allows; `admin` (topic tooling, operators, tests) and
+`broker` are super users. The table `ACCESS` is the whole policy:
+
+- each service WRITEs only its own topics (and the DLQ twins of the topics it consumes, where
+  its consumer dead-letters), READs only what it consumes, and uses only consumer groups
+  named after itself;
+- `edge` (site providers and host agents) writes only the edge topics (heartbeats, discovery,
+  deltas, agent events) and reads only agent commands;
+- only `registration` writes registration.events.v1; only `replication` and `failover` write
+  agent.commands.v1.
+
+So a record on a service's topic was written by that service's principal, and a consumer's
+trust of an unsigned `service:<name>` producer id rests on that ACL: `SERVICE_PRODUCER_IDS`
+lists which producer id each topic's writers use.
+
+ACLs name physical topics: `<DR_TOPIC_PREFIX><logical name>` (LITERAL) and consumer groups
+`<prefix><group>` (PREFIXED). A deployment grants them once for its prefix; a test run or
+demo with a random prefix grants them for that prefix before its services start:
+
+    python -m shared.kafka_acl [--prefix PREFIX]
+
+(with the admin certificate from the environment, as `make up` writes in stack.env). It also
+creates the prefix's topics, so no edge principal needs the right to create one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from aiokafka.protocol.admin import CreateAclsRequest, CreateAclsRequest_v1
+
+from shared import topics
+from shared.kafka import KafkaSecurity, admin_client, ensure_topics
+from shared.settings import CommonSettings
+
+
+class Resource(IntEnum):
+    TOPIC = 2
+    GROUP = 3
+
+
+class Operation(IntEnum):
+    ALL = 2
+    READ = 3
+    WRITE = 4
+    CREATE = 5
+    DESCRIBE = 8
+    DESCRIBE_CONFIGS = 10
+    ALTER_CONFIGS = 11
+
+
+class Pattern(IntEnum):
+    LITERAL = 3
+    PREFIXED = 4
+
+
+ALLOW = 3
+ANY_HOST = "*"
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one principal may do (logical topic names; groups and owned names are what
+    follows the topic prefix)."""
+
+    writes: tuple[str, ...]
+    reads: tuple[str, ...]
+    groups: tuple[str, ...]
+    # may create, write and read any topic whose name starts with one of these (faust's
+    # internal topics under its app id)
+    owned_prefixes: tuple[str, ...] = ()
+    # may create its topics and set their configs (services; edges may not)
+    creates: bool = True
+
+
+ACCESS: dict[str, Access] = {
+    "registration": Access(
+        writes=(topics.REGISTRATION_EVENTS,),
+        reads=(topics.REGISTRATION_HEARTBEATS,),
+        groups=("registration.",),
+    ),
+    "inventory": Access(
+        writes=(topics.INVENTORY_EVENTS,),
+        reads=(topics.REGISTRATION_EVENTS, topics.INVENTORY_DISCOVERY),
+        groups=("inventory.",),
+    ),
+    "policy": Access(
+        writes=(topics.POLICY_EVENTS,),
+        reads=(topics.REGISTRATION_EVENTS, topics.INVENTORY_EVENTS, topics.REPLICATION_EVENTS),
+        groups=("policy.",),
+    ),
+    "replication": Access(
+        writes=(topics.REPLICATION_EVENTS, topics.AGENT_COMMANDS),
+        reads=(
+            topics.REPLICATION_DELTAS,
+            topics.REGISTRATION_EVENTS,
+            topics.INVENTORY_EVENTS,
+            topics.POLICY_EVENTS,
+            topics.AGENT_EVENTS,
+            topics.FAILOVER_EVENTS,
+        ),
+        groups=("replication.", "replication-deltas"),
+        owned_prefixes=("replication-deltas",),
+    ),
+    "failover": Access(
+        writes=(topics.FAILOVER_EVENTS, topics.AGENT_COMMANDS),
+        reads=(
+            topics.REGISTRATION_EVENTS,
+            topics.INVENTORY_EVENTS,
+            topics.POLICY_EVENTS,
+            topics.REPLICATION_EVENTS,
+            topics.AGENT_EVENTS,
+        ),
+        groups=("failover.",),
+    ),
+    "edge": Access(
+        writes=(
+            topics.REGISTRATION_HEARTBEATS,
+            topics.INVENTORY_DISCOVERY,
+            topics.REPLICATION_DELTAS,
+            topics.AGENT_EVENTS,
+        ),
+        reads=(topics.AGENT_COMMANDS,),
+        groups=("agent.",),
+        creates=False,
+    ),
+}
+
+# The unsigned `service:` producer ids written on each service-owned topic; the topic's ACL
+# lets only the matching principal write there.
+SERVICE_PRODUCER_IDS: dict[str, tuple[str, ...]] = {
+    topics.REGISTRATION_EVENTS: ("service:registration",),
+    topics.INVENTORY_EVENTS: ("service:inventory",),
+    topics.POLICY_EVENTS: ("service:policy",),
+    topics.REPLICATION_EVENTS: ("service:replication",),
+    topics.FAILOVER_EVENTS: ("service:failover",),
+    topics.AGENT_COMMANDS: ("service:replication", "service:failover"),
+}
+
+
+@dataclass(frozen=True)
+class Acl:
+    resource: Resource
+    name: str
+    pattern: Pattern
+    principal: str
+    operation: Operation
+
+
+def acls_for(principal: str, access: Access, prefix: str) -> list[Acl]:
+    """The ACLs that give `principal` (a CN) `access` under topic prefix `prefix`."""
+    user = f"User:{principal}"
+    out: list[Acl] = []
+
+    def topic(name: str, *ops: Operation) -> None:
+        physical = topics.physical(name, prefix)
+        out.extend(Acl(Resource.TOPIC, physical, Pattern.LITERAL, user, op) for op in ops)
+
+    create = (Operation.CREATE,) if access.creates else ()
+    configs = (Operation.DESCRIBE_CONFIGS, Operation.ALTER_CONFIGS) if access.creates else ()
+    for name in access.writes:
+        topic(name, Operation.WRITE, Operation.DESCRIBE, *create, *configs)
+        topic(topics.dlq_of(name), Operation.DESCRIBE, *create, *configs)
+    for name in access.reads:
+        topic(name, Operation.READ, Operation.DESCRIBE, *create, *configs)
+        # its consumer dead-letters there
+        topic(topics.dlq_of(name), Operation.WRITE, Operation.DESCRIBE, *create, *configs)
+    for group in access.groups:
+        for op in (Operation.READ, Operation.DESCRIBE):
+            out.append(Acl(Resource.GROUP, f"{prefix}{group}", Pattern.PREFIXED, user, op))
+    for owned in access.owned_prefixes:
+        out.append(Acl(Resource.TOPIC, f"{prefix}{owned}", Pattern.PREFIXED, user, Operation.ALL))
+    return out
+
+
+class _CreateAcls(CreateAclsRequest):  # type: ignore[misc]
+    """aiokafka's CreateAcls request carries one ACL; this one carries many (v1: patterns)."""
+
+    def __init__(self, acls: Iterable[Acl]) -> None:
+        self._acls = list(acls)
+
+    def build(self, request_struct_class: Any) -> CreateAclsRequest_v1:
+        if request_struct_class.API_VERSION < 1:
+            raise RuntimeError("the broker does not take prefixed ACLs (CreateAcls v1)")
+        return CreateAclsRequest_v1(
+            [
+                (a.resource, a.name, a.pattern, a.principal, ANY_HOST, a.operation, ALLOW)
+                for a in self._acls
+            ]
+        )
+
+
+async def create_acls(bootstrap: str, acls: list[Acl], security: KafkaSecurity) -> None:
+    """Create `acls` (idempotent: an ACL that exists is kept) as the client's principal,
+    which must be allowed to alter ACLs (a super user)."""
+    admin = admin_client(bootstrap, security, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        response = await admin._send_to_controller(_CreateAcls(acls))
+        errors = [(code, msg) for code, msg in response.creation_responses if code]
+        if errors:
+            raise RuntimeError(f"CreateAcls refused: {errors[:3]}")
+    finally:
+        await admin.close()
+
+
+async def grant_platform(
+    bootstrap: str, prefix: str, security: KafkaSecurity, partitions: int = 4
+) -> int:
+    """Create the prefix's topics and every principal's ACLs for it; returns how many ACLs."""
+    await ensure_topics(
+        bootstrap, prefix, topics.ALL_TOPICS, partitions=partitions, security=security
+    )
+    acls = [a for p, access in ACCESS.items() for a in acls_for(p, access, prefix)]
+    await create_acls(bootstrap, acls, security)
+    return len(acls)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Create the topics and the ACLs of every platform principal for a topic"
+        " prefix (run with the admin certificate)."
+    )
+    parser.add_argument("--prefix", default=None, help="topic prefix (default: DR_TOPIC_PREFIX)")
+    args = parser.parse_args(argv)
+    settings = CommonSettings()
+    security = KafkaSecurity.from_settings(settings)
+    if security.protocol == "plaintext":
+        print("DR_KAFKA_SECURITY=plaintext: the broker has no ACLs; nothing to do")
+        return 0
+    prefix = settings.topic_prefix if args.prefix is None else args.prefix
+    count = asyncio.run(
+        grant_platform(
+            settings.kafka_bootstrap_servers, prefix, security, settings.topic_partitions
+        )
+    )
+    print(f"{count} ACLs for topic prefix {prefix!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
