@@ -18,10 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from scripts.procs import REPO, kafka_identity
 from shared import topics
+from shared.kafka import KafkaProducer
 from tests.support.kafka import wait_for_records
 from tests.support.own_platform import own_platform
 from tests.support.platform import Platform
@@ -138,10 +138,10 @@ async def test_publish_with_kcat(
     assert rc == 0, err
     # the partition the platform's own producers (murmur2) would have chosen for that key
     sent = await wait_for_records(brokers, heartbeats, lambda r: r.value == line.strip().encode())
-    probe = AIOKafkaProducer(bootstrap_servers=brokers)
+    probe = KafkaProducer(brokers, platform.prefix, "partition-probe")
     await probe.start()
     try:
-        count = len(await probe.partitions_for(heartbeats))
+        count = await probe.partition_count(topics.REGISTRATION_HEARTBEATS)
     finally:
         await probe.stop()
     assert sent[0].partition == topics.partition_for(producer_id.encode(), count)

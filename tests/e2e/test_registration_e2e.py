@@ -228,7 +228,7 @@ async def test_forced_reregistration_replaces_the_credential_and_key_pair(
     dlq = await wait_for_records(
         platform.stack.kafka,
         platform.prefix + topics.dlq_of(topics.REGISTRATION_HEARTBEATS),
-        lambda r: r.json().get("event_id") == str(event_id),
+        lambda r: r.event_id == str(event_id),
     )
     assert dlq[0].headers["dlq.reason"] == "bad_signature"
     found = await producers(http, platform, vault["vault_id"])

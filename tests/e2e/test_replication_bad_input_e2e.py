@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import signing, topics
-from shared.kafka import KafkaProducer
+from shared.kafka import KafkaProducer, KafkaSecurity
 from shared.merkle import BLOCK_SIZE, MerkleTree, block_hash
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload, new_envelope
@@ -163,7 +163,7 @@ async def test_no_recovery_point_from_bad_input(
 
         async def dead_lettered(event_id: uuid.UUID, reason: str) -> None:
             found = await wait_for_records(
-                platform.stack.kafka, dlq, lambda r: r.json().get("event_id") == str(event_id)
+                platform.stack.kafka, dlq, lambda r: r.event_id == str(event_id)
             )
             assert found[0].headers["dlq.reason"] == reason
 
@@ -238,7 +238,7 @@ async def test_no_recovery_point_from_bad_input(
             # is rejected as from an unknown producer; once it has, for the vault mismatch.
             event = await foreign.send(foreign.started(3, ev.CycleKind.DELTA))
             found = await wait_for_records(
-                platform.stack.kafka, dlq, lambda r: r.json().get("event_id") == str(event)
+                platform.stack.kafka, dlq, lambda r: r.event_id == str(event)
             )
             reason = found[0].headers["dlq.reason"]
             assert reason in ("unknown_producer", "vault_mismatch"), reason
@@ -275,7 +275,9 @@ async def test_no_recovery_point_from_bad_input(
         # 6. A record on another partition than Kafka's default partitioner (murmur2) gives
         # its key: dead-lettered with that reason, and the reason shows on the item.
         physical = topics.physical(topics.REPLICATION_DELTAS, platform.prefix)
-        raw = AIOKafkaProducer(bootstrap_servers=platform.stack.kafka)
+        raw = AIOKafkaProducer(
+            bootstrap_servers=platform.stack.kafka, **KafkaSecurity.from_env().client_options()
+        )
         await raw.start()
         try:
             count = len(await raw.partitions_for(physical))

@@ -216,7 +216,7 @@ async def test_decompression_bomb_and_oversize_disk_go_to_the_dlq_memory_bounded
 
         async def dead_lettered(event_id: uuid.UUID) -> tuple[str, str]:
             found = await wait_for_records(
-                platform.stack.kafka, dlq, lambda r: r.json().get("event_id") == str(event_id)
+                platform.stack.kafka, dlq, lambda r: r.event_id == str(event_id)
             )
             return found[0].headers["dlq.reason"], found[0].headers.get("dlq.detail", "")
 
@@ -347,7 +347,7 @@ async def test_an_answer_counts_only_from_whom_it_was_asked(
 
         async def refused(event_id: uuid.UUID) -> str:
             found = await wait_for_records(
-                platform.stack.kafka, dlq, lambda r: r.json().get("event_id") == str(event_id)
+                platform.stack.kafka, dlq, lambda r: r.event_id == str(event_id)
             )
             return str(found[0].headers["dlq.reason"])
 
@@ -446,7 +446,7 @@ async def test_vaults_with_the_same_names_keep_their_own_vms(
     found = await wait_for_records(
         platform.stack.kafka,
         platform.prefix + topics.dlq_of(topics.INVENTORY_DISCOVERY),
-        lambda r: r.json().get("event_id") == str(event),
+        lambda r: r.event_id == str(event),
     )
     assert found[0].headers["dlq.reason"] == "foreign_id"
     assert await vm_named(http, a, "twin01") == vm_a  # vault A's VM unchanged

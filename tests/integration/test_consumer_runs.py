@@ -208,9 +208,7 @@ async def test_a_run_with_a_bad_record_is_handled_one_by_one(
     ]
     dlq = topic_prefix + topics.dlq_of(topics.REPLICATION_DELTAS)
     for (event_id, _), reason in ((refused, "unlucky_batch"), (forged, "bad_signature")):
-        found = await wait_for_records(
-            stack.kafka, dlq, lambda r, e=event_id: r.json().get("event_id") == str(e)
-        )
+        found = await wait_for_records(stack.kafka, dlq, lambda r, e=event_id: r.event_id == str(e))
         assert found[0].headers["dlq.reason"] == reason
     # the de-duplication rows are those of the one-by-one handling: the applied records only
     done = await pool.fetch(

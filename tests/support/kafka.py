@@ -25,6 +25,16 @@ class Record:
     def json(self) -> Any:
         return json.loads(self.value)
 
+    @property
+    def event_id(self) -> str | None:
+        """The envelope's event id; None for a record that is no JSON object (the DLQs hold
+        malformed records that other tests sent)."""
+        try:
+            found = json.loads(self.value)
+        except ValueError:
+            return None
+        return found.get("event_id") if isinstance(found, dict) else None
+
 
 async def read_all(bootstrap: str, topic: str) -> list[Record]:
     """Every record currently in `topic` (all partitions, from the beginning)."""
