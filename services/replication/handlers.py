@@ -742,9 +742,15 @@ def make_read_model_handlers() -> dict[str, Any]:
             conn, inc.envelope.vault_id, msg.pairing.model_dump(mode="json"), removed
         )
 
+    async def on_prerequisites(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, pol.PrerequisitesEvaluated)
+        await repo.upsert_prerequisites(conn, inc.envelope.vault_id, msg)
+
     return {
         "VmChanged": on_vm,
         "HostChanged": on_host,
+        "PrerequisitesEvaluated": on_prerequisites,
         "PolicyCreated": on_policy,
         "PolicyUpdated": on_policy,
         "PolicyDeleted": on_policy,
@@ -826,14 +832,18 @@ def _vm_disks(vm: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def enable_protection(ctx: Context, vault_id: uuid.UUID, vm_id: str) -> dict[str, Any]:
-    """Create the protected item and command the source agent (the caller has run the
-    prerequisite check)."""
+    """Create the protected item and command the source agent, if the policy service's
+    prerequisite verdict for the VM allows it."""
     async with ctx.pool.acquire() as conn, conn.transaction():
         existing = await repo.active_item_for_vm(conn, vm_id)
         if existing is not None:
             raise domain.ReplicationError(
                 f"VM {vm_id} is already protected (item {existing['item_id']})"
             )
+        try:
+            domain.check_prerequisites(vm_id, await repo.prerequisites_of(conn, vault_id, vm_id))
+        except domain.VerdictPending as exc:
+            raise NotYetKnown(exc.message) from None
         context = await repo.protection_context(conn, vault_id, vm_id)
         if context is None:
             raise NotYetKnown(

@@ -8,6 +8,9 @@ from typing import Any
 
 import asyncpg
 
+from services.replication import domain
+from shared.schemas.policy import PrerequisitesEvaluated
+
 ITEM_COLUMNS = """item_id, vault_id, vm_id, vm_name, pairing_id, policy_id, source_agent_id,
  source_site, target_site, target_cloud_id, disks, copy_interval_seconds, state, health,
  health_reasons, error, paused, last_committed_seq, resync_seq, resync_id,
@@ -89,6 +92,43 @@ async def upsert_pairing(
         pairing["target_site"],
         uuid.UUID(str(pairing["policy_id"])),
         removed,
+    )
+
+
+async def upsert_prerequisites(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, verdict: PrerequisitesEvaluated
+) -> None:
+    """Keep the highest revision of a VM's prerequisite verdict."""
+    await conn.execute(
+        "INSERT INTO rm_prerequisites AS p (vault_id, vm_id, ok, checks, revision)"
+        " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (vault_id, vm_id) DO UPDATE SET ok = EXCLUDED.ok,"
+        " checks = EXCLUDED.checks, revision = EXCLUDED.revision, updated_at = now()"
+        " WHERE p.revision < EXCLUDED.revision",
+        vault_id,
+        verdict.vm_id,
+        verdict.ok,
+        [c.model_dump(mode="json") for c in verdict.checks],
+        verdict.revision,
+    )
+
+
+async def prerequisites_of(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str
+) -> domain.PrerequisiteVerdict | None:
+    row = await conn.fetchrow(
+        "SELECT ok, checks FROM rm_prerequisites WHERE vault_id = $1 AND vm_id = $2",
+        vault_id,
+        vm_id,
+    )
+    if row is None:
+        return None
+    return domain.PrerequisiteVerdict(
+        ok=row["ok"],
+        failed=tuple(
+            domain.FailedCheck(c["rule"], c["message"])
+            for c in row["checks"]
+            if c["status"] == "fail"
+        ),
     )
 
 

@@ -280,3 +280,14 @@ async def points(http: httpx.AsyncClient, dr: DrSetup, item_id: str) -> list[dic
     )
     assert resp.is_success, resp.text
     return list(resp.json())
+
+
+async def register_agent(http: httpx.AsyncClient, plat: Platform, key: str, name: str) -> Any:
+    """Register a host agent of the primary site without running one (a scripted stand-in)."""
+    resp = await http.post(
+        f"{plat.url('registration')}/v1/registrations",
+        json={"kind": "agent", "name": name, "site": "primary", "heartbeat_interval_seconds": 60},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert resp.status_code == 201, resp.text
+    return resp.json()
