@@ -14,6 +14,8 @@ from aiokafka.errors import KafkaError
 from services.host_agent.commands import CommandHandler
 from services.host_agent.config import AgentSettings
 from services.host_agent.cycles import KafkaSink, signer_for
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import Replicator, Wiring
 from services.host_agent.tracking import HostIO, agent_lock
 from services.host_agent.workload import Workloads
@@ -107,6 +109,7 @@ class AgentRuntime(EdgeRuntime):
             self.workloads,
             s.storage_dir,
             s.state_dir,
+            ReplicaFeed(SiteReplica(s.state_dir), s.kafka_bootstrap_servers, s.topic_prefix),
         )
         consumer = PlainEventConsumer(
             bootstrap=s.kafka_bootstrap_servers,

@@ -52,6 +52,15 @@ class ItemOut(BaseModel):
     protected_since: datetime
     rpo_seconds: float | None = None
     ready_for_failover: bool = False
+    recovery_agent_id: uuid.UUID | None = Field(
+        default=None, description="The recovery host agent that keeps the item's replica."
+    )
+    replica_seq: int | None = Field(
+        default=None, description="Latest point the recovery host holds with the source's roots."
+    )
+    replica_error: str | None = Field(
+        default=None, description="The recovery host's last problem with the replica."
+    )
 
 
 class ItemDetail(ItemOut):

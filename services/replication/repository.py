@@ -15,7 +15,8 @@ ITEM_COLUMNS = """item_id, vault_id, vm_id, vm_name, pairing_id, policy_id, sour
  source_site, target_site, target_cloud_id, disks, copy_interval_seconds, state, health,
  health_reasons, error, paused, last_committed_seq, resync_seq, resync_id,
  last_point_source_time, last_cycle_at, initial_done_at, initial_progress, protected_since,
- active, created_at, updated_at, resync_attempts, resync_not_before"""
+ active, created_at, updated_at, resync_attempts, resync_not_before, recovery_agent_id,
+ replica_seq, replica_error"""
 
 
 # ------------------------------------------------------------------ read models
@@ -162,6 +163,43 @@ async def agent_named(
     return dict(row) if row else None
 
 
+async def recovery_agent(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, site: str
+) -> uuid.UUID | None:
+    """The host agent of `site` that keeps a new item's replica (the first by name)."""
+    found: uuid.UUID | None = await conn.fetchval(
+        "SELECT producer_id FROM known_producers WHERE vault_id = $1 AND kind = 'agent'"
+        " AND site = $2 AND active ORDER BY name LIMIT 1",
+        vault_id,
+        site,
+    )
+    return found
+
+
+async def record_replica_point(
+    conn: asyncpg.Connection, item_id: uuid.UUID, seq: int, roots: dict[str, str]
+) -> bool:
+    """Record the roots the recovery host holds for point `seq`; True when they are the
+    source's (the point's roots)."""
+    matched: bool | None = await conn.fetchval(
+        "UPDATE recovery_points SET replica_roots = $3 WHERE item_id = $1 AND cycle_seq = $2"
+        " RETURNING (SELECT jsonb_object_agg(d->>'disk_id', d->>'merkle_root')"
+        " FROM jsonb_array_elements(disks) d) = $3::jsonb",
+        item_id,
+        seq,
+        roots,
+    )
+    return bool(matched)
+
+
+async def oldest_live_point(conn: asyncpg.Connection, item_id: uuid.UUID) -> int | None:
+    seq: int | None = await conn.fetchval(
+        "SELECT min(cycle_seq) FROM recovery_points WHERE item_id = $1 AND pruned_at IS NULL",
+        item_id,
+    )
+    return seq
+
+
 async def policy_settings(conn: asyncpg.Connection, policy_id: uuid.UUID) -> dict[str, Any]:
     settings = await conn.fetchval(
         "SELECT settings FROM rm_policies WHERE policy_id = $1", policy_id
@@ -243,8 +281,8 @@ async def open_cycle(
     conn: asyncpg.Connection, item_id: uuid.UUID, seq: int
 ) -> dict[str, Any] | None:
     row = await conn.fetchrow(
-        "SELECT item_id, cycle_seq, kind, disks, source_time, app_consistent, poisoned"
-        " FROM open_cycles WHERE item_id = $1 AND cycle_seq = $2",
+        "SELECT item_id, cycle_seq, kind, disks, source_time, app_consistent, poisoned,"
+        " delta_partition, first_offset FROM open_cycles WHERE item_id = $1 AND cycle_seq = $2",
         item_id,
         seq,
     )
@@ -268,16 +306,20 @@ async def start_cycle(
     disks: list[dict[str, Any]],
     source_time: datetime,
     app_consistent: bool,
+    delta_partition: int | None = None,
+    first_offset: int | None = None,
 ) -> None:
     await conn.execute(
-        "INSERT INTO open_cycles (item_id, cycle_seq, kind, disks, source_time, app_consistent)"
-        " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT DO NOTHING",
+        "INSERT INTO open_cycles (item_id, cycle_seq, kind, disks, source_time, app_consistent,"
+        " delta_partition, first_offset) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT DO NOTHING",
         item_id,
         seq,
         kind,
         disks,
         source_time,
         app_consistent,
+        delta_partition,
+        first_offset,
     )
 
 

@@ -55,6 +55,15 @@ async def point_after(
     return await eventually(found, timeout=60, what="a recovery point after the writes")
 
 
+async def replica_at(http: httpx.AsyncClient, dr: DrSetup, item_id: str, seq: int) -> None:
+    async def reached() -> bool:
+        current = await item(http, dr, item_id)
+        assert current["replica_error"] is None, current["replica_error"]
+        return (current["replica_seq"] or 0) >= seq
+
+    await eventually(reached, timeout=60, what=f"the recovery host's replica at point {seq}")
+
+
 async def materialise(
     http: httpx.AsyncClient, dr: DrSetup, item_id: str, seq: int, target: Path
 ) -> dict[str, str]:
@@ -106,6 +115,11 @@ async def test_recovery_points_materialise_byte_identical(
         got = await materialise(http, dr, item_id, point["cycle_seq"], tmp_path / f"rp{round_no}")
         assert got == copies, f"point {point['cycle_seq']} differs from the source"
         expected[point["cycle_seq"]] = copies
+        # The recovery host's replica reached the point with the source's roots, and its
+        # images (in that agent's own state folder) are the source disks byte for byte.
+        await replica_at(http, dr, item_id, point["cycle_seq"])
+        replica = tmp_path / "agent-hv-r1-state" / "replica" / item_id / "disks"
+        assert {d: sha256(replica / f"{d}.vhdx") for d in disk_files} == copies
 
     # Every point is still retained and still materialises to the same bytes.
     for seq, copies in expected.items():
