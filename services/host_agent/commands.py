@@ -27,6 +27,7 @@ from shared.kafka import Incoming, Rejected
 from shared.schemas.agent import (
     CommandCompleted,
     CommandOutcome,
+    ReplicaDeleteRequested,
     ReplicaPointApplyRequested,
     ReplicationDisableRequested,
     ReplicationEnableRequested,
@@ -54,6 +55,7 @@ COMMAND_TYPES = (
     "VmCreateRequested",
     "VmDeleteRequested",
     "ReplicaPointApplyRequested",
+    "ReplicaDeleteRequested",
 )
 
 
@@ -163,6 +165,8 @@ class CommandHandler:
                 return await vm_lifecycle.delete_vm(self.storage, command, self.workloads, r)
             case ReplicaPointApplyRequested():
                 return await self.replica_feed.apply(command)
+            case ReplicaDeleteRequested():
+                return await self.replica_feed.delete(command.item_id)
         raise CommandFailed(f"unsupported command {type(command).__name__}")
 
     async def power(self, command: VmPowerRequested) -> dict[str, Any]:

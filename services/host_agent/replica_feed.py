@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any
 
 from services.host_agent.replica import DiskState, Point, ReplicaError, SiteReplica
@@ -100,3 +101,9 @@ class ReplicaFeed:
             raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
         log.info("replica point applied", extra={"item_id": item, "seq": seq, "blocks": staged})
         return await asyncio.to_thread(self._answer, command)
+
+    async def delete(self, item_id: uuid.UUID) -> dict[str, Any]:
+        """Forget the item's replica (its images and journal); idempotent."""
+        await asyncio.to_thread(self.replica.delete_item, str(item_id))
+        log.info("replica deleted", extra={"item_id": str(item_id)})
+        return {"item_id": str(item_id), "deleted": True}

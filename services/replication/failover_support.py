@@ -35,6 +35,7 @@ from services.replication.handlers import (
     Context,
     change_state,
     command,
+    drop_site_replica,
     emit,
     enable_command,
     request_resync,
@@ -178,6 +179,7 @@ def make_failover_handlers(ctx: Context) -> dict[str, Handler]:
                 extra={"item_id": str(msg.item_id), "cycle_seq": msg.cycle_seq},
             )
             return
+        await drop_site_replica(conn, item)  # the VM runs on its own disks now
         drop = sorted(s for s in live if s != msg.cycle_seq)
         if not drop:
             return  # committed already

@@ -580,6 +580,22 @@ async def feed_replica(
     )
 
 
+async def drop_site_replica(conn: asyncpg.Connection, item: dict[str, Any]) -> None:
+    """Command the item's recovery host to delete its replica (idempotent)."""
+    if item["recovery_agent_id"] is None:
+        return
+    await emit(
+        conn,
+        item["vault_id"],
+        cmd.ReplicaDeleteRequested(
+            command_id=uuid.uuid5(item["item_id"], "replica-delete"),
+            agent_id=item["recovery_agent_id"],
+            item_id=item["item_id"],
+        ),
+        str(item["recovery_agent_id"]),
+    )
+
+
 def _check_partition(ctx: Context, inc: Incoming) -> None:
     """A delta record must be on the partition Kafka's default partitioner (murmur2) gives its
     key: one item's records on one partition is what keeps its cycles in order."""
@@ -1051,6 +1067,8 @@ async def disable(
             ),
         )
         await repo.drop_cycles(conn, item_id)
+        if delete:
+            await drop_site_replica(conn, item)
         await change_state(
             conn, item, ItemState.NOT_ENABLED, reason="protection disabled", active=False
         )

@@ -128,6 +128,14 @@ class ReplicaPointApplyRequested(_Command):
     keep_from: int = Field(ge=1)
 
 
+@event_type("ReplicaDeleteRequested", topic=topics.AGENT_COMMANDS)
+class ReplicaDeleteRequested(_Command):
+    """Delete the item's replica on this recovery host (protection disabled with its replica
+    deleted, or a failover committed: the VM runs on its own disks). Idempotent."""
+
+    item_id: uuid.UUID
+
+
 @event_type("VmPowerRequested", topic=topics.AGENT_COMMANDS)
 class VmPowerRequested(_Command):
     """Shut down or start a VM on the host."""

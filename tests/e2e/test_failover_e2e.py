@@ -220,6 +220,14 @@ async def test_failover_story(platform: Platform, http: httpx.AsyncClient, tmp_p
     resp = await start(http, dr, f"/failovers/{item_id}/commit")
     assert resp.status_code == 202, resp.text
     assert (await finished(http, dr, resp.json()["job_id"]))["state"] == "succeeded"
+    # the recovery host kept the item's replica until then; committed, it is deleted
+    replica = tmp_path / "agent-hv-r1-state" / "replica" / item_id
+    assert (await item(http, dr, item_id))["recovery_agent_id"] is not None
+
+    async def replica_gone() -> bool:
+        return not replica.exists()
+
+    await eventually(replica_gone, timeout=30, what="the replica deleted")
     disk_path = Path(web["disks"][0]["path"])
     hidden = disk_path.with_suffix(".away")
     move(disk_path, hidden)

@@ -138,6 +138,21 @@ async def test_recovery_points_materialise_byte_identical(
     assert "dr_replication_bytes_applied_total" in metrics
     assert vm["name"] == "web01"
 
+    # Disabled with its replica deleted: the recovery host deletes its replica too.
+    replica = tmp_path / "agent-hv-r1-state" / "replica" / item_id
+    assert replica.exists()
+    resp = await http.delete(
+        dr.url("replication", f"/protected-items/{item_id}"),
+        params={"delete_replica": "true"},
+        headers=dr.bearer(dr.operator),
+    )
+    assert resp.status_code == 200, resp.text
+
+    async def replica_gone() -> bool:
+        return not replica.exists()
+
+    await eventually(replica_gone, timeout=30, what="the replica deleted")
+
 
 async def test_offline_initial_replication_is_imported_then_deltas_follow(
     platform: Platform, http: httpx.AsyncClient, tmp_path: Path
