@@ -28,6 +28,7 @@ from shared.schemas.agent import (
     CommandCompleted,
     CommandOutcome,
     ReplicaDeleteRequested,
+    ReplicaHandoverRequested,
     ReplicaPointApplyRequested,
     ReplicationDisableRequested,
     ReplicationEnableRequested,
@@ -56,6 +57,7 @@ COMMAND_TYPES = (
     "VmDeleteRequested",
     "ReplicaPointApplyRequested",
     "ReplicaDeleteRequested",
+    "ReplicaHandoverRequested",
 )
 
 
@@ -165,6 +167,8 @@ class CommandHandler:
                 return await vm_lifecycle.delete_vm(self.storage, command, self.workloads, r)
             case ReplicaPointApplyRequested():
                 return await self.replica_feed.apply(command)
+            case ReplicaHandoverRequested():
+                return await self.replica_feed.handover(command)
             case ReplicaDeleteRequested():
                 return await self.replica_feed.delete(command.item_id)
         raise CommandFailed(f"unsupported command {type(command).__name__}")

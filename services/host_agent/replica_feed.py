@@ -13,26 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 from services.host_agent.replica import DiskState, Point, ReplicaError, SiteReplica
 from services.host_agent.replicator import CommandFailed
+from services.host_agent.tracking import fsync_dir
 from shared import topics
 from shared.delta_blocks import decode_data
 from shared.kafka import RangeUnavailable, Rejected, decode_event, read_range
 from shared.merkle import block_length
-from shared.schemas.agent import ReplicaPointApplyRequested
+from shared.schemas.agent import ReplicaHandoverRequested, ReplicaPointApplyRequested
 from shared.schemas.replication import BlocksShipped
 
 log = logging.getLogger(__name__)
 
 
 class ReplicaFeed:
-    def __init__(self, replica: SiteReplica, bootstrap: str, prefix: str) -> None:
+    def __init__(self, replica: SiteReplica, bootstrap: str, prefix: str, storage: Path) -> None:
         self.replica = replica
         self.bootstrap = bootstrap
         self.topic = topics.physical(topics.REPLICATION_DELTAS, prefix)
+        self.storage = storage
 
     def _answer(self, command: ReplicaPointApplyRequested) -> dict[str, Any]:
         item = str(command.item_id)
@@ -107,3 +111,59 @@ class ReplicaFeed:
         await asyncio.to_thread(self.replica.delete_item, str(item_id))
         log.info("replica deleted", extra={"item_id": str(item_id)})
         return {"item_id": str(item_id), "deleted": True}
+
+    async def handover(self, command: ReplicaHandoverRequested) -> dict[str, Any]:
+        """A failover: the replica brought to the point (rolled back if older) and its images
+        renamed into the VM's folder; the replica is then gone. Re-run after a kill, it finds
+        the images moved (or moves the rest)."""
+        target = await asyncio.to_thread(Path(command.target_dir).resolve)
+        storage = await asyncio.to_thread(self.storage.resolve)
+        if not target.is_relative_to(storage):
+            raise CommandFailed(f"{target} is not in this host's storage folder {storage}")
+        await asyncio.to_thread(self._hand_over, command, target)
+        log.info(
+            "replica handed over",
+            extra={"item_id": str(command.item_id), "seq": command.cycle_seq, "to": str(target)},
+        )
+        return {
+            "request_id": str(command.request_id),
+            "item_id": str(command.item_id),
+            "cycle_seq": command.cycle_seq,
+            "disks": [
+                {
+                    "disk_id": d.disk_id,
+                    "path": str(target / f"{d.disk_id}.vhdx"),
+                    "size_bytes": d.size_bytes,
+                }
+                for d in command.disks
+            ],
+        }
+
+    def _hand_over(self, command: ReplicaHandoverRequested, target: Path) -> None:
+        item, seq = str(command.item_id), command.cycle_seq
+        outs = {d.disk_id: target / f"{d.disk_id}.vhdx" for d in command.disks}
+        if not self.replica.files(item).head.exists():
+            if all(out.exists() for out in outs.values()):
+                return  # handed over already (a repeated command after a kill)
+            raise CommandFailed(f"this host keeps no replica of item {item}")
+        try:
+            head = self.replica.head(item)
+            if head.seq < seq:
+                raise CommandFailed(f"the replica is at point {head.seq}, not yet at {seq}")
+            if head.seq > seq:
+                self.replica.rollback(item, seq)  # only the blocks changed since
+            expected = {d.disk_id: d.merkle_root for d in command.disks}
+            held = self.replica.roots(item)
+            if held != expected:
+                raise CommandFailed(f"the replica's roots at point {seq} are not the source's")
+        except ReplicaError as exc:
+            raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
+        if (target / "vm.json").exists():
+            raise CommandFailed(f"{target} holds a VM (vm.json): its disks are not replaced")
+        target.mkdir(parents=True, exist_ok=True)
+        for disk_id, out in outs.items():
+            image = self.replica.image_path(item, disk_id)
+            if image.exists():
+                os.replace(image, out)  # OSError (EXDEV: another filesystem) -> a copy instead
+        fsync_dir(target)
+        self.replica.delete_item(item)

@@ -109,7 +109,12 @@ class AgentRuntime(EdgeRuntime):
             self.workloads,
             s.storage_dir,
             s.state_dir,
-            ReplicaFeed(SiteReplica(s.state_dir), s.kafka_bootstrap_servers, s.topic_prefix),
+            ReplicaFeed(
+                SiteReplica(s.state_dir),
+                s.kafka_bootstrap_servers,
+                s.topic_prefix,
+                s.storage_dir,
+            ),
         )
         consumer = PlainEventConsumer(
             bootstrap=s.kafka_bootstrap_servers,

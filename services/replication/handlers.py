@@ -806,7 +806,12 @@ def make_read_model_handlers() -> dict[str, Any]:
 # ------------------------------------------------------------------ agent events
 
 
-def make_agent_event_handlers(ctx: Context) -> dict[str, Any]:
+def make_agent_event_handlers(
+    ctx: Context, answers: dict[str, Handler] | None = None
+) -> dict[str, Any]:
+    """Agent events; `answers`: handlers of `CommandCompleted` by command type (failover's)."""
+    answers = answers or {}
+
     async def on_progress(conn: asyncpg.Connection, inc: Incoming) -> None:
         msg = inc.payload
         assert isinstance(msg, cmd.InitialReplicationProgressed)
@@ -860,6 +865,9 @@ def make_agent_event_handlers(ctx: Context) -> dict[str, Any]:
         assert isinstance(msg, cmd.CommandCompleted)
         if msg.command_type == "ReplicaPointApplyRequested":
             await on_replica_applied(conn, inc)
+            return
+        if msg.command_type in answers:
+            await answers[msg.command_type](conn, inc)
             return
         if msg.outcome is cmd.CommandOutcome.FAILED:
             log.warning(

@@ -547,11 +547,36 @@ async def answer_request(
     return bool(
         await conn.fetchval(
             "UPDATE failover_requests SET state = $2, answer_type = $3, answer = $4,"
-            " answered_at = now() WHERE request_id = $1 AND state = 'pending' RETURNING true",
+            " answered_at = now() WHERE request_id = $1 AND state IN ('pending', 'delegated')"
+            " RETURNING true",
             request_id,
             state,
             answer_type,
             answer,
+        )
+    )
+
+
+async def delegate_request(conn: asyncpg.Connection, request_id: uuid.UUID) -> bool:
+    """A pending request handed to the recovery host (its answer comes as an agent event)."""
+    return bool(
+        await conn.fetchval(
+            "UPDATE failover_requests SET state = 'delegated' WHERE request_id = $1"
+            " AND state = 'pending' RETURNING true",
+            request_id,
+        )
+    )
+
+
+async def undelegate_request(conn: asyncpg.Connection, request_id: uuid.UUID, why: str) -> bool:
+    """The recovery host could not do it: pending again, to be done here (`replica_refused`)."""
+    return bool(
+        await conn.fetchval(
+            "UPDATE failover_requests SET state = 'pending',"
+            " request = request || jsonb_build_object('replica_refused', $2::text)"
+            " WHERE request_id = $1 AND state = 'delegated' RETURNING true",
+            request_id,
+            why,
         )
     )
 

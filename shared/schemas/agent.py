@@ -128,6 +128,20 @@ class ReplicaPointApplyRequested(_Command):
     keep_from: int = Field(ge=1)
 
 
+@event_type("ReplicaHandoverRequested", topic=topics.AGENT_COMMANDS)
+class ReplicaHandoverRequested(_Command):
+    """A failover: bring the item's replica to point `cycle_seq` (rolling back only the blocks
+    changed since, if it is older than the latest) and hand its images over as the VM's disks,
+    `target_dir/<disk_id>.vhdx` (a rename within this host: no copy). The replica is consumed.
+    The result names the disks; a failure (e.g. another filesystem) lets the service copy."""
+
+    item_id: uuid.UUID
+    request_id: uuid.UUID = Field(description="The failover service's materialise request.")
+    cycle_seq: int = Field(ge=1)
+    target_dir: str = Field(min_length=1, max_length=1024)
+    disks: list[ReplicaDisk] = Field(min_length=1, max_length=64)
+
+
 @event_type("ReplicaDeleteRequested", topic=topics.AGENT_COMMANDS)
 class ReplicaDeleteRequested(_Command):
     """Delete the item's replica on this recovery host (protection disabled with its replica

@@ -119,7 +119,9 @@ async def test_a_point_is_applied_from_its_records_only(deltas: Deltas, tmp_path
     await deltas.batch(item, 2, stranger, everything[:5], zlib_=False)  # another cycle
     last = await deltas.batch(item, 1, disk, everything[half:], zlib_=False)
 
-    feed = ReplicaFeed(SiteReplica(tmp_path), deltas.stack.kafka, deltas.prefix)
+    feed = ReplicaFeed(
+        SiteReplica(tmp_path), deltas.stack.kafka, deltas.prefix, tmp_path / "storage"
+    )
     answer = await feed.apply(command(item, 1, first, last, disk))
     assert answer == {"item_id": str(item), "cycle_seq": 1, "roots": {"d0": disk.root()}}
     image = tmp_path / "replica" / str(item) / "disks" / "d0.vhdx"

@@ -61,7 +61,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[tuple[CommandHandler, list[Even
         Workloads(host, storage),
         storage,
         tmp_path / "state",
-        ReplicaFeed(SiteReplica(tmp_path / "state"), "127.0.0.1:9", ""),  # not used here
+        ReplicaFeed(SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage),  # not used
     )
     yield handler, sent
     await replicator.stop()

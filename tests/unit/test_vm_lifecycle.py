@@ -74,7 +74,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
         Workloads(host, storage),
         storage,
         tmp_path / "state",
-        ReplicaFeed(SiteReplica(tmp_path / "state"), "127.0.0.1:9", ""),  # not used here
+        ReplicaFeed(SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage),  # not used
     )
     yield Agent(tmp_path, handler, sent)
     await replicator.stop()
