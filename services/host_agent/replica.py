@@ -8,7 +8,8 @@ site"). In short, per item folder:
 - `HEAD.json` {"seq", "disks": [{"disk_id", "size_bytes", "block_size", "merkle_root"}]}.
 - `disks/<disk_id>.vhdx` (the image) and `disks/<disk_id>.leaves` (32-byte leaf per block).
 - `staged/<seq>.blocks`: records b"DRB1", disk id length (u16), disk id, block index (u64),
-  SHA-256 (32), length (u32), bytes. `staged/<seq>.json`: the point (disks, expected roots).
+  length (u32), SHA-256 (32), bytes; an all-zero block as b"DRZ1" and the same without its
+  bytes. `staged/<seq>.json`: the point (disks, expected roots).
 - `undo/<seq>.undo`: b"DRU1", header length (u32), header JSON {"seq", "sizes": {disk_id:
   size at seq-1, 0 if the disk did not exist}}, then records: disk id length (u16), disk id,
   block index (u64), old leaf (32), length (u32), the block's bytes at seq-1.
@@ -40,6 +41,7 @@ from shared.faults import crash_point
 from shared.merkle import HASH_SIZE, MerkleTree, block_count, block_hash, zero_block_hash
 
 STAGED_MAGIC = b"DRB1"
+STAGED_ZERO = b"DRZ1"  # an all-zero block: no bytes staged, written only over non-zero data
 UNDO_MAGIC = b"DRU1"
 _REC = struct.Struct(">QI")  # block index, length (after the disk id, before/after the hash)
 _ID = struct.Struct(">H")
@@ -243,7 +245,8 @@ class SiteReplica:
         self, item: str, seq: int, blocks: Iterable[tuple[str, int, bytes, bytes]]
     ) -> int:
         """Append blocks (disk id, index, SHA-256, bytes) of point `seq`, each checked against
-        its hash, in one write and one fdatasync. Returns how many were staged."""
+        its hash, in one write and one fdatasync (an all-zero block as a record without its
+        bytes). Returns how many were staged."""
         records = []
         for disk_id, index, sha, data in blocks:
             if block_hash(data) != sha:
@@ -252,9 +255,9 @@ class SiteReplica:
                     f"the shipped {sha.hex()}"
                 )
             raw = disk_id.encode()
-            records.append(
-                STAGED_MAGIC + _ID.pack(len(raw)) + raw + _REC.pack(index, len(data)) + sha + data
-            )
+            head = _ID.pack(len(raw)) + raw + _REC.pack(index, len(data)) + sha
+            zero = sha == zero_block_hash(len(data))
+            records.append(STAGED_ZERO + head if zero else STAGED_MAGIC + head + data)
         if not records:
             return 0
         with self._lock(item):
@@ -282,27 +285,31 @@ class SiteReplica:
             write_atomic(f.staged_point(point.seq), json.dumps(point.to_json()).encode())
         crash_point("replica.apply.staged")
 
-    def _staged(self, f: _ItemFiles, seq: int) -> Iterator[tuple[str, int, bytes, bytes]]:
+    def _staged(self, f: _ItemFiles, seq: int) -> Iterator[tuple[str, int, bytes, bytes | int]]:
+        """(disk, index, SHA-256, bytes or, for an all-zero block, its length)."""
         path = f.staged_blocks(seq)
         if not path.exists():
             return
         with path.open("rb") as fh:
             while magic := fh.read(4):
-                if magic != STAGED_MAGIC:
+                if magic not in (STAGED_MAGIC, STAGED_ZERO):
                     raise ReplicaError(f"{path}: bad record")
                 try:
                     (n,) = _ID.unpack(_read_exact(fh, _ID.size))
                     disk_id = _read_exact(fh, n).decode()
                     index, length = _REC.unpack(_read_exact(fh, _REC.size))
                     sha = _read_exact(fh, HASH_SIZE)
-                    data = _read_exact(fh, length)
+                    data = _read_exact(fh, length) if magic == STAGED_MAGIC else b""
                 except EOFError:
                     return  # an append whose fdatasync never returned: never acknowledged
-                if block_hash(data) != sha:
+                good = block_hash(data) if magic == STAGED_MAGIC else zero_block_hash(length)
+                if good != sha:
                     raise BlockHashMismatch(f"{path}: staged block {index} of {disk_id} damaged")
-                yield disk_id, index, sha, data
+                yield disk_id, index, sha, data if magic == STAGED_MAGIC else length
 
-    def _latest_staged(self, f: _ItemFiles, seq: int) -> dict[tuple[str, int], tuple[bytes, bytes]]:
+    def _latest_staged(
+        self, f: _ItemFiles, seq: int
+    ) -> dict[tuple[str, int], tuple[bytes, bytes | int]]:
         """The staged blocks of `seq`, the last one of each (disk, index) winning."""
         return {(d, i): (sha, data) for d, i, sha, data in self._staged(f, seq)}
 
@@ -327,10 +334,11 @@ class SiteReplica:
             if missing:
                 raise ReplicaError(f"point {seq} drops disk(s) {missing}: not supported")
             blocks = self._latest_staged(f, seq)
-            if not f.undo_of(seq).exists():
+            rerun = f.undo_of(seq).exists()  # rolled forward after a kill
+            if not rerun:
                 self._write_undo(f, head, point, blocks)
             crash_point("replica.apply.undo_written")
-            got = self._write_point(item, f, head, point, blocks)
+            got = self._write_point(item, f, head, point, blocks, trust_leaves=not rerun)
             crash_point("replica.apply.blocks_written")
             if got != point.roots():
                 self._restore(item, f, seq)
@@ -361,7 +369,7 @@ class SiteReplica:
         f: _ItemFiles,
         head: Point,
         point: Point,
-        blocks: dict[tuple[str, int], tuple[bytes, bytes]],
+        blocks: dict[tuple[str, int], tuple[bytes, bytes | int]],
     ) -> None:
         f.undo.mkdir(parents=True, exist_ok=True)
         f.tmp.mkdir(parents=True, exist_ok=True)
@@ -402,10 +410,14 @@ class SiteReplica:
         f: _ItemFiles,
         head: Point,
         point: Point,
-        blocks: dict[tuple[str, int], tuple[bytes, bytes]],
+        blocks: dict[tuple[str, int], tuple[bytes, bytes | int]],
+        *,
+        trust_leaves: bool,
     ) -> dict[str, str]:
         """Resize and write every disk of `point` (from HEAD's sizes: a re-run after a kill
-        does the same); returns the roots now held."""
+        does the same); returns the roots now held. An all-zero block is written only where
+        the leaves say the image holds data (`trust_leaves`; a re-run after a kill writes
+        every block, as the leaves may have reached the disk before the image did)."""
         f.disks.mkdir(parents=True, exist_ok=True)
         for disk in point.disks:
             writes = {i: v for (d, i), v in blocks.items() if d == disk.disk_id}
@@ -419,6 +431,10 @@ class SiteReplica:
                 previous = head.disk(disk.disk_id)
                 self._resize(img_fd, lv_fd, previous.size_bytes if previous else 0, disk)
                 for index, (sha, data) in sorted(writes.items()):
+                    if isinstance(data, int):  # all zero: only over data that is not
+                        if trust_leaves and os.pread(lv_fd, HASH_SIZE, index * HASH_SIZE) == sha:
+                            continue
+                        data = bytes(data)
                     _write_all(img_fd, data, index * disk.block_size)
                     _write_all(lv_fd, sha, index * HASH_SIZE)
                 os.fdatasync(img_fd)
