@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import signing, topics
-from shared.kafka import KafkaProducer
+from shared.kafka import KafkaProducer, KafkaSecurity
 from shared.merkle import BLOCK_SIZE, MerkleTree, block_hash
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload, new_envelope
@@ -265,7 +265,9 @@ async def test_no_recovery_point_from_bad_input(
         # 6. A record on another partition than Kafka's default partitioner (murmur2) gives
         # its key: dead-lettered with that reason, and the reason shows on the item.
         physical = topics.physical(topics.REPLICATION_DELTAS, platform.prefix)
-        raw = AIOKafkaProducer(bootstrap_servers=platform.stack.kafka)
+        raw = AIOKafkaProducer(
+            bootstrap_servers=platform.stack.kafka, **KafkaSecurity.from_env().client_options()
+        )
         await raw.start()
         try:
             count = len(await raw.partitions_for(physical))

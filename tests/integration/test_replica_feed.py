@@ -21,7 +21,7 @@ from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import CommandFailed
 from shared import topics
-from shared.kafka import ensure_topics
+from shared.kafka import KafkaSecurity, ensure_topics
 from shared.merkle import block_hash, zero_block_hash
 from shared.schemas.agent import ReplicaDisk, ReplicaPointApplyRequested
 from shared.schemas.envelope import new_envelope
@@ -41,7 +41,9 @@ class Deltas:
         self.stack = stack
         self.prefix = random_prefix("feed")
         self.topic = topics.physical(topics.REPLICATION_DELTAS, self.prefix)
-        self.producer = AIOKafkaProducer(bootstrap_servers=stack.kafka, acks="all")
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=stack.kafka, acks="all", **KafkaSecurity.from_env().client_options()
+        )
 
     async def send(self, item: uuid.UUID, value: bytes) -> int:
         meta = await self.producer.send_and_wait(self.topic, value, key=str(item).encode())
