@@ -115,7 +115,6 @@ class Demo:
         wiring: dict[str, str] = {}
         if name == "replication":
             wiring = {
-                "DR_REPLICATION_POLICY_URL": self.url("policy"),
                 "DR_REPLICATION_STORE_DIR": str(self.run_dir / "replica"),
                 "DR_REPLICATION_MATERIALISE_ROOTS": str(self.run_dir),
                 "DR_REPLICATION_HEALTH_INTERVAL_SECONDS": "1",

@@ -9,7 +9,8 @@ principal can do only what an ACL below allows; `admin` (topic tooling, operator
   its consumer dead-letters), READs only what it consumes, and uses only consumer groups
   named after itself;
 - `edge` (site providers and host agents) writes only the edge topics (heartbeats, discovery,
-  deltas, agent events) and reads only agent commands;
+  deltas, agent events) and reads only agent commands, plus offset ranges of the deltas
+  without a consumer group (a recovery host agent feeding its replicas);
 - only `registration` writes registration.events.v1; only `replication` and `failover` write
   agent.commands.v1.
 
@@ -81,6 +82,9 @@ class Access:
     owned_prefixes: tuple[str, ...] = ()
     # may create its topics and set their configs (services; edges may not)
     creates: bool = True
+    # may read these without a consumer group (partition and offsets it names itself) and
+    # without writing their DLQ: it never dead-letters there
+    range_reads: tuple[str, ...] = ()
 
 
 ACCESS: dict[str, Access] = {
@@ -133,6 +137,9 @@ ACCESS: dict[str, Access] = {
         reads=(topics.AGENT_COMMANDS,),
         groups=("agent.",),
         creates=False,
+        # a recovery host agent reads the offset ranges of the deltas that its
+        # ReplicaPointApplyRequested commands name, to keep the replicas it holds
+        range_reads=(topics.REPLICATION_DELTAS,),
     ),
 }
 
@@ -175,6 +182,8 @@ def acls_for(principal: str, access: Access, prefix: str) -> list[Acl]:
         topic(name, Operation.READ, Operation.DESCRIBE, *create, *configs)
         # its consumer dead-letters there
         topic(topics.dlq_of(name), Operation.WRITE, Operation.DESCRIBE, *create, *configs)
+    for name in access.range_reads:
+        topic(name, Operation.READ, Operation.DESCRIBE)
     for group in access.groups:
         for op in (Operation.READ, Operation.DESCRIBE):
             out.append(Acl(Resource.GROUP, f"{prefix}{group}", Pattern.PREFIXED, user, op))

@@ -153,8 +153,17 @@ async def emit(run: Run, payload: Any, key: str) -> None:
 
 
 async def materialise(
-    run: Run, p: str, facts: dict[str, Any], folder: str, choice: PointChoice, seq: int | None
+    run: Run,
+    p: str,
+    facts: dict[str, Any],
+    folder: str,
+    choice: PointChoice,
+    seq: int | None,
+    *,
+    handover: bool = False,
 ) -> dict[str, Any]:
+    """The point's disks in the recovery host's folder; `handover` (a failover): the host's
+    replica images themselves when it keeps them, else copies."""
     target_dir = str(Path(facts["recovery_storage"]) / folder)
 
     async def request(cid: uuid.UUID) -> None:
@@ -166,6 +175,7 @@ async def materialise(
                 choice=choice,
                 cycle_seq=seq,
                 target_dir=target_dir,
+                handover=handover,
             ),
             facts["item_id"],
         )
@@ -515,7 +525,9 @@ async def planned_item(
         final = await shutdown(run, p, facts)
         await synced(run, p, facts, final["cycle_seq"], run.settings.step_timeout_seconds)
         await remove_old_vm(run, p, facts)
-        point = await materialise(run, p, facts, facts["vm_name"], PointChoice.LATEST, None)
+        point = await materialise(
+            run, p, facts, facts["vm_name"], PointChoice.LATEST, None, handover=True
+        )
 
         async def prove(_cid: uuid.UUID) -> dict[str, Any]:
             roots = {d["disk_id"]: d["merkle_root"] for d in point["disks"]}
@@ -573,6 +585,7 @@ async def unplanned_item(run: Run, item_id: uuid.UUID) -> None:
             facts["vm_name"],
             PointChoice(params.get("choice", "latest")),
             params.get("cycle_seq"),
+            handover=True,
         )
         vm = await create_vm(
             run, p, facts, facts["vm_id"], facts["vm_name"], point, facts["placed_nics"]

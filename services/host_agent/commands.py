@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from services.host_agent import vm_lifecycle
+from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import CommandFailed, Emit, Replicator
 from services.host_agent.vms import VmNotFound, find_vm, set_state
 from services.host_agent.workload import Workloads
@@ -26,6 +27,9 @@ from shared.kafka import Incoming, Rejected
 from shared.schemas.agent import (
     CommandCompleted,
     CommandOutcome,
+    ReplicaDeleteRequested,
+    ReplicaHandoverRequested,
+    ReplicaPointApplyRequested,
     ReplicationDisableRequested,
     ReplicationEnableRequested,
     ReplicationPauseRequested,
@@ -51,6 +55,9 @@ COMMAND_TYPES = (
     "VmPowerRequested",
     "VmCreateRequested",
     "VmDeleteRequested",
+    "ReplicaPointApplyRequested",
+    "ReplicaDeleteRequested",
+    "ReplicaHandoverRequested",
 )
 
 
@@ -80,12 +87,14 @@ class CommandHandler:
         workloads: Workloads,
         storage: Path,
         state_dir: Path,
+        replica_feed: ReplicaFeed,
     ) -> None:
         self.identity = identity
         self.emit = emit
         self.replicator = replicator
         self.workloads = workloads
         self.storage = storage
+        self.replica_feed = replica_feed
         self.done = CommandLog(state_dir)
 
     @property
@@ -156,6 +165,12 @@ class CommandHandler:
                 return await vm_lifecycle.create_vm(self.storage, command)
             case VmDeleteRequested():
                 return await vm_lifecycle.delete_vm(self.storage, command, self.workloads, r)
+            case ReplicaPointApplyRequested():
+                return await self.replica_feed.apply(command)
+            case ReplicaHandoverRequested():
+                return await self.replica_feed.handover(command)
+            case ReplicaDeleteRequested():
+                return await self.replica_feed.delete(command.item_id)
         raise CommandFailed(f"unsupported command {type(command).__name__}")
 
     async def power(self, command: VmPowerRequested) -> dict[str, Any]:

@@ -14,12 +14,14 @@ from aiokafka.errors import KafkaError
 from services.host_agent.commands import CommandHandler
 from services.host_agent.config import AgentSettings
 from services.host_agent.cycles import KafkaSink, signer_for
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import Replicator, Wiring
 from services.host_agent.tracking import HostIO, agent_lock
 from services.host_agent.workload import Workloads
 from shared import topics
 from shared.edge import EdgeRuntime
-from shared.kafka import KafkaProducer, PlainEventConsumer, ensure_topics
+from shared.kafka import KafkaProducer, KafkaSecurity, PlainEventConsumer, ensure_topics
 from shared.schemas.envelope import EventPayload
 from shared.schemas.registration import ProducerKind
 
@@ -113,6 +115,13 @@ class AgentRuntime(EdgeRuntime):
             self.workloads,
             s.storage_dir,
             s.state_dir,
+            ReplicaFeed(
+                SiteReplica(s.state_dir),
+                s.kafka_bootstrap_servers,
+                s.topic_prefix,
+                s.storage_dir,
+                KafkaSecurity.from_settings(s),
+            ),
         )
         consumer = PlainEventConsumer(
             bootstrap=s.kafka_bootstrap_servers,

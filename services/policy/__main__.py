@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from services.policy.api import router
 from services.policy.config import PolicySettings
 from services.policy.consumer import CONSUMED_TOPICS, read_model_consumer
+from services.policy.handlers import publish_all_verdicts
 from shared import topics
 from shared.http import create_app
 from shared.logging import configure_logging
@@ -26,6 +27,7 @@ def build_app(settings: PolicySettings) -> FastAPI:
     )
 
     async def on_start(rt: Runtime) -> None:
+        await publish_all_verdicts(rt.pool)
         rt.spawn("read-model-consumer", read_model_consumer(rt, settings).run)
 
     app = create_app(

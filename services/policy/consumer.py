@@ -1,4 +1,5 @@
-"""Kafka entrypoint of the policy service: registration and inventory events -> read models."""
+"""Kafka entrypoint of the policy service: registration, inventory and protection events ->
+read models, and the prerequisite verdicts that depend on them (`PrerequisitesEvaluated`)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,23 @@ async def _on_protection_enabled(conn: asyncpg.Connection, inc: Incoming) -> Non
         ev.target_cloud_id,
         ev.pairing_id,
     )
+    await handlers.publish_verdicts(
+        conn,
+        inc.envelope.vault_id,
+        [
+            ev.vm_id,
+            *await repository.vm_ids_paired_into(conn, inc.envelope.vault_id, ev.target_cloud_id),
+        ],
+    )
 
 
 async def _on_protection_disabled(conn: asyncpg.Connection, inc: Incoming) -> None:
     ev = inc.payload
     assert isinstance(ev, replication.ProtectionDisabled)
-    await repository.remove_protected_item(conn, inc.envelope.vault_id, ev.vm_id)
+    vault_id = inc.envelope.vault_id
+    target = await repository.remove_protected_item(conn, vault_id, ev.vm_id)
+    paired = await repository.vm_ids_paired_into(conn, vault_id, target) if target else []
+    await handlers.publish_verdicts(conn, vault_id, [ev.vm_id, *paired])
 
 
 PROTECTION_HANDLERS = {

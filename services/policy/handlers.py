@@ -200,6 +200,9 @@ async def create_pairing(
         row = await repo.get_pairing(conn, vault_id, facts.pairing_id)
         assert row is not None
         await emit(conn, vault_id, ev.CloudPairingCreated(pairing=_pairing_event_model(row)))
+        await publish_verdicts(
+            conn, vault_id, await repo.vm_ids_in_cloud(conn, vault_id, source.cloud_id)
+        )
     log.info(
         "clouds paired",
         extra={
@@ -238,6 +241,9 @@ async def remove_pairing(
         domain.check_unpair(repo.pairing_facts(row), protected)
         await repo.delete_pairing(conn, pairing_id)
         await emit(conn, vault_id, ev.CloudPairingRemoved(pairing=_pairing_event_model(row)))
+        await publish_verdicts(
+            conn, vault_id, await repo.vm_ids_in_cloud(conn, vault_id, row["source_cloud_id"])
+        )
     log.info("pairing removed", extra={"pairing_id": str(pairing_id)})
     return row
 
@@ -282,6 +288,7 @@ async def create_mapping(
         row = await repo.get_mapping(conn, vault_id, mapping_id)
         assert row is not None
         await emit(conn, vault_id, ev.NetworkMappingCreated(mapping=_mapping_event_model(row)))
+        await publish_verdicts(conn, vault_id)
     log.info("network mapped", extra={"mapping_id": str(mapping_id)})
     return row
 
@@ -331,6 +338,7 @@ async def change_mapping(
                 previous_target_network_id=row["target_network_id"],
             ),
         )
+        await publish_verdicts(conn, vault_id)
     log.info("network mapping changed", extra={"mapping_id": str(mapping_id)})
     return updated
 
@@ -344,6 +352,7 @@ async def remove_mapping(
             raise domain.NotFound(f"network mapping {mapping_id} not found in this vault")
         await repo.delete_mapping(conn, mapping_id)
         await emit(conn, vault_id, ev.NetworkMappingRemoved(mapping=_mapping_event_model(row)))
+        await publish_verdicts(conn, vault_id)
     log.info("network mapping removed", extra={"mapping_id": str(mapping_id)})
     return row
 
@@ -387,6 +396,52 @@ async def check_many(
         return [await check_prerequisites(conn, vault_id, vm_id) for vm_id in vm_ids]
 
 
+async def publish_verdicts(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, vm_ids: list[str] | None = None
+) -> int:
+    """Re-evaluate the prerequisites of `vm_ids` (None: every VM of the vault) after a change
+    they depend on, in the caller's transaction; each verdict that differs from the last one is
+    recorded and emitted (`PrerequisitesEvaluated`). Returns how many were emitted.
+
+    The vault lock orders this after any concurrent change of the vault's pairings and
+    mappings: a verdict is computed from what is committed once the lock is held, so the last
+    verdict emitted for a VM is never older than the facts behind it."""
+    await repo.lock_vault(conn, vault_id)
+    subjects = await repo.vm_ids(conn, vault_id) if vm_ids is None else sorted(set(vm_ids))
+    emitted = 0
+    for vm_id in subjects:
+        report = await check_prerequisites(conn, vault_id, vm_id)
+        revision = await repo.store_verdict(conn, vault_id, vm_id, report["ok"], report["checks"])
+        if revision is None:
+            continue
+        await emit(
+            conn,
+            vault_id,
+            ev.PrerequisitesEvaluated(
+                vm_id=vm_id,
+                ok=report["ok"],
+                checks=[ev.PrerequisiteCheck.model_validate(c) for c in report["checks"]],
+                revision=revision,
+            ),
+        )
+        emitted += 1
+    return emitted
+
+
+async def publish_all_verdicts(pool: asyncpg.Pool) -> int:
+    """At start-up: re-evaluate every VM of every vault (a verdict whose rules changed with a
+    new version, or that was never published, goes out; the others are unchanged)."""
+    async with pool.acquire() as conn:
+        vaults = await repo.vaults_with_vms(conn)
+    emitted = 0
+    for vault_id in vaults:
+        async with pool.acquire() as conn, conn.transaction():
+            emitted += await publish_verdicts(conn, vault_id)
+    if emitted:
+        log.info("prerequisite verdicts published at start-up", extra={"count": emitted})
+    return emitted
+
+
 # ------------------------------------------------------------------------------ read models
 
 
@@ -398,6 +453,7 @@ async def on_cloud_changed(conn: asyncpg.Connection, incoming: Incoming) -> None
         await repo.remove_inventory_object(conn, vault, "cloud", ev_.cloud_id)
     else:
         await repo.upsert_cloud(conn, vault, ev_.provider_id, ev_.site, ev_.cloud)
+    await publish_verdicts(conn, vault)
 
 
 async def on_host_changed(conn: asyncpg.Connection, incoming: Incoming) -> None:
@@ -418,6 +474,7 @@ async def on_vm_changed(conn: asyncpg.Connection, incoming: Incoming) -> None:
         await repo.remove_inventory_object(conn, vault, "vm", ev_.vm_id)
     else:
         await repo.upsert_vm(conn, vault, ev_.provider_id, ev_.site, ev_.vm)
+    await publish_verdicts(conn, vault, [ev_.vm_id])
 
 
 async def on_network_changed(conn: asyncpg.Connection, incoming: Incoming) -> None:

@@ -454,10 +454,16 @@ async def upsert_protected_item(
     )
 
 
-async def remove_protected_item(conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str) -> None:
-    await conn.execute(
-        "DELETE FROM protected_items WHERE vault_id = $1 AND vm_id = $2", vault_id, vm_id
+async def remove_protected_item(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str
+) -> str | None:
+    """Forget a protected VM; returns the target cloud it was protected into, if known."""
+    target: str | None = await conn.fetchval(
+        "DELETE FROM protected_items WHERE vault_id = $1 AND vm_id = $2 RETURNING target_cloud_id",
+        vault_id,
+        vm_id,
     )
+    return target
 
 
 async def protected_in_source(conn: asyncpg.Connection, vault_id: uuid.UUID, cloud_id: str) -> int:
@@ -488,3 +494,71 @@ async def is_protected(conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str
         vm_id,
     )
     return found
+
+
+# ------------------------------------------------------------------------------ verdicts
+
+
+async def vm_ids(conn: asyncpg.Connection, vault_id: uuid.UUID) -> list[str]:
+    """Every VM of the vault's inventory, and every VM whose last verdict passed (a VM that left
+    the inventory gets one more verdict: not found)."""
+    rows = await conn.fetch(
+        "SELECT vm_id FROM inv_vms WHERE vault_id = $1 UNION"
+        " SELECT vm_id FROM prerequisite_verdicts WHERE vault_id = $1 AND ok ORDER BY 1",
+        vault_id,
+    )
+    return [r["vm_id"] for r in rows]
+
+
+async def vm_ids_in_cloud(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, cloud_id: str
+) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT vm_id FROM inv_vms WHERE vault_id = $1 AND cloud_id = $2 ORDER BY 1",
+        vault_id,
+        cloud_id,
+    )
+    return [r["vm_id"] for r in rows]
+
+
+async def vm_ids_paired_into(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, target_cloud_id: str
+) -> list[str]:
+    """VMs whose cloud is paired with `target_cloud_id` (its capacity is in their verdict)."""
+    rows = await conn.fetch(
+        "SELECT v.vm_id FROM inv_vms v JOIN pairings p ON p.vault_id = v.vault_id"
+        " AND p.source_cloud_id = v.cloud_id WHERE v.vault_id = $1 AND p.target_cloud_id = $2"
+        " ORDER BY 1",
+        vault_id,
+        target_cloud_id,
+    )
+    return [r["vm_id"] for r in rows]
+
+
+async def vaults_with_vms(conn: asyncpg.Connection) -> list[uuid.UUID]:
+    rows = await conn.fetch(
+        "SELECT vault_id FROM inv_vms UNION SELECT vault_id FROM prerequisite_verdicts"
+    )
+    return [r["vault_id"] for r in rows]
+
+
+async def store_verdict(
+    conn: asyncpg.Connection,
+    vault_id: uuid.UUID,
+    vm_id: str,
+    ok: bool,
+    checks: list[dict[str, str]],
+) -> int | None:
+    """Record a VM's verdict; returns its new revision, or None when it equals the last one."""
+    revision: int | None = await conn.fetchval(
+        "INSERT INTO prerequisite_verdicts AS v (vault_id, vm_id, ok, checks, revision)"
+        " VALUES ($1, $2, $3, $4, 1) ON CONFLICT (vault_id, vm_id) DO UPDATE SET"
+        " ok = EXCLUDED.ok, checks = EXCLUDED.checks, revision = v.revision + 1,"
+        " updated_at = now() WHERE v.checks IS DISTINCT FROM EXCLUDED.checks"
+        " OR v.ok IS DISTINCT FROM EXCLUDED.ok RETURNING revision",
+        vault_id,
+        vm_id,
+        ok,
+        checks,
+    )
+    return revision

@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,6 +54,15 @@ class ItemOut(BaseModel):
     protected_since: datetime
     rpo_seconds: float | None = None
     ready_for_failover: bool = False
+    recovery_agent_id: uuid.UUID | None = Field(
+        default=None, description="The recovery host agent that keeps the item's replica."
+    )
+    replica_seq: int | None = Field(
+        default=None, description="Latest point the recovery host holds with the source's roots."
+    )
+    replica_error: str | None = Field(
+        default=None, description="The recovery host's last problem with the replica."
+    )
 
 
 class ItemDetail(ItemOut):
@@ -91,36 +99,13 @@ def _refused(exc: domain.ReplicationError) -> HTTPException:
     return HTTPException(status, exc.message)
 
 
-async def _prerequisites(request: Request, vault_id: uuid.UUID, vm_id: str) -> None:
-    """Ask the policy service for the enable-replication prerequisite check, as the caller."""
-    url = f"{_ctx(request).settings.policy_url}/v1/vaults/{vault_id}/prerequisites"
-    try:
-        async with httpx.AsyncClient(timeout=10) as client:
-            resp = await client.get(
-                url,
-                params={"vm_id": vm_id},
-                headers={"Authorization": request.headers.get("authorization", "")},
-            )
-    except httpx.HTTPError as exc:
-        raise HTTPException(
-            503, f"policy service unreachable for the prerequisite check: {exc}"
-        ) from None
-    if resp.status_code != 200:
-        raise HTTPException(resp.status_code if resp.status_code < 500 else 502, resp.text)
-    report = resp.json()
-    if not report.get("ok"):
-        failed = [c for c in report.get("checks", []) if c.get("status") == "fail"]
-        detail = "; ".join(f"{c['rule']}: {c['message']}" for c in failed)
-        raise HTTPException(409, f"prerequisites not met for VM {vm_id}: {detail}")
-
-
 @router.post("", status_code=202, response_model=ItemOut)
 async def enable(
     vault_id: uuid.UUID, body: EnableIn, request: Request, who: CurrentPrincipal
 ) -> Any:
-    """Enable replication for a VM: prerequisite check, protected item, initial replication."""
+    """Enable replication for a VM: the policy service's prerequisite verdict (409 naming each
+    failed check), protected item, initial replication."""
     who.check(Role.OPERATOR, vault_id)
-    await _prerequisites(request, vault_id, body.vm_id)
     try:
         item = await until_known(
             lambda: handlers.enable_protection(_ctx(request), vault_id, body.vm_id)

@@ -20,10 +20,6 @@ class ReplicationSettings(ServiceSettings):
         default=Path(".state/replica"),
         description="Replica store root; one sub-folder per recovery site.",
     )
-    policy_url: str = Field(
-        default="http://127.0.0.1:8103",
-        description="Policy service, asked for the enable-replication prerequisite check.",
-    )
     monitoring_window_seconds: int = Field(
         default=12 * 3600, ge=10, description="Health: window for the missed-cycles rule."
     )

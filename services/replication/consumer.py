@@ -29,7 +29,7 @@ from mode.utils.aiter import aiter
 
 from services.replication import handlers
 from services.replication.config import ReplicationSettings
-from services.replication.failover_support import make_failover_handlers
+from services.replication.failover_support import make_failover_handlers, make_replica_answers
 from shared import topics
 from shared.kafka import EventConsumer, KafkaSecurity
 from shared.readmodels import registration_handlers, signature_verifier
@@ -215,7 +215,7 @@ def side_consumer(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
         handlers={
             **registration_handlers(),
             **handlers.make_read_model_handlers(),
-            **handlers.make_agent_event_handlers(ctx),
+            **handlers.make_agent_event_handlers(ctx, make_replica_answers(ctx)),
             **make_failover_handlers(ctx),
         },
         verifier=signature_verifier(),

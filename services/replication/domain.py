@@ -26,6 +26,53 @@ class ReplicationError(Exception):
         self.message = message
 
 
+# ------------------------------------------------------------------ enable prerequisites
+
+
+@dataclass(frozen=True)
+class FailedCheck:
+    rule: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PrerequisiteVerdict:
+    """The policy service's last verdict on enabling a VM (its failed checks only)."""
+
+    ok: bool
+    failed: tuple[FailedCheck, ...] = ()
+
+
+class VerdictPending(Exception):
+    """The verdict that would decide is not (or not yet correctly) known here: the caller
+    waits a moment for the policy service's next verdict."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def check_prerequisites(vm_id: str, verdict: PrerequisiteVerdict | None) -> None:
+    """Allow enabling `vm_id` (which this service does not protect: the caller checked) or
+    raise. No verdict yet, or one whose only failure is "already protected" (the policy
+    service has not yet seen the VM's protection disabled): `VerdictPending`. Any other failed
+    check: `ReplicationError` (409) naming each failed check."""
+    if verdict is None:
+        raise VerdictPending(
+            f"the prerequisite check of VM {vm_id} has not reached the replication service yet "
+            "(the VM was discovered or its cloud paired a moment ago)"
+        )
+    if verdict.ok:
+        return
+    if [c.rule for c in verdict.failed] == ["not_protected"]:
+        raise VerdictPending(
+            f"the policy service still counts VM {vm_id} as protected (its protection was "
+            "disabled a moment ago)"
+        )
+    detail = "; ".join(f"{c.rule}: {c.message}" for c in verdict.failed)
+    raise ReplicationError(f"prerequisites not met for VM {vm_id}: {detail}")
+
+
 class CycleVerdict(StrEnum):
     ACCEPT = "accept"  # the expected next cycle: stage it
     REPLAY = "replay"  # an already committed sequence number: reject (DLQ)

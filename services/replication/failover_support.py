@@ -5,7 +5,10 @@ shared/schemas/failover.py) and what each does here.
   the point, writes every disk into `target_dir/<disk_id>.vhdx` from the replica store
   (verified block by block, outside any transaction) and answers `RecoveryPointMaterialised`
   or `RecoveryPointMaterialiseFailed`: the answer is recorded and enqueued in the outbox in one
-  transaction, so it is given exactly once; a repeated request id re-publishes it.
+  transaction, so it is given exactly once; a repeated request id re-publishes it. A failover's
+  request (`handover`) goes to the recovery host that keeps the item's replica instead
+  (`ReplicaHandoverRequested`, the row 'delegated'): its answer is turned into the
+  `RecoveryPointMaterialised` (no copy); if it cannot, the row is pending again and copied here.
 - `ItemFailedOver`: the item stops taking cycles (state failed_over) and the source agent is
   told to stop replicating.
 - `ItemFailoverCommitted`: every recovery point but the one failed over to is deleted.
@@ -23,7 +26,7 @@ import contextlib
 import logging
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from services.replication.handlers import (
     Context,
     change_state,
     command,
+    drop_site_replica,
     emit,
     enable_command,
     request_resync,
@@ -196,6 +200,7 @@ def make_failover_handlers(ctx: Context) -> dict[str, Handler]:
                 extra={"item_id": str(msg.item_id), "cycle_seq": msg.cycle_seq},
             )
             return
+        await drop_site_replica(conn, item)  # the VM runs on its own disks now
         drop = sorted(s for s in live if s != msg.cycle_seq)
         if not drop:
             return  # committed already
@@ -530,8 +535,121 @@ async def _seed_and_resync(ctx: Context, request: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ materialise
 
 
-async def _materialise(ctx: Context, request: dict[str, Any]) -> EventPayload:
-    """Write the point's disks into the target folder; the answer to publish."""
+REPLICA_WAIT_SECONDS = 30.0  # how long a handover waits for the replica to reach the point
+
+
+async def _hand_over(
+    ctx: Context, request: dict[str, Any], item: dict[str, Any], point: dict[str, Any]
+) -> bool:
+    """A failover's disks from the recovery host's replica (no copy): True when the request
+    was handed to the host, or waits for its replica to reach the point; False: copy here."""
+    msg = fo.RecoveryPointMaterialiseRequested.model_validate(request["request"])
+    seq = point["cycle_seq"]
+    if not msg.handover or item["recovery_agent_id"] is None:
+        return False
+    if request["request"].get("replica_refused"):
+        return False  # the host tried and could not: copy
+    if (item["replica_seq"] or 0) < seq:
+        waited = (datetime.now(UTC) - request["created_at"]).total_seconds()
+        return bool(waited < REPLICA_WAIT_SECONDS)  # the last point is being applied there
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if not await repo.delegate_request(conn, msg.request_id):
+            return True
+        await emit(
+            conn,
+            item["vault_id"],
+            cmd.ReplicaHandoverRequested(
+                command_id=uuid.uuid5(msg.request_id, "replica-handover"),
+                agent_id=item["recovery_agent_id"],
+                item_id=msg.item_id,
+                request_id=msg.request_id,
+                cycle_seq=seq,
+                target_dir=msg.target_dir,
+                disks=[
+                    cmd.ReplicaDisk(
+                        disk_id=d["disk_id"],
+                        size_bytes=d["size_bytes"],
+                        block_size=d.get("block_size", 65536),
+                        merkle_root=d["merkle_root"],
+                    )
+                    for d in point["disks"]
+                ],
+            ),
+            str(item["recovery_agent_id"]),
+        )
+    log.info(
+        "failover disks handed to the recovery host's replica",
+        extra={"request_id": str(msg.request_id), "item_id": str(msg.item_id), "seq": seq},
+    )
+    return True
+
+
+def make_replica_answers(ctx: Context) -> dict[str, Handler]:
+    """Handlers of the recovery host's `CommandCompleted` for a handover, by command type."""
+
+    async def on_handover(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, cmd.CommandCompleted)
+        try:
+            request_id = uuid.UUID(str(msg.result.get("request_id")))
+        except ValueError:
+            request_id = None
+        request = await repo.get_request(conn, request_id) if request_id else None
+        if request is None:
+            raise Rejected("invalid_result", "a handover answer names no known request")
+        item = await repo.get_item(conn, request["item_id"])
+        if item is None or str(item["recovery_agent_id"]) != inc.envelope.producer_id:
+            raise Rejected("wrong_agent", "handover answer from a host that keeps no replica")
+        if request["state"] != "delegated":
+            return  # answered already
+        if msg.outcome is cmd.CommandOutcome.FAILED:
+            log.warning(
+                "the recovery host could not hand its replica over; copying",
+                extra={"request_id": str(request_id), "error": msg.error},
+            )
+            await repo.undelegate_request(conn, request["request_id"], msg.error)
+            ctx.failover_wake.set()
+            return
+        seq = msg.result.get("cycle_seq")
+        point = next(
+            (p for p in await repo.live_points(conn, item["item_id"]) if p["cycle_seq"] == seq),
+            None,
+        )
+        if point is None:
+            raise Rejected("invalid_result", f"handover of point {seq}, which is not retained")
+        roots = {d["disk_id"]: d["merkle_root"] for d in point["disks"]}
+        answer = fo.RecoveryPointMaterialised(
+            request_id=request["request_id"],
+            item_id=item["item_id"],
+            cycle_seq=seq,
+            source_time=point["source_time"],
+            app_consistent=point["point_type"] == ev.RecoveryPointType.APP_CONSISTENT.value,
+            disks=[
+                fo.MaterialisedDisk(
+                    disk_id=d["disk_id"],
+                    path=d["path"],
+                    size_bytes=d["size_bytes"],
+                    merkle_root=roots[d["disk_id"]],
+                )
+                for d in msg.result.get("disks", [])
+                if d.get("disk_id") in roots
+            ],
+        )
+        if await repo.answer_request(
+            conn,
+            request["request_id"],
+            "answered",
+            type(answer).__name__,
+            answer.model_dump(mode="json"),
+        ):
+            await emit(conn, request["vault_id"], answer, str(request["item_id"]))
+
+    return {"ReplicaHandoverRequested": on_handover}
+
+
+async def _materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | None:
+    """Write the point's disks into the target folder (or hand the request to the recovery
+    host's replica: None, answered when the host answers); the answer to publish."""
     msg = fo.RecoveryPointMaterialiseRequested.model_validate(request["request"])
 
     def failed(why: str) -> fo.RecoveryPointMaterialiseFailed:
@@ -560,6 +678,8 @@ async def _materialise(ctx: Context, request: dict[str, Any]) -> EventPayload:
         )
     except ValueError as exc:
         return failed(str(exc))
+    if await _hand_over(ctx, request, item, point):
+        return None
     store = ctx.store(item["target_site"])
     disks = []
     try:
@@ -613,7 +733,9 @@ async def _record_answer(ctx: Context, request: dict[str, Any], answer: EventPay
 async def _work_on(ctx: Context, request: dict[str, Any]) -> None:
     try:
         if request["kind"] == "materialise":
-            await _record_answer(ctx, request, await _materialise(ctx, request))
+            answer = await _materialise(ctx, request)
+            if answer is not None:
+                await _record_answer(ctx, request, answer)
         else:
             await _seed_and_resync(ctx, request)
     except Exception as exc:

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import logging
 import time
 import uuid
-import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import pybase64
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.replication import domain
@@ -38,6 +35,7 @@ from services.replication.store import (
     RootMismatch,
 )
 from shared import outbox, topics
+from shared.delta_blocks import decode_data
 from shared.faults import crash_point
 from shared.kafka import RUN_MEMO, Handler, Incoming, Rejected, RunFallback, RunHandler
 from shared.merkle import block_count, block_length, zero_block_hash
@@ -341,6 +339,9 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
             [d.model_dump() for d in msg.disks],
             msg.source_time,
             msg.app_consistent,
+            # where the recovery host starts reading the cycle (files imported: no offsets)
+            inc.partition if inc.partition >= 0 else None,
+            inc.offset if inc.partition >= 0 else None,
         )
         if ItemState(item["state"]) is ItemState.WAITING_FOR_INITIAL:
             await change_state(conn, item, ItemState.INITIAL_REPLICATION, reason="initial cycle")
@@ -538,6 +539,7 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
             health=healthy,
             **fields,
         )
+        await feed_replica(conn, item, cycle, msg, inc)
         CYCLES.labels("committed").inc()
         APPLY_SECONDS.observe(latency)
 
@@ -549,6 +551,60 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
     return (
         {name: _delta_checked(ctx, handler) for name, handler in handlers.items()},
         {"BlocksShipped": _delta_run_checked(ctx, on_blocks_run)},
+    )
+
+
+async def feed_replica(
+    conn: asyncpg.Connection,
+    item: dict[str, Any],
+    cycle: dict[str, Any],
+    msg: ev.CycleCompleted,
+    inc: Incoming,
+) -> None:
+    """Command the item's recovery host to apply the committed point from the cycle's own
+    records on the delta topic (partition and offsets), in the commit's transaction."""
+    if item["recovery_agent_id"] is None or cycle["delta_partition"] is None:
+        return
+    geometry = {d["disk_id"]: d for d in cycle["disks"]}
+    await emit(
+        conn,
+        item["vault_id"],
+        cmd.ReplicaPointApplyRequested(
+            command_id=uuid.uuid5(msg.item_id, f"replica-apply:{msg.cycle_seq}"),
+            agent_id=item["recovery_agent_id"],
+            item_id=msg.item_id,
+            cycle_seq=msg.cycle_seq,
+            partition=cycle["delta_partition"],
+            first_offset=cycle["first_offset"],
+            last_offset=inc.offset,
+            disks=[
+                cmd.ReplicaDisk(
+                    disk_id=d.disk_id,
+                    size_bytes=d.size_bytes,
+                    block_size=geometry.get(d.disk_id, {}).get("block_size", 65536),
+                    merkle_root=d.merkle_root,
+                )
+                for d in msg.disks
+            ],
+            keep_from=await repo.oldest_live_point(conn, msg.item_id) or msg.cycle_seq,
+        ),
+        str(item["recovery_agent_id"]),
+    )
+
+
+async def drop_site_replica(conn: asyncpg.Connection, item: dict[str, Any]) -> None:
+    """Command the item's recovery host to delete its replica (idempotent)."""
+    if item["recovery_agent_id"] is None:
+        return
+    await emit(
+        conn,
+        item["vault_id"],
+        cmd.ReplicaDeleteRequested(
+            command_id=uuid.uuid5(item["item_id"], "replica-delete"),
+            agent_id=item["recovery_agent_id"],
+            item_id=item["item_id"],
+        ),
+        str(item["recovery_agent_id"]),
     )
 
 
@@ -711,33 +767,7 @@ def _block_bytes(
         if len(ready) != length:
             raise ValueError(f"{len(ready)} bytes where the block has {length}")
         return ready
-    return _decode_data(block, compression, length)
-
-
-def _decode_data(block: ev.Block, compression: ev.Compression, length: int) -> bytes:
-    """The block's bytes, decoded and decompressed to at most `length` (the block's length
-    from the cycle's geometry): data that is longer, or expands beyond it (a decompression
-    bomb), is refused before more than `length` bytes are made."""
-    assert block.data is not None
-    if len(block.data) > 4 * ((length + length // 100 + 64) // 3 + 1):
-        raise ValueError(f"{len(block.data)} characters of base64 for a block of {length} bytes")
-    try:
-        raw = pybase64.b64decode(block.data, validate=True)  # binascii.Error if not base64
-        compressed = (
-            block.compressed if block.compressed is not None else compression is ev.Compression.ZLIB
-        )
-        if compressed:
-            inflater = zlib.decompressobj()
-            data = inflater.decompress(raw, length)
-            if inflater.unconsumed_tail or not inflater.eof:
-                raise ValueError(f"expands beyond the block's {length} bytes or is truncated")
-        else:
-            data = raw
-    except (binascii.Error, zlib.error) as exc:
-        raise ValueError(f"undecodable data ({exc})") from None
-    if len(data) != length:
-        raise ValueError(f"{len(data)} bytes where the block has {length}")
-    return data
+    return decode_data(block, compression, length)
 
 
 # ------------------------------------------------------------------ read models
@@ -790,9 +820,15 @@ def make_read_model_handlers() -> dict[str, Any]:
             conn, inc.envelope.vault_id, msg.pairing.model_dump(mode="json"), removed
         )
 
+    async def on_prerequisites(conn: asyncpg.Connection, inc: Incoming) -> None:
+        msg = inc.payload
+        assert isinstance(msg, pol.PrerequisitesEvaluated)
+        await repo.upsert_prerequisites(conn, inc.envelope.vault_id, msg)
+
     return {
         "VmChanged": on_vm,
         "HostChanged": on_host,
+        "PrerequisitesEvaluated": on_prerequisites,
         "PolicyCreated": on_policy,
         "PolicyUpdated": on_policy,
         "PolicyDeleted": on_policy,
@@ -804,7 +840,12 @@ def make_read_model_handlers() -> dict[str, Any]:
 # ------------------------------------------------------------------ agent events
 
 
-def make_agent_event_handlers(ctx: Context) -> dict[str, Any]:
+def make_agent_event_handlers(
+    ctx: Context, answers: dict[str, Handler] | None = None
+) -> dict[str, Any]:
+    """Agent events; `answers`: handlers of `CommandCompleted` by command type (failover's)."""
+    answers = answers or {}
+
     async def on_progress(conn: asyncpg.Connection, inc: Incoming) -> None:
         msg = inc.payload
         assert isinstance(msg, cmd.InitialReplicationProgressed)
@@ -826,9 +867,42 @@ def make_agent_event_handlers(ctx: Context) -> dict[str, Any]:
         else:
             await repo.bump_stat(conn, msg.item_id, "network_failures")
 
+    async def on_replica_applied(conn: asyncpg.Connection, inc: Incoming) -> None:
+        """The recovery host's answer to ReplicaPointApplyRequested."""
+        msg = inc.payload
+        assert isinstance(msg, cmd.CommandCompleted)
+        try:
+            item_id = uuid.UUID(str(msg.result.get("item_id")))
+        except ValueError:
+            raise Rejected("invalid_result", "a replica answer names no item") from None
+        item = await repo.get_item(conn, item_id, lock=True)
+        if item is None or str(item["recovery_agent_id"]) != inc.envelope.producer_id:
+            raise Rejected("wrong_agent", "replica answer for an item this agent does not keep")
+        if msg.outcome is cmd.CommandOutcome.FAILED:
+            await repo.update_item(conn, item_id, replica_error=msg.error)
+            return
+        seq, roots = msg.result.get("cycle_seq"), msg.result.get("roots")
+        if not isinstance(seq, int) or not isinstance(roots, dict):
+            raise Rejected("invalid_result", "a replica answer needs cycle_seq and roots")
+        if await repo.record_replica_point(conn, item_id, seq, roots):
+            latest = max(seq, item["replica_seq"] or 0)
+            await repo.update_item(conn, item_id, replica_seq=latest, replica_error=None)
+        else:
+            await repo.update_item(
+                conn,
+                item_id,
+                replica_error=f"the recovery host's roots for point {seq} are not the source's",
+            )
+
     async def on_completed(conn: asyncpg.Connection, inc: Incoming) -> None:
         msg = inc.payload
         assert isinstance(msg, cmd.CommandCompleted)
+        if msg.command_type == "ReplicaPointApplyRequested":
+            await on_replica_applied(conn, inc)
+            return
+        if msg.command_type in answers:
+            await answers[msg.command_type](conn, inc)
+            return
         if msg.outcome is cmd.CommandOutcome.FAILED:
             log.warning(
                 "agent command failed",
@@ -879,14 +953,18 @@ def _vm_disks(vm: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def enable_protection(ctx: Context, vault_id: uuid.UUID, vm_id: str) -> dict[str, Any]:
-    """Create the protected item and command the source agent (the caller has run the
-    prerequisite check)."""
+    """Create the protected item and command the source agent, if the policy service's
+    prerequisite verdict for the VM allows it."""
     async with ctx.pool.acquire() as conn, conn.transaction():
         existing = await repo.active_item_for_vm(conn, vault_id, vm_id)
         if existing is not None:
             raise domain.ReplicationError(
                 f"VM {vm_id} is already protected (item {existing['item_id']})"
             )
+        try:
+            domain.check_prerequisites(vm_id, await repo.prerequisites_of(conn, vault_id, vm_id))
+        except domain.VerdictPending as exc:
+            raise NotYetKnown(exc.message) from None
         context = await repo.protection_context(conn, vault_id, vm_id)
         if context is None:
             raise NotYetKnown(
@@ -926,6 +1004,7 @@ async def enable_protection(ctx: Context, vault_id: uuid.UUID, vm_id: str) -> di
             disks=disks,
             copy_interval_seconds=int(settings["copy_frequency_seconds"]),
             state=ItemState.WAITING_FOR_INITIAL.value,
+            recovery_agent_id=await repo.recovery_agent(conn, vault_id, context["target_site"]),
         )
         await emit(
             conn,
@@ -1062,6 +1141,8 @@ async def disable(
             ),
         )
         await repo.drop_cycles(conn, item_id)
+        if delete:
+            await drop_site_replica(conn, item)
         await change_state(
             conn, item, ItemState.NOT_ENABLED, reason="protection disabled", active=False
         )

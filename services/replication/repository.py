@@ -8,11 +8,15 @@ from typing import Any
 
 import asyncpg
 
+from services.replication import domain
+from shared.schemas.policy import PrerequisitesEvaluated
+
 ITEM_COLUMNS = """item_id, vault_id, vm_id, vm_name, pairing_id, policy_id, source_agent_id,
  source_site, target_site, target_cloud_id, disks, copy_interval_seconds, state, health,
  health_reasons, error, paused, last_committed_seq, resync_seq, resync_id,
  last_point_source_time, last_cycle_at, initial_done_at, initial_progress, protected_since,
- active, created_at, updated_at, resync_attempts, resync_not_before"""
+ active, created_at, updated_at, resync_attempts, resync_not_before, recovery_agent_id,
+ replica_seq, replica_error"""
 
 
 # ------------------------------------------------------------------ read models
@@ -98,6 +102,43 @@ async def upsert_pairing(
     )
 
 
+async def upsert_prerequisites(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, verdict: PrerequisitesEvaluated
+) -> None:
+    """Keep the highest revision of a VM's prerequisite verdict."""
+    await conn.execute(
+        "INSERT INTO rm_prerequisites AS p (vault_id, vm_id, ok, checks, revision)"
+        " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (vault_id, vm_id) DO UPDATE SET ok = EXCLUDED.ok,"
+        " checks = EXCLUDED.checks, revision = EXCLUDED.revision, updated_at = now()"
+        " WHERE p.revision < EXCLUDED.revision",
+        vault_id,
+        verdict.vm_id,
+        verdict.ok,
+        [c.model_dump(mode="json") for c in verdict.checks],
+        verdict.revision,
+    )
+
+
+async def prerequisites_of(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str
+) -> domain.PrerequisiteVerdict | None:
+    row = await conn.fetchrow(
+        "SELECT ok, checks FROM rm_prerequisites WHERE vault_id = $1 AND vm_id = $2",
+        vault_id,
+        vm_id,
+    )
+    if row is None:
+        return None
+    return domain.PrerequisiteVerdict(
+        ok=row["ok"],
+        failed=tuple(
+            domain.FailedCheck(c["rule"], c["message"])
+            for c in row["checks"]
+            if c["status"] == "fail"
+        ),
+    )
+
+
 async def protection_context(
     conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str
 ) -> dict[str, Any] | None:
@@ -129,6 +170,43 @@ async def agent_named(
         name,
     )
     return dict(row) if row else None
+
+
+async def recovery_agent(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, site: str
+) -> uuid.UUID | None:
+    """The host agent of `site` that keeps a new item's replica (the first by name)."""
+    found: uuid.UUID | None = await conn.fetchval(
+        "SELECT producer_id FROM known_producers WHERE vault_id = $1 AND kind = 'agent'"
+        " AND site = $2 AND active ORDER BY name LIMIT 1",
+        vault_id,
+        site,
+    )
+    return found
+
+
+async def record_replica_point(
+    conn: asyncpg.Connection, item_id: uuid.UUID, seq: int, roots: dict[str, str]
+) -> bool:
+    """Record the roots the recovery host holds for point `seq`; True when they are the
+    source's (the point's roots)."""
+    matched: bool | None = await conn.fetchval(
+        "UPDATE recovery_points SET replica_roots = $3 WHERE item_id = $1 AND cycle_seq = $2"
+        " RETURNING (SELECT jsonb_object_agg(d->>'disk_id', d->>'merkle_root')"
+        " FROM jsonb_array_elements(disks) d) = $3::jsonb",
+        item_id,
+        seq,
+        roots,
+    )
+    return bool(matched)
+
+
+async def oldest_live_point(conn: asyncpg.Connection, item_id: uuid.UUID) -> int | None:
+    seq: int | None = await conn.fetchval(
+        "SELECT min(cycle_seq) FROM recovery_points WHERE item_id = $1 AND pruned_at IS NULL",
+        item_id,
+    )
+    return seq
 
 
 async def policy_settings(
@@ -220,8 +298,8 @@ async def open_cycle(
     conn: asyncpg.Connection, item_id: uuid.UUID, seq: int
 ) -> dict[str, Any] | None:
     row = await conn.fetchrow(
-        "SELECT item_id, cycle_seq, kind, disks, source_time, app_consistent, poisoned"
-        " FROM open_cycles WHERE item_id = $1 AND cycle_seq = $2",
+        "SELECT item_id, cycle_seq, kind, disks, source_time, app_consistent, poisoned,"
+        " delta_partition, first_offset FROM open_cycles WHERE item_id = $1 AND cycle_seq = $2",
         item_id,
         seq,
     )
@@ -245,16 +323,20 @@ async def start_cycle(
     disks: list[dict[str, Any]],
     source_time: datetime,
     app_consistent: bool,
+    delta_partition: int | None = None,
+    first_offset: int | None = None,
 ) -> None:
     await conn.execute(
-        "INSERT INTO open_cycles (item_id, cycle_seq, kind, disks, source_time, app_consistent)"
-        " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT DO NOTHING",
+        "INSERT INTO open_cycles (item_id, cycle_seq, kind, disks, source_time, app_consistent,"
+        " delta_partition, first_offset) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT DO NOTHING",
         item_id,
         seq,
         kind,
         disks,
         source_time,
         app_consistent,
+        delta_partition,
+        first_offset,
     )
 
 
@@ -482,11 +564,36 @@ async def answer_request(
     return bool(
         await conn.fetchval(
             "UPDATE failover_requests SET state = $2, answer_type = $3, answer = $4,"
-            " answered_at = now() WHERE request_id = $1 AND state = 'pending' RETURNING true",
+            " answered_at = now() WHERE request_id = $1 AND state IN ('pending', 'delegated')"
+            " RETURNING true",
             request_id,
             state,
             answer_type,
             answer,
+        )
+    )
+
+
+async def delegate_request(conn: asyncpg.Connection, request_id: uuid.UUID) -> bool:
+    """A pending request handed to the recovery host (its answer comes as an agent event)."""
+    return bool(
+        await conn.fetchval(
+            "UPDATE failover_requests SET state = 'delegated' WHERE request_id = $1"
+            " AND state = 'pending' RETURNING true",
+            request_id,
+        )
+    )
+
+
+async def undelegate_request(conn: asyncpg.Connection, request_id: uuid.UUID, why: str) -> bool:
+    """The recovery host could not do it: pending again, to be done here (`replica_refused`)."""
+    return bool(
+        await conn.fetchval(
+            "UPDATE failover_requests SET state = 'pending',"
+            " request = request || jsonb_build_object('replica_refused', $2::text)"
+            " WHERE request_id = $1 AND state = 'delegated' RETURNING true",
+            request_id,
+            why,
         )
     )
 

@@ -101,6 +101,55 @@ class ResyncRequested(_Command):
     leaf_hashes: str = Field(default="", max_length=900_000)
 
 
+class ReplicaDisk(EventPayload):
+    """A disk of a recovery point as the replica must hold it."""
+
+    disk_id: str = Field(min_length=1, max_length=100)
+    size_bytes: int = Field(gt=0)
+    block_size: int = Field(gt=0)
+    merkle_root: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+@event_type("ReplicaPointApplyRequested", topic=topics.AGENT_COMMANDS)
+class ReplicaPointApplyRequested(_Command):
+    """Bring the item's replica on this recovery host to verified recovery point `cycle_seq`.
+    The cycle's records are on `replication.deltas.v1` partition `partition`, offsets
+    `first_offset`..`last_offset` (with other items' records between); the agent applies the
+    blocks of this item and cycle, and answers with the roots it then holds
+    (`CommandCompleted` result {"item_id", "cycle_seq", "roots": {disk_id: root}}). Undo
+    records of points older than `keep_from` are pruned."""
+
+    item_id: uuid.UUID
+    cycle_seq: int = Field(ge=1)
+    partition: int = Field(ge=0)
+    first_offset: int = Field(ge=0)
+    last_offset: int = Field(ge=0)
+    disks: list[ReplicaDisk] = Field(min_length=1, max_length=64)
+    keep_from: int = Field(ge=1)
+
+
+@event_type("ReplicaHandoverRequested", topic=topics.AGENT_COMMANDS)
+class ReplicaHandoverRequested(_Command):
+    """A failover: bring the item's replica to point `cycle_seq` (rolling back only the blocks
+    changed since, if it is older than the latest) and hand its images over as the VM's disks,
+    `target_dir/<disk_id>.vhdx` (a rename within this host: no copy). The replica is consumed.
+    The result names the disks; a failure (e.g. another filesystem) lets the service copy."""
+
+    item_id: uuid.UUID
+    request_id: uuid.UUID = Field(description="The failover service's materialise request.")
+    cycle_seq: int = Field(ge=1)
+    target_dir: str = Field(min_length=1, max_length=1024)
+    disks: list[ReplicaDisk] = Field(min_length=1, max_length=64)
+
+
+@event_type("ReplicaDeleteRequested", topic=topics.AGENT_COMMANDS)
+class ReplicaDeleteRequested(_Command):
+    """Delete the item's replica on this recovery host (protection disabled with its replica
+    deleted, or a failover committed: the VM runs on its own disks). Idempotent."""
+
+    item_id: uuid.UUID
+
+
 @event_type("VmPowerRequested", topic=topics.AGENT_COMMANDS)
 class VmPowerRequested(_Command):
     """Shut down or start a VM on the host."""

@@ -87,6 +87,12 @@ class RecoveryPointMaterialiseRequested(EventPayload):
     choice: PointChoice = PointChoice.LATEST
     cycle_seq: int | None = Field(default=None, ge=1)
     target_dir: str = Field(min_length=1, max_length=1024)
+    handover: bool = Field(
+        default=False,
+        description="A failover (planned or unplanned): the recovery host that keeps the "
+        "item's replica may hand its images over as the VM's disks (brought to the point, no "
+        "copy; the replica is consumed). False: the disks are written as copies.",
+    )
 
 
 @event_type("ItemFailedOver", topic=topics.FAILOVER_EVENTS)
@@ -147,7 +153,11 @@ class MaterialisedDisk(EventPayload):
     disk_id: str
     path: str
     size_bytes: int
-    sha256: str
+    sha256: str | None = Field(
+        default=None,
+        description="SHA-256 of the written image; None when the recovery host handed its "
+        "replica image over (its Merkle root, checked against the source's, is the proof).",
+    )
     merkle_root: str
 
 

@@ -1,5 +1,6 @@
-"""Policy contract: replication policies, cloud pairings and network mappings, emitted by the
-policy service on `policy.events.v1` (keyed by vault id, so one vault's changes stay ordered).
+"""Policy contract: replication policies, cloud pairings, network mappings and the
+enable-replication prerequisite verdict of each VM, emitted by the policy service on
+`policy.events.v1` (keyed by vault id, so one vault's changes stay ordered).
 
 `ReplicationPolicySettings` holds every setting of the product's replication policy, validated
 with messages that say what to fix. It checks only what is true at any time; the rule that a
@@ -14,7 +15,7 @@ import uuid
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, Field, model_validator
 
@@ -280,3 +281,25 @@ class NetworkMappingRemoved(EventPayload):
     """A network mapping was removed; failed-over NICs of that network stay unconnected."""
 
     mapping: NetworkMapping
+
+
+class PrerequisiteCheck(EventPayload):
+    """One enable-replication check of a VM: `fail` refuses enabling, `warning` does not."""
+
+    rule: str = Field(min_length=1, max_length=100)
+    status: Literal["pass", "fail", "warning"]
+    message: str = Field(max_length=2000)
+
+
+@event_type("PrerequisitesEvaluated", topic=topics.POLICY_EVENTS)
+class PrerequisitesEvaluated(EventPayload):
+    """A VM's enable-replication prerequisite verdict changed. Published whenever something it
+    depends on changes (the VM in the inventory, its cloud's pairing, the target cloud's
+    capacity and the VMs protected into it, network mappings), and only when the verdict
+    differs from the last one; `revision` grows by one with every verdict of the VM, so a
+    consumer keeps the highest. The replication service answers enable requests from it."""
+
+    vm_id: str = Field(min_length=1, max_length=100)
+    ok: bool
+    checks: list[PrerequisiteCheck]
+    revision: int = Field(ge=1)

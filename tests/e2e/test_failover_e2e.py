@@ -221,7 +221,15 @@ async def test_failover_story(platform: Platform, http: httpx.AsyncClient, tmp_p
     ).json()
     assert view["failover_state"] == "protected" and view["notes"][-1]["notes"] == "drill ok"
 
-    # --- planned failover with the zero-data-loss proof
+    # --- planned failover with the zero-data-loss proof, over the recovery host's replica
+    replica = tmp_path / "agent-hv-r1-state" / "replica" / item_id
+
+    async def replica_kept() -> int | None:
+        return (await item(http, dr, item_id))["replica_seq"]
+
+    await eventually(replica_kept, timeout=30, what="the recovery host's replica")
+    inodes = {p.stem: p.stat().st_ino for p in (replica / "disks").glob("*.vhdx")}
+    assert set(inodes) == {d["disk_id"] for d in web["disks"]}
     await dr.agent_call(http, "hv-p1", "POST", "/vms/web01/writes", {"blocks": 5})
     resp = await start(http, dr, f"/failovers/{item_id}/planned-failover")
     assert resp.status_code == 202, resp.text
@@ -232,6 +240,10 @@ async def test_failover_story(platform: Platform, http: httpx.AsyncClient, tmp_p
     final_source = {d["disk_id"]: sha256(Path(d["path"])) for d in web["disks"]}
     vm = json.loads((recovery / "web01" / "vm.json").read_text())
     assert {d["id"]: sha256(recovery / "web01" / d["file"]) for d in vm["disks"]} == final_source
+    # the VM's disks are the replica's images themselves (renamed, not copied), brought to
+    # the final point first; the replica is consumed
+    assert {d["id"]: (recovery / "web01" / d["file"]).stat().st_ino for d in vm["disks"]} == inodes
+    assert not replica.exists()
     nic = vm["nics"][0]
     assert nic["network_id"] == nets["Corp-Recovery"]["network_id"] and nic["subnet"] == "corp"
     assert nic["ip_address"].startswith("10.20.0.")  # source address not in the target pool

@@ -1,5 +1,6 @@
 """Failover end to end, the parts the story test leaves out: an unplanned failover of an item
-(no source shutdown, latest point) with its data-loss window; recovery plans whose script
+(no source shutdown, latest point) with its data-loss window; one to an older point over the
+recovery host's replica (rolled back, handed over, byte-identical); recovery plans whose script
 post-action fails (a planned run stops, an unplanned run goes on); restarting a failed job;
 `drctl failover test`, `drctl job list/show` as a subprocess; the forced cleanup of old test
 failovers. Real services, two sites' agents, real Kafka and PostgreSQL."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from tests.e2e.test_failover_e2e import (
     start,
     task_named,
 )
+from tests.e2e.test_replication_e2e import point_after, sha256
 from tests.support.cli import run_drctl
 from tests.support.dr import DrSetup, item, two_sites
 from tests.support.own_platform import own_platform
@@ -132,6 +135,57 @@ async def test_unplanned_item_and_cli(
     assert again.status_code == 409, again.text
     twice = await start(http, dr, f"/failovers/{item_id}/unplanned-failover")
     assert twice.status_code == 409 and "already failed over" in twice.text, twice.text
+
+
+async def test_unplanned_failover_to_an_older_point_rolls_the_replica_back(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """The recovery host's replica is brought back to the chosen older point (only the
+    blocks changed since are rewritten) and its images become the VM's disks: no copy."""
+    dr = await two_sites(platform, http, tmp_path, copy_seconds=1)
+    await failover_up(platform, http, dr)
+    app = await protected_vm(http, dr, "app01", ["1MiB", "512KiB"], "10.10.0.172")
+    item_id = app["item_id"]
+    await failover_known(http, dr, item_id)
+    sources = {d["disk_id"]: Path(d["path"]) for d in app["disks"]}
+
+    async def point_held_after(instant: datetime) -> int:
+        """A point captured after `instant`, committed and held by the recovery host."""
+
+        async def held() -> int | None:
+            seq = (await point_after(http, dr, item_id, instant))["cycle_seq"]
+            current = await item(http, dr, item_id)
+            return seq if (current["replica_seq"] or 0) >= seq else None
+
+        return await eventually(held, timeout=60, what="a point held by the recovery host")
+
+    await dr.agent_call(http, "hv-p1", "POST", "/vms/app01/writes", {"blocks": 6})
+    older = await point_held_after(datetime.now().astimezone())
+    at_older = {disk_id: sha256(path) for disk_id, path in sources.items()}  # writes stopped
+    for _ in range(2):
+        await dr.agent_call(http, "hv-p1", "POST", "/vms/app01/writes", {"blocks": 6})
+        latest = await point_held_after(datetime.now().astimezone())
+    assert latest > older
+    replica = tmp_path / "agent-hv-r1-state" / "replica" / item_id
+    inodes = {p.stem: p.stat().st_ino for p in (replica / "disks").glob("*.vhdx")}
+
+    resp = await start(
+        http,
+        dr,
+        f"/failovers/{item_id}/unplanned-failover",
+        {"shutdown_source": False, "choice": "chosen", "cycle_seq": older},
+    )
+    assert resp.status_code == 202, resp.text
+    job = await finished(http, dr, resp.json()["job_id"])
+    assert job["state"] == "succeeded", (job["error"], job["failed_tasks"])
+    assert job["result"]["items"][item_id]["cycle_seq"] == older
+    folder = dr.storage("recovery", "hv-r1") / "app01"
+    disks = {
+        d["id"]: folder / d["file"] for d in vm_json(dr, "recovery", "hv-r1", "app01")["disks"]
+    }
+    assert {disk_id: sha256(path) for disk_id, path in disks.items()} == at_older
+    assert {disk_id: path.stat().st_ino for disk_id, path in disks.items()} == inodes
+    assert not replica.exists()
 
 
 async def test_plan_script_failure_planned_stops_unplanned_goes_on(

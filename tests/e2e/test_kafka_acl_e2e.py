@@ -1,7 +1,9 @@
 """Kafka authentication and ACLs on the real broker (a stack with KAFKA_SECURITY=tls): a client
 without a certificate can neither produce nor consume; the edge principal cannot write
 registration.events.v1 or a service's topic, nor read registration events; a service cannot
-write another service's topic; each can do what its role needs."""
+write another service's topic; each can do what its role needs. The edge reads offset ranges
+of replication.deltas.v1 (a recovery host's replica feed) but not its DLQ's writes nor another
+service topic's records."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorization
 
 from scripts.procs import kafka_identity
 from shared import topics
-from shared.kafka import KafkaSecurity
+from shared.kafka import KafkaSecurity, RangeUnavailable, read_range
 from tests.support.kafka import delete_prefixed_topics, read_all
 from tests.support.stack import Stack, random_prefix
 
@@ -138,6 +140,43 @@ async def test_each_principal_writes_its_own_topics(stack: Stack, prefix: str) -
         tag = secrets.token_hex(8).encode()
         await produce(stack, security(stack, prefix, principal), physical, tag)
         assert any(r.value == tag for r in await read_all(stack.kafka, physical)), principal
+
+
+async def test_the_edge_reads_delta_ranges_and_only_those(stack: Stack, prefix: str) -> None:
+    edge = security(stack, prefix, "edge")
+    deltas = topics.physical(topics.REPLICATION_DELTAS, prefix)
+    tag = secrets.token_hex(8).encode()
+    await produce(stack, edge, deltas, tag)
+    ours = next(r for r in await read_all(stack.kafka, deltas) if r.value == tag)
+    read = [
+        record.value
+        for records in [
+            batch
+            async for batch in read_range(
+                stack.kafka, deltas, ours.partition, ours.offset, ours.offset, security=edge
+            )
+        ]
+        for record in records
+    ]
+    assert read == [tag]
+    with pytest.raises(TopicAuthorizationFailedError):
+        await produce(stack, edge, topics.dlq_of(deltas), tag)
+    events = topics.physical(topics.REPLICATION_EVENTS, prefix)
+    await produce(stack, security(stack, prefix, "replication"), events, tag)
+    theirs = next(r for r in await read_all(stack.kafka, events) if r.value == tag)
+    got: list[object] = []
+    with pytest.raises(RangeUnavailable):  # the broker gives the edge no record of it
+        async for batch in read_range(
+            stack.kafka,
+            events,
+            theirs.partition,
+            theirs.offset,
+            theirs.offset,
+            timeout=5,
+            security=edge,
+        ):
+            got.extend(batch)
+    assert got == []
 
 
 def test_the_stack_keeps_the_ca_key_to_itself() -> None:

@@ -25,7 +25,15 @@ from shared.kafka import KafkaProducer, KafkaSecurity
 from shared.merkle import BLOCK_SIZE, MerkleTree, block_hash
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload, new_envelope
-from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
+from tests.support.dr import (
+    DrSetup,
+    item,
+    points,
+    protect,
+    register_agent,
+    two_sites,
+    vm_named,
+)
 from tests.support.kafka import wait_for_records
 from tests.support.platform import Platform
 from tests.support.poll import eventually
@@ -119,24 +127,6 @@ class ScriptedAgent:
         if indexes:
             await self.send(self.batch(seq, indexes))
         await self.send(self.completed(seq, kind, 1 if indexes else 0, len(indexes)))
-
-
-async def register_agent(http: httpx.AsyncClient, plat: Platform, key: str, name: str) -> Any:
-    """The registration's answer, with the private key of the public key it registered."""
-    private_key = signing.new_private_key()
-    resp = await http.post(
-        f"{plat.url('registration')}/v1/registrations",
-        json={
-            "kind": "agent",
-            "name": name,
-            "site": "primary",
-            "heartbeat_interval_seconds": 60,
-            "public_key": signing.public_key_hex(private_key),
-        },
-        headers={"Authorization": f"Bearer {key}"},
-    )
-    assert resp.status_code == 201, resp.text
-    return {**resp.json(), "private_key": private_key}
 
 
 async def test_no_recovery_point_from_bad_input(

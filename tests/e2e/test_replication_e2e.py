@@ -1,6 +1,7 @@
 """Replication end to end: real agent, real services, real Kafka and PostgreSQL. A VM with two
 disks is protected; for several recovery points the materialised disks are byte-identical to
-copies of the source disks taken at that cycle."""
+copies of the source disks taken at that cycle. Enabling answers from the policy service's
+prerequisite verdicts (events), never by asking it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
+from shared import topics
+from tests.support.dr import (
+    DrSetup,
+    item,
+    points,
+    protect,
+    register_agent,
+    two_sites,
+    vm_named,
+)
+from tests.support.kafka import wait_for_records
 from tests.support.platform import Platform
 from tests.support.poll import eventually
 
@@ -42,6 +53,15 @@ async def point_after(
         return min(later, key=lambda p: p["cycle_seq"]) if later else None
 
     return await eventually(found, timeout=60, what="a recovery point after the writes")
+
+
+async def replica_at(http: httpx.AsyncClient, dr: DrSetup, item_id: str, seq: int) -> None:
+    async def reached() -> bool:
+        current = await item(http, dr, item_id)
+        assert current["replica_error"] is None, current["replica_error"]
+        return (current["replica_seq"] or 0) >= seq
+
+    await eventually(reached, timeout=60, what=f"the recovery host's replica at point {seq}")
 
 
 async def materialise(
@@ -95,6 +115,11 @@ async def test_recovery_points_materialise_byte_identical(
         got = await materialise(http, dr, item_id, point["cycle_seq"], tmp_path / f"rp{round_no}")
         assert got == copies, f"point {point['cycle_seq']} differs from the source"
         expected[point["cycle_seq"]] = copies
+        # The recovery host's replica reached the point with the source's roots, and its
+        # images (in that agent's own state folder) are the source disks byte for byte.
+        await replica_at(http, dr, item_id, point["cycle_seq"])
+        replica = tmp_path / "agent-hv-r1-state" / "replica" / item_id / "disks"
+        assert {d: sha256(replica / f"{d}.vhdx") for d in disk_files} == copies
 
     # Every point is still retained and still materialises to the same bytes.
     for seq, copies in expected.items():
@@ -112,6 +137,21 @@ async def test_recovery_points_materialise_byte_identical(
     assert f'dr_replication_rpo_seconds{{item_id="{item_id}",vm="web01"}}' in metrics
     assert "dr_replication_bytes_applied_total" in metrics
     assert vm["name"] == "web01"
+
+    # Disabled with its replica deleted: the recovery host deletes its replica too.
+    replica = tmp_path / "agent-hv-r1-state" / "replica" / item_id
+    assert replica.exists()
+    resp = await http.delete(
+        dr.url("replication", f"/protected-items/{item_id}"),
+        params={"delete_replica": "true"},
+        headers=dr.bearer(dr.operator),
+    )
+    assert resp.status_code == 200, resp.text
+
+    async def replica_gone() -> bool:
+        return not replica.exists()
+
+    await eventually(replica_gone, timeout=30, what="the replica deleted")
 
 
 async def test_offline_initial_replication_is_imported_then_deltas_follow(
@@ -162,3 +202,72 @@ async def test_offline_initial_replication_is_imported_then_deltas_follow(
         headers=dr.bearer(dr.operator),
     )
     assert missing.status_code == 404 and "no exported cycles" in missing.text
+
+
+def message(resp: httpx.Response) -> str:
+    return str(resp.json()["error"]["message"])
+
+
+async def test_enable_answers_from_the_policy_verdicts(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    disk = {"name": "os", "size": "1MiB"}
+    vms = [
+        {"name": "enc01", "host": "hv-fake", "disks": [{**disk, "encrypted": True}]},
+        {"name": "ok01", "host": "hv-fake", "disks": [disk]},
+    ]
+    dr = await two_sites(
+        platform, http, tmp_path, primary_hosts=("hv-fake",), primary_vms=vms, agents_on=()
+    )
+    await register_agent(http, platform, dr.key, "hv-fake")
+    encrypted, fine = await vm_named(http, dr, "enc01"), await vm_named(http, dr, "ok01")
+    base = dr.url("replication", "/protected-items")
+    operator = dr.bearer(dr.operator)
+
+    async def enable(vm_id: str) -> httpx.Response:
+        return await http.post(base, json={"vm_id": vm_id}, headers=operator)
+
+    # The policy service published its verdict: the encrypted disk fails a check.
+    [verdict] = await wait_for_records(
+        platform.stack.kafka,
+        platform.prefix + topics.POLICY_EVENTS,
+        lambda r: (
+            r.json()["type"] == "PrerequisitesEvaluated"
+            and r.json()["payload"]["vm_id"] == encrypted["vm_id"]
+            and r.json()["payload"]["revision"] == 1
+        ),
+    )
+    assert verdict.json()["payload"]["ok"] is False
+
+    async def refused_by_the_verdict() -> str | None:
+        resp = await enable(encrypted["vm_id"])
+        assert resp.status_code == 409, resp.text
+        error = message(resp)
+        # The verdict of the VM before its cloud was paired may still be the latest one here.
+        return error if "prerequisites not met" in error and "cloud_paired" not in error else None
+
+    error = await eventually(refused_by_the_verdict, timeout=30, what="the verdict's refusal")
+    assert "no_encrypted_disk: encrypted disks are not supported: os" in error
+    assert "no_shared_disk" not in error  # only the failed checks are named
+
+    # No verdict for a VM the policy service never saw: wait briefly, then "try again".
+    resp = await enable(f"ghost-{tmp_path.name}")
+    assert resp.status_code == 409 and int(resp.headers["retry-after"]) > 0
+    assert "has not reached the replication service" in message(resp)
+    assert "try again in a moment" in message(resp)
+
+    # A VM whose verdict passes is protected; its protection disabled, it can be enabled again
+    # at once: a verdict still saying "already protected" is waited for, never the answer.
+    protected = await protect(http, dr, fine["vm_id"])
+    again = await enable(fine["vm_id"])
+    assert again.status_code == 409 and "already protected" in message(again)
+    resp = await http.delete(f"{base}/{protected['item_id']}", headers=operator)
+    assert resp.status_code == 200, resp.text
+    first = await enable(fine["vm_id"])
+    if first.status_code == 202:
+        reenabled = first.json()
+    else:
+        assert first.status_code == 409, first.text
+        assert "try again in a moment" in message(first), first.text
+        reenabled = await protect(http, dr, fine["vm_id"])
+    assert reenabled["item_id"] != protected["item_id"]

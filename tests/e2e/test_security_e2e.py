@@ -35,9 +35,8 @@ from tests.e2e.test_replication_bad_input_e2e import (
     BLOCKS,
     DISK_SIZE,
     ScriptedAgent,
-    register_agent,
 )
-from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
+from tests.support.dr import DrSetup, item, points, protect, register_agent, two_sites, vm_named
 from tests.support.kafka import wait_for_records
 from tests.support.platform import Platform
 from tests.support.poll import eventually

@@ -18,18 +18,24 @@ import pytest
 from services.policy import domain, handlers
 from services.policy import repository as repo
 from services.policy.__main__ import MIGRATIONS
+from services.policy.consumer import PROTECTION_HANDLERS
 from shared import signing
 from shared.kafka import Incoming
 from shared.readmodels import registration_handlers
 from shared.schemas import inventory as inv
 from shared.schemas import registration as reg
+from shared.schemas import replication as rep
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.policy import ReplicationPolicySettings
 from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 
-HANDLERS = {**registration_handlers(), **handlers.inventory_handlers()}
+HANDLERS = {
+    **registration_handlers(),
+    **handlers.inventory_handlers(),
+    **PROTECTION_HANDLERS,
+}
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +144,14 @@ class World:
                 ),
             )
 
-    async def events(self) -> list[dict[str, Any]]:
+    async def events(self, *, verdicts: bool = False) -> list[dict[str, Any]]:
+        """The vault's events in the outbox: the configuration changes, or (`verdicts`) the
+        prerequisite verdicts only."""
         rows = await self.pool.fetch(
             "SELECT value FROM outbox WHERE key = $1 ORDER BY id", str(self.vault)
         )
-        return [json.loads(r["value"]) for r in rows]
+        found = [json.loads(r["value"]) for r in rows]
+        return [e for e in found if (e["type"] == "PrerequisitesEvaluated") == verdicts]
 
     async def policy(self, name: str = "gold", **settings: Any) -> dict[str, Any]:
         return await handlers.create_policy(
@@ -407,3 +416,79 @@ async def test_prerequisites(world: World) -> None:
     results = await handlers.check_many(world.pool, world.vault, [ok_vm, "ghost"])
     assert [r["ok"] for r in results] == [False, False]
     assert results[1]["checks"][0]["rule"] == "vm_exists"
+
+
+async def test_prerequisite_verdicts_follow_their_facts(world: World) -> None:
+    """A verdict per VM is emitted whenever what it depends on changes, and only then."""
+    src = await world.cloud("src", "primary")
+    tgt = await world.cloud("tgt", "recovery", capacity_vms=1)
+    await world.host("h1", "primary", src)
+    net = await world.network("corp", "primary")
+    dr = await world.network("corp-dr", "recovery")
+    web = await world.vm("web", src, net)
+    db = await world.vm("db", src, None)
+    seen = 0
+
+    async def new_verdicts() -> dict[str, tuple[bool, list[str], int]]:
+        """VM -> (ok, failed and warned rules, revision) of the verdicts emitted since last."""
+        nonlocal seen
+        found = await world.events(verdicts=True)
+        fresh, seen = found[seen:], len(found)
+        return {
+            e["payload"]["vm_id"]: (
+                e["payload"]["ok"],
+                [c["rule"] for c in e["payload"]["checks"] if c["status"] != "pass"],
+                e["payload"]["revision"],
+            )
+            for e in fresh
+        }
+
+    assert await new_verdicts() == {
+        web: (False, ["cloud_paired", "networks_mapped", "target_capacity"], 1),
+        db: (False, ["cloud_paired", "target_capacity"], 1),
+    }
+    await world.policy()
+    pairing = await handlers.create_pairing(
+        world.pool, world.vault, source_cloud_id=src, target_cloud_id=tgt, policy_ref="gold"
+    )
+    assert await new_verdicts() == {web: (True, ["networks_mapped"], 2), db: (True, [], 2)}
+    await handlers.create_mapping(
+        world.pool, world.vault, source_network_id=net, target_network_id=dr
+    )
+    assert await new_verdicts() == {web: (True, [], 3)}  # db has no NIC on a network
+    await world.vm("db", src, None)  # the same VM again: its verdict is unchanged
+    assert await new_verdicts() == {}
+
+    protected = rep.ProtectionEnabled(
+        item_id=uuid.uuid4(),
+        vm_id=web,
+        vm_name="web",
+        source_cloud_id=src,
+        target_cloud_id=tgt,
+        pairing_id=pairing["pairing_id"],
+        policy_id=pairing["policy_id"],
+        source_agent_id=uuid.uuid4(),
+    )
+    await apply(world.pool, world.vault, protected)
+    assert await new_verdicts() == {  # the target cloud holds one VM: now full
+        web: (False, ["not_protected", "target_capacity"], 4),
+        db: (False, ["target_capacity"], 3),
+    }
+    await apply(
+        world.pool,
+        world.vault,
+        rep.ProtectionDisabled(item_id=protected.item_id, vm_id=web, replica_deleted=True),
+    )
+    assert await new_verdicts() == {web: (True, [], 5), db: (True, [], 4)}
+
+    await apply(
+        world.pool,
+        world.vault,
+        inv.VmChanged(
+            provider_id=world.primary, site="primary", change="removed", vm_id=db, vm=None
+        ),
+    )
+    assert await new_verdicts() == {db: (False, ["vm_exists"], 5)}
+    # At start-up every VM is re-evaluated: nothing of this vault changed, nothing emitted.
+    await handlers.publish_all_verdicts(world.pool)
+    assert await new_verdicts() == {}

@@ -14,6 +14,7 @@ import httpx
 import yaml
 
 from scripts.procs import Proc
+from shared import signing
 from tests.support.platform import Platform
 from tests.support.poll import eventually
 
@@ -281,3 +282,22 @@ async def points(http: httpx.AsyncClient, dr: DrSetup, item_id: str) -> list[dic
     )
     assert resp.is_success, resp.text
     return list(resp.json())
+
+
+async def register_agent(http: httpx.AsyncClient, plat: Platform, key: str, name: str) -> Any:
+    """Register a host agent of the primary site without running one (a scripted stand-in):
+    the registration's answer, with the private key of the public key it registered."""
+    private_key = signing.new_private_key()
+    resp = await http.post(
+        f"{plat.url('registration')}/v1/registrations",
+        json={
+            "kind": "agent",
+            "name": name,
+            "site": "primary",
+            "heartbeat_interval_seconds": 60,
+            "public_key": signing.public_key_hex(private_key),
+        },
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert resp.status_code == 201, resp.text
+    return {**resp.json(), "private_key": private_key}

@@ -42,8 +42,8 @@ class Platform:
         if name not in self.services:
             wiring: dict[str, str] = {}
             if name == "replication":
+                self.start("policy")  # its prerequisite verdicts decide enabling
                 wiring = {
-                    "DR_REPLICATION_POLICY_URL": self.start("policy").url,
                     "DR_REPLICATION_STORE_DIR": str(self.log_dir / "replica"),
                     "DR_REPLICATION_MATERIALISE_ROOTS": str(self.log_dir.parent),
                     "DR_REPLICATION_HEALTH_INTERVAL_SECONDS": "0.5",

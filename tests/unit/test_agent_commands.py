@@ -10,6 +10,8 @@ import pytest
 
 from services.host_agent.commands import CommandHandler
 from services.host_agent.cycles import FileSink, signer_for
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import Replicator, Wiring
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path, load_vm
@@ -55,7 +57,13 @@ async def agent(tmp_path: Path) -> AsyncIterator[tuple[CommandHandler, list[Even
     await replicator.start()
     create_vm(storage, "web01", [2**20], vm_id="vm-1")
     handler = CommandHandler(
-        IDENTITY, emit, replicator, Workloads(host, storage), storage, tmp_path / "state"
+        IDENTITY,
+        emit,
+        replicator,
+        Workloads(host, storage),
+        storage,
+        tmp_path / "state",
+        ReplicaFeed(SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage),  # not used
     )
     yield handler, sent
     await replicator.stop()
@@ -120,7 +128,7 @@ async def test_a_repeated_command_id_is_answered_again_not_executed_again(
     # Idempotency outlives a restart of the agent (the results are persisted).
     again = CommandHandler(
         IDENTITY, handler.emit, handler.replicator, handler.workloads, handler.storage,
-        tmp_path / "state",
+        tmp_path / "state", handler.replica_feed,
     )  # fmt: skip
     await deliver(again, pause)
     assert completed(sent)[-1] == replies[1]

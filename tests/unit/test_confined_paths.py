@@ -10,6 +10,8 @@ import pytest
 
 from services.host_agent.commands import CommandHandler
 from services.host_agent.cycles import FileSink, signer_for
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import Replicator, Wiring
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path, load_vm
@@ -70,7 +72,13 @@ async def test_the_agent_refuses_disks_and_exports_outside_its_folders(tmp_path:
     elsewhere = tmp_path / "elsewhere.vhdx"
     elsewhere.write_bytes(bytes(2**20))
     handler = CommandHandler(
-        IDENTITY, emit, replicator, Workloads(host, storage), storage, tmp_path / "state"
+        IDENTITY,
+        emit,
+        replicator,
+        Workloads(host, storage),
+        storage,
+        tmp_path / "state",
+        ReplicaFeed(SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage),  # not used
     )
 
     def enable(path: Path, **kw: object) -> ReplicationEnableRequested:

@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-from services.replication.handlers import _decode_data
+from shared.delta_blocks import decode_data
 from shared.schemas.replication import Block, Compression
 
 RAW = bytes(range(256)) * 16
@@ -20,11 +20,11 @@ def block(data: str, compressed: bool | None = None) -> Block:
 
 
 def test_raw_and_compressed_blocks_decode_to_their_bytes() -> None:
-    assert _decode_data(block(base64.b64encode(RAW).decode()), Compression.NONE, len(RAW)) == RAW
+    assert decode_data(block(base64.b64encode(RAW).decode()), Compression.NONE, len(RAW)) == RAW
     packed = base64.b64encode(zlib.compress(RAW)).decode()
-    assert _decode_data(block(packed), Compression.ZLIB, len(RAW)) == RAW
+    assert decode_data(block(packed), Compression.ZLIB, len(RAW)) == RAW
     raw_in_zlib_batch = block(base64.b64encode(RAW).decode(), compressed=False)
-    assert _decode_data(raw_in_zlib_batch, Compression.ZLIB, len(RAW)) == RAW
+    assert decode_data(raw_in_zlib_batch, Compression.ZLIB, len(RAW)) == RAW
 
 
 @pytest.mark.parametrize(
@@ -34,9 +34,9 @@ def test_raw_and_compressed_blocks_decode_to_their_bytes() -> None:
 )
 def test_text_that_is_not_strict_base64_is_refused(data: str) -> None:
     with pytest.raises(ValueError, match="undecodable data"):
-        _decode_data(block(data), Compression.NONE, len(RAW))
+        decode_data(block(data), Compression.NONE, len(RAW))
 
 
 def test_compressed_flag_on_bytes_that_are_not_zlib_is_refused() -> None:
     with pytest.raises(ValueError, match="undecodable data"):
-        _decode_data(block(base64.b64encode(RAW).decode()), Compression.ZLIB, len(RAW))
+        decode_data(block(base64.b64encode(RAW).decode()), Compression.ZLIB, len(RAW))

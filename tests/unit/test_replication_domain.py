@@ -194,3 +194,41 @@ def test_a_cycles_disks_must_be_the_items_known_disks_within_bounds() -> None:
     assert problem(disk("d0", 64 << 40)) == "disk_too_large"
     assert problem(disk("d0", 1 << 20, 4 << 20)) == "bad_geometry"
     assert problem(disk("d0", 1 << 20), disk("d0", 1 << 20)) == "bad_geometry"
+
+
+# ------------------------------------------------------------------ enable prerequisites
+
+
+def test_enable_allowed_by_a_passing_verdict() -> None:
+    domain.check_prerequisites("vm-1", domain.PrerequisiteVerdict(ok=True))
+
+
+def test_enable_waits_for_an_unknown_verdict() -> None:
+    with pytest.raises(domain.VerdictPending, match="has not reached the replication service"):
+        domain.check_prerequisites("vm-1", None)
+
+
+def test_enable_refused_naming_every_failed_check() -> None:
+    verdict = domain.PrerequisiteVerdict(
+        ok=False,
+        failed=(
+            domain.FailedCheck("no_encrypted_disk", "encrypted disks are not supported: os"),
+            domain.FailedCheck("not_protected", "the VM is already protected"),
+        ),
+    )
+    with pytest.raises(domain.ReplicationError) as refused:
+        domain.check_prerequisites("vm-1", verdict)
+    assert refused.value.status == 409
+    assert refused.value.message == (
+        "prerequisites not met for VM vm-1: no_encrypted_disk: encrypted disks are not "
+        "supported: os; not_protected: the VM is already protected"
+    )
+
+
+def test_enable_waits_when_only_a_stale_protection_fails() -> None:
+    """This service protects the VM no more; the policy service has not seen that yet."""
+    verdict = domain.PrerequisiteVerdict(
+        ok=False, failed=(domain.FailedCheck("not_protected", "the VM is already protected"),)
+    )
+    with pytest.raises(domain.VerdictPending, match="still counts VM vm-1 as protected"):
+        domain.check_prerequisites("vm-1", verdict)

@@ -14,6 +14,8 @@ import pytest
 
 from services.host_agent.commands import CommandHandler
 from services.host_agent.cycles import FileSink, signer_for
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import Replicator, Wiring
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path, load_vm
@@ -66,7 +68,13 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     await replicator.start()
     storage.mkdir()
     handler = CommandHandler(
-        IDENTITY, emit, replicator, Workloads(host, storage), storage, tmp_path / "state"
+        IDENTITY,
+        emit,
+        replicator,
+        Workloads(host, storage),
+        storage,
+        tmp_path / "state",
+        ReplicaFeed(SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage),  # not used
     )
     yield Agent(tmp_path, handler, sent)
     await replicator.stop()

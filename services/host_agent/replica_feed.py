@@ -1,0 +1,187 @@
+"""Feeding the recovery-site replica: a `ReplicaPointApplyRequested` names a verified cycle's
+records on `replication.deltas.v1` (partition and offset range); the agent reads that range,
+stages the blocks of the item's cycle (each checked against its SHA-256) and applies the point
+(services/host_agent/replica.py), then answers with the roots it holds. The delta records are
+produced once, by the source agent; nothing re-sends the blocks.
+
+Records of other items and cycles in the range are skipped. A repeated command finds the point
+applied and answers the same roots; a replica that is not at the point before (it missed
+points) answers a failure saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from services.host_agent.replica import DiskState, Point, ReplicaError, SiteReplica
+from services.host_agent.replicator import CommandFailed
+from shared import topics
+from shared.delta_blocks import decode_data
+from shared.files import fsync_dir
+from shared.kafka import KafkaSecurity, RangeUnavailable, Rejected, decode_event, read_range
+from shared.merkle import block_length
+from shared.schemas.agent import ReplicaHandoverRequested, ReplicaPointApplyRequested
+from shared.schemas.replication import BlocksShipped
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaFeed:
+    def __init__(
+        self,
+        replica: SiteReplica,
+        bootstrap: str,
+        prefix: str,
+        storage: Path,
+        security: KafkaSecurity | None = None,
+    ) -> None:
+        """`security`: how the range is read (the `edge` principal; default from the
+        environment)."""
+        self.replica = replica
+        self.bootstrap = bootstrap
+        self.security = security
+        self.topic = topics.physical(topics.REPLICATION_DELTAS, prefix)
+        self.storage = storage
+
+    def _answer(self, command: ReplicaPointApplyRequested) -> dict[str, Any]:
+        item = str(command.item_id)
+        return {
+            "item_id": item,
+            "cycle_seq": self.replica.head(item).seq,
+            "roots": self.replica.roots(item),
+        }
+
+    async def apply(self, command: ReplicaPointApplyRequested) -> dict[str, Any]:
+        item, seq = str(command.item_id), command.cycle_seq
+        head = await asyncio.to_thread(self.replica.head, item)
+        if head.seq >= seq:
+            return await asyncio.to_thread(self._answer, command)
+        if head.seq != seq - 1:
+            raise CommandFailed(
+                f"the replica of item {item} is at point {head.seq}: point {seq} cannot follow "
+                "(points between were missed; the replica needs a resync)"
+            )
+        geometry = {d.disk_id: d for d in command.disks}
+        staged = 0
+        try:
+            async for records in read_range(
+                self.bootstrap,
+                self.topic,
+                command.partition,
+                command.first_offset,
+                command.last_offset,
+                security=self.security,
+            ):
+                blocks = []
+                for record in records:
+                    if record.key != item.encode():
+                        continue
+                    try:
+                        _, msg = decode_event(record.value)
+                    except Rejected:
+                        continue  # the pipeline dead-lettered it
+                    if not isinstance(msg, BlocksShipped) or msg.cycle_seq != seq:
+                        continue
+                    disk = geometry.get(msg.disk_id)
+                    if disk is None:
+                        continue
+                    batch = []
+                    try:
+                        for block in msg.blocks:
+                            length = block_length(block.index, disk.size_bytes, disk.block_size)
+                            data = (
+                                bytes(max(length, 0))
+                                if block.data is None
+                                else decode_data(block, msg.compression, length)
+                            )
+                            batch.append(
+                                (msg.disk_id, block.index, bytes.fromhex(block.sha256), data)
+                            )
+                    except ValueError:
+                        continue  # undecodable or longer than the block: the pipeline refused it
+                    blocks.extend(batch)
+                staged += await asyncio.to_thread(self.replica.stage_blocks, item, seq, blocks)
+        except RangeUnavailable as exc:
+            raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
+        point = Point(
+            seq,
+            tuple(
+                DiskState(d.disk_id, d.size_bytes, d.block_size, d.merkle_root)
+                for d in command.disks
+            ),
+        )
+        try:
+            await asyncio.to_thread(self.replica.stage_point, item, point)
+            await asyncio.to_thread(self.replica.apply, item, seq)
+            await asyncio.to_thread(self.replica.prune, item, command.keep_from)
+        except ReplicaError as exc:
+            raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
+        log.info("replica point applied", extra={"item_id": item, "seq": seq, "blocks": staged})
+        return await asyncio.to_thread(self._answer, command)
+
+    async def delete(self, item_id: uuid.UUID) -> dict[str, Any]:
+        """Forget the item's replica (its images and journal); idempotent."""
+        await asyncio.to_thread(self.replica.delete_item, str(item_id))
+        log.info("replica deleted", extra={"item_id": str(item_id)})
+        return {"item_id": str(item_id), "deleted": True}
+
+    async def handover(self, command: ReplicaHandoverRequested) -> dict[str, Any]:
+        """A failover: the replica brought to the point (rolled back if older) and its images
+        renamed into the VM's folder; the replica is then gone. Re-run after a kill, it finds
+        the images moved (or moves the rest)."""
+        target = await asyncio.to_thread(Path(command.target_dir).resolve)
+        storage = await asyncio.to_thread(self.storage.resolve)
+        if not target.is_relative_to(storage):
+            raise CommandFailed(f"{target} is not in this host's storage folder {storage}")
+        await asyncio.to_thread(self._hand_over, command, target)
+        log.info(
+            "replica handed over",
+            extra={"item_id": str(command.item_id), "seq": command.cycle_seq, "to": str(target)},
+        )
+        return {
+            "request_id": str(command.request_id),
+            "item_id": str(command.item_id),
+            "cycle_seq": command.cycle_seq,
+            "disks": [
+                {
+                    "disk_id": d.disk_id,
+                    "path": str(target / f"{d.disk_id}.vhdx"),
+                    "size_bytes": d.size_bytes,
+                }
+                for d in command.disks
+            ],
+        }
+
+    def _hand_over(self, command: ReplicaHandoverRequested, target: Path) -> None:
+        item, seq = str(command.item_id), command.cycle_seq
+        outs = {d.disk_id: target / f"{d.disk_id}.vhdx" for d in command.disks}
+        if not self.replica.files(item).head.exists():
+            if all(out.exists() for out in outs.values()):
+                return  # handed over already (a repeated command after a kill)
+            raise CommandFailed(f"this host keeps no replica of item {item}")
+        try:
+            head = self.replica.head(item)
+            if head.seq < seq:
+                raise CommandFailed(f"the replica is at point {head.seq}, not yet at {seq}")
+            if head.seq > seq:
+                self.replica.rollback(item, seq)  # only the blocks changed since
+            expected = {d.disk_id: d.merkle_root for d in command.disks}
+            held = self.replica.roots(item)
+            if held != expected:
+                raise CommandFailed(f"the replica's roots at point {seq} are not the source's")
+        except ReplicaError as exc:
+            raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
+        if (target / "vm.json").exists():
+            raise CommandFailed(f"{target} holds a VM (vm.json): its disks are not replaced")
+        target.mkdir(parents=True, exist_ok=True)
+        for disk_id, out in outs.items():
+            image = self.replica.image_path(item, disk_id)
+            if image.exists():
+                os.replace(image, out)  # OSError (EXDEV: another filesystem) -> a copy instead
+        fsync_dir(target)
+        self.replica.delete_item(item)
