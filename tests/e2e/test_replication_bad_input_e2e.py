@@ -8,10 +8,13 @@ signing with its private key), so every message is exactly what the test says it
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import os
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -129,22 +132,32 @@ class ScriptedAgent:
         await self.send(self.completed(seq, kind, 1 if indexes else 0, len(indexes)))
 
 
-async def test_no_recovery_point_from_bad_input(
-    platform: Platform, http: httpx.AsyncClient, tmp_path: Any
-) -> None:
-    vms = [{"name": "fake01", "host": "hv-fake", "disks": [{"name": "os", "size": DISK_SIZE}]}]
-    dr = await two_sites(
-        platform, http, tmp_path, primary_hosts=("hv-fake",), primary_vms=vms, agents_on=()
-    )
-    reg = await register_agent(http, platform, dr.key, "hv-fake")
-    vm = await vm_named(http, dr, "fake01")
-    producer = KafkaProducer(platform.stack.kafka, platform.prefix, "scripted-agent")
+@contextlib.asynccontextmanager
+async def scripted_item(
+    platform: Platform, http: httpx.AsyncClient, root: Path, vm_name: str, host: str
+) -> AsyncIterator[tuple[DrSetup, ScriptedAgent, str]]:
+    """A one-disk VM on a primary host whose agent is the test itself (no agent process): the
+    sites, the agent's registration, the protected item, and a `ScriptedAgent` for its cycles."""
+    vms = [{"name": vm_name, "host": host, "disks": [{"name": "os", "size": DISK_SIZE}]}]
+    dr = await two_sites(platform, http, root, primary_hosts=(host,), primary_vms=vms, agents_on=())
+    reg = await register_agent(http, platform, dr.key, host)
+    vm = await vm_named(http, dr, vm_name)
+    producer = KafkaProducer(platform.stack.kafka, platform.prefix, f"scripted-{host}")
     await producer.start()
     try:
         agent = ScriptedAgent(dr, producer, reg, vm["disks"][0]["disk_id"])
-        protected = await protect(http, dr, vm["vm_id"])
-        agent.item_id = uuid.UUID(protected["item_id"])
-        item_id = protected["item_id"]
+        item_id = (await protect(http, dr, vm["vm_id"]))["item_id"]
+        agent.item_id = uuid.UUID(item_id)
+        yield dr, agent, item_id
+    finally:
+        await producer.stop()
+
+
+async def test_no_recovery_point_from_bad_input(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Any
+) -> None:
+    async with scripted_item(platform, http, tmp_path, "fake01", "hv-fake") as (dr, agent, item_id):
+        producer = agent.producer
         dlq = platform.prefix + topics.dlq_of(topics.REPLICATION_DELTAS)
 
         async def state_is(*states: str) -> dict[str, Any] | None:
@@ -298,5 +311,3 @@ async def test_no_recovery_point_from_bad_input(
             return current if done else None
 
         await eventually(normal_again, what="the next cycle commits and clears it")
-    finally:
-        await producer.stop()

@@ -34,7 +34,7 @@ from tests.e2e.test_inventory_e2e import identity_of
 from tests.e2e.test_replication_bad_input_e2e import (
     BLOCKS,
     DISK_SIZE,
-    ScriptedAgent,
+    scripted_item,
 )
 from tests.support.dr import DrSetup, item, points, protect, register_agent, two_sites, vm_named
 from tests.support.kafka import wait_for_records
@@ -193,20 +193,8 @@ def zlib_bomb(expanded: int) -> bytes:
 async def test_decompression_bomb_and_oversize_disk_go_to_the_dlq_memory_bounded(
     platform: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    vms = [{"name": "bomb01", "host": "hv-bomb", "disks": [{"name": "os", "size": DISK_SIZE}]}]
-    dr = await two_sites(
-        platform, http, tmp_path, primary_hosts=("hv-bomb",), primary_vms=vms, agents_on=()
-    )
-    reg = await register_agent(http, platform, dr.key, "hv-bomb")
-    vm = await vm_named(http, dr, "bomb01")
-    producer = KafkaProducer(platform.stack.kafka, platform.prefix, "bomb-agent")
-    await producer.start()
-    pid = platform.services["replication"].popen.pid  # type: ignore[union-attr]
-    try:
-        agent = ScriptedAgent(dr, producer, reg, vm["disks"][0]["disk_id"])
-        protected = await protect(http, dr, vm["vm_id"])
-        agent.item_id = uuid.UUID(protected["item_id"])
-        item_id = protected["item_id"]
+    async with scripted_item(platform, http, tmp_path, "bomb01", "hv-bomb") as (dr, agent, item_id):
+        pid = platform.services["replication"].popen.pid  # type: ignore[union-attr]
         dlq = platform.prefix + topics.dlq_of(topics.REPLICATION_DELTAS)
 
         async def state_is(*states: str) -> dict[str, Any] | None:
@@ -281,8 +269,6 @@ async def test_decompression_bomb_and_oversize_disk_go_to_the_dlq_memory_bounded
             return bool((await item(http, dr, item_id))["last_committed_seq"] == 4)
 
         await eventually(committed, what="a good cycle after the attacks commits")
-    finally:
-        await producer.stop()
 
 
 async def publish_as(
@@ -470,26 +456,13 @@ async def test_path_traversal_through_every_path_input_is_refused(
 ) -> None:
     """Materialise target folders and offline import folders must resolve (after links)
     under the configured roots; a target holding a VM is never overwritten."""
-    vms = [{"name": "path01", "host": "hv-path", "disks": [{"name": "os", "size": DISK_SIZE}]}]
-    dr = await two_sites(
-        platform, http, tmp_path, primary_hosts=("hv-path",), primary_vms=vms, agents_on=()
-    )
-    reg = await register_agent(http, platform, dr.key, "hv-path")
-    vm = await vm_named(http, dr, "path01")
-    producer = KafkaProducer(platform.stack.kafka, platform.prefix, "path-agent")
-    await producer.start()
-    try:
-        agent = ScriptedAgent(dr, producer, reg, vm["disks"][0]["disk_id"])
-        item_id = (await protect(http, dr, vm["vm_id"]))["item_id"]
-        agent.item_id = uuid.UUID(item_id)
+    async with scripted_item(platform, http, tmp_path, "path01", "hv-path") as (dr, agent, item_id):
         await agent.cycle(1, ev.CycleKind.INITIAL, list(range(BLOCKS)))
 
         async def committed() -> bool:
             return bool((await item(http, dr, item_id))["last_committed_seq"] == 1)
 
         await eventually(committed, what="the first point committed")
-    finally:
-        await producer.stop()
 
     roots = Path(platform.services["replication"].env["DR_REPLICATION_MATERIALISE_ROOTS"])
     outside = Path("/tmp") / f"dr-outside-{uuid.uuid4().hex[:8]}"
