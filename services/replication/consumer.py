@@ -147,14 +147,18 @@ def delta_app(
     """The faust app whose one agent feeds delta records to the pipeline (in groups of up to
     `DELTA_GROUP` records; with `ctx`, each group's blocks are written to the store first)."""
     prepare = handlers.make_delta_prepare(ctx) if ctx is not None else None
+    app_id = f"{settings.topic_prefix}replication-deltas"
     app = faust.App(
-        f"{settings.topic_prefix}replication-deltas",
+        app_id,
         broker=[f"kafka://{b}" for b in settings.kafka_bootstrap_servers.split(",")],
         broker_credentials=_faust_credentials(settings),
         processing_guarantee="at_least_once",
         web_enabled=False,
         autodiscover=False,
         store="memory://",
+        # faust keeps a folder for its tables even with the memory store: under the state
+        # root, not in whatever directory the process was started from.
+        datadir=str(settings.store_dir.parent / "faust" / app_id),
         topic_partitions=settings.topic_partitions,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
