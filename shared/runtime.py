@@ -31,10 +31,10 @@ KAFKA_PROBE_SECONDS = 2.0
 
 
 class BrokerWatch:
-    """Whether this process reaches Kafka, from a metadata request every few seconds: what
-    /healthz reports (`kafka`), and what lets a service tell the platform's outage from its
-    edges' (registration suspends its missed-heartbeat clock while the broker is unreachable
-    and restarts it at `recovered_at`)."""
+    """Whether this process (a service or an edge process) reaches Kafka, from a metadata
+    request every few seconds: what /healthz reports (`kafka`), and what lets a service tell
+    the platform's outage from its edges' (registration suspends its missed-heartbeat clock
+    while the broker is unreachable and restarts it at `recovered_at`)."""
 
     def __init__(self) -> None:
         self._ask: Callable[[], Awaitable[str | None]] | None = None
@@ -66,6 +66,14 @@ class BrokerWatch:
 
     def check(self) -> str:
         return "ok" if self.problem is None else f"unreachable: {self.problem}"
+
+    async def watch(
+        self, ask: Callable[[], Awaitable[str | None]], every: float = KAFKA_PROBE_SECONDS
+    ) -> None:
+        """Probe with `ask` now and then every `every` seconds (a process's background task)."""
+        while True:
+            await self.probe(ask)
+            await asyncio.sleep(every)
 
 
 class Runtime:
@@ -126,9 +134,7 @@ class Runtime:
         relay = OutboxRelay(self._pool, self._producer, poll_ms=s.outbox_poll_ms)
         self.spawn("outbox-relay", relay.run)
         producer = self._producer
-        self.spawn_every(
-            "kafka-probe", KAFKA_PROBE_SECONDS, lambda: self.kafka.probe(producer.unreachable)
-        )
+        self.spawn("kafka-probe", lambda: self.kafka.watch(producer.unreachable))
         self.spawn_every("prune-processed", 3600, lambda: prune_processed(self.pool, s))
         log.info("service started", extra={"schema": self.schema})
 

@@ -1,8 +1,9 @@
-"""The platform's own outages are named as such: Kafka paused (SIGSTOP) leaves every edge
-Connected (no Disconnected storm: registration suspends its missed-heartbeat clock) while
-/healthz says Kafka is unreachable, and all recovers when the broker resumes; PostgreSQL
-stopped turns requests into a 503 with the reason (never a 500), and they succeed again once
-it is back."""
+"""The platform's own outages are named as such: Kafka paused (SIGSTOP, 60 s) leaves every
+edge Connected (no Disconnected storm: registration suspends its missed-heartbeat clock) while
+the services' and the edges' /healthz say Kafka is unreachable, and all recovers when the
+broker resumes, without losing data (every point verifies, the latest is the source byte for
+byte); PostgreSQL stopped turns requests into a 503 with the reason (never a 500), and they
+succeed again once it is back."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import httpx
 import pytest
 
 from shared import topics
-from tests.support.dr import DrSetup, site_file
+from tests.e2e.test_replication_e2e import materialise, point_after, sha256
+from tests.e2e.test_replication_faults_e2e import all_verify
+from tests.support.dr import item, protect, two_sites, vm_named
 from tests.support.kafka import read_all
 from tests.support.platform import Platform
 from tests.support.poll import eventually
@@ -27,7 +30,7 @@ from tests.support.stack import REPO, Stack, fresh_database, random_prefix, stac
 
 pytestmark = pytest.mark.e2e
 
-PAUSE_SECONDS = 30.0
+PAUSE_SECONDS = 60.0
 
 
 @pytest.fixture
@@ -57,40 +60,45 @@ async def producers(http: httpx.AsyncClient, plat: Platform, vault_id: str) -> l
     return list(resp.json())
 
 
+async def healthz(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    return dict((await http.get(f"{url}/healthz")).json())
+
+
 async def health(http: httpx.AsyncClient, plat: Platform) -> dict[str, Any]:
-    return dict((await http.get(f"{plat.url('registration')}/healthz")).json())
+    return await healthz(http, plat.url("registration"))
 
 
 @pytest.mark.timeout(600)
 async def test_kafka_paused_is_the_platforms_outage_not_the_edges(
     plat: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    plat.start("registration")
-    dr = DrSetup(plat=plat, root=tmp_path)
-    dr.vault_id = (await plat.new_vault(http, "pause"))["vault_id"]
-    dr.key = (await plat.new_key(http, dr.vault_id))["key"]
-    for host in ("hv-p1", "hv-p2"):
-        dr.start_agent("primary", host)
-    dr.start_provider("primary", site_file("primary", ["hv-p1", "hv-p2"]))
+    dr = await two_sites(plat, http, tmp_path, copy_seconds=1)
+    await dr.agent_call(http, "hv-p1", "POST", "/vms", {"name": "db01", "disks": ["2MiB", "1MiB"]})
+    vm = await vm_named(http, dr, "db01")
+    item_id = (await protect(http, dr, vm["vm_id"]))["item_id"]
+    await dr.agent_call(http, "hv-p1", "POST", "/vms/db01/workload", {"blocks_per_second": 20})
 
-    async def all_connected() -> list[Any] | None:
+    async def replicating() -> dict[str, Any] | None:
         found = await producers(http, plat, dr.vault_id)
-        ok = len(found) == 3 and all(p["connection_state"] == "Connected" for p in found)
-        return found if ok else None
+        connected = len(found) == 4 and all(p["connection_state"] == "Connected" for p in found)
+        current = await item(http, dr, item_id)
+        return current if connected and (current["last_committed_seq"] or 0) >= 3 else None
 
-    await eventually(all_connected, timeout=90, what="two agents and a provider Connected")
+    before = await eventually(replicating, timeout=90, what="four edges Connected, replicating")
+    agent = dr.agents["hv-p1"].url
     pid = kafka_pid()
     os.kill(pid, signal.SIGSTOP)
     paused_at = time.monotonic()
     try:
 
         async def kafka_reported_down() -> dict[str, Any] | None:
-            report = await health(http, plat)
-            return report if report["checks"]["kafka"].startswith("unreachable") else None
+            reports = [await health(http, plat), await healthz(http, agent)]
+            down = all(r["checks"]["kafka"].startswith("unreachable") for r in reports)
+            return {"service": reports[0], "agent": reports[1]} if down else None
 
-        report = await eventually(kafka_reported_down, timeout=20, what="/healthz: Kafka down")
-        assert report["status"] == "degraded", report
-        # the whole pause, several times the 3 missed heartbeats of 1 s: nobody Disconnected
+        reports = await eventually(kafka_reported_down, timeout=20, what="/healthz: Kafka down")
+        assert all(r["status"] == "degraded" for r in reports.values()), reports
+        # the whole pause, many times the 3 missed heartbeats of 1 s: nobody Disconnected
         while time.monotonic() - paused_at < PAUSE_SECONDS:
             states = {
                 p["name"]: p["connection_state"] for p in await producers(http, plat, dr.vault_id)
@@ -101,9 +109,9 @@ async def test_kafka_paused_is_the_platforms_outage_not_the_edges(
         os.kill(pid, signal.SIGCONT)
     resumed = datetime.now(UTC)
 
-    async def kafka_back() -> dict[str, Any] | None:
-        report = await health(http, plat)
-        return report if report["checks"]["kafka"] == "ok" else None
+    async def kafka_back() -> bool:
+        reports = [await health(http, plat), await healthz(http, agent)]
+        return all(r["checks"]["kafka"] == "ok" for r in reports)
 
     await eventually(kafka_back, timeout=60, what="/healthz: Kafka reachable again")
 
@@ -122,6 +130,22 @@ async def test_kafka_paused_is_the_platforms_outage_not_the_edges(
         and r.json()["payload"]["state"] == "Disconnected"
     ]
     assert not flaps, f"Disconnected although only the broker paused: {flaps}"
+
+    # No data lost: replication goes on, every point verifies, and with the writes stopped
+    # the latest point materialises to the source disks byte for byte.
+    async def caught_up() -> dict[str, Any] | None:
+        current = await item(http, dr, item_id)
+        moving = (current["last_committed_seq"] or 0) > before["last_committed_seq"] + 3
+        return current if moving and current["state"] == "replicating" else None
+
+    current = await eventually(caught_up, timeout=120, what="cycles committed after the pause")
+    await dr.agent_call(http, "hv-p1", "POST", "/vms/db01/workload", {"blocks_per_second": 0})
+    stopped_at = datetime.now().astimezone()
+    source = {d["disk_id"]: sha256(Path(d["path"])) for d in current["disks"]}
+    latest = await point_after(http, dr, item_id, stopped_at)
+    got = await materialise(http, dr, item_id, latest["cycle_seq"], tmp_path / "latest")
+    assert got == source, f"point {latest['cycle_seq']} differs from the source"
+    await all_verify(http, dr, item_id)
 
 
 async def test_postgres_down_is_a_503_with_the_reason(
