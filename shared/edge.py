@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from shared import signing, topics
 from shared.kafka import KafkaProducer
-from shared.runtime import BrokerWatch
+from shared.runtime import DependencyWatch
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
 from shared.schemas.registry import topic_of
@@ -293,7 +293,7 @@ class EdgeRuntime:
         self.publisher: SignedPublisher | None = None
         self._producer: KafkaProducer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.kafka = BrokerWatch()
+        self.kafka = DependencyWatch("Kafka")
 
     async def start(self) -> None:
         self.identity = await obtain_identity(self.settings, self.kind, self.metadata())

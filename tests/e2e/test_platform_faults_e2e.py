@@ -2,8 +2,8 @@
 edge Connected (no Disconnected storm: registration suspends its missed-heartbeat clock) while
 the services' and the edges' /healthz say Kafka is unreachable, and all recovers when the
 broker resumes, without losing data (every point verifies, the latest is the source byte for
-byte); PostgreSQL stopped turns requests into a 503 with the reason (never a 500), and they
-succeed again once it is back."""
+byte); PostgreSQL stopped turns requests into a 503 with the reason (never a 500), leaves
+every edge Connected too, and requests succeed again once it is back."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import pytest
 from shared import topics
 from tests.e2e.test_replication_e2e import materialise, point_after, sha256
 from tests.e2e.test_replication_faults_e2e import all_verify
-from tests.support.dr import item, protect, two_sites, vm_named
+from tests.support.dr import DrSetup, item, protect, site_file, two_sites, vm_named
 from tests.support.kafka import read_all
 from tests.support.platform import Platform
 from tests.support.poll import eventually
@@ -31,6 +31,7 @@ from tests.support.stack import REPO, Stack, fresh_database, random_prefix, stac
 pytestmark = pytest.mark.e2e
 
 PAUSE_SECONDS = 60.0
+OUTAGE_SECONDS = 10.0
 
 
 @pytest.fixture
@@ -58,6 +59,28 @@ async def producers(http: httpx.AsyncClient, plat: Platform, vault_id: str) -> l
     )
     assert resp.status_code == 200, resp.text
     return list(resp.json())
+
+
+async def no_edge_disconnected(
+    http: httpx.AsyncClient, plat: Platform, vault_id: str, *, since: datetime
+) -> None:
+    """Every edge heartbeats again after `since`, Connected, and none was ever Disconnected."""
+
+    async def fresh_heartbeats() -> list[Any] | None:
+        found = await producers(http, plat, vault_id)
+        assert all(p["connection_state"] == "Connected" for p in found), found
+        late = [p for p in found if datetime.fromisoformat(p["last_heartbeat_at"]) <= since]
+        return None if late else found
+
+    await eventually(fresh_heartbeats, timeout=90, what="heartbeats after the outage")
+    events = await read_all(plat.stack.kafka, plat.prefix + topics.REGISTRATION_EVENTS)
+    flaps = [
+        r.json()["payload"]
+        for r in events
+        if r.json()["type"] == "ProducerConnectionChanged"
+        and r.json()["payload"]["state"] == "Disconnected"
+    ]
+    assert not flaps, f"Disconnected although only the platform was down: {flaps}"
 
 
 async def healthz(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
@@ -98,13 +121,19 @@ async def test_kafka_paused_is_the_platforms_outage_not_the_edges(
 
         reports = await eventually(kafka_reported_down, timeout=20, what="/healthz: Kafka down")
         assert all(r["status"] == "degraded" for r in reports.values()), reports
-        # the whole pause, many times the 3 missed heartbeats of 1 s: nobody Disconnected
+        # the whole pause, many times the 3 missed heartbeats of 1 s: nobody Disconnected;
+        # the item's RPO passes its threshold (30 s): Warning, naming the broker as the cause
+        late: list[str] = []
         while time.monotonic() - paused_at < PAUSE_SECONDS:
             states = {
                 p["name"]: p["connection_state"] for p in await producers(http, plat, dr.vault_id)
             }
             assert set(states.values()) == {"Connected"}, f"during the pause: {states}"
+            current = await item(http, dr, item_id)
+            if current["health"] == "Warning":
+                late += [r for r in current["health_reasons"] if "cannot reach Kafka" in r]
             await asyncio.sleep(1.0)  # sampling interval of the observation window
+        assert late and "RPO" in late[-1], late
     finally:
         os.kill(pid, signal.SIGCONT)
     resumed = datetime.now(UTC)
@@ -115,21 +144,7 @@ async def test_kafka_paused_is_the_platforms_outage_not_the_edges(
 
     await eventually(kafka_back, timeout=60, what="/healthz: Kafka reachable again")
 
-    async def fresh_heartbeats() -> list[Any] | None:
-        found = await producers(http, plat, dr.vault_id)
-        assert all(p["connection_state"] == "Connected" for p in found), found
-        late = [p for p in found if datetime.fromisoformat(p["last_heartbeat_at"]) <= resumed]
-        return None if late else found
-
-    await eventually(fresh_heartbeats, timeout=90, what="heartbeats after the pause")
-    events = await read_all(plat.stack.kafka, plat.prefix + topics.REGISTRATION_EVENTS)
-    flaps = [
-        r.json()["payload"]
-        for r in events
-        if r.json()["type"] == "ProducerConnectionChanged"
-        and r.json()["payload"]["state"] == "Disconnected"
-    ]
-    assert not flaps, f"Disconnected although only the broker paused: {flaps}"
+    await no_edge_disconnected(http, plat, dr.vault_id, since=resumed)
 
     # No data lost: replication goes on, every point verifies, and with the writes stopped
     # the latest point materialises to the source disks byte for byte.
@@ -149,12 +164,25 @@ async def test_kafka_paused_is_the_platforms_outage_not_the_edges(
 
 
 async def test_postgres_down_is_a_503_with_the_reason(
-    plat: Platform, http: httpx.AsyncClient
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     plat.start("registration")
+    dr = DrSetup(plat=plat, root=tmp_path)
+    dr.vault_id = (await plat.new_vault(http, "pgdown"))["vault_id"]
+    dr.key = (await plat.new_key(http, dr.vault_id))["key"]
+    for host in ("hv-p1", "hv-p2"):
+        dr.start_agent("primary", host)
+    dr.start_provider("primary", site_file("primary", ["hv-p1", "hv-p2"]))
+
+    async def all_connected() -> list[Any] | None:
+        found = await producers(http, plat, dr.vault_id)
+        ok = len(found) == 3 and all(p["connection_state"] == "Connected" for p in found)
+        return found if ok else None
+
+    await eventually(all_connected, timeout=90, what="two agents and a provider Connected")
     vaults = f"{plat.url('registration')}/v1/vaults"
-    assert (await http.get(vaults, headers=plat.admin())).status_code == 200
     await stack_command("pg-stop")
+    stopped_at = time.monotonic()
     try:
         resp = await http.get(vaults, headers=plat.admin())
         assert resp.status_code == 503, resp.text
@@ -163,13 +191,21 @@ async def test_postgres_down_is_a_503_with_the_reason(
         assert int(resp.headers["retry-after"]) > 0
         report = await health(http, plat)
         assert report["checks"]["postgres"].startswith("error"), report
+        # down for several times the 3 missed heartbeats of 1 s
+        while time.monotonic() - stopped_at < OUTAGE_SECONDS:
+            resp = await http.get(vaults, headers=plat.admin())
+            assert resp.status_code == 503, resp.text
+            await asyncio.sleep(1.0)  # sampling interval of the observation window
     finally:
         await stack_command("pg-start")
+    back = datetime.now(UTC)
 
     async def answers_again() -> bool:
         return (await http.get(vaults, headers=plat.admin())).status_code == 200
 
     await eventually(answers_again, timeout=60, what="requests succeed after PostgreSQL is back")
+
+    await no_edge_disconnected(http, plat, dr.vault_id, since=back)
     # retries of the background work are warnings; nothing failed (no error, no 500)
     log = plat.services["registration"].log_path.read_text(errors="replace").splitlines()
     errors = [line for line in log if '"level": "error"' in line or "Exception in ASGI" in line]
