@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 TaskFactory = Callable[[], Coroutine[Any, Any, None]]
 
 PROBE_SECONDS = 2.0
+# what a dependency going away raises; asyncpg's InternalClientError ("cannot switch to
+# state ...; another operation is in progress") comes from a connection the server closed
+# in the middle of an operation
+UNAVAILABLE: tuple[type[BaseException], ...] = (*INFRA_ERRORS, asyncpg.InternalClientError)
 
 
 class DependencyWatch:
@@ -146,11 +150,12 @@ class Runtime:
 
     async def _postgres_unreachable(self) -> str | None:
         """None when PostgreSQL answers a `SELECT 1` within the probe interval, else why not."""
-        try:
-            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=PROBE_SECONDS)
+        try:  # asyncpg's own timeouts: a cancelled query would leave its connection busy
+            async with self.pool.acquire(timeout=PROBE_SECONDS) as conn:
+                await conn.fetchval("SELECT 1", timeout=PROBE_SECONDS)
         except TimeoutError:
             return f"no answer to SELECT 1 within {PROBE_SECONDS:g}s"
-        except (*INFRA_ERRORS, asyncpg.PostgresError) as exc:
+        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
 
@@ -166,7 +171,7 @@ class Runtime:
                     return
                 except asyncio.CancelledError:
                     raise
-                except INFRA_ERRORS as exc:  # PostgreSQL or Kafka away: theirs, not a bug here
+                except UNAVAILABLE as exc:  # PostgreSQL or Kafka away: theirs, not a bug here
                     self._task_state[name] = "restarting"
                     log.warning(
                         "background task: dependency unavailable; restarting",

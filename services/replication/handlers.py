@@ -83,9 +83,8 @@ class Context:
     prestored: dict[uuid.UUID, tuple[str, dict[int, bytes]]] = field(default_factory=dict)
     store_bytes_at: float = float("-inf")  # when `dr_replica_store_bytes` was last measured
     delta_partitions: int | None = None  # of replication.deltas, to check records' partitions
-    broker: DependencyWatch | None = (
-        None  # this process's view of Kafka, named in late items' health
-    )
+    # this process's view of Kafka, named as the cause in late items' health
+    broker: DependencyWatch | None = None
 
     @contextlib.asynccontextmanager
     async def storing(self, item_id: uuid.UUID) -> AsyncIterator[None]:
