@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from shared import signing, topics
 from shared.kafka import KafkaProducer
+from shared.runtime import DependencyWatch
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
 from shared.schemas.registry import topic_of
@@ -292,6 +293,7 @@ class EdgeRuntime:
         self.publisher: SignedPublisher | None = None
         self._producer: KafkaProducer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.kafka = DependencyWatch("Kafka")
 
     async def start(self) -> None:
         self.identity = await obtain_identity(self.settings, self.kind, self.metadata())
@@ -307,6 +309,8 @@ class EdgeRuntime:
             "heartbeat",
             lambda: heartbeat_loop(publisher, s.heartbeat_seconds, self.status),
         )
+        producer = self._producer
+        self.spawn("kafka-probe", lambda: self.kafka.watch(producer.unreachable))
 
     def spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         async def supervised() -> None:
@@ -328,6 +332,7 @@ class EdgeRuntime:
         checks = {
             "registered": "ok" if self.identity else "down",
             "kafka_producer": "ok" if self._producer and self._producer.started else "down",
+            "kafka": self.kafka.check(),
         }
         for name, task in self._tasks.items():
             checks[f"task:{name}"] = "stopped" if task.done() else "running"

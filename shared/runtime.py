@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from shared import db
-from shared.kafka import KafkaProducer, ensure_topics
+from shared.kafka import INFRA_ERRORS, KafkaProducer, ensure_topics
 from shared.outbox import OutboxRelay
 from shared.settings import ServiceSettings
 
@@ -27,16 +27,22 @@ log = logging.getLogger(__name__)
 
 TaskFactory = Callable[[], Coroutine[Any, Any, None]]
 
-KAFKA_PROBE_SECONDS = 2.0
+PROBE_SECONDS = 2.0
+# what a dependency going away raises; asyncpg's InternalClientError ("cannot switch to
+# state ...; another operation is in progress") comes from a connection the server closed
+# in the middle of an operation
+UNAVAILABLE: tuple[type[BaseException], ...] = (*INFRA_ERRORS, asyncpg.InternalClientError)
 
 
-class BrokerWatch:
-    """Whether this process reaches Kafka, from a metadata request every few seconds: what
-    /healthz reports (`kafka`), and what lets a service tell the platform's outage from its
-    edges' (registration suspends its missed-heartbeat clock while the broker is unreachable
-    and restarts it at `recovered_at`)."""
+class DependencyWatch:
+    """Whether this process reaches a dependency (Kafka: a metadata request; PostgreSQL: a
+    `SELECT 1`), asked every few seconds: what /healthz reports (`kafka`), and what lets a
+    service tell the platform's outage from its edges' (registration suspends its
+    missed-heartbeat clock while Kafka or its database is unreachable and restarts it at
+    `recovered_at`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "Kafka") -> None:
+        self.what = what
         self._ask: Callable[[], Awaitable[str | None]] | None = None
         self.problem: str | None = "not probed yet"
         self.down_since: float | None = None
@@ -47,18 +53,20 @@ class BrokerWatch:
         return self.problem is None
 
     async def probe(self, ask: Callable[[], Awaitable[str | None]] | None = None) -> bool:
-        """Ask the broker now (with `ask`, remembered for the next calls); True: reachable."""
+        """Ask now (with `ask`, remembered for the next calls); True: reachable."""
         self._ask = ask or self._ask
         if self._ask is None:
             return False
         problem = await self._ask()
         now = time.monotonic()
         if problem is not None and self.problem is None:
-            log.warning("Kafka unreachable", extra={"error": problem})
+            log.warning(f"{self.what} unreachable", extra={"error": problem})
             self.down_since = now
         if problem is None and self.problem is not None:
             if self.down_since is not None:
-                log.warning("Kafka reachable again", extra={"down_seconds": now - self.down_since})
+                log.warning(
+                    f"{self.what} reachable again", extra={"down_seconds": now - self.down_since}
+                )
             self.recovered_at = datetime.now(UTC)
             self.down_since = None
         self.problem = problem
@@ -66,6 +74,14 @@ class BrokerWatch:
 
     def check(self) -> str:
         return "ok" if self.problem is None else f"unreachable: {self.problem}"
+
+    async def watch(
+        self, ask: Callable[[], Awaitable[str | None]], every: float = PROBE_SECONDS
+    ) -> None:
+        """Probe with `ask` now and then every `every` seconds (a process's background task)."""
+        while True:
+            await self.probe(ask)
+            await asyncio.sleep(every)
 
 
 class Runtime:
@@ -89,7 +105,8 @@ class Runtime:
         self._stop_hooks: list[Callable[[], Coroutine[Any, Any, Any]]] = []
         self._checks: dict[str, Callable[[], bool]] = {}
         self._stopping = False
-        self.kafka = BrokerWatch()
+        self.kafka = DependencyWatch("Kafka")
+        self.database = DependencyWatch("PostgreSQL")
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -126,11 +143,21 @@ class Runtime:
         relay = OutboxRelay(self._pool, self._producer, poll_ms=s.outbox_poll_ms)
         self.spawn("outbox-relay", relay.run)
         producer = self._producer
-        self.spawn_every(
-            "kafka-probe", KAFKA_PROBE_SECONDS, lambda: self.kafka.probe(producer.unreachable)
-        )
+        self.spawn("kafka-probe", lambda: self.kafka.watch(producer.unreachable))
+        self.spawn("postgres-probe", lambda: self.database.watch(self._postgres_unreachable))
         self.spawn_every("prune-processed", 3600, lambda: prune_processed(self.pool, s))
         log.info("service started", extra={"schema": self.schema})
+
+    async def _postgres_unreachable(self) -> str | None:
+        """None when PostgreSQL answers a `SELECT 1` within the probe interval, else why not."""
+        try:  # asyncpg's own timeouts: a cancelled query would leave its connection busy
+            async with self.pool.acquire(timeout=PROBE_SECONDS) as conn:
+                await conn.fetchval("SELECT 1", timeout=PROBE_SECONDS)
+        except TimeoutError:
+            return f"no answer to SELECT 1 within {PROBE_SECONDS:g}s"
+        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def spawn(self, name: str, factory: TaskFactory) -> None:
         """Run `factory()` in the background; restart it with backoff if it crashes."""
@@ -144,6 +171,12 @@ class Runtime:
                     return
                 except asyncio.CancelledError:
                     raise
+                except UNAVAILABLE as exc:  # PostgreSQL or Kafka away: theirs, not a bug here
+                    self._task_state[name] = "restarting"
+                    log.warning(
+                        "background task: dependency unavailable; restarting",
+                        extra={"task": name, "error": repr(exc)},
+                    )
                 except Exception:
                     self._task_state[name] = "restarting"
                     log.exception("background task crashed; restarting", extra={"task": name})

@@ -40,6 +40,7 @@ def build_app(settings: RegistrationSettings) -> FastAPI:
                 rt.kafka,
                 clock,
                 lambda: heartbeats.last_records_at,
+                rt.database,
             ),
         )
 

@@ -100,29 +100,30 @@ def disconnect_deadline(last_heartbeat: datetime, interval_seconds: float, misse
 
 @dataclass
 class MissedHeartbeatClock:
-    """When silence starts to count against a producer, around an outage of the broker (as
-    seen by the registration service). After the broker answers again (`recovered_at`), the
-    clock restarts at the heartbeat consumer's first fetch since then (it rejoins its group
-    first, and that fetch brings the heartbeats queued meanwhile); if it fetches nothing for
-    `hold_seconds` (no producer is sending at all), at the recovery itself."""
+    """When silence starts to count against a producer, around an outage of the broker or
+    the database (as seen by the registration service). After both answer again (the later
+    recovery: `recovered_at`), the clock restarts at the heartbeat consumer's first fetch
+    since then (it rejoins its group or finishes the record it retried, and that fetch brings
+    the heartbeats queued meanwhile); if it fetches nothing for `hold_seconds` (no producer is
+    sending at all), at the recovery itself."""
 
     hold_seconds: float = 60.0
     recovered_at: datetime | None = None
     resumed_at: datetime | None = None
 
     def counts_from(
-        self, broker_recovered_at: datetime | None, fetched_at: datetime | None, now: datetime
+        self, outage_ended_at: datetime | None, fetched_at: datetime | None, now: datetime
     ) -> tuple[bool, datetime | None]:
         """(whether producers may be judged now, the instant silence counts from: None for
         their last heartbeat alone)."""
-        if broker_recovered_at is None:
+        if outage_ended_at is None:
             return True, None
-        if broker_recovered_at != self.recovered_at:
-            self.recovered_at, self.resumed_at = broker_recovered_at, None
+        if outage_ended_at != self.recovered_at:
+            self.recovered_at, self.resumed_at = outage_ended_at, None
         if self.resumed_at is None and fetched_at is not None and fetched_at >= self.recovered_at:
             self.resumed_at = fetched_at
         if self.resumed_at is not None:
             return True, self.resumed_at
-        if now - broker_recovered_at < timedelta(seconds=self.hold_seconds):
+        if now - outage_ended_at < timedelta(seconds=self.hold_seconds):
             return False, None
-        return True, broker_recovered_at
+        return True, outage_ended_at

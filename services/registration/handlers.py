@@ -16,7 +16,7 @@ from services.registration import domain
 from services.registration import repository as repo
 from shared import outbox, signing
 from shared.kafka import Incoming, Rejected
-from shared.runtime import BrokerWatch
+from shared.runtime import DependencyWatch
 from shared.schemas import registration as ev
 from shared.schemas.envelope import EventPayload
 
@@ -243,21 +243,24 @@ async def handle_heartbeat(conn: asyncpg.Connection, incoming: Incoming) -> None
 async def sweep_disconnected(
     pool: asyncpg.Pool,
     missed: int,
-    broker: BrokerWatch,
+    broker: DependencyWatch,
     clock: domain.MissedHeartbeatClock | None = None,
     heartbeats_fetched_at: Callable[[], datetime | None] = lambda: None,
+    database: DependencyWatch | None = None,
 ) -> int:
     """Mark producers that missed `missed` heartbeat intervals Disconnected (with an event).
 
-    Heartbeats reach this service through Kafka, so while this service cannot reach the
-    broker their absence says nothing about the edges: the missed-heartbeat clock is
-    suspended, and restarts after the broker answers again (`MissedHeartbeatClock`). Just
-    before marking, the broker is asked once more: the probe runs every few seconds,
-    heartbeats are missed sooner."""
-    if not broker.reachable:
+    Heartbeats reach this service through Kafka and are recorded in its database, so while
+    this service cannot reach either, their absence says nothing about the edges: the
+    missed-heartbeat clock is suspended, and restarts after both answer again
+    (`MissedHeartbeatClock`). Just before marking, the broker is asked once more: the probe
+    runs every few seconds, heartbeats are missed sooner."""
+    watches = [w for w in (broker, database) if w is not None]
+    if not all(w.reachable for w in watches):
         return 0
+    recoveries = [w.recovered_at for w in watches if w.recovered_at is not None]
     judge, clock_from = (clock or domain.MissedHeartbeatClock()).counts_from(
-        broker.recovered_at, heartbeats_fetched_at(), datetime.now(UTC)
+        max(recoveries, default=None), heartbeats_fetched_at(), datetime.now(UTC)
     )
     if not judge:
         return 0

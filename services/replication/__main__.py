@@ -41,7 +41,7 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
     app: FastAPI
 
     async def on_start(rt: Runtime) -> None:
-        ctx = handlers.Context(pool=rt.pool, settings=settings)
+        ctx = handlers.Context(pool=rt.pool, settings=settings, broker=rt.kafka)
         ctx.delta_partitions = await rt.producer.partition_count(topics.REPLICATION_DELTAS)
         app.state.context = ctx
         app.state.import_pipeline = import_pipeline(rt, ctx)

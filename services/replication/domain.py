@@ -214,6 +214,14 @@ def storage_fault(exc: OSError) -> str | None:
 
 
 @dataclass(frozen=True)
+class FaultNotes:
+    """What is noted about an item until a cycle of it commits again."""
+
+    storage_fault: str | None = None  # its cycles cannot be stored (`storage_fault`)
+    dead_letter: str | None = None  # why a delta record of it was dead-lettered
+
+
+@dataclass(frozen=True)
 class HealthInputs:
     state: ItemState
     paused: bool
@@ -230,6 +238,7 @@ class HealthInputs:
     rpo_threshold_seconds: float | None = None
     storage_fault: str | None = None
     dead_letter: str | None = None  # why a record of the item was dead-lettered, if one was
+    broker_problem: str | None = None  # why this service cannot reach Kafka now, if it cannot
 
 
 @dataclass(frozen=True)
@@ -273,9 +282,15 @@ def evaluate_health(h: HealthInputs) -> HealthVerdict:
         warning.append(f"no cycle shipped for {silent:.0f}s")
     over = h.rpo_threshold_seconds
     if replicating and h.rpo_seconds is not None and over is not None and h.rpo_seconds > over:
+        cause = (
+            f"cause: the replication service cannot reach Kafka ({h.broker_problem}), where "
+            "the cycles wait; recommendation: check the brokers (nothing is lost)"
+            if h.broker_problem
+            else "check the source agent, the broker and the replica storage"
+        )
         warning.append(
             f"RPO {h.rpo_seconds:.0f}s is over its threshold of {over:.0f}s: cycles are late "
-            "(check the source agent, the broker and the replica storage)"
+            f"({cause})"
         )
     if critical:
         return HealthVerdict(Health.CRITICAL, tuple(critical + warning), expected, missed)

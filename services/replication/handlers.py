@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,6 +41,7 @@ from shared.kafka import RUN_MEMO, Handler, Incoming, Rejected, RunFallback, Run
 from shared.merkle import block_count, block_length, zero_block_hash
 from shared.metrics import reason_label
 from shared.readmodels import NotYetKnown, signature_verifier
+from shared.runtime import DependencyWatch
 from shared.schemas import agent as cmd
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload
@@ -81,29 +82,34 @@ class Context:
     # verified and made durable in that site's store (the group being handled; then cleared)
     prestored: dict[uuid.UUID, tuple[str, dict[int, bytes]]] = field(default_factory=dict)
     store_bytes_at: float = float("-inf")  # when `dr_replica_store_bytes` was last measured
-    # item id -> its error while its cycles cannot be written to the replica store (disk
-    # full, I/O error); the record is retried, and a successful commit clears it
-    storage_faults: dict[uuid.UUID, str] = field(default_factory=dict)
-    # item id -> why a delta record of it was dead-lettered, until a cycle of it commits again
-    dead_letters: dict[uuid.UUID, str] = field(default_factory=dict)
     delta_partitions: int | None = None  # of replication.deltas, to check records' partitions
+    # this process's view of Kafka, named as the cause in late items' health
+    broker: DependencyWatch | None = None
 
-    @contextlib.contextmanager
-    def storing(self, item_id: uuid.UUID) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def storing(self, item_id: uuid.UUID) -> AsyncIterator[None]:
         """Around a replica-store write for `item_id`: a storage failure is noted for the
-        item's health (and re-raised: the record is retried, nothing is skipped)."""
+        item's health (and re-raised: the record is retried, nothing is skipped). The note
+        is written on a connection of its own: the record's transaction rolls back."""
         try:
             yield
         except OSError as exc:
             fault = domain.storage_fault(exc)
             if fault is not None:
-                if item_id not in self.storage_faults:
-                    log.error(
-                        "replica storage failure",
-                        extra={"item_id": str(item_id), "error": str(exc)},
-                    )
-                self.storage_faults[item_id] = fault
+                async with self.pool.acquire() as conn:
+                    if await repo.note_storage_fault(conn, item_id, fault):
+                        log.error(
+                            "replica storage failure",
+                            extra={"item_id": str(item_id), "error": str(exc)},
+                        )
             raise
+
+    async def recovered(self, item_id: uuid.UUID) -> None:
+        """A cycle of `item_id` was stored: what was noted about it no longer holds. On a
+        connection of its own too, so that the record's transaction never holds the note's
+        row while a later failure of it notes again."""
+        async with self.pool.acquire() as conn:
+            await repo.clear_fault_notes(conn, item_id)
 
     def store(self, site: str) -> ReplicaStore:
         if site not in self.stores:
@@ -321,7 +327,7 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         if verdict is domain.CycleVerdict.GAP:
             CYCLES.labels("gap").inc()
             expected = (item["last_committed_seq"] or 0) + 1
-            why = ctx.dead_letters.get(msg.item_id)
+            why = (await repo.fault_notes(conn, msg.item_id)).dead_letter
             await require_resync(
                 ctx,
                 conn,
@@ -374,7 +380,7 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         if not (ready and len(ready) == len(decoded)):
             store = ctx.store(item["target_site"])
             try:
-                with ctx.storing(msg.item_id):
+                async with ctx.storing(msg.item_id):
                     await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
             except ValueError as exc:  # BlockHashMismatch
                 return staged, 0, ("block_hash_mismatch", str(exc))
@@ -464,10 +470,9 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHand
         )
         store = ctx.store(item["target_site"])
         try:
-            with ctx.storing(msg.item_id):
+            async with ctx.storing(msg.item_id):
                 await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
-            ctx.storage_faults.pop(msg.item_id, None)
-            ctx.dead_letters.pop(msg.item_id, None)
+            await ctx.recovered(msg.item_id)
         except (RootMismatch, MissingBlock) as exc:
             CYCLES.labels("root_mismatch").inc()
             await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
@@ -624,16 +629,20 @@ def _check_partition(ctx: Context, inc: Incoming) -> None:
         )
 
 
-def _note_dead_letter(ctx: Context, inc: Incoming, rej: Rejected) -> None:
+async def _note_dead_letter(ctx: Context, inc: Incoming, rej: Rejected) -> None:
+    """Note on the record's item why it was dead-lettered (its own connection: the record's
+    transaction rolls back)."""
     item_id = getattr(inc.payload, "item_id", None)
     if isinstance(item_id, uuid.UUID) and rej.reason not in ("replayed_cycle",):
         seq = getattr(inc.payload, "cycle_seq", "?")
-        ctx.dead_letters[item_id] = (
+        why = (
             f"a replication record of cycle {seq} ({inc.envelope.type}) was dead-lettered: "
             f"{rej.reason}: {rej.detail}; cause: the record cannot be applied as sent; "
             f"recommendation: read its headers in {topics.dlq_of(topics.REPLICATION_DELTAS)}; "
             "the cycle is missing, so the item resyncs at its next cycle"
         )
+        async with ctx.pool.acquire() as conn:
+            await repo.note_dead_letter(conn, item_id, why)
 
 
 def _delta_checked(ctx: Context, handler: Handler) -> Handler:
@@ -644,7 +653,7 @@ def _delta_checked(ctx: Context, handler: Handler) -> Handler:
             _check_partition(ctx, inc)
             await handler(conn, inc)
         except Rejected as rej:
-            _note_dead_letter(ctx, inc, rej)
+            await _note_dead_letter(ctx, inc, rej)
             raise
 
     return checked
@@ -1192,7 +1201,7 @@ async def apply_retention(ctx: Context) -> int:
             continue
         store = ctx.store(item["target_site"])
         try:
-            with ctx.storing(item["item_id"]):
+            async with ctx.storing(item["item_id"]):
                 await asyncio.to_thread(store.prune, str(item["item_id"]), keep)
         except ValueError as exc:  # the item changed meanwhile (e.g. a failover committed)
             log.warning(
@@ -1243,6 +1252,7 @@ async def evaluate_health(ctx: Context) -> None:
             points = await repo.points_since(
                 conn, item["item_id"], max(window_start, item["protected_since"])
             )
+            notes = await repo.fault_notes(conn, item["item_id"])
             verdict = domain.evaluate_health(
                 domain.HealthInputs(
                     state=ItemState(item["state"]),
@@ -1260,12 +1270,13 @@ async def evaluate_health(ctx: Context) -> None:
                     rpo_threshold_seconds=domain.rpo_threshold_seconds(
                         item["copy_interval_seconds"]
                     ),
-                    storage_fault=ctx.storage_faults.get(item["item_id"]),
-                    dead_letter=ctx.dead_letters.get(item["item_id"]),
+                    storage_fault=notes.storage_fault,
+                    dead_letter=notes.dead_letter,
+                    broker_problem=ctx.broker.problem if ctx.broker else None,
                 )
             )
             reasons = list(verdict.reasons)
-            error = _error_with_storage(item["error"], ctx.storage_faults.get(item["item_id"]))
+            error = _error_with_storage(item["error"], notes.storage_fault)
             if (
                 verdict.health.value != item["health"]
                 or reasons != item["health_reasons"]

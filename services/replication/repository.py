@@ -634,3 +634,39 @@ async def agent_by_id(conn: asyncpg.Connection, producer_id: uuid.UUID) -> dict[
         producer_id,
     )
     return dict(row) if row else None
+
+
+# ------------------------------------------------------------------ fault notes
+
+
+async def note_storage_fault(conn: asyncpg.Connection, item_id: uuid.UUID, fault: str) -> bool:
+    """Note why the item's cycles cannot be stored; True when none was noted before."""
+    before = await conn.fetchval(
+        "WITH before AS (SELECT storage_fault FROM item_fault_notes WHERE item_id = $1)"
+        " INSERT INTO item_fault_notes (item_id, storage_fault) VALUES ($1, $2)"
+        " ON CONFLICT (item_id) DO UPDATE SET storage_fault = $2, noted_at = now()"
+        " RETURNING (SELECT storage_fault FROM before)",
+        item_id,
+        fault,
+    )
+    return before is None
+
+
+async def note_dead_letter(conn: asyncpg.Connection, item_id: uuid.UUID, why: str) -> None:
+    await conn.execute(
+        "INSERT INTO item_fault_notes (item_id, dead_letter) VALUES ($1, $2)"
+        " ON CONFLICT (item_id) DO UPDATE SET dead_letter = $2, noted_at = now()",
+        item_id,
+        why,
+    )
+
+
+async def fault_notes(conn: asyncpg.Connection, item_id: uuid.UUID) -> domain.FaultNotes:
+    row = await conn.fetchrow(
+        "SELECT storage_fault, dead_letter FROM item_fault_notes WHERE item_id = $1", item_id
+    )
+    return domain.FaultNotes(**dict(row)) if row is not None else domain.FaultNotes()
+
+
+async def clear_fault_notes(conn: asyncpg.Connection, item_id: uuid.UUID) -> None:
+    await conn.execute("DELETE FROM item_fault_notes WHERE item_id = $1", item_id)

@@ -14,6 +14,7 @@ import pytest
 
 from scripts.gateway import Gateway, nginx_binary
 from scripts.procs import free_port
+from tests.e2e.test_security_e2e import script_plan
 from tests.support.platform import Platform
 from tests.support.poll import eventually
 
@@ -74,6 +75,7 @@ async def test_bad_input_gets_a_json_4xx_saying_what_to_fix(
         ("/recovery-plans", {"name": "plan", "description": "x\u0000y", "groups": []}, "desc"),
         (f"/protected-items/{item}/recovery-points/1/materialise", {"target_dir": "/t\u0000"}, ""),
         ("/protected-items", {"vm_id": "vm\u001b[2J"}, "vm_id"),
+        ("/recovery-plans", script_plan("nul", "x\u0000.sh"), "script"),
         ("/tokens", {"name": "ops\u0007", "role": "reader"}, "name"),
     ]
     for path, body, field in bodies:
@@ -107,6 +109,14 @@ async def test_bad_input_gets_a_json_4xx_saying_what_to_fix(
         headers=admin,
     )
     json_error(resp, 422, "offline_export_path must be an absolute path")
+
+    # a script checked when the plan is saved, not when a failover runs it
+    plain = f"plain-{v[:8]}.sh"
+    (platform.scripts_dir / plain).write_text("#!/bin/sh\n")
+    resp = await http.post(
+        base + "/recovery-plans", json=script_plan("plain", plain), headers=admin
+    )
+    json_error(resp, 422, "not executable")
 
     # the gateway's own refusals, in the same JSON shape
     resp = await http.get(f"{gateway.url}/v1/vaults/{v}/vm%00s", headers=admin)

@@ -125,6 +125,30 @@ class ScriptedAgent:
             ],
         )
 
+    async def send_on_another_partition(self, payload: EventPayload) -> uuid.UUID:
+        """Publish `payload` keyed by the item, but on another partition than Kafka's default
+        partitioner (murmur2) gives that key (as a publisher with another partitioner does)."""
+        plat = self.dr.plat
+        physical = topics.physical(topics.REPLICATION_DELTAS, plat.prefix)
+        raw = AIOKafkaProducer(
+            bootstrap_servers=plat.stack.kafka, **KafkaSecurity.from_env().client_options()
+        )
+        await raw.start()
+        try:
+            count = len(await raw.partitions_for(physical))
+            key = str(self.item_id).encode()
+            wrong = (topics.partition_for(key, count) + 1) % count
+            env = new_envelope(
+                payload,
+                vault_id=self.vault_id,
+                producer_id=self.producer_id,
+                signing_key=self.key,
+            )
+            await raw.send_and_wait(physical, env.to_bytes(), key=key, partition=wrong)
+        finally:
+            await raw.stop()
+        return env.event_id
+
     async def cycle(self, seq: int, kind: ev.CycleKind, indexes: list[int]) -> None:
         await self.send(self.started(seq, kind))
         if indexes:
@@ -277,24 +301,8 @@ async def test_no_recovery_point_from_bad_input(
 
         # 6. A record on another partition than Kafka's default partitioner (murmur2) gives
         # its key: dead-lettered with that reason, and the reason shows on the item.
-        physical = topics.physical(topics.REPLICATION_DELTAS, platform.prefix)
-        raw = AIOKafkaProducer(
-            bootstrap_servers=platform.stack.kafka, **KafkaSecurity.from_env().client_options()
-        )
-        await raw.start()
-        try:
-            count = len(await raw.partitions_for(physical))
-            wrong = (topics.partition_for(item_id.encode(), count) + 1) % count
-            env = new_envelope(
-                agent.started(4, ev.CycleKind.DELTA),
-                vault_id=agent.vault_id,
-                producer_id=agent.producer_id,
-                signing_key=agent.key,
-            )
-            await raw.send_and_wait(physical, env.to_bytes(), key=item_id.encode(), partition=wrong)
-        finally:
-            await raw.stop()
-        await dead_lettered(env.event_id, "wrong_partition")
+        event_id = await agent.send_on_another_partition(agent.started(4, ev.CycleKind.DELTA))
+        await dead_lettered(event_id, "wrong_partition")
 
         async def shown_on_item() -> dict[str, Any] | None:
             current = await item(http, dr, item_id)

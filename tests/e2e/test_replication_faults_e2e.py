@@ -1,6 +1,8 @@
 """Replication under faults: kill -9 of the replication service mid-cycle, mid-commit and
-mid-prune; a Kafka restart; a killed agent. No committed recovery point is lost, every point
-still verifies, and the item catches up (without a full resync where none is needed)."""
+mid-prune; a Kafka restart; a killed agent; a full replica store; a missing disk image. No
+committed recovery point is lost, every point still verifies, and the item catches up (without
+a full resync where none is needed). What the service noted about an item (a dead-lettered
+delta record, a storage failure) stays on it across a restart of the service."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import errno
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,9 @@ import httpx
 import pytest
 
 from shared import topics
+from shared.schemas import replication as ev
+from tests.e2e.test_replication_bad_input_e2e import BLOCKS, scripted_item
+from tests.e2e.test_replication_e2e import materialise, point_after, sha256
 from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
 from tests.support.kafka import read_all
 from tests.support.platform import Platform
@@ -81,6 +87,26 @@ async def all_verify(http: httpx.AsyncClient, dr: DrSetup, item_id: str) -> None
             await eventually(gone, timeout=60, what=f"pruned point {seq} off the list")
             continue
         assert resp.status_code == 200 and resp.json()["ok"], f"point {seq}: {resp.text}"
+
+
+async def no_data_lost(http: httpx.AsyncClient, dr: DrSetup, item_id: str, root: Path) -> None:
+    """Replication goes on after an outage (three more points), every point verifies, and
+    with the writes stopped the latest point materialises to the source disks byte for byte."""
+    before = await item(http, dr, item_id)
+
+    async def caught_up() -> dict[str, Any] | None:
+        current = await item(http, dr, item_id)
+        moving = (current["last_committed_seq"] or 0) > before["last_committed_seq"] + 3
+        return current if moving and current["state"] == "replicating" else None
+
+    current = await eventually(caught_up, timeout=120, what="cycles committed after the outage")
+    await dr.agent_call(http, "hv-p1", "POST", "/vms/db01/workload", {"blocks_per_second": 0})
+    stopped_at = datetime.now().astimezone()
+    source = {d["disk_id"]: sha256(Path(d["path"])) for d in current["disks"]}
+    latest = await point_after(http, dr, item_id, stopped_at)
+    got = await materialise(http, dr, item_id, latest["cycle_seq"], root / "latest")
+    assert got == source, f"point {latest['cycle_seq']} differs from the source"
+    await all_verify(http, dr, item_id)
 
 
 @pytest.mark.parametrize(
@@ -255,7 +281,7 @@ async def test_replica_storage_full_shows_on_the_item_then_recovers(
 
         await eventually(recovered, timeout=120, what="replication stores cycles again")
         assert plat.services["replication"].alive()
-        await all_verify(http, dr, item_id)
+        await no_data_lost(http, dr, item_id, tmp_path)
 
 
 async def test_enable_with_a_missing_disk_image_shows_the_agents_failure(
@@ -279,3 +305,52 @@ async def test_enable_with_a_missing_disk_image_shows_the_agents_failure(
     assert shown["health"] == "Critical", shown
     assert "no image file" in shown["error"] and "recommendation" in shown["error"], shown
     assert any("no image file" in r for r in shown["health_reasons"]), shown
+
+
+async def state_is(
+    http: httpx.AsyncClient, dr: DrSetup, item_id: str, state: str
+) -> dict[str, Any] | None:
+    current = await item(http, dr, item_id)
+    return current if current["state"] == state else None
+
+
+async def evaluated_health(http: httpx.AsyncClient, service_url: str) -> bool:
+    """Whether the replication process at `service_url` has evaluated its items' health (it
+    exports `dr_replication_items` from its first evaluation on)."""
+    metrics = (await http.get(f"{service_url}/metrics")).text
+    return any(line.startswith("dr_replication_items{") for line in metrics.splitlines())
+
+
+async def test_a_dead_lettered_delta_stays_on_the_item_across_a_restart(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    async with scripted_item(plat, http, tmp_path, "dlq01", "hv-dlq") as (dr, agent, item_id):
+        await agent.cycle(1, ev.CycleKind.INITIAL, list(range(BLOCKS)))
+
+        async def dead_letter_shown() -> dict[str, Any] | None:
+            current = await item(http, dr, item_id)
+            found = [r for r in current["health_reasons"] if "wrong_partition" in r]
+            return current if found and current["last_committed_seq"] == 1 else None
+
+        await eventually(lambda: state_is(http, dr, item_id, "replicating"), what="point 1")
+        await agent.send_on_another_partition(agent.started(2, ev.CycleKind.DELTA))
+        await eventually(dead_letter_shown, what="the dead-lettered record on the item")
+
+        service = plat.services["replication"]
+        service.stop()
+        service.start()
+        await eventually(
+            lambda: evaluated_health(http, service.url), what="health evaluated after restart"
+        )
+        after = await item(http, dr, item_id)
+        assert any("wrong_partition" in r for r in after["health_reasons"]), after
+        assert after["health"] == "Warning", after
+
+        await agent.cycle(2, ev.CycleKind.DELTA, [0])
+
+        async def cleared() -> dict[str, Any] | None:
+            current = await item(http, dr, item_id)
+            noted = [r for r in current["health_reasons"] if "wrong_partition" in r]
+            return current if current["last_committed_seq"] == 2 and not noted else None
+
+        await eventually(cleared, what="the next cycle commits and clears the note")

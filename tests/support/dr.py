@@ -71,6 +71,7 @@ class DrSetup:
     agents: dict[str, Proc] = field(default_factory=dict)
     providers: dict[str, Proc] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+    heartbeat_seconds: str = "1"  # of the agents and providers it starts
 
     def storage(self, site: str, host: str) -> Path:
         return self.root / site / host
@@ -116,7 +117,7 @@ class DrSetup:
                 "DR_AGENT_NAME": host,
                 "DR_AGENT_SITE": site,
                 "DR_AGENT_STORAGE_DIR": str(storage),
-                "DR_AGENT_HEARTBEAT_SECONDS": "1",
+                "DR_AGENT_HEARTBEAT_SECONDS": self.heartbeat_seconds,
                 "DR_AGENT_EXPORT_ROOTS": str(self.root),
                 **env,
             },
@@ -141,7 +142,7 @@ class DrSetup:
                 "DR_PROVIDER_SITE_FILE": str(path),
                 "DR_PROVIDER_STORAGE_ROOT": str(self.root / site),
                 "DR_PROVIDER_DISCOVERY_INTERVAL_SECONDS": "0.5",
-                "DR_PROVIDER_HEARTBEAT_SECONDS": "1",
+                "DR_PROVIDER_HEARTBEAT_SECONDS": self.heartbeat_seconds,
             },
         )
         # This setup's own state (identity) and log: a session runs several setups, each in
@@ -163,11 +164,12 @@ async def two_sites(
     copy_seconds: int = 2,
     agents_on: tuple[str, ...] | None = None,
     policy_settings: dict[str, Any] | None = None,
+    heartbeat_seconds: float = 1,
 ) -> DrSetup:
     """Everything up to "ready to enable replication"."""
     for name in ("registration", "inventory", "policy", "replication"):
         plat.start(name)
-    dr = DrSetup(plat=plat, root=root)
+    dr = DrSetup(plat=plat, root=root, heartbeat_seconds=f"{heartbeat_seconds:g}")
     vault = await plat.new_vault(http, "dr")
     dr.vault_id = vault["vault_id"]
     dr.admin = await plat.new_token(http, dr.vault_id, "admin")

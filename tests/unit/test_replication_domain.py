@@ -106,6 +106,14 @@ def test_rpo_over_its_threshold_is_warning_by_itself() -> None:
     assert "RPO 62s is over its threshold of 60s" in verdict.reasons[0]
 
 
+def test_late_cycles_name_an_unreachable_broker_as_the_cause() -> None:
+    verdict = domain.evaluate_health(
+        inputs(rpo_seconds=62.0, rpo_threshold_seconds=60.0, broker_problem="no broker answered")
+    )
+    assert verdict.health is Health.WARNING
+    assert "cannot reach Kafka (no broker answered)" in verdict.reasons[0], verdict.reasons
+
+
 def test_no_log_for_over_an_hour_is_warning() -> None:
     verdict = domain.evaluate_health(
         inputs(
