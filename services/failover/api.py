@@ -22,7 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.failover import domain, handlers
 from services.failover import repository as repo
-from services.failover.domain import FailoverRefused, Operation, PlanGroup
+from services.failover.domain import (
+    FailoverRefused,
+    InvalidRequest,
+    NotFound,
+    Operation,
+    PlanGroup,
+)
 from shared.auth import CurrentPrincipal, Principal
 from shared.schemas.failover import JobState, PointChoice
 from shared.schemas.registration import Role
@@ -100,7 +106,13 @@ def _params(body: OperationIn, operation: Operation) -> dict[str, Any]:
 
 
 def _refused(exc: FailoverRefused) -> HTTPException:
-    return HTTPException(exc.status, exc.message)
+    """A domain refusal as HTTP: what is named does not exist (404), the request itself is
+    wrong (422), the state does not allow it now (409)."""
+    if isinstance(exc, NotFound):
+        return HTTPException(404, exc.message)
+    if isinstance(exc, InvalidRequest):
+        return HTTPException(422, exc.message)
+    return HTTPException(409, exc.message)
 
 
 def job_out(job: dict[str, Any]) -> dict[str, Any]:
@@ -415,31 +427,17 @@ def _check_scripts(
             ) from None
 
 
-async def _validated(
+def _validated(
     request: Request,
     principal: Principal,
     vault_id: uuid.UUID,
     body: PlanIn,
     before: list[dict[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
+) -> None:
     problems = domain.plan_problems(body.groups)
     if problems:
         raise HTTPException(422, "; ".join(problems))
     _check_scripts(request, principal, vault_id, body, before)
-    pool = _ctx(request).pool
-    ids = [i for g in body.groups for i in g.items]
-    known = {
-        r["item_id"]
-        for r in await pool.fetch(
-            "SELECT item_id FROM rm_items WHERE vault_id = $1 AND item_id = ANY($2::uuid[])",
-            vault_id,
-            ids,
-        )
-    }
-    unknown = [str(i) for i in ids if i not in known]
-    if unknown:
-        raise HTTPException(422, f"unknown protected items: {', '.join(unknown[:5])}")
-    return [g.model_dump(mode="json") for g in body.groups]
 
 
 @router.post(
@@ -452,24 +450,14 @@ async def create_plan(
     vault_id: uuid.UUID, body: PlanIn, request: Request, principal: CurrentPrincipal
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
-    groups = await _validated(request, principal, vault_id, body)
+    _validated(request, principal, vault_id, body)
     try:
-        row = await _ctx(request).pool.fetchrow(
-            "INSERT INTO recovery_plans (plan_id, vault_id, name, description, groups)"
-            " VALUES ($1,$2,$3,$4,$5) RETURNING *",
-            uuid.uuid4(),
-            vault_id,
-            body.name,
-            body.description,
-            groups,
+        plan = await handlers.create_plan(
+            _ctx(request), vault_id, body.name, body.description, body.groups
         )
-    except Exception as exc:
-        if "unique" in str(exc).lower():
-            raise HTTPException(
-                409, f"a recovery plan named '{body.name}' already exists"
-            ) from None
-        raise
-    return plan_out(dict(row))
+    except FailoverRefused as exc:
+        raise _refused(exc) from None
+    return plan_out(plan)
 
 
 @router.get("/recovery-plans", tags=["recovery plans"], summary="Recovery plans of the vault")
@@ -505,16 +493,14 @@ async def update_plan(
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
     found = await _plan(request, vault_id, plan)
-    groups = await _validated(request, principal, vault_id, body, list(found["groups"]))
-    row = await _ctx(request).pool.fetchrow(
-        "UPDATE recovery_plans SET name = $2, description = $3, groups = $4, updated_at = now()"
-        " WHERE plan_id = $1 RETURNING *",
-        found["plan_id"],
-        body.name,
-        body.description,
-        groups,
-    )
-    return plan_out(dict(row))
+    _validated(request, principal, vault_id, body, list(found["groups"]))
+    try:
+        replaced = await handlers.replace_plan(
+            _ctx(request), vault_id, found["plan_id"], body.name, body.description, body.groups
+        )
+    except FailoverRefused as exc:
+        raise _refused(exc) from None
+    return plan_out(replaced)
 
 
 @router.delete(
@@ -524,17 +510,11 @@ async def delete_plan(
     vault_id: uuid.UUID, plan: str, request: Request, principal: CurrentPrincipal
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
-    found = await _plan(request, vault_id, plan)
-    ctx = _ctx(request)
-    running = await ctx.pool.fetchval(
-        "SELECT count(*) FROM jobs WHERE target = $1 AND state IN"
-        " ('not_started', 'in_progress', 'waiting_for_input')",
-        str(found["plan_id"]),
-    )
-    if running:
-        raise HTTPException(409, "the plan has a running job; wait for it to finish")
-    await ctx.pool.execute("DELETE FROM recovery_plans WHERE plan_id = $1", found["plan_id"])
-    return plan_out(found)
+    try:
+        deleted = await handlers.delete_plan(_ctx(request), vault_id, plan)
+    except FailoverRefused as exc:
+        raise _refused(exc) from None
+    return plan_out(deleted)
 
 
 @router.post(

@@ -29,12 +29,19 @@ NAMESPACE = uuid.UUID("6f1c4a52-2f0e-4d84-9a57-0b3c2d51f1e1")
 
 
 class FailoverRefused(Exception):
-    """A refused request; `status` is the HTTP status it maps to."""
+    """A refused request: the state of what it names does not allow it now."""
 
-    def __init__(self, message: str, status: int = 409) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.status = status
+
+
+class NotFound(FailoverRefused):
+    """The request names something (an item, a job, a plan, a point) that does not exist."""
+
+
+class InvalidRequest(FailoverRefused):
+    """The request itself is incomplete or contradictory, whatever the state."""
 
 
 class Operation(StrEnum):
@@ -411,30 +418,28 @@ class PointRequest:
 
 def point_request(choice: PointChoice, cycle_seq: int | None) -> PointRequest:
     if choice is PointChoice.CHOSEN and cycle_seq is None:
-        raise FailoverRefused("choose a recovery point: pass cycle_seq", 422)
+        raise InvalidRequest("choose a recovery point: pass cycle_seq")
     return PointRequest(choice, cycle_seq if choice is PointChoice.CHOSEN else None)
 
 
 def check_point_exists(item: Mapping[str, Any], params: Mapping[str, Any]) -> None:
     """The point a test or unplanned failover asks for exists, checked when the job is asked
-    for (not when its materialise step runs): a chosen cycle past the item's latest point is a
-    404, a latest app-consistent point where none was taken a 409."""
+    for (not when its materialise step runs): a chosen cycle past the item's latest point is
+    NotFound, a latest app-consistent point where none was taken a refusal."""
     choice = params.get("choice", PointChoice.LATEST.value)
     latest = item.get("latest_seq")
     if choice == PointChoice.CHOSEN.value and latest is not None:
         seq = int(params["cycle_seq"])
         if seq > int(latest):
-            raise FailoverRefused(
+            raise NotFound(
                 f"{item['vm_name']} has no recovery point {seq}: its latest is {latest}; "
                 "list the retained points (GET .../protected-items/{item_id}/recovery-points) "
-                "and choose one of them",
-                404,
+                "and choose one of them"
             )
     if choice == PointChoice.LATEST_APP_CONSISTENT.value and item.get("latest_app_seq") is None:
         raise FailoverRefused(
             f"{item['vm_name']} has no app-consistent recovery point yet: choose latest or a "
-            "chosen point, or wait for the policy's app-consistent snapshot",
-            409,
+            "chosen point, or wait for the policy's app-consistent snapshot"
         )
 
 

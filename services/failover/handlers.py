@@ -15,12 +15,20 @@ import asyncpg
 from services.failover import domain
 from services.failover import repository as repo
 from services.failover.config import FailoverSettings
-from services.failover.domain import FailoverRefused, Operation, PlanGroup
+from services.failover.domain import (
+    FailoverRefused,
+    InvalidRequest,
+    NotFound,
+    Operation,
+    PlanGroup,
+)
 from services.failover.operations import STEPS, path_exists
 from services.failover.workflow import Engine, Notifier
 from shared.kafka import Handler, Incoming
 from shared.schemas import agent, failover, inventory, policy, replication
+from shared.schemas.envelope import EventPayload
 from shared.schemas.failover import JobState
+from shared.schemas.registry import type_name_of
 
 
 @dataclass
@@ -35,44 +43,35 @@ class Context:
 
 
 def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
+    """The read models' handlers, keyed by payload type (the consumer dispatches by the
+    envelope's type name)."""
+
     async def on_protected(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, replication.ProtectionEnabled)
-        await conn.execute(
-            "INSERT INTO rm_items (item_id, vault_id, vm_id, vm_name, source_cloud_id,"
-            " target_cloud_id, pairing_id, source_agent_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
-            " ON CONFLICT (item_id) DO UPDATE SET source_agent_id = EXCLUDED.source_agent_id,"
-            " active = true, updated_at = now() WHERE rm_items.vault_id = EXCLUDED.vault_id",
-            ev.item_id,
+        await repo.upsert_item(
+            conn,
             inc.envelope.vault_id,
-            ev.vm_id,
-            ev.vm_name,
-            ev.source_cloud_id,
-            ev.target_cloud_id,
-            ev.pairing_id,
-            ev.source_agent_id,
+            ev.item_id,
+            vm_id=ev.vm_id,
+            vm_name=ev.vm_name,
+            source_cloud_id=ev.source_cloud_id,
+            target_cloud_id=ev.target_cloud_id,
+            pairing_id=ev.pairing_id,
+            source_agent_id=ev.source_agent_id,
         )
         notifier.poke()
 
     async def on_disabled(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, replication.ProtectionDisabled)
-        await conn.execute(
-            "UPDATE rm_items SET active = false WHERE item_id = $1 AND vault_id = $2",
-            ev.item_id,
-            inc.envelope.vault_id,
-        )
+        await repo.deactivate_item(conn, inc.envelope.vault_id, ev.item_id)
 
     async def on_state(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, replication.ItemStateChanged)
-        await conn.execute(
-            "UPDATE rm_items SET state = $2, health = $3, updated_at = now()"
-            " WHERE item_id = $1 AND vault_id = $4",
-            ev.item_id,
-            ev.state.value,
-            ev.health.value,
-            inc.envelope.vault_id,
+        await repo.set_item_state(
+            conn, inc.envelope.vault_id, ev.item_id, ev.state.value, ev.health.value
         )
         notifier.poke()
 
@@ -80,17 +79,8 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         ev = inc.payload
         assert isinstance(ev, replication.RecoveryPointCreated)
         app = ev.point_type is replication.RecoveryPointType.APP_CONSISTENT
-        await conn.execute(
-            "UPDATE rm_items SET latest_source_time = CASE WHEN coalesce(latest_seq, 0) < $2"
-            "  THEN $3 ELSE latest_source_time END,"
-            " latest_seq = greatest(coalesce(latest_seq, 0), $2),"
-            " latest_app_seq = CASE WHEN $4 THEN greatest(coalesce(latest_app_seq, 0), $2)"
-            "  ELSE latest_app_seq END, updated_at = now() WHERE item_id = $1 AND vault_id = $5",
-            ev.item_id,
-            ev.cycle_seq,
-            ev.source_time,
-            app,
-            inc.envelope.vault_id,
+        await repo.record_point(
+            conn, inc.envelope.vault_id, ev.item_id, ev.cycle_seq, ev.source_time, app
         )
         notifier.poke()
 
@@ -115,7 +105,6 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
                 ),
             )
         else:
-            assert isinstance(ev, failover.RecoveryPointMaterialiseFailed)
             await repo.save_answer(conn, ev.request_id, "materialise", False, ev.error, {})
         notifier.poke()
 
@@ -140,55 +129,30 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         ev = inc.payload
         assert isinstance(ev, inventory.VmChanged)
         if ev.vm is None:
-            await conn.execute(
-                "UPDATE rm_vms SET removed = true WHERE vault_id = $1 AND vm_id = $2 AND site = $3",
-                inc.envelope.vault_id,
-                ev.vm_id,
-                ev.site,
+            await repo.remove_vm(conn, inc.envelope.vault_id, ev.vm_id, ev.site)
+        else:
+            await repo.upsert_vm(
+                conn, inc.envelope.vault_id, ev.vm_id, ev.site, ev.vm.model_dump(mode="json")
             )
-            return
-        # A recovery VM keeps its source's id: the primary's record stays the one we use for
-        # the source disks and NICs; only an item's own source site may overwrite it.
-        await conn.execute(
-            "INSERT INTO rm_vms (vm_id, vault_id, site, vm) VALUES ($1,$2,$3,$4)"
-            " ON CONFLICT (vault_id, vm_id) DO UPDATE SET vm = EXCLUDED.vm, site = EXCLUDED.site,"
-            " removed = false WHERE rm_vms.site = EXCLUDED.site OR rm_vms.removed",
-            ev.vm_id,
-            inc.envelope.vault_id,
-            ev.site,
-            ev.vm.model_dump(mode="json"),
-        )
 
     async def on_network(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, inventory.NetworkChanged)
         if ev.network is None:
-            await conn.execute(
-                "UPDATE rm_networks SET removed = true WHERE vault_id = $1 AND network_id = $2",
+            await repo.remove_network(conn, inc.envelope.vault_id, ev.network_id)
+        else:
+            await repo.upsert_network(
+                conn,
                 inc.envelope.vault_id,
                 ev.network_id,
+                ev.site,
+                ev.network.model_dump(mode="json"),
             )
-            return
-        await conn.execute(
-            "INSERT INTO rm_networks (network_id, vault_id, site, network) VALUES ($1,$2,$3,$4)"
-            " ON CONFLICT (vault_id, network_id) DO UPDATE SET network = EXCLUDED.network,"
-            " site = EXCLUDED.site, removed = false",
-            ev.network_id,
-            inc.envelope.vault_id,
-            ev.site,
-            ev.network.model_dump(mode="json"),
-        )
 
     async def on_cloud(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, inventory.CloudChanged)
-        await conn.execute(
-            "INSERT INTO rm_clouds (cloud_id, vault_id, site) VALUES ($1,$2,$3)"
-            " ON CONFLICT (vault_id, cloud_id) DO UPDATE SET site = EXCLUDED.site",
-            ev.cloud_id,
-            inc.envelope.vault_id,
-            ev.site,
-        )
+        await repo.upsert_cloud(conn, inc.envelope.vault_id, ev.cloud_id, ev.site)
 
     async def on_mapping(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
@@ -199,32 +163,31 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
             | policy.NetworkMappingRemoved,
         )
         m = ev.mapping
-        await conn.execute(
-            "INSERT INTO rm_mappings (mapping_id, vault_id, source_network_id, target_network_id,"
-            " removed) VALUES ($1,$2,$3,$4,$5) ON CONFLICT (vault_id, mapping_id) DO UPDATE SET"
-            " target_network_id = EXCLUDED.target_network_id, removed = EXCLUDED.removed",
-            m.mapping_id,
+        await repo.upsert_mapping(
+            conn,
             inc.envelope.vault_id,
+            m.mapping_id,
             m.source_network_id,
             m.target_network_id,
             isinstance(ev, policy.NetworkMappingRemoved),
         )
 
-    return {
-        "ProtectionEnabled": on_protected,
-        "ProtectionDisabled": on_disabled,
-        "ItemStateChanged": on_state,
-        "RecoveryPointCreated": on_point,
-        "RecoveryPointMaterialised": on_materialised,
-        "RecoveryPointMaterialiseFailed": on_materialised,
-        "CommandCompleted": on_completed,
-        "VmChanged": on_vm,
-        "NetworkChanged": on_network,
-        "CloudChanged": on_cloud,
-        "NetworkMappingCreated": on_mapping,
-        "NetworkMappingChanged": on_mapping,
-        "NetworkMappingRemoved": on_mapping,
+    by_type: dict[type[EventPayload], Handler] = {
+        replication.ProtectionEnabled: on_protected,
+        replication.ProtectionDisabled: on_disabled,
+        replication.ItemStateChanged: on_state,
+        replication.RecoveryPointCreated: on_point,
+        failover.RecoveryPointMaterialised: on_materialised,
+        failover.RecoveryPointMaterialiseFailed: on_materialised,
+        agent.CommandCompleted: on_completed,
+        inventory.VmChanged: on_vm,
+        inventory.NetworkChanged: on_network,
+        inventory.CloudChanged: on_cloud,
+        policy.NetworkMappingCreated: on_mapping,
+        policy.NetworkMappingChanged: on_mapping,
+        policy.NetworkMappingRemoved: on_mapping,
     }
+    return {type_name_of(t)[0]: h for t, h in by_type.items()}
 
 
 # ------------------------------------------------------------------ commands
@@ -248,7 +211,7 @@ async def check_item(
 ) -> dict[str, Any]:
     item = await repo.item(conn, item_id)
     if item is None or item["vault_id"] != vault_id:
-        raise FailoverRefused(f"protected item {item_id} not found in this vault", 404)
+        raise NotFound(f"protected item {item_id} not found in this vault")
     view = await repo.view(conn, item_id)
     if operation is Operation.FAILBACK:
         link = await repo.link_of(conn, new=item_id)
@@ -286,7 +249,7 @@ async def start_job(
 ) -> dict[str, Any]:
     """Refuse or create the job (atomically per vault), then hand it to the engine."""
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"jobs:{vault_id}")
+        await repo.lock_vault_jobs(conn, vault_id)
         busy = await repo.busy_items(conn, vault_id, [str(i) for i in item_ids])
         items = []
         for item_id in item_ids:
@@ -349,7 +312,7 @@ async def start_plan_operation(
 ) -> dict[str, Any]:
     plan = await repo.plan(ctx.pool, vault_id, plan_ref)
     if plan is None:
-        raise FailoverRefused(f"recovery plan {plan_ref} not found", 404)
+        raise NotFound(f"recovery plan {plan_ref} not found")
     groups = [PlanGroup.model_validate(g) for g in plan["groups"]]
     kind = domain.OPERATION_KIND.get(operation)
     item_ids = [await repo.current_item(ctx.pool, i) for g in groups for i in g.items]
@@ -372,9 +335,9 @@ async def approve(
     ctx: Context, vault_id: uuid.UUID, job_id: uuid.UUID, action_id: str, by: str, comment: str
 ) -> dict[str, Any]:
     async with ctx.pool.acquire() as conn, conn.transaction():
-        job = await conn.fetchrow("SELECT * FROM jobs WHERE job_id = $1 FOR UPDATE", job_id)
+        job = await repo.job_for_update(conn, job_id)
         if job is None or job["vault_id"] != vault_id:
-            raise FailoverRefused(f"job {job_id} not found", 404)
+            raise NotFound(f"job {job_id} not found")
         waiting = job["waiting_for"]
         if job["state"] != JobState.WAITING_FOR_INPUT.value or not waiting:
             raise FailoverRefused(f"job {job_id} is not waiting for input (it is {job['state']})")
@@ -382,25 +345,18 @@ async def approve(
             raise FailoverRefused(
                 f"job {job_id} waits for action '{waiting['action_id']}', not '{action_id}'"
             )
-        await conn.execute(
-            "INSERT INTO approvals (job_id, action_key, approved_by, comment) VALUES ($1,$2,$3,$4)"
-            " ON CONFLICT DO NOTHING",
-            job_id,
-            waiting["action_key"],
-            by,
-            comment,
-        )
+        await repo.approve(conn, job_id, waiting["action_key"], by, comment)
         await repo.history(conn, job_id, f"manual action '{waiting['name']}' approved by {by}")
     ctx.notifier.poke()
-    return dict(job)
+    return job
 
 
 async def restart(ctx: Context, vault_id: uuid.UUID, job_id: uuid.UUID, by: str) -> dict[str, Any]:
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"jobs:{vault_id}")
-        job = await conn.fetchrow("SELECT * FROM jobs WHERE job_id = $1 FOR UPDATE", job_id)
+        await repo.lock_vault_jobs(conn, vault_id)
+        job = await repo.job_for_update(conn, job_id)
         if job is None or job["vault_id"] != vault_id:
-            raise FailoverRefused(f"job {job_id} not found", 404)
+            raise NotFound(f"job {job_id} not found")
         why = domain.can_restart(Operation(job["operation"]), JobState(job["state"]))
         if why:
             raise FailoverRefused(why)
@@ -408,21 +364,68 @@ async def restart(ctx: Context, vault_id: uuid.UUID, job_id: uuid.UUID, by: str)
         if busy:
             raise FailoverRefused("another job holds the job's items; wait for it to finish")
         # Failed steps run again with a new idempotency key; done steps stand.
-        await conn.execute("DELETE FROM tasks WHERE job_id = $1 AND state <> 'succeeded'", job_id)
-        updated = await repo.update_job(
-            conn,
-            job_id,
-            state=JobState.IN_PROGRESS.value,
-            run_no=job["run_no"] + 1,
-            restarts=job["restarts"] + 1,
-            error=None,
-            cause=None,
-            recommendation=None,
-            ended_at=None,
-        )
+        updated = await repo.restart_job(conn, job_id)
         await repo.history(conn, job_id, f"restarted by {by}")
     ctx.engine.submit(job_id)
     return updated
+
+
+# ------------------------------------------------------------------ recovery plans
+
+
+async def create_plan(
+    ctx: Context, vault_id: uuid.UUID, name: str, description: str, groups: list[PlanGroup]
+) -> dict[str, Any]:
+    await _check_items_known(ctx, vault_id, groups)
+    plan = await repo.insert_plan(
+        ctx.pool, vault_id, name, description, [g.model_dump(mode="json") for g in groups]
+    )
+    if plan is None:
+        raise FailoverRefused(f"a recovery plan named '{name}' already exists")
+    return plan
+
+
+async def replace_plan(
+    ctx: Context,
+    vault_id: uuid.UUID,
+    plan_id: uuid.UUID,
+    name: str,
+    description: str,
+    groups: list[PlanGroup],
+) -> dict[str, Any]:
+    await _check_items_known(ctx, vault_id, groups)
+    plan = await repo.replace_plan(
+        ctx.pool, plan_id, name, description, [g.model_dump(mode="json") for g in groups]
+    )
+    if plan is None:
+        raise FailoverRefused(f"a recovery plan named '{name}' already exists")
+    return plan
+
+
+async def delete_plan(ctx: Context, vault_id: uuid.UUID, plan_ref: str) -> dict[str, Any]:
+    """Delete the plan unless it has an unfinished job; under the vault's job lock, so no job
+    of it starts meanwhile."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await repo.lock_vault_jobs(conn, vault_id)
+        plan = await repo.plan(conn, vault_id, plan_ref)
+        if plan is None:
+            raise NotFound(f"recovery plan {plan_ref} not found in this vault")
+        if not await repo.delete_idle_plan(conn, plan["plan_id"]):
+            raise FailoverRefused("the plan has a running job; wait for it to finish")
+    return plan
+
+
+async def _check_items_known(ctx: Context, vault_id: uuid.UUID, groups: list[PlanGroup]) -> None:
+    ids = [i for g in groups for i in g.items]
+    known = await repo.known_items(ctx.pool, vault_id, ids)
+    unknown = [str(i) for i in ids if i not in known]
+    if unknown:
+        raise InvalidRequest(f"unknown protected items: {', '.join(unknown[:5])}")
+
+
+# ------------------------------------------------------------------ forced test cleanup
+
+FORCED_CLEANUP = "system:forced-cleanup"
 
 
 async def force_old_test_cleanups(ctx: Context) -> int:
@@ -430,24 +433,16 @@ async def force_old_test_cleanups(ctx: Context) -> int:
     limit = datetime.now(UTC) - timedelta(seconds=ctx.settings.test_max_age_seconds)
     # A forced cleanup that failed is not retried for an hour: an operator sees the failed job
     # (and its alert) instead of a new failed job every sweep.
-    rows = await ctx.pool.fetch(
-        "SELECT f.item_id, f.vault_id FROM item_failover f WHERE f.state = 'testing'"
-        " AND f.test IS NOT NULL AND (f.test->>'started_at')::timestamptz < $1"
-        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.target = f.item_id::text"
-        " AND j.created_by = 'system:forced-cleanup' AND j.state = 'failed'"
-        " AND j.ended_at > now() - interval '1 hour')",
-        limit,
-    )
     started = 0
-    for row in rows:
+    for vault_id, item_id in await repo.tests_to_force_clean(ctx.pool, limit, FORCED_CLEANUP):
         try:
             await start_item_operation(
                 ctx,
-                row["vault_id"],
-                row["item_id"],
+                vault_id,
+                item_id,
                 Operation.TEST_CLEANUP,
                 {"notes": "forced cleanup: the test failover was older than the limit"},
-                "system:forced-cleanup",
+                FORCED_CLEANUP,
             )
             started += 1
         except FailoverRefused:

@@ -125,7 +125,7 @@ async def place_nics(
         placed = domain.failover_nics(nics, [], {}, set(), network, test=True)
         return [p.model_dump(mode="json") for p in placed]
     async with run.pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"ips:{run.vault_id}")
+        await repo.lock_vault_ips(conn, run.vault_id)
         nets = {
             k: VmNetwork.model_validate(v["network"])
             for k, v in (await repo.networks(conn, run.vault_id)).items()
@@ -693,20 +693,18 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
 
     async def request(cid: uuid.UUID) -> dict[str, Any]:
         async with run.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO item_links (old_item_id, new_item_id, vault_id, vm_id, vm_name,"
-                " source_agent_id, source_site, target_site, disks, nics)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) ON CONFLICT DO NOTHING",
+            await repo.insert_link(
+                conn,
+                run.vault_id,
                 item_id,
                 new_item_id,
-                run.vault_id,
-                plan["vm_id"],
-                plan["vm_name"],
-                uuid.UUID(plan["source_agent_id"]),
-                plan["source_site"],
-                plan["target_site"],
-                plan["disks"],
-                plan["nics"],
+                vm_id=plan["vm_id"],
+                vm_name=plan["vm_name"],
+                source_agent_id=uuid.UUID(plan["source_agent_id"]),
+                source_site=plan["source_site"],
+                target_site=plan["target_site"],
+                disks=plan["disks"],
+                nics=plan["nics"],
             )
             await repo.emit(
                 conn,
@@ -810,14 +808,8 @@ async def test_network(run: Run) -> dict[str, Any]:
             "subnets": template.get("subnets", []),
             "isolated": True,
         }
-        await run.pool.execute(
-            "INSERT INTO test_networks (network_id, vault_id, job_id, site, name)"
-            " VALUES ($1,$2,$3,$4,$5) ON CONFLICT DO NOTHING",
-            network_id,
-            run.vault_id,
-            run.job_id,
-            site,
-            network["name"],
+        await repo.insert_test_network(
+            run.pool, run.vault_id, run.job_id, network_id, site, network["name"]
         )
         return {"network_id": network_id, "network": network, "created": True}
 
@@ -825,22 +817,15 @@ async def test_network(run: Run) -> dict[str, Any]:
 
 
 async def delete_test_networks(run: Run, test_job_ids: set[str]) -> None:
-    rows = await run.pool.fetch(
-        "SELECT network_id FROM test_networks WHERE job_id = ANY($1::uuid[])"
-        " AND deleted_at IS NULL",
-        [uuid.UUID(j) for j in test_job_ids],
-    )
-    for row in rows:
+    for network_id in await repo.open_test_networks(run.pool, [uuid.UUID(j) for j in test_job_ids]):
 
-        async def effect(_cid: uuid.UUID, network_id: str = row["network_id"]) -> dict[str, Any]:
-            await run.pool.execute(
-                "UPDATE test_networks SET deleted_at = now() WHERE network_id = $1", network_id
-            )
+        async def effect(_cid: uuid.UUID, network_id: str = network_id) -> dict[str, Any]:
+            await repo.delete_test_network(run.pool, network_id)
             return {"network_id": network_id, "deleted": True}
 
         await run.step(
-            f"delete_network:{row['network_id']}",
-            f"delete test network {row['network_id']}",
+            f"delete_network:{network_id}",
+            f"delete test network {network_id}",
             effect,
             crash="delete_network",
         )

@@ -160,13 +160,11 @@ class Run:
 
     async def fail_task(self, key: str, exc: StepFailed) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await repo.update_task(
+            await repo.fail_task(
                 conn,
                 self.vault_id,
                 self.job_id,
                 key,
-                state=JobState.FAILED.value,
-                ended_at=datetime.now(UTC),
                 error=exc.error,
                 cause=exc.cause or None,
                 recommendation=exc.recommendation or None,
@@ -174,20 +172,10 @@ class Run:
 
     async def finish_task(self, key: str, result: dict[str, Any]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await repo.update_task(
-                conn,
-                self.vault_id,
-                self.job_id,
-                key,
-                state=JobState.SUCCEEDED.value,
-                ended_at=datetime.now(UTC),
-                detail=result,
-            )
-            done = await conn.fetchval(
-                "SELECT count(*) FROM tasks WHERE job_id = $1 AND state = 'succeeded'", self.job_id
-            )
-            self.job = await repo.update_job(
-                conn, self.job_id, progress=domain.progress(done, self.job["expected_tasks"])
+            await repo.finish_task(conn, self.vault_id, self.job_id, key, result)
+            done = await repo.succeeded_tasks(conn, self.job_id)
+            self.job = await repo.set_job_progress(
+                conn, self.job_id, domain.progress(done, self.job["expected_tasks"])
             )
 
     async def wait_answer(
@@ -262,9 +250,7 @@ class Run:
                     cid,
                     JobState.WAITING_FOR_INPUT,
                 )
-            self.job = await repo.update_job(
-                conn, self.job_id, state=JobState.WAITING_FOR_INPUT.value, waiting_for=waiting
-            )
+            self.job = await repo.wait_for_input(conn, self.job_id, waiting)
         crash_point("failover.manual.waiting")
         while True:
             approved = await repo.approval(self.pool, self.job_id, key)
@@ -273,9 +259,7 @@ class Run:
             await self.engine.notifier.wait(self.settings.poll_seconds * 4)
         result = {"approved_by": approved["approved_by"], "comment": approved["comment"]}
         async with self.pool.acquire() as conn, conn.transaction():
-            self.job = await repo.update_job(
-                conn, self.job_id, state=JobState.IN_PROGRESS.value, waiting_for=None
-            )
+            self.job = await repo.resume_after_input(conn, self.job_id)
         await self.finish_task(key, result)
         return result
 
@@ -314,7 +298,7 @@ class Engine:
                         job["job_id"],
                         f"service restarted: job resumed ({domain.resume_point(tasks)})",
                     )
-                    await repo.update_job(conn, job["job_id"], restarts=job["restarts"] + 1)
+                    await repo.count_resume(conn, job["job_id"])
                 RESUMED.inc()
             self.submit(job["job_id"])
         return len(jobs)
@@ -330,9 +314,7 @@ class Engine:
             return
         if job["state"] == JobState.NOT_STARTED.value:
             async with self.pool.acquire() as conn, conn.transaction():
-                job = await repo.update_job(
-                    conn, job_id, state=JobState.IN_PROGRESS.value, started_at=datetime.now(UTC)
-                )
+                job = await repo.start_job(conn, job_id)
                 await repo.history(conn, job_id, "started")
         run = Run(self, job)
         operation = Operation(job["operation"])
@@ -361,29 +343,27 @@ class Engine:
         self, run: Run, state: JobState, failure: StepFailed | None, result: dict[str, Any]
     ) -> None:
         now = datetime.now(UTC)
-        fields: dict[str, Any] = {
-            "state": state.value,
-            "ended_at": now,
-            "waiting_for": None,
-            "result": {**result, "items": run.item_results} if run.item_results else result,
-        }
-        if state is JobState.SUCCEEDED:
-            fields["progress"] = 100
+        error = cause = recommendation = None
+        progress = 100 if state is not JobState.FAILED else None
         if failure is not None:
-            fields.update(
-                error=failure.error,
-                cause=failure.cause or None,
-                recommendation=failure.recommendation or None,
-            )
+            error = failure.error
+            cause = failure.cause or None
+            recommendation = failure.recommendation or None
         elif state is JobState.COMPLETED_WITH_ERRORS:
-            fields.update(
-                progress=100,
-                error=f"{run.errors} error(s); see the failed tasks",
-                cause="some steps failed; an unplanned run goes on past errors",
-                recommendation="check the failed tasks and the items they name",
-            )
+            error = f"{run.errors} error(s); see the failed tasks"
+            cause = "some steps failed; an unplanned run goes on past errors"
+            recommendation = "check the failed tasks and the items they name"
         async with self.pool.acquire() as conn, conn.transaction():
-            job = await repo.update_job(conn, run.job_id, **fields)
+            job = await repo.finish_job(
+                conn,
+                run.job_id,
+                state=state,
+                result={**result, "items": run.item_results} if run.item_results else result,
+                progress=progress,
+                error=error,
+                cause=cause,
+                recommendation=recommendation,
+            )
             await repo.history(conn, run.job_id, f"finished: {state.value}")
         JOBS.labels(job["operation"], state.value).inc()
         started = job["started_at"] or job["created_at"]
