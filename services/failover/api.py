@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +21,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.failover import domain, handlers
+from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
+from services.failover.commands import (
+    ApproveAction,
+    CreatePlan,
+    DeletePlan,
+    ReplacePlan,
+    RestartJob,
+    StartItemOperation,
+    StartPlanOperation,
+)
 from services.failover.domain import (
     FailoverRefused,
     InvalidRequest,
@@ -29,6 +39,7 @@ from services.failover.domain import (
     Operation,
     PlanGroup,
 )
+from services.failover.job import Job, JobParams
 from shared.auth import CurrentPrincipal, Principal
 from shared.schemas.failover import JobState, PointChoice
 from shared.schemas.registration import Role
@@ -97,12 +108,12 @@ def _ctx(request: Request) -> handlers.Context:
     return ctx
 
 
-def _params(body: OperationIn, operation: Operation) -> dict[str, Any]:
+def _params(body: OperationIn, operation: Operation) -> JobParams:
     domain.point_request(body.choice, body.cycle_seq)
     out = body.model_dump(mode="json")
     if operation is not Operation.TEST_FAILOVER:
         out.pop("network")
-    return out
+    return JobParams.model_validate(out)
 
 
 def _refused(exc: FailoverRefused) -> HTTPException:
@@ -115,34 +126,31 @@ def _refused(exc: FailoverRefused) -> HTTPException:
     return HTTPException(409, exc.message)
 
 
-def job_out(job: dict[str, Any]) -> dict[str, Any]:
-    keys = (
-        "job_id",
-        "vault_id",
-        "operation",
-        "target_kind",
-        "target",
-        "state",
-        "progress",
-        "error",
-        "cause",
-        "recommendation",
-        "restarts",
-        "run_no",
-        "waiting_for",
-        "result",
-        "created_by",
-        "created_at",
-        "started_at",
-        "ended_at",
-        "updated_at",
-    )
-    out = {k: job[k] for k in keys}
-    out["items"] = job["params"].get("items", [])
-    out["params"] = {k: v for k, v in job["params"].items() if k not in ("groups", "items")}
-    out["restartable"] = (
-        domain.can_restart(Operation(job["operation"]), JobState(job["state"])) is None
-    )
+def job_out(job: Job) -> dict[str, Any]:
+    out = {
+        "job_id": job.job_id,
+        "vault_id": job.vault_id,
+        "operation": job.operation.value,
+        "target_kind": job.target_kind,
+        "target": job.target,
+        "state": job.state.value,
+        "progress": job.progress,
+        "error": job.error,
+        "cause": job.cause,
+        "recommendation": job.recommendation,
+        "restarts": job.restarts,
+        "run_no": job.run_no,
+        "waiting_for": job.waiting_for.model_dump(mode="json") if job.waiting_for else None,
+        "result": job.result,
+        "created_by": job.created_by,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "ended_at": job.ended_at,
+        "updated_at": job.updated_at,
+        "items": job.params.items,
+        "params": {k: v for k, v in job.params.stored().items() if k not in ("groups", "items")},
+        "restartable": domain.can_restart(job.operation, job.state) is None,
+    }
     encoded: dict[str, Any] = jsonable_encoder(out)
     return encoded
 
@@ -173,8 +181,7 @@ async def _start_operation(
     vault_id: uuid.UUID,
     operation: str,
     body: OperationIn | None,
-    start: Callable[..., Awaitable[dict[str, Any]]],
-    target: Any,
+    command: Callable[[Operation, JobParams, str], StartItemOperation | StartPlanOperation],
 ) -> JSONResponse:
     """Check the role and the operation's name and parameters, start its job (202)."""
     principal.check(Role.OPERATOR, vault_id)
@@ -185,7 +192,7 @@ async def _start_operation(
         )
     try:
         params = _params(body or OperationIn(), op)
-        job = await start(_ctx(request), vault_id, target, op, params, principal.token_id)
+        job = await handlers.handle(_ctx(request), command(op, params, principal.token_id))
     except FailoverRefused as exc:
         raise _refused(exc) from None
     return JSONResponse(job_out(job), status_code=202)
@@ -208,7 +215,12 @@ async def item_operation(
     body: OperationIn | None = None,
 ) -> JSONResponse:
     return await _start_operation(
-        request, principal, vault_id, operation, body, handlers.start_item_operation, item_id
+        request,
+        principal,
+        vault_id,
+        operation,
+        body,
+        lambda op, params, by: StartItemOperation(vault_id, item_id, op, params, by),
     )
 
 
@@ -277,7 +289,7 @@ async def list_jobs(
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> Any:
     principal.check(Role.READER, vault_id)
-    rows = await repo.jobs(
+    rows = await jobs_repo.jobs(
         _ctx(request).pool,
         vault_id,
         state=state.value if state else None,
@@ -289,9 +301,9 @@ async def list_jobs(
     return [job_out(j) for j in rows]
 
 
-async def _job(request: Request, vault_id: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any]:
-    job = await repo.job(_ctx(request).pool, job_id)
-    if job is None or job["vault_id"] != vault_id:
+async def _job(request: Request, vault_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = await jobs_repo.job(_ctx(request).pool, job_id)
+    if job is None or job.vault_id != vault_id:
         raise HTTPException(404, f"job {job_id} not found in this vault")
     return job
 
@@ -305,8 +317,8 @@ async def show_job(
     pool = _ctx(request).pool
     return {
         **job_out(job),
-        "tasks": [task_out(t) for t in await repo.tasks(pool, job_id)],
-        "history": jsonable_encoder(await repo.job_history(pool, job_id)),
+        "tasks": [task_out(t) for t in await jobs_repo.tasks(pool, job_id)],
+        "history": jsonable_encoder(await jobs_repo.job_history(pool, job_id)),
     }
 
 
@@ -330,13 +342,13 @@ async def watch_job(
     deadline = time.monotonic() + timeout
     while True:
         job = await _job(request, vault_id, job_id)
-        changed = (state is not None and job["state"] != state.value) or (
-            progress is not None and job["progress"] != progress
+        changed = (state is not None and job.state is not state) or (
+            progress is not None and job.progress != progress
         )
         if changed or (state is None and progress is None) or time.monotonic() > deadline:
             return {
                 **job_out(job),
-                "tasks": [task_out(t) for t in await repo.tasks(ctx.pool, job_id)],
+                "tasks": [task_out(t) for t in await jobs_repo.tasks(ctx.pool, job_id)],
             }
         await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
@@ -351,7 +363,9 @@ async def restart_job(
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
     try:
-        job = await handlers.restart(_ctx(request), vault_id, job_id, principal.token_id)
+        job = await handlers.restart(
+            _ctx(request), RestartJob(vault_id, job_id, principal.token_id)
+        )
     except FailoverRefused as exc:
         raise _refused(exc) from None
     return job_out(job)
@@ -372,7 +386,8 @@ async def approve_action(
     principal.check(Role.OPERATOR, vault_id)
     try:
         await handlers.approve(
-            _ctx(request), vault_id, job_id, body.action_id, principal.token_id, body.comment
+            _ctx(request),
+            ApproveAction(vault_id, job_id, body.action_id, principal.token_id, body.comment),
         )
     except FailoverRefused as exc:
         raise _refused(exc) from None
@@ -453,7 +468,7 @@ async def create_plan(
     _validated(request, principal, vault_id, body)
     try:
         plan = await handlers.create_plan(
-            _ctx(request), vault_id, body.name, body.description, body.groups
+            _ctx(request), CreatePlan(vault_id, body.name, body.description, body.groups)
         )
     except FailoverRefused as exc:
         raise _refused(exc) from None
@@ -496,7 +511,8 @@ async def update_plan(
     _validated(request, principal, vault_id, body, list(found["groups"]))
     try:
         replaced = await handlers.replace_plan(
-            _ctx(request), vault_id, found["plan_id"], body.name, body.description, body.groups
+            _ctx(request),
+            ReplacePlan(vault_id, found["plan_id"], body.name, body.description, body.groups),
         )
     except FailoverRefused as exc:
         raise _refused(exc) from None
@@ -511,7 +527,7 @@ async def delete_plan(
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
     try:
-        deleted = await handlers.delete_plan(_ctx(request), vault_id, plan)
+        deleted = await handlers.delete_plan(_ctx(request), DeletePlan(vault_id, plan))
     except FailoverRefused as exc:
         raise _refused(exc) from None
     return plan_out(deleted)
@@ -535,5 +551,10 @@ async def plan_operation(
     body: OperationIn | None = None,
 ) -> JSONResponse:
     return await _start_operation(
-        request, principal, vault_id, operation, body, handlers.start_plan_operation, plan
+        request,
+        principal,
+        vault_id,
+        operation,
+        body,
+        lambda op, params, by: StartPlanOperation(vault_id, plan, op, params, by),
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from services.failover import domain
+from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
 from services.failover.domain import ItemFailoverState as View
 from services.failover.domain import Operation, PlanAction, PlanGroup
@@ -125,7 +126,7 @@ async def place_nics(
         placed = domain.failover_nics(nics, [], {}, set(), network, test=True)
         return [p.model_dump(mode="json") for p in placed]
     async with run.pool.acquire() as conn, conn.transaction():
-        await repo.lock_vault_ips(conn, run.vault_id)
+        await jobs_repo.lock_vault_ips(conn, run.vault_id)
         nets = {
             k: VmNetwork.model_validate(v["network"])
             for k, v in (await repo.networks(conn, run.vault_id)).items()
@@ -431,7 +432,7 @@ def _failure_result(
 
 
 async def test_item(run: Run, item_id: uuid.UUID, test_net: dict[str, Any]) -> None:
-    params = run.job["params"]
+    params = run.job.params
     p = f"{item_id}:"
     facts = await prepare(run, p, item_id, test_net)
     test_name = f"{facts['vm_name']}-test"
@@ -461,8 +462,8 @@ async def test_item(run: Run, item_id: uuid.UUID, test_net: dict[str, Any]) -> N
         p,
         facts,
         test_name,
-        PointChoice(params.get("choice", "latest")),
-        params.get("cycle_seq"),
+        PointChoice(params.choice or "latest"),
+        params.cycle_seq,
     )
     vm = await create_vm(
         run, p, facts, f"{facts['vm_id']}-test", test_name, point, facts["placed_nics"]
@@ -500,7 +501,7 @@ async def cleanup_item(run: Run, item_id: uuid.UUID) -> None:
             "at": datetime.now(UTC).isoformat(),
             "job_id": str(run.job_id),
             "test_job_id": test["job_id"],
-            "notes": run.job["params"].get("notes", ""),
+            "notes": run.job.params.notes or "",
         }
         await repo.set_view(
             run.pool,
@@ -566,11 +567,11 @@ async def planned_item(
 
 
 async def unplanned_item(run: Run, item_id: uuid.UUID) -> None:
-    params = run.job["params"]
+    params = run.job.params
     p = f"{item_id}:"
     facts = await prepare(run, p, item_id, None)
     errors: list[str] = []
-    if params.get("shutdown_source", False):
+    if params.shutdown_source:
         try:
             final = await shutdown(run, p, facts, timeout=run.settings.sync_timeout_seconds)
             await synced(run, p, facts, final["cycle_seq"], run.settings.sync_timeout_seconds)
@@ -583,8 +584,8 @@ async def unplanned_item(run: Run, item_id: uuid.UUID) -> None:
             p,
             facts,
             facts["vm_name"],
-            PointChoice(params.get("choice", "latest")),
-            params.get("cycle_seq"),
+            PointChoice(params.choice or "latest"),
+            params.cycle_seq,
             handover=True,
         )
         vm = await create_vm(
@@ -649,7 +650,7 @@ async def commit_item(run: Run, item_id: uuid.UUID) -> None:
 async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
     p = f"{item_id}:"
     name = await vm_name_of(run, item_id)
-    force = bool(run.job["params"].get("force_full_resync", False))
+    force = bool(run.job.params.force_full_resync)
     new_item_id = uuid.uuid5(domain.NAMESPACE, f"{run.job_id}/reverse/{item_id}")
 
     async def plan_it(_cid: uuid.UUID) -> dict[str, Any]:
@@ -778,7 +779,7 @@ async def failback_item(run: Run, item_id: uuid.UUID) -> None:
 
 async def test_network(run: Run) -> dict[str, Any]:
     """The test network: none, an existing (isolated) one, or one created for this test."""
-    choice = run.job["params"].get("network", "none")
+    choice = run.job.params.network or "none"
     if choice == "none":
         return {"network_id": None}
 
@@ -793,7 +794,7 @@ async def test_network(run: Run) -> dict[str, Any]:
                 )
             return {"network_id": choice, "network": nets[choice]["network"], "created": False}
         network_id = f"test-{run.job_id.hex[:12]}"
-        site = run.job["params"].get("target_site") or ""
+        site = run.job.params.target_site or ""
         template: dict[str, Any] = next(
             (
                 n["network"]
@@ -836,7 +837,7 @@ async def delete_test_networks(run: Run, test_job_ids: set[str]) -> None:
 
 def item_workflow(operation: Operation) -> Workflow:
     async def run_item(run: Run) -> dict[str, Any]:
-        item_id = uuid.UUID(run.job["target"])
+        item_id = uuid.UUID(run.job.target)
         await run_items(run, operation, [item_id], None)
         if (
             operation is Operation.UNPLANNED_FAILOVER
@@ -921,7 +922,7 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
 
 async def run_action(run: Run, key: str, action: PlanAction) -> None:
     if action.kind == "manual":
-        await run.manual(key, action.model_dump(mode="json"))
+        await run.manual(key, action)
         return
     settings = run.settings
     timeout = action.timeout_seconds or settings.script_timeout_seconds
@@ -946,9 +947,9 @@ async def run_action(run: Run, key: str, action: PlanAction) -> None:
                     settings.script_path,
                     {
                         "job_id": str(run.job_id),
-                        "operation": run.job["operation"],
+                        "operation": run.job.operation.value,
                         "vault_id": str(run.vault_id),
-                        "target": str(run.job["target"]),
+                        "target": run.job.target,
                         "action_id": action.action_id,
                     },
                 ),
@@ -999,7 +1000,7 @@ async def run_action(run: Run, key: str, action: PlanAction) -> None:
 
 def plan_workflow(operation: Operation) -> Workflow:
     async def run_plan(run: Run) -> dict[str, Any]:
-        groups = [PlanGroup.model_validate(g) for g in run.job["params"]["groups"]]
+        groups = [PlanGroup.model_validate(g) for g in run.job.params.groups or []]
         kind = domain.OPERATION_KIND.get(operation)
         goes_on = operation is Operation.UNPLANNED_FAILOVER
         test_net = await test_network(run) if operation is Operation.TEST_FAILOVER else None

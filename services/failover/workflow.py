@@ -25,9 +25,12 @@ import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.failover import domain
+from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
 from services.failover.config import FailoverSettings
-from services.failover.domain import Operation, StepAction
+from services.failover.domain import PlanAction, StepAction
+from services.failover.job import Job, WaitingFor
+from services.failover.unit_of_work import PgUnitOfWork
 from shared.faults import crash_point
 from shared.schemas.failover import JobState
 
@@ -91,19 +94,17 @@ class Run:
     """One execution of a job (fresh after every restart); steps are resumed from the DB."""
 
     engine: Engine
-    job: dict[str, Any]
+    job: Job
     errors: int = 0
     item_results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def job_id(self) -> uuid.UUID:
-        job_id: uuid.UUID = self.job["job_id"]
-        return job_id
+        return self.job.job_id
 
     @property
     def vault_id(self) -> uuid.UUID:
-        vault_id: uuid.UUID = self.job["vault_id"]
-        return vault_id
+        return self.job.vault_id
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -123,7 +124,7 @@ class Run:
         crash: str = "step",
     ) -> dict[str, Any]:
         """Run step `key` once: record, effect, answer, done. Returns the step's result."""
-        task = await repo.task(self.pool, self.job_id, key)
+        task = await jobs_repo.task(self.pool, self.job_id, key)
         answered = False
         if task is not None and wait is not None:
             answered = await repo.answer(self.pool, task["command_id"]) is not None
@@ -137,9 +138,9 @@ class Run:
                 task["error"] or "failed", task["cause"] or "", task["recommendation"] or ""
             )
         if task is None:
-            command_id = domain.command_id_for(self.job_id, key, self.job["run_no"])
+            command_id = domain.command_id_for(self.job_id, key, self.job.run_no)
             async with self.pool.acquire() as conn, conn.transaction():
-                task = await repo.insert_task(
+                task = await jobs_repo.insert_task(
                     conn, self.vault_id, self.job_id, key, name, command_id
                 )
             crash_point(f"failover.{crash}.recorded")
@@ -160,7 +161,7 @@ class Run:
 
     async def fail_task(self, key: str, exc: StepFailed) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await repo.fail_task(
+            await jobs_repo.fail_task(
                 conn,
                 self.vault_id,
                 self.job_id,
@@ -171,12 +172,18 @@ class Run:
             )
 
     async def finish_task(self, key: str, result: dict[str, Any]) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await repo.finish_task(conn, self.vault_id, self.job_id, key, result)
-            done = await repo.succeeded_tasks(conn, self.job_id)
-            self.job = await repo.set_job_progress(
-                conn, self.job_id, domain.progress(done, self.job["expected_tasks"])
-            )
+        async with self.engine.uow() as uow:
+            await jobs_repo.finish_task(uow.conn, self.vault_id, self.job_id, key, result)
+            job = await self._load(uow)
+            job.tasks_done(await uow.jobs.succeeded_tasks(self.job_id))
+            await uow.commit()
+        self.job = job
+
+    async def _load(self, uow: PgUnitOfWork) -> Job:
+        job = await uow.jobs.get(self.job_id)
+        if job is None:
+            raise StepFailed(f"job {self.job_id} is gone", "its row was deleted")
+        return job
 
     async def wait_answer(
         self,
@@ -227,39 +234,45 @@ class Run:
                 )
             await self.engine.notifier.wait(self.settings.poll_seconds)
 
-    async def manual(self, key: str, action: dict[str, Any]) -> dict[str, Any]:
+    async def manual(self, key: str, action: PlanAction) -> dict[str, Any]:
         """A manual action: the job waits in `waiting_for_input` until an operator approves."""
-        task = await repo.task(self.pool, self.job_id, key)
+        task = await jobs_repo.task(self.pool, self.job_id, key)
         if task is not None and task["state"] == JobState.SUCCEEDED.value:
             return dict(task["detail"])
-        waiting = {
-            "action_id": action["action_id"],
-            "action_key": key,
-            "name": action["name"],
-            "instructions": action.get("instructions", ""),
-        }
-        async with self.pool.acquire() as conn, conn.transaction():
+        waiting = WaitingFor(
+            action_id=action.action_id,
+            action_key=key,
+            name=action.name,
+            instructions=action.instructions,
+        )
+        async with self.engine.uow() as uow:
             if task is None:
-                cid = domain.command_id_for(self.job_id, key, self.job["run_no"])
-                await repo.insert_task(
-                    conn,
+                cid = domain.command_id_for(self.job_id, key, self.job.run_no)
+                await jobs_repo.insert_task(
+                    uow.conn,
                     self.vault_id,
                     self.job_id,
                     key,
-                    f"manual action: {action['name']}",
+                    f"manual action: {action.name}",
                     cid,
                     JobState.WAITING_FOR_INPUT,
                 )
-            self.job = await repo.wait_for_input(conn, self.job_id, waiting)
+            job = await self._load(uow)
+            job.wait_for(waiting)
+            await uow.commit()
+        self.job = job
         crash_point("failover.manual.waiting")
         while True:
-            approved = await repo.approval(self.pool, self.job_id, key)
+            approved = await jobs_repo.approval(self.pool, self.job_id, key)
             if approved is not None:
                 break
             await self.engine.notifier.wait(self.settings.poll_seconds * 4)
         result = {"approved_by": approved["approved_by"], "comment": approved["comment"]}
-        async with self.pool.acquire() as conn, conn.transaction():
-            self.job = await repo.resume_after_input(conn, self.job_id)
+        async with self.engine.uow() as uow:
+            job = await self._load(uow)
+            job.input_given()
+            await uow.commit()
+        self.job = job
         await self.finish_task(key, result)
         return result
 
@@ -288,20 +301,21 @@ class Engine:
         task.add_done_callback(lambda _t: self.running.pop(job_id, None))
 
     async def resume_all(self) -> int:
-        jobs = await repo.unfinished_jobs(self.pool)
-        for job in jobs:
-            if job["state"] != JobState.NOT_STARTED.value:
-                tasks = await repo.tasks(self.pool, job["job_id"])
-                async with self.pool.acquire() as conn, conn.transaction():
-                    await repo.history(
-                        conn,
-                        job["job_id"],
-                        f"service restarted: job resumed ({domain.resume_point(tasks)})",
-                    )
-                    await repo.count_resume(conn, job["job_id"])
+        jobs = await jobs_repo.unfinished_jobs(self.pool)
+        for found in jobs:
+            if found.state is not JobState.NOT_STARTED:
+                tasks = await jobs_repo.tasks(self.pool, found.job_id)
+                async with self.uow() as uow:
+                    job = await uow.jobs.get(found.job_id)
+                    if job is not None:
+                        job.resumed(domain.resume_point(tasks))
+                    await uow.commit()
                 RESUMED.inc()
-            self.submit(job["job_id"])
+            self.submit(found.job_id)
         return len(jobs)
+
+    def uow(self) -> PgUnitOfWork:
+        return PgUnitOfWork(self.pool)
 
     async def stop(self) -> None:
         for task in list(self.running.values()):
@@ -309,20 +323,19 @@ class Engine:
         await asyncio.gather(*self.running.values(), return_exceptions=True)
 
     async def run_job(self, job_id: uuid.UUID) -> None:
-        job = await repo.job(self.pool, job_id)
-        if job is None or domain.is_finished(JobState(job["state"])):
-            return
-        if job["state"] == JobState.NOT_STARTED.value:
-            async with self.pool.acquire() as conn, conn.transaction():
-                job = await repo.start_job(conn, job_id)
-                await repo.history(conn, job_id, "started")
+        async with self.uow() as uow:
+            job = await uow.jobs.get(job_id)
+            if job is None or job.finished:
+                return
+            if job.state is JobState.NOT_STARTED:
+                job.start(datetime.now(UTC))
+            await uow.commit()
         run = Run(self, job)
-        operation = Operation(job["operation"])
         JOBS_RUNNING.inc()
         failure: StepFailed | None = None
         result: dict[str, Any] = {}
         try:
-            result = await self.workflows[f"{job['target_kind']}:{operation.value}"](run)
+            result = await self.workflows[job.kind](run)
         except StepFailed as exc:
             failure = exc
         except asyncio.CancelledError:
@@ -336,44 +349,31 @@ class Engine:
             )
         finally:
             JOBS_RUNNING.dec()
-        state = domain.final_state(operation, failed=failure is not None, errors=run.errors)
-        await self.finish(run, state, failure, result)
+        await self.finish(run, failure, result)
 
-    async def finish(
-        self, run: Run, state: JobState, failure: StepFailed | None, result: dict[str, Any]
-    ) -> None:
+    async def finish(self, run: Run, failure: StepFailed | None, result: dict[str, Any]) -> None:
         now = datetime.now(UTC)
-        error = cause = recommendation = None
-        progress = 100 if state is not JobState.FAILED else None
-        if failure is not None:
-            error = failure.error
-            cause = failure.cause or None
-            recommendation = failure.recommendation or None
-        elif state is JobState.COMPLETED_WITH_ERRORS:
-            error = f"{run.errors} error(s); see the failed tasks"
-            cause = "some steps failed; an unplanned run goes on past errors"
-            recommendation = "check the failed tasks and the items they name"
-        async with self.pool.acquire() as conn, conn.transaction():
-            job = await repo.finish_job(
-                conn,
-                run.job_id,
-                state=state,
+        async with self.uow() as uow:
+            job = await uow.jobs.get(run.job_id)
+            if job is None:
+                return
+            job.finish(
+                now,
+                failure=(failure.error, failure.cause, failure.recommendation) if failure else None,
+                errors=run.errors,
                 result={**result, "items": run.item_results} if run.item_results else result,
-                progress=progress,
-                error=error,
-                cause=cause,
-                recommendation=recommendation,
             )
-            await repo.history(conn, run.job_id, f"finished: {state.value}")
-        JOBS.labels(job["operation"], state.value).inc()
-        started = job["started_at"] or job["created_at"]
-        JOB_SECONDS.labels(job["operation"]).observe((now - started).total_seconds())
+            await uow.commit()
+        state = job.state
+        JOBS.labels(job.operation.value, state.value).inc()
+        started = job.started_at or job.created_at or now
+        JOB_SECONDS.labels(job.operation.value).observe((now - started).total_seconds())
         log.log(
             logging.WARNING if failure else logging.INFO,
             "job finished",
             extra={
                 "job_id": str(run.job_id),
-                "operation": job["operation"],
+                "operation": job.operation.value,
                 "state": state.value,
                 "error": failure.error if failure else None,
             },
