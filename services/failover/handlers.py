@@ -35,8 +35,9 @@ from services.failover.domain import (
     Operation,
     PlanGroup,
 )
+from services.failover.item_workflows import STEPS
 from services.failover.job import Job, JobParams
-from services.failover.operations import STEPS, path_exists
+from services.failover.steps import path_exists
 from services.failover.unit_of_work import PgUnitOfWork, UnitOfWork
 from services.failover.workflow import Engine, Notifier
 

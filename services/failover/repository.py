@@ -11,6 +11,8 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
+from services.failover.domain import ItemFailoverState
+from services.failover.item_failover import FailoverInfo, ItemFailover, TestFailover, stored_info
 from shared import outbox
 from shared.kafka import Rejected
 from shared.schemas.envelope import EventPayload
@@ -345,36 +347,42 @@ async def view(conn: Conn, item_id: uuid.UUID) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-async def set_view(
-    conn: Conn,
-    item_id: uuid.UUID,
-    vault_id: uuid.UUID,
-    state: str,
-    *,
-    info: dict[str, Any] | None = None,
-    test: dict[str, Any] | bool | None = False,
-    note: dict[str, Any] | None = None,
-) -> None:
-    """Upsert the item's failover view; `info` is merged, `test` replaced unless False."""
+async def item_failover(conn: Conn, item_id: uuid.UUID, vault_id: uuid.UUID) -> ItemFailover:
+    """The item's failover state (protected, nothing done yet, if there is no row)."""
+    row = await conn.fetchrow("SELECT * FROM item_failover WHERE item_id = $1", item_id)
+    if row is None:
+        return ItemFailover(item_id=item_id, vault_id=vault_id)
+    return ItemFailover(
+        item_id=row["item_id"],
+        vault_id=row["vault_id"],
+        state=ItemFailoverState(row["state"]),
+        info=FailoverInfo.model_validate(row["info"]),
+        test=TestFailover.model_validate(row["test"]) if row["test"] else None,
+        notes=list(row["notes"]),
+    )
+
+
+async def save_item_failover(conn: Conn, item: ItemFailover) -> None:
+    """Write the item's failover state and its events (outbox), in the caller's transaction
+    (given a pool: in a transaction of its own)."""
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as own, own.transaction():
+            await save_item_failover(own, item)
+        return
     await conn.execute(
         "INSERT INTO item_failover (item_id, vault_id, state, info, test, notes)"
-        " VALUES ($1, $2, $3, coalesce($4::jsonb, '{}'::jsonb),"
-        "  CASE WHEN $6 THEN $5::jsonb ELSE NULL END,"
-        "  CASE WHEN $7::jsonb IS NULL THEN '[]'::jsonb ELSE jsonb_build_array($7::jsonb) END)"
-        " ON CONFLICT (item_id) DO UPDATE SET state = EXCLUDED.state,"
-        "  info = item_failover.info || coalesce($4::jsonb, '{}'::jsonb),"
-        "  test = CASE WHEN $6 THEN $5::jsonb ELSE item_failover.test END,"
-        "  notes = CASE WHEN $7::jsonb IS NULL THEN item_failover.notes"
-        "   ELSE item_failover.notes || jsonb_build_array($7::jsonb) END,"
-        "  updated_at = now()",
-        item_id,
-        vault_id,
-        state,
-        info,
-        test if test is not False else None,
-        test is not False,
-        note,
+        " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (item_id) DO UPDATE SET state = EXCLUDED.state,"
+        " info = EXCLUDED.info, test = EXCLUDED.test, notes = EXCLUDED.notes, updated_at = now()",
+        item.item_id,
+        item.vault_id,
+        item.state.value,
+        stored_info(item.info),
+        item.test.model_dump(mode="json") if item.test else None,
+        item.notes,
     )
+    for event in item.events:
+        await emit(conn, item.vault_id, event, str(item.item_id))
+    item.events.clear()
 
 
 async def tests_to_force_clean(
