@@ -422,10 +422,34 @@ def point_request(choice: PointChoice, cycle_seq: int | None) -> PointRequest:
     return PointRequest(choice, cycle_seq if choice is PointChoice.CHOSEN else None)
 
 
-def check_point_exists(item: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+class PointNotRetained(FailoverRefused):
+    """The chosen recovery point was taken but retention has removed it."""
+
+
+@dataclass(frozen=True)
+class RetainedPoints:
+    """The cycles of an item's retained recovery points (and which are app-consistent); empty
+    when none are known (points taken before they were listed)."""
+
+    seqs: frozenset[int] = frozenset()
+    app_seqs: frozenset[int] = frozenset()
+
+    def describe(self) -> str:
+        if not self.seqs:
+            return "none"
+        n = len(self.seqs)
+        return f"{min(self.seqs)}..{max(self.seqs)} ({n} point{'s' if n != 1 else ''})"
+
+
+def check_point_exists(
+    item: Mapping[str, Any],
+    params: Mapping[str, Any],
+    retained: RetainedPoints | None = None,
+) -> None:
     """The point a test or unplanned failover asks for exists, checked when the job is asked
     for (not when its materialise step runs): a chosen cycle past the item's latest point is
-    NotFound, a latest app-consistent point where none was taken a refusal."""
+    NotFound, one that retention removed PointNotRetained (naming the retained range), a
+    latest app-consistent point where none was taken a refusal."""
     choice = params.get("choice", PointChoice.LATEST.value)
     latest = item.get("latest_seq")
     if choice == PointChoice.CHOSEN.value and latest is not None:
@@ -436,7 +460,16 @@ def check_point_exists(item: Mapping[str, Any], params: Mapping[str, Any]) -> No
                 "list the retained points (GET .../protected-items/{item_id}/recovery-points) "
                 "and choose one of them"
             )
-    if choice == PointChoice.LATEST_APP_CONSISTENT.value and item.get("latest_app_seq") is None:
+        if retained is not None and retained.seqs and seq not in retained.seqs:
+            raise PointNotRetained(
+                f"{item['vm_name']} has no retained recovery point {seq}: the retained points "
+                f"are {retained.describe()}; list them (GET "
+                ".../protected-items/{item_id}/recovery-points) and choose one of them"
+            )
+    app_pruned = retained is not None and bool(retained.seqs) and not retained.app_seqs
+    if choice == PointChoice.LATEST_APP_CONSISTENT.value and (
+        item.get("latest_app_seq") is None or app_pruned
+    ):
         raise FailoverRefused(
             f"{item['vm_name']} has no app-consistent recovery point yet: choose latest or a "
             "chosen point, or wait for the policy's app-consistent snapshot"

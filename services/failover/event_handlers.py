@@ -57,6 +57,11 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         )
         notifier.poke()
 
+    async def on_pruned(conn: asyncpg.Connection, inc: Incoming) -> None:
+        ev = inc.payload
+        assert isinstance(ev, replication.RecoveryPointsPruned)
+        await repo.prune_points(conn, inc.envelope.vault_id, ev.item_id, ev.cycle_seqs)
+
     async def on_materialised(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(
@@ -150,6 +155,7 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         replication.ProtectionDisabled: on_disabled,
         replication.ItemStateChanged: on_state,
         replication.RecoveryPointCreated: on_point,
+        replication.RecoveryPointsPruned: on_pruned,
         failover.RecoveryPointMaterialised: on_materialised,
         failover.RecoveryPointMaterialiseFailed: on_materialised,
         agent.CommandCompleted: on_completed,

@@ -88,7 +88,8 @@ async def check_item(
     else:
         CHECKS[operation](item, view)
     if operation in (Operation.TEST_FAILOVER, Operation.UNPLANNED_FAILOVER):
-        domain.check_point_exists(item, params.stored())
+        retained = await repo.retained_points(conn, item_id)
+        domain.check_point_exists(item, params.stored(), retained)
     if operation is Operation.REVERSE:
         info = (view or {}).get("info", {})
         old = dict(info.get("source_disks", {}))

@@ -11,7 +11,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from services.failover.domain import ItemFailoverState
+from services.failover.domain import ItemFailoverState, RetainedPoints
 from services.failover.item_failover import FailoverInfo, ItemFailover, TestFailover, stored_info
 from shared import outbox
 from shared.kafka import Rejected
@@ -148,6 +148,40 @@ async def record_point(
         source_time,
         app_consistent,
         vault_id,
+    )
+    await conn.execute(
+        "INSERT INTO rm_points (item_id, vault_id, cycle_seq, app_consistent, source_time)"
+        " SELECT $1, $2, $3, $4, $5 WHERE EXISTS"
+        "  (SELECT 1 FROM rm_items WHERE item_id = $1 AND vault_id = $2)"
+        " ON CONFLICT (item_id, cycle_seq) DO NOTHING",
+        item_id,
+        vault_id,
+        cycle_seq,
+        app_consistent,
+        source_time,
+    )
+
+
+async def prune_points(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, item_id: uuid.UUID, cycle_seqs: list[int]
+) -> None:
+    """Retention removed these points: they leave the item's retained points."""
+    await conn.execute(
+        "DELETE FROM rm_points WHERE item_id = $1 AND vault_id = $2"
+        " AND cycle_seq = ANY($3::bigint[])",
+        item_id,
+        vault_id,
+        cycle_seqs,
+    )
+
+
+async def retained_points(conn: Conn, item_id: uuid.UUID) -> RetainedPoints:
+    rows = await conn.fetch(
+        "SELECT cycle_seq, app_consistent FROM rm_points WHERE item_id = $1", item_id
+    )
+    return RetainedPoints(
+        seqs=frozenset(r["cycle_seq"] for r in rows),
+        app_seqs=frozenset(r["cycle_seq"] for r in rows if r["app_consistent"]),
     )
 
 

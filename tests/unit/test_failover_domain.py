@@ -259,3 +259,18 @@ def test_a_point_is_checked_when_the_job_is_asked_for() -> None:
     with pytest.raises(FailoverRefused) as no_app:
         domain.check_point_exists(item, {"choice": "latest_app_consistent"})
     assert type(no_app.value) is FailoverRefused  # a conflict, not a missing point
+
+
+def test_a_chosen_point_must_still_be_retained() -> None:
+    item = {"vm_name": "db01", "latest_seq": 40, "latest_app_seq": 12}
+    kept = domain.RetainedPoints(seqs=frozenset({30, 35, 40}), app_seqs=frozenset())
+    assert kept.describe() == "30..40 (3 points)"
+    domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 35}, kept)
+    with pytest.raises(
+        domain.PointNotRetained, match=r"point 12: the retained points are 30\.\.40"
+    ):
+        domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 12}, kept)
+    with pytest.raises(FailoverRefused, match="no app-consistent"):
+        domain.check_point_exists(item, {"choice": "latest_app_consistent"}, kept)
+    # points taken before they were listed: only the latest bounds the choice
+    domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 12}, domain.RetainedPoints())
