@@ -38,6 +38,7 @@ from services.failover.domain import (
     NotFound,
     Operation,
     PlanGroup,
+    RecoveryPlan,
 )
 from services.failover.job import Job, JobParams
 from shared.auth import CurrentPrincipal, Principal
@@ -256,6 +257,7 @@ async def show_item(
         raise HTTPException(404, f"protected item {item_id} not found in this vault")
     view = await repo.view(pool, item_id) or {}
     link = await repo.link_of(pool, old=item_id)
+    retained = await repo.retained_points(pool, item_id)
     return jsonable_encoder(
         {
             "item_id": item_id,
@@ -270,6 +272,13 @@ async def show_item(
             "test": view.get("test"),
             "notes": view.get("notes", []),
             "reversed_by": link["new_item_id"] if link else None,
+            "retained_points": {
+                "count": len(retained.seqs),
+                "oldest_seq": min(retained.seqs),
+                "latest_seq": max(retained.seqs),
+            }
+            if retained.seqs
+            else None,
         }
     )
 
@@ -397,17 +406,16 @@ async def approve_action(
 # ------------------------------------------------------------------ recovery plans
 
 
-def plan_out(p: dict[str, Any]) -> dict[str, Any]:
-    groups = p["groups"]
+def plan_out(p: RecoveryPlan) -> dict[str, Any]:
     encoded: dict[str, Any] = jsonable_encoder(
         {
-            "plan_id": p["plan_id"],
-            "name": p["name"],
-            "description": p["description"],
-            "groups": groups,
-            "item_count": sum(len(g["items"]) for g in groups),
-            "created_at": p["created_at"],
-            "updated_at": p["updated_at"],
+            "plan_id": p.plan_id,
+            "name": p.name,
+            "description": p.description,
+            "groups": [g.model_dump(mode="json") for g in p.groups],
+            "item_count": p.item_count,
+            "created_at": p.created_at,
+            "updated_at": p.updated_at,
         }
     )
     return encoded
@@ -418,7 +426,7 @@ def _check_scripts(
     principal: Principal,
     vault_id: uuid.UUID,
     body: PlanIn,
-    before: list[dict[str, Any]] | None,
+    before: list[PlanGroup] | None,
 ) -> None:
     """Only an admin creates or changes a script action; every script of the plan must be an
     executable file of the service's scripts folder."""
@@ -447,7 +455,7 @@ def _validated(
     principal: Principal,
     vault_id: uuid.UUID,
     body: PlanIn,
-    before: list[dict[str, Any]] | None = None,
+    before: list[PlanGroup] | None = None,
 ) -> None:
     problems = domain.plan_problems(body.groups)
     if problems:
@@ -481,7 +489,7 @@ async def list_plans(vault_id: uuid.UUID, request: Request, principal: CurrentPr
     return [plan_out(p) for p in await repo.plans(_ctx(request).pool, vault_id)]
 
 
-async def _plan(request: Request, vault_id: uuid.UUID, plan: str) -> dict[str, Any]:
+async def _plan(request: Request, vault_id: uuid.UUID, plan: str) -> RecoveryPlan:
     found = await repo.plan(_ctx(request).pool, vault_id, plan)
     if found is None:
         raise HTTPException(404, f"recovery plan {plan} not found in this vault")
@@ -508,11 +516,11 @@ async def update_plan(
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
     found = await _plan(request, vault_id, plan)
-    _validated(request, principal, vault_id, body, list(found["groups"]))
+    _validated(request, principal, vault_id, body, found.groups)
     try:
         replaced = await handlers.replace_plan(
             _ctx(request),
-            ReplacePlan(vault_id, found["plan_id"], body.name, body.description, body.groups),
+            ReplacePlan(vault_id, found.plan_id, body.name, body.description, body.groups),
         )
     except FailoverRefused as exc:
         raise _refused(exc) from None

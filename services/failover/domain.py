@@ -296,6 +296,21 @@ class PlanGroup(BaseModel):
     post_actions: list[PlanAction] = Field(default_factory=list, max_length=20)
 
 
+@dataclass(frozen=True)
+class RecoveryPlan:
+    plan_id: uuid.UUID
+    vault_id: uuid.UUID
+    name: str
+    description: str
+    groups: list[PlanGroup]
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def item_count(self) -> int:
+        return sum(len(g.items) for g in self.groups)
+
+
 def plan_problems(groups: Sequence[PlanGroup]) -> list[str]:
     """Why a recovery plan is invalid (empty: valid)."""
     problems = []

@@ -34,6 +34,7 @@ from services.failover.domain import (
     NotFound,
     Operation,
     PlanGroup,
+    RecoveryPlan,
 )
 from services.failover.item_workflows import STEPS
 from services.failover.job import Job, JobParams
@@ -165,20 +166,20 @@ async def start_plan_operation(ctx: Context, cmd: StartPlanOperation) -> Job:
     plan = await repo.plan(ctx.pool, cmd.vault_id, cmd.plan_ref)
     if plan is None:
         raise NotFound(f"recovery plan {cmd.plan_ref} not found")
-    groups = [PlanGroup.model_validate(g) for g in plan["groups"]]
+    groups = plan.groups
     kind = domain.OPERATION_KIND.get(cmd.operation)
     item_ids = [await repo.current_item(ctx.pool, i) for g in groups for i in g.items]
     actions = sum(len(domain.actions_for([*g.pre_actions, *g.post_actions], kind)) for g in groups)
     params = cmd.params.model_copy()
-    params.groups = list(plan["groups"])
-    params.plan_name = plan["name"]
+    params.groups = [g.model_dump(mode="json") for g in groups]
+    params.plan_name = plan.name
     return await start_job(
         ctx,
         cmd.vault_id,
         cmd.operation,
         item_ids=item_ids,
         target_kind="plan",
-        target=str(plan["plan_id"]),
+        target=str(plan.plan_id),
         params=params,
         expected_tasks=max(1, STEPS[cmd.operation] * len(item_ids) + actions),
         created_by=cmd.by,
@@ -220,25 +221,23 @@ async def restart(ctx: Context, cmd: RestartJob) -> Job:
 # ------------------------------------------------------------------ recovery plans
 
 
-async def create_plan(ctx: Context, cmd: CreatePlan) -> dict[str, Any]:
+async def create_plan(ctx: Context, cmd: CreatePlan) -> RecoveryPlan:
     await _check_items_known(ctx, cmd.vault_id, cmd.groups)
-    groups = [g.model_dump(mode="json") for g in cmd.groups]
-    plan = await repo.insert_plan(ctx.pool, cmd.vault_id, cmd.name, cmd.description, groups)
+    plan = await repo.insert_plan(ctx.pool, cmd.vault_id, cmd.name, cmd.description, cmd.groups)
     if plan is None:
         raise FailoverRefused(f"a recovery plan named '{cmd.name}' already exists")
     return plan
 
 
-async def replace_plan(ctx: Context, cmd: ReplacePlan) -> dict[str, Any]:
+async def replace_plan(ctx: Context, cmd: ReplacePlan) -> RecoveryPlan:
     await _check_items_known(ctx, cmd.vault_id, cmd.groups)
-    groups = [g.model_dump(mode="json") for g in cmd.groups]
-    plan = await repo.replace_plan(ctx.pool, cmd.plan_id, cmd.name, cmd.description, groups)
+    plan = await repo.replace_plan(ctx.pool, cmd.plan_id, cmd.name, cmd.description, cmd.groups)
     if plan is None:
         raise FailoverRefused(f"a recovery plan named '{cmd.name}' already exists")
     return plan
 
 
-async def delete_plan(ctx: Context, cmd: DeletePlan) -> dict[str, Any]:
+async def delete_plan(ctx: Context, cmd: DeletePlan) -> RecoveryPlan:
     """Delete the plan unless it has an unfinished job; under the vault's job lock, so no job
     of it starts meanwhile."""
     async with PgUnitOfWork(ctx.pool) as uow:
@@ -246,7 +245,7 @@ async def delete_plan(ctx: Context, cmd: DeletePlan) -> dict[str, Any]:
         plan = await repo.plan(uow.conn, cmd.vault_id, cmd.plan_ref)
         if plan is None:
             raise NotFound(f"recovery plan {cmd.plan_ref} not found in this vault")
-        if not await repo.delete_idle_plan(uow.conn, plan["plan_id"]):
+        if not await repo.delete_idle_plan(uow.conn, plan.plan_id):
             raise FailoverRefused("the plan has a running job; wait for it to finish")
         await uow.commit()
     return plan

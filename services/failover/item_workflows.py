@@ -18,7 +18,6 @@ from services.failover.steps import (
     TestNetwork,
     create_vm,
     delete_vm,
-    dumped,
     mark_failed_over,
     materialise,
     path_exists,
@@ -29,7 +28,7 @@ from services.failover.steps import (
     vm_name_of,
 )
 from services.failover.test_networks import delete_test_networks, test_network
-from services.failover.workflow import Run, StepFailed, Workflow
+from services.failover.workflow import Run, StepFailed, StepResult, Workflow
 from shared.schemas.failover import (
     FailoverKind,
     PointChoice,
@@ -37,6 +36,46 @@ from shared.schemas.failover import (
     ReverseReplicationRequested,
     SeedDisk,
 )
+
+
+class Proof(StepResult):
+    """Planned failover: the replica's roots equal the source's final roots."""
+
+    proven: bool
+    roots: dict[str, str]
+    final_cycle_seq: int | None
+
+
+class Committed(StepResult):
+    cycle_seq: int
+
+
+class ReversePlan(StepResult):
+    """Reverse replication of a failed-over item: the new item, its disks and the old
+    primary's disks that seed it."""
+
+    # the VM, protected again under a new item
+    new_item_id: uuid.UUID
+    vm_id: str
+    vm_name: str
+    nics: list[dict[str, Any]]
+    # the recovery host becomes the source; the old primary site the target
+    source_agent_id: uuid.UUID
+    source_site: str
+    target_site: str
+    disks: list[ReverseDisk]
+    seed_disks: list[SeedDisk]
+
+
+class Reversed(StepResult):
+    new_item_id: uuid.UUID
+    seeded: bool
+
+
+class ReverseProtected(StepResult):
+    new_item_id: uuid.UUID
+    state: str | None
+
 
 STEPS = {
     Operation.TEST_FAILOVER: 3,
@@ -103,7 +142,7 @@ async def cleanup_item(run: Run, item_id: uuid.UUID) -> None:
         crash="delete_vm",
     )
 
-    async def record(_cid: uuid.UUID) -> dict[str, Any]:
+    async def record(_cid: uuid.UUID) -> CleanupNote:
         note = CleanupNote(
             at=datetime.now(UTC).isoformat(),
             job_id=str(run.job_id),
@@ -113,9 +152,9 @@ async def cleanup_item(run: Run, item_id: uuid.UUID) -> None:
         item = await repo.item_failover(run.pool, item_id, run.vault_id)
         item.end_test(note)
         await repo.save_item_failover(run.pool, item)
-        return dumped(note)
+        return note
 
-    await run.step(f"{p}notes", f"{name}: record cleanup notes", record, crash="notes")
+    await run.step(f"{p}notes", f"{name}: record cleanup notes", CleanupNote, record, crash="notes")
     run.item_results[str(item_id)] = {"vm_name": name, "state": "cleaned up"}
 
 
@@ -138,7 +177,7 @@ async def planned_item(
             run, p, facts, facts.vm_name, PointChoice.LATEST, None, handover=True
         )
 
-        async def prove(_cid: uuid.UUID) -> dict[str, Any]:
+        async def prove(_cid: uuid.UUID) -> Proof:
             roots = {d.disk_id: d.merkle_root for d in point.disks}
             ok, why = domain.zero_data_loss(roots, final.roots)
             if not ok:
@@ -148,11 +187,12 @@ async def planned_item(
                     recommendation="do not use this copy; resync the item and re-run the "
                     "planned failover",
                 )
-            return {"proven": True, "roots": roots, "final_cycle_seq": final.cycle_seq}
+            return Proof(proven=True, roots=roots, final_cycle_seq=final.cycle_seq)
 
         proof = await run.step(
             f"{p}prove",
             f"{facts.vm_name}: prove zero data loss (Merkle roots)",
+            Proof,
             prove,
             crash="prove",
         )
@@ -165,7 +205,7 @@ async def planned_item(
         "vm_name": facts.vm_name,
         "state": "failed_over",
         "cycle_seq": point.cycle_seq,
-        "zero_data_loss": proof["proven"],
+        "zero_data_loss": proof.proven,
         "data_loss_seconds": 0.0,
         "recovery_vm": vm.vm_name,
         "failed_over_at": info.failed_over_at,
@@ -220,7 +260,7 @@ async def commit_item(run: Run, item_id: uuid.UUID) -> None:
     p = f"{item_id}:"
     name = await vm_name_of(run, item_id)
 
-    async def effect(_cid: uuid.UUID) -> dict[str, Any]:
+    async def effect(_cid: uuid.UUID) -> Committed:
         async with run.pool.acquire() as conn, conn.transaction():
             item = await repo.item_failover(conn, item_id, run.vault_id)
             try:
@@ -228,15 +268,19 @@ async def commit_item(run: Run, item_id: uuid.UUID) -> None:
             except FailoverRefused as exc:
                 raise StepFailed(exc.message, "commit comes after a failover") from None
             await repo.save_item_failover(conn, item)
-        return {"cycle_seq": seq}
+        return Committed(cycle_seq=seq)
 
     done = await run.step(
-        f"{p}commit", f"{name}: commit the failover (keep point only)", effect, crash="commit"
+        f"{p}commit",
+        f"{name}: commit the failover (keep point only)",
+        Committed,
+        effect,
+        crash="commit",
     )
     run.item_results[str(item_id)] = {
         "vm_name": name,
         "state": "committed",
-        "cycle_seq": done["cycle_seq"],
+        "cycle_seq": done.cycle_seq,
     }
 
 
@@ -246,7 +290,7 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
     force = bool(run.job.params.force_full_resync)
     new_item_id = uuid.uuid5(domain.NAMESPACE, f"{run.job_id}/reverse/{item_id}")
 
-    async def plan_it(_cid: uuid.UUID) -> dict[str, Any]:
+    async def plan_it(_cid: uuid.UUID) -> ReversePlan:
         view = await repo.item_failover(run.pool, item_id, run.vault_id)
         item = await repo.item(run.pool, item_id)
         try:
@@ -267,39 +311,43 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
             raise StepFailed(
                 exc.message, "the old primary's disks are gone", "pass force_full_resync"
             ) from None
-        return {
-            "new_item_id": str(new_item_id),
-            "vm_id": item["vm_id"],
-            "vm_name": item["vm_name"],
-            "source_agent_id": info.recovery_agent_id,
-            "source_site": info.recovery_site,
-            "target_site": info.source_site,
-            "disks": [
-                {"disk_id": d["disk_id"], "path": d["path"], "size_bytes": d["size_bytes"]}
+        return ReversePlan(
+            new_item_id=new_item_id,
+            vm_id=item["vm_id"],
+            vm_name=item["vm_name"],
+            source_agent_id=uuid.UUID(info.recovery_agent_id or ""),
+            source_site=info.recovery_site or "",
+            target_site=info.source_site or "",
+            disks=[
+                ReverseDisk(disk_id=d["disk_id"], path=d["path"], size_bytes=d["size_bytes"])
                 for d in recovery_disks
             ],
-            "seed_disks": seeds,
-            "nics": info.nics or [],
-        }
+            seed_disks=[SeedDisk.model_validate(sd) for sd in seeds],
+            nics=info.nics or [],
+        )
 
     plan = await run.step(
-        f"{p}reverse_plan", f"{name}: check the old primary's disks", plan_it, crash="reverse_plan"
+        f"{p}reverse_plan",
+        f"{name}: check the old primary's disks",
+        ReversePlan,
+        plan_it,
+        crash="reverse_plan",
     )
 
-    async def request(cid: uuid.UUID) -> dict[str, Any]:
+    async def request(cid: uuid.UUID) -> Reversed:
         async with run.pool.acquire() as conn, conn.transaction():
             await repo.insert_link(
                 conn,
                 run.vault_id,
                 item_id,
                 new_item_id,
-                vm_id=plan["vm_id"],
-                vm_name=plan["vm_name"],
-                source_agent_id=uuid.UUID(plan["source_agent_id"]),
-                source_site=plan["source_site"],
-                target_site=plan["target_site"],
-                disks=plan["disks"],
-                nics=plan["nics"],
+                vm_id=plan.vm_id,
+                vm_name=plan.vm_name,
+                source_agent_id=plan.source_agent_id,
+                source_site=plan.source_site,
+                target_site=plan.target_site,
+                disks=[d.model_dump(mode="json") for d in plan.disks],
+                nics=plan.nics,
             )
             await repo.emit(
                 conn,
@@ -308,29 +356,31 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
                     request_id=cid,
                     old_item_id=item_id,
                     new_item_id=new_item_id,
-                    vm_id=plan["vm_id"],
-                    vm_name=plan["vm_name"],
-                    source_agent_id=uuid.UUID(plan["source_agent_id"]),
-                    source_site=plan["source_site"],
-                    target_site=plan["target_site"],
-                    disks=[ReverseDisk.model_validate(d) for d in plan["disks"]],
-                    seed_disks=[SeedDisk.model_validate(s) for s in plan["seed_disks"]],
+                    vm_id=plan.vm_id,
+                    vm_name=plan.vm_name,
+                    source_agent_id=plan.source_agent_id,
+                    source_site=plan.source_site,
+                    target_site=plan.target_site,
+                    disks=plan.disks,
+                    seed_disks=plan.seed_disks,
                     force_full_resync=force,
                 ),
                 str(item_id),
             )
             item = await repo.item_failover(conn, item_id, run.vault_id)
-            item.reversing(new_item_id, bool(plan["seed_disks"]))
+            item.reversing(new_item_id, bool(plan.seed_disks))
             await repo.save_item_failover(conn, item)
-        return {"new_item_id": str(new_item_id), "seeded": bool(plan["seed_disks"])}
+        return Reversed(new_item_id=new_item_id, seeded=bool(plan.seed_disks))
 
-    await run.step(f"{p}reverse", f"{name}: request reverse replication", request, crash="reverse")
+    await run.step(
+        f"{p}reverse", f"{name}: request reverse replication", Reversed, request, crash="reverse"
+    )
 
-    async def probe() -> dict[str, Any] | None:
+    async def probe() -> ReverseProtected | None:
         found = await repo.item(run.pool, new_item_id)
-        return {"new_item_id": str(new_item_id), "state": found["state"]} if found else None
+        return ReverseProtected(new_item_id=new_item_id, state=found["state"]) if found else None
 
-    async def wait(_cid: uuid.UUID) -> dict[str, Any]:
+    async def wait(_cid: uuid.UUID) -> ReverseProtected:
         return await run.wait_until(
             probe, f"{name}: reverse protection enabled", run.settings.step_timeout_seconds
         )
@@ -338,6 +388,7 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
     await run.step(
         f"{p}reverse_protected",
         f"{name}: wait for the reverse item",
+        ReverseProtected,
         None,
         wait,
         crash="reverse_protected",
@@ -349,7 +400,7 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
         "vm_name": name,
         "state": "reverse_replicating",
         "new_item_id": str(new_item_id),
-        "seeded": bool(plan["seed_disks"]),
+        "seeded": bool(plan.seed_disks),
     }
     return new_item_id
 

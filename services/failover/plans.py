@@ -16,7 +16,14 @@ from services.failover import repository as repo
 from services.failover.domain import Operation, PlanAction, PlanGroup
 from services.failover.item_workflows import item_workflow, run_items
 from services.failover.test_networks import test_network
-from services.failover.workflow import Run, StepFailed, Workflow
+from services.failover.workflow import Run, StepFailed, StepResult, Workflow
+
+
+class ScriptRun(StepResult):
+    """A script action's exit status and the end of its output (secrets removed)."""
+
+    returncode: int | None
+    output: str
 
 
 async def _bounded_read(stream: asyncio.StreamReader | None, limit: int) -> bytes:
@@ -45,7 +52,7 @@ async def run_action(run: Run, key: str, action: PlanAction) -> None:
     def excerpt(data: bytes, limit: int) -> str:
         return domain.excerpt(data, limit, secrets)
 
-    async def effect(_cid: uuid.UUID) -> dict[str, Any]:
+    async def effect(_cid: uuid.UUID) -> ScriptRun:
         assert action.script is not None
         try:
             path = domain.script_file(settings.scripts_dir, action.script)
@@ -104,12 +111,11 @@ async def run_action(run: Run, key: str, action: PlanAction) -> None:
                 "a script action fails on a timeout, a non-zero exit or any stderr output",
                 "fix the script, then restart the job",
             )
-        return {
-            "returncode": proc.returncode,
-            "output": excerpt(out, settings.script_excerpt_chars),
-        }
+        return ScriptRun(
+            returncode=proc.returncode, output=excerpt(out, settings.script_excerpt_chars)
+        )
 
-    await run.step(key, f"script: {action.name}", effect, crash="script")
+    await run.step(key, f"script: {action.name}", ScriptRun, effect, crash="script")
 
 
 def plan_workflow(operation: Operation) -> Workflow:

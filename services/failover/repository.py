@@ -11,7 +11,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from services.failover.domain import ItemFailoverState, RetainedPoints
+from services.failover.domain import ItemFailoverState, PlanGroup, RecoveryPlan, RetainedPoints
 from services.failover.item_failover import FailoverInfo, ItemFailover, TestFailover, stored_info
 from shared import outbox
 from shared.kafka import Rejected
@@ -533,7 +533,23 @@ async def delete_test_network(conn: Conn, network_id: str) -> None:
 # ------------------------------------------------------------------ plans
 
 
-async def plan(conn: Conn, vault_id: uuid.UUID, plan_ref: str) -> dict[str, Any] | None:
+def _plan(row: asyncpg.Record) -> RecoveryPlan:
+    return RecoveryPlan(
+        plan_id=row["plan_id"],
+        vault_id=row["vault_id"],
+        name=row["name"],
+        description=row["description"],
+        groups=[PlanGroup.model_validate(g) for g in row["groups"]],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _groups(groups: list[PlanGroup]) -> list[dict[str, Any]]:
+    return [g.model_dump(mode="json") for g in groups]
+
+
+async def plan(conn: Conn, vault_id: uuid.UUID, plan_ref: str) -> RecoveryPlan | None:
     try:
         pid: uuid.UUID | None = uuid.UUID(plan_ref)
     except ValueError:
@@ -544,14 +560,14 @@ async def plan(conn: Conn, vault_id: uuid.UUID, plan_ref: str) -> dict[str, Any]
         pid,
         plan_ref,
     )
-    return dict(row) if row else None
+    return _plan(row) if row else None
 
 
-async def plans(conn: Conn, vault_id: uuid.UUID) -> list[dict[str, Any]]:
+async def plans(conn: Conn, vault_id: uuid.UUID) -> list[RecoveryPlan]:
     rows = await conn.fetch(
         "SELECT * FROM recovery_plans WHERE vault_id = $1 ORDER BY name", vault_id
     )
-    return [dict(r) for r in rows]
+    return [_plan(r) for r in rows]
 
 
 async def insert_plan(
@@ -559,8 +575,8 @@ async def insert_plan(
     vault_id: uuid.UUID,
     name: str,
     description: str,
-    groups: list[dict[str, Any]],
-) -> dict[str, Any] | None:
+    groups: list[PlanGroup],
+) -> RecoveryPlan | None:
     """The new plan; None if the vault has a plan of that name."""
     try:
         row = await conn.fetchrow(
@@ -570,11 +586,11 @@ async def insert_plan(
             vault_id,
             name,
             description,
-            groups,
+            _groups(groups),
         )
     except asyncpg.UniqueViolationError:
         return None
-    return dict(row)
+    return _plan(row)
 
 
 async def replace_plan(
@@ -582,8 +598,8 @@ async def replace_plan(
     plan_id: uuid.UUID,
     name: str,
     description: str,
-    groups: list[dict[str, Any]],
-) -> dict[str, Any] | None:
+    groups: list[PlanGroup],
+) -> RecoveryPlan | None:
     """The plan replaced; None if another plan of the vault has that name."""
     try:
         row = await conn.fetchrow(
@@ -592,11 +608,11 @@ async def replace_plan(
             plan_id,
             name,
             description,
-            groups,
+            _groups(groups),
         )
     except asyncpg.UniqueViolationError:
         return None
-    return dict(row)
+    return _plan(row)
 
 
 async def delete_idle_plan(conn: Conn, plan_id: uuid.UUID) -> bool:

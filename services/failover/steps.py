@@ -21,7 +21,7 @@ from services.failover import domain
 from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
 from services.failover.item_failover import FailoverInfo
-from services.failover.workflow import Run, StepFailed
+from services.failover.workflow import Run, StepFailed, StepResult
 from shared.schemas.agent import VmCreateRequested, VmDeleteRequested, VmDisk, VmPowerRequested
 from shared.schemas.envelope import EventPayload
 from shared.schemas.failover import (
@@ -50,7 +50,7 @@ class SourceDisk(BaseModel):
     size_bytes: int
 
 
-class ItemFacts(BaseModel):
+class ItemFacts(StepResult):
     """What a failover of an item needs: its VM, disks and NICs, the sites, the source agent
     and a recovery-site agent with its storage folder (and, once prepared, the placed NICs)."""
 
@@ -74,7 +74,7 @@ class ItemFacts(BaseModel):
     placed_nics: list[dict[str, Any]] = Field(default_factory=list)
 
 
-class TestNetwork(BaseModel):
+class TestNetwork(StepResult):
     """A test failover's network: none, an existing (isolated) one, or one made for the test."""
 
     __test__ = False  # not a pytest test class
@@ -86,7 +86,7 @@ class TestNetwork(BaseModel):
     created: bool = False
 
 
-class Point(BaseModel):
+class Point(StepResult):
     """A materialised recovery point (the replication service's answer)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -97,7 +97,7 @@ class Point(BaseModel):
     disks: list[MaterialisedDisk]
 
 
-class CreatedVm(BaseModel):
+class CreatedVm(StepResult):
     """A VM the recovery host created (with whatever else the agent answered)."""
 
     model_config = ConfigDict(extra="allow")
@@ -107,7 +107,7 @@ class CreatedVm(BaseModel):
     nics: list[dict[str, Any]]
 
 
-class FinalCycle(BaseModel):
+class FinalCycle(StepResult):
     """The source's last cycle, shipped when it shut down, and its disks' Merkle roots."""
 
     model_config = ConfigDict(extra="forbid")
@@ -116,9 +116,15 @@ class FinalCycle(BaseModel):
     roots: dict[str, str] = Field(default_factory=dict)
 
 
-def dumped(model: BaseModel) -> dict[str, Any]:
-    out: dict[str, Any] = model.model_dump(mode="json")
-    return out
+class Synced(StepResult):
+    state: str
+    latest_seq: int | None
+
+
+class AgentAnswer(StepResult):
+    """An agent's answer to a command, as it sent it."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 # ------------------------------------------------------------------ prepare
@@ -215,18 +221,18 @@ async def place_nics(
 async def prepare(run: Run, p: str, item_id: uuid.UUID, test_net: TestNetwork | None) -> ItemFacts:
     name = await vm_name_of(run, item_id)
 
-    async def effect(_cid: uuid.UUID) -> dict[str, Any]:
+    async def effect(_cid: uuid.UUID) -> ItemFacts:
         facts = await item_facts(run, item_id)
         facts.placed_nics = await place_nics(run, facts, test_net)
-        return dumped(facts)
+        return facts
 
-    done = await run.step(
+    return await run.step(
         f"{p}prepare",
         f"{name}: prepare (recovery host, network placement)",
+        ItemFacts,
         effect,
         crash="prepare",
     )
-    return ItemFacts.model_validate(done)
 
 
 async def vm_name_of(run: Run, item_id: uuid.UUID) -> str:
@@ -270,17 +276,19 @@ async def materialise(
             str(facts.item_id),
         )
 
-    async def answer(cid: uuid.UUID) -> dict[str, Any]:
-        return await run.wait_answer(cid, f"materialising the recovery point of {facts.vm_name}")
+    async def answer(cid: uuid.UUID) -> Point:
+        return Point.model_validate(
+            await run.wait_answer(cid, f"materialising the recovery point of {facts.vm_name}")
+        )
 
-    done = await run.step(
+    return await run.step(
         f"{p}materialise",
         f"{facts.vm_name}: materialise recovery point into {target_dir}",
+        Point,
         request,
         answer,
         crash="materialise",
     )
-    return Point.model_validate(done)
 
 
 async def create_vm(
@@ -316,18 +324,20 @@ async def create_vm(
             str(agent_id),
         )
 
-    async def answer(cid: uuid.UUID) -> dict[str, Any]:
+    async def answer(cid: uuid.UUID) -> CreatedVm:
         result = await run.wait_answer(cid, f"creating VM {vm_name}")
-        return {**result, "vm_name": vm_name, "agent_id": str(agent_id), "nics": nics}
+        return CreatedVm.model_validate(
+            {**result, "vm_name": vm_name, "agent_id": str(agent_id), "nics": nics}
+        )
 
-    done = await run.step(
+    return await run.step(
         f"{p}create_vm",
         f"{vm_name}: create and start the VM on the recovery host",
+        CreatedVm,
         command,
         answer,
         crash="create_vm",
     )
-    return CreatedVm.model_validate(done)
 
 
 async def shutdown(run: Run, p: str, facts: ItemFacts, timeout: float | None = None) -> FinalCycle:
@@ -342,7 +352,7 @@ async def shutdown(run: Run, p: str, facts: ItemFacts, timeout: float | None = N
             str(agent_id),
         )
 
-    async def answer(cid: uuid.UUID) -> dict[str, Any]:
+    async def answer(cid: uuid.UUID) -> FinalCycle:
         result = await run.wait_answer(
             cid,
             f"shutting down {facts.vm_name} and shipping its final changes",
@@ -350,40 +360,39 @@ async def shutdown(run: Run, p: str, facts: ItemFacts, timeout: float | None = N
             recommendation="check the source host agent; for a disaster use an unplanned failover",
         )
         final = result.get("final_cycle") or {}
-        return {"cycle_seq": final.get("cycle_seq"), "roots": final.get("roots", {})}
+        return FinalCycle(cycle_seq=final.get("cycle_seq"), roots=final.get("roots", {}))
 
-    done = await run.step(
+    return await run.step(
         f"{p}shutdown",
         f"{facts.vm_name}: shut down the source VM, ship the final changes",
+        FinalCycle,
         command,
         answer,
         crash="shutdown",
     )
-    return FinalCycle.model_validate(done)
 
 
 async def synced(
     run: Run, p: str, facts: ItemFacts, final_seq: int | None, timeout: float
-) -> dict[str, Any]:
+) -> Synced:
     item_id = facts.item_id
 
-    async def probe() -> dict[str, Any] | None:
+    async def probe() -> Synced | None:
         item = await repo.item(run.pool, item_id)
         if item is None:
             return None
         caught_up = final_seq is not None and (item["latest_seq"] or 0) >= final_seq
-        if item["state"] == "synced" or (caught_up and item["state"] != "replicating"):
-            return {"state": item["state"], "latest_seq": item["latest_seq"]}
-        if caught_up:
-            return {"state": item["state"], "latest_seq": item["latest_seq"]}
+        if item["state"] == "synced" or caught_up:
+            return Synced(state=item["state"], latest_seq=item["latest_seq"])
         return None
 
-    async def wait(_cid: uuid.UUID) -> dict[str, Any]:
+    async def wait(_cid: uuid.UUID) -> Synced:
         return await run.wait_until(probe, f"{facts.vm_name}: replica synced", timeout)
 
     return await run.step(
         f"{p}synced",
         f"{facts.vm_name}: wait until the replica holds the final changes",
+        Synced,
         None,
         wait,
         crash="synced",
@@ -415,7 +424,7 @@ async def delete_vm(
     waiting: str,
     *,
     crash: str,
-) -> dict[str, Any]:
+) -> AgentAnswer:
     """Step `key`: the agent `agent_id` deletes VM `vm_name`; `waiting` names what the step
     waits for if the answer does not come."""
 
@@ -426,10 +435,10 @@ async def delete_vm(
             str(agent_id),
         )
 
-    async def answer(cid: uuid.UUID) -> dict[str, Any]:
-        return await run.wait_answer(cid, waiting)
+    async def answer(cid: uuid.UUID) -> AgentAnswer:
+        return AgentAnswer.model_validate(await run.wait_answer(cid, waiting))
 
-    return await run.step(key, title, command, answer, crash=crash)
+    return await run.step(key, title, AgentAnswer, command, answer, crash=crash)
 
 
 async def mark_failed_over(
@@ -440,7 +449,7 @@ async def mark_failed_over(
     point: Point,
     vm: CreatedVm,
 ) -> FailoverInfo:
-    async def effect(_cid: uuid.UUID) -> dict[str, Any]:
+    async def effect(_cid: uuid.UUID) -> FailoverInfo:
         failed_over_at = datetime.now(UTC)
         source_time = datetime.fromisoformat(point.source_time)
         info = FailoverInfo(
@@ -463,12 +472,12 @@ async def mark_failed_over(
             item = await repo.item_failover(conn, facts.item_id, run.vault_id)
             item.failed_over(info, vm.vm_name)
             await repo.save_item_failover(conn, item)
-        return info.model_dump(mode="json", exclude_none=True)
+        return info
 
-    done = await run.step(
+    return await run.step(
         f"{p}failed_over",
         f"{facts.vm_name}: mark the item failed over",
+        FailoverInfo,
         effect,
         crash="failed_over",
     )
-    return FailoverInfo.model_validate(done)

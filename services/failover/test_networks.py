@@ -8,7 +8,12 @@ from typing import Any
 
 from services.failover import repository as repo
 from services.failover.steps import TestNetwork
-from services.failover.workflow import Run, StepFailed
+from services.failover.workflow import Run, StepFailed, StepResult
+
+
+class NetworkDeleted(StepResult):
+    network_id: str
+    deleted: bool
 
 
 async def test_network(run: Run) -> TestNetwork:
@@ -17,7 +22,7 @@ async def test_network(run: Run) -> TestNetwork:
     if choice == "none":
         return TestNetwork()
 
-    async def effect(_cid: uuid.UUID) -> dict[str, Any]:
+    async def effect(_cid: uuid.UUID) -> TestNetwork:
         nets = await repo.networks(run.pool, run.vault_id)
         if choice != "create":
             if choice not in nets:
@@ -26,7 +31,7 @@ async def test_network(run: Run) -> TestNetwork:
                     "not discovered",
                     "choose another network",
                 )
-            return {"network_id": choice, "network": nets[choice]["network"], "created": False}
+            return TestNetwork(network_id=choice, network=nets[choice]["network"], created=False)
         network_id = f"test-{run.job_id.hex[:12]}"
         site = run.job.params.target_site or ""
         template: dict[str, Any] = next(
@@ -46,22 +51,24 @@ async def test_network(run: Run) -> TestNetwork:
         await repo.insert_test_network(
             run.pool, run.vault_id, run.job_id, network_id, site, network["name"]
         )
-        return {"network_id": network_id, "network": network, "created": True}
+        return TestNetwork(network_id=network_id, network=network, created=True)
 
-    done = await run.step("network", f"test network: {choice}", effect, crash="network")
-    return TestNetwork.model_validate(done)
+    return await run.step(
+        "network", f"test network: {choice}", TestNetwork, effect, crash="network"
+    )
 
 
 async def delete_test_networks(run: Run, test_job_ids: set[str]) -> None:
     for network_id in await repo.open_test_networks(run.pool, [uuid.UUID(j) for j in test_job_ids]):
 
-        async def effect(_cid: uuid.UUID, network_id: str = network_id) -> dict[str, Any]:
+        async def effect(_cid: uuid.UUID, network_id: str = network_id) -> NetworkDeleted:
             await repo.delete_test_network(run.pool, network_id)
-            return {"network_id": network_id, "deleted": True}
+            return NetworkDeleted(network_id=network_id, deleted=True)
 
         await run.step(
             f"delete_network:{network_id}",
             f"delete test network {network_id}",
+            NetworkDeleted,
             effect,
             crash="delete_network",
         )

@@ -19,10 +19,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel, ConfigDict
 
 from services.failover import domain
 from services.failover import job_repository as jobs_repo
@@ -84,8 +85,23 @@ class Notifier:
             await asyncio.wait_for(self._event.wait(), timeout)
 
 
-Effect = Callable[[uuid.UUID], Awaitable[dict[str, Any] | None]]
-Wait = Callable[[uuid.UUID], Awaitable[dict[str, Any]]]
+class StepResult(BaseModel):
+    """What a step records as its task's detail (JSON) and returns, also when it is skipped
+    on a resume (read back as the same type)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Approval(StepResult):
+    approved_by: str
+    comment: str = ""
+
+
+R = TypeVar("R", bound=BaseModel)
+# a step's effect (its command or local change; None: the wait gives the result) and its wait
+Effect = Callable[[uuid.UUID], Awaitable[R | None]]
+Wait = Callable[[uuid.UUID], Awaitable[R]]
+# a job's workflow returns the job's result document
 Workflow = Callable[["Run"], Awaitable[dict[str, Any]]]
 
 
@@ -118,11 +134,12 @@ class Run:
         self,
         key: str,
         name: str,
-        effect: Effect | None = None,
-        wait: Wait | None = None,
+        result_type: type[R],
+        effect: Effect[R] | None = None,
+        wait: Wait[R] | None = None,
         *,
         crash: str = "step",
-    ) -> dict[str, Any]:
+    ) -> R:
         """Run step `key` once: record, effect, answer, done. Returns the step's result."""
         task = await jobs_repo.task(self.pool, self.job_id, key)
         answered = False
@@ -131,7 +148,7 @@ class Run:
         action = domain.step_action(task["state"] if task else None, answered)
         if action is StepAction.SKIP:
             assert task is not None
-            return dict(task["detail"])
+            return result_type.model_validate(task["detail"])
         if action is StepAction.FAILED:
             assert task is not None
             raise StepFailed(
@@ -146,15 +163,17 @@ class Run:
             crash_point(f"failover.{crash}.recorded")
         command_id = task["command_id"]
         try:
-            result: dict[str, Any] = {}
+            result: R | None = None
             if effect is not None and action is not StepAction.WAIT:
-                result = await effect(command_id) or {}
+                result = await effect(command_id)
             crash_point(f"failover.{crash}.sent")
             if wait is not None:
                 result = await wait(command_id)
         except StepFailed as exc:
             await self.fail_task(key, exc)
             raise
+        if result is None:
+            result = result_type.model_validate({})
         await self.finish_task(key, result)
         crash_point(f"failover.{crash}.done")
         return result
@@ -171,9 +190,10 @@ class Run:
                 recommendation=exc.recommendation or None,
             )
 
-    async def finish_task(self, key: str, result: dict[str, Any]) -> None:
+    async def finish_task(self, key: str, result: BaseModel) -> None:
+        detail = result.model_dump(mode="json")
         async with self.engine.uow() as uow:
-            await jobs_repo.finish_task(uow.conn, self.vault_id, self.job_id, key, result)
+            await jobs_repo.finish_task(uow.conn, self.vault_id, self.job_id, key, detail)
             job = await self._load(uow)
             job.tasks_done(await uow.jobs.succeeded_tasks(self.job_id))
             await uow.commit()
@@ -193,8 +213,8 @@ class Run:
         timeout: float | None = None,
         recommendation: str = "",
     ) -> dict[str, Any]:
-        """The answer to the command or request `command_id`; StepFailed if it failed or
-        didn't come in time."""
+        """The answer (as its answerer sent it: the caller reads it into its type) to the
+        command or request `command_id`; StepFailed if it failed or didn't come in time."""
         limit = timeout or self.settings.step_timeout_seconds
         deadline = time.monotonic() + limit
         while True:
@@ -219,8 +239,8 @@ class Run:
             )
 
     async def wait_until(
-        self, probe: Callable[[], Awaitable[dict[str, Any] | None]], what: str, timeout: float
-    ) -> dict[str, Any]:
+        self, probe: Callable[[], Awaitable[R | None]], what: str, timeout: float
+    ) -> R:
         deadline = time.monotonic() + timeout
         while True:
             found = await probe()
@@ -234,11 +254,11 @@ class Run:
                 )
             await self.engine.notifier.wait(self.settings.poll_seconds)
 
-    async def manual(self, key: str, action: PlanAction) -> dict[str, Any]:
+    async def manual(self, key: str, action: PlanAction) -> Approval:
         """A manual action: the job waits in `waiting_for_input` until an operator approves."""
         task = await jobs_repo.task(self.pool, self.job_id, key)
         if task is not None and task["state"] == JobState.SUCCEEDED.value:
-            return dict(task["detail"])
+            return Approval.model_validate(task["detail"])
         waiting = WaitingFor(
             action_id=action.action_id,
             action_key=key,
@@ -267,7 +287,7 @@ class Run:
             if approved is not None:
                 break
             await self.engine.notifier.wait(self.settings.poll_seconds * 4)
-        result = {"approved_by": approved["approved_by"], "comment": approved["comment"]}
+        result = Approval(approved_by=approved["approved_by"], comment=approved["comment"])
         async with self.engine.uow() as uow:
             job = await self._load(uow)
             job.input_given()
@@ -284,7 +304,7 @@ class Engine:
         self,
         pool: asyncpg.Pool,
         settings: FailoverSettings,
-        workflows: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]],
+        workflows: dict[str, Workflow],
         notifier: Notifier | None = None,
     ) -> None:
         self.pool = pool

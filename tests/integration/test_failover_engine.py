@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import ConfigDict
 
 from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
@@ -20,7 +21,7 @@ from services.failover.commands import RestartJob
 from services.failover.config import FailoverSettings
 from services.failover.domain import Operation
 from services.failover.job import Job, JobParams
-from services.failover.workflow import Engine, Run, StepFailed
+from services.failover.workflow import Engine, Run, StepFailed, StepResult
 from tests.support.poll import eventually
 from tests.support.stack import migrated_pool
 
@@ -33,6 +34,14 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         yield p
 
 
+class Value(StepResult):
+    value: int
+
+
+class Answer(StepResult):
+    model_config = ConfigDict(extra="allow")
+
+
 class Recorder:
     """A two-step workflow whose effects are counted; step 2 waits for an answer row."""
 
@@ -40,19 +49,19 @@ class Recorder:
         self.effects: list[tuple[str, uuid.UUID]] = []
 
     async def workflow(self, run: Run) -> dict[str, Any]:
-        async def first(cid: uuid.UUID) -> dict[str, Any]:
+        async def first(cid: uuid.UUID) -> Value:
             self.effects.append(("first", cid))
-            return {"value": 1}
+            return Value(value=1)
 
         async def second(cid: uuid.UUID) -> None:
             self.effects.append(("second", cid))
 
-        async def answer(cid: uuid.UUID) -> dict[str, Any]:
-            return await run.wait_answer(cid, "second step", timeout=30)
+        async def answer(cid: uuid.UUID) -> Answer:
+            return Answer.model_validate(await run.wait_answer(cid, "second step", timeout=30))
 
-        one = await run.step("first", "first step", first)
-        two = await run.step("second", "second step", second, answer)
-        return {"one": one, "two": two}
+        one = await run.step("first", "first step", Value, first)
+        two = await run.step("second", "second step", Answer, second, answer)
+        return {"one": one.model_dump(), "two": two.model_dump()}
 
 
 async def new_job(pool: asyncpg.Pool) -> uuid.UUID:
@@ -176,10 +185,10 @@ async def test_a_step_that_raises_step_failed_fails_its_job_with_the_reason(
     pool: asyncpg.Pool,
 ) -> None:
     async def failing(run: Run) -> dict[str, Any]:
-        async def effect(_cid: uuid.UUID) -> dict[str, Any]:
+        async def effect(_cid: uuid.UUID) -> Value:
             raise StepFailed("host unreachable", "the agent is down", "start the agent")
 
-        await run.step("only", "only step", effect)
+        await run.step("only", "only step", Value, effect)
         return {}
 
     job_id = await new_job(pool)
