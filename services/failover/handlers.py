@@ -39,7 +39,7 @@ from services.failover.domain import (
 from services.failover.item_workflows import STEPS
 from services.failover.job import Job, JobParams
 from services.failover.steps import path_exists
-from services.failover.unit_of_work import PgUnitOfWork, UnitOfWork
+from services.failover.unit_of_work import PgUnitOfWork, ReadModels, UnitOfWork
 from services.failover.workflow import Engine, Notifier
 
 
@@ -68,19 +68,18 @@ CHECKS = {
 
 
 async def check_item(
-    conn: asyncpg.Connection,
+    reads: ReadModels,
     vault_id: uuid.UUID,
     item_id: uuid.UUID,
     operation: Operation,
     params: JobParams,
 ) -> Mapping[str, Any]:
-    item = await repo.item(conn, item_id)
+    item = await reads.item(item_id)
     if item is None or item["vault_id"] != vault_id:
         raise NotFound(f"protected item {item_id} not found in this vault")
-    view = await repo.view(conn, item_id)
+    view = await reads.view(item_id)
     if operation is Operation.FAILBACK:
-        link = await repo.link_of(conn, new=item_id)
-        if link is None:
+        if not await reads.reversed_from(item_id):
             raise FailoverRefused(
                 f"{item['vm_name']} is not protected in reverse: failback comes after a "
                 "failover and reverse replication"
@@ -89,7 +88,7 @@ async def check_item(
     else:
         CHECKS[operation](item, view)
     if operation in (Operation.TEST_FAILOVER, Operation.UNPLANNED_FAILOVER):
-        retained = await repo.retained_points(conn, item_id)
+        retained = await reads.retained_points(item_id)
         domain.check_point_exists(item, params.stored(), retained)
     if operation is Operation.REVERSE:
         info = (view or {}).get("info", {})
@@ -114,22 +113,22 @@ async def start_job(
     created_by: str,
 ) -> Job:
     """Refuse or create the job (atomically per vault), then hand it to the engine."""
-    async with PgUnitOfWork(ctx.pool) as uow:
+    async with ctx.uow() as uow:
         await uow.jobs.lock_vault(vault_id)
         busy = await uow.jobs.busy_items(vault_id, [str(i) for i in item_ids])
         items = []
         for item_id in item_ids:
             if str(item_id) in busy:
-                name = (await repo.item(uow.conn, item_id) or {}).get("vm_name", item_id)
+                name = (await uow.reads.item(item_id) or {}).get("vm_name", item_id)
                 running = busy[str(item_id)]
                 what = (
                     "a test failover" if running == Operation.TEST_FAILOVER else f"a {running} job"
                 )
                 raise FailoverRefused(f"{what} of {name} is already running; wait for it to finish")
-            items.append(await check_item(uow.conn, vault_id, item_id, operation, params))
+            items.append(await check_item(uow.reads, vault_id, item_id, operation, params))
         if operation is Operation.TEST_FAILOVER and items and params.target_site is None:
             params.target_site = (
-                await repo.cloud_site(uow.conn, vault_id, items[0]["target_cloud_id"]) or ""
+                await uow.reads.cloud_site(vault_id, items[0]["target_cloud_id"]) or ""
             )
         params.items = [str(i) for i in item_ids]
         job = Job.create(

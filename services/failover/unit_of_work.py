@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import uuid
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 import asyncpg
 
 from services.failover import job_repository as jobs_repo
+from services.failover import repository as repo
+from services.failover.domain import RetainedPoints
 from services.failover.job import Job
 
 
@@ -36,9 +38,29 @@ class JobStore(Protocol):
     async def succeeded_tasks(self, job_id: uuid.UUID) -> int: ...
 
 
+class ReadModels(Protocol):
+    """What the service knows of other services' state, as a decision reads it."""
+
+    async def item(self, item_id: uuid.UUID) -> dict[str, Any] | None:
+        """The protected item (rm_items row)."""
+
+    async def view(self, item_id: uuid.UUID) -> dict[str, Any] | None:
+        """The item's failover state as stored (item_failover row)."""
+
+    async def reversed_from(self, item_id: uuid.UUID) -> bool:
+        """True if the item protects a VM in reverse (after a failover)."""
+
+    async def retained_points(self, item_id: uuid.UUID) -> RetainedPoints: ...
+
+    async def cloud_site(self, vault_id: uuid.UUID, cloud_id: str) -> str | None: ...
+
+
 class UnitOfWork(Protocol):
     @property
     def jobs(self) -> JobStore: ...
+
+    @property
+    def reads(self) -> ReadModels: ...
 
     async def __aenter__(self) -> Self: ...
 
@@ -89,6 +111,26 @@ class PgJobs:
         self.seen.clear()
 
 
+class PgReadModels:
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def item(self, item_id: uuid.UUID) -> dict[str, Any] | None:
+        return await repo.item(self.conn, item_id)
+
+    async def view(self, item_id: uuid.UUID) -> dict[str, Any] | None:
+        return await repo.view(self.conn, item_id)
+
+    async def reversed_from(self, item_id: uuid.UUID) -> bool:
+        return await repo.link_of(self.conn, new=item_id) is not None
+
+    async def retained_points(self, item_id: uuid.UUID) -> RetainedPoints:
+        return await repo.retained_points(self.conn, item_id)
+
+    async def cloud_site(self, vault_id: uuid.UUID, cloud_id: str) -> str | None:
+        return await repo.cloud_site(self.conn, vault_id, cloud_id)
+
+
 class PgUnitOfWork:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -97,11 +139,16 @@ class PgUnitOfWork:
     def jobs(self) -> PgJobs:
         return self._jobs
 
+    @property
+    def reads(self) -> PgReadModels:
+        return self._reads
+
     async def __aenter__(self) -> Self:
         self.conn: asyncpg.Connection = await self.pool.acquire()
         self.tx = self.conn.transaction()
         await self.tx.start()
         self._jobs = PgJobs(self.conn)
+        self._reads = PgReadModels(self.conn)
         self.done = False
         return self
 

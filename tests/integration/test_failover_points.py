@@ -21,6 +21,7 @@ from services.failover.config import FailoverSettings
 from services.failover.domain import FailoverRefused, NotFound, Operation, PointNotRetained
 from services.failover.event_handlers import make_event_handlers
 from services.failover.job import JobParams
+from services.failover.unit_of_work import PgReadModels
 from services.failover.workflow import Engine, Notifier
 from shared.kafka import Incoming
 from shared.schemas import replication
@@ -115,7 +116,7 @@ async def test_a_pruned_point_is_refused_at_the_door_with_the_retained_range(
     # a retained point passes the door's checks
     async with pool.acquire() as conn:
         item = await handlers.check_item(
-            conn, vault_id, item_id, Operation.TEST_FAILOVER, asking(3).params
+            PgReadModels(conn), vault_id, item_id, Operation.TEST_FAILOVER, asking(3).params
         )
     assert item["latest_seq"] == 5
     await engine.stop()

@@ -11,9 +11,15 @@ from typing import Any, Self
 import pytest
 
 from services.failover import handlers
-from services.failover.commands import ApproveAction, RestartJob
+from services.failover.commands import ApproveAction, RestartJob, StartItemOperation
 from services.failover.config import FailoverSettings
-from services.failover.domain import FailoverRefused, NotFound, Operation
+from services.failover.domain import (
+    FailoverRefused,
+    NotFound,
+    Operation,
+    PointNotRetained,
+    RetainedPoints,
+)
 from services.failover.job import Job, JobParams, WaitingFor
 from services.failover.workflow import Notifier
 from shared.schemas.failover import JobState
@@ -48,15 +54,47 @@ class FakeJobs:
         return 0
 
 
+class FakeReads:
+    def __init__(
+        self,
+        items: list[dict[str, Any]] | None = None,
+        views: dict[uuid.UUID, dict[str, Any]] | None = None,
+        retained: dict[uuid.UUID, RetainedPoints] | None = None,
+    ) -> None:
+        self.items = {i["item_id"]: i for i in items or []}
+        self.views = views or {}
+        self.retained = retained or {}
+
+    async def item(self, item_id: uuid.UUID) -> dict[str, Any] | None:
+        return self.items.get(item_id)
+
+    async def view(self, item_id: uuid.UUID) -> dict[str, Any] | None:
+        return self.views.get(item_id)
+
+    async def reversed_from(self, item_id: uuid.UUID) -> bool:
+        return False
+
+    async def retained_points(self, item_id: uuid.UUID) -> RetainedPoints:
+        return self.retained.get(item_id, RetainedPoints())
+
+    async def cloud_site(self, vault_id: uuid.UUID, cloud_id: str) -> str | None:
+        return {"c-recovery": "recovery"}.get(cloud_id)
+
+
 class FakeUnitOfWork:
-    def __init__(self, jobs: FakeJobs) -> None:
+    def __init__(self, jobs: FakeJobs, reads: FakeReads | None = None) -> None:
         self._jobs = jobs
+        self._reads = reads or FakeReads()
         self.committed = False
         self.saved: list[Job] = []
 
     @property
     def jobs(self) -> FakeJobs:
         return self._jobs
+
+    @property
+    def reads(self) -> FakeReads:
+        return self._reads
 
     async def __aenter__(self) -> Self:
         return self
@@ -172,3 +210,54 @@ def test_every_command_type_has_a_handler() -> None:
     from services.failover.commands import Command
 
     assert set(get_args(Command)) == set(handlers.COMMAND_HANDLERS)
+
+
+def protected_item(**over: Any) -> dict[str, Any]:
+    return {
+        "item_id": uuid.uuid4(),
+        "vault_id": VAULT,
+        "vm_name": "web01",
+        "state": "replicating",
+        "latest_seq": 9,
+        "latest_app_seq": None,
+        "target_cloud_id": "c-recovery",
+        **over,
+    }
+
+
+def asking_test_failover(item: dict[str, Any], seq: int) -> StartItemOperation:
+    params = JobParams(choice="chosen", cycle_seq=seq, network="none")
+    return StartItemOperation(VAULT, item["item_id"], Operation.TEST_FAILOVER, params, "op")
+
+
+async def test_starting_a_test_failover_creates_the_job_and_hands_it_to_the_engine() -> None:
+    item = protected_item()
+    kept = {item["item_id"]: RetainedPoints(seqs=frozenset({7, 8, 9}))}
+    uow = FakeUnitOfWork(FakeJobs([]), FakeReads([item], retained=kept))
+    ctx, engine = context(uow)
+    job = await handlers.handle(ctx, asking_test_failover(item, 8))
+    assert uow.committed and engine.submitted == [job.job_id]
+    assert job.state is JobState.NOT_STARTED and job.kind == "item:test_failover"
+    assert job.params.items == [str(item["item_id"])] and job.params.target_site == "recovery"
+    assert job.expected_tasks == 3 and job.new_history == ["test_failover created by op"]
+
+
+async def test_a_pruned_or_busy_item_is_refused_before_any_job_is_created() -> None:
+    item = protected_item()
+    kept = {item["item_id"]: RetainedPoints(seqs=frozenset({7, 8, 9}))}
+    uow = FakeUnitOfWork(FakeJobs([]), FakeReads([item], retained=kept))
+    ctx, engine = context(uow)
+    with pytest.raises(PointNotRetained, match=r"retained points are 7\.\.9 \(3 points\)"):
+        await handlers.handle(ctx, asking_test_failover(item, 5))
+    with pytest.raises(NotFound, match="latest is 9"):
+        await handlers.handle(ctx, asking_test_failover(item, 10))
+    with pytest.raises(NotFound, match="not found in this vault"):
+        await handlers.handle(ctx, asking_test_failover(protected_item(vault_id=uuid.uuid4()), 8))
+    busy = FakeUnitOfWork(
+        FakeJobs([], busy={str(item["item_id"]): "test_failover"}), FakeReads([item])
+    )
+    ctx, engine = context(busy)
+    with pytest.raises(FailoverRefused, match="a test failover of web01 is already running"):
+        await handlers.handle(ctx, asking_test_failover(item, 8))
+    assert not uow.committed and not busy.committed and engine.submitted == []
+    assert not uow.jobs.rows
