@@ -58,7 +58,7 @@ PRIMARY, RECOVERY = "hv-p1", "hv-r1"
 FINISHED = ("succeeded", "failed", "completed_with_errors")
 MB = 1e6
 TARGET = 30.0  # seconds: 100-VM plan orchestration
-# step kind by the end of a task's name (`<vm>: <what>`); see services/failover/operations.py
+# step kind by the end of a task's name (`<vm>: <what>`); see services/failover/steps.py
 KINDS = {
     "prepare (": "prepare",
     "shut down the source VM": "shutdown",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from services.failover import handlers, operations
+from services.failover import handlers, plans
 from services.failover.api import router
 from services.failover.config import FailoverSettings
 from services.failover.consumer import event_consumer
@@ -38,7 +38,7 @@ def build_app(settings: FailoverSettings) -> FastAPI:
 
     async def on_start(rt: Runtime) -> None:
         notifier = Notifier()
-        engine = Engine(rt.pool, settings, operations.workflows(), notifier)
+        engine = Engine(rt.pool, settings, plans.workflows(), notifier)
         ctx = handlers.Context(pool=rt.pool, settings=settings, engine=engine, notifier=notifier)
         app.state.context = ctx
         rt.spawn("event-consumer", event_consumer(ctx, rt.producer).run)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -21,8 +21,26 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.failover import domain, handlers
+from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
-from services.failover.domain import FailoverRefused, Operation, PlanGroup
+from services.failover.commands import (
+    ApproveAction,
+    CreatePlan,
+    DeletePlan,
+    ReplacePlan,
+    RestartJob,
+    StartItemOperation,
+    StartPlanOperation,
+)
+from services.failover.domain import (
+    FailoverRefused,
+    InvalidRequest,
+    NotFound,
+    Operation,
+    PlanGroup,
+    RecoveryPlan,
+)
+from services.failover.job import Job, JobParams
 from shared.auth import CurrentPrincipal, Principal
 from shared.schemas.failover import JobState, PointChoice
 from shared.schemas.registration import Role
@@ -91,46 +109,49 @@ def _ctx(request: Request) -> handlers.Context:
     return ctx
 
 
-def _params(body: OperationIn, operation: Operation) -> dict[str, Any]:
+def _params(body: OperationIn, operation: Operation) -> JobParams:
     domain.point_request(body.choice, body.cycle_seq)
     out = body.model_dump(mode="json")
     if operation is not Operation.TEST_FAILOVER:
         out.pop("network")
-    return out
+    return JobParams.model_validate(out)
 
 
 def _refused(exc: FailoverRefused) -> HTTPException:
-    return HTTPException(exc.status, exc.message)
+    """A domain refusal as HTTP: what is named does not exist (404), the request itself is
+    wrong (422), the state does not allow it now (409)."""
+    if isinstance(exc, NotFound):
+        return HTTPException(404, exc.message)
+    if isinstance(exc, InvalidRequest):
+        return HTTPException(422, exc.message)
+    return HTTPException(409, exc.message)
 
 
-def job_out(job: dict[str, Any]) -> dict[str, Any]:
-    keys = (
-        "job_id",
-        "vault_id",
-        "operation",
-        "target_kind",
-        "target",
-        "state",
-        "progress",
-        "error",
-        "cause",
-        "recommendation",
-        "restarts",
-        "run_no",
-        "waiting_for",
-        "result",
-        "created_by",
-        "created_at",
-        "started_at",
-        "ended_at",
-        "updated_at",
-    )
-    out = {k: job[k] for k in keys}
-    out["items"] = job["params"].get("items", [])
-    out["params"] = {k: v for k, v in job["params"].items() if k not in ("groups", "items")}
-    out["restartable"] = (
-        domain.can_restart(Operation(job["operation"]), JobState(job["state"])) is None
-    )
+def job_out(job: Job) -> dict[str, Any]:
+    out = {
+        "job_id": job.job_id,
+        "vault_id": job.vault_id,
+        "operation": job.operation.value,
+        "target_kind": job.target_kind,
+        "target": job.target,
+        "state": job.state.value,
+        "progress": job.progress,
+        "error": job.error,
+        "cause": job.cause,
+        "recommendation": job.recommendation,
+        "restarts": job.restarts,
+        "run_no": job.run_no,
+        "waiting_for": job.waiting_for.model_dump(mode="json") if job.waiting_for else None,
+        "result": job.result,
+        "created_by": job.created_by,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "ended_at": job.ended_at,
+        "updated_at": job.updated_at,
+        "items": job.params.items,
+        "params": {k: v for k, v in job.params.stored().items() if k not in ("groups", "items")},
+        "restartable": domain.can_restart(job.operation, job.state) is None,
+    }
     encoded: dict[str, Any] = jsonable_encoder(out)
     return encoded
 
@@ -161,8 +182,7 @@ async def _start_operation(
     vault_id: uuid.UUID,
     operation: str,
     body: OperationIn | None,
-    start: Callable[..., Awaitable[dict[str, Any]]],
-    target: Any,
+    command: Callable[[Operation, JobParams, str], StartItemOperation | StartPlanOperation],
 ) -> JSONResponse:
     """Check the role and the operation's name and parameters, start its job (202)."""
     principal.check(Role.OPERATOR, vault_id)
@@ -173,7 +193,7 @@ async def _start_operation(
         )
     try:
         params = _params(body or OperationIn(), op)
-        job = await start(_ctx(request), vault_id, target, op, params, principal.token_id)
+        job = await handlers.handle(_ctx(request), command(op, params, principal.token_id))
     except FailoverRefused as exc:
         raise _refused(exc) from None
     return JSONResponse(job_out(job), status_code=202)
@@ -196,7 +216,12 @@ async def item_operation(
     body: OperationIn | None = None,
 ) -> JSONResponse:
     return await _start_operation(
-        request, principal, vault_id, operation, body, handlers.start_item_operation, item_id
+        request,
+        principal,
+        vault_id,
+        operation,
+        body,
+        lambda op, params, by: StartItemOperation(vault_id, item_id, op, params, by),
     )
 
 
@@ -232,6 +257,7 @@ async def show_item(
         raise HTTPException(404, f"protected item {item_id} not found in this vault")
     view = await repo.view(pool, item_id) or {}
     link = await repo.link_of(pool, old=item_id)
+    retained = await repo.retained_points(pool, item_id)
     return jsonable_encoder(
         {
             "item_id": item_id,
@@ -246,6 +272,13 @@ async def show_item(
             "test": view.get("test"),
             "notes": view.get("notes", []),
             "reversed_by": link["new_item_id"] if link else None,
+            "retained_points": {
+                "count": len(retained.seqs),
+                "oldest_seq": min(retained.seqs),
+                "latest_seq": max(retained.seqs),
+            }
+            if retained.seqs
+            else None,
         }
     )
 
@@ -265,7 +298,7 @@ async def list_jobs(
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> Any:
     principal.check(Role.READER, vault_id)
-    rows = await repo.jobs(
+    rows = await jobs_repo.jobs(
         _ctx(request).pool,
         vault_id,
         state=state.value if state else None,
@@ -277,9 +310,9 @@ async def list_jobs(
     return [job_out(j) for j in rows]
 
 
-async def _job(request: Request, vault_id: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any]:
-    job = await repo.job(_ctx(request).pool, job_id)
-    if job is None or job["vault_id"] != vault_id:
+async def _job(request: Request, vault_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = await jobs_repo.job(_ctx(request).pool, job_id)
+    if job is None or job.vault_id != vault_id:
         raise HTTPException(404, f"job {job_id} not found in this vault")
     return job
 
@@ -293,8 +326,8 @@ async def show_job(
     pool = _ctx(request).pool
     return {
         **job_out(job),
-        "tasks": [task_out(t) for t in await repo.tasks(pool, job_id)],
-        "history": jsonable_encoder(await repo.job_history(pool, job_id)),
+        "tasks": [task_out(t) for t in await jobs_repo.tasks(pool, job_id)],
+        "history": jsonable_encoder(await jobs_repo.job_history(pool, job_id)),
     }
 
 
@@ -318,13 +351,13 @@ async def watch_job(
     deadline = time.monotonic() + timeout
     while True:
         job = await _job(request, vault_id, job_id)
-        changed = (state is not None and job["state"] != state.value) or (
-            progress is not None and job["progress"] != progress
+        changed = (state is not None and job.state is not state) or (
+            progress is not None and job.progress != progress
         )
         if changed or (state is None and progress is None) or time.monotonic() > deadline:
             return {
                 **job_out(job),
-                "tasks": [task_out(t) for t in await repo.tasks(ctx.pool, job_id)],
+                "tasks": [task_out(t) for t in await jobs_repo.tasks(ctx.pool, job_id)],
             }
         await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
@@ -339,7 +372,9 @@ async def restart_job(
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
     try:
-        job = await handlers.restart(_ctx(request), vault_id, job_id, principal.token_id)
+        job = await handlers.restart(
+            _ctx(request), RestartJob(vault_id, job_id, principal.token_id)
+        )
     except FailoverRefused as exc:
         raise _refused(exc) from None
     return job_out(job)
@@ -360,7 +395,8 @@ async def approve_action(
     principal.check(Role.OPERATOR, vault_id)
     try:
         await handlers.approve(
-            _ctx(request), vault_id, job_id, body.action_id, principal.token_id, body.comment
+            _ctx(request),
+            ApproveAction(vault_id, job_id, body.action_id, principal.token_id, body.comment),
         )
     except FailoverRefused as exc:
         raise _refused(exc) from None
@@ -370,17 +406,16 @@ async def approve_action(
 # ------------------------------------------------------------------ recovery plans
 
 
-def plan_out(p: dict[str, Any]) -> dict[str, Any]:
-    groups = p["groups"]
+def plan_out(p: RecoveryPlan) -> dict[str, Any]:
     encoded: dict[str, Any] = jsonable_encoder(
         {
-            "plan_id": p["plan_id"],
-            "name": p["name"],
-            "description": p["description"],
-            "groups": groups,
-            "item_count": sum(len(g["items"]) for g in groups),
-            "created_at": p["created_at"],
-            "updated_at": p["updated_at"],
+            "plan_id": p.plan_id,
+            "name": p.name,
+            "description": p.description,
+            "groups": [g.model_dump(mode="json") for g in p.groups],
+            "item_count": p.item_count,
+            "created_at": p.created_at,
+            "updated_at": p.updated_at,
         }
     )
     return encoded
@@ -391,7 +426,7 @@ def _check_scripts(
     principal: Principal,
     vault_id: uuid.UUID,
     body: PlanIn,
-    before: list[dict[str, Any]] | None,
+    before: list[PlanGroup] | None,
 ) -> None:
     """Only an admin creates or changes a script action; every script of the plan must be an
     executable file of the service's scripts folder."""
@@ -415,31 +450,17 @@ def _check_scripts(
             ) from None
 
 
-async def _validated(
+def _validated(
     request: Request,
     principal: Principal,
     vault_id: uuid.UUID,
     body: PlanIn,
-    before: list[dict[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
+    before: list[PlanGroup] | None = None,
+) -> None:
     problems = domain.plan_problems(body.groups)
     if problems:
         raise HTTPException(422, "; ".join(problems))
     _check_scripts(request, principal, vault_id, body, before)
-    pool = _ctx(request).pool
-    ids = [i for g in body.groups for i in g.items]
-    known = {
-        r["item_id"]
-        for r in await pool.fetch(
-            "SELECT item_id FROM rm_items WHERE vault_id = $1 AND item_id = ANY($2::uuid[])",
-            vault_id,
-            ids,
-        )
-    }
-    unknown = [str(i) for i in ids if i not in known]
-    if unknown:
-        raise HTTPException(422, f"unknown protected items: {', '.join(unknown[:5])}")
-    return [g.model_dump(mode="json") for g in body.groups]
 
 
 @router.post(
@@ -452,24 +473,14 @@ async def create_plan(
     vault_id: uuid.UUID, body: PlanIn, request: Request, principal: CurrentPrincipal
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
-    groups = await _validated(request, principal, vault_id, body)
+    _validated(request, principal, vault_id, body)
     try:
-        row = await _ctx(request).pool.fetchrow(
-            "INSERT INTO recovery_plans (plan_id, vault_id, name, description, groups)"
-            " VALUES ($1,$2,$3,$4,$5) RETURNING *",
-            uuid.uuid4(),
-            vault_id,
-            body.name,
-            body.description,
-            groups,
+        plan = await handlers.create_plan(
+            _ctx(request), CreatePlan(vault_id, body.name, body.description, body.groups)
         )
-    except Exception as exc:
-        if "unique" in str(exc).lower():
-            raise HTTPException(
-                409, f"a recovery plan named '{body.name}' already exists"
-            ) from None
-        raise
-    return plan_out(dict(row))
+    except FailoverRefused as exc:
+        raise _refused(exc) from None
+    return plan_out(plan)
 
 
 @router.get("/recovery-plans", tags=["recovery plans"], summary="Recovery plans of the vault")
@@ -478,7 +489,7 @@ async def list_plans(vault_id: uuid.UUID, request: Request, principal: CurrentPr
     return [plan_out(p) for p in await repo.plans(_ctx(request).pool, vault_id)]
 
 
-async def _plan(request: Request, vault_id: uuid.UUID, plan: str) -> dict[str, Any]:
+async def _plan(request: Request, vault_id: uuid.UUID, plan: str) -> RecoveryPlan:
     found = await repo.plan(_ctx(request).pool, vault_id, plan)
     if found is None:
         raise HTTPException(404, f"recovery plan {plan} not found in this vault")
@@ -505,16 +516,15 @@ async def update_plan(
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
     found = await _plan(request, vault_id, plan)
-    groups = await _validated(request, principal, vault_id, body, list(found["groups"]))
-    row = await _ctx(request).pool.fetchrow(
-        "UPDATE recovery_plans SET name = $2, description = $3, groups = $4, updated_at = now()"
-        " WHERE plan_id = $1 RETURNING *",
-        found["plan_id"],
-        body.name,
-        body.description,
-        groups,
-    )
-    return plan_out(dict(row))
+    _validated(request, principal, vault_id, body, found.groups)
+    try:
+        replaced = await handlers.replace_plan(
+            _ctx(request),
+            ReplacePlan(vault_id, found.plan_id, body.name, body.description, body.groups),
+        )
+    except FailoverRefused as exc:
+        raise _refused(exc) from None
+    return plan_out(replaced)
 
 
 @router.delete(
@@ -524,17 +534,11 @@ async def delete_plan(
     vault_id: uuid.UUID, plan: str, request: Request, principal: CurrentPrincipal
 ) -> Any:
     principal.check(Role.OPERATOR, vault_id)
-    found = await _plan(request, vault_id, plan)
-    ctx = _ctx(request)
-    running = await ctx.pool.fetchval(
-        "SELECT count(*) FROM jobs WHERE target = $1 AND state IN"
-        " ('not_started', 'in_progress', 'waiting_for_input')",
-        str(found["plan_id"]),
-    )
-    if running:
-        raise HTTPException(409, "the plan has a running job; wait for it to finish")
-    await ctx.pool.execute("DELETE FROM recovery_plans WHERE plan_id = $1", found["plan_id"])
-    return plan_out(found)
+    try:
+        deleted = await handlers.delete_plan(_ctx(request), DeletePlan(vault_id, plan))
+    except FailoverRefused as exc:
+        raise _refused(exc) from None
+    return plan_out(deleted)
 
 
 @router.post(
@@ -555,5 +559,10 @@ async def plan_operation(
     body: OperationIn | None = None,
 ) -> JSONResponse:
     return await _start_operation(
-        request, principal, vault_id, operation, body, handlers.start_plan_operation, plan
+        request,
+        principal,
+        vault_id,
+        operation,
+        body,
+        lambda op, params, by: StartPlanOperation(vault_id, plan, op, params, by),
     )

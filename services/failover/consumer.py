@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from services.failover.handlers import Context, make_event_handlers
+from services.failover.event_handlers import make_event_handlers
+from services.failover.handlers import Context
 from shared import topics
 from shared.kafka import EventConsumer, KafkaProducer
 from shared.readmodels import registration_handlers, signature_verifier

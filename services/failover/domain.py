@@ -29,12 +29,19 @@ NAMESPACE = uuid.UUID("6f1c4a52-2f0e-4d84-9a57-0b3c2d51f1e1")
 
 
 class FailoverRefused(Exception):
-    """A refused request; `status` is the HTTP status it maps to."""
+    """A refused request: the state of what it names does not allow it now."""
 
-    def __init__(self, message: str, status: int = 409) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.status = status
+
+
+class NotFound(FailoverRefused):
+    """The request names something (an item, a job, a plan, a point) that does not exist."""
+
+
+class InvalidRequest(FailoverRefused):
+    """The request itself is incomplete or contradictory, whatever the state."""
 
 
 class Operation(StrEnum):
@@ -289,6 +296,21 @@ class PlanGroup(BaseModel):
     post_actions: list[PlanAction] = Field(default_factory=list, max_length=20)
 
 
+@dataclass(frozen=True)
+class RecoveryPlan:
+    plan_id: uuid.UUID
+    vault_id: uuid.UUID
+    name: str
+    description: str
+    groups: list[PlanGroup]
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def item_count(self) -> int:
+        return sum(len(g.items) for g in self.groups)
+
+
 def plan_problems(groups: Sequence[PlanGroup]) -> list[str]:
     """Why a recovery plan is invalid (empty: valid)."""
     problems = []
@@ -411,30 +433,61 @@ class PointRequest:
 
 def point_request(choice: PointChoice, cycle_seq: int | None) -> PointRequest:
     if choice is PointChoice.CHOSEN and cycle_seq is None:
-        raise FailoverRefused("choose a recovery point: pass cycle_seq", 422)
+        raise InvalidRequest("choose a recovery point: pass cycle_seq")
     return PointRequest(choice, cycle_seq if choice is PointChoice.CHOSEN else None)
 
 
-def check_point_exists(item: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+class PointNotRetained(FailoverRefused):
+    """The chosen recovery point was taken but retention has removed it."""
+
+
+@dataclass(frozen=True)
+class RetainedPoints:
+    """The cycles of an item's retained recovery points (and which are app-consistent); empty
+    when none are known (points taken before they were listed)."""
+
+    seqs: frozenset[int] = frozenset()
+    app_seqs: frozenset[int] = frozenset()
+
+    def describe(self) -> str:
+        if not self.seqs:
+            return "none"
+        n = len(self.seqs)
+        return f"{min(self.seqs)}..{max(self.seqs)} ({n} point{'s' if n != 1 else ''})"
+
+
+def check_point_exists(
+    item: Mapping[str, Any],
+    params: Mapping[str, Any],
+    retained: RetainedPoints | None = None,
+) -> None:
     """The point a test or unplanned failover asks for exists, checked when the job is asked
-    for (not when its materialise step runs): a chosen cycle past the item's latest point is a
-    404, a latest app-consistent point where none was taken a 409."""
+    for (not when its materialise step runs): a chosen cycle past the item's latest point is
+    NotFound, one that retention removed PointNotRetained (naming the retained range), a
+    latest app-consistent point where none was taken a refusal."""
     choice = params.get("choice", PointChoice.LATEST.value)
     latest = item.get("latest_seq")
     if choice == PointChoice.CHOSEN.value and latest is not None:
         seq = int(params["cycle_seq"])
         if seq > int(latest):
-            raise FailoverRefused(
+            raise NotFound(
                 f"{item['vm_name']} has no recovery point {seq}: its latest is {latest}; "
                 "list the retained points (GET .../protected-items/{item_id}/recovery-points) "
-                "and choose one of them",
-                404,
+                "and choose one of them"
             )
-    if choice == PointChoice.LATEST_APP_CONSISTENT.value and item.get("latest_app_seq") is None:
+        if retained is not None and retained.seqs and seq not in retained.seqs:
+            raise PointNotRetained(
+                f"{item['vm_name']} has no retained recovery point {seq}: the retained points "
+                f"are {retained.describe()}; list them (GET "
+                ".../protected-items/{item_id}/recovery-points) and choose one of them"
+            )
+    app_pruned = retained is not None and bool(retained.seqs) and not retained.app_seqs
+    if choice == PointChoice.LATEST_APP_CONSISTENT.value and (
+        item.get("latest_app_seq") is None or app_pruned
+    ):
         raise FailoverRefused(
             f"{item['vm_name']} has no app-consistent recovery point yet: choose latest or a "
-            "chosen point, or wait for the policy's app-consistent snapshot",
-            409,
+            "chosen point, or wait for the policy's app-consistent snapshot"
         )
 
 

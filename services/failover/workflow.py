@@ -19,15 +19,19 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel, ConfigDict
 
 from services.failover import domain
+from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
 from services.failover.config import FailoverSettings
-from services.failover.domain import Operation, StepAction
+from services.failover.domain import PlanAction, StepAction
+from services.failover.job import Job, WaitingFor
+from services.failover.unit_of_work import PgUnitOfWork
 from shared.faults import crash_point
 from shared.schemas.failover import JobState
 
@@ -81,8 +85,23 @@ class Notifier:
             await asyncio.wait_for(self._event.wait(), timeout)
 
 
-Effect = Callable[[uuid.UUID], Awaitable[dict[str, Any] | None]]
-Wait = Callable[[uuid.UUID], Awaitable[dict[str, Any]]]
+class StepResult(BaseModel):
+    """What a step records as its task's detail (JSON) and returns, also when it is skipped
+    on a resume (read back as the same type)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Approval(StepResult):
+    approved_by: str
+    comment: str = ""
+
+
+R = TypeVar("R", bound=BaseModel)
+# a step's effect (its command or local change; None: the wait gives the result) and its wait
+Effect = Callable[[uuid.UUID], Awaitable[R | None]]
+Wait = Callable[[uuid.UUID], Awaitable[R]]
+# a job's workflow returns the job's result document
 Workflow = Callable[["Run"], Awaitable[dict[str, Any]]]
 
 
@@ -91,19 +110,17 @@ class Run:
     """One execution of a job (fresh after every restart); steps are resumed from the DB."""
 
     engine: Engine
-    job: dict[str, Any]
+    job: Job
     errors: int = 0
     item_results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def job_id(self) -> uuid.UUID:
-        job_id: uuid.UUID = self.job["job_id"]
-        return job_id
+        return self.job.job_id
 
     @property
     def vault_id(self) -> uuid.UUID:
-        vault_id: uuid.UUID = self.job["vault_id"]
-        return vault_id
+        return self.job.vault_id
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -117,78 +134,76 @@ class Run:
         self,
         key: str,
         name: str,
-        effect: Effect | None = None,
-        wait: Wait | None = None,
+        result_type: type[R],
+        effect: Effect[R] | None = None,
+        wait: Wait[R] | None = None,
         *,
         crash: str = "step",
-    ) -> dict[str, Any]:
+    ) -> R:
         """Run step `key` once: record, effect, answer, done. Returns the step's result."""
-        task = await repo.task(self.pool, self.job_id, key)
+        task = await jobs_repo.task(self.pool, self.job_id, key)
         answered = False
         if task is not None and wait is not None:
             answered = await repo.answer(self.pool, task["command_id"]) is not None
         action = domain.step_action(task["state"] if task else None, answered)
         if action is StepAction.SKIP:
             assert task is not None
-            return dict(task["detail"])
+            return result_type.model_validate(task["detail"])
         if action is StepAction.FAILED:
             assert task is not None
             raise StepFailed(
                 task["error"] or "failed", task["cause"] or "", task["recommendation"] or ""
             )
         if task is None:
-            command_id = domain.command_id_for(self.job_id, key, self.job["run_no"])
+            command_id = domain.command_id_for(self.job_id, key, self.job.run_no)
             async with self.pool.acquire() as conn, conn.transaction():
-                task = await repo.insert_task(
+                task = await jobs_repo.insert_task(
                     conn, self.vault_id, self.job_id, key, name, command_id
                 )
             crash_point(f"failover.{crash}.recorded")
         command_id = task["command_id"]
         try:
-            result: dict[str, Any] = {}
+            result: R | None = None
             if effect is not None and action is not StepAction.WAIT:
-                result = await effect(command_id) or {}
+                result = await effect(command_id)
             crash_point(f"failover.{crash}.sent")
             if wait is not None:
                 result = await wait(command_id)
         except StepFailed as exc:
             await self.fail_task(key, exc)
             raise
+        if result is None:
+            result = result_type.model_validate({})
         await self.finish_task(key, result)
         crash_point(f"failover.{crash}.done")
         return result
 
     async def fail_task(self, key: str, exc: StepFailed) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await repo.update_task(
+            await jobs_repo.fail_task(
                 conn,
                 self.vault_id,
                 self.job_id,
                 key,
-                state=JobState.FAILED.value,
-                ended_at=datetime.now(UTC),
                 error=exc.error,
                 cause=exc.cause or None,
                 recommendation=exc.recommendation or None,
             )
 
-    async def finish_task(self, key: str, result: dict[str, Any]) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await repo.update_task(
-                conn,
-                self.vault_id,
-                self.job_id,
-                key,
-                state=JobState.SUCCEEDED.value,
-                ended_at=datetime.now(UTC),
-                detail=result,
-            )
-            done = await conn.fetchval(
-                "SELECT count(*) FROM tasks WHERE job_id = $1 AND state = 'succeeded'", self.job_id
-            )
-            self.job = await repo.update_job(
-                conn, self.job_id, progress=domain.progress(done, self.job["expected_tasks"])
-            )
+    async def finish_task(self, key: str, result: BaseModel) -> None:
+        detail = result.model_dump(mode="json")
+        async with self.engine.uow() as uow:
+            await jobs_repo.finish_task(uow.conn, self.vault_id, self.job_id, key, detail)
+            job = await self._load(uow)
+            job.tasks_done(await uow.jobs.succeeded_tasks(self.job_id))
+            await uow.commit()
+        self.job = job
+
+    async def _load(self, uow: PgUnitOfWork) -> Job:
+        job = await uow.jobs.get(self.job_id)
+        if job is None:
+            raise StepFailed(f"job {self.job_id} is gone", "its row was deleted")
+        return job
 
     async def wait_answer(
         self,
@@ -198,8 +213,8 @@ class Run:
         timeout: float | None = None,
         recommendation: str = "",
     ) -> dict[str, Any]:
-        """The answer to the command or request `command_id`; StepFailed if it failed or
-        didn't come in time."""
+        """The answer (as its answerer sent it: the caller reads it into its type) to the
+        command or request `command_id`; StepFailed if it failed or didn't come in time."""
         limit = timeout or self.settings.step_timeout_seconds
         deadline = time.monotonic() + limit
         while True:
@@ -224,8 +239,8 @@ class Run:
             )
 
     async def wait_until(
-        self, probe: Callable[[], Awaitable[dict[str, Any] | None]], what: str, timeout: float
-    ) -> dict[str, Any]:
+        self, probe: Callable[[], Awaitable[R | None]], what: str, timeout: float
+    ) -> R:
         deadline = time.monotonic() + timeout
         while True:
             found = await probe()
@@ -239,43 +254,45 @@ class Run:
                 )
             await self.engine.notifier.wait(self.settings.poll_seconds)
 
-    async def manual(self, key: str, action: dict[str, Any]) -> dict[str, Any]:
+    async def manual(self, key: str, action: PlanAction) -> Approval:
         """A manual action: the job waits in `waiting_for_input` until an operator approves."""
-        task = await repo.task(self.pool, self.job_id, key)
+        task = await jobs_repo.task(self.pool, self.job_id, key)
         if task is not None and task["state"] == JobState.SUCCEEDED.value:
-            return dict(task["detail"])
-        waiting = {
-            "action_id": action["action_id"],
-            "action_key": key,
-            "name": action["name"],
-            "instructions": action.get("instructions", ""),
-        }
-        async with self.pool.acquire() as conn, conn.transaction():
+            return Approval.model_validate(task["detail"])
+        waiting = WaitingFor(
+            action_id=action.action_id,
+            action_key=key,
+            name=action.name,
+            instructions=action.instructions,
+        )
+        async with self.engine.uow() as uow:
             if task is None:
-                cid = domain.command_id_for(self.job_id, key, self.job["run_no"])
-                await repo.insert_task(
-                    conn,
+                cid = domain.command_id_for(self.job_id, key, self.job.run_no)
+                await jobs_repo.insert_task(
+                    uow.conn,
                     self.vault_id,
                     self.job_id,
                     key,
-                    f"manual action: {action['name']}",
+                    f"manual action: {action.name}",
                     cid,
                     JobState.WAITING_FOR_INPUT,
                 )
-            self.job = await repo.update_job(
-                conn, self.job_id, state=JobState.WAITING_FOR_INPUT.value, waiting_for=waiting
-            )
+            job = await self._load(uow)
+            job.wait_for(waiting)
+            await uow.commit()
+        self.job = job
         crash_point("failover.manual.waiting")
         while True:
-            approved = await repo.approval(self.pool, self.job_id, key)
+            approved = await jobs_repo.approval(self.pool, self.job_id, key)
             if approved is not None:
                 break
             await self.engine.notifier.wait(self.settings.poll_seconds * 4)
-        result = {"approved_by": approved["approved_by"], "comment": approved["comment"]}
-        async with self.pool.acquire() as conn, conn.transaction():
-            self.job = await repo.update_job(
-                conn, self.job_id, state=JobState.IN_PROGRESS.value, waiting_for=None
-            )
+        result = Approval(approved_by=approved["approved_by"], comment=approved["comment"])
+        async with self.engine.uow() as uow:
+            job = await self._load(uow)
+            job.input_given()
+            await uow.commit()
+        self.job = job
         await self.finish_task(key, result)
         return result
 
@@ -287,7 +304,7 @@ class Engine:
         self,
         pool: asyncpg.Pool,
         settings: FailoverSettings,
-        workflows: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]],
+        workflows: dict[str, Workflow],
         notifier: Notifier | None = None,
     ) -> None:
         self.pool = pool
@@ -304,20 +321,21 @@ class Engine:
         task.add_done_callback(lambda _t: self.running.pop(job_id, None))
 
     async def resume_all(self) -> int:
-        jobs = await repo.unfinished_jobs(self.pool)
-        for job in jobs:
-            if job["state"] != JobState.NOT_STARTED.value:
-                tasks = await repo.tasks(self.pool, job["job_id"])
-                async with self.pool.acquire() as conn, conn.transaction():
-                    await repo.history(
-                        conn,
-                        job["job_id"],
-                        f"service restarted: job resumed ({domain.resume_point(tasks)})",
-                    )
-                    await repo.update_job(conn, job["job_id"], restarts=job["restarts"] + 1)
+        jobs = await jobs_repo.unfinished_jobs(self.pool)
+        for found in jobs:
+            if found.state is not JobState.NOT_STARTED:
+                tasks = await jobs_repo.tasks(self.pool, found.job_id)
+                async with self.uow() as uow:
+                    job = await uow.jobs.get(found.job_id)
+                    if job is not None:
+                        job.resumed(domain.resume_point(tasks))
+                    await uow.commit()
                 RESUMED.inc()
-            self.submit(job["job_id"])
+            self.submit(found.job_id)
         return len(jobs)
+
+    def uow(self) -> PgUnitOfWork:
+        return PgUnitOfWork(self.pool)
 
     async def stop(self) -> None:
         for task in list(self.running.values()):
@@ -325,22 +343,19 @@ class Engine:
         await asyncio.gather(*self.running.values(), return_exceptions=True)
 
     async def run_job(self, job_id: uuid.UUID) -> None:
-        job = await repo.job(self.pool, job_id)
-        if job is None or domain.is_finished(JobState(job["state"])):
-            return
-        if job["state"] == JobState.NOT_STARTED.value:
-            async with self.pool.acquire() as conn, conn.transaction():
-                job = await repo.update_job(
-                    conn, job_id, state=JobState.IN_PROGRESS.value, started_at=datetime.now(UTC)
-                )
-                await repo.history(conn, job_id, "started")
+        async with self.uow() as uow:
+            job = await uow.jobs.get(job_id)
+            if job is None or job.finished:
+                return
+            if job.state is JobState.NOT_STARTED:
+                job.start(datetime.now(UTC))
+            await uow.commit()
         run = Run(self, job)
-        operation = Operation(job["operation"])
         JOBS_RUNNING.inc()
         failure: StepFailed | None = None
         result: dict[str, Any] = {}
         try:
-            result = await self.workflows[f"{job['target_kind']}:{operation.value}"](run)
+            result = await self.workflows[job.kind](run)
         except StepFailed as exc:
             failure = exc
         except asyncio.CancelledError:
@@ -354,46 +369,31 @@ class Engine:
             )
         finally:
             JOBS_RUNNING.dec()
-        state = domain.final_state(operation, failed=failure is not None, errors=run.errors)
-        await self.finish(run, state, failure, result)
+        await self.finish(run, failure, result)
 
-    async def finish(
-        self, run: Run, state: JobState, failure: StepFailed | None, result: dict[str, Any]
-    ) -> None:
+    async def finish(self, run: Run, failure: StepFailed | None, result: dict[str, Any]) -> None:
         now = datetime.now(UTC)
-        fields: dict[str, Any] = {
-            "state": state.value,
-            "ended_at": now,
-            "waiting_for": None,
-            "result": {**result, "items": run.item_results} if run.item_results else result,
-        }
-        if state is JobState.SUCCEEDED:
-            fields["progress"] = 100
-        if failure is not None:
-            fields.update(
-                error=failure.error,
-                cause=failure.cause or None,
-                recommendation=failure.recommendation or None,
+        async with self.uow() as uow:
+            job = await uow.jobs.get(run.job_id)
+            if job is None:
+                return
+            job.finish(
+                now,
+                failure=(failure.error, failure.cause, failure.recommendation) if failure else None,
+                errors=run.errors,
+                result={**result, "items": run.item_results} if run.item_results else result,
             )
-        elif state is JobState.COMPLETED_WITH_ERRORS:
-            fields.update(
-                progress=100,
-                error=f"{run.errors} error(s); see the failed tasks",
-                cause="some steps failed; an unplanned run goes on past errors",
-                recommendation="check the failed tasks and the items they name",
-            )
-        async with self.pool.acquire() as conn, conn.transaction():
-            job = await repo.update_job(conn, run.job_id, **fields)
-            await repo.history(conn, run.job_id, f"finished: {state.value}")
-        JOBS.labels(job["operation"], state.value).inc()
-        started = job["started_at"] or job["created_at"]
-        JOB_SECONDS.labels(job["operation"]).observe((now - started).total_seconds())
+            await uow.commit()
+        state = job.state
+        JOBS.labels(job.operation.value, state.value).inc()
+        started = job.started_at or job.created_at or now
+        JOB_SECONDS.labels(job.operation.value).observe((now - started).total_seconds())
         log.log(
             logging.WARNING if failure else logging.INFO,
             "job finished",
             extra={
                 "job_id": str(run.job_id),
-                "operation": job["operation"],
+                "operation": job.operation.value,
                 "state": state.value,
                 "error": failure.error if failure else None,
             },

@@ -12,12 +12,16 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import ConfigDict
 
+from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
 from services.failover.__main__ import MIGRATIONS
+from services.failover.commands import RestartJob
 from services.failover.config import FailoverSettings
 from services.failover.domain import Operation
-from services.failover.workflow import Engine, Run, StepFailed
+from services.failover.job import Job, JobParams
+from services.failover.workflow import Engine, Run, StepFailed, StepResult
 from tests.support.poll import eventually
 from tests.support.stack import migrated_pool
 
@@ -30,6 +34,14 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         yield p
 
 
+class Value(StepResult):
+    value: int
+
+
+class Answer(StepResult):
+    model_config = ConfigDict(extra="allow")
+
+
 class Recorder:
     """A two-step workflow whose effects are counted; step 2 waits for an answer row."""
 
@@ -37,36 +49,34 @@ class Recorder:
         self.effects: list[tuple[str, uuid.UUID]] = []
 
     async def workflow(self, run: Run) -> dict[str, Any]:
-        async def first(cid: uuid.UUID) -> dict[str, Any]:
+        async def first(cid: uuid.UUID) -> Value:
             self.effects.append(("first", cid))
-            return {"value": 1}
+            return Value(value=1)
 
         async def second(cid: uuid.UUID) -> None:
             self.effects.append(("second", cid))
 
-        async def answer(cid: uuid.UUID) -> dict[str, Any]:
-            return await run.wait_answer(cid, "second step", timeout=30)
+        async def answer(cid: uuid.UUID) -> Answer:
+            return Answer.model_validate(await run.wait_answer(cid, "second step", timeout=30))
 
-        one = await run.step("first", "first step", first)
-        two = await run.step("second", "second step", second, answer)
-        return {"one": one, "two": two}
+        one = await run.step("first", "first step", Value, first)
+        two = await run.step("second", "second step", Answer, second, answer)
+        return {"one": one.model_dump(), "two": two.model_dump()}
 
 
 async def new_job(pool: asyncpg.Pool) -> uuid.UUID:
+    job = Job.create(
+        uuid.uuid4(),
+        Operation.COMMIT,
+        target_kind="item",
+        target=str(uuid.uuid4()),
+        params=JobParams(items=[]),
+        expected_tasks=2,
+        created_by="test",
+    )
     async with pool.acquire() as conn, conn.transaction():
-        job = await repo.insert_job(
-            conn,
-            job_id=uuid.uuid4(),
-            vault_id=uuid.uuid4(),
-            operation=Operation.COMMIT.value,
-            target_kind="item",
-            target=str(uuid.uuid4()),
-            params={"items": []},
-            expected_tasks=2,
-            created_by="test",
-        )
-    job_id: uuid.UUID = job["job_id"]
-    return job_id
+        await jobs_repo.add_job(conn, job)
+    return job.job_id
 
 
 def engine(pool: asyncpg.Pool, recorder: Recorder) -> Engine:
@@ -87,8 +97,8 @@ async def test_resume_after_restart_skips_done_steps_and_resends_with_same_key(
 
     await eventually(second_sent, timeout=10, what="the second step sent")
     await first_engine.stop()  # the process "dies" waiting for the answer
-    job = await repo.job(pool, job_id)
-    assert job is not None and job["state"] == "in_progress"
+    job = await jobs_repo.job(pool, job_id)
+    assert job is not None and job.state == "in_progress"
 
     after = Recorder()
     second_engine = engine(pool, after)
@@ -100,16 +110,16 @@ async def test_resume_after_restart_skips_done_steps_and_resends_with_same_key(
         await repo.save_answer(conn, after.effects[0][1], "agent", True, "", {"ok": True})
     second_engine.notifier.poke(0)
 
-    async def done() -> dict[str, Any] | None:
-        found = await repo.job(pool, job_id)
-        return found if found and found["state"] == "succeeded" else None
+    async def done() -> Job | None:
+        found = await jobs_repo.job(pool, job_id)
+        return found if found and found.state == "succeeded" else None
 
     job = await eventually(done, timeout=10, what="job succeeded")
-    assert job["restarts"] == 1 and job["progress"] == 100
-    assert job["result"] == {"one": {"value": 1}, "two": {"ok": True}}
-    history = [h["message"] for h in await repo.job_history(pool, job_id)]
+    assert job.restarts == 1 and job.progress == 100
+    assert job.result == {"one": {"value": 1}, "two": {"ok": True}}
+    history = [h["message"] for h in await jobs_repo.job_history(pool, job_id)]
     assert any(m.startswith("service restarted: job resumed (1 steps done") for m in history)
-    tasks = await repo.tasks(pool, job_id)
+    tasks = await jobs_repo.tasks(pool, job_id)
     assert [(t["step_key"], t["state"]) for t in tasks] == [
         ("first", "succeeded"),
         ("second", "succeeded"),
@@ -135,17 +145,17 @@ async def test_failed_step_fails_the_job_and_an_operator_restart_uses_a_new_key(
         await repo.save_answer(conn, rec.effects[1][1], "agent", False, "disk full", {})
     eng.notifier.poke(0)
 
-    async def failed() -> dict[str, Any] | None:
-        found = await repo.job(pool, job_id)
-        return found if found and found["state"] == "failed" else None
+    async def failed() -> Job | None:
+        found = await jobs_repo.job(pool, job_id)
+        return found if found and found.state == "failed" else None
 
     job = await eventually(failed, timeout=10, what="job failed")
-    assert "disk full" in job["error"] and job["recommendation"]
-    task = await repo.task(pool, job_id, "second")
+    assert job.error is not None and "disk full" in job.error and job.recommendation
+    task = await jobs_repo.task(pool, job_id, "second")
     assert task is not None and task["state"] == "failed"
     ctx = handlers.Context(pool=pool, settings=eng.settings, engine=eng, notifier=Notifier())
-    restarted = await handlers.restart(ctx, job["vault_id"], job_id, "operator")
-    assert restarted["run_no"] == 2
+    restarted = await handlers.restart(ctx, RestartJob(job.vault_id, job_id, "operator"))
+    assert restarted.run_no == 2
     await eventually(lambda: _count(rec, 3), timeout=10, what="second step re-sent")
     old_key, new_key = rec.effects[1][1], rec.effects[2][1]
     assert new_key != old_key
@@ -154,19 +164,20 @@ async def test_failed_step_fails_the_job_and_an_operator_restart_uses_a_new_key(
         await repo.save_answer(conn, old_key, "agent", True, "", {"late": True})
     eng.notifier.poke(0)
     await asyncio.sleep(0.3)  # several poll rounds (poll_seconds=0.05): the step must still wait
-    task = await repo.task(pool, job_id, "second")
+    task = await jobs_repo.task(pool, job_id, "second")
     assert task is not None and task["state"] == "in_progress", task
-    assert (await repo.job(pool, job_id) or {})["state"] == "in_progress"
+    found = await jobs_repo.job(pool, job_id)
+    assert found is not None and found.state == "in_progress"
     async with pool.acquire() as conn:
         await repo.save_answer(conn, new_key, "agent", True, "", {"ok": True})
     eng.notifier.poke(0)
 
-    async def succeeded() -> dict[str, Any] | None:
-        found = await repo.job(pool, job_id)
-        return found if found and found["state"] == "succeeded" else None
+    async def succeeded() -> Job | None:
+        found = await jobs_repo.job(pool, job_id)
+        return found if found and found.state == "succeeded" else None
 
     job = await eventually(succeeded, timeout=10, what="the restarted job succeeded")
-    assert job["result"]["two"] == {"ok": True}  # the new key's answer, not the late one
+    assert job.result["two"] == {"ok": True}  # the new key's answer, not the late one
     await eng.stop()
 
 
@@ -174,24 +185,24 @@ async def test_a_step_that_raises_step_failed_fails_its_job_with_the_reason(
     pool: asyncpg.Pool,
 ) -> None:
     async def failing(run: Run) -> dict[str, Any]:
-        async def effect(_cid: uuid.UUID) -> dict[str, Any]:
+        async def effect(_cid: uuid.UUID) -> Value:
             raise StepFailed("host unreachable", "the agent is down", "start the agent")
 
-        await run.step("only", "only step", effect)
+        await run.step("only", "only step", Value, effect)
         return {}
 
     job_id = await new_job(pool)
     eng = Engine(pool, FailoverSettings(poll_seconds=0.05), {"item:commit": failing})
     eng.submit(job_id)
 
-    async def failed() -> dict[str, Any] | None:
-        found = await repo.job(pool, job_id)
-        return found if found and found["state"] == "failed" else None
+    async def failed() -> Job | None:
+        found = await jobs_repo.job(pool, job_id)
+        return found if found and found.state == "failed" else None
 
     job = await eventually(failed, timeout=10, what="the job failed")
-    assert "host unreachable" in job["error"]
-    assert job["cause"] == "the agent is down" and job["recommendation"] == "start the agent"
-    task = await repo.task(pool, job_id, "only")
+    assert job.error is not None and "host unreachable" in job.error
+    assert job.cause == "the agent is down" and job.recommendation == "start the agent"
+    task = await jobs_repo.task(pool, job_id, "only")
     assert task is not None and task["state"] == "failed" and task["error"] == "host unreachable"
     await eng.stop()
 

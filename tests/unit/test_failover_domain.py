@@ -79,7 +79,7 @@ def test_refusals() -> None:
     domain.check_reverse(ITEM, failed_over)
     with pytest.raises(FailoverRefused) as exc:
         domain.point_request(PointChoice.CHOSEN, None)
-    assert exc.value.status == 422
+    assert isinstance(exc.value, domain.InvalidRequest)
 
 
 def test_seed_disks_need_the_old_primary_or_force() -> None:
@@ -255,7 +255,22 @@ def test_a_point_is_checked_when_the_job_is_asked_for() -> None:
     domain.check_point_exists(item, {"choice": "latest"})
     with pytest.raises(FailoverRefused) as missing:
         domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 2**62})
-    assert missing.value.status == 404 and "latest is 40" in missing.value.message
+    assert isinstance(missing.value, domain.NotFound) and "latest is 40" in missing.value.message
     with pytest.raises(FailoverRefused) as no_app:
         domain.check_point_exists(item, {"choice": "latest_app_consistent"})
-    assert no_app.value.status == 409
+    assert type(no_app.value) is FailoverRefused  # a conflict, not a missing point
+
+
+def test_a_chosen_point_must_still_be_retained() -> None:
+    item = {"vm_name": "db01", "latest_seq": 40, "latest_app_seq": 12}
+    kept = domain.RetainedPoints(seqs=frozenset({30, 35, 40}), app_seqs=frozenset())
+    assert kept.describe() == "30..40 (3 points)"
+    domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 35}, kept)
+    with pytest.raises(
+        domain.PointNotRetained, match=r"point 12: the retained points are 30\.\.40"
+    ):
+        domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 12}, kept)
+    with pytest.raises(FailoverRefused, match="no app-consistent"):
+        domain.check_point_exists(item, {"choice": "latest_app_consistent"}, kept)
+    # points taken before they were listed: only the latest bounds the choice
+    domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 12}, domain.RetainedPoints())
