@@ -161,9 +161,11 @@ async def materialise(
     seq: int | None,
     *,
     handover: bool = False,
+    differencing: bool = False,
 ) -> dict[str, Any]:
     """The point's disks in the recovery host's folder; `handover` (a failover): the host's
-    replica images themselves when it keeps them, else copies."""
+    replica images themselves when it keeps them, else copies; `differencing` (a test
+    failover): differencing disks over the host's replica when it keeps one, else copies."""
     target_dir = str(Path(facts["recovery_storage"]) / folder)
 
     async def request(cid: uuid.UUID) -> None:
@@ -176,6 +178,7 @@ async def materialise(
                 cycle_seq=seq,
                 target_dir=target_dir,
                 handover=handover,
+                differencing=differencing,
             ),
             facts["item_id"],
         )
@@ -463,6 +466,7 @@ async def test_item(run: Run, item_id: uuid.UUID, test_net: dict[str, Any]) -> N
         test_name,
         PointChoice(params.get("choice", "latest")),
         params.get("cycle_seq"),
+        differencing=True,
     )
     vm = await create_vm(
         run, p, facts, f"{facts['vm_id']}-test", test_name, point, facts["placed_nics"]
