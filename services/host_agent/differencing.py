@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -232,6 +233,15 @@ def drop_views(replica: SiteReplica, views: Iterable[tuple[str, str]]) -> None:
     """Drop the frozen views once their differencing disks are gone."""
     for item, view in views:
         replica.drop_view(item, view)
+
+
+def delete_folder(replica: SiteReplica, folder: Path) -> None:
+    """Delete a VM's folder, then the frozen views its differencing disks held (a kill in
+    between leaves views no disk names: the replica drops them)."""
+    views = views_in(folder)
+    shutil.rmtree(folder)
+    crash_point("differencing.folder_removed")
+    drop_views(replica, views)
 
 
 def discard_disks(replica: SiteReplica, paths: list[Path]) -> None:

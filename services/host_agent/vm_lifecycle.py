@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from services.host_agent.vms import (
     vm_dir,
 )
 from services.host_agent.workload import Workloads
-from shared.faults import crash_point
 from shared.schemas.agent import VmCreateRequested, VmDeleteRequested
 from shared.schemas.inventory import VmState
 
@@ -137,10 +135,7 @@ async def delete_vm(
     vm_id = None
     with contextlib.suppress(VmNotFound, ValueError):
         vm_id = (await asyncio.to_thread(load_vm, storage, command.vm_name)).id
-    views = await asyncio.to_thread(differencing.views_in, folder)
-    await asyncio.to_thread(shutil.rmtree, folder)
-    crash_point("vm.delete.folder_removed")
-    await asyncio.to_thread(differencing.drop_views, replica, views)
+    await asyncio.to_thread(differencing.delete_folder, replica, folder)
     log.info("VM deleted", extra={"vm": command.vm_name, "replication_forgotten": len(forgotten)})
     return {
         "vm_name": command.vm_name,
