@@ -214,6 +214,11 @@ async def test_failover_story(platform: Platform, http: httpx.AsyncClient, tmp_p
     # the test VM's writes stay in its differencing disks: the replica takes no block of them
     await dr.agent_call(http, "hv-r1", "POST", "/vms/web01-test/writes", {"blocks": 8})
     assert await vm_disk_hashes(http, dr, "web01-test", test_vm) != source
+    unknown = await http.get(
+        f"{dr.agents['hv-r1'].url}/v1/vms/web01-test/disks/nope/sha256",
+        headers=dr.bearer(dr.agent_credential("hv-r1")),
+    )
+    assert unknown.status_code == 404 and "no disk 'nope'" in unknown.text, unknown.text
     assert [n["network_id"] for n in test_vm["nics"]] == [view["test"]["network_id"]]
     assert view["test"]["network_id"].startswith("test-")
     # replication untouched: still replicating, new points keep coming

@@ -8,12 +8,20 @@ from __future__ import annotations
 import hashlib
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from services.host_agent import differencing
 from services.host_agent.differencing import DifferencingError
 from services.host_agent.replica import DiskState, Point, ReplicaError, SiteReplica
+from services.host_agent.replica_feed import ReplicaFeed
+from services.host_agent.replicator import CommandFailed
+from shared.schemas.agent import (
+    DifferencingDisksRequested,
+    ReplicaDisk,
+    ReplicaHandoverRequested,
+)
 from tests.support.site_replica_worker import BS, ITEM, History, sha
 
 
@@ -152,3 +160,58 @@ def test_an_older_view_over_resized_disks_reads_each_retained_point(tmp_path: Pa
             assert differencing.sha256(h.replica, path) == h.sha[seq][disk_id], (seq, disk_id)
     # the replica's images are still its HEAD's
     assert {d: sha(h.replica.image_path(ITEM, d)) for d in ("d0", "d1")} == h.sha[7]
+
+
+def _command(kind: type[Any], h: Recorded, seq: int, target: Path) -> Any:
+    """The agent command for point `seq` (a point past the history: the latest's disks)."""
+    disks = h.points[min(seq, max(h.points))].disks
+    return kind(
+        command_id=uuid.uuid4(),
+        agent_id=uuid.uuid4(),
+        item_id=uuid.UUID(int=1),
+        request_id=uuid.uuid4(),
+        cycle_seq=seq,
+        target_dir=str(target),
+        disks=[
+            ReplicaDisk(
+                disk_id=d.disk_id,
+                size_bytes=d.size_bytes,
+                block_size=d.block_size,
+                merkle_root=d.merkle_root,
+            )
+            for d in disks
+        ],
+    )
+
+
+async def test_the_agent_command_creates_them_and_a_handover_waits_for_cleanup(
+    tmp_path: Path,
+) -> None:
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    h = Recorded(tmp_path / "state", points=3)
+    item = str(uuid.UUID(int=1))
+    (tmp_path / "state" / "replica" / ITEM).rename(tmp_path / "state" / "replica" / item)
+    h.replica = SiteReplica(tmp_path / "state")
+    feed = ReplicaFeed(h.replica, "127.0.0.1:1", "", storage)
+    with pytest.raises(CommandFailed, match="not a folder in this host's storage"):
+        await feed.differencing(_command(DifferencingDisksRequested, h, 2, tmp_path / "x"))
+    with pytest.raises(CommandFailed, match="not a folder in this host's storage"):
+        await feed.differencing(_command(DifferencingDisksRequested, h, 2, storage / ".."))
+    with pytest.raises(CommandFailed, match="not retained"):
+        await feed.differencing(_command(DifferencingDisksRequested, h, 9, storage / "t"))
+    command = _command(DifferencingDisksRequested, h, 2, storage / "t")
+    result = await feed.differencing(command)
+    assert [Path(d["path"]).name for d in result["disks"]] == ["d0.avhdx", "d1.avhdx"]
+    assert await feed.differencing(command) == result  # a repeated command
+    for d in result["disks"]:
+        assert differencing.sha256(h.replica, Path(d["path"])) == h.sha[2][d["disk_id"]]
+    handover = _command(ReplicaHandoverRequested, h, 3, storage / "web")
+    with pytest.raises(CommandFailed, match="not handed over while they exist"):
+        await feed.handover(handover)
+    differencing.delete_folder(h.replica, storage / "t")
+    await feed.handover(handover)  # the test cleaned up: the replica is handed over
+    assert (storage / "web" / "d0.avhdx").exists() is False
+    assert sha(storage / "web" / "d0.vhdx") == h.sha[3]["d0"]
+    with pytest.raises(CommandFailed, match="keeps no replica"):
+        await feed.differencing(_command(DifferencingDisksRequested, h, 3, storage / "u"))
