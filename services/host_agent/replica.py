@@ -758,13 +758,22 @@ class SiteReplica:
                 if size == 0:
                     continue  # the disk did not exist at the view's point
                 n = block_count(size, disk.block_size)
-                with f.leaves(disk.disk_id).open("rb") as lv:
-                    raw = lv.read(n * HASH_SIZE)
-                leaves = []
-                for i in range(n):
-                    held = idx.blocks.get((disk.disk_id, i))
-                    leaves.append(held.leaf if held else raw[i * HASH_SIZE : (i + 1) * HASH_SIZE])
-                root = MerkleTree.from_leaves(iter(leaves), n).root_hex()
+                if size == disk.size_bytes:  # HEAD's tree with the view's old leaves
+                    tree = self._tree(item, f, disk).copy()
+                    for (disk_id, i), held in idx.blocks.items():
+                        if disk_id == disk.disk_id and i < n:
+                            tree.set_leaf(i, held.leaf)
+                    root = tree.root_hex()
+                else:
+                    with f.leaves(disk.disk_id).open("rb") as lv:
+                        raw = lv.read(n * HASH_SIZE)
+                    leaves = []
+                    for i in range(n):
+                        held = idx.blocks.get((disk.disk_id, i))
+                        leaves.append(
+                            held.leaf if held else raw[i * HASH_SIZE : (i + 1) * HASH_SIZE]
+                        )
+                    root = MerkleTree.from_leaves(iter(leaves), n).root_hex()
                 disks.append(DiskState(disk.disk_id, size, disk.block_size, root))
             return Point(idx.seq, tuple(disks))
 
