@@ -760,9 +760,9 @@ class SiteReplica:
                 n = block_count(size, disk.block_size)
                 if size == disk.size_bytes:  # HEAD's tree with the view's old leaves
                     tree = self._tree(item, f, disk).copy()
-                    for (disk_id, i), held in idx.blocks.items():
+                    for (disk_id, i), block in idx.blocks.items():
                         if disk_id == disk.disk_id and i < n:
-                            tree.set_leaf(i, held.leaf)
+                            tree.set_leaf(i, block.leaf)
                     root = tree.root_hex()
                 else:
                     with f.leaves(disk.disk_id).open("rb") as lv:
