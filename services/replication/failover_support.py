@@ -538,6 +538,7 @@ async def _seed_and_resync(ctx: Context, request: dict[str, Any]) -> None:
 
 
 REPLICA_WAIT_SECONDS = 30.0  # how long a handover waits for the replica to reach the point
+REPLICA_POLL_SECONDS = 0.2  # how often it looks meanwhile
 
 
 async def _hand_over(
@@ -554,7 +555,11 @@ async def _hand_over(
         return False  # the host tried and could not: copy
     if (item["replica_seq"] or 0) < seq:
         waited = (datetime.now(UTC) - request["created_at"]).total_seconds()
-        return bool(waited < REPLICA_WAIT_SECONDS)  # the last point is being applied there
+        if waited >= REPLICA_WAIT_SECONDS:
+            return False
+        # the last point is being applied there: look again soon, not at the next interval
+        asyncio.get_running_loop().call_later(REPLICA_POLL_SECONDS, ctx.failover_wake.set)
+        return True
     async with ctx.pool.acquire() as conn, conn.transaction():
         if not await repo.delegate_request(conn, msg.request_id):
             return True
