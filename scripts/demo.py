@@ -654,6 +654,20 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
     def sources() -> dict[str, list[str]]:
         return {name: disk_hashes(primary / name) for name in items}
 
+    async def read_through(name: str) -> list[str]:
+        """SHA-256 of each disk of VM `name` on hv-r1 as the VM reads it (a test VM runs over
+        differencing disks: the host agent reads them through the replica's frozen view)."""
+        r1 = json.loads((demo.run_dir / "hv-r1-state" / "identity.json").read_text())
+        auth = {"Authorization": f"Bearer {r1['credential']}"}
+        meta = json.loads((recovery / name / "vm.json").read_text())
+        url = f"{demo.edges['hv-r1'].url}/v1/vms/{name}/disks"
+        hashes = []
+        for d in meta["disks"]:
+            resp = await http.get(f"{url}/{d['id']}/sha256", headers=auth)
+            resp.raise_for_status()
+            hashes.append(resp.json()["sha256"])
+        return sorted(hashes)
+
     async def plan_ready() -> str | None:
         async def known() -> bool:
             for i in items.values():
@@ -714,7 +728,7 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
             return f"job {done['state']}: {done.get('error')}"
         for name, disks in expected.items():
             meta = json.loads((recovery / f"{name}-test" / "vm.json").read_text())
-            if disk_hashes(recovery / f"{name}-test") != disks:
+            if await read_through(f"{name}-test") != disks:
                 return f"{name}-test disks differ from the source"
             if not meta["nics"] or not str(meta["nics"][0]["network_id"]).startswith("test-"):
                 return f"{name}-test not on the test network: {meta['nics']}"

@@ -112,7 +112,13 @@ async def test_item(run: Run, item_id: uuid.UUID, test_net: TestNetwork) -> None
     )
     await repo.save_item_failover(run.pool, item)
     point = await materialise(
-        run, p, facts, test_name, PointChoice(params.choice or "latest"), params.cycle_seq
+        run,
+        p,
+        facts,
+        test_name,
+        PointChoice(params.choice or "latest"),
+        params.cycle_seq,
+        differencing=True,
     )
     vm = await create_vm(run, p, facts, f"{facts.vm_id}-test", test_name, point, facts.placed_nics)
     run.item_results[str(item_id)] = {

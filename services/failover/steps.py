@@ -257,9 +257,11 @@ async def materialise(
     seq: int | None,
     *,
     handover: bool = False,
+    differencing: bool = False,
 ) -> Point:
     """The point's disks in the recovery host's folder; `handover` (a failover): the host's
-    replica images themselves when it keeps them, else copies."""
+    replica images themselves when it keeps them, else copies; `differencing` (a test
+    failover): differencing disks over the host's replica when it keeps one, else copies."""
     target_dir = str(Path(facts.recovery_storage) / folder)
 
     async def request(cid: uuid.UUID) -> None:
@@ -272,6 +274,7 @@ async def materialise(
                 cycle_seq=seq,
                 target_dir=target_dir,
                 handover=handover,
+                differencing=differencing,
             ),
             str(facts.item_id),
         )

@@ -3,14 +3,27 @@ credential): create VMs, drive their workload, write blocks, see replication sta
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.host_agent import differencing
+from services.host_agent.replica import ReplicaError, SiteReplica
 from services.host_agent.runtime import AgentRuntime
-from services.host_agent.vms import NAME, VmNotFound, create_vm, list_vms, load_vm, parse_size
+from services.host_agent.vms import (
+    NAME,
+    VmNotFound,
+    create_vm,
+    disk_path,
+    list_vms,
+    load_vm,
+    parse_size,
+)
 from services.host_agent.workload import Pattern, Writer, write_blocks
 from shared.schemas.inventory import VmState
 from shared.signing import constant_time_equals, hash_secret
@@ -109,6 +122,32 @@ def add_routes(app: FastAPI) -> None:
         written = write_blocks(agent.host, writer, body.blocks)
         return {"vm": vm.name, "written": written, "completed_at": datetime.now(UTC).isoformat()}
 
+    @router.get(
+        "/vms/{name}/disks/{disk_id}/sha256",
+        summary="SHA-256 of a VM's disk as the VM reads it (through a differencing disk)",
+    )
+    async def disk_sha256(name: str, disk_id: str, agent: Agent) -> dict[str, Any]:
+        """A test failover's disk is read through its overlay and the replica's frozen view;
+        any other disk is its image file."""
+        vm = _running_vm(agent, name, False)
+        disk = next((d for d in vm.disks if d.id == disk_id), None)
+        if disk is None:
+            raise HTTPException(404, f"VM '{name}' has no disk '{disk_id}'")
+        path = disk_path(agent.agent_settings.storage_dir, vm, disk)
+        try:
+            digest = await asyncio.to_thread(disk_sha256_of, agent.replica, path)
+        except (OSError, ReplicaError) as exc:
+            raise HTTPException(
+                409, f"disk '{disk_id}' of VM '{name}' is unreadable: {exc}"
+            ) from None
+        return {
+            "vm": name,
+            "disk_id": disk_id,
+            "differencing": differencing.is_differencing(path),
+            "size_bytes": disk.size_bytes,
+            "sha256": digest,
+        }
+
     @router.get("/items", summary="Replication status per protected item")
     async def items(agent: Agent) -> list[dict[str, Any]]:
         return agent.replicator.status() if agent.replicator else []
@@ -124,3 +163,13 @@ def _running_vm(agent: AgentRuntime, name: str, must_run: bool) -> Any:
     if must_run and vm.state is not VmState.RUNNING:
         raise HTTPException(409, f"VM '{name}' is {vm.state.value}: start it first")
     return vm
+
+
+def disk_sha256_of(replica: SiteReplica, path: Path) -> str:
+    if differencing.is_differencing(path):
+        return differencing.sha256(replica, path)
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

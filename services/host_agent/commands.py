@@ -27,6 +27,7 @@ from shared.kafka import Incoming, Rejected
 from shared.schemas.agent import (
     CommandCompleted,
     CommandOutcome,
+    DifferencingDisksRequested,
     ReplicaDeleteRequested,
     ReplicaHandoverRequested,
     ReplicaPointApplyRequested,
@@ -58,6 +59,7 @@ COMMAND_TYPES = (
     "ReplicaPointApplyRequested",
     "ReplicaDeleteRequested",
     "ReplicaHandoverRequested",
+    "DifferencingDisksRequested",
 )
 
 
@@ -164,11 +166,15 @@ class CommandHandler:
             case VmCreateRequested():
                 return await vm_lifecycle.create_vm(self.storage, command)
             case VmDeleteRequested():
-                return await vm_lifecycle.delete_vm(self.storage, command, self.workloads, r)
+                return await vm_lifecycle.delete_vm(
+                    self.storage, command, self.workloads, r, self.replica_feed.replica
+                )
             case ReplicaPointApplyRequested():
                 return await self.replica_feed.apply(command)
             case ReplicaHandoverRequested():
                 return await self.replica_feed.handover(command)
+            case DifferencingDisksRequested():
+                return await self.replica_feed.differencing(command)
             case ReplicaDeleteRequested():
                 return await self.replica_feed.delete(command.item_id)
         raise CommandFailed(f"unsupported command {type(command).__name__}")

@@ -14,7 +14,10 @@ site"). In short, per item folder:
   size at seq-1, 0 if the disk did not exist}}, then records: disk id length (u16), disk id,
   block index (u64), old leaf (32), length (u32), the block's bytes at seq-1.
 - `ROLLBACK.json` {"to": seq}: a rollback in progress (finished by `recover`).
-- `views/<view_id>.json` {"seq"}: a frozen view of point seq; pins the undo records above it.
+- `views/<view_id>.json` {"seq", "owners"}: a frozen view of point seq; pins the undo records
+  above it. `owners` (optional): files (JSON naming the view in "view") that keep it alive; a
+  view whose owners all are gone (a kill between freezing and creating them, or between
+  deleting them and dropping the view) is dropped by `recover` and `prune`.
 
 Every step that changes what a reader sees is durable before the next (fdatasync/fsync, atomic
 renames, folder fsync), with a `crash_point` after it; `recover(item)` finishes what a kill -9
@@ -27,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import threading
@@ -47,6 +51,7 @@ _REC = struct.Struct(">QI")  # block index, length (after the disk id, before/af
 _ID = struct.Struct(">H")
 _HDR = struct.Struct(">I")
 _IO_CHUNK = 1 << 20
+_VIEW_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class ReplicaError(Exception):
@@ -153,6 +158,29 @@ def _block_len(index: int, size: int, block_size: int) -> int:
     return max(0, min(block_size, size - index * block_size))
 
 
+@dataclass(frozen=True)
+class _Held:
+    """Where a frozen view reads one block the replica has overwritten since its point."""
+
+    path: Path
+    offset: int
+    length: int
+    leaf: bytes
+
+
+@dataclass
+class _ViewIndex:
+    """The undo records above a view's point, indexed (no block bytes in memory): for each
+    block the oldest record holding it (its bytes at the view's point), and each disk's size
+    at the point. Built under the item's lock from the records up to HEAD; extended as HEAD
+    moves on, dropped when a rollback removes records."""
+
+    seq: int
+    upto: int
+    sizes: dict[str, int]
+    blocks: dict[tuple[str, int], _Held]
+
+
 class _ItemFiles:
     """Paths of one item's folder."""
 
@@ -195,11 +223,21 @@ class SiteReplica:
         self._locks: dict[str, threading.RLock] = {}
         self._recovered: set[str] = set()
         self._trees: dict[tuple[str, str], MerkleTree] = {}
+        self._indexes: dict[tuple[str, str], _ViewIndex] = {}
 
     # ------------------------------------------------------------------ basics
 
     def _lock(self, item: str) -> threading.RLock:
         return self._locks.setdefault(item, threading.RLock())
+
+    def item_lock(self, item: str) -> threading.RLock:
+        """Held by every call on `item`: a caller that must do more under it (create a view's
+        owners right after freezing it) takes it around both."""
+        return self._lock(item)
+
+    def _forget_indexes(self, item: str) -> None:
+        for key in [k for k in self._indexes if k[0] == item]:
+            del self._indexes[key]
 
     def files(self, item: str) -> _ItemFiles:
         if not item or "/" in item or item.startswith("."):
@@ -427,8 +465,15 @@ class SiteReplica:
                 raise ReplicaError(f"disk {disk.disk_id}: blocks {bad[:5]} beyond its end")
             img_fd = os.open(f.image(disk.disk_id), os.O_RDWR | os.O_CREAT, 0o644)
             lv_fd = os.open(f.leaves(disk.disk_id), os.O_RDWR | os.O_CREAT, 0o644)
+            previous = head.disk(disk.disk_id)
+            # the cached tree follows the leaves written (an 8 GiB disk's 131,072 leaves are
+            # not re-read and re-hashed at each point); rebuilt when the size changes or on a
+            # re-run after a kill
+            same = previous is not None and previous.size_bytes == disk.size_bytes
+            tree = self._trees.get((item, disk.disk_id)) if same and trust_leaves else None
+            if tree is None:
+                self._trees.pop((item, disk.disk_id), None)
             try:
-                previous = head.disk(disk.disk_id)
                 self._resize(img_fd, lv_fd, previous.size_bytes if previous else 0, disk)
                 for index, (sha, data) in sorted(writes.items()):
                     if isinstance(data, int):  # all zero: only over data that is not
@@ -437,12 +482,16 @@ class SiteReplica:
                         data = bytes(data)
                     _write_all(img_fd, data, index * disk.block_size)
                     _write_all(lv_fd, sha, index * HASH_SIZE)
+                    if tree is not None:
+                        tree.set_leaf(index, sha)
                 os.fdatasync(img_fd)
                 os.fdatasync(lv_fd)
+            except BaseException:
+                self._trees.pop((item, disk.disk_id), None)
+                raise
             finally:
                 os.close(img_fd)
                 os.close(lv_fd)
-            self._trees.pop((item, disk.disk_id), None)
         fsync_dir(f.disks)
         return {d.disk_id: self._tree(item, f, d).root_hex() for d in point.disks}
 
@@ -571,6 +620,7 @@ class SiteReplica:
 
     def _roll_back(self, item: str, f: _ItemFiles, to: int) -> Point:
         head = self._head(f)
+        self._forget_indexes(item)  # their records above `to` go
         while head.seq > to:
             undo = self._read_undo(f.undo_of(head.seq))
             self._restore(item, f, head.seq)
@@ -596,59 +646,199 @@ class SiteReplica:
     # ------------------------------------------------------------------ views, retention
 
     def _views(self, f: _ItemFiles) -> dict[str, int]:
+        return {view_id: int(doc["seq"]) for view_id, doc in self._view_docs(f).items()}
+
+    @staticmethod
+    def _view_docs(f: _ItemFiles) -> dict[str, dict[str, Any]]:
         if not f.views.is_dir():
             return {}
-        return {p.stem: int(json.loads(p.read_bytes())["seq"]) for p in f.views.glob("*.json")}
+        return {p.stem: json.loads(p.read_bytes()) for p in f.views.glob("*.json")}
 
-    def freeze(self, item: str, seq: int) -> str:
-        """A frozen view of retained point `seq` (its undo records pinned); returns its id."""
+    def views(self, item: str) -> dict[str, int]:
+        """The item's frozen views (those an owner keeps): view id -> point."""
         with self._lock(item):
             f = self._open(item)
+            self._sweep_views(item, f)
+            return self._views(f)
+
+    def freeze(
+        self, item: str, seq: int, view_id: str | None = None, owners: Iterable[Path] = ()
+    ) -> str:
+        """A frozen view of retained point `seq` (its undo records pinned); returns its id.
+        With `view_id` the call is idempotent (a view of that id and point is kept as is);
+        with `owners` the view lives while one of those files names it (see the module)."""
+        with self._lock(item):
+            f = self._open(item)
+            if view_id is not None and not _VIEW_ID.fullmatch(view_id):
+                raise ReplicaError(f"bad view id {view_id!r}")
+            view_id = view_id or uuid.uuid4().hex
+            existing = self._views(f).get(view_id)
+            if existing is not None:
+                if existing != seq:
+                    raise ReplicaError(f"view {view_id} is of point {existing}, not {seq}")
+                return view_id
             if seq not in self.retained(item):
                 raise ReplicaError(f"point {seq} is not retained here")
-            view_id = uuid.uuid4().hex
+            doc: dict[str, Any] = {"seq": seq}
+            if owners:
+                doc["owners"] = [str(p) for p in owners]
             f.views.mkdir(parents=True, exist_ok=True)
-            write_atomic(f.views / f"{view_id}.json", json.dumps({"seq": seq}).encode())
+            write_atomic(f.views / f"{view_id}.json", json.dumps(doc).encode())
+            crash_point("replica.view.frozen")
             return view_id
 
     def drop_view(self, item: str, view_id: str) -> None:
         with self._lock(item):
             f = self._open(item)
             (f.views / f"{view_id}.json").unlink(missing_ok=True)
+            self._indexes.pop((item, view_id), None)
             if f.views.is_dir():
                 fsync_dir(f.views)
+            crash_point("replica.view.dropped")
+
+    @staticmethod
+    def _owned(view_id: str, doc: dict[str, Any]) -> bool:
+        """A view without owners, or one of its owner files names it."""
+        owners = doc.get("owners")
+        if not owners:
+            return True
+        for owner in owners:
+            try:
+                if json.loads(Path(owner).read_bytes()).get("view") == view_id:
+                    return True
+            except (OSError, ValueError, AttributeError):
+                continue
+        return False
+
+    def _sweep_views(self, item: str, f: _ItemFiles) -> int:
+        """Drop the views no owner keeps (a kill between a view and its owners)."""
+        orphans = [v for v, doc in self._view_docs(f).items() if not self._owned(v, doc)]
+        for view_id in orphans:
+            (f.views / f"{view_id}.json").unlink(missing_ok=True)
+            self._indexes.pop((item, view_id), None)
+        if orphans:
+            fsync_dir(f.views)
+        return len(orphans)
+
+    def _index(self, item: str, f: _ItemFiles, view_id: str) -> tuple[_ViewIndex, Point]:
+        """The view's index, extended to HEAD's records; with HEAD."""
+        head = self._head(f)
+        idx = self._indexes.get((item, view_id))
+        if idx is None:
+            seq = self._views(f).get(view_id)
+            if seq is None:
+                raise ReplicaError(f"no frozen view {view_id} of item {item}")
+            idx = self._indexes[(item, view_id)] = _ViewIndex(seq, seq, {}, {})
+        for seq in range(idx.upto + 1, head.seq + 1):  # oldest first: the oldest one wins
+            path = f.undo_of(seq)
+            sizes, held = self._scan_undo(path)
+            for disk_id, size in sizes.items():
+                idx.sizes.setdefault(disk_id, size)
+            for key, block in held.items():
+                idx.blocks.setdefault(key, block)
+            idx.upto = seq
+        return idx, head
+
+    @staticmethod
+    def _scan_undo(path: Path) -> tuple[dict[str, int], dict[tuple[str, int], _Held]]:
+        """An undo record's sizes and where each block's bytes are (not read)."""
+        held: dict[tuple[str, int], _Held] = {}
+        with path.open("rb") as fh:
+            if fh.read(4) != UNDO_MAGIC:
+                raise ReplicaError(f"{path}: not an undo record")
+            (n,) = _HDR.unpack(_read_exact(fh, _HDR.size))
+            header = json.loads(_read_exact(fh, n))
+            while raw := fh.read(_ID.size):
+                (k,) = _ID.unpack(raw)
+                disk_id = _read_exact(fh, k).decode()
+                index, length = _REC.unpack(_read_exact(fh, _REC.size))
+                leaf = _read_exact(fh, HASH_SIZE)
+                held[(disk_id, index)] = _Held(path, fh.tell(), length, leaf)
+                fh.seek(length, os.SEEK_CUR)
+        return {str(k): int(v) for k, v in header["sizes"].items()}, held
+
+    def view_point(self, item: str, view_id: str) -> Point:
+        """The view's point: each disk's size and block size there, and the Merkle root of
+        what the view reads (computed from HEAD's leaves and the pinned records' old ones)."""
+        with self._lock(item):
+            f = self._open(item)
+            idx, head = self._index(item, f, view_id)
+            disks = []
+            for disk in head.disks:
+                size = idx.sizes.get(disk.disk_id, disk.size_bytes)
+                if size == 0:
+                    continue  # the disk did not exist at the view's point
+                n = block_count(size, disk.block_size)
+                if size == disk.size_bytes:  # HEAD's tree with the view's old leaves
+                    tree = self._tree(item, f, disk).copy()
+                    for (disk_id, i), block in idx.blocks.items():
+                        if disk_id == disk.disk_id and i < n:
+                            tree.set_leaf(i, block.leaf)
+                    root = tree.root_hex()
+                else:
+                    with f.leaves(disk.disk_id).open("rb") as lv:
+                        raw = lv.read(n * HASH_SIZE)
+                    leaves = []
+                    for i in range(n):
+                        held = idx.blocks.get((disk.disk_id, i))
+                        leaves.append(
+                            held.leaf if held else raw[i * HASH_SIZE : (i + 1) * HASH_SIZE]
+                        )
+                    root = MerkleTree.from_leaves(iter(leaves), n).root_hex()
+                disks.append(DiskState(disk.disk_id, size, disk.block_size, root))
+            return Point(idx.seq, tuple(disks))
+
+    def read_view(self, item: str, view_id: str, disk_id: str, first: int, count: int) -> bytes:
+        """Blocks first..first+count-1 of a disk as the view holds them (the pinned records'
+        bytes where the replica has overwritten them since, else the image's), the last one
+        short at the disk's end; nothing past it."""
+        with self._lock(item):
+            f = self._open(item)
+            idx, head = self._index(item, f, view_id)
+            disk = head.disk(disk_id)
+            size = idx.sizes.get(disk_id, disk.size_bytes if disk else 0)
+            if disk is None or size == 0:
+                raise ReplicaError(f"disk {disk_id} is not in view {view_id}")
+            bs = disk.block_size
+            last = min(first + count, block_count(size, bs))
+            out = []
+            with contextlib.ExitStack() as files:
+                img = files.enter_context(f.image(disk_id).open("rb"))
+                records: dict[Path, BinaryIO] = {}
+                for index in range(first, last):
+                    length = _block_len(index, size, bs)
+                    held = idx.blocks.get((disk_id, index))
+                    if held is not None:
+                        if held.path not in records:
+                            records[held.path] = files.enter_context(held.path.open("rb"))
+                        rec = records[held.path]
+                        rec.seek(held.offset)
+                        data = rec.read(min(held.length, length))
+                    else:
+                        img.seek(index * bs)
+                        data = img.read(length)
+                    out.append(data + bytes(length - len(data)))
+            return b"".join(out)
 
     def view_sha256(self, item: str, view_id: str, disk_id: str) -> str:
         """SHA-256 of a disk as the frozen view holds it (read through the undo records)."""
-        with self._lock(item):
-            f = self._open(item)
-            seq = self._views(f)[view_id]
-            head = self._head(f)
-            later = [self._read_undo(f.undo_of(s)) for s in range(seq + 1, head.seq + 1)]
-            disk = head.disk(disk_id)
-            if disk is None:
-                raise ReplicaError(f"disk {disk_id} not in the replica")
-            size = next((u.sizes[disk_id] for u in later if disk_id in u.sizes), disk.size_bytes)
-            old: dict[int, bytes] = {}
-            for undo in reversed(later):  # the oldest record holding a block wins
-                old.update({b.index: b.data for b in undo.blocks if b.disk_id == disk_id})
-            digest = hashlib.sha256()
-            with f.image(disk_id).open("rb") as img:
-                for index in range(block_count(size, disk.block_size)):
-                    length = _block_len(index, size, disk.block_size)
-                    if index in old:
-                        data = old[index]
-                    else:
-                        img.seek(index * disk.block_size)
-                        data = img.read(length)
-                    digest.update(data + bytes(length - len(data)))
-            return digest.hexdigest()
+        point = self.view_point(item, view_id)
+        disk = point.disk(disk_id)
+        if disk is None:
+            raise ReplicaError(f"disk {disk_id} is not in view {view_id}")
+        digest = hashlib.sha256()
+        n = block_count(disk.size_bytes, disk.block_size)
+        step = max(1, _IO_CHUNK * 16 // disk.block_size)
+        for first in range(0, n, step):
+            digest.update(self.read_view(item, view_id, disk_id, first, step))
+        return digest.hexdigest()
 
     def prune(self, item: str, oldest: int) -> int:
         """Keep points `oldest`..HEAD: delete the undo records at or below `oldest` that no
         frozen view needs. Returns how many were deleted."""
         with self._lock(item):
             f = self._open(item)
+            self._sweep_views(item, f)
             floor = min([oldest, *self._views(f).values()])
             gone = [s for s in f.undo_seqs() if s <= floor]
             for seq in gone:
@@ -667,6 +857,7 @@ class SiteReplica:
                 os.replace(f.root, trash)
                 shutil.rmtree(trash, ignore_errors=True)
             self._recovered.discard(item)
+            self._forget_indexes(item)
             for key in [k for k in self._trees if k[0] == item]:
                 del self._trees[key]
 
@@ -685,6 +876,7 @@ class SiteReplica:
             return
         for key in [k for k in self._trees if k[0] == item]:
             del self._trees[key]
+        self._forget_indexes(item)
         head = self._head(f)
         for seq in f.undo_seqs():
             if seq <= head.seq:
@@ -705,3 +897,5 @@ class SiteReplica:
             to = int(json.loads(f.rollback.read_bytes())["to"])
             head = self._roll_back(item, f, to)
         self._unstage(f, head.seq)
+        if f.views.is_dir():
+            self._sweep_views(item, f)

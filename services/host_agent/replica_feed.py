@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from services.host_agent import differencing
 from services.host_agent.replica import DiskState, Point, ReplicaError, SiteReplica
 from services.host_agent.replicator import CommandFailed
 from shared import topics
@@ -25,7 +26,12 @@ from shared.delta_blocks import decode_data
 from shared.files import fsync_dir
 from shared.kafka import KafkaSecurity, RangeUnavailable, Rejected, decode_event, read_range
 from shared.merkle import block_length
-from shared.schemas.agent import ReplicaHandoverRequested, ReplicaPointApplyRequested
+from shared.schemas.agent import (
+    DifferencingDisksRequested,
+    ReplicaDisk,
+    ReplicaHandoverRequested,
+    ReplicaPointApplyRequested,
+)
 from shared.schemas.replication import BlocksShipped
 
 log = logging.getLogger(__name__)
@@ -108,13 +114,7 @@ class ReplicaFeed:
                 staged += await asyncio.to_thread(self.replica.stage_blocks, item, seq, blocks)
         except RangeUnavailable as exc:
             raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
-        point = Point(
-            seq,
-            tuple(
-                DiskState(d.disk_id, d.size_bytes, d.block_size, d.merkle_root)
-                for d in command.disks
-            ),
-        )
+        point = Point(seq, tuple(_disk_state(d) for d in command.disks))
         try:
             await asyncio.to_thread(self.replica.stage_point, item, point)
             await asyncio.to_thread(self.replica.apply, item, seq)
@@ -130,32 +130,65 @@ class ReplicaFeed:
         log.info("replica deleted", extra={"item_id": str(item_id)})
         return {"item_id": str(item_id), "deleted": True}
 
-    async def handover(self, command: ReplicaHandoverRequested) -> dict[str, Any]:
-        """A failover: the replica brought to the point (rolled back if older) and its images
-        renamed into the VM's folder; the replica is then gone. Re-run after a kill, it finds
-        the images moved (or moves the rest)."""
-        target = await asyncio.to_thread(Path(command.target_dir).resolve)
+    async def _target(self, target_dir: str) -> Path:
+        target = await asyncio.to_thread(Path(target_dir).resolve)
         storage = await asyncio.to_thread(self.storage.resolve)
-        if not target.is_relative_to(storage):
-            raise CommandFailed(f"{target} is not in this host's storage folder {storage}")
-        await asyncio.to_thread(self._hand_over, command, target)
+        if not target.is_relative_to(storage) or target == storage:
+            raise CommandFailed(f"{target} is not a folder in this host's storage {storage}")
+        return target
+
+    async def differencing(self, command: DifferencingDisksRequested) -> dict[str, Any]:
+        """A test failover: differencing disks over a frozen view of the point (see
+        services/host_agent/differencing.py); the replica goes on. Idempotent."""
+        target = await self._target(command.target_dir)
+        item, seq = str(command.item_id), command.cycle_seq
+        disks = [_disk_state(d) for d in command.disks]
+        view = differencing.view_id_of(command.request_id)
+        if not await asyncio.to_thread(self.replica.files(item).head.exists):
+            raise CommandFailed(f"this host keeps no replica of item {item}")
+        if await asyncio.to_thread((target / "vm.json").exists):
+            vm_disks = await asyncio.to_thread(lambda: {p.name for p in target.iterdir()})
+            if not {f"{d.disk_id}{differencing.SUFFIX}" for d in disks} <= vm_disks:
+                raise CommandFailed(f"{target} holds another VM (vm.json)")
+        try:
+            paths = await asyncio.to_thread(
+                differencing.create, self.replica, item, seq, view, target, disks
+            )
+        except ReplicaError as exc:
+            raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
         log.info(
-            "replica handed over",
-            extra={"item_id": str(command.item_id), "seq": command.cycle_seq, "to": str(target)},
+            "differencing disks created over the replica",
+            extra={"item_id": item, "seq": seq, "view": view, "to": str(target)},
         )
+        return self._disks_result(command, paths)
+
+    @staticmethod
+    def _disks_result(
+        command: DifferencingDisksRequested | ReplicaHandoverRequested, paths: dict[str, Path]
+    ) -> dict[str, Any]:
         return {
             "request_id": str(command.request_id),
             "item_id": str(command.item_id),
             "cycle_seq": command.cycle_seq,
             "disks": [
-                {
-                    "disk_id": d.disk_id,
-                    "path": str(target / f"{d.disk_id}.vhdx"),
-                    "size_bytes": d.size_bytes,
-                }
+                {"disk_id": d.disk_id, "path": str(paths[d.disk_id]), "size_bytes": d.size_bytes}
                 for d in command.disks
             ],
         }
+
+    async def handover(self, command: ReplicaHandoverRequested) -> dict[str, Any]:
+        """A failover: the replica brought to the point (rolled back if older) and its images
+        renamed into the VM's folder; the replica is then gone. Re-run after a kill, it finds
+        the images moved (or moves the rest)."""
+        target = await self._target(command.target_dir)
+        await asyncio.to_thread(self._hand_over, command, target)
+        log.info(
+            "replica handed over",
+            extra={"item_id": str(command.item_id), "seq": command.cycle_seq, "to": str(target)},
+        )
+        return self._disks_result(
+            command, {d.disk_id: target / f"{d.disk_id}.vhdx" for d in command.disks}
+        )
 
     def _hand_over(self, command: ReplicaHandoverRequested, target: Path) -> None:
         item, seq = str(command.item_id), command.cycle_seq
@@ -165,6 +198,12 @@ class ReplicaFeed:
                 return  # handed over already (a repeated command after a kill)
             raise CommandFailed(f"this host keeps no replica of item {item}")
         try:
+            tests = self.replica.views(item)
+            if tests:
+                raise CommandFailed(
+                    f"test failover disks run over this replica (views of points "
+                    f"{sorted(tests.values())}): it is not handed over while they exist"
+                )
             head = self.replica.head(item)
             if head.seq < seq:
                 raise CommandFailed(f"the replica is at point {head.seq}, not yet at {seq}")
@@ -185,3 +224,7 @@ class ReplicaFeed:
                 os.replace(image, out)  # OSError (EXDEV: another filesystem) -> a copy instead
         fsync_dir(target)
         self.replica.delete_item(item)
+
+
+def _disk_state(disk: ReplicaDisk) -> DiskState:
+    return DiskState(disk.disk_id, disk.size_bytes, disk.block_size, disk.merkle_root)

@@ -45,6 +45,7 @@ class AgentRuntime(EdgeRuntime):
         self.agent_settings = settings
         self.host = HostIO()
         self.workloads = Workloads(self.host, settings.storage_dir)
+        self.replica = SiteReplica(settings.state_dir)
         self.replicator: Replicator | None = None
         self.consumer: PlainEventConsumer | None = None
         self.delta_producer: KafkaProducer | None = None
@@ -116,7 +117,7 @@ class AgentRuntime(EdgeRuntime):
             s.storage_dir,
             s.state_dir,
             ReplicaFeed(
-                SiteReplica(s.state_dir),
+                self.replica,
                 s.kafka_bootstrap_servers,
                 s.topic_prefix,
                 s.storage_dir,

@@ -1,9 +1,11 @@
 """VMs created and deleted by commands (failover to this host, test-failover cleanup).
 
-`VmCreateRequested`: the replication service has already written the disk images into
-`<storage>/<vm_name>/`; creating the VM is writing its `vm.json` (id, sizes, NIC attachments,
-state) once every image is there with the size the command says. `VmDeleteRequested`: the
-workload stops, any replication of the VM on this host is forgotten, the folder goes.
+`VmCreateRequested`: the disk images are already in `<storage>/<vm_name>/` (written by the
+replication service, handed over from the replica, or differencing disks over it); creating
+the VM is writing its `vm.json` (id, sizes, NIC attachments, state) once every image is there
+with the size the command says. `VmDeleteRequested`: the workload stops, any replication of the
+VM on this host is forgotten, the folder goes, then the frozen views its differencing disks
+held (a kill in between: the replica drops views no disk names).
 Both are idempotent, so a command replayed after a crash (before its result was journaled)
 ends in the same state.
 """
@@ -14,11 +16,12 @@ import asyncio
 import contextlib
 import logging
 import re
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
+from services.host_agent import differencing
+from services.host_agent.replica import SiteReplica
 from services.host_agent.replicator import CommandFailed, Replicator
 from services.host_agent.vms import (
     NAME,
@@ -36,7 +39,7 @@ from shared.schemas.inventory import VmState
 
 log = logging.getLogger(__name__)
 
-DISK_FILE = re.compile(r"^[A-Za-z0-9._-]+\.vhdx?$")
+DISK_FILE = re.compile(r"^[A-Za-z0-9._-]+\.(vhdx?|avhdx)$")
 
 
 def _check_name(name: str) -> None:
@@ -64,7 +67,9 @@ def create_vm_from_disks(storage: Path, command: VmCreateRequested) -> tuple[VmF
     problems = []
     for disk in command.disks:
         if not DISK_FILE.fullmatch(disk.file):
-            problems.append(f"disk {disk.disk_id}: '{disk.file}' is not a .vhdx/.vhd file name")
+            problems.append(
+                f"disk {disk.disk_id}: '{disk.file}' is not a .vhdx/.vhd/.avhdx file name"
+            )
             continue
         path = folder / disk.file
         if not path.is_file():
@@ -111,9 +116,14 @@ def _items_of(replicator: Replicator, name: str, folder: Path) -> list[uuid.UUID
 
 
 async def delete_vm(
-    storage: Path, command: VmDeleteRequested, workloads: Workloads, replicator: Replicator
+    storage: Path,
+    command: VmDeleteRequested,
+    workloads: Workloads,
+    replicator: Replicator,
+    replica: SiteReplica,
 ) -> dict[str, Any]:
-    """Stop the VM's workload, forget its replication here, delete its folder."""
+    """Stop the VM's workload, forget its replication here, delete its folder, then drop the
+    frozen views its differencing disks held."""
     _check_name(command.vm_name)
     folder = vm_dir(storage, command.vm_name)
     if not folder.exists():
@@ -125,7 +135,7 @@ async def delete_vm(
     vm_id = None
     with contextlib.suppress(VmNotFound, ValueError):
         vm_id = (await asyncio.to_thread(load_vm, storage, command.vm_name)).id
-    await asyncio.to_thread(shutil.rmtree, folder)
+    await asyncio.to_thread(differencing.delete_folder, replica, folder)
     log.info("VM deleted", extra={"vm": command.vm_name, "replication_forgotten": len(forgotten)})
     return {
         "vm_name": command.vm_name,

@@ -1,5 +1,6 @@
 """The host's VMs: one folder per VM in the storage folder, `<storage_dir>/<name>/vm.json` plus
-one sparse image file per disk (`<disk>.vhdx`, the file's size is the disk's size).
+one sparse image file per disk (`<disk>.vhdx`, the file's size is the disk's size), or for a
+test failover's VM a differencing disk (`<disk>.avhdx`, services/host_agent/differencing.py).
 
 `vm.json`: `{"id", "name", "generation", "cpu", "memory_mb", "state": "Running"|"Off",
 "disks": [{"id", "file", "size_bytes"}], "nics": [{"nic_id", "network_id", "subnet", "ip_mode",
@@ -32,7 +33,7 @@ class VmDisk(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     id: str = Field(min_length=1, max_length=100)
-    file: str = Field(pattern=r"^[A-Za-z0-9._-]+\.vhdx?$")
+    file: str = Field(pattern=r"^[A-Za-z0-9._-]+\.(vhdx?|avhdx)$")
     size_bytes: int = Field(gt=0)
 
 

@@ -7,8 +7,10 @@ shared/schemas/failover.py) and what each does here.
   or `RecoveryPointMaterialiseFailed`: the answer is recorded and enqueued in the outbox in one
   transaction, so it is given exactly once; a repeated request id re-publishes it. A failover's
   request (`handover`) goes to the recovery host that keeps the item's replica instead
-  (`ReplicaHandoverRequested`, the row 'delegated'): its answer is turned into the
-  `RecoveryPointMaterialised` (no copy); if it cannot, the row is pending again and copied here.
+  (`ReplicaHandoverRequested`, the row 'delegated'), and so does a test failover's
+  (`differencing`: `DifferencingDisksRequested`, differencing disks over a frozen view of the
+  point): its answer is turned into the `RecoveryPointMaterialised` (no copy); if it cannot,
+  or no host keeps a replica of the item, the row is pending again and copied here.
 - `ItemFailedOver`: the item stops taking cycles (state failed_over) and the source agent is
   told to stop replicating.
 - `ItemFailoverCommitted`: every recovery point but the one failed over to is deleted.
@@ -536,30 +538,37 @@ async def _seed_and_resync(ctx: Context, request: dict[str, Any]) -> None:
 
 
 REPLICA_WAIT_SECONDS = 30.0  # how long a handover waits for the replica to reach the point
+REPLICA_POLL_SECONDS = 0.2  # how often it looks meanwhile
 
 
 async def _hand_over(
     ctx: Context, request: dict[str, Any], item: dict[str, Any], point: dict[str, Any]
 ) -> bool:
-    """A failover's disks from the recovery host's replica (no copy): True when the request
-    was handed to the host, or waits for its replica to reach the point; False: copy here."""
+    """A failover's disks from the recovery host's replica (handed over, or differencing disks
+    over it for a test failover; no copy): True when the request was handed to the host, or
+    waits for its replica to reach the point; False: copy here."""
     msg = fo.RecoveryPointMaterialiseRequested.model_validate(request["request"])
     seq = point["cycle_seq"]
-    if not msg.handover or item["recovery_agent_id"] is None:
+    if not (msg.handover or msg.differencing) or item["recovery_agent_id"] is None:
         return False
     if request["request"].get("replica_refused"):
         return False  # the host tried and could not: copy
     if (item["replica_seq"] or 0) < seq:
         waited = (datetime.now(UTC) - request["created_at"]).total_seconds()
-        return bool(waited < REPLICA_WAIT_SECONDS)  # the last point is being applied there
+        if waited >= REPLICA_WAIT_SECONDS:
+            return False
+        # the last point is being applied there: look again soon, not at the next interval
+        asyncio.get_running_loop().call_later(REPLICA_POLL_SECONDS, ctx.failover_wake.set)
+        return True
     async with ctx.pool.acquire() as conn, conn.transaction():
         if not await repo.delegate_request(conn, msg.request_id):
             return True
+        kind = cmd.DifferencingDisksRequested if msg.differencing else cmd.ReplicaHandoverRequested
         await emit(
             conn,
             item["vault_id"],
-            cmd.ReplicaHandoverRequested(
-                command_id=uuid.uuid5(msg.request_id, "replica-handover"),
+            kind(
+                command_id=uuid.uuid5(msg.request_id, f"replica-{kind.__name__}"),
                 agent_id=item["recovery_agent_id"],
                 item_id=msg.item_id,
                 request_id=msg.request_id,
@@ -578,8 +587,13 @@ async def _hand_over(
             str(item["recovery_agent_id"]),
         )
     log.info(
-        "failover disks handed to the recovery host's replica",
-        extra={"request_id": str(msg.request_id), "item_id": str(msg.item_id), "seq": seq},
+        "failover disks asked of the recovery host's replica",
+        extra={
+            "request_id": str(msg.request_id),
+            "item_id": str(msg.item_id),
+            "seq": seq,
+            "differencing": msg.differencing,
+        },
     )
     return True
 
@@ -644,7 +658,7 @@ def make_replica_answers(ctx: Context) -> dict[str, Handler]:
         ):
             await emit(conn, request["vault_id"], answer, str(request["item_id"]))
 
-    return {"ReplicaHandoverRequested": on_handover}
+    return {"ReplicaHandoverRequested": on_handover, "DifferencingDisksRequested": on_handover}
 
 
 async def _materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | None:

@@ -71,7 +71,7 @@ def save_state(state_dir: Path, state: DiscoveryState) -> None:
 
 def scan_storage(plans: list[HostPlan]) -> list[FolderVm]:
     """VM folders on the hosts' storage: `<storage_dir>/<vm>/` holding `*.vhdx`/`*.vhd` images
-    (size = file size) and/or a `vm.json`."""
+    or `*.avhdx` differencing disks (size = file size) and/or a `vm.json`."""
     found: dict[str, FolderVm] = {}
     for plan in plans:
         if plan.storage_dir is None or not plan.storage_dir.is_dir():

@@ -43,7 +43,11 @@ from shared.schemas.inventory import (
     object_id_of,
 )
 
-DISK_SUFFIXES = {".vhdx": DiskType.VHDX, ".vhd": DiskType.VHD}
+DISK_SUFFIXES = {
+    ".vhdx": DiskType.VHDX,
+    ".vhd": DiskType.VHD,
+    ".avhdx": DiskType.VHDX,  # a differencing disk (a test failover's VM): its size is the disk's
+}
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,21 @@ class ReplicaHandoverRequested(_Command):
     disks: list[ReplicaDisk] = Field(min_length=1, max_length=64)
 
 
+@event_type("DifferencingDisksRequested", topic=topics.AGENT_COMMANDS)
+class DifferencingDisksRequested(_Command):
+    """A test failover: a differencing (copy-on-write) disk per disk, `target_dir/<disk_id>
+    .avhdx`, over a frozen view of the item's replica at point `cycle_seq` (no copy; the
+    replica goes on taking points). Deleting the VM in `target_dir` discards the disks and the
+    view. The result names the disks; a failure (the point not retained here) lets the
+    service copy."""
+
+    item_id: uuid.UUID
+    request_id: uuid.UUID = Field(description="The failover service's materialise request.")
+    cycle_seq: int = Field(ge=1)
+    target_dir: str = Field(min_length=1, max_length=1024)
+    disks: list[ReplicaDisk] = Field(min_length=1, max_length=64)
+
+
 @event_type("ReplicaDeleteRequested", topic=topics.AGENT_COMMANDS)
 class ReplicaDeleteRequested(_Command):
     """Delete the item's replica on this recovery host (protection disabled with its replica

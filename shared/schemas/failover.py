@@ -93,6 +93,13 @@ class RecoveryPointMaterialiseRequested(EventPayload):
         "item's replica may hand its images over as the VM's disks (brought to the point, no "
         "copy; the replica is consumed). False: the disks are written as copies.",
     )
+    differencing: bool = Field(
+        default=False,
+        description="A test failover: the recovery host that keeps the item's replica creates "
+        "a differencing disk per disk (`<disk_id>.avhdx`) over a frozen view of the point (no "
+        "copy; replication goes on; deleting the VM discards them). Where the host keeps no "
+        "replica of the item, the disks are written as copies.",
+    )
 
 
 @event_type("ItemFailedOver", topic=topics.FAILOVER_EVENTS)

@@ -50,6 +50,19 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+async def vm_disk_hashes(
+    http: httpx.AsyncClient, dr: DrSetup, name: str, vm: dict[str, Any]
+) -> dict[str, str]:
+    """SHA-256 of each disk of a VM on the recovery host as the VM reads it (a test VM's
+    differencing disks through their frozen view), asked of the host agent."""
+    return {
+        d["id"]: (await dr.agent_call(http, "hv-r1", "GET", f"/vms/{name}/disks/{d['id']}/sha256"))[
+            "sha256"
+        ]
+        for d in vm["disks"]
+    }
+
+
 async def protected_vm(
     http: httpx.AsyncClient,
     dr: DrSetup,
@@ -193,9 +206,19 @@ async def test_failover_story(platform: Platform, http: httpx.AsyncClient, tmp_p
     again = await start(http, dr, f"/failovers/{item_id}/test-failover")
     assert again.status_code == 409, again.text
     test_vm = json.loads((recovery / "web01-test" / "vm.json").read_text())
-    assert {
-        d["id"]: sha256(recovery / "web01-test" / d["file"]) for d in test_vm["disks"]
-    } == source
+    # differencing disks over a frozen view of the replica (nothing copied), read through
+    assert {d["file"] for d in test_vm["disks"]} == {f"{i}.avhdx" for i in source}
+    replica = tmp_path / "agent-hv-r1-state" / "replica" / item_id
+    assert len(list((replica / "views").glob("*.json"))) == 1
+    assert await vm_disk_hashes(http, dr, "web01-test", test_vm) == source
+    # the test VM's writes stay in its differencing disks: the replica takes no block of them
+    await dr.agent_call(http, "hv-r1", "POST", "/vms/web01-test/writes", {"blocks": 8})
+    assert await vm_disk_hashes(http, dr, "web01-test", test_vm) != source
+    unknown = await http.get(
+        f"{dr.agents['hv-r1'].url}/v1/vms/web01-test/disks/nope/sha256",
+        headers=dr.bearer(dr.agent_credential("hv-r1")),
+    )
+    assert unknown.status_code == 404 and "no disk 'nope'" in unknown.text, unknown.text
     assert [n["network_id"] for n in test_vm["nics"]] == [view["test"]["network_id"]]
     assert view["test"]["network_id"].startswith("test-")
     # replication untouched: still replicating, new points keep coming
@@ -215,6 +238,7 @@ async def test_failover_story(platform: Platform, http: httpx.AsyncClient, tmp_p
     job = await finished(http, dr, resp.json()["job_id"])
     assert job["state"] == "succeeded", (job["error"], job["failed_tasks"])
     assert not (recovery / "web01-test").exists()
+    assert not list((replica / "views").glob("*.json"))  # the frozen view is released
     assert task_named(job, "delete test network")
     view = (
         await http.get(dr.url("failover", f"/failovers/{item_id}"), headers=dr.bearer(dr.reader))
@@ -222,7 +246,6 @@ async def test_failover_story(platform: Platform, http: httpx.AsyncClient, tmp_p
     assert view["failover_state"] == "protected" and view["notes"][-1]["notes"] == "drill ok"
 
     # --- planned failover with the zero-data-loss proof, over the recovery host's replica
-    replica = tmp_path / "agent-hv-r1-state" / "replica" / item_id
 
     async def replica_kept() -> int | None:
         return (await item(http, dr, item_id))["replica_seq"]

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import random
 import sys
+import uuid
 from pathlib import Path
 
+from services.host_agent import differencing
 from services.host_agent.replica import DiskState, Point, SiteReplica
 from shared.merkle import block_hash
 from tests.support.store_worker import SourceDisk
@@ -70,10 +72,29 @@ class History:
         return {d.disk_id: sha(self.replica.image_path(ITEM, d.disk_id)) for d in self.disks}
 
 
+def differencing_disks(replica: SiteReplica, seq: int, target: Path) -> dict[str, Path]:
+    """Differencing disks (a test failover) over point `seq` of the item in `target`, the
+    view named after the folder (a repeated call finds it); the point's disks as HEAD or the
+    view holds them."""
+    view = uuid.uuid5(uuid.NAMESPACE_URL, str(target)).hex
+    if seq == replica.head(ITEM).seq:
+        disks = list(replica.head(ITEM).disks)
+    else:
+        probe = replica.freeze(ITEM, seq)
+        disks = list(replica.view_point(ITEM, probe).disks)
+        replica.drop_view(ITEM, probe)
+    return differencing.create(replica, ITEM, seq, view, target, disks)
+
+
 def main(argv: list[str]) -> None:
     root, op, item, arg = argv
     replica = SiteReplica(Path(root))
-    if op == "apply":
+    if op == "differencing":  # arg: <seq>:<target folder>
+        seq, _, target = arg.partition(":")
+        differencing_disks(replica, int(seq), Path(target))
+    elif op == "delete_folder":
+        differencing.delete_folder(replica, Path(arg))
+    elif op == "apply":
         replica.apply(item, int(arg))
     elif op == "rollback":
         replica.rollback(item, int(arg))
