@@ -60,7 +60,8 @@ from aiokafka.admin import NewTopic
 
 from scripts.procs import REPO, Proc
 from shared import topics
-from shared.kafka import KafkaSecurity, admin_client
+from shared.kafka.admin import admin_client
+from shared.kafka.security import KafkaSecurity
 from tests.support.dr import DrSetup, item, points, protect, two_sites
 from tests.support.platform import Platform
 from tests.support.poll import eventually

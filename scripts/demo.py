@@ -30,7 +30,7 @@ import httpx
 from scripts import procs
 from scripts.procs import REPO, Proc
 from shared import signing, topics
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from shared.schemas.envelope import new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
 

@@ -8,7 +8,8 @@ from datetime import timedelta
 
 from services.failover.handlers import Context, make_event_handlers
 from shared import topics
-from shared.kafka import EventConsumer, KafkaProducer
+from shared.kafka.consumers import EventConsumer
+from shared.kafka.producer import KafkaProducer
 from shared.readmodels import registration_handlers, signature_verifier
 
 

@@ -18,7 +18,8 @@ from services.failover.config import FailoverSettings
 from services.failover.domain import FailoverRefused, Operation, PlanGroup
 from services.failover.operations import STEPS, path_exists
 from services.failover.workflow import Engine, Notifier
-from shared.kafka import Handler, Incoming
+from shared.kafka.consumers import Handler
+from shared.kafka.decode import Incoming
 from shared.schemas import agent, failover, inventory, policy, replication
 from shared.schemas.failover import JobState
 

@@ -9,7 +9,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from shared import outbox
-from shared.kafka import Rejected
+from shared.kafka.decode import Rejected
 from shared.schemas.envelope import EventPayload
 from shared.schemas.failover import JobChanged, JobState, TaskChanged
 

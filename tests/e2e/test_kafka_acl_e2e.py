@@ -19,7 +19,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorization
 
 from scripts.procs import kafka_identity
 from shared import topics
-from shared.kafka import KafkaSecurity, RangeUnavailable, read_range
+from shared.kafka.ranges import RangeUnavailable, read_range
+from shared.kafka.security import KafkaSecurity
 from tests.support.kafka import delete_prefixed_topics, read_all
 from tests.support.stack import Stack, random_prefix
 

@@ -21,7 +21,7 @@ import pytest
 
 from scripts.procs import REPO, kafka_identity
 from shared import topics
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from tests.support.kafka import wait_for_records
 from tests.support.own_platform import own_platform
 from tests.support.platform import Platform

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from shared import topics
 from shared.edge import EdgeSettings, Identity, SignedPublisher, heartbeat_loop, register
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from shared.schemas import inventory as inv
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.registration import ProducerKind

@@ -24,7 +24,8 @@ from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import signing, topics
-from shared.kafka import KafkaProducer, KafkaSecurity
+from shared.kafka.producer import KafkaProducer
+from shared.kafka.security import KafkaSecurity
 from shared.merkle import BLOCK_SIZE, MerkleTree, block_hash
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload, new_envelope

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from scripts import procs
 from shared import signing, topics
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from shared.merkle import block_hash
 from shared.schemas import agent as agent_ev
 from shared.schemas import replication as ev

@@ -20,7 +20,7 @@ from services.inventory.repository import ProviderRef
 from services.site_provider.domain import build_inventory, object_id, split_snapshot
 from services.site_provider.sitefile import parse_site
 from shared import readmodels
-from shared.kafka import Incoming, Rejected
+from shared.kafka.decode import Incoming, Rejected
 from shared.schemas import registration as reg
 from shared.schemas.envelope import new_envelope
 from shared.schemas.inventory import (

@@ -20,7 +20,7 @@ from services.policy import repository as repo
 from services.policy.__main__ import MIGRATIONS
 from services.policy.consumer import PROTECTION_HANDLERS
 from shared import signing
-from shared.kafka import Incoming
+from shared.kafka.decode import Incoming
 from shared.readmodels import registration_handlers
 from shared.schemas import inventory as inv
 from shared.schemas import registration as reg

@@ -11,7 +11,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from shared.kafka import KafkaSecurity, admin_client
+from shared.kafka.admin import admin_client
+from shared.kafka.security import KafkaSecurity
 
 
 @dataclass(frozen=True)
