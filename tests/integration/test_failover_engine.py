@@ -13,13 +13,13 @@ from typing import Any
 import asyncpg
 import pytest
 
+from kit.poll import eventually
+from kit.stack import migrated_pool
 from services.failover import repository as repo
 from services.failover.__main__ import MIGRATIONS
 from services.failover.config import FailoverSettings
 from services.failover.domain import Operation
 from services.failover.workflow import Engine, Run, StepFailed
-from tests.support.poll import eventually
-from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 

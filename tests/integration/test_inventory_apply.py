@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from kit.stack import migrated_pool
 from services.inventory import handlers
 from services.inventory.__main__ import MIGRATIONS
 from services.inventory.repository import ProviderRef
@@ -30,7 +31,6 @@ from shared.schemas.inventory import (
     Inventory,
     Removals,
 )
-from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from kit.stack import migrated_pool
 from services.policy import domain, handlers
 from services.policy import repository as repo
 from services.policy.__main__ import MIGRATIONS
@@ -27,7 +28,6 @@ from shared.schemas import registration as reg
 from shared.schemas import replication as rep
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.policy import ReplicationPolicySettings
-from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kit.poll import eventually
 from services.host_agent.commands import CommandHandler
 from services.host_agent.cycles import FileSink, signer_for
 from services.host_agent.replica import SiteReplica
@@ -34,7 +35,6 @@ from shared.schemas.agent import (
     VmPowerRequested,
 )
 from shared.schemas.envelope import EventPayload
-from tests.support.poll import eventually
 from tests.unit.test_agent_commands import IDENTITY, deliver
 
 SIZES = {"d-os": 3 * BLOCK_SIZE + 100, "d-data": 2 * BLOCK_SIZE}
