@@ -44,7 +44,7 @@ def write_offline(
         touched: list[tuple[Path, ItemRecord]] = []
         for item_file in sorted((state_dir / "items").glob("*/item.json")):
             record = ItemRecord.model_validate_json(item_file.read_text())
-            if raw or not record.initial_done or record.needs_resync:
+            if raw or not record.journaling:
                 continue
             for i, spec in enumerate(record.disks):
                 if Path(spec.path).resolve() not in paths:

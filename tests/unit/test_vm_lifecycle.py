@@ -17,7 +17,7 @@ from services.host_agent.commands import CommandHandler
 from services.host_agent.cycles import FileSink, signer_for
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_feed import ReplicaFeed
-from services.host_agent.replicator import Replicator, Wiring
+from services.host_agent.replicator import ReplicationPhase, Replicator, Wiring
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path, load_vm
 from services.host_agent.workload import Pattern, Workloads
@@ -274,7 +274,7 @@ async def test_seeded_replication_ships_nothing_until_the_resync_then_only_diffe
     assert blocks == {("d-os", 1), ("d-data", 1)}
     assert cycle[-1]["payload"]["kind"] == "resync"  # type: ignore[index]
     await eventually(lambda: _ready(item.state == "replicating"), timeout=5, what="replicating")
-    assert item.record.initial_done and item.record.next_seq == 3
+    assert item.record.phase is ReplicationPhase.REPLICATING and item.record.next_seq == 3
 
 
 def write_raw(path: Path, offset: int, data: bytes) -> None:
