@@ -5,8 +5,8 @@ resync by Merkle diff, the final cycle of a shutdown, pause / resume, faults.
 Per item, `<state_dir>/items/<item_id>/`: `item.json` (the enable command's settings and the
 progress: next cycle number, phase, journal epochs), the disks' journals and shipped leaf hashes
 (see `tracking`), `open` while the agent runs, `resync/<resync_id>/` the replica's hashes as
-they arrive. One asyncio task per item runs its cycles in order; commands only change the
-record and wake it.
+they arrive (`resync_chunks`). One asyncio task per item runs its cycles in order; commands only
+change the record and wake it.
 
 A cycle covers every disk of the VM at one instant: under the VM's write lock the journals are
 sealed and copy-on-write snapshots taken; the blocks are then read from the snapshots while the
@@ -14,7 +14,7 @@ workload goes on. A cycle number is burnt (persisted as used) before its first m
 a cycle that has begun is sent to the end, retrying through broker outages; after a crash the
 next cycle (the next number) re-ships the union of every unshipped journal segment.
 
-An item is in one `ReplicationPhase` at a time (`PHASE_TRANSITIONS` lists the moves allowed):
+An item is in one `ReplicationPhase` at a time (item_record.py lists the moves allowed):
 `initial` until its first full cycle (initial or resync) is out, then `replicating` (a delta
 per interval), `resync_required` after a fault (nothing ships until a resync's full cycle),
 `synced` after the final cycle of a shutdown (until the VM runs again). Pausing is the
@@ -29,9 +29,7 @@ an item ships no initial cycle and no deltas; the first `ResyncRequested` ships,
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import logging
 import shutil
 import time
@@ -39,12 +37,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import BaseModel, Field, model_validator
 
 from services.host_agent.cycles import (
     Batcher,
@@ -56,6 +52,8 @@ from services.host_agent.cycles import (
     encode_block,
     export_path,
 )
+from services.host_agent.item_record import ItemRecord, ReplicationPhase, disk_key, image_stat
+from services.host_agent.resync_chunks import load_replica_leaves, store_resync_chunk
 from services.host_agent.tracking import (
     HostIO,
     Journal,
@@ -134,111 +132,6 @@ class Wiring:
 
 class CommandFailed(Exception):
     """The command can't be carried out; the message goes back in CommandCompleted."""
-
-
-class ReplicationPhase(StrEnum):
-    """Where an item's replication stands (persisted in `item.json`)."""
-
-    INITIAL = "initial"  # no full copy shipped yet (initial replication, or seeded: the resync)
-    REPLICATING = "replicating"  # a delta cycle per copy interval
-    RESYNC_REQUIRED = "resync_required"  # the journal was lost: nothing ships until a resync
-    SYNCED = "synced"  # the final cycle of a shutdown is out: nothing ships until the VM runs
-
-
-# The moves allowed, and what makes them: a full cycle (initial or resync) shipped -> REPLICATING
-# from anywhere; a fault -> RESYNC_REQUIRED from anywhere; the final cycle shipped (only while
-# replicating) -> SYNCED; the VM running again after its final cycle -> REPLICATING.
-PHASE_TRANSITIONS: dict[ReplicationPhase, frozenset[ReplicationPhase]] = {
-    ReplicationPhase.INITIAL: frozenset(
-        {ReplicationPhase.REPLICATING, ReplicationPhase.RESYNC_REQUIRED}
-    ),
-    ReplicationPhase.REPLICATING: frozenset(
-        {ReplicationPhase.REPLICATING, ReplicationPhase.RESYNC_REQUIRED, ReplicationPhase.SYNCED}
-    ),
-    ReplicationPhase.RESYNC_REQUIRED: frozenset(
-        {ReplicationPhase.REPLICATING, ReplicationPhase.RESYNC_REQUIRED}
-    ),
-    ReplicationPhase.SYNCED: frozenset(
-        {ReplicationPhase.REPLICATING, ReplicationPhase.RESYNC_REQUIRED, ReplicationPhase.SYNCED}
-    ),
-}
-
-
-class IllegalTransition(Exception):
-    """A phase change `PHASE_TRANSITIONS` does not allow (a bug, not an input error)."""
-
-
-def _phase_of_flags(data: dict[str, Any]) -> ReplicationPhase:
-    """The phase of an `item.json` written before phases (flags `initial_done`,
-    `needs_resync`, `final_shipped`)."""
-    if data.get("needs_resync"):
-        return ReplicationPhase.RESYNC_REQUIRED
-    if not data.get("initial_done"):
-        return ReplicationPhase.INITIAL
-    if data.get("final_shipped"):
-        return ReplicationPhase.SYNCED
-    return ReplicationPhase.REPLICATING
-
-
-class ItemRecord(BaseModel):
-    """`item.json`: the enable command's settings and the item's progress."""
-
-    item_id: uuid.UUID
-    vm_id: str
-    vm_name: str
-    disks: list[DiskSpec]
-    copy_interval_seconds: int
-    compression: Compression
-    app_consistent_interval_seconds: int = 0
-    initial_replication: InitialReplication = InitialReplication.ONLINE_NOW
-    scheduled_at: datetime | None = None
-    export_path: str | None = None
-    next_seq: int = Field(ge=1)
-    phase: ReplicationPhase = ReplicationPhase.INITIAL
-    paused: bool = False  # the operator's hold: no deltas ship, whatever the phase
-    fault: str = ""  # why the phase is RESYNC_REQUIRED
-    last_app_consistent_at: datetime | None = None
-    last_cycle_seq: int = 0
-    last_cycle_kind: str = ""
-    last_cycle_at: datetime | None = None
-    roots: dict[str, str] = Field(default_factory=dict)
-    journals: dict[str, JournalState] = Field(default_factory=dict)
-    closed_stats: dict[str, tuple[int, int]] = Field(
-        default_factory=dict, description="disk key -> (size, mtime_ns) at a clean stop"
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_flags(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "phase" not in data and "initial_done" in data:
-            data = {**data, "phase": _phase_of_flags(data)}
-        return data
-
-    def move_to(self, phase: ReplicationPhase) -> None:
-        """Change the phase; `IllegalTransition` if `PHASE_TRANSITIONS` does not allow it."""
-        if phase not in PHASE_TRANSITIONS[self.phase]:
-            raise IllegalTransition(f"item {self.item_id}: {self.phase} -> {phase}")
-        self.phase = phase
-
-    @property
-    def journaling(self) -> bool:
-        """Writes to the disks are journaled for the next delta (a full copy is out and no
-        fault dropped the journal)."""
-        return self.phase in (ReplicationPhase.REPLICATING, ReplicationPhase.SYNCED)
-
-    @property
-    def initial_done(self) -> bool:
-        """A full copy reached the replica once (the first cycle shipped is always full)."""
-        return self.last_cycle_seq > 0
-
-
-def disk_key(index: int) -> str:
-    return f"d{index}"
-
-
-def image_stat(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
 
 
 class ItemReplicator:
@@ -903,43 +796,6 @@ def _hash_pass(
         else:
             disk.tree.set_leaf(i, digest, rehash=False)
     return differing
-
-
-# ---------------------------------------------------------------------- resync chunks
-
-
-def store_resync_chunk(item_folder: Path, command: ResyncRequested) -> bool:
-    """Keep one chunk of the replica's hashes (`<disk>.<chunk_no>.<chunks>.json`); True once
-    every chunk of every disk is in."""
-    folder = item_folder / "resync" / str(command.resync_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    disk = hashlib.sha256(command.disk_id.encode()).hexdigest()[:16]
-    name = f"{disk}.{command.chunk_no}.{command.chunks}.json"
-    write_atomic(folder / name, command.model_dump_json().encode())
-    by_disk: dict[str, tuple[set[int], int]] = {}
-    for p in folder.glob("*.json"):
-        disk, chunk_no, chunks, _ = p.name.split(".")
-        nos, _ = by_disk.setdefault(disk, (set(), int(chunks)))
-        nos.add(int(chunk_no))
-    return len(by_disk) == command.disk_count and all(
-        len(nos) >= chunks for nos, chunks in by_disk.values()
-    )
-
-
-def load_replica_leaves(folder: Path) -> dict[str, tuple[int, bytes]]:
-    """disk id -> (replica size, concatenated leaf hashes) from the stored chunks."""
-    parts: dict[str, list[ResyncRequested]] = {}
-    for p in folder.glob("*.json"):
-        c = ResyncRequested.model_validate_json(p.read_text())
-        parts.setdefault(c.disk_id, []).append(c)
-    out = {}
-    for disk_id, chunks in parts.items():
-        leaves = bytearray()
-        for c in sorted(chunks, key=lambda c: c.first_index):
-            raw = base64.b64decode(c.leaf_hashes) if c.leaf_hashes else b""
-            leaves[c.first_index * HASH_SIZE : c.first_index * HASH_SIZE + len(raw)] = raw
-        out[disk_id] = (chunks[0].size_bytes, bytes(leaves))
-    return out
 
 
 # ---------------------------------------------------------------------- all items

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from services.host_agent.replicator import ItemRecord, disk_key, image_stat
+from services.host_agent.item_record import ItemRecord, disk_key, image_stat
 from services.host_agent.tracking import (
     AgentRunning,
     HostIO,

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from services.host_agent.cycles import FileSink, encode_block, signer_for
-from services.host_agent.replicator import ItemRecord, ItemReplicator, ReplicationPhase, Wiring
+from services.host_agent.item_record import ItemRecord, ReplicationPhase
+from services.host_agent.replicator import ItemReplicator, Wiring
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path
 from services.host_agent.workload import Pattern, Writer, write_blocks
@@ -221,7 +222,7 @@ async def test_resync_sends_only_the_blocks_that_differ(tmp_path: Path) -> None:
             first_index=0,
             leaf_hashes=base64.b64encode(leaves).decode(),
         )
-        from services.host_agent.replicator import store_resync_chunk
+        from services.host_agent.resync_chunks import store_resync_chunk
 
         complete = store_resync_chunk(h.folder, command)
     assert complete

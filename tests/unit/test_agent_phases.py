@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.host_agent.replicator import (
+from services.host_agent.item_record import (
     PHASE_TRANSITIONS,
     IllegalTransition,
     ItemRecord,
