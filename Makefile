@@ -20,8 +20,8 @@ STAMP    := $(VENV)/.stamp
 STACK    := deploy/local/stack.sh
 
 # Source folders that exist right now (some are added later by other work).
-LINT_DIRS := $(wildcard services shared tests bench scripts)
-TYPE_DIRS := $(wildcard services shared)
+LINT_DIRS := $(wildcard services shared kit tests bench scripts)
+TYPE_DIRS := $(wildcard services shared kit)
 
 # Interpreter for the venv: python3.11, else python3 when that is 3.11.
 PYTHON311 := $(shell command -v python3.11 2>/dev/null || \

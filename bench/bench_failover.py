@@ -1,5 +1,5 @@
 """Recovery-plan failover benchmark on the real stack: the services, one host agent per site and
-the site providers run as real processes (`tests.support`), over the local Kafka and
+the site providers run as real processes (`kit`), over the local Kafka and
 PostgreSQL, on a fresh database and topic prefix of its own.
 
 Setup (not timed): N tiny VMs (default 100, `BENCH_FAILOVER_VMS`; 128 KiB disks, a few
@@ -45,10 +45,10 @@ from typing import Any
 import httpx
 
 from bench.bench_replication import bench_platform, emit, failed
-from tests.support.dr import DrSetup, protect, two_sites
-from tests.support.platform import Platform
-from tests.support.poll import eventually
-from tests.support.stack import Stack, stack_from_env
+from kit.dr import DrSetup, protect, two_sites
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.stack import Stack, stack_from_env
 
 VMS = int(os.environ.get("BENCH_FAILOVER_VMS", "100"))
 GROUPS = 7

@@ -26,7 +26,7 @@ from services.inventory.repository import ProviderRef
 from services.site_provider.domain import build_inventory, split_snapshot
 from services.site_provider.sitefile import parse_site
 from shared import db, signing
-from shared.kafka import decode_event
+from shared.kafka.decode import decode_event
 from shared.schemas.envelope import new_envelope
 from shared.schemas.inventory import DiscoverySnapshot, Inventory
 from shared.settings import CommonSettings

@@ -1,5 +1,5 @@
 """Replication data-plane benchmark on the real stack: the services, a host agent and the site
-providers run as real processes (`tests.support`), over the local Kafka and PostgreSQL, each
+providers run as real processes (`kit`), over the local Kafka and PostgreSQL, each
 measurement on its own fresh database and topic prefix (a two-site setup of its own).
 
 1. throughput, two ways, each beside raw aiokafka produce (acks=all, idempotent, 512 KiB
@@ -58,13 +58,14 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 
-from scripts.procs import REPO, Proc
+from kit.dr import DrSetup, item, points, protect, two_sites
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.procs import REPO, Proc
+from kit.stack import Stack, fresh_database, random_prefix, stack_from_env
 from shared import topics
-from shared.kafka import KafkaSecurity, admin_client
-from tests.support.dr import DrSetup, item, points, protect, two_sites
-from tests.support.platform import Platform
-from tests.support.poll import eventually
-from tests.support.stack import Stack, fresh_database, random_prefix, stack_from_env
+from shared.kafka.admin import admin_client
+from shared.kafka.security import KafkaSecurity
 
 BS = 64 * 1024
 MIB = 2**20

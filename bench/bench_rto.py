@@ -32,10 +32,20 @@ from typing import Any
 import httpx
 
 from bench.bench_replication import bench_platform, emit, failed
-from tests.e2e.test_failover_e2e import failover_known, failover_up, finished, start
-from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
-from tests.support.poll import eventually
-from tests.support.stack import Stack, stack_from_env
+from kit.dr import (
+    DrSetup,
+    failover_known,
+    failover_up,
+    finished,
+    item,
+    points,
+    protect,
+    start,
+    two_sites,
+    vm_named,
+)
+from kit.poll import eventually
+from kit.stack import Stack, stack_from_env
 
 SIZES = [s.strip() for s in os.environ.get("BENCH_RTO_SIZES", "1GiB,8GiB").split(",") if s]
 WRITTEN = 160

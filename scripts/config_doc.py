@@ -11,7 +11,7 @@ import sys
 from pydantic_settings import BaseSettings
 
 import services
-from scripts.procs import REPO
+from kit.procs import REPO
 
 TARGET = REPO / "docs" / "configuration.md"
 COMMON = {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"}

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 import shared.schemas  # noqa: F401 - registers every event type
-from scripts.procs import REPO
+from kit.procs import REPO
 from shared import signing, topics
 from shared.schemas.envelope import Envelope
 from shared.schemas.registry import EVENT_TYPES, EventType

@@ -24,13 +24,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 
-from scripts import procs
-from scripts.procs import REPO, Proc
+from kit.dr import failback_ready
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.procs import REPO, Proc
+from kit.stack import fresh_database, random_prefix, stack_from_env
 from shared import signing, topics
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from shared.schemas.envelope import new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
 
@@ -38,67 +40,35 @@ Check = Callable[[], Awaitable[str | None]]
 PLATFORM_SERVICES = ("registration", "inventory", "policy", "replication", "failover")
 
 
-def stack_env() -> dict[str, str]:
-    env = procs.read_stack_env()
-    for key in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    return env
-
-
-async def until(probe: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.25)
-
-
-READY_FOR_FAILBACK = ("replicating", "synced")
-
-
-async def failback_ready(
-    http: httpx.AsyncClient, replication: str, failover: str, item_id: str, headers: dict[str, str]
-) -> bool:
-    """A reverse-replication item is ready for failback once its resync against the seed has
-    committed a point (replication service) AND the failover service, which decides on the
-    failback, has seen that point and state: its view follows the replication events, so it may
-    be a few events behind the replication service's answer. `replication` and `failover` are
-    the vault's base URLs (`.../v1/vaults/<id>`)."""
-    item = (await http.get(f"{replication}/protected-items/{item_id}", headers=headers)).json()
-    if item.get("state") not in READY_FOR_FAILBACK or not item.get("last_committed_seq"):
-        return False
-    view = (await http.get(f"{failover}/failovers/{item_id}", headers=headers)).json()
-    return bool(
-        view.get("replication_state") in READY_FOR_FAILBACK
-        and (view.get("latest_seq") or 0) >= item["last_committed_seq"]
-    )
+# The demo's own settings over the platform's (kit.platform): a longer final-sync bound and
+# the service's default step timeout (a slow machine), materialising only under this run.
+DEMO_WIRING: dict[str, dict[str, str]] = {
+    "replication": {"DR_REPLICATION_HEALTH_INTERVAL_SECONDS": "1"},
+    "failover": {
+        "DR_FAILOVER_SYNC_TIMEOUT_SECONDS": "30",
+        "DR_FAILOVER_STEP_TIMEOUT_SECONDS": "1800",
+    },
+}
 
 
 @dataclass
 class Demo:
-    kafka: str
-    database_url: str
-    run_dir: Path
-    prefix: str = field(default_factory=lambda: f"demo{secrets.token_hex(3)}.")
-    admin_token: str = field(default_factory=lambda: f"adm_{secrets.token_urlsafe(32)}")
-    services: dict[str, Proc] = field(default_factory=dict)
+    platform: Platform
     edges: dict[str, Proc] = field(default_factory=dict)
     results: list[tuple[str, str | None]] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def env(self) -> dict[str, str]:
-        return {
-            "KAFKA_BOOTSTRAP_SERVERS": self.kafka,
-            "DATABASE_URL": self.database_url,
-            "DR_TOPIC_PREFIX": self.prefix,
-            "DR_ADMIN_TOKEN": self.admin_token,
-            "DR_REGISTRATION_SWEEP_INTERVAL_SECONDS": "0.5",
-        }
+    def run_dir(self) -> Path:
+        return self.platform.log_dir
+
+    @property
+    def kafka(self) -> str:
+        return self.platform.stack.kafka
+
+    @property
+    def prefix(self) -> str:
+        return self.platform.prefix
 
     async def check(self, what: str, step: Check) -> bool:
         """Run one check; it returns None (pass) or raises/returns why it failed."""
@@ -112,41 +82,28 @@ class Demo:
         return why is None
 
     def start_service(self, name: str) -> Proc:
-        wiring: dict[str, str] = {}
+        wiring = dict(DEMO_WIRING.get(name, {}))
         if name == "replication":
-            wiring = {
-                "DR_REPLICATION_STORE_DIR": str(self.run_dir / "replica"),
-                "DR_REPLICATION_MATERIALISE_ROOTS": str(self.run_dir),
-                "DR_REPLICATION_HEALTH_INTERVAL_SECONDS": "1",
-            }
-        if name == "failover":
-            wiring = {
-                "DR_FAILOVER_POLL_SECONDS": "0.2",
-                "DR_FAILOVER_SYNC_TIMEOUT_SECONDS": "30",
-                "DR_FAILOVER_SCRIPTS_DIR": str(self.run_dir / "scripts"),
-            }
-        proc = procs.service(name, {**self.env, **wiring}, self.run_dir)
-        self.services[name] = proc.start()
-        return proc
+            wiring["DR_REPLICATION_MATERIALISE_ROOTS"] = str(self.run_dir)
+        return self.platform.start(name, wiring)
 
     def start_edge(self, module: str, prefix: str, label: str, env: dict[str, str]) -> Proc:
-        proc = procs.edge(module, prefix, {**self.env, **env}, self.run_dir, label)
+        proc = self.platform.edge(module, prefix, label, env)
         self.edges[label] = proc.start()
         return proc
 
     def admin(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.admin_token}"}
+        return self.platform.admin()
 
     def storage_root(self, site: str) -> Path:
         """Host storage folders of a site: <root>/<host name>/<vm name>/..."""
         return self.run_dir / "sites" / site
 
     def url(self, service: str) -> str:
-        return self.services[service].url
+        return self.platform.url(service)
 
     def stop(self) -> None:
-        for proc in [*self.edges.values(), *self.services.values()]:
-            proc.stop()
+        self.platform.stop_all()
 
 
 async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
@@ -250,7 +207,9 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
                 p["connection_state"] == "Connected" for p in found.values()
             )
 
-        await until(connected, 30, "providers and agents Connected")
+        await eventually(
+            connected, interval=0.25, timeout=30, what="providers and agents Connected"
+        )
         found = await producers()
         demo.facts["producers"] = found
         kinds = sorted(p["kind"] for p in found.values())
@@ -300,7 +259,9 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
             text = (await http.get(f"{demo.url('registration')}/metrics")).text
             return 'reason="bad_signature"' in text
 
-        await until(dead_lettered, 20, "forged heartbeat dead-lettered")
+        await eventually(
+            dead_lettered, interval=0.25, timeout=20, what="forged heartbeat dead-lettered"
+        )
         return None
 
     await demo.check("a forged heartbeat lands in the DLQ as bad_signature", forged_heartbeat)
@@ -311,7 +272,7 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
         async def disconnected() -> bool:
             return (await producers())["hv-p1"]["connection_state"] == "Disconnected"
 
-        await until(disconnected, 20, "stopped agent Disconnected")
+        await eventually(disconnected, interval=0.25, timeout=20, what="stopped agent Disconnected")
         others = await producers()
         still = [n for n, p in others.items() if p["connection_state"] == "Connected"]
         return None if len(still) == 3 else f"connected: {still}"
@@ -324,7 +285,7 @@ async def registration_story(demo: Demo, http: httpx.AsyncClient) -> None:
         async def connected() -> bool:
             return (await producers())["hv-p1"]["connection_state"] == "Connected"
 
-        await until(connected, 30, "restarted agent Connected")
+        await eventually(connected, interval=0.25, timeout=30, what="restarted agent Connected")
         return None
 
     await demo.check("restarted agent reconnects with its saved credential", agent_reconnects)
@@ -368,7 +329,9 @@ async def inventory_policy_story(demo: Demo, http: httpx.AsyncClient) -> None:
             clouds = (await http.get(f"{inventory}/clouds", headers=reader)).json()
             return clouds if isinstance(clouds, list) and len(clouds) == 4 else None
 
-        await until(both_sites, 30, "the clouds of both sites discovered")
+        await eventually(
+            both_sites, interval=0.25, timeout=30, what="the clouds of both sites discovered"
+        )
         clouds = (await http.get(f"{inventory}/clouds", headers=reader)).json()
         hosts = (await http.get(f"{inventory}/hosts", headers=reader)).json()
         primary_vms = (
@@ -517,7 +480,9 @@ async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
                 demo.facts.setdefault("protect", {})[name] = vm["vm_id"]
             return True
 
-        await until(real_disks, 30, "the VMs' real disks discovered")
+        await eventually(
+            real_disks, interval=0.25, timeout=30, what="the VMs' real disks discovered"
+        )
         items = drctl(demo, "item", "enable", *demo.facts["protect"].values())
         demo.facts["items"] = items
         return None
@@ -538,7 +503,7 @@ async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
                 i["initial_done_at"] and i["state"] == "replicating" for i in items.values()
             )
 
-        await until(done, 60, "initial replication of the 3 VMs")
+        await eventually(done, interval=0.25, timeout=60, what="initial replication of the 3 VMs")
         for name in vms:
             await http.post(
                 f"{agent.url}/v1/vms/{name}/workload",
@@ -558,7 +523,9 @@ async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
                 (i["last_committed_seq"] or 0) >= 5 for i in items.values()
             )
 
-        await until(enough_points, 60, "several recovery points per VM")
+        await eventually(
+            enough_points, interval=0.25, timeout=60, what="several recovery points per VM"
+        )
         items = await all_items()
         worst = max(i["rpo_seconds"] or 1e9 for i in items.values())
         for name, i in sorted(items.items()):
@@ -592,7 +559,12 @@ async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
                 later = [p for p in points if datetime.fromisoformat(p["source_time"]) > stopped]
                 return min(later, key=lambda p: p["cycle_seq"]) if later else None
 
-            point = await until(point_after, 30, f"a point of {name} after the workload stopped")
+            point = await eventually(
+                point_after,
+                interval=0.25,
+                timeout=30,
+                what=f"a point of {name} after the workload stopped",
+            )
             check = (
                 await http.post(
                     f"{rep}/{i['item_id']}/recovery-points/{point['cycle_seq']}/verify",
@@ -643,7 +615,9 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
             job = (await http.get(f"{fo}/jobs/{job_id}", headers=reader)).json()
             return job if job["state"] in JOB_ENDED else None
 
-        job: dict[str, Any] = await until(ended, timeout, f"job {job_id}")
+        job: dict[str, Any] = await eventually(
+            ended, interval=0.25, timeout=timeout, what=f"job {job_id}"
+        )
         return job
 
     def disk_hashes(folder: Path) -> list[str]:
@@ -676,7 +650,9 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
                     return False
             return True
 
-        await until(known, 30, "the failover service knows the protected items")
+        await eventually(
+            known, interval=0.25, timeout=30, what="the failover service knows the protected items"
+        )
         (demo.run_dir / "scripts").mkdir(exist_ok=True)
         script = demo.run_dir / "scripts" / "warm-up.sh"
         script.write_text("#!/bin/sh\necho 'load balancer drained'\n")
@@ -758,7 +734,7 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
             current = (await http.get(f"{fo}/jobs/{job_id}", headers=reader)).json()
             return current if current["state"] in ("waiting_for_input", *JOB_ENDED) else None
 
-        current = await until(waiting, 180, "the manual action")
+        current = await eventually(waiting, interval=0.25, timeout=180, what="the manual action")
         if current["state"] != "waiting_for_input":
             return f"expected the plan to wait for the DBA, got {current['state']}"
         print("     plan waits for input: 'DBA confirms the switch' -> approved with drctl")
@@ -823,7 +799,12 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
                     return False
             return True
 
-        await until(reverse_ready, 120, "reverse replication past its resync, seen by failover")
+        await eventually(
+            reverse_ready,
+            interval=0.25,
+            timeout=120,
+            what="reverse replication past its resync, seen by failover",
+        )
         sent = total = 0
         for new in demo.facts["reverse_items"].values():
             item = (await http.get(f"{rep}/{new}", headers=reader)).json()
@@ -864,27 +845,21 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
 
 
 async def run() -> int:
-    env = stack_env()
-    if not env.get("KAFKA_BOOTSTRAP_SERVERS") or not env.get("DATABASE_URL"):
-        print("FAIL stack: no .state/stack.env, no KAFKA_BOOTSTRAP_SERVERS/DATABASE_URL: `make up`")
+    stack = stack_from_env()
+    problem = stack.reachable()
+    if problem:
+        print(f"FAIL stack: {problem}")
         return 1
     run_id = time.strftime("%Y%m%d-%H%M%S")
     run_dir = REPO / ".state" / "demo" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    db_name = f"demo_{run_id.replace('-', '_')}_{secrets.token_hex(2)}"
-    try:
-        conn = await asyncpg.connect(env["DATABASE_URL"], timeout=10)
-    except (OSError, asyncpg.PostgresError) as exc:
-        print(f"FAIL stack: PostgreSQL at {env['DATABASE_URL']} unreachable ({exc}): run `make up`")
-        return 1
-    try:
-        await conn.execute(f'CREATE DATABASE "{db_name}"')
-    finally:
-        await conn.close()
-    base = env["DATABASE_URL"].rsplit("/", 1)[0]
-    demo = Demo(
-        kafka=env["KAFKA_BOOTSTRAP_SERVERS"], database_url=f"{base}/{db_name}", run_dir=run_dir
+    platform = Platform(
+        stack=stack,
+        database_url=await fresh_database(stack, f"demo_{run_id.replace('-', '_')}"),
+        prefix=random_prefix("demo"),
+        log_dir=run_dir,
     )
+    demo = Demo(platform)
     print(f"demo run {run_id}: logs in {run_dir.relative_to(REPO)}, topic prefix {demo.prefix}")
     try:
         async with httpx.AsyncClient(timeout=15) as http:

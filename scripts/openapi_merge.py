@@ -16,8 +16,8 @@ import json
 import sys
 from typing import Any
 
+from kit.procs import REPO
 from scripts.gateway import OPENAPI, SERVICES
-from scripts.procs import REPO
 
 OPS_PATHS = ("/healthz", "/metrics")
 REF_PREFIX = "#/components/schemas/"

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from scripts.procs import REPO
+from kit.procs import REPO
 
 FOLDER = REPO / "deploy" / "prometheus"
 ALERTS = FOLDER / "alerts.yml"

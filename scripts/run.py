@@ -35,8 +35,9 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from scripts import bootstrap, procs
-from scripts.procs import REPO
+from kit import procs
+from kit.procs import REPO
+from scripts import bootstrap
 from services.site_provider.sitefile import read_site
 
 SERVICES = ("registration", "inventory", "policy", "replication", "failover")

@@ -26,7 +26,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from shared import signing, topics
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from shared.runtime import DependencyWatch
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind

@@ -41,7 +41,8 @@ from typing import Any
 from aiokafka.protocol.admin import CreateAclsRequest, CreateAclsRequest_v1
 
 from shared import topics
-from shared.kafka import KafkaSecurity, admin_client, ensure_topics
+from shared.kafka.admin import admin_client, ensure_topics
+from shared.kafka.security import KafkaSecurity
 from shared.settings import CommonSettings
 
 

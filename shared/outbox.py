@@ -16,7 +16,7 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 
 from shared.faults import crash_point
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from shared.schemas.envelope import Envelope, EventPayload, new_envelope
 from shared.schemas.registry import payload_model
 
@@ -113,3 +113,10 @@ class OutboxRelay:
                 log.warning("outbox publish failed; retrying", exc_info=True)
                 backoff = min(backoff * 2, 5.0)
             await asyncio.sleep(backoff)
+
+
+async def prune_published(pool: asyncpg.Pool, older_than_s: float) -> None:
+    """Delete the rows published more than `older_than_s` seconds ago."""
+    await pool.execute(
+        "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)", older_than_s
+    )

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from shared.kafka import RUN_MEMO, Handler, Incoming, Rejected
+from shared.kafka.consumers import RUN_MEMO, Handler
+from shared.kafka.decode import Incoming, Rejected
 from shared.schemas import registration as reg
 from shared.schemas.envelope import Envelope
 

@@ -18,8 +18,10 @@ import asyncpg
 import uvicorn
 from fastapi import FastAPI
 
-from shared import db
-from shared.kafka import INFRA_ERRORS, KafkaProducer, ensure_topics
+from shared import db, inbox, outbox
+from shared.kafka.admin import ensure_topics
+from shared.kafka.pipeline import INFRA_ERRORS
+from shared.kafka.producer import KafkaProducer
 from shared.outbox import OutboxRelay
 from shared.settings import ServiceSettings
 
@@ -239,15 +241,10 @@ class Runtime:
 
 async def prune_processed(pool: asyncpg.Pool, settings: ServiceSettings) -> int:
     """Delete de-duplication rows and published outbox rows older than the retention."""
-    hours = settings.processed_events_retention_hours
-    done = await pool.execute(
-        "DELETE FROM processed_events WHERE processed_at < now() - make_interval(secs => $1)",
-        hours * 3600,
-    )
-    await pool.execute(
-        "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)", hours * 3600
-    )
-    return int(done.split()[-1])
+    older_than_s = settings.processed_events_retention_hours * 3600
+    done = await inbox.prune(pool, older_than_s)
+    await outbox.prune_published(pool, older_than_s)
+    return done
 
 
 async def _retry(what: str, action: Callable[[], Coroutine[Any, Any, Any]], tries: int = 30) -> Any:

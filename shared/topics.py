@@ -34,7 +34,7 @@ ALL_TOPICS = (
 # record batch of up to this many bytes: one produce round trip carries several of them.
 DELTA_RECORD_BATCH_BYTES = 4 * 1024 * 1024
 
-# Topic settings, set when `shared.kafka.ensure_topics` creates a topic and on every start
+# Topic settings, set when `shared.kafka.admin.ensure_topics` creates a topic and on every start
 # after (so a topic created before, or declared by another client, gets them too).
 CONFIGS: dict[str, dict[str, str]] = {
     REPLICATION_DELTAS: {"max.message.bytes": str(2 * DELTA_RECORD_BATCH_BYTES)},

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support.stack import Stack, fresh_database, random_prefix, stack_from_env
+from kit.stack import Stack, fresh_database, random_prefix, stack_from_env
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ from datetime import timedelta
 from services.failover.event_handlers import make_event_handlers
 from services.failover.handlers import Context
 from shared import topics
-from shared.kafka import EventConsumer, KafkaProducer
+from shared.kafka.consumers import EventConsumer
+from shared.kafka.producer import KafkaProducer
 from shared.readmodels import registration_handlers, signature_verifier
 
 

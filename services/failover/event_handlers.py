@@ -9,7 +9,8 @@ import asyncpg
 
 from services.failover import repository as repo
 from services.failover.workflow import Notifier
-from shared.kafka import Handler, Incoming
+from shared.kafka.consumers import Handler
+from shared.kafka.decode import Incoming
 from shared.schemas import agent, failover, inventory, policy, replication
 from shared.schemas.envelope import EventPayload
 from shared.schemas.registry import type_name_of

@@ -14,7 +14,7 @@ import asyncpg
 from services.failover.domain import ItemFailoverState, PlanGroup, RecoveryPlan, RetainedPoints
 from services.failover.item_failover import FailoverInfo, ItemFailover, TestFailover, stored_info
 from shared import outbox
-from shared.kafka import Rejected
+from shared.kafka.decode import Rejected
 from shared.schemas.envelope import EventPayload
 
 PRODUCER_ID = "service:failover"

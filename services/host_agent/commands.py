@@ -17,13 +17,14 @@ from typing import Any
 from prometheus_client import Counter
 
 from services.host_agent import vm_lifecycle
+from services.host_agent.item_record import ReplicationPhase
 from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import CommandFailed, Emit, Replicator
 from services.host_agent.vms import VmNotFound, find_vm, set_state
 from services.host_agent.workload import Workloads
 from shared.edge import Identity
 from shared.files import write_atomic
-from shared.kafka import Incoming, Rejected
+from shared.kafka.decode import Incoming, Rejected
 from shared.schemas.agent import (
     CommandCompleted,
     CommandOutcome,
@@ -187,7 +188,7 @@ class CommandHandler:
             self.workloads.stop(name)
             set_state(self.storage, name, VmState.OFF)
             result["state"] = VmState.OFF.value
-            if item is not None and not item.record.final_shipped:
+            if item is not None and item.record.phase is not ReplicationPhase.SYNCED:
                 result["final_cycle"] = await item.final_cycle()
             elif item is not None:
                 result["final_cycle"] = {
@@ -197,8 +198,6 @@ class CommandHandler:
         else:
             set_state(self.storage, name, VmState.RUNNING)
             result["state"] = VmState.RUNNING.value
-            if item is not None and item.record.final_shipped:
-                item.record.final_shipped = False
-                item.save()
-                item.wake()
+            if item is not None:
+                item.resume_after_final()
         return result

@@ -38,7 +38,7 @@ from aiokafka.errors import KafkaError
 from shared import topics
 from shared.edge import Identity
 from shared.files import replace_synced
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from shared.merkle import block_hash, zero_block_hash
 from shared.schemas.envelope import Envelope, EventPayload, new_envelope
 from shared.schemas.replication import MAX_BLOCKS_PER_BATCH, Block, BlocksShipped, Compression

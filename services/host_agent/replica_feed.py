@@ -24,7 +24,9 @@ from services.host_agent.replicator import CommandFailed
 from shared import topics
 from shared.delta_blocks import decode_data
 from shared.files import fsync_dir
-from shared.kafka import KafkaSecurity, RangeUnavailable, Rejected, decode_event, read_range
+from shared.kafka.decode import Rejected, decode_event
+from shared.kafka.ranges import RangeUnavailable, read_range
+from shared.kafka.security import KafkaSecurity
 from shared.merkle import block_length
 from shared.schemas.agent import (
     DifferencingDisksRequested,

@@ -3,16 +3,22 @@
 resync by Merkle diff, the final cycle of a shutdown, pause / resume, faults.
 
 Per item, `<state_dir>/items/<item_id>/`: `item.json` (the enable command's settings and the
-progress: next cycle number, flags, journal epochs), the disks' journals and shipped leaf hashes
+progress: next cycle number, phase, journal epochs), the disks' journals and shipped leaf hashes
 (see `tracking`), `open` while the agent runs, `resync/<resync_id>/` the replica's hashes as
-they arrive. One asyncio task per item runs its cycles in order; commands only change the
-record and wake it.
+they arrive (`resync_chunks`). One asyncio task per item runs its cycles in order; commands only
+change the record and wake it.
 
 A cycle covers every disk of the VM at one instant: under the VM's write lock the journals are
 sealed and copy-on-write snapshots taken; the blocks are then read from the snapshots while the
 workload goes on. A cycle number is burnt (persisted as used) before its first message leaves;
 a cycle that has begun is sent to the end, retrying through broker outages; after a crash the
 next cycle (the next number) re-ships the union of every unshipped journal segment.
+
+An item is in one `ReplicationPhase` at a time (item_record.py lists the moves allowed):
+`initial` until its first full cycle (initial or resync) is out, then `replicating` (a delta
+per interval), `resync_required` after a fault (nothing ships until a resync's full cycle),
+`synced` after the final cycle of a shutdown (until the VM runs again). Pausing is the
+operator's hold on top of the phase: a paused item keeps its phase and ships no deltas.
 
 Enabled `seeded` (reverse replication: the target already holds an older copy of the disks),
 an item ships no initial cycle and no deltas; the first `ResyncRequested` ships, as cycle
@@ -23,9 +29,7 @@ an item ships no initial cycle and no deltas; the first `ResyncRequested` ships,
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import logging
 import shutil
 import time
@@ -37,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import BaseModel, Field
 
 from services.host_agent.cycles import (
     Batcher,
@@ -49,6 +52,8 @@ from services.host_agent.cycles import (
     encode_block,
     export_path,
 )
+from services.host_agent.item_record import ItemRecord, ReplicationPhase, disk_key, image_stat
+from services.host_agent.resync_chunks import load_replica_leaves, store_resync_chunk
 from services.host_agent.tracking import (
     HostIO,
     Journal,
@@ -129,45 +134,6 @@ class CommandFailed(Exception):
     """The command can't be carried out; the message goes back in CommandCompleted."""
 
 
-class ItemRecord(BaseModel):
-    """`item.json`: the enable command's settings and the item's progress."""
-
-    item_id: uuid.UUID
-    vm_id: str
-    vm_name: str
-    disks: list[DiskSpec]
-    copy_interval_seconds: int
-    compression: Compression
-    app_consistent_interval_seconds: int = 0
-    initial_replication: InitialReplication = InitialReplication.ONLINE_NOW
-    scheduled_at: datetime | None = None
-    export_path: str | None = None
-    next_seq: int = Field(ge=1)
-    initial_done: bool = False
-    paused: bool = False
-    needs_resync: bool = False
-    fault: str = ""
-    final_shipped: bool = False
-    last_app_consistent_at: datetime | None = None
-    last_cycle_seq: int = 0
-    last_cycle_kind: str = ""
-    last_cycle_at: datetime | None = None
-    roots: dict[str, str] = Field(default_factory=dict)
-    journals: dict[str, JournalState] = Field(default_factory=dict)
-    closed_stats: dict[str, tuple[int, int]] = Field(
-        default_factory=dict, description="disk key -> (size, mtime_ns) at a clean stop"
-    )
-
-
-def disk_key(index: int) -> str:
-    return f"d{index}"
-
-
-def image_stat(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
-
-
 class ItemReplicator:
     """One protected item: its disks, record and cycle loop."""
 
@@ -220,7 +186,7 @@ class ItemReplicator:
             key = disk_key(i)
             blocks = disk_blocks(spec.size_bytes)
             tree = None
-            if self.record.initial_done:
+            if self.record.phase is not ReplicationPhase.INITIAL:
                 tree = load_leaves(self.folder / f"{key}.leaves", blocks)
                 if tree is None:
                     problems.append(f"{key}: shipped leaf hashes lost")
@@ -230,7 +196,7 @@ class ItemReplicator:
             else:
                 disk.open()
             self.disks.append(disk)
-            if not self.record.initial_done or self.record.needs_resync:
+            if not self.record.journaling:
                 continue
             if left_open is not None and left_open != boot_id():
                 problems.append(f"{key}: the host stopped uncleanly")
@@ -248,7 +214,7 @@ class ItemReplicator:
                 self._scan.add(key)  # written while the agent was off: scan mode finds it
         for disk in self.disks:
             self.host.track(disk)
-        if problems and self.record.initial_done and not self.record.needs_resync:
+        if problems and self.record.journaling:
             reason = "unclean stop" if left_open is not None else "journal lost"
             self._fault_at_start = f"{reason}: {'; '.join(problems)}"
 
@@ -300,9 +266,9 @@ class ItemReplicator:
         self.wake()
 
     async def final_cycle(self) -> dict[str, Any]:
-        if self.record.needs_resync:
+        if self.record.phase is ReplicationPhase.RESYNC_REQUIRED:
             raise CommandFailed(f"item needs a resync first ({self.record.fault})")
-        if not self.record.initial_done:
+        if self.record.phase is ReplicationPhase.INITIAL:
             raise CommandFailed("initial replication has not finished")
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._final.append(fut)
@@ -317,7 +283,7 @@ class ItemReplicator:
             if disk.journal is not None:
                 disk.journal.discard()
                 disk.journal = None
-        self.record.needs_resync = True
+        self.record.move_to(ReplicationPhase.RESYNC_REQUIRED)
         self.record.fault = reason
         self.record.journals = {}
         self.save()
@@ -325,6 +291,13 @@ class ItemReplicator:
         await self.publish(
             ReplicationFaulted(item_id=self.item_id, reason=reason, needs_resync=True)
         )
+
+    def resume_after_final(self) -> None:
+        """The VM runs again after its final cycle: deltas follow from the next tick."""
+        if self.record.phase is ReplicationPhase.SYNCED:
+            self.record.move_to(ReplicationPhase.REPLICATING)
+            self.save()
+            self.wake()
 
     async def publish(self, payload: EventPayload) -> None:
         await self.wiring.emit(payload)
@@ -356,7 +329,7 @@ class ItemReplicator:
         if self._fault_at_start is not None:
             reason, self._fault_at_start = self._fault_at_start, None
             await self.fault(reason)
-        if not self.record.initial_done and not self.record.needs_resync and not self.seeded:
+        if self.record.phase is ReplicationPhase.INITIAL and not self.seeded:
             await self.initial_replication()
         self._due = loop.time() + self.record.copy_interval_seconds
         while True:
@@ -390,8 +363,7 @@ class ItemReplicator:
             self._journal_gauge()
             if self.record.paused and await self.check_change_log():
                 continue  # (a shipping item drains its log every cycle)
-            r = self.record
-            if r.paused or r.needs_resync or r.final_shipped or not r.initial_done:
+            if self.record.paused or self.record.phase is not ReplicationPhase.REPLICATING:
                 continue  # (seeded: nothing ships before the resync against the seed)
             await self.ship_cycle(CycleKind.DELTA)
 
@@ -428,19 +400,17 @@ class ItemReplicator:
     def seeded(self) -> bool:
         """Enabled `seeded` and still waiting for the resync against the replica's seed."""
         r = self.record
-        return r.initial_replication is InitialReplication.SEEDED and not r.initial_done
+        return r.initial_replication is InitialReplication.SEEDED and (
+            r.phase is ReplicationPhase.INITIAL
+        )
 
     def _describe(self) -> str:
-        r = self.record
-        if r.needs_resync:
-            return "resync_required"
-        if self.seeded:
-            return "waiting_for_resync"
-        if not r.initial_done:
-            return "initial_replication"
-        if r.final_shipped:
-            return "synced"
-        return "paused" if r.paused else "replicating"
+        phase = self.record.phase
+        if phase is ReplicationPhase.INITIAL:
+            return "waiting_for_resync" if self.seeded else "initial_replication"
+        if phase is ReplicationPhase.REPLICATING and self.record.paused:
+            return "paused"
+        return phase.value
 
     async def initial_replication(self) -> None:
         r = self.record
@@ -562,122 +532,153 @@ class ItemReplicator:
         seq: int,
         started: float,
     ) -> dict[str, Any]:
-        r = self.record
+        """Send the captured cycle (`plan`: disk key -> blocks to send), then record it as
+        shipped: CycleStarted, the blocks disk by disk, CycleCompleted, the new state."""
         offline = isinstance(sink, FileSink)
-        out: CycleSink = sink or self.wiring.sink(r.item_id, seq)
+        out: CycleSink = sink or self.wiring.sink(self.item_id, seq)
         app = self._app_consistent(source_time)
         if not offline:
-            r.next_seq = seq + 1  # burnt before anything with this number leaves
+            self.record.next_seq = seq + 1  # burnt before anything with this number leaves
             self.save()
-        sent = await out.emit(
-            CycleStarted(
-                item_id=r.item_id,
-                cycle_seq=seq,
-                kind=kind,
-                disks=[
-                    DiskGeometry(disk_id=d.disk_id, size_bytes=d.size_bytes, block_size=BLOCK_SIZE)
-                    for d in self.disks
-                ],
-                source_time=source_time,
-                app_consistent=app,
-            )
+        cycle = _Cycle(
+            kind, seq, source_time, app, Batcher(self.item_id, seq, self.record.compression)
         )
-        batcher = Batcher(r.item_id, seq, r.compression)
+        cycle.sent = await out.emit(self._cycle_started(cycle))
+        progress = self._progress(kind, plan)
+        for disk in self.disks:
+            await self._send_disk(disk, sorted(plan[disk.key]), out, cycle, progress)
+        roots = {d.disk_id: d.tree.root_hex() for d in self.disks}
+        cycle.sent += await out.emit(self._cycle_completed(cycle, roots))
+        await out.close()
+        await progress.finish()
+        self._record_shipped(cycle, plan, roots)
+        self._account(cycle, time.monotonic() - started, offline)
+        return {
+            "cycle_seq": seq,
+            "kind": kind.value,
+            "blocks": cycle.batcher.blocks,
+            "roots": roots,
+        }
+
+    def _cycle_started(self, cycle: _Cycle) -> CycleStarted:
+        return CycleStarted(
+            item_id=self.item_id,
+            cycle_seq=cycle.seq,
+            kind=cycle.kind,
+            disks=[
+                DiskGeometry(disk_id=d.disk_id, size_bytes=d.size_bytes, block_size=BLOCK_SIZE)
+                for d in self.disks
+            ],
+            source_time=cycle.source_time,
+            app_consistent=cycle.app_consistent,
+        )
+
+    def _progress(self, kind: CycleKind, plan: dict[str, set[int]]) -> _Progress:
         total_blocks = sum(len(v) for v in plan.values())
         total_bytes = sum(
             min(BLOCK_SIZE, d.size_bytes - i * BLOCK_SIZE) for d in self.disks for i in plan[d.key]
         )
-        progress = _Progress(self, kind, total_blocks, total_bytes)
-        for disk in self.disks:
-            indexes = sorted(plan[disk.key])
-            incremental = len(indexes) < disk.blocks // 16
-            chunks = [indexes[s : s + READ_CHUNK] for s in range(0, len(indexes), READ_CHUNK)]
-            # The next chunk is read and encoded (a thread) while this one is sent.
-            ahead: asyncio.Future[list[EncodedBlock]] | None = None
-            try:
-                for n, chunk in enumerate(chunks):
-                    encoded = await (
-                        ahead or asyncio.to_thread(_read_encode, disk, chunk, r.compression)
+        return _Progress(self, kind, total_blocks, total_bytes)
+
+    async def _send_disk(
+        self,
+        disk: TrackedDisk,
+        indexes: list[int],
+        out: CycleSink,
+        cycle: _Cycle,
+        progress: _Progress,
+    ) -> None:
+        """The blocks `indexes` of `disk` from its snapshot, in batches; the next chunk is read
+        and encoded (a thread) while this one is sent. Each block's leaf hash is updated."""
+        compression = self.record.compression
+        incremental = len(indexes) < disk.blocks // 16
+        chunks = [indexes[s : s + READ_CHUNK] for s in range(0, len(indexes), READ_CHUNK)]
+        ahead: asyncio.Future[list[EncodedBlock]] | None = None
+        try:
+            for n, chunk in enumerate(chunks):
+                encoded = await (ahead or asyncio.to_thread(_read_encode, disk, chunk, compression))
+                ahead = None
+                if n + 1 < len(chunks):
+                    ahead = asyncio.ensure_future(
+                        asyncio.to_thread(_read_encode, disk, chunks[n + 1], compression)
                     )
-                    ahead = None
-                    if n + 1 < len(chunks):
-                        ahead = asyncio.ensure_future(
-                            asyncio.to_thread(_read_encode, disk, chunks[n + 1], r.compression)
-                        )
-                    for block in encoded:
-                        disk.tree.set_leaf(block.block.index, block.digest, rehash=incremental)
-                        batch = batcher.add(disk.disk_id, block)
-                        if batch is not None:
-                            sent += await out.emit(batch)
-                    batch = batcher.flush() if n + 1 == len(chunks) else None
+                for block in encoded:
+                    disk.tree.set_leaf(block.block.index, block.digest, rehash=incremental)
+                    batch = cycle.batcher.add(disk.disk_id, block)
                     if batch is not None:
-                        sent += await out.emit(batch)
-                    await progress.advance(encoded)
-            finally:
-                if ahead is not None:  # failed mid-way: let the read end before the snapshot
-                    with contextlib.suppress(Exception):
-                        await ahead
-        roots = {d.disk_id: d.tree.root_hex() for d in self.disks}
-        sent += await out.emit(
-            CycleCompleted(
-                item_id=r.item_id,
-                cycle_seq=seq,
-                kind=kind,
-                batches=batcher.batch_no,
-                blocks=batcher.blocks,
-                disks=[
-                    DiskRoot(
-                        disk_id=d.disk_id, size_bytes=d.size_bytes, merkle_root=roots[d.disk_id]
-                    )
-                    for d in self.disks
-                ],
-                source_time=source_time,
-                app_consistent=app,
-            )
+                        cycle.sent += await out.emit(batch)
+                batch = cycle.batcher.flush() if n + 1 == len(chunks) else None
+                if batch is not None:
+                    cycle.sent += await out.emit(batch)
+                await progress.advance(encoded)
+        finally:
+            if ahead is not None:  # failed mid-way: let the read end before the snapshot
+                with contextlib.suppress(Exception):
+                    await ahead
+
+    def _cycle_completed(self, cycle: _Cycle, roots: dict[str, str]) -> CycleCompleted:
+        return CycleCompleted(
+            item_id=self.item_id,
+            cycle_seq=cycle.seq,
+            kind=cycle.kind,
+            batches=cycle.batcher.batch_no,
+            blocks=cycle.batcher.blocks,
+            disks=[
+                DiskRoot(disk_id=d.disk_id, size_bytes=d.size_bytes, merkle_root=roots[d.disk_id])
+                for d in self.disks
+            ],
+            source_time=cycle.source_time,
+            app_consistent=cycle.app_consistent,
         )
-        await out.close()
-        await progress.finish()
-        # The cycle is out: persist what the replica now holds, then forget the journal.
-        full = kind in (CycleKind.INITIAL, CycleKind.RESYNC)
+
+    def _record_shipped(
+        self, cycle: _Cycle, plan: dict[str, set[int]], roots: dict[str, str]
+    ) -> None:
+        """The cycle is out: persist what the replica now holds, then forget the journal."""
+        r = self.record
+        full = cycle.kind in (CycleKind.INITIAL, CycleKind.RESYNC)
         for disk in self.disks:
             changed = None if full or disk.key in self._scan else plan[disk.key]
             save_leaves(self.folder / f"{disk.key}.leaves", disk.tree, changed)
             if disk.journal is not None:
                 disk.journal.shipped()
         self._scan.clear()
-        r.next_seq = seq + 1
+        r.next_seq = cycle.seq + 1
         r.journals = {d.key: d.journal.state.model_copy(deep=True) for d in self.disks if d.journal}
-        r.last_cycle_seq, r.last_cycle_kind = seq, kind.value
+        r.last_cycle_seq, r.last_cycle_kind = cycle.seq, cycle.kind.value
         r.last_cycle_at = datetime.now(UTC)
         r.roots = roots
-        if app:
-            r.last_app_consistent_at = source_time
+        if cycle.app_consistent:
+            r.last_app_consistent_at = cycle.source_time
         if full:
-            r.initial_done, r.needs_resync, r.fault = True, False, ""
-        if kind is CycleKind.FINAL:
-            r.final_shipped = True
+            r.move_to(ReplicationPhase.REPLICATING)
+            r.fault = ""
+        if cycle.kind is CycleKind.FINAL:
+            r.move_to(ReplicationPhase.SYNCED)
         self.save()
-        elapsed = time.monotonic() - started
-        CYCLES.labels(kind.value).inc()
-        BLOCKS.labels(kind.value).inc(batcher.blocks)
-        BYTES.labels(kind.value).inc(sent)
-        CYCLE_SECONDS.labels(kind.value).observe(elapsed)
-        LAST_CYCLE.labels(str(r.item_id)).set(time.time())
+
+    def _account(self, cycle: _Cycle, elapsed: float, offline: bool) -> None:
+        """Metrics and the log line of a shipped cycle."""
+        kind, blocks = cycle.kind.value, cycle.batcher.blocks
+        CYCLES.labels(kind).inc()
+        BLOCKS.labels(kind).inc(blocks)
+        BYTES.labels(kind).inc(cycle.sent)
+        CYCLE_SECONDS.labels(kind).observe(elapsed)
+        LAST_CYCLE.labels(str(self.item_id)).set(time.time())
         self._journal_gauge()
         log.info(
             "cycle shipped",
             extra={
-                "item_id": str(r.item_id),
-                "cycle_seq": seq,
-                "kind": kind.value,
-                "blocks": batcher.blocks,
-                "batches": batcher.batch_no,
-                "bytes": sent,
+                "item_id": str(self.item_id),
+                "cycle_seq": cycle.seq,
+                "kind": kind,
+                "blocks": blocks,
+                "batches": cycle.batcher.batch_no,
+                "bytes": cycle.sent,
                 "seconds": round(elapsed, 3),
                 "offline": offline,
             },
         )
-        return {"cycle_seq": seq, "kind": kind.value, "blocks": batcher.blocks, "roots": roots}
 
     def _app_consistent(self, at: datetime) -> bool:
         interval = self.record.app_consistent_interval_seconds
@@ -695,9 +696,10 @@ class ItemReplicator:
             "vm_id": r.vm_id,
             "vm_name": r.vm_name,
             "state": self.state,
+            "phase": r.phase.value,
             "initial_done": r.initial_done,
             "paused": r.paused,
-            "needs_resync": r.needs_resync,
+            "needs_resync": r.phase is ReplicationPhase.RESYNC_REQUIRED,
             "fault": r.fault,
             "next_cycle_seq": r.next_seq,
             "last_cycle_seq": r.last_cycle_seq,
@@ -710,6 +712,19 @@ class ItemReplicator:
                 for d in self.disks
             ],
         }
+
+
+@dataclass
+class _Cycle:
+    """One cycle on its way out: what CycleStarted and CycleCompleted say, the batches so far
+    and the bytes sent."""
+
+    kind: CycleKind
+    seq: int
+    source_time: datetime
+    app_consistent: bool
+    batcher: Batcher
+    sent: int = 0
 
 
 class _Progress:
@@ -781,43 +796,6 @@ def _hash_pass(
         else:
             disk.tree.set_leaf(i, digest, rehash=False)
     return differing
-
-
-# ---------------------------------------------------------------------- resync chunks
-
-
-def store_resync_chunk(item_folder: Path, command: ResyncRequested) -> bool:
-    """Keep one chunk of the replica's hashes (`<disk>.<chunk_no>.<chunks>.json`); True once
-    every chunk of every disk is in."""
-    folder = item_folder / "resync" / str(command.resync_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    disk = hashlib.sha256(command.disk_id.encode()).hexdigest()[:16]
-    name = f"{disk}.{command.chunk_no}.{command.chunks}.json"
-    write_atomic(folder / name, command.model_dump_json().encode())
-    by_disk: dict[str, tuple[set[int], int]] = {}
-    for p in folder.glob("*.json"):
-        disk, chunk_no, chunks, _ = p.name.split(".")
-        nos, _ = by_disk.setdefault(disk, (set(), int(chunks)))
-        nos.add(int(chunk_no))
-    return len(by_disk) == command.disk_count and all(
-        len(nos) >= chunks for nos, chunks in by_disk.values()
-    )
-
-
-def load_replica_leaves(folder: Path) -> dict[str, tuple[int, bytes]]:
-    """disk id -> (replica size, concatenated leaf hashes) from the stored chunks."""
-    parts: dict[str, list[ResyncRequested]] = {}
-    for p in folder.glob("*.json"):
-        c = ResyncRequested.model_validate_json(p.read_text())
-        parts.setdefault(c.disk_id, []).append(c)
-    out = {}
-    for disk_id, chunks in parts.items():
-        leaves = bytearray()
-        for c in sorted(chunks, key=lambda c: c.first_index):
-            raw = base64.b64decode(c.leaf_hashes) if c.leaf_hashes else b""
-            leaves[c.first_index * HASH_SIZE : c.first_index * HASH_SIZE + len(raw)] = raw
-        out[disk_id] = (chunks[0].size_bytes, bytes(leaves))
-    return out
 
 
 # ---------------------------------------------------------------------- all items

@@ -21,7 +21,10 @@ from services.host_agent.tracking import HostIO, agent_lock
 from services.host_agent.workload import Workloads
 from shared import topics
 from shared.edge import EdgeRuntime
-from shared.kafka import KafkaProducer, KafkaSecurity, PlainEventConsumer, ensure_topics
+from shared.kafka.admin import ensure_topics
+from shared.kafka.consumers import PlainEventConsumer
+from shared.kafka.producer import KafkaProducer
+from shared.kafka.security import KafkaSecurity
 from shared.schemas.envelope import EventPayload
 from shared.schemas.registration import ProducerKind
 

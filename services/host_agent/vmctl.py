@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from services.host_agent.replicator import ItemRecord, disk_key, image_stat
+from services.host_agent.item_record import ItemRecord, disk_key, image_stat
 from services.host_agent.tracking import (
     AgentRunning,
     HostIO,
@@ -44,7 +44,7 @@ def write_offline(
         touched: list[tuple[Path, ItemRecord]] = []
         for item_file in sorted((state_dir / "items").glob("*/item.json")):
             record = ItemRecord.model_validate_json(item_file.read_text())
-            if raw or not record.initial_done or record.needs_resync:
+            if raw or not record.journaling:
                 continue
             for i, spec in enumerate(record.disks):
                 if Path(spec.path).resolve() not in paths:

@@ -12,7 +12,7 @@ import asyncpg
 from services.inventory import handlers
 from services.inventory.config import InventorySettings
 from shared import readmodels, topics
-from shared.kafka import EventConsumer
+from shared.kafka.consumers import EventConsumer
 from shared.runtime import Runtime
 from shared.schemas.envelope import Envelope
 

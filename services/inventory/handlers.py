@@ -15,7 +15,7 @@ from services.inventory import domain
 from services.inventory import repository as repo
 from services.inventory.repository import ProviderRef
 from shared import outbox, readmodels
-from shared.kafka import Incoming, Rejected
+from shared.kafka.decode import Incoming, Rejected
 from shared.schemas import registration as reg
 from shared.schemas.envelope import Envelope
 from shared.schemas.inventory import (

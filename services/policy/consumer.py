@@ -10,7 +10,8 @@ import asyncpg
 from services.policy import handlers, repository
 from services.policy.config import PolicySettings
 from shared import topics
-from shared.kafka import EventConsumer, Incoming
+from shared.kafka.consumers import EventConsumer
+from shared.kafka.decode import Incoming
 from shared.readmodels import registration_handlers, signature_verifier
 from shared.runtime import Runtime
 from shared.schemas import replication

@@ -13,7 +13,8 @@ import asyncpg
 from services.policy import domain
 from services.policy import repository as repo
 from shared import outbox
-from shared.kafka import Handler, Incoming
+from shared.kafka.consumers import Handler
+from shared.kafka.decode import Incoming
 from shared.schemas import inventory as inv
 from shared.schemas import policy as ev
 from shared.schemas.envelope import EventPayload

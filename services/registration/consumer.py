@@ -8,7 +8,7 @@ from services.registration import handlers
 from services.registration import repository as repo
 from services.registration.config import RegistrationSettings
 from shared import topics
-from shared.kafka import EventConsumer
+from shared.kafka.consumers import EventConsumer
 from shared.readmodels import signature_verifier
 from shared.runtime import Runtime
 

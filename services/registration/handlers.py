@@ -15,7 +15,7 @@ from prometheus_client import Gauge
 from services.registration import domain
 from services.registration import repository as repo
 from shared import outbox, signing
-from shared.kafka import Incoming, Rejected
+from shared.kafka.decode import Incoming, Rejected
 from shared.runtime import DependencyWatch
 from shared.schemas import registration as ev
 from shared.schemas.envelope import EventPayload

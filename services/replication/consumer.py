@@ -31,7 +31,8 @@ from services.replication import handlers
 from services.replication.config import ReplicationSettings
 from services.replication.failover_support import make_failover_handlers, make_replica_answers
 from shared import topics
-from shared.kafka import EventConsumer, KafkaSecurity
+from shared.kafka.consumers import EventConsumer
+from shared.kafka.security import KafkaSecurity
 from shared.readmodels import registration_handlers, signature_verifier
 from shared.runtime import Runtime
 

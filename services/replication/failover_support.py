@@ -48,7 +48,8 @@ from services.replication.handlers import (
 )
 from services.replication.store import StoreError
 from shared.files import OutsideRoots, confined
-from shared.kafka import Handler, Incoming, Rejected
+from shared.kafka.consumers import Handler
+from shared.kafka.decode import Incoming, Rejected
 from shared.schemas import agent as cmd
 from shared.schemas import failover as fo
 from shared.schemas import replication as ev

@@ -37,7 +37,8 @@ from services.replication.store import (
 from shared import outbox, topics
 from shared.delta_blocks import decode_data
 from shared.faults import crash_point
-from shared.kafka import RUN_MEMO, Handler, Incoming, Rejected, RunFallback, RunHandler
+from shared.kafka.consumers import RUN_MEMO, Handler, RunFallback, RunHandler
+from shared.kafka.decode import Incoming, Rejected
 from shared.merkle import block_count, block_length, zero_block_hash
 from shared.metrics import reason_label
 from shared.readmodels import NotYetKnown, signature_verifier

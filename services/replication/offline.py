@@ -19,7 +19,7 @@ from pathlib import Path
 from services.replication import handlers
 from services.replication.consumer import delta_pipeline
 from shared import topics
-from shared.kafka import EventConsumer
+from shared.kafka.consumers import EventConsumer
 from shared.runtime import Runtime
 
 CYCLE_FILE = re.compile(r"^cycle-(\d+)\.jsonl$")

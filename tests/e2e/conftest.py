@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scripts.procs import stop_all
-from tests.support.platform import Platform
-from tests.support.stack import Stack
+from kit.platform import Platform
+from kit.procs import stop_all
+from kit.stack import Stack
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from scripts.procs import REPO, Proc
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.procs import REPO, Proc
 from shared import signing, topics
 from shared.merkle import BLOCK_SIZE, MerkleTree, block_count, block_hash, disk_root
 from shared.schemas.agent import (
@@ -31,8 +33,6 @@ from shared.schemas.agent import (
 )
 from shared.schemas.envelope import Envelope, EventPayload, new_envelope
 from tests.support.kafka import produce, read_all, wait_for_records
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.procs import free_port
 from scripts.gateway import Gateway, nginx_binary
-from scripts.procs import free_port
 from tests.e2e.test_security_e2e import script_plan
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -15,31 +15,25 @@ from typing import Any
 import httpx
 import pytest
 
-from scripts.demo import failback_ready
+from kit.dr import (
+    DrSetup,
+    failback_ready,
+    failover_known,
+    failover_up,
+    finished,
+    item,
+    points,
+    protect,
+    start,
+    two_sites,
+    vm_named,
+)
+from kit.platform import Platform
+from kit.poll import eventually
 from shared import topics
-from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
 from tests.support.kafka import read_all
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
-
-FINISHED = ("succeeded", "failed", "completed_with_errors")
-
-
-async def failover_up(platform: Platform, http: httpx.AsyncClient, dr: DrSetup) -> Any:
-    """The failover service, once it knows the vault's tokens."""
-    proc = platform.start("failover")
-
-    async def tokens_known() -> bool:
-        for token in (dr.reader, dr.operator):
-            resp = await http.get(dr.url("failover", "/jobs"), headers=dr.bearer(token))
-            if resp.status_code != 200:
-                return False
-        return True
-
-    await eventually(tokens_known, timeout=30, what="the failover service knows the tokens")
-    return proc
 
 
 def move(src: Path, dst: Path) -> None:
@@ -92,42 +86,6 @@ async def protected_vm(
         return current if current["initial_done_at"] and current["state"] == "replicating" else None
 
     return await eventually(ready, timeout=90, what=f"{name}: initial replication")
-
-
-async def failover_known(http: httpx.AsyncClient, dr: DrSetup, item_id: str, seq: int = 1) -> None:
-    async def known() -> bool:
-        resp = await http.get(
-            dr.url("failover", f"/failovers/{item_id}"), headers=dr.bearer(dr.reader)
-        )
-        return resp.status_code == 200 and (resp.json()["latest_seq"] or 0) >= seq
-
-    await eventually(known, timeout=30, what="the failover service knows the item")
-
-
-async def start(
-    http: httpx.AsyncClient,
-    dr: DrSetup,
-    path: str,
-    body: dict[str, Any] | None = None,
-    token: str | None = None,
-) -> httpx.Response:
-    return await http.post(
-        dr.url("failover", path), json=body or {}, headers=dr.bearer(token or dr.operator)
-    )
-
-
-async def finished(
-    http: httpx.AsyncClient, dr: DrSetup, job_id: str, timeout: float = 120
-) -> dict[str, Any]:
-    async def done() -> dict[str, Any] | None:
-        resp = await http.get(dr.url("failover", f"/jobs/{job_id}"), headers=dr.bearer(dr.reader))
-        body = resp.json()
-        if body["state"] in FINISHED:
-            body["failed_tasks"] = [t for t in body["tasks"] if t["state"] == "failed"]
-            return body
-        return None
-
-    return await eventually(done, timeout=timeout, interval=0.3, what=f"job {job_id} finished")
 
 
 async def reverse_item_states_true(platform: Platform, item_id: str) -> None:

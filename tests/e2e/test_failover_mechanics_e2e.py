@@ -21,6 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
+from kit.dr import DrSetup, item, points, protect, two_sites, vm_named
+from kit.platform import Platform
+from kit.poll import eventually
 from shared import topics
 from shared.schemas import failover as fo
 from shared.schemas.agent import (
@@ -32,10 +35,7 @@ from shared.schemas.agent import (
 )
 from shared.schemas.envelope import EventPayload, new_envelope
 from tests.e2e.test_replication_e2e import materialise, point_after, sha256
-from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
 from tests.support.kafka import Record, produce, read_all, wait_for_records
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 

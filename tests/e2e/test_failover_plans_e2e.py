@@ -16,21 +16,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.test_failover_e2e import (
-    failover_known,
-    failover_up,
-    finished,
-    protected_vm,
-    start,
-    task_named,
-)
+from kit.dr import DrSetup, failover_known, failover_up, finished, item, start, two_sites
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.stack import Stack
+from tests.e2e.test_failover_e2e import protected_vm, task_named
 from tests.e2e.test_replication_e2e import point_after, sha256
 from tests.support.cli import run_drctl
-from tests.support.dr import DrSetup, item, two_sites
 from tests.support.own_platform import own_platform
-from tests.support.platform import Platform
-from tests.support.poll import eventually
-from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kit.dr import points, protect, two_sites, vm_named
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.stack import Stack
 from tests.e2e.test_failover_e2e import failover_up
 from tests.e2e.test_replication_faults_e2e import pruned_seqs
-from tests.support.dr import points, protect, two_sites, vm_named
 from tests.support.own_platform import own_platform
-from tests.support.platform import Platform
-from tests.support.poll import eventually
-from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.procs import REPO, free_port
 from scripts.gateway import Gateway, nginx_binary
-from scripts.procs import REPO, free_port
 from tests.support.cli import run_drctl
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 

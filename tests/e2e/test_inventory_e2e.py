@@ -15,15 +15,15 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from scripts.procs import Proc
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.procs import Proc
 from services.site_provider.domain import object_id
 from shared import signing, topics
 from shared.edge import Identity, load_identity
 from shared.schemas.envelope import Envelope, new_envelope
 from shared.schemas.inventory import DiscoverySnapshot, Inventory
 from tests.support.kafka import Record, produce, wait_for_records
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -17,11 +17,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorizationFailedError
 
-from scripts.procs import kafka_identity
+from kit.procs import kafka_identity
+from kit.stack import Stack, delete_prefixed_topics, random_prefix
 from shared import topics
-from shared.kafka import KafkaSecurity, RangeUnavailable, read_range
-from tests.support.kafka import delete_prefixed_topics, read_all
-from tests.support.stack import Stack, random_prefix
+from shared.kafka.ranges import RangeUnavailable, read_range
+from shared.kafka.security import KafkaSecurity
+from tests.support.kafka import read_all
 
 pytestmark = pytest.mark.e2e
 

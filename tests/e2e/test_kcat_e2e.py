@@ -19,14 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scripts.procs import REPO, kafka_identity
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.procs import REPO, kafka_identity
+from kit.stack import Stack
 from shared import topics
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from tests.support.kafka import wait_for_records
 from tests.support.own_platform import own_platform
-from tests.support.platform import Platform
-from tests.support.poll import eventually
-from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 
-from scripts import procs
+from kit import procs
+from kit.stack import REPO, Stack, delete_prefixed_topics, random_prefix
 from scripts import run as platform_run
-from tests.support.kafka import delete_prefixed_topics
-from tests.support.stack import REPO, Stack, random_prefix
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 

@@ -8,12 +8,12 @@ import uuid
 import httpx
 import pytest
 
-from scripts import procs as processes
+from kit import procs as processes
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.stack import Stack, delete_prefixed_topics, fresh_database, random_prefix
 from shared import topics
-from tests.support.kafka import delete_prefixed_topics, read_all, wait_for_records
-from tests.support.platform import Platform
-from tests.support.poll import eventually
-from tests.support.stack import Stack, fresh_database, random_prefix
+from tests.support.kafka import read_all, wait_for_records
 
 pytestmark = pytest.mark.e2e
 

@@ -19,13 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
+from kit.dr import DrSetup, item, protect, two_sites, vm_named
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.stack import REPO, Stack, fresh_database, random_prefix, stack_command
 from shared import topics
 from tests.e2e.test_replication_faults_e2e import no_data_lost
-from tests.support.dr import DrSetup, item, protect, two_sites, vm_named
 from tests.support.kafka import read_all
-from tests.support.platform import Platform
-from tests.support.poll import eventually
-from tests.support.stack import REPO, Stack, fresh_database, random_prefix, stack_command
 
 pytestmark = pytest.mark.e2e
 

@@ -20,16 +20,16 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from kit.platform import Platform
+from kit.poll import eventually
 from shared import topics
 from shared.edge import EdgeSettings, Identity, SignedPublisher, heartbeat_loop, register
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from shared.schemas import inventory as inv
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.registration import ProducerKind
 from tests.support.cli import run_drctl
 from tests.support.kafka import produce, wait_for_records
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 

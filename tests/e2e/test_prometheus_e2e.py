@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.stack import Stack
 from shared import topics
 from tests.support.kafka import produce
 from tests.support.own_platform import own_platform
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 from tests.support.prometheus import PrometheusServer
-from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.dr import item, protect, two_sites, vm_named
+from kit.dr import item, protect, two_sites, vm_named
+from kit.poll import eventually
+from kit.stack import Stack
 from tests.support.own_platform import own_platform
-from tests.support.poll import eventually
 from tests.support.prometheus import PrometheusServer
-from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -13,14 +13,14 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from kit.platform import Platform
+from kit.poll import eventually
 from shared import signing, topics
 from shared.edge import Identity, SignedPublisher, identity_from
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from shared.schemas.envelope import Envelope, new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
 from tests.support.kafka import Record, produce, wait_for_records
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -23,12 +23,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared import signing, topics
-from shared.kafka import KafkaProducer, KafkaSecurity
-from shared.merkle import BLOCK_SIZE, MerkleTree, block_hash
-from shared.schemas import replication as ev
-from shared.schemas.envelope import EventPayload, new_envelope
-from tests.support.dr import (
+from kit.dr import (
     DrSetup,
     item,
     points,
@@ -37,9 +32,15 @@ from tests.support.dr import (
     two_sites,
     vm_named,
 )
+from kit.platform import Platform
+from kit.poll import eventually
+from shared import signing, topics
+from shared.kafka.producer import KafkaProducer
+from shared.kafka.security import KafkaSecurity
+from shared.merkle import BLOCK_SIZE, MerkleTree, block_hash
+from shared.schemas import replication as ev
+from shared.schemas.envelope import EventPayload, new_envelope
 from tests.support.kafka import wait_for_records
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 

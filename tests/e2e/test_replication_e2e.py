@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shared import topics
-from tests.support.dr import (
+from kit.dr import (
     DrSetup,
     item,
     points,
@@ -24,9 +23,10 @@ from tests.support.dr import (
     two_sites,
     vm_named,
 )
+from kit.platform import Platform
+from kit.poll import eventually
+from shared import topics
 from tests.support.kafka import wait_for_records
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 

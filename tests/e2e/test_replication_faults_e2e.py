@@ -19,15 +19,15 @@ from typing import Any
 import httpx
 import pytest
 
+from kit.dr import DrSetup, item, points, protect, two_sites, vm_named
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.stack import Stack, fresh_database, random_prefix, stack_command
 from shared import topics
 from shared.schemas import replication as ev
 from tests.e2e.test_replication_bad_input_e2e import BLOCKS, scripted_item
 from tests.e2e.test_replication_e2e import materialise, point_after, sha256
-from tests.support.dr import DrSetup, item, points, protect, two_sites, vm_named
 from tests.support.kafka import read_all
-from tests.support.platform import Platform
-from tests.support.poll import eventually
-from tests.support.stack import Stack, fresh_database, random_prefix, stack_command
 
 pytestmark = pytest.mark.e2e
 

@@ -14,32 +14,37 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from scripts import procs
+from kit import procs
+from kit.dr import (
+    DrSetup,
+    failover_known,
+    failover_up,
+    finished,
+    item,
+    points,
+    protect,
+    register_agent,
+    start,
+    two_sites,
+    vm_named,
+)
+from kit.platform import Platform
+from kit.poll import eventually
 from shared import signing, topics
-from shared.kafka import KafkaProducer
+from shared.kafka.producer import KafkaProducer
 from shared.merkle import block_hash
 from shared.schemas import agent as agent_ev
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.inventory import DiscoveryChange, Inventory, Removals, Vm
-from tests.e2e.test_failover_e2e import (
-    failover_known,
-    failover_up,
-    finished,
-    protected_vm,
-    start,
-    task_named,
-)
+from tests.e2e.test_failover_e2e import protected_vm, task_named
 from tests.e2e.test_inventory_e2e import identity_of
 from tests.e2e.test_replication_bad_input_e2e import (
     BLOCKS,
     DISK_SIZE,
     scripted_item,
 )
-from tests.support.dr import DrSetup, item, points, protect, register_agent, two_sites, vm_named
 from tests.support.kafka import wait_for_records
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from scripts import procs
-from tests.support.platform import Platform
-from tests.support.poll import eventually
-from tests.support.stack import Stack, fresh_database, random_prefix, stack_command
+from kit import procs
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.stack import Stack, fresh_database, random_prefix, stack_command
 
 pytestmark = pytest.mark.e2e
 

@@ -16,14 +16,16 @@ import asyncpg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from kit.stack import Stack, migrated_pool
 from shared import signing, topics
-from shared.kafka import RUN_MEMO, EventConsumer, Incoming, KafkaProducer, Rejected
+from shared.kafka.consumers import RUN_MEMO, EventConsumer
+from shared.kafka.decode import Incoming, Rejected
+from shared.kafka.producer import KafkaProducer
 from shared.merkle import block_hash
 from shared.readmodels import known_producer, signature_verifier
 from shared.schemas import replication as ev
 from shared.schemas.envelope import new_envelope
 from tests.support.kafka import wait_for_records
-from tests.support.stack import Stack, migrated_pool
 
 pytestmark = pytest.mark.integration
 

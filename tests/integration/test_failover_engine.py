@@ -14,6 +14,8 @@ import asyncpg
 import pytest
 from pydantic import ConfigDict
 
+from kit.poll import eventually
+from kit.stack import migrated_pool
 from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
 from services.failover.__main__ import MIGRATIONS
@@ -22,8 +24,6 @@ from services.failover.config import FailoverSettings
 from services.failover.domain import Operation
 from services.failover.job import Job, JobParams
 from services.failover.workflow import Engine, Run, StepFailed, StepResult
-from tests.support.poll import eventually
-from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 

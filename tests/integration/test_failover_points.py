@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from fastapi import HTTPException
 
+from kit.stack import migrated_pool
 from services.failover import handlers
 from services.failover.__main__ import MIGRATIONS
 from services.failover.api import _refused
@@ -23,11 +24,10 @@ from services.failover.event_handlers import make_event_handlers
 from services.failover.job import JobParams
 from services.failover.unit_of_work import PgReadModels
 from services.failover.workflow import Engine, Notifier
-from shared.kafka import Incoming
+from shared.kafka.decode import Incoming
 from shared.schemas import replication
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.registry import type_name_of
-from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 

@@ -14,13 +14,14 @@ from typing import Any
 import asyncpg
 import pytest
 
+from kit.stack import migrated_pool
 from services.inventory import handlers
 from services.inventory.__main__ import MIGRATIONS
 from services.inventory.repository import ProviderRef
 from services.site_provider.domain import build_inventory, object_id, split_snapshot
 from services.site_provider.sitefile import parse_site
 from shared import readmodels
-from shared.kafka import Incoming, Rejected
+from shared.kafka.decode import Incoming, Rejected
 from shared.schemas import registration as reg
 from shared.schemas.envelope import new_envelope
 from shared.schemas.inventory import (
@@ -30,7 +31,6 @@ from shared.schemas.inventory import (
     Inventory,
     Removals,
 )
-from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 

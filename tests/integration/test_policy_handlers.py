@@ -15,19 +15,19 @@ from typing import Any
 import asyncpg
 import pytest
 
+from kit.stack import migrated_pool
 from services.policy import domain, handlers
 from services.policy import repository as repo
 from services.policy.__main__ import MIGRATIONS
 from services.policy.consumer import PROTECTION_HANDLERS
 from shared import signing
-from shared.kafka import Incoming
+from shared.kafka.decode import Incoming
 from shared.readmodels import registration_handlers
 from shared.schemas import inventory as inv
 from shared.schemas import registration as reg
 from shared.schemas import replication as rep
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.policy import ReplicationPolicySettings
-from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 
+from kit.stack import migrated_pool
 from services.policy.__main__ import MIGRATIONS
 from shared.runtime import prune_processed
 from shared.settings import ServiceSettings
-from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 

@@ -17,16 +17,17 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from kit.stack import Stack, random_prefix
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import CommandFailed
 from shared import topics
-from shared.kafka import KafkaSecurity, ensure_topics
+from shared.kafka.admin import ensure_topics
+from shared.kafka.security import KafkaSecurity
 from shared.merkle import block_hash, zero_block_hash
 from shared.schemas.agent import ReplicaDisk, ReplicaPointApplyRequested
 from shared.schemas.envelope import new_envelope
 from shared.schemas.replication import Block, BlocksShipped, Compression
-from tests.support.stack import Stack, random_prefix
 from tests.support.store_worker import SourceDisk
 
 pytestmark = pytest.mark.integration

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from kit.stack import migrated_pool
 from services.replication import domain, handlers
 from services.replication import repository as repo
 from services.replication.__main__ import MIGRATIONS
 from services.replication.config import ReplicationSettings
 from shared import db
-from tests.support.stack import migrated_pool
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,11 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from kit.stack import Stack
 from shared import topics
-from shared.kafka import KafkaProducer, admin_client, ensure_topics
+from shared.kafka.admin import admin_client, ensure_topics
+from shared.kafka.producer import KafkaProducer
 from tests.support.kafka import read_all
-from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 

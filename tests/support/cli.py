@@ -6,7 +6,7 @@ import asyncio
 import sys
 from collections.abc import Mapping
 
-from scripts.procs import REPO
+from kit.procs import REPO
 
 
 async def run_drctl(

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from shared.kafka import KafkaSecurity, admin_client
+from shared.kafka.security import KafkaSecurity
 
 
 @dataclass(frozen=True)
@@ -108,22 +108,3 @@ async def produce(bootstrap: str, topic: str, value: bytes, key: str | None = No
         await producer.send_and_wait(topic, value, key=key.encode() if key else None)
     finally:
         await producer.stop()
-
-
-async def delete_prefixed_topics(bootstrap: str, prefix: str) -> int:
-    """Delete every topic whose name starts with `prefix` (a test platform's own topics, and
-    faust's internal ones under it): a broker holding fewer partitions restarts faster.
-    Best effort: returns how many were asked to go, 0 when the broker does not answer."""
-    from aiokafka.errors import KafkaError
-
-    admin = admin_client(bootstrap, request_timeout_ms=15000)
-    try:
-        await admin.start()
-        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if names:
-            await admin.delete_topics(names, timeout_ms=15000)
-        return len(names)
-    except (KafkaError, OSError):
-        return 0
-    finally:
-        await admin.close()

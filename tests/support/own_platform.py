@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support.platform import Platform
-from tests.support.stack import Stack, fresh_database, random_prefix
+from kit.platform import Platform
+from kit.stack import Stack, fresh_database, random_prefix
 
 
 async def own_platform(stack: Stack, label: str, log_dir: Path) -> Platform:

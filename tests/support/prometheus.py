@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from kit.procs import free_port
 from scripts import prometheus_config
-from scripts.procs import free_port
 
 
 def prometheus_binary() -> str:

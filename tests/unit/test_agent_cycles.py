@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from services.host_agent.cycles import FileSink, encode_block, signer_for
-from services.host_agent.replicator import ItemRecord, ItemReplicator, Wiring
+from services.host_agent.item_record import ItemRecord, ReplicationPhase
+from services.host_agent.replicator import ItemReplicator, Wiring
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path
 from services.host_agent.workload import Pattern, Writer, write_blocks
@@ -221,7 +222,7 @@ async def test_resync_sends_only_the_blocks_that_differ(tmp_path: Path) -> None:
             first_index=0,
             leaf_hashes=base64.b64encode(leaves).decode(),
         )
-        from services.host_agent.replicator import store_resync_chunk
+        from services.host_agent.resync_chunks import store_resync_chunk
 
         complete = store_resync_chunk(h.folder, command)
     assert complete
@@ -238,7 +239,8 @@ async def test_resync_sends_only_the_blocks_that_differ(tmp_path: Path) -> None:
     assert done["blocks"] <= 8 and done["blocks"] >= differing >= 1
     for spec, path in zip(h.record.disks, h.paths, strict=True):
         assert replica[spec.disk_id].read_bytes() == path.read_bytes()
-    assert h.item.record.next_seq == 10 and not h.item.record.needs_resync
+    assert h.item.record.next_seq == 10
+    assert h.item.record.phase is ReplicationPhase.REPLICATING
     await h.item.close()
 
 
@@ -267,7 +269,8 @@ async def test_offline_initial_replication_writes_the_signed_cycle_to_a_file(
         for line in lines
     )
     assert not list(export.rglob("*.tmp"))
-    assert h.item.record.next_seq == 4 and h.item.record.initial_done
+    assert h.item.record.next_seq == 4
+    assert h.item.record.phase is ReplicationPhase.REPLICATING
     await h.item.close()
 
 
@@ -281,7 +284,8 @@ async def test_a_change_log_over_half_the_disk_asks_for_a_resync(tmp_path: Path)
     assert await h.item.check_change_log()
     fault = [e for e in h.events if type(e).__name__ == "ReplicationFaulted"]
     assert len(fault) == 1 and fault[0].needs_resync  # type: ignore[attr-defined]
-    assert h.item.record.needs_resync and not list(h.folder.glob("*.jnl"))
+    assert h.item.record.phase is ReplicationPhase.RESYNC_REQUIRED
+    assert not list(h.folder.glob("*.jnl"))
     await h.item.close()
 
 

@@ -17,7 +17,7 @@ from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path, load_vm
 from services.host_agent.workload import Workloads
 from shared.files import OutsideRoots, confined, write_atomic
-from shared.kafka import Incoming
+from shared.kafka.decode import Incoming
 from shared.schemas.agent import (
     CommandCompleted,
     CommandOutcome,

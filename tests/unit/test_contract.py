@@ -16,7 +16,7 @@ import yaml
 
 from scripts import contract
 from shared import topics
-from shared.kafka import decode_event
+from shared.kafka.decode import decode_event
 from shared.schemas.envelope import Envelope
 from shared.schemas.registry import EVENT_TYPES
 

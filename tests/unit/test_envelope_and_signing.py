@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared import signing
-from shared.kafka import Rejected, decode_event
+from shared.kafka.decode import Rejected, decode_event
 from shared.schemas.envelope import Envelope, new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind, VaultCreated
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kit.procs import free_port
 from scripts import gateway, openapi_merge
-from scripts.procs import free_port
 
 
 def test_openapi_document_is_up_to_date() -> None:

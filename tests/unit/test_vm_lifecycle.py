@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from kit.poll import eventually
 from services.host_agent.commands import CommandHandler
 from services.host_agent.cycles import FileSink, signer_for
+from services.host_agent.item_record import ReplicationPhase
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import Replicator, Wiring
@@ -34,7 +36,6 @@ from shared.schemas.agent import (
     VmPowerRequested,
 )
 from shared.schemas.envelope import EventPayload
-from tests.support.poll import eventually
 from tests.unit.test_agent_commands import IDENTITY, deliver
 
 SIZES = {"d-os": 3 * BLOCK_SIZE + 100, "d-data": 2 * BLOCK_SIZE}
@@ -274,7 +275,7 @@ async def test_seeded_replication_ships_nothing_until_the_resync_then_only_diffe
     assert blocks == {("d-os", 1), ("d-data", 1)}
     assert cycle[-1]["payload"]["kind"] == "resync"  # type: ignore[index]
     await eventually(lambda: _ready(item.state == "replicating"), timeout=5, what="replicating")
-    assert item.record.initial_done and item.record.next_seq == 3
+    assert item.record.phase is ReplicationPhase.REPLICATING and item.record.next_seq == 3
 
 
 def write_raw(path: Path, offset: int, data: bytes) -> None:

@@ -1,5 +1,6 @@
-"""A running platform for e2e tests: services as processes sharing one fresh database and one
-fresh topic prefix, a bootstrap admin token, and helpers to create vaults, tokens and keys."""
+"""A running platform (for e2e tests, benchmarks and the demo): services as processes sharing
+one fresh database and one fresh topic prefix, a bootstrap admin token, and helpers to create
+vaults, tokens and keys."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from typing import Any
 
 import httpx
 
-from scripts import procs as processes
-from scripts.procs import Proc
-from tests.support.kafka import delete_prefixed_topics
-from tests.support.stack import Stack
+from kit import procs as processes
+from kit.procs import Proc
+from kit.stack import Stack, delete_prefixed_topics
 
 
 @dataclass

@@ -15,11 +15,13 @@ from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 
-from scripts.procs import REPO, read_stack_env
+from kit.procs import REPO, read_stack_env
+from shared.kafka.admin import admin_client
 
 __all__ = [
     "REPO",
     "Stack",
+    "delete_prefixed_topics",
     "fresh_database",
     "migrated_pool",
     "random_prefix",
@@ -109,3 +111,22 @@ async def migrated_pool(
         yield pool
     finally:
         await pool.close()
+
+
+async def delete_prefixed_topics(bootstrap: str, prefix: str) -> int:
+    """Delete every topic whose name starts with `prefix` (a test platform's own topics, and
+    faust's internal ones under it): a broker holding fewer partitions restarts faster.
+    Best effort: returns how many were asked to go, 0 when the broker does not answer."""
+    from aiokafka.errors import KafkaError
+
+    admin = admin_client(bootstrap, request_timeout_ms=15000)
+    try:
+        await admin.start()
+        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if names:
+            await admin.delete_topics(names, timeout_ms=15000)
+        return len(names)
+    except (KafkaError, OSError):
+        return 0
+    finally:
+        await admin.close()

@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import yaml
 
-from scripts.procs import Proc
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.procs import Proc
 from shared import signing
-from tests.support.platform import Platform
-from tests.support.poll import eventually
 
 
 def site_file(
@@ -303,3 +303,80 @@ async def register_agent(http: httpx.AsyncClient, plat: Platform, key: str, name
     )
     assert resp.status_code == 201, resp.text
     return {**resp.json(), "private_key": private_key}
+
+
+# -- failover ---------------------------------------------------------------------------
+
+FINISHED = ("succeeded", "failed", "completed_with_errors")
+
+
+async def failover_up(platform: Platform, http: httpx.AsyncClient, dr: DrSetup) -> Any:
+    """The failover service, once it knows the vault's tokens."""
+    proc = platform.start("failover")
+
+    async def tokens_known() -> bool:
+        for token in (dr.reader, dr.operator):
+            resp = await http.get(dr.url("failover", "/jobs"), headers=dr.bearer(token))
+            if resp.status_code != 200:
+                return False
+        return True
+
+    await eventually(tokens_known, timeout=30, what="the failover service knows the tokens")
+    return proc
+
+
+async def failover_known(http: httpx.AsyncClient, dr: DrSetup, item_id: str, seq: int = 1) -> None:
+    async def known() -> bool:
+        resp = await http.get(
+            dr.url("failover", f"/failovers/{item_id}"), headers=dr.bearer(dr.reader)
+        )
+        return resp.status_code == 200 and (resp.json()["latest_seq"] or 0) >= seq
+
+    await eventually(known, timeout=30, what="the failover service knows the item")
+
+
+async def start(
+    http: httpx.AsyncClient,
+    dr: DrSetup,
+    path: str,
+    body: dict[str, Any] | None = None,
+    token: str | None = None,
+) -> httpx.Response:
+    return await http.post(
+        dr.url("failover", path), json=body or {}, headers=dr.bearer(token or dr.operator)
+    )
+
+
+async def finished(
+    http: httpx.AsyncClient, dr: DrSetup, job_id: str, timeout: float = 120
+) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        resp = await http.get(dr.url("failover", f"/jobs/{job_id}"), headers=dr.bearer(dr.reader))
+        body: dict[str, Any] = resp.json()
+        if body["state"] in FINISHED:
+            body["failed_tasks"] = [t for t in body["tasks"] if t["state"] == "failed"]
+            return body
+        return None
+
+    return await eventually(done, timeout=timeout, interval=0.3, what=f"job {job_id} finished")
+
+
+READY_FOR_FAILBACK = ("replicating", "synced")
+
+
+async def failback_ready(
+    http: httpx.AsyncClient, replication: str, failover: str, item_id: str, headers: dict[str, str]
+) -> bool:
+    """A reverse-replication item is ready for failback once its resync against the seed has
+    committed a point (replication service) AND the failover service, which decides on the
+    failback, has seen that point and state: its view follows the replication events, so it may
+    be a few events behind the replication service's answer. `replication` and `failover` are
+    the vault's base URLs (`.../v1/vaults/<id>`)."""
+    item = (await http.get(f"{replication}/protected-items/{item_id}", headers=headers)).json()
+    if item.get("state") not in READY_FOR_FAILBACK or not item.get("last_committed_seq"):
+        return False
+    view = (await http.get(f"{failover}/failovers/{item_id}", headers=headers)).json()
+    return bool(
+        view.get("replication_state") in READY_FOR_FAILBACK
+        and (view.get("latest_seq") or 0) >= item["last_committed_seq"]
+    )
