@@ -4,7 +4,13 @@ health for the HTTP edge.
 
 The identity (`identity.json` in the process's state folder, mode 0600, written atomically)
 holds the credential the registration service shows once and the Ed25519 private key the
-process made for that registration; only the public key was sent. An identity file from before
+process made for that registration; only the public key was sent. With Kafka over TLS
+(`DR_KAFKA_SECURITY=tls`) it also holds the edge's own Kafka client key (made here, sent only as
+a CSR) and the certificate the registration service issued for it (`shared.edge_pki`): every
+Kafka client of the process presents that certificate (files `kafka.pem`/`kafka.key` beside
+the identity), never a certificate from the environment. A saved identity without one, or with
+one that has less than a third of its validity left, gets a new one at start
+(`POST /v1/self/kafka-certificate`, authenticated by the credential). An identity file from before
 Ed25519 signatures (a credential and no private key) is replaced by a forced re-registration
 when the registration key is set, and refused with a message saying so otherwise.
 """
@@ -17,6 +23,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
-from shared import signing, topics
-from shared.kafka import KafkaProducer
+from shared import edge_pki, signing, topics
+from shared.kafka import KafkaProducer, KafkaSecurity
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
 from shared.schemas.registry import topic_of
@@ -74,6 +81,12 @@ class Identity(BaseModel):
     credential: str
     private_key: str = Field(
         pattern=signing.PRIVATE_KEY_HEX, repr=False, description="Ed25519 seed (hex); never sent."
+    )
+    kafka_key: str | None = Field(
+        default=None, repr=False, description="Kafka client private key (PEM); never sent."
+    )
+    kafka_certificate: str | None = Field(
+        default=None, description="Its certificate and the edge CA's (PEM), from registration."
     )
 
     @property
@@ -158,7 +171,8 @@ async def register(
             "no identity in the state folder and no registration key: set the registration key"
         )
     private_key = signing.new_private_key()
-    body = {
+    kafka_key = edge_pki.new_key() if settings.kafka_security == "tls" else None
+    body: dict[str, Any] = {
         "kind": kind.value,
         "name": settings.name,
         "site": settings.site,
@@ -167,23 +181,54 @@ async def register(
         "metadata": metadata,
         "public_key": signing.public_key_hex(private_key),
     }
+    if kafka_key is not None:
+        body["kafka_csr"] = edge_pki.csr_pem(kafka_key, settings.name)
     headers = {"Authorization": f"Bearer {settings.registration_key.get_secret_value()}"}
     if credential is not None:  # renewing its own identity
         headers["X-DR-Credential"] = credential
     elif settings.force_register and settings.admin_token is not None:  # needed to force
         headers["X-DR-Admin-Token"] = settings.admin_token.get_secret_value()
+    answer = await _post(settings, "/v1/registrations", body, headers, 201)
+    return identity_from(answer, private_key, edge_pki.key_pem(kafka_key) if kafka_key else None)
+
+
+async def _post(
+    settings: EdgeSettings, path: str, body: dict[str, Any], headers: dict[str, str], ok: int
+) -> dict[str, Any]:
+    """POST to the registration service; its answer, or RegistrationFailed with its message."""
     async with httpx.AsyncClient(base_url=settings.registration_url, timeout=10) as client:
-        resp = await client.post("/v1/registrations", json=body, headers=headers)
-    if resp.status_code != 201:
+        resp = await client.post(path, json=body, headers=headers)
+    if resp.status_code != ok:
         try:
             message = resp.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = resp.text
         raise RegistrationFailed(f"registration refused ({resp.status_code}): {message}")
-    return identity_from(resp.json(), private_key)
+    answer: dict[str, Any] = resp.json()
+    return answer
 
 
-def identity_from(registered: dict[str, Any], private_key: Ed25519PrivateKey) -> Identity:
+async def renew_kafka_certificate(settings: EdgeSettings, identity: Identity) -> Identity:
+    """The identity with a new Kafka key pair and certificate (same principal and ACLs)."""
+    kafka_key = edge_pki.new_key()
+    answer = await _post(
+        settings,
+        "/v1/self/kafka-certificate",
+        {"kafka_csr": edge_pki.csr_pem(kafka_key, identity.name)},
+        {"Authorization": f"Bearer {identity.credential}"},
+        200,
+    )
+    return identity.model_copy(
+        update={
+            "kafka_key": edge_pki.key_pem(kafka_key),
+            "kafka_certificate": answer["kafka_certificate"],
+        }
+    )
+
+
+def identity_from(
+    registered: dict[str, Any], private_key: Ed25519PrivateKey, kafka_key: str | None = None
+) -> Identity:
     """The identity from a registration's answer and the private key of its public key."""
     return Identity(
         producer_id=registered["producer_id"],
@@ -194,6 +239,8 @@ def identity_from(registered: dict[str, Any], private_key: Ed25519PrivateKey) ->
         generation=registered["generation"],
         credential=registered["credential"],
         private_key=signing.private_key_hex(private_key),
+        kafka_key=kafka_key if registered.get("kafka_certificate") else None,
+        kafka_certificate=registered.get("kafka_certificate"),
     )
 
 
@@ -211,7 +258,7 @@ async def obtain_identity(
         log.warning("re-registering: saved identity has no Ed25519 key", extra={"error": str(exc)})
         saved, legacy, credential = None, True, exc.credential
     if saved is not None and not settings.force_register:
-        return saved
+        return await _with_current_certificate(settings, saved)
     identity = await register(settings, kind, metadata, force=legacy, credential=credential)
     save_identity(settings.state_dir, identity)
     log.info(
@@ -219,6 +266,41 @@ async def obtain_identity(
         extra={"producer_id": str(identity.producer_id), "generation": identity.generation},
     )
     return identity
+
+
+async def _with_current_certificate(settings: EdgeSettings, saved: Identity) -> Identity:
+    """The saved identity, with a new Kafka certificate if Kafka runs over TLS and it has none
+    or less than a third of its validity is left."""
+    if settings.kafka_security != "tls":
+        return saved
+    cert = saved.kafka_certificate
+    if cert is not None and not edge_pki.needs_renewal(cert, datetime.now(UTC)):
+        return saved
+    try:
+        renewed = await renew_kafka_certificate(settings, saved)
+    except (RegistrationFailed, httpx.HTTPError) as exc:
+        if cert is None:
+            raise RegistrationFailed(f"no Kafka certificate and none issued: {exc}") from None
+        log.warning(
+            "Kafka certificate not renewed; using the current one", extra={"error": str(exc)}
+        )
+        return saved
+    save_identity(settings.state_dir, renewed)
+    log.info("Kafka certificate renewed", extra={"producer_id": str(saved.producer_id)})
+    return renewed
+
+
+def kafka_security(settings: EdgeSettings, identity: Identity) -> KafkaSecurity:
+    """How this edge reaches Kafka: with TLS, its own certificate (written beside the identity
+    for the TLS context); plaintext otherwise."""
+    if settings.kafka_security != "tls":
+        return KafkaSecurity.from_settings(settings)
+    if identity.kafka_certificate is None or identity.kafka_key is None:
+        raise RegistrationFailed("Kafka runs over TLS and this edge has no certificate of its own")
+    cert, key = edge_pki.write_client_files(
+        settings.state_dir, identity.kafka_certificate, identity.kafka_key
+    )
+    return KafkaSecurity("tls", settings.kafka_ca_file, str(cert), str(key))
 
 
 class SignedPublisher:
@@ -289,6 +371,7 @@ class EdgeRuntime:
         self.status = status
         self.topics_used = topics_used
         self.identity: Identity | None = None
+        self.kafka: KafkaSecurity | None = None
         self.publisher: SignedPublisher | None = None
         self._producer: KafkaProducer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -297,8 +380,9 @@ class EdgeRuntime:
         self.identity = await obtain_identity(self.settings, self.kind, self.metadata())
         EDGE_REGISTERED.set(1)
         s = self.settings
+        self.kafka = kafka_security(s, self.identity)
         self._producer = KafkaProducer(
-            s.kafka_bootstrap_servers, s.topic_prefix, self.name, linger_ms=0
+            s.kafka_bootstrap_servers, s.topic_prefix, self.name, linger_ms=0, security=self.kafka
         )
         await self._producer.start()
         self.publisher = SignedPublisher(self._producer, self.identity)

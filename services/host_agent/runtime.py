@@ -21,7 +21,7 @@ from services.host_agent.tracking import HostIO, agent_lock
 from services.host_agent.workload import Workloads
 from shared import topics
 from shared.edge import EdgeRuntime
-from shared.kafka import KafkaProducer, KafkaSecurity, PlainEventConsumer, ensure_topics
+from shared.kafka import KafkaProducer, PlainEventConsumer, ensure_topics
 from shared.schemas.envelope import EventPayload
 from shared.schemas.registration import ProducerKind
 
@@ -60,12 +60,14 @@ class AgentRuntime(EdgeRuntime):
         self._lock.enter_context(agent_lock(s.state_dir))
         await super().start()
         assert self.publisher is not None and self.identity is not None
+        kafka = self.kafka
         await _retry(
             lambda: ensure_topics(
                 s.kafka_bootstrap_servers,
                 s.topic_prefix,
                 AGENT_TOPICS,
                 partitions=s.topic_partitions,
+                security=kafka,
             )
         )
         publisher, agent_key = self.publisher, str(self.identity.producer_id)
@@ -92,6 +94,7 @@ class AgentRuntime(EdgeRuntime):
             f"{self.name}-deltas",
             linger_ms=0,
             max_batch_bytes=topics.DELTA_RECORD_BATCH_BYTES,
+            security=kafka,
         )
         await _retry(deltas.start)
         self.delta_producer = deltas
@@ -120,7 +123,7 @@ class AgentRuntime(EdgeRuntime):
                 s.kafka_bootstrap_servers,
                 s.topic_prefix,
                 s.storage_dir,
-                KafkaSecurity.from_settings(s),
+                kafka,
             ),
         )
         consumer = PlainEventConsumer(
@@ -130,6 +133,7 @@ class AgentRuntime(EdgeRuntime):
             topic_names=[topics.AGENT_COMMANDS],
             producer=self.publisher.producer,
             handlers=handler.handlers,
+            security=kafka,
         )
         self.consumer = consumer
         self.spawn("commands", consumer.run)
