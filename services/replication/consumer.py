@@ -148,6 +148,10 @@ def delta_app(
     `DELTA_GROUP` records; with `ctx`, each group's blocks are written to the store first)."""
     prepare = handlers.make_delta_prepare(ctx) if ctx is not None else None
     app_id = f"{settings.topic_prefix}replication-deltas"
+    # faust keeps a folder for its tables even with the memory store: under the state root,
+    # not in whatever directory the process was started from (faust makes only the last level)
+    datadir = settings.store_dir.parent / "faust" / app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
         broker=[f"kafka://{b}" for b in settings.kafka_bootstrap_servers.split(",")],
@@ -156,9 +160,7 @@ def delta_app(
         web_enabled=False,
         autodiscover=False,
         store="memory://",
-        # faust keeps a folder for its tables even with the memory store: under the state
-        # root, not in whatever directory the process was started from.
-        datadir=str(settings.store_dir.parent / "faust" / app_id),
+        datadir=str(datadir),
         topic_partitions=settings.topic_partitions,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
