@@ -21,7 +21,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
 
 from shared import edge_pki, signing, topics
-from shared.edge import EdgeSettings, Identity, SignedPublisher, kafka_security, register
+from shared.edge import (
+    EdgeSettings,
+    Identity,
+    SignedPublisher,
+    kafka_security,
+    register,
+    renew_kafka_certificate,
+)
 from shared.kafka import KafkaProducer
 from shared.schemas.envelope import new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
@@ -141,6 +148,22 @@ async def test_an_edge_gets_its_own_certificate_and_publishes_with_it(
         ):
             with pytest.raises(TopicAuthorizationFailedError):
                 await edge.producer.send_and_wait(topic, envelope, key="x")
+
+        # renewal: a new key pair and certificate for the same principal, by the credential
+        renewed = await renew_kafka_certificate(agent.settings, agent.identity)
+        assert renewed.kafka_key != agent.identity.kafka_key
+        assert renewed.kafka_certificate is not None
+        leaf = x509.load_pem_x509_certificates(renewed.kafka_certificate.encode())[0]
+        assert leaf.subject.rfc4514_string() == f"CN={principal}"
+        again = Edge(
+            agent.settings.model_copy(update={"state_dir": agent.settings.state_dir / "r"}),
+            renewed,
+        )
+        await again.producer.start()
+        try:
+            await again.heartbeat()
+        finally:
+            await again.producer.stop()
     finally:
         await agent.producer.stop()
         await provider.producer.stop()

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
@@ -51,8 +51,6 @@ def test_a_csr_for_the_servers_name_is_certified_as_its_principal() -> None:
 
 
 def _csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, *attrs: x509.NameAttribute) -> str:
-    from cryptography.hazmat.primitives import serialization
-
     csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(list(attrs)))
     return csr.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
 
@@ -84,8 +82,6 @@ def test_a_bad_csr_is_refused_with_what_to_fix(text: str, says: str) -> None:
 
 
 def test_an_ed25519_csr_is_refused() -> None:
-    from cryptography.hazmat.primitives import serialization
-
     key = ed25519.Ed25519PrivateKey.generate()
     csr = (
         x509.CertificateSigningRequestBuilder()
