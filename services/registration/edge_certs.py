@@ -32,8 +32,11 @@ class EdgeCertificates:
 
     @classmethod
     def from_settings(cls, s: RegistrationSettings) -> EdgeCertificates | None:
-        """None when no edge CA is configured (no certificates issued, no ACLs kept)."""
+        """None when no edge CA is configured or Kafka runs without TLS (no certificates
+        issued, no ACLs kept)."""
         if s.edge_ca_cert_file is None or s.edge_ca_key_file is None:
+            return None
+        if s.kafka_security != "tls":
             return None
         return cls(
             EdgeIssuer.from_files(s.edge_ca_cert_file, s.edge_ca_key_file),
