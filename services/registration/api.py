@@ -363,9 +363,8 @@ async def register(body: RegistrationIn, request: Request) -> Any:
         raise HTTPException(exc.status, exc.message, headers=headers) from None
 
 
-@router.get("/self", response_model=ProducerOut, tags=["producers"])
-async def whoami(request: Request) -> Any:
-    """A producer's own registration, authenticated by its credential."""
+async def _producer_of_credential(request: Request) -> dict[str, Any]:
+    """The active producer whose credential is the bearer token; 401 otherwise."""
     credential = auth.bearer_of(request)
     async with request.app.state.pool.acquire() as conn:
         row = await repo.producer_by_credential(conn, signing.hash_secret(credential))
@@ -373,10 +372,16 @@ async def whoami(request: Request) -> Any:
         raise HTTPException(
             401,
             "invalid credential: it was never issued, was replaced by a re-registration, "
-            "or the producer was unregistered",
+            "or the producer was unregistered or revoked",
             headers={"WWW-Authenticate": "Bearer"},
         )
     return row
+
+
+@router.get("/self", response_model=ProducerOut, tags=["producers"])
+async def whoami(request: Request) -> Any:
+    """A producer's own registration, authenticated by its credential."""
+    return await _producer_of_credential(request)
 
 
 class CertificateIn(Strict):
@@ -395,17 +400,8 @@ async def renew_certificate(body: CertificateIn, request: Request) -> Any:
     """A producer renews its own Kafka client certificate (same principal and ACLs; a new
     key pair's CSR with subject CN=<its name>), authenticated by its credential. No
     registration key is needed."""
-    credential = auth.bearer_of(request)
+    me = await _producer_of_credential(request)
     certificates = request.app.state.edge_certificates
-    async with request.app.state.pool.acquire() as conn:
-        me = await repo.producer_by_credential(conn, signing.hash_secret(credential))
-    if me is None:
-        raise HTTPException(
-            401,
-            "invalid credential: it was never issued, was replaced by a re-registration, or the"
-            " producer was unregistered or revoked",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
     if certificates is None:
         raise HTTPException(400, "this registration service issues no Kafka certificates")
     try:
