@@ -11,6 +11,12 @@
 #                               admin registration inventory policy replication failover edge
 #   admin.keystore.pem          admin's, for Java tools (with broker.password)
 #   admin.properties            --command-config of Kafka's Java tools as admin
+#   edge-ca.pem, edge-ca.key    the edge-issuing CA: an intermediate of the platform CA
+#                               (pathlen 0, 5 years) whose key only the registration service
+#                               holds; it signs each edge's certificate from the CSR the edge
+#                               sends with its registration. The broker trusts it through
+#                               ca.pem (an edge presents its certificate with edge-ca.pem).
+#                               Made also in a DIR made before it existed (needs ca.key).
 # EC P-256 keys; certificates valid 825 days (the CA 10 years). Used by deploy/local/stack.sh
 # (make up) and, once by hand, for docker-compose.yml (`deploy/make-pki.sh deploy/pki`).
 set -euo pipefail
@@ -21,13 +27,32 @@ PRINCIPALS=("$@")
 ((${#PRINCIPALS[@]})) || PRINCIPALS=(admin registration inventory policy replication failover edge)
 
 command -v openssl >/dev/null 2>&1 || { echo "openssl not found (Debian package: openssl)" >&2; exit 2; }
-[[ -f "$DIR/ca.pem" ]] && exit 0
+
+new_key() { openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1"; }
+
+edge_ca() { # the edge-issuing CA, signed by the platform CA
+  [[ -f edge-ca.pem ]] && return 0
+  [[ -f ca.key ]] || { echo "$DIR/ca.key is needed to make the edge-issuing CA" >&2; exit 2; }
+  new_key edge-ca.key
+  openssl req -new -key edge-ca.key -subj "/CN=dr-edge-ca" -out edge-ca.csr 2>/dev/null
+  printf 'basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n' >edge-ca.ext
+  openssl x509 -req -in edge-ca.csr -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 -days 1825 \
+    -extfile edge-ca.ext -out edge-ca.pem 2>/dev/null
+  rm -f edge-ca.csr edge-ca.ext
+  chmod 644 edge-ca.pem
+  chmod 600 edge-ca.key
+}
+
+if [[ -f "$DIR/ca.pem" ]]; then
+  cd "$DIR"
+  umask 077
+  edge_ca
+  exit 0
+fi
 mkdir -p "$DIR"
 chmod 700 "$DIR"
 cd "$DIR"
 umask 077
-
-new_key() { openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1"; }
 
 new_key ca.key
 openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=dr-platform-ca" \
@@ -63,6 +88,7 @@ keystore admin
   echo "ssl.truststore.type=PEM"
   echo "ssl.truststore.location=$DIR/ca.pem"
 } >admin.properties
+edge_ca
 # certificates readable by anyone; keys, the CA key and the key store password by the owner only
 chmod 644 ./*.pem
 chmod 600 ./*.key broker.password admin.properties ./*.keystore.pem

@@ -155,13 +155,35 @@ def kafka_identity(env: dict[str, str], principal: str) -> dict[str, str]:
     }
 
 
+def edge_ca(env: dict[str, str]) -> dict[str, str]:
+    """On a stack with Kafka TLS: the edge-issuing CA for the registration service's
+    environment (it signs each edge's certificate); empty on a plaintext stack."""
+    full = {**os.environ, **env}
+    pki = full.get("DR_KAFKA_PKI_DIR")
+    if not pki or full.get("DR_KAFKA_SECURITY", "tls") != "tls":
+        return {}
+    return {
+        "DR_REGISTRATION_EDGE_CA_CERT_FILE": str(Path(pki) / "edge-ca.pem"),
+        "DR_REGISTRATION_EDGE_CA_KEY_FILE": str(Path(pki) / "edge-ca.key"),
+    }
+
+
+def edge_kafka(env: dict[str, str]) -> dict[str, str]:
+    """An edge process's Kafka environment: no client certificate (it registers with a CSR
+    and presents the certificate issued to it), after the prefix's ACLs are granted."""
+    if not kafka_identity(env, "edge"):
+        return {}
+    return {"DR_KAFKA_CERT_FILE": "", "DR_KAFKA_KEY_FILE": ""}
+
+
 def service(name: str, env: dict[str, str], log_dir: Path, env_prefix: str | None = None) -> Proc:
     """A platform service process with its own free HTTP port and Kafka certificate."""
     port = free_port()
     prefix = env_prefix or f"DR_{name.upper()}_"
+    own = edge_ca(env) if name == "registration" else {}
     return Proc(
         module=f"services.{name}",
-        env={**env, **kafka_identity(env, name), f"{prefix}HTTP_PORT": str(port)},
+        env={**env, **kafka_identity(env, name), **own, f"{prefix}HTTP_PORT": str(port)},
         log_path=log_dir / f"{name}.log",
         port=port,
     )
@@ -176,7 +198,7 @@ def edge(module: str, prefix: str, env: dict[str, str], log_dir: Path, label: st
         module=module,
         env={
             **env,
-            **kafka_identity(env, "edge"),
+            **edge_kafka(env),
             f"{prefix}HTTP_PORT": str(port),
             f"{prefix}STATE_DIR": str(state),
         },

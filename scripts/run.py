@@ -135,7 +135,8 @@ def service_programs(lay: Layout, env: dict[str, str]) -> dict[str, dict[str, st
                 "DR_REPLICATION_STORE_DIR": str(lay.run / "replica"),
                 "DR_REPLICATION_MATERIALISE_ROOTS": str(lay.run / "sites"),
             }
-        programs[name] = {**env, **wiring}
+        own = procs.edge_ca(env) if name == "registration" else {}
+        programs[name] = {**env, **procs.kafka_identity(env, name), **own, **wiring}
     return programs
 
 
@@ -153,6 +154,7 @@ def edge_programs(
             "services.site_provider",
             {
                 **env,
+                **procs.edge_kafka(env),
                 **{f"DR_PROVIDER_{k}": v for k, v in common.items()},
                 "DR_PROVIDER_NAME": provider,
                 "DR_PROVIDER_SITE": site,
@@ -168,6 +170,7 @@ def edge_programs(
                     "services.host_agent",
                     {
                         **env,
+                        **procs.edge_kafka(env),
                         **{f"DR_AGENT_{k}": v for k, v in common.items()},
                         "DR_AGENT_NAME": host,
                         "DR_AGENT_SITE": site,

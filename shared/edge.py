@@ -4,7 +4,13 @@ health for the HTTP edge.
 
 The identity (`identity.json` in the process's state folder, mode 0600, written atomically)
 holds the credential the registration service shows once and the Ed25519 private key the
-process made for that registration; only the public key was sent. An identity file from before
+process made for that registration; only the public key was sent. With Kafka over TLS
+(`DR_KAFKA_SECURITY=tls`) it also holds the edge's own Kafka client key (made here, sent only as
+a CSR) and the certificate the registration service issued for it (`shared.edge_pki`): every
+Kafka client of the process presents that certificate (files `kafka.pem`/`kafka.key` beside
+the identity), never a certificate from the environment. A saved identity without one, or with
+one that has less than a third of its validity left, gets a new one at start
+(`POST /v1/self/kafka-certificate`, authenticated by the credential). An identity file from before
 Ed25519 signatures (a credential and no private key) is replaced by a forced re-registration
 when the registration key is set, and refused with a message saying so otherwise.
 """
@@ -17,6 +23,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +32,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
-from shared import signing, topics
+from shared import edge_pki, signing, topics
 from shared.kafka.producer import KafkaProducer
+from shared.kafka.security import KafkaSecurity
 from shared.runtime import DependencyWatch
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
@@ -75,6 +83,12 @@ class Identity(BaseModel):
     credential: str
     private_key: str = Field(
         pattern=signing.PRIVATE_KEY_HEX, repr=False, description="Ed25519 seed (hex); never sent."
+    )
+    kafka_key: str | None = Field(
+        default=None, repr=False, description="Kafka client private key (PEM); never sent."
+    )
+    kafka_certificate: str | None = Field(
+        default=None, description="Its certificate and the edge CA's (PEM), from registration."
     )
 
     @property
@@ -159,7 +173,8 @@ async def register(
             "no identity in the state folder and no registration key: set the registration key"
         )
     private_key = signing.new_private_key()
-    body = {
+    kafka_key = edge_pki.new_key() if settings.kafka_security == "tls" else None
+    body: dict[str, Any] = {
         "kind": kind.value,
         "name": settings.name,
         "site": settings.site,
@@ -168,23 +183,54 @@ async def register(
         "metadata": metadata,
         "public_key": signing.public_key_hex(private_key),
     }
+    if kafka_key is not None:
+        body["kafka_csr"] = edge_pki.csr_pem(kafka_key, settings.name)
     headers = {"Authorization": f"Bearer {settings.registration_key.get_secret_value()}"}
     if credential is not None:  # renewing its own identity
         headers["X-DR-Credential"] = credential
     elif settings.force_register and settings.admin_token is not None:  # needed to force
         headers["X-DR-Admin-Token"] = settings.admin_token.get_secret_value()
+    answer = await _post(settings, "/v1/registrations", body, headers, 201)
+    return identity_from(answer, private_key, edge_pki.key_pem(kafka_key) if kafka_key else None)
+
+
+async def _post(
+    settings: EdgeSettings, path: str, body: dict[str, Any], headers: dict[str, str], ok: int
+) -> dict[str, Any]:
+    """POST to the registration service; its answer, or RegistrationFailed with its message."""
     async with httpx.AsyncClient(base_url=settings.registration_url, timeout=10) as client:
-        resp = await client.post("/v1/registrations", json=body, headers=headers)
-    if resp.status_code != 201:
+        resp = await client.post(path, json=body, headers=headers)
+    if resp.status_code != ok:
         try:
             message = resp.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = resp.text
         raise RegistrationFailed(f"registration refused ({resp.status_code}): {message}")
-    return identity_from(resp.json(), private_key)
+    answer: dict[str, Any] = resp.json()
+    return answer
 
 
-def identity_from(registered: dict[str, Any], private_key: Ed25519PrivateKey) -> Identity:
+async def renew_kafka_certificate(settings: EdgeSettings, identity: Identity) -> Identity:
+    """The identity with a new Kafka key pair and certificate (same principal and ACLs)."""
+    kafka_key = edge_pki.new_key()
+    answer = await _post(
+        settings,
+        "/v1/self/kafka-certificate",
+        {"kafka_csr": edge_pki.csr_pem(kafka_key, identity.name)},
+        {"Authorization": f"Bearer {identity.credential}"},
+        200,
+    )
+    return identity.model_copy(
+        update={
+            "kafka_key": edge_pki.key_pem(kafka_key),
+            "kafka_certificate": answer["kafka_certificate"],
+        }
+    )
+
+
+def identity_from(
+    registered: dict[str, Any], private_key: Ed25519PrivateKey, kafka_key: str | None = None
+) -> Identity:
     """The identity from a registration's answer and the private key of its public key."""
     return Identity(
         producer_id=registered["producer_id"],
@@ -195,6 +241,8 @@ def identity_from(registered: dict[str, Any], private_key: Ed25519PrivateKey) ->
         generation=registered["generation"],
         credential=registered["credential"],
         private_key=signing.private_key_hex(private_key),
+        kafka_key=kafka_key if registered.get("kafka_certificate") else None,
+        kafka_certificate=registered.get("kafka_certificate"),
     )
 
 
@@ -212,7 +260,7 @@ async def obtain_identity(
         log.warning("re-registering: saved identity has no Ed25519 key", extra={"error": str(exc)})
         saved, legacy, credential = None, True, exc.credential
     if saved is not None and not settings.force_register:
-        return saved
+        return await _with_current_certificate(settings, saved)
     identity = await register(settings, kind, metadata, force=legacy, credential=credential)
     save_identity(settings.state_dir, identity)
     log.info(
@@ -220,6 +268,41 @@ async def obtain_identity(
         extra={"producer_id": str(identity.producer_id), "generation": identity.generation},
     )
     return identity
+
+
+async def _with_current_certificate(settings: EdgeSettings, saved: Identity) -> Identity:
+    """The saved identity, with a new Kafka certificate if Kafka runs over TLS and it has none
+    or less than a third of its validity is left."""
+    if settings.kafka_security != "tls":
+        return saved
+    cert = saved.kafka_certificate
+    if cert is not None and not edge_pki.needs_renewal(cert, datetime.now(UTC)):
+        return saved
+    try:
+        renewed = await renew_kafka_certificate(settings, saved)
+    except (RegistrationFailed, httpx.HTTPError) as exc:
+        if cert is None:
+            raise RegistrationFailed(f"no Kafka certificate and none issued: {exc}") from None
+        log.warning(
+            "Kafka certificate not renewed; using the current one", extra={"error": str(exc)}
+        )
+        return saved
+    save_identity(settings.state_dir, renewed)
+    log.info("Kafka certificate renewed", extra={"producer_id": str(saved.producer_id)})
+    return renewed
+
+
+def kafka_security(settings: EdgeSettings, identity: Identity) -> KafkaSecurity:
+    """How this edge reaches Kafka: with TLS, its own certificate (written beside the identity
+    for the TLS context); plaintext otherwise."""
+    if settings.kafka_security != "tls":
+        return KafkaSecurity.from_settings(settings)
+    if identity.kafka_certificate is None or identity.kafka_key is None:
+        raise RegistrationFailed("Kafka runs over TLS and this edge has no certificate of its own")
+    cert, key = edge_pki.write_client_files(
+        settings.state_dir, identity.kafka_certificate, identity.kafka_key
+    )
+    return KafkaSecurity("tls", settings.kafka_ca_file, str(cert), str(key))
 
 
 class SignedPublisher:
@@ -290,17 +373,19 @@ class EdgeRuntime:
         self.status = status
         self.topics_used = topics_used
         self.identity: Identity | None = None
+        self.kafka: KafkaSecurity | None = None
         self.publisher: SignedPublisher | None = None
         self._producer: KafkaProducer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.kafka = DependencyWatch("Kafka")
+        self.broker = DependencyWatch("Kafka")  # reachability, for /healthz
 
     async def start(self) -> None:
         self.identity = await obtain_identity(self.settings, self.kind, self.metadata())
         EDGE_REGISTERED.set(1)
         s = self.settings
+        self.kafka = kafka_security(s, self.identity)
         self._producer = KafkaProducer(
-            s.kafka_bootstrap_servers, s.topic_prefix, self.name, linger_ms=0
+            s.kafka_bootstrap_servers, s.topic_prefix, self.name, linger_ms=0, security=self.kafka
         )
         await self._producer.start()
         self.publisher = SignedPublisher(self._producer, self.identity)
@@ -310,7 +395,7 @@ class EdgeRuntime:
             lambda: heartbeat_loop(publisher, s.heartbeat_seconds, self.status),
         )
         producer = self._producer
-        self.spawn("kafka-probe", lambda: self.kafka.watch(producer.unreachable))
+        self.spawn("kafka-probe", lambda: self.broker.watch(producer.unreachable))
 
     def spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         async def supervised() -> None:
@@ -332,7 +417,7 @@ class EdgeRuntime:
         checks = {
             "registered": "ok" if self.identity else "down",
             "kafka_producer": "ok" if self._producer and self._producer.started else "down",
-            "kafka": self.kafka.check(),
+            "kafka": self.broker.check(),
         }
         for name, task in self._tasks.items():
             checks[f"task:{name}"] = "stopped" if task.done() else "running"

@@ -8,9 +8,19 @@ principal can do only what an ACL below allows; `admin` (topic tooling, operator
 - each service WRITEs only its own topics (and the DLQ twins of the topics it consumes, where
   its consumer dead-letters), READs only what it consumes, and uses only consumer groups
   named after itself;
-- `edge` (site providers and host agents) writes only the edge topics (heartbeats, discovery,
-  deltas, agent events) and reads only agent commands, plus offset ranges of the deltas
-  without a consumer group (a recovery host agent feeding its replicas);
+- every registered edge (site provider, host agent) is its own principal
+  `edge-<producer id>-g<generation>` (its certificate from the registration service,
+  `shared.edge_pki`), whose ACLs the registration service creates at registration and
+  deletes at re-registration, unregistration and revocation (`edge_acls`, `delete_acls`):
+  a provider writes heartbeats and discovery; an agent writes heartbeats, agent events and
+  deltas, reads agent commands in its own consumer group `agent.<producer id>` only, and
+  reads offset ranges of the deltas without a consumer group (a recovery host agent feeding
+  its replicas: Kafka's ACLs stop at the topic, so that read covers every item's deltas);
+- `edge`, the shared edge principal of the table, is for tools (the kcat publishing guide);
+  no edge process is given its certificate;
+- `registration` may alter the cluster's ACLs (to grant and remove the edges'): whoever holds
+  its key can grant any principal anything, as whoever holds the platform CA key can mint any
+  principal;
 - only `registration` writes registration.events.v1; only `replication` and `failover` write
   agent.commands.v1.
 
@@ -26,6 +36,12 @@ demo with a random prefix grants them for that prefix before its services start:
 
 (with the admin certificate from the environment, as `make up` writes in stack.env). It also
 creates the prefix's topics, so no edge principal needs the right to create one.
+
+ACLs travel as Kafka's CreateAcls / DeleteAcls requests (v1) through aiokafka's admin client:
+aiokafka 0.14's `AIOKafkaAdminClient` has the protocol structs but no `create_acls` /
+`delete_acls` method (aio-libs/aiokafka#955), and the only alternatives (kafka-python's admin
+client, the Java `kafka-acls` tool) would add a second Kafka client library or a JVM per
+registration; the two request classes below are the whole difference.
 """
 
 from __future__ import annotations
@@ -38,7 +54,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from aiokafka.protocol.admin import CreateAclsRequest, CreateAclsRequest_v1
+from aiokafka.protocol.admin import (
+    CreateAclsRequest,
+    CreateAclsRequest_v1,
+    DeleteAclsRequest,
+    DeleteAclsRequest_v1,
+)
 
 from shared import topics
 from shared.kafka.admin import admin_client, ensure_topics
@@ -47,27 +68,34 @@ from shared.settings import CommonSettings
 
 
 class Resource(IntEnum):
+    ANY = 1
     TOPIC = 2
     GROUP = 3
+    CLUSTER = 4
 
 
 class Operation(IntEnum):
+    ANY = 1
     ALL = 2
     READ = 3
     WRITE = 4
     CREATE = 5
+    ALTER = 7
     DESCRIBE = 8
     DESCRIBE_CONFIGS = 10
     ALTER_CONFIGS = 11
 
 
 class Pattern(IntEnum):
+    ANY = 1
     LITERAL = 3
     PREFIXED = 4
 
 
 ALLOW = 3
+ANY_PERMISSION = 1
 ANY_HOST = "*"
+CLUSTER = "kafka-cluster"
 
 
 @dataclass(frozen=True)
@@ -86,6 +114,10 @@ class Access:
     # may read these without a consumer group (partition and offsets it names itself) and
     # without writing their DLQ: it never dead-letters there
     range_reads: tuple[str, ...] = ()
+    # consumer groups named exactly (LITERAL) rather than by prefix
+    exact_groups: tuple[str, ...] = ()
+    # may create and delete ACLs (the cluster's ALTER): the registration service's edges
+    alters_acls: bool = False
 
 
 ACCESS: dict[str, Access] = {
@@ -93,6 +125,7 @@ ACCESS: dict[str, Access] = {
         writes=(topics.REGISTRATION_EVENTS,),
         reads=(topics.REGISTRATION_HEARTBEATS,),
         groups=("registration.",),
+        alters_acls=True,
     ),
     "inventory": Access(
         writes=(topics.INVENTORY_EVENTS,),
@@ -188,9 +221,39 @@ def acls_for(principal: str, access: Access, prefix: str) -> list[Acl]:
     for group in access.groups:
         for op in (Operation.READ, Operation.DESCRIBE):
             out.append(Acl(Resource.GROUP, f"{prefix}{group}", Pattern.PREFIXED, user, op))
+    for group in access.exact_groups:
+        for op in (Operation.READ, Operation.DESCRIBE):
+            out.append(Acl(Resource.GROUP, f"{prefix}{group}", Pattern.LITERAL, user, op))
     for owned in access.owned_prefixes:
         out.append(Acl(Resource.TOPIC, f"{prefix}{owned}", Pattern.PREFIXED, user, Operation.ALL))
+    if access.alters_acls:
+        for op in (Operation.ALTER, Operation.DESCRIBE):
+            out.append(Acl(Resource.CLUSTER, CLUSTER, Pattern.LITERAL, user, op))
     return out
+
+
+def edge_access(kind: str, producer_id: str) -> Access:
+    """What one registered edge may do: `kind` "provider" or "agent"."""
+    if kind == "provider":
+        return Access(
+            writes=(topics.REGISTRATION_HEARTBEATS, topics.INVENTORY_DISCOVERY),
+            reads=(),
+            groups=(),
+            creates=False,
+        )
+    return Access(
+        writes=(topics.REGISTRATION_HEARTBEATS, topics.AGENT_EVENTS, topics.REPLICATION_DELTAS),
+        reads=(topics.AGENT_COMMANDS,),
+        groups=(),
+        exact_groups=(f"agent.{producer_id}",),
+        creates=False,
+        range_reads=(topics.REPLICATION_DELTAS,),
+    )
+
+
+def edge_acls(principal: str, kind: str, producer_id: str, prefix: str) -> list[Acl]:
+    """The ACLs of one registered edge's principal under topic prefix `prefix`."""
+    return acls_for(principal, edge_access(kind, producer_id), prefix)
 
 
 class _CreateAcls(CreateAclsRequest):  # type: ignore[misc]
@@ -220,6 +283,47 @@ async def create_acls(bootstrap: str, acls: list[Acl], security: KafkaSecurity) 
         errors = [(code, msg) for code, msg in response.creation_responses if code]
         if errors:
             raise RuntimeError(f"CreateAcls refused: {errors[:3]}")
+    finally:
+        await admin.close()
+
+
+class _DeleteAcls(DeleteAclsRequest):  # type: ignore[misc]
+    """Every ACL of one principal (any resource, pattern, operation and host)."""
+
+    def __init__(self, principal: str) -> None:
+        self._principal = principal
+
+    def build(self, request_struct_class: Any) -> DeleteAclsRequest_v1:
+        if request_struct_class.API_VERSION < 1:
+            raise RuntimeError("the broker does not take pattern filters (DeleteAcls v1)")
+        return DeleteAclsRequest_v1(
+            [
+                (
+                    Resource.ANY,
+                    None,
+                    Pattern.ANY,
+                    f"User:{self._principal}",
+                    None,
+                    Operation.ANY,
+                    ANY_PERMISSION,
+                )
+            ]
+        )
+
+
+async def delete_acls(bootstrap: str, principal: str, security: KafkaSecurity) -> int:
+    """Delete every ACL of `principal` (a CN); returns how many. From the broker's answer on,
+    the principal may do nothing (its connections stay open but every request is refused)."""
+    admin = admin_client(bootstrap, security, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        response = await admin._send_to_controller(_DeleteAcls(principal))
+        deleted = 0
+        for code, message, matching in response.filter_responses:
+            if code:
+                raise RuntimeError(f"DeleteAcls refused: {code} {message}")
+            deleted += len(matching)
+        return deleted
     finally:
         await admin.close()
 

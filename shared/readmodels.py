@@ -52,7 +52,8 @@ async def upsert_producer(
         " public_key, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
         " ON CONFLICT (producer_id) DO UPDATE SET generation = EXCLUDED.generation,"
         " public_key = EXCLUDED.public_key, site = EXCLUDED.site,"
-        " metadata = EXCLUDED.metadata, active = true"
+        " metadata = EXCLUDED.metadata, active = true, revoked_at = NULL,"
+        " revoked_reason = NULL"
         " WHERE known_producers.generation <= EXCLUDED.generation",
         ev.producer_id,
         vault_id,
@@ -97,6 +98,19 @@ async def _on_producer_removed(conn: asyncpg.Connection, inc: Incoming) -> None:
     )
 
 
+async def _on_producer_revoked(conn: asyncpg.Connection, inc: Incoming) -> None:
+    ev = inc.payload
+    assert isinstance(ev, reg.ProducerRevoked)
+    await conn.execute(
+        "UPDATE known_producers SET active = false, revoked_at = $2, revoked_reason = $3"
+        " WHERE producer_id = $1 AND generation <= $4",
+        ev.producer_id,
+        inc.envelope.occurred_at,
+        ev.reason,
+        ev.generation,
+    )
+
+
 async def _on_connection(conn: asyncpg.Connection, inc: Incoming) -> None:
     ev = inc.payload
     assert isinstance(ev, reg.ProducerConnectionChanged)
@@ -115,6 +129,7 @@ def registration_handlers() -> dict[str, Handler]:
         "ApiTokenRevoked": _on_token_revoked,
         "ProducerRegistered": _on_producer,
         "ProducerUnregistered": _on_producer_removed,
+        "ProducerRevoked": _on_producer_revoked,
         "ProducerConnectionChanged": _on_connection,
     }
 
@@ -133,7 +148,8 @@ async def known_producer(conn: asyncpg.Connection, producer_id: str) -> dict[str
     except ValueError:
         return None
     row = await conn.fetchrow(
-        "SELECT vault_id, public_key, active, kind, name, site FROM known_producers"
+        "SELECT vault_id, public_key, active, kind, name, site, revoked_at, revoked_reason"
+        " FROM known_producers"
         " WHERE producer_id = $1",
         pid,
     )
@@ -159,6 +175,13 @@ def signature_verifier(
         producer = await lookup(conn, env.producer_id)
         if producer is None:
             raise Rejected("unknown_producer", f"producer {env.producer_id} is not registered")
+        if producer.get("revoked_at") is not None:
+            raise Rejected(
+                "producer_revoked",
+                f"producer {env.producer_id} was revoked at "
+                f"{producer['revoked_at'].isoformat()} ({producer.get('revoked_reason')}):"
+                " its key verifies nothing",
+            )
         if not producer["active"]:
             raise Rejected("producer_inactive", f"producer {env.producer_id} was unregistered")
         if producer["vault_id"] != env.vault_id:

@@ -89,6 +89,18 @@ def site_list(ctx: Context, args: argparse.Namespace) -> None:
     ctx.rows(data, SITE_COLUMNS)
 
 
+def site_revoke(ctx: Context, args: argparse.Namespace) -> None:
+    """Revoke a provider or agent: Kafka refuses it from now on, its signatures verify
+    nothing, its credential re-registers nothing."""
+    path = ctx.vault_path(f"/producers/{args.producer_id}/revoke")
+    data = ctx.api.call("registration", "POST", path, body={"reason": args.reason})
+    ctx.record(
+        data,
+        note=f"Revoked: {data.get('acls_deleted', 0)} Kafka ACLs deleted. Revoke the"
+        " registration key it was registered with too if the host may have it.",
+    )
+
+
 # ------------------------------------------------------------------------------ inventory
 
 INVENTORY_COLUMNS: dict[str, list[Column]] = {
@@ -419,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["provider", "agent"])
     p.add_argument("--state", choices=["Connected", "Disconnected"])
     p.add_argument("--site")
+    p = leaf(site, "revoke", "revoke a provider or agent (e.g. a stolen host)", site_revoke)
+    p.add_argument("producer_id")
+    p.add_argument("--reason", required=True, help="why (kept in the audit event)")
 
     inventory = group("inventory", "discovered clouds, hosts, VMs and networks")
     for kind, help_ in (

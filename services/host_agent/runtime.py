@@ -24,7 +24,6 @@ from shared.edge import EdgeRuntime
 from shared.kafka.admin import ensure_topics
 from shared.kafka.consumers import PlainEventConsumer
 from shared.kafka.producer import KafkaProducer
-from shared.kafka.security import KafkaSecurity
 from shared.schemas.envelope import EventPayload
 from shared.schemas.registration import ProducerKind
 
@@ -64,12 +63,14 @@ class AgentRuntime(EdgeRuntime):
         self._lock.enter_context(agent_lock(s.state_dir))
         await super().start()
         assert self.publisher is not None and self.identity is not None
+        kafka = self.kafka
         await _retry(
             lambda: ensure_topics(
                 s.kafka_bootstrap_servers,
                 s.topic_prefix,
                 AGENT_TOPICS,
                 partitions=s.topic_partitions,
+                security=kafka,
             )
         )
         publisher, agent_key = self.publisher, str(self.identity.producer_id)
@@ -96,6 +97,7 @@ class AgentRuntime(EdgeRuntime):
             f"{self.name}-deltas",
             linger_ms=0,
             max_batch_bytes=topics.DELTA_RECORD_BATCH_BYTES,
+            security=kafka,
         )
         await _retry(deltas.start)
         self.delta_producer = deltas
@@ -124,7 +126,7 @@ class AgentRuntime(EdgeRuntime):
                 s.kafka_bootstrap_servers,
                 s.topic_prefix,
                 s.storage_dir,
-                KafkaSecurity.from_settings(s),
+                kafka,
             ),
         )
         consumer = PlainEventConsumer(
@@ -134,6 +136,7 @@ class AgentRuntime(EdgeRuntime):
             topic_names=[topics.AGENT_COMMANDS],
             producer=self.publisher.producer,
             handlers=handler.handlers,
+            security=kafka,
         )
         self.consumer = consumer
         self.spawn("commands", consumer.run)

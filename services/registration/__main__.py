@@ -11,6 +11,7 @@ from services.registration.api import router
 from services.registration.config import RegistrationSettings
 from services.registration.consumer import heartbeat_consumer
 from services.registration.domain import MissedHeartbeatClock
+from services.registration.edge_certs import EdgeCertificates
 from shared import topics
 from shared.http import create_app
 from shared.logging import configure_logging
@@ -51,6 +52,7 @@ def build_app(settings: RegistrationSettings) -> FastAPI:
         "their connection state.",
         on_start=on_start,
     )
+    app.state.edge_certificates = EdgeCertificates.from_settings(settings)
     app.include_router(router)
     return app
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.registration import domain, handlers
 from services.registration import repository as repo
-from shared import auth, signing
+from shared import auth, edge_pki, signing
 from shared.auth import CurrentPrincipal
 from shared.schemas.registration import ConnectionState, ProducerKind, Role
 
@@ -77,6 +77,14 @@ class KeyCreated(KeyOut):
     key: str = Field(description="The registration key. Shown once: store it now.")
 
 
+_CSR_DOC = (
+    "A PEM certificate signing request (PKCS#10) for the Kafka client key pair the server made,"
+    " with subject CN=<name>. The answer's `kafka_certificate` is then its own Kafka"
+    " certificate (principal edge-<producer id>-g<generation>, with ACLs for what its kind"
+    " does). Keys: EC P-256/P-384 or RSA 2048-4096."
+)
+
+
 class RegistrationIn(Strict):
     kind: ProducerKind
     name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN, description="Server FQDN")
@@ -88,6 +96,10 @@ class RegistrationIn(Strict):
         pattern=signing.PUBLIC_KEY_HEX,
         description="The server's Ed25519 public key (32 bytes as 64 hex digits) that verifies"
         " its event signatures. The server makes the key pair and keeps the private key.",
+    )
+
+    kafka_csr: str | None = Field(
+        default=None, max_length=edge_pki.MAX_CSR_CHARS, description=_CSR_DOC
     )
 
     @field_validator("public_key")
@@ -112,10 +124,29 @@ class ProducerOut(BaseModel):
     last_heartbeat_at: datetime | None
     status: dict[str, Any]
     metadata: dict[str, Any]
+    kafka_principal: str | None = Field(
+        default=None, description="The Kafka principal of its certificate; None: none issued."
+    )
+    certificate_not_after: datetime | None = None
+    revoked_at: datetime | None = None
+    revoked_reason: str | None = None
 
 
 class Registered(ProducerOut):
     credential: str = Field(description="The producer's own credential. Shown once.")
+    kafka_certificate: str | None = Field(
+        default=None,
+        description="With a `kafka_csr`: the server's Kafka client certificate followed by the"
+        " edge-issuing CA's (PEM), to present with its private key.",
+    )
+
+
+class RevokeIn(Strict):
+    reason: str = Field(min_length=1, max_length=500, description="Why (kept in the audit).")
+
+
+class Revoked(ProducerOut):
+    acls_deleted: int = Field(description="Kafka ACLs of its principal that were deleted.")
 
 
 def _not_found(what: str) -> HTTPException:
@@ -244,6 +275,18 @@ async def _check_force(request: Request, key: str, body: RegistrationIn) -> None
         async with request.app.state.pool.acquire() as conn:
             me = await repo.producer_by_credential(conn, signing.hash_secret(credential))
             found = await repo.key_by_hash(conn, signing.hash_secret(key))
+            revoked = (
+                None
+                if me
+                else await repo.revoked_by_credential(conn, signing.hash_secret(credential))
+            )
+        if revoked is not None:
+            raise HTTPException(
+                403,
+                f"{revoked['kind']} {revoked['name']!r} was revoked at "
+                f"{revoked['revoked_at'].isoformat()} ({revoked['revoked_reason']}): its"
+                " credential re-registers nothing; an admin registers the server anew",
+            )
         if (
             me is None
             or found is None
@@ -286,6 +329,19 @@ async def register(body: RegistrationIn, request: Request) -> Any:
     """
     key = auth.bearer_of(request)
     settings = request.app.state.settings
+    certificates = request.app.state.edge_certificates
+    csr = None
+    if body.kafka_csr is not None:
+        if certificates is None:
+            raise HTTPException(
+                400,
+                "this registration service issues no Kafka certificates (no edge CA"
+                " configured): register without kafka_csr",
+            )
+        try:
+            csr = edge_pki.check_csr(body.kafka_csr, body.name)
+        except edge_pki.CsrRejected as exc:
+            raise HTTPException(422, f"kafka_csr: {exc}") from None
     if body.force:
         await _check_force(request, key, body)
     try:
@@ -299,15 +355,16 @@ async def register(body: RegistrationIn, request: Request) -> Any:
             force=body.force,
             metadata=body.metadata,
             public_key=body.public_key,
+            csr=csr,
+            certificates=certificates,
         )
     except domain.RegistrationError as exc:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         raise HTTPException(exc.status, exc.message, headers=headers) from None
 
 
-@router.get("/self", response_model=ProducerOut, tags=["producers"])
-async def whoami(request: Request) -> Any:
-    """A producer's own registration, authenticated by its credential."""
+async def _producer_of_credential(request: Request) -> dict[str, Any]:
+    """The active producer whose credential is the bearer token; 401 otherwise."""
     credential = auth.bearer_of(request)
     async with request.app.state.pool.acquire() as conn:
         row = await repo.producer_by_credential(conn, signing.hash_secret(credential))
@@ -315,10 +372,46 @@ async def whoami(request: Request) -> Any:
         raise HTTPException(
             401,
             "invalid credential: it was never issued, was replaced by a re-registration, "
-            "or the producer was unregistered",
+            "or the producer was unregistered or revoked",
             headers={"WWW-Authenticate": "Bearer"},
         )
     return row
+
+
+@router.get("/self", response_model=ProducerOut, tags=["producers"])
+async def whoami(request: Request) -> Any:
+    """A producer's own registration, authenticated by its credential."""
+    return await _producer_of_credential(request)
+
+
+class CertificateIn(Strict):
+    kafka_csr: str = Field(max_length=edge_pki.MAX_CSR_CHARS, description=_CSR_DOC)
+
+
+class CertificateOut(BaseModel):
+    producer_id: uuid.UUID
+    kafka_principal: str
+    certificate_not_after: datetime
+    kafka_certificate: str = Field(description="The certificate and the edge CA's (PEM).")
+
+
+@router.post("/self/kafka-certificate", response_model=CertificateOut, tags=["producers"])
+async def renew_certificate(body: CertificateIn, request: Request) -> Any:
+    """A producer renews its own Kafka client certificate (same principal and ACLs; a new
+    key pair's CSR with subject CN=<its name>), authenticated by its credential. No
+    registration key is needed."""
+    me = await _producer_of_credential(request)
+    certificates = request.app.state.edge_certificates
+    if certificates is None:
+        raise HTTPException(400, "this registration service issues no Kafka certificates")
+    try:
+        csr = edge_pki.check_csr(body.kafka_csr, me["name"])
+    except edge_pki.CsrRejected as exc:
+        raise HTTPException(422, f"kafka_csr: {exc}") from None
+    try:
+        return await handlers.renew_certificate(request.app.state.pool, me, csr, certificates)
+    except domain.RegistrationError as exc:
+        raise HTTPException(exc.status, exc.message) from None
 
 
 @router.get("/vaults/{vault_id}/producers", response_model=list[ProducerOut], tags=["producers"])
@@ -360,7 +453,46 @@ async def unregister(
 ) -> Any:
     """Unregister a provider or agent; its credential stops working."""
     who.check(Role.ADMIN, vault_id)
-    row = await handlers.unregister_producer(request.app.state.pool, vault_id, producer_id)
+    try:
+        row = await handlers.unregister_producer(
+            request.app.state.pool, vault_id, producer_id, request.app.state.edge_certificates
+        )
+    except domain.RegistrationError as exc:
+        raise HTTPException(exc.status, exc.message) from None
     if row is None:
         raise _not_found(f"producer {producer_id}")
+    return row
+
+
+@router.post(
+    "/vaults/{vault_id}/producers/{producer_id}/revoke",
+    response_model=Revoked,
+    tags=["producers"],
+)
+async def revoke(
+    vault_id: uuid.UUID,
+    producer_id: uuid.UUID,
+    body: RevokeIn,
+    request: Request,
+    who: CurrentPrincipal,
+) -> Any:
+    """Revoke a provider or agent (e.g. a stolen host). Its Kafka ACLs are deleted (the broker
+    refuses its certificate from then on), its public key verifies nothing (its signed events
+    go to the DLQ with reason `producer_revoked`), its credential re-registers nothing; a
+    `ProducerRevoked` event records who, when and why. Registering the server again needs the
+    registration key and, as it stays known by name, an admin (force)."""
+    who.check(Role.ADMIN, vault_id)
+    try:
+        row = await handlers.revoke_producer(
+            request.app.state.pool,
+            vault_id,
+            producer_id,
+            body.reason,
+            who.token_id,
+            request.app.state.edge_certificates,
+        )
+    except domain.RegistrationError as exc:
+        raise HTTPException(exc.status, exc.message) from None
+    if row is None:
+        raise _not_found(f"producer {producer_id} (not in this vault, or revoked already)")
     return row

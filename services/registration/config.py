@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -25,4 +27,20 @@ class RegistrationSettings(ServiceSettings):
     )
     default_heartbeat_seconds: float = Field(
         default=10.0, gt=0, le=3600, description="Heartbeat interval when a producer names none."
+    )
+    edge_ca_cert_file: Path | None = Field(
+        default=None,
+        description="The edge-issuing CA's certificate (PEM): with its key, edges registering"
+        " with a CSR get a Kafka client certificate of their own and ACLs for it. Unset: no"
+        " certificates are issued and a CSR is refused.",
+    )
+    edge_ca_key_file: Path | None = Field(
+        default=None, description="The edge-issuing CA's private key (PEM, unencrypted, 0600)."
+    )
+    edge_cert_valid_hours: float = Field(
+        default=720,
+        gt=0,
+        le=24 * 398,
+        description="Validity of an edge's Kafka certificate (30 days); an edge renews it at"
+        " start when less than a third is left.",
     )

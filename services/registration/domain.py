@@ -59,6 +59,7 @@ class ExistingProducer:
     name: str
     site: str
     active: bool
+    revoked: bool = False
 
 
 def check_reregistration(
@@ -69,7 +70,13 @@ def check_reregistration(
     site: str,
     force: bool,
 ) -> None:
-    """Re-registering a registered server must be explicit (`force`); a site has one provider."""
+    """Re-registering a registered server must be explicit (`force`); a site has one provider;
+    a revoked server is registered again only explicitly (`force`, which needs an admin)."""
+    if same_name is not None and same_name.revoked and not force:
+        raise AlreadyRegistered(
+            f"{kind} '{name}' was revoked (id {same_name.producer_id}): registering it again"
+            " needs force=true and an admin token of the vault"
+        )
     if same_name is not None and same_name.active and not force:
         raise AlreadyRegistered(
             f"{kind} '{name}' is already registered in this vault (id {same_name.producer_id}); "

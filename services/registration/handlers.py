@@ -10,11 +10,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from cryptography import x509
 from prometheus_client import Gauge
 
 from services.registration import domain
 from services.registration import repository as repo
-from shared import outbox, signing
+from services.registration.edge_certs import EdgeCertificates
+from shared import edge_pki, outbox, signing
 from shared.kafka.decode import Incoming, Rejected
 from shared.runtime import DependencyWatch
 from shared.schemas import registration as ev
@@ -126,10 +128,19 @@ async def register_producer(
     force: bool,
     metadata: dict[str, Any],
     public_key: str,
+    csr: x509.CertificateSigningRequest | None = None,
+    certificates: EdgeCertificates | None = None,
 ) -> dict[str, Any]:
     """Register (or, with force, re-register) a provider or agent with the Ed25519 public key
     it made (it keeps the private key); returns its new credential. A re-registration
-    replaces the public key, so events signed with the old private key are refused."""
+    replaces the public key, so events signed with the old private key are refused.
+
+    With a `csr` (checked by the caller) the producer gets a Kafka client certificate for the
+    principal of this registration (`edge_pki.principal_of`) and that principal's ACLs; the
+    ACLs of the previous registration's principal are deleted first, so its old certificate
+    may do nothing. Both happen before the transaction commits: if Kafka refuses, nothing is
+    registered (ACLs created for a registration that then fails to commit name a principal no
+    certificate was issued for)."""
     credential = signing.new_secret("drc")
     async with pool.acquire() as conn, conn.transaction():
         found = await repo.key_by_hash(conn, signing.hash_secret(registration_key))
@@ -139,6 +150,7 @@ async def register_producer(
         same = await repo.producer_by_name(conn, vault_id, kind.value, name)
         site_provider = await repo.provider_of_site(conn, vault_id, site)
         domain.check_reregistration(same, site_provider, kind.value, name, site, force)
+        before = await repo.get_producer(conn, uuid.UUID(same.producer_id)) if same else None
         row = await repo.upsert_producer(
             conn,
             producer_id=uuid.UUID(same.producer_id) if same else uuid.uuid4(),
@@ -152,6 +164,12 @@ async def register_producer(
             heartbeat_seconds=heartbeat_seconds,
             metadata=metadata,
         )
+        previous = before["kafka_principal"] if before else None
+        issued = await _kafka_identity(row, previous, csr, certificates)
+        if issued is not None:
+            row = await repo.set_certificate(
+                conn, row["producer_id"], issued.principal, issued.serial, issued.not_after
+            )
         await emit(
             conn,
             vault_id,
@@ -174,14 +192,61 @@ async def register_producer(
             "generation": row["generation"],
         },
     )
-    return {**row, "credential": credential}
+    return {**row, "credential": credential, "kafka_certificate": issued.pem if issued else None}
+
+
+async def _kafka_identity(
+    row: dict[str, Any],
+    previous_principal: str | None,
+    csr: x509.CertificateSigningRequest | None,
+    certificates: EdgeCertificates | None,
+) -> edge_pki.IssuedCertificate | None:
+    """Cut off the previous registration's principal; certify and grant this one's."""
+    if certificates is None:
+        return None
+    if previous_principal:
+        await certificates.remove(previous_principal)
+    if csr is None:
+        return None
+    principal = edge_pki.principal_of(row["producer_id"], row["generation"])
+    return await certificates.grant(csr, principal, row["kind"], str(row["producer_id"]))
+
+
+async def renew_certificate(
+    pool: asyncpg.Pool,
+    producer: dict[str, Any],
+    csr: x509.CertificateSigningRequest,
+    certificates: EdgeCertificates,
+) -> dict[str, Any]:
+    """A new Kafka certificate for the producer's current registration (its principal, whose
+    ACLs it keeps; created if it had none)."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await repo.get_producer(conn, producer["producer_id"], lock=True)
+        if row is None or not row["active"]:
+            raise domain.KeyRejected("the producer was unregistered or revoked")
+        principal = row["kafka_principal"]
+        if principal is None:
+            principal = edge_pki.principal_of(row["producer_id"], row["generation"])
+            issued = await certificates.grant(csr, principal, row["kind"], str(row["producer_id"]))
+        else:
+            issued = certificates.issuer.issue(csr, principal, certificates.valid)
+        row = await repo.set_certificate(
+            conn, row["producer_id"], principal, issued.serial, issued.not_after
+        )
+    return {**row, "kafka_certificate": issued.pem}
 
 
 async def unregister_producer(
-    pool: asyncpg.Pool, vault_id: uuid.UUID, producer_id: uuid.UUID
+    pool: asyncpg.Pool,
+    vault_id: uuid.UUID,
+    producer_id: uuid.UUID,
+    certificates: EdgeCertificates | None = None,
 ) -> dict[str, Any] | None:
+    """Deactivate the producer; its Kafka principal's ACLs are deleted."""
     async with pool.acquire() as conn, conn.transaction():
         row = await repo.deactivate_producer(conn, vault_id, producer_id)
+        if row is not None and certificates is not None and row["kafka_principal"]:
+            await certificates.remove(row["kafka_principal"])
         if row is not None:
             await emit(
                 conn,
@@ -191,6 +256,45 @@ async def unregister_producer(
                 ),
             )
     return row
+
+
+async def revoke_producer(
+    pool: asyncpg.Pool,
+    vault_id: uuid.UUID,
+    producer_id: uuid.UUID,
+    reason: str,
+    revoked_by: str,
+    certificates: EdgeCertificates | None = None,
+) -> dict[str, Any] | None:
+    """Revoke a producer (None: unknown in this vault, or revoked already): its ACLs are
+    deleted (before the commit: if Kafka refuses, nothing changes), it is deactivated, and
+    `ProducerRevoked` tells every service to refuse its signatures."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await repo.revoke_producer(conn, vault_id, producer_id, reason)
+        if row is None:
+            return None
+        principal = row["kafka_principal"]
+        deleted = await certificates.remove(principal) if certificates and principal else 0
+        await emit(
+            conn,
+            vault_id,
+            ev.ProducerRevoked(
+                producer_id=producer_id,
+                kind=ev.ProducerKind(row["kind"]),
+                name=row["name"],
+                site=row["site"],
+                generation=row["generation"],
+                reason=reason,
+                revoked_by=revoked_by,
+                kafka_principal=principal,
+                acls_deleted=deleted,
+            ),
+        )
+    log.warning(
+        "producer revoked",
+        extra={"producer_id": str(producer_id), "principal": principal, "reason": reason},
+    )
+    return {**row, "acls_deleted": deleted}
 
 
 async def _change_connection(

@@ -13,7 +13,8 @@ from services.registration.domain import ExistingProducer, KeyState
 PRODUCER_COLUMNS = (
     "producer_id, vault_id, kind, name, site, generation, registered_at, heartbeat_seconds,"
     " connection_state, state_changed_at, last_heartbeat_at, last_sequence, status, metadata,"
-    " active"
+    " active, kafka_principal, certificate_serial, certificate_not_after, revoked_at,"
+    " revoked_reason"
 )
 
 
@@ -152,7 +153,12 @@ def _existing(row: asyncpg.Record | None) -> ExistingProducer | None:
     if row is None:
         return None
     return ExistingProducer(
-        str(row["producer_id"]), row["kind"], row["name"], row["site"], row["active"]
+        str(row["producer_id"]),
+        row["kind"],
+        row["name"],
+        row["site"],
+        row["active"],
+        row["revoked_at"] is not None,
     )
 
 
@@ -160,7 +166,7 @@ async def producer_by_name(
     conn: asyncpg.Connection, vault_id: uuid.UUID, kind: str, name: str
 ) -> ExistingProducer | None:
     row = await conn.fetchrow(
-        "SELECT producer_id, kind, name, site, active FROM producers"
+        "SELECT producer_id, kind, name, site, active, revoked_at FROM producers"
         " WHERE vault_id = $1 AND kind = $2 AND name = $3 FOR UPDATE",
         vault_id,
         kind,
@@ -173,7 +179,7 @@ async def provider_of_site(
     conn: asyncpg.Connection, vault_id: uuid.UUID, site: str
 ) -> ExistingProducer | None:
     row = await conn.fetchrow(
-        "SELECT producer_id, kind, name, site, active FROM producers"
+        "SELECT producer_id, kind, name, site, active, revoked_at FROM producers"
         " WHERE vault_id = $1 AND kind = 'provider' AND site = $2 AND active",
         vault_id,
         site,
@@ -206,7 +212,8 @@ async def upsert_producer(
         " public_key = EXCLUDED.public_key,"
         " registered_key_id = EXCLUDED.registered_key_id, registered_at = now(),"
         " heartbeat_seconds = EXCLUDED.heartbeat_seconds, metadata = EXCLUDED.metadata,"
-        " active = true, last_sequence = NULL"
+        " active = true, last_sequence = NULL, revoked_at = NULL, revoked_reason = NULL,"
+        " kafka_principal = NULL, certificate_serial = NULL, certificate_not_after = NULL"
         f" RETURNING {PRODUCER_COLUMNS}",
         producer_id,
         vault_id,
@@ -328,8 +335,56 @@ async def producer_lookup(conn: asyncpg.Connection, producer_id: str) -> dict[st
     except ValueError:
         return None
     row = await conn.fetchrow(
-        "SELECT vault_id, public_key, active, kind, name, site FROM producers"
+        "SELECT vault_id, public_key, active, kind, name, site, revoked_at, revoked_reason"
+        " FROM producers"
         " WHERE producer_id = $1",
         pid,
+    )
+    return dict(row) if row else None
+
+
+async def set_certificate(
+    conn: asyncpg.Connection,
+    producer_id: uuid.UUID,
+    principal: str,
+    serial: str,
+    not_after: datetime,
+) -> dict[str, Any]:
+    """Record the Kafka certificate issued to the producer's current registration."""
+    row = await conn.fetchrow(
+        "UPDATE producers SET kafka_principal = $2, certificate_serial = $3,"
+        f" certificate_not_after = $4 WHERE producer_id = $1 RETURNING {PRODUCER_COLUMNS}",
+        producer_id,
+        principal,
+        serial,
+        not_after,
+    )
+    return dict(row)
+
+
+async def revoke_producer(
+    conn: asyncpg.Connection, vault_id: uuid.UUID, producer_id: uuid.UUID, reason: str
+) -> dict[str, Any] | None:
+    """Deactivate the producer and mark it revoked (None: no such producer or revoked)."""
+    row = await conn.fetchrow(
+        "UPDATE producers SET active = false, connection_state = 'Disconnected',"
+        " revoked_at = now(), revoked_reason = $3"
+        " WHERE vault_id = $1 AND producer_id = $2 AND revoked_at IS NULL"
+        f" RETURNING {PRODUCER_COLUMNS}",
+        vault_id,
+        producer_id,
+        reason,
+    )
+    return dict(row) if row else None
+
+
+async def revoked_by_credential(
+    conn: asyncpg.Connection, credential_hash: str
+) -> dict[str, Any] | None:
+    """The revoked producer whose last credential this is, if any."""
+    row = await conn.fetchrow(
+        f"SELECT {PRODUCER_COLUMNS} FROM producers WHERE credential_hash = $1"
+        " AND revoked_at IS NOT NULL",
+        credential_hash,
     )
     return dict(row) if row else None

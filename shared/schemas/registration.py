@@ -104,6 +104,26 @@ class ProducerUnregistered(EventPayload):
     name: str
 
 
+@event_type("ProducerRevoked", topic=topics.REGISTRATION_EVENTS)
+class ProducerRevoked(EventPayload):
+    """An admin revoked a producer (e.g. a stolen host): its Kafka principal's ACLs were
+    deleted (the broker refuses it from then on), its public key verifies nothing (its signed
+    events go to the DLQ, reason `producer_revoked`) and its credential re-registers nothing.
+    The audit record: who revoked it, when (the envelope's time) and why."""
+
+    producer_id: uuid.UUID
+    kind: ProducerKind
+    name: str
+    site: str
+    generation: int = Field(ge=1)
+    reason: str = Field(min_length=1, max_length=500)
+    revoked_by: str = Field(description="The API token id of the admin who revoked it.")
+    kafka_principal: str | None = Field(
+        default=None, description="The Kafka principal whose ACLs were deleted; None: none."
+    )
+    acls_deleted: int = Field(default=0, ge=0)
+
+
 @event_type("ProducerConnectionChanged", topic=topics.REGISTRATION_EVENTS)
 class ProducerConnectionChanged(EventPayload):
     """A producer went Connected (heartbeat seen) or Disconnected (missed heartbeats)."""

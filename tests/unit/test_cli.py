@@ -78,3 +78,12 @@ def test_dr_url_env_does_not_override_per_service_urls(monkeypatch: pytest.Monke
     monkeypatch.setenv("DR_URL", "http://gw")
     args = build_parser().parse_args(["policy", "list"])
     assert args.url is None  # so service_urls() applies DR_POLICY_URL before DR_URL
+
+
+def test_revoking_a_producer_needs_a_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["site", "revoke", "p1"])
+    assert info.value.code == 2
+    assert "--reason" in capsys.readouterr().err
+    args = build_parser().parse_args(["site", "revoke", "p1", "--reason", "stolen"])
+    assert (args.producer_id, args.reason) == ("p1", "stolen")

@@ -57,19 +57,23 @@ def test_kafka_in_compose_takes_only_certificates_and_acls() -> None:
         env = svc.get("environment", {})
         if "KAFKA_BOOTSTRAP_SERVERS" in env:
             assert env["DR_KAFKA_SECURITY"] == "tls", name
-            assert env["DR_KAFKA_CERT_FILE"].startswith("/etc/dr/pki/"), name
-            if env["DR_KAFKA_CERT_FILE"] == "/etc/dr/pki/edge.pem":
-                # an edge host gets its own certificate and the CA's, no other key
-                pki = sorted(v for v in svc["volumes"] if "deploy/pki" in v)
-                assert pki == [
-                    f"./deploy/pki/{f}:/etc/dr/pki/{f}:ro"
-                    for f in ("ca.pem", "edge.key", "edge.pem")
-                ], name
+            pki = sorted(v for v in svc["volumes"] if "deploy/" in v and "pki" in v)
+            if "DR_KAFKA_CERT_FILE" not in env:
+                # an edge host gets the CA's certificate, no key: it makes its own at
+                # registration and presents the certificate the registration service issues
+                assert pki == ["./deploy/pki/ca.pem:/etc/dr/pki/ca.pem:ro"], name
+                assert "REGISTRATION_KEY" in " ".join(svc["command"]), name
             else:
+                assert env["DR_KAFKA_CERT_FILE"].startswith("/etc/dr/pki/"), name
                 assert "./deploy/pki:/etc/dr/pki:ro" in svc["volumes"], name
-            assert svc["environment"]["DR_KAFKA_CERT_FILE"] != "/etc/dr/pki/admin.pem" or (
+            assert env.get("DR_KAFKA_CERT_FILE") != "/etc/dr/pki/admin.pem" or (
                 name == "kafka-acls"
             ), name
+            # the edge-issuing CA's key is the registration service's alone
+            holds_edge_ca = any("deploy/edge-ca" in v for v in svc.get("volumes", []))
+            assert holds_edge_ca == (name == "registration"), name
+    registration = services["registration"]["environment"]
+    assert registration["DR_REGISTRATION_EDGE_CA_KEY_FILE"].startswith("/etc/dr/edge-ca/")
     assert services["postgres"]["image"].startswith("postgres:")
 
 

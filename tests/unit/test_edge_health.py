@@ -20,13 +20,13 @@ async def test_edge_health_reports_kafka_unreachable_then_ok() -> None:
     report = await runtime.health()
     assert report["checks"]["kafka"] == "unreachable: not probed yet", report
 
-    assert not await runtime.kafka.probe(broker_silent)
+    assert not await runtime.broker.probe(broker_silent)
     report = await runtime.health()
     assert report["checks"]["kafka"] == (
         "unreachable: no broker answered a metadata request within 2s"
     ), report
     assert report["status"] == "degraded"
 
-    assert await runtime.kafka.probe(broker_answers)
+    assert await runtime.broker.probe(broker_answers)
     assert (await runtime.health())["checks"]["kafka"] == "ok"
-    assert runtime.kafka.recovered_at is not None
+    assert runtime.broker.recovered_at is not None

@@ -51,6 +51,13 @@ def test_unregistered_server_may_register_again_without_force() -> None:
     domain.check_reregistration(producer(active=False), None, "agent", "h1", "primary", False)
 
 
+def test_a_revoked_server_registers_again_only_with_force() -> None:
+    revoked = domain.ExistingProducer(str(uuid.uuid4()), "agent", "h1", "primary", False, True)
+    with pytest.raises(domain.AlreadyRegistered, match="was revoked"):
+        domain.check_reregistration(revoked, None, "agent", "h1", "primary", force=False)
+    domain.check_reregistration(revoked, None, "agent", "h1", "primary", force=True)
+
+
 def test_a_site_has_one_provider() -> None:
     other = producer(kind="provider", name="vmm-a", site="primary")
     with pytest.raises(domain.AlreadyRegistered, match="already has provider 'vmm-a'"):

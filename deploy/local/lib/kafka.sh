@@ -178,11 +178,12 @@ kafka_java() {
   "${KAFKA_TOOL_CMD[@]}" "$@"
 }
 
-# The platform CA and the certificates of the broker and of each platform principal (once;
-# kept across restarts): deploy/make-pki.sh.
+# The platform CA, the certificates of the broker and of each platform principal and the
+# edge-issuing CA (once; kept across restarts; the edge CA is added to an older folder):
+# deploy/make-pki.sh.
 make_pki() {
   [[ "$KAFKA_SECURITY" == "tls" ]] || return 0
-  [[ -f "$PKI_DIR/ca.pem" ]] && return 0
+  [[ -f "$PKI_DIR/edge-ca.pem" ]] && return 0
   log "kafka: making the platform CA and certificates in $PKI_DIR"
   # shellcheck disable=SC2086
   "$SCRIPT_DIR/../make-pki.sh" "$PKI_DIR" $PKI_PRINCIPALS || die "kafka: making the certificates in $PKI_DIR failed"
