@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -123,7 +124,7 @@ class EventConsumer(RecordPipeline[Handler]):
         which is where rejections, dead letters and retries happen."""
         topic = topics.logical(records[0].topic, self.prefix)
         incomings: list[Incoming] = []
-        seen: set[Any] = set()
+        seen: set[uuid.UUID] = set()
         for record, (envelope, payload) in zip(records, decoded, strict=True):
             if envelope.event_id in seen:  # a re-sent record within the run: one is enough
                 continue

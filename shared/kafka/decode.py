@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydantic import ValidationError
 from pydantic_core import from_json
@@ -59,7 +59,9 @@ class Incoming:
     key: str | None
 
 
-def decode_event(value: bytes | None, max_age: timedelta | None = None) -> tuple[Envelope, Any]:
+def decode_event(
+    value: bytes | None, max_age: timedelta | None = None
+) -> tuple[Envelope, EventPayload]:
     """Parse a record value into (envelope, payload); raise `Rejected` with the reason."""
     if value is None:
         raise Rejected("empty_record", "record has no value")
