@@ -709,8 +709,9 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
             if not meta["nics"] or not str(meta["nics"][0]["network_id"]).startswith("test-"):
                 return f"{name}-test not on the test network: {meta['nics']}"
         print(
-            f"     test VMs {', '.join(f'{n}-test' for n in expected)} on hv-r1: disks "
-            "byte-identical to the sources, NICs on the network created for the test"
+            f"     test VMs {', '.join(f'{n}-test' for n in expected)} on hv-r1: differencing "
+            "disks over the replica read byte-identical to the sources, NICs on the network "
+            "created for the test"
         )
         return None
 
