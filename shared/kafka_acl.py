@@ -13,7 +13,8 @@ principal can do only what an ACL below allows; `admin` (topic tooling, operator
   `shared.edge_pki`), whose ACLs the registration service creates at registration and
   deletes at re-registration, unregistration and revocation (`edge_acls`, `delete_acls`):
   a provider writes heartbeats and discovery; an agent writes heartbeats, agent events and
-  deltas, reads agent commands in its own consumer group `agent.<producer id>` only, and
+  deltas, reads agent commands in its own two consumer groups `agent.<producer id>` and
+  `agent.<producer id>.replica` (the replica's lane) only, and
   reads offset ranges of the deltas without a consumer group (a recovery host agent feeding
   its replicas: Kafka's ACLs stop at the topic, so that read covers every item's deltas);
 - `edge`, the shared edge principal of the table, is for tools (the kcat publishing guide);
@@ -245,7 +246,7 @@ def edge_access(kind: str, producer_id: str) -> Access:
         writes=(topics.REGISTRATION_HEARTBEATS, topics.AGENT_EVENTS, topics.REPLICATION_DELTAS),
         reads=(topics.AGENT_COMMANDS,),
         groups=(),
-        exact_groups=(f"agent.{producer_id}",),
+        exact_groups=topics.agent_command_groups(producer_id),
         creates=False,
         range_reads=(topics.REPLICATION_DELTAS,),
     )

@@ -62,6 +62,17 @@ COMMAND_TYPES = (
     "ReplicaHandoverRequested",
     "DifferencingDisksRequested",
 )
+# The recovery-site replica's commands have a lane (consumer group) of their own: a backlog of
+# points to apply never holds up a VM's creation, power or deletion, nor replication commands.
+# Within each lane, commands keep their order.
+REPLICA_COMMAND_TYPES = frozenset(
+    {
+        "ReplicaPointApplyRequested",
+        "ReplicaDeleteRequested",
+        "ReplicaHandoverRequested",
+        "DifferencingDisksRequested",
+    }
+)
 
 
 class CommandLog:
@@ -102,7 +113,15 @@ class CommandHandler:
 
     @property
     def handlers(self) -> dict[str, Any]:
-        return dict.fromkeys(COMMAND_TYPES, self.handle)
+        """The handlers of the main lane: every command but the replica's."""
+        return dict.fromkeys(
+            (t for t in COMMAND_TYPES if t not in REPLICA_COMMAND_TYPES), self.handle
+        )
+
+    @property
+    def replica_handlers(self) -> dict[str, Any]:
+        """The handlers of the replica lane."""
+        return dict.fromkeys((t for t in COMMAND_TYPES if t in REPLICA_COMMAND_TYPES), self.handle)
 
     async def handle(self, incoming: Incoming) -> None:
         command = incoming.payload

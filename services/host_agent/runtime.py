@@ -129,24 +129,37 @@ class AgentRuntime(EdgeRuntime):
                 kafka,
             ),
         )
+        group, replica_group = topics.agent_command_groups(str(self.identity.producer_id))
         consumer = PlainEventConsumer(
             bootstrap=s.kafka_bootstrap_servers,
             prefix=s.topic_prefix,
-            group=f"agent.{self.identity.producer_id}",
+            group=group,
             topic_names=[topics.AGENT_COMMANDS],
             producer=self.publisher.producer,
             handlers=handler.handlers,
             security=kafka,
         )
+        replica_lane = PlainEventConsumer(
+            bootstrap=s.kafka_bootstrap_servers,
+            prefix=s.topic_prefix,
+            group=replica_group,
+            topic_names=[topics.AGENT_COMMANDS],
+            producer=self.publisher.producer,
+            handlers=handler.replica_handlers,
+            security=kafka,
+            dead_letters=False,
+        )
         self.consumer = consumer
         self.spawn("commands", consumer.run)
+        self.spawn("replica-commands", replica_lane.run)
 
     async def stop(self) -> None:
-        task = self._tasks.pop("commands", None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for name in ("commands", "replica-commands"):
+            task = self._tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.workloads.stop_all()
         if self.replicator is not None:
             await self.replicator.stop()

@@ -78,6 +78,9 @@ class RecordPipeline(ABC, Generic[H]):
 
     `handlers` maps event type name -> handler; events of other types on the topic are
     acknowledged and skipped (a topic carries many types; not every consumer needs all).
+    `dead_letters`: False for a second consumer of a topic in another group that takes only
+    some types of it (a lane): records that cannot be decoded are skipped, since the topic's
+    main consumer dead-letters them (one DLQ record per bad record, not one per group).
     `process()` is usable on its own (e.g. from a faust agent); `run()` is the aiokafka loop.
     """
 
@@ -93,6 +96,7 @@ class RecordPipeline(ABC, Generic[H]):
         max_age: timedelta | None = timedelta(minutes=10),
         max_records: int = 200,
         security: KafkaSecurity | None = None,
+        dead_letters: bool = True,
     ) -> None:
         self.bootstrap = bootstrap
         self.security = security or KafkaSecurity.from_env()
@@ -103,6 +107,7 @@ class RecordPipeline(ABC, Generic[H]):
         self.handlers = handlers
         self.max_age = max_age
         self.max_records = max_records
+        self.dead_letters = dead_letters
         self.alive = False
         self.applied = 0
         self.last_records_at: datetime | None = None  # the last fetch that brought records
@@ -230,7 +235,8 @@ class RecordPipeline(ABC, Generic[H]):
         topic = topics.logical(record.topic, self.prefix)
         key = record.key.decode(errors="replace") if record.key else None
         if isinstance(result, Rejected):
-            await self._dead_letter(record, topic, result)
+            if self.dead_letters:
+                await self._dead_letter(record, topic, result)
             return
         envelope, payload = result
         handler = self.handlers.get(envelope.type)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.host_agent.commands import CommandHandler
+from services.host_agent.commands import COMMAND_TYPES, REPLICA_COMMAND_TYPES, CommandHandler
 from services.host_agent.cycles import FileSink, signer_for
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_feed import ReplicaFeed
@@ -175,3 +175,14 @@ async def test_commands_for_others_are_ignored_and_foreign_ones_rejected(
         await deliver(handler, mine, vault_id=uuid.uuid4())
     assert wrong_vault.value.reason == "vault_mismatch"
     assert sent == []
+
+
+async def test_the_replicas_commands_have_a_lane_of_their_own(
+    agent: tuple[CommandHandler, list[EventPayload]],
+) -> None:
+    handler, _ = agent
+    main, replica = set(handler.handlers), set(handler.replica_handlers)
+    assert not main & replica  # each command is taken by one lane only
+    assert main | replica == set(COMMAND_TYPES)
+    assert replica == REPLICA_COMMAND_TYPES
+    assert {"VmCreateRequested", "VmPowerRequested", "VmDeleteRequested"} <= main

@@ -98,7 +98,10 @@ def test_an_agents_acls_name_only_its_topics_and_its_own_group() -> None:
     pid = str(uuid.uuid4())
     acls = edge_acls("edge-x", "agent", pid, "p.")
     groups = {(a.name, a.pattern) for a in acls if a.resource is Resource.GROUP}
-    assert groups == {(f"p.agent.{pid}", Pattern.LITERAL)}
+    assert groups == {
+        (f"p.agent.{pid}", Pattern.LITERAL),
+        (f"p.agent.{pid}.replica", Pattern.LITERAL),
+    }
     writes = {a.name for a in acls if a.operation is Operation.WRITE}
     assert writes == {
         topics.physical(t, "p.")
