@@ -4,7 +4,8 @@
 # 1. remembers whether the stack (deploy/local/stack.sh: Kafka and PostgreSQL) was already up;
 # 2. brings it up (a no-op when it is) and exports the variables of stack.env
 #    (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL);
-# 3. runs `.venv/bin/pytest tests -q -ra --durations=15 $PYTEST_ARGS`;
+# 3. runs `.venv/bin/pytest tests -q -ra --durations=15 $PYTEST_ARGS` (without `tests` when
+#    PYTEST_ARGS names test paths of its own);
 # 4. brings the stack down again only if this script started it (also on Ctrl-C);
 # 5. exits with pytest's exit code. Exit code 5 ("no tests collected") is reported
 #    loudly and kept as a failure: a run that tests nothing must not look green.
@@ -59,11 +60,21 @@ if [[ -n "${PYTEST_ARGS:-}" ]]; then
   read -r -a extra <<<"$PYTEST_ARGS"
 fi
 
+# The whole suite, unless PYTEST_ARGS names test files or folders itself
+# (e.g. PYTEST_ARGS="tests/e2e/test_agent_e2e.py -x" runs that file alone).
+where=(tests)
+for arg in "${extra[@]}"; do
+  if [[ "$arg" == tests/* || "$arg" == tests ]]; then
+    where=()
+    break
+  fi
+done
+
 cd "$REPO_ROOT"
 say "KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS DATABASE_URL=$DATABASE_URL"
-say "running: $PYTEST tests -q -ra --durations=15 ${extra[*]}"
+say "running: $PYTEST ${where[*]} -q -ra --durations=15 ${extra[*]}"
 set +e
-"$PYTEST" tests -q -ra --durations=15 "${extra[@]}"
+"$PYTEST" "${where[@]}" -q -ra --durations=15 "${extra[@]}"
 rc=$?
 set -e
 
