@@ -31,7 +31,7 @@ def build_app(settings: RegistrationSettings) -> FastAPI:
     async def on_start(rt: Runtime) -> None:
         heartbeats = heartbeat_consumer(rt, settings)
         rt.spawn("heartbeat-consumer", heartbeats.run)
-        clock = MissedHeartbeatClock()
+        clock = MissedHeartbeatClock(hold_seconds=settings.outage_hold_seconds)
         rt.spawn_every(
             "disconnect-sweeper",
             settings.sweep_interval_seconds,

@@ -22,6 +22,14 @@ class RegistrationSettings(ServiceSettings):
     sweep_interval_seconds: float = Field(
         default=1.0, gt=0, le=60, description="How often silent producers are looked for."
     )
+    outage_hold_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="After a Kafka or PostgreSQL outage of this service, how long it waits for"
+        " heartbeats to flow again before it judges silent producers from the outage's end"
+        " (as soon as heartbeats arrive, it judges from their first fetch).",
+    )
     key_valid_hours: int = Field(
         default=120, ge=1, le=24 * 30, description="Default registration key validity (5 days)."
     )
