@@ -15,6 +15,7 @@
 #   kafka-restart      stop and start Kafka only, keeping its data (for fault tests)
 #   pg-restart         stop and start PostgreSQL only, keeping its data (for fault tests)
 #   kafka-stop | kafka-start | pg-stop | pg-start | gateway-stop | gateway-start
+#   pg-kill            kill -9 PostgreSQL (a crash: its next start replays the WAL)
 #                      one component only, for fault tests that need an outage window
 #   kafka-run CLASS [ARGS]
 #                      run a Kafka tool class on the cached classpath, e.g.
@@ -129,6 +130,7 @@ main() {
     kafka-start) cmd_kafka_start ;;
     pg-stop) cmd_pg_stop ;;
     pg-start) cmd_pg_start ;;
+    pg-kill) cmd_pg_kill ;;
     gateway-stop) cmd_gateway_stop ;;
     gateway-start) cmd_gateway_start ;;
     kafka-run) cmd_kafka_run "$@" ;;

@@ -160,12 +160,12 @@ async def test_kafka_paused_is_the_platforms_outage_not_the_edges(
     await no_data_lost(http, dr, item_id, tmp_path)
 
 
-async def test_postgres_down_is_a_503_with_the_reason(
+async def test_postgres_killed_is_a_503_with_the_reason(
     plat: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     dr, item_id = await replicating_item(plat, http, tmp_path)
     vaults = f"{plat.url('registration')}/v1/vaults"
-    await stack_command("pg-stop")
+    await stack_command("pg-kill")  # kill -9: no shutdown, the restart replays the WAL
     stopped_at = time.monotonic()
     try:
         resp = await http.get(vaults, headers=plat.admin())

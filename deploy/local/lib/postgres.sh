@@ -239,6 +239,32 @@ stop_pg() {
   log "postgres: stopped"
 }
 
+# kill_pg: a crash, not a shutdown: SIGKILL to the postmaster and every process it started
+# (no checkpoint; the next start replays the WAL).
+kill_pg() {
+  local pid children deadline
+  if ! pid="$(pg_pid)"; then
+    log "postgres: not running"
+    return
+  fi
+  children="$(pgrep -P "$pid" || true)"
+  log "postgres: killing pid $pid and its processes (SIGKILL)"
+  kill -KILL "$pid" 2>/dev/null || true
+  # shellcheck disable=SC2086
+  [[ -z "$children" ]] || kill -KILL $children 2>/dev/null || true
+  # Gone, not only dead: the next postmaster refuses to start while the old pid exists,
+  # even as a zombie not yet reaped by its parent.
+  deadline=$((SECONDS + 30))
+  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+  pid_alive "$pid" && die "postgres: pid $pid did not die"
+  if kill -0 "$pid" 2>/dev/null; then
+    # a zombie nobody reaps holds nothing: its lock file is stale
+    log "postgres: pid $pid is a zombie; removing its stale postmaster.pid"
+    rm -f "$(pg_area)/data/postmaster.pid"
+  fi
+  log "postgres: killed"
+}
+
 # ---------------------------------------------------------------- commands
 
 cmd_pg_restart() {
@@ -255,6 +281,12 @@ cmd_pg_stop() {
   external_db && die "pg-stop: DATABASE_URL points to an external database; not stopping it"
   take_lock
   stop_pg
+}
+
+cmd_pg_kill() {
+  external_db && die "pg-kill: DATABASE_URL points to an external database; not killing it"
+  take_lock
+  kill_pg
 }
 
 cmd_pg_start() {
