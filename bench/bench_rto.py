@@ -18,6 +18,17 @@ recovery host's replica holds its latest point (not timed). Then, each from the 
 And on a 1 GiB VM: `failover_rto_older_point_seconds`, an unplanned failover to the point
 10 cycles before the latest (the replica rolled back over the blocks changed since).
 
+Then the recovery host's replica alone (services/host_agent/replica_feed.py and replica.py in
+this process, no platform), a 1 GiB disk on a delta topic of its own, 40 points of 8 random
+64 KiB blocks after an initial all-zero point:
+- `replica_apply_points_per_second`: the points applied one after another (each: its offset
+  range read, blocks checked and staged, applied durably, roots computed);
+- `replica_rollback_10_points_seconds`: the replica returned to the point 10 before its HEAD
+  (what a failover to an older point does before the handover), its roots checked;
+- `replica_range_read_oneoff_ms` and `replica_range_read_shared_ms`: the median read of one
+  point's range with a consumer started for it (`read_range`) and through one started
+  consumer (`RangeReader`, as the agent reads); `replica_range_read_oneoff_vs_shared_ratio`.
+
 Lines: `bench <name> <value> <unit>`; a measurement that fails prints
 `bench <name> FAILED <reason>`. Run: `.venv/bin/python -m bench.bench_rto` (`make up` first).
 """
@@ -25,12 +36,21 @@ Lines: `bench <name> <value> <unit>`; a measurement that fails prints
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import os
+import random
+import statistics
+import tempfile
+import time
 import traceback
+import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaProducer
 
 from bench.bench_replication import bench_platform, emit, failed
 from kit.dr import (
@@ -46,11 +66,26 @@ from kit.dr import (
     vm_named,
 )
 from kit.poll import eventually
-from kit.stack import Stack, stack_from_env
+from kit.stack import Stack, delete_prefixed_topics, random_prefix, stack_from_env
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_feed import ReplicaFeed
+from shared import topics
+from shared.kafka.admin import ensure_topics
+from shared.kafka.ranges import RangeReader, read_range
+from shared.kafka.security import KafkaSecurity
+from shared.merkle import MerkleTree, block_count, block_hash, zero_block_hash
+from shared.schemas.agent import ReplicaDisk, ReplicaPointApplyRequested
+from shared.schemas.envelope import new_envelope
+from shared.schemas.replication import MAX_BLOCKS_PER_BATCH, Block, BlocksShipped
 
 SIZES = [s.strip() for s in os.environ.get("BENCH_RTO_SIZES", "1GiB,8GiB").split(",") if s]
 WRITTEN = 160
 SETUP_TIMEOUT = 1800.0
+REPLICA_DISK = 2**30
+REPLICA_BS = 65536
+REPLICA_POINTS = 40
+REPLICA_BLOCKS = 8
+REPLICA_BACK = 10
 
 
 def label(size: str) -> str:
@@ -143,6 +178,138 @@ async def older_point(stack: Stack) -> None:
         emit("failover_rto_older_point_seconds", seconds(run), "s")
 
 
+class FeedPoints:
+    """Points of one item's 1 GiB disk on a delta topic of its own: (seq, first, last, root)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.prefix = random_prefix("bench-feed")
+        self.topic = topics.physical(topics.REPLICATION_DELTAS, self.prefix)
+        self.item = uuid.uuid4()
+        self.vault = uuid.uuid4()
+        self.blocks = block_count(REPLICA_DISK, REPLICA_BS)
+        zero = zero_block_hash(REPLICA_BS)
+        self.tree = MerkleTree.from_leaves([zero] * self.blocks, self.blocks)
+        self.points: list[tuple[int, int, int, str]] = []
+
+    async def produce(self) -> None:
+        await ensure_topics(
+            self.stack.kafka, self.prefix, [topics.REPLICATION_DELTAS], partitions=1
+        )
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.stack.kafka,
+            acks="all",
+            **KafkaSecurity.from_env().client_options(),
+        )
+        await producer.start()
+        try:
+            zero = zero_block_hash(REPLICA_BS).hex()
+            offsets = []
+            for start in range(0, self.blocks, MAX_BLOCKS_PER_BATCH):
+                end = min(self.blocks, start + MAX_BLOCKS_PER_BATCH)
+                blocks = [Block(index=i, sha256=zero, zero=True) for i in range(start, end)]
+                offsets.append(await self._send(producer, 1, blocks))
+            self.points.append((1, offsets[0], offsets[-1], self.tree.root_hex()))
+            rng = random.Random(7)
+            for seq in range(2, REPLICA_POINTS + 2):
+                blocks = []
+                for i in rng.sample(range(self.blocks), REPLICA_BLOCKS):
+                    data = rng.randbytes(REPLICA_BS)
+                    digest = block_hash(data)
+                    self.tree.set_leaf(i, digest)
+                    blocks.append(
+                        Block(index=i, sha256=digest.hex(), data=base64.b64encode(data).decode())
+                    )
+                at = await self._send(producer, seq, blocks)
+                self.points.append((seq, at, at, self.tree.root_hex()))
+        finally:
+            await producer.stop()
+
+    async def _send(self, producer: AIOKafkaProducer, seq: int, blocks: list[Block]) -> int:
+        msg = BlocksShipped(
+            item_id=self.item, cycle_seq=seq, batch_no=0, disk_id="d0", blocks=blocks
+        )
+        env = new_envelope(msg, vault_id=self.vault, producer_id=str(uuid.uuid4()))
+        meta = await producer.send_and_wait(self.topic, env.to_bytes(), key=str(self.item).encode())
+        return int(meta.offset)
+
+    def command(self, point: tuple[int, int, int, str]) -> ReplicaPointApplyRequested:
+        seq, first, last, root = point
+        disk = ReplicaDisk(
+            disk_id="d0", size_bytes=REPLICA_DISK, block_size=REPLICA_BS, merkle_root=root
+        )
+        return ReplicaPointApplyRequested(
+            command_id=uuid.uuid4(),
+            agent_id=uuid.uuid4(),
+            item_id=self.item,
+            cycle_seq=seq,
+            partition=0,
+            first_offset=first,
+            last_offset=last,
+            disks=[disk],
+            keep_from=1,
+        )
+
+
+async def replica_feed(stack: Stack) -> None:
+    feed_points = FeedPoints(stack)
+    try:
+        await feed_points.produce()
+        await replica_apply_and_rollback(stack, feed_points)
+        await range_reads(stack, feed_points)
+    finally:
+        await delete_prefixed_topics(stack.kafka, feed_points.prefix)
+
+
+async def replica_apply_and_rollback(stack: Stack, fp: FeedPoints) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-replica-") as tmp:
+        replica = SiteReplica(Path(tmp))
+        feed = ReplicaFeed(replica, stack.kafka, fp.prefix, Path(tmp) / "storage")
+        try:
+            await feed.apply(fp.command(fp.points[0]))  # the initial point: not timed
+            started = time.perf_counter()
+            for point in fp.points[1:]:
+                await feed.apply(fp.command(point))
+            took = time.perf_counter() - started
+        finally:
+            await feed.close()
+        emit("replica_apply_points_per_second", REPLICA_POINTS / took, "1/s")
+        seq, _, _, root = fp.points[-1 - REPLICA_BACK]
+        item = str(fp.item)
+        started = time.perf_counter()
+        head = await asyncio.to_thread(replica.rollback, item, seq)
+        took = time.perf_counter() - started
+        if head.seq != seq or replica.roots(item) != {"d0": root}:
+            failed(f"replica_rollback_{REPLICA_BACK}_points_seconds", "roots not the point's")
+        else:
+            emit(f"replica_rollback_{REPLICA_BACK}_points_seconds", took, "s")
+
+
+async def range_reads(stack: Stack, fp: FeedPoints) -> None:
+    ranges = fp.points[1:]
+    oneoff: list[float] = []
+    for _, first, last, _ in ranges:
+        started = time.perf_counter()
+        async for _records in read_range(stack.kafka, fp.topic, 0, first, last):
+            pass
+        oneoff.append(time.perf_counter() - started)
+    shared: list[float] = []
+    reader = RangeReader(stack.kafka)
+    try:
+        for _, first, last, _ in ranges:
+            started = time.perf_counter()
+            async with contextlib.aclosing(reader.read(fp.topic, 0, first, last)) as batches:
+                async for _records in batches:
+                    pass
+            shared.append(time.perf_counter() - started)
+    finally:
+        await reader.close()
+    emit("replica_range_read_oneoff_ms", statistics.median(oneoff) * 1000, "ms")
+    emit("replica_range_read_shared_ms", statistics.median(shared) * 1000, "ms")
+    ratio = statistics.median(oneoff) / statistics.median(shared)
+    emit("replica_range_read_oneoff_vs_shared_ratio", ratio, "x")
+
+
 async def main() -> None:
     stack = stack_from_env()
     planned: dict[str, float] = {}
@@ -164,6 +331,11 @@ async def main() -> None:
     except Exception as exc:
         traceback.print_exc()
         failed("failover_rto_older_point_seconds", repr(exc))
+    try:
+        await replica_feed(stack)
+    except Exception as exc:
+        traceback.print_exc()
+        failed("replica_apply_points_per_second", repr(exc))
 
 
 if __name__ == "__main__":

@@ -560,8 +560,15 @@ class SiteReplica:
     def _restore(self, item: str, f: _ItemFiles, seq: int) -> None:
         """Put the images back to point seq-1 from undo record `seq` (idempotent)."""
         undo = self._read_undo(f.undo_of(seq))
+        head = self._head(f)
         for disk_id, old_size in undo.sizes.items():
-            self._trees.pop((item, disk_id), None)
+            # the cached tree follows the leaves restored (rebuilding a whole disk's tree at
+            # each point undone made a rollback cost grow with the disk's size); dropped
+            # while they are written, rebuilt from them when the size changes
+            tree = self._trees.pop((item, disk_id), None)
+            now = head.disk(disk_id)
+            if now is None or now.size_bytes != old_size:
+                tree = None
             if old_size == 0:
                 f.image(disk_id).unlink(missing_ok=True)
                 f.leaves(disk_id).unlink(missing_ok=True)
@@ -576,11 +583,15 @@ class SiteReplica:
                     if block.disk_id == disk_id:
                         _write_all(img_fd, block.data, block.index * bs)
                         _write_all(lv_fd, block.leaf, block.index * HASH_SIZE)
+                        if tree is not None:
+                            tree.set_leaf(block.index, block.leaf)
                 os.fdatasync(img_fd)
                 os.fdatasync(lv_fd)
             finally:
                 os.close(img_fd)
                 os.close(lv_fd)
+            if tree is not None:
+                self._trees[(item, disk_id)] = tree
         fsync_dir(f.disks)
 
     def _block_size(self, f: _ItemFiles, seq: int, disk_id: str) -> int:

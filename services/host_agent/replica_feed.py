@@ -12,6 +12,7 @@ points) answers a failure saying so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -24,8 +25,8 @@ from services.host_agent.replicator import CommandFailed
 from shared import topics
 from shared.delta_blocks import decode_data
 from shared.files import fsync_dir
-from shared.kafka.decode import Rejected, decode_event
-from shared.kafka.ranges import RangeUnavailable, read_range
+from shared.kafka.decode import RawRecord, Rejected, decode_event
+from shared.kafka.ranges import RangeReader, RangeUnavailable
 from shared.kafka.security import KafkaSecurity
 from shared.merkle import block_length
 from shared.schemas.agent import (
@@ -48,11 +49,11 @@ class ReplicaFeed:
         storage: Path,
         security: KafkaSecurity | None = None,
     ) -> None:
-        """`security`: how the range is read (the `edge` principal; default from the
-        environment)."""
+        """`security`: how the ranges are read (the `edge` principal; default from the
+        environment), all through one consumer (started at the first point, stopped by
+        `close()`)."""
         self.replica = replica
-        self.bootstrap = bootstrap
-        self.security = security
+        self.reader = RangeReader(bootstrap, security=security)
         self.topic = topics.physical(topics.REPLICATION_DELTAS, prefix)
         self.storage = storage
 
@@ -77,43 +78,12 @@ class ReplicaFeed:
         geometry = {d.disk_id: d for d in command.disks}
         staged = 0
         try:
-            async for records in read_range(
-                self.bootstrap,
-                self.topic,
-                command.partition,
-                command.first_offset,
-                command.last_offset,
-                security=self.security,
-            ):
-                blocks = []
-                for record in records:
-                    if record.key != item.encode():
-                        continue
-                    try:
-                        _, msg = decode_event(record.value)
-                    except Rejected:
-                        continue  # the pipeline dead-lettered it
-                    if not isinstance(msg, BlocksShipped) or msg.cycle_seq != seq:
-                        continue
-                    disk = geometry.get(msg.disk_id)
-                    if disk is None:
-                        continue
-                    batch = []
-                    try:
-                        for block in msg.blocks:
-                            length = block_length(block.index, disk.size_bytes, disk.block_size)
-                            data = (
-                                bytes(max(length, 0))
-                                if block.data is None
-                                else decode_data(block, msg.compression, length)
-                            )
-                            batch.append(
-                                (msg.disk_id, block.index, bytes.fromhex(block.sha256), data)
-                            )
-                    except ValueError:
-                        continue  # undecodable or longer than the block: the pipeline refused it
-                    blocks.extend(batch)
-                staged += await asyncio.to_thread(self.replica.stage_blocks, item, seq, blocks)
+            ranges = self.reader.read(
+                self.topic, command.partition, command.first_offset, command.last_offset
+            )
+            async with contextlib.aclosing(ranges) as batches:
+                async for records in batches:
+                    staged += await asyncio.to_thread(self._stage, item, seq, geometry, records)
         except RangeUnavailable as exc:
             raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
         point = Point(seq, tuple(_disk_state(d) for d in command.disks))
@@ -125,6 +95,17 @@ class ReplicaFeed:
             raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
         log.info("replica point applied", extra={"item_id": item, "seq": seq, "blocks": staged})
         return await asyncio.to_thread(self._answer, command)
+
+    def _stage(
+        self, item: str, seq: int, geometry: dict[str, ReplicaDisk], records: list[RawRecord]
+    ) -> int:
+        """Decode (base64, zlib) and stage a fetch's blocks of the cycle: in a worker thread,
+        off the event loop."""
+        return self.replica.stage_blocks(item, seq, _blocks_of(records, item, seq, geometry))
+
+    async def close(self) -> None:
+        """Stop the consumer the ranges are read through."""
+        await self.reader.close()
 
     async def delete(self, item_id: uuid.UUID) -> dict[str, Any]:
         """Forget the item's replica (its images and journal); idempotent."""
@@ -230,3 +211,37 @@ class ReplicaFeed:
 
 def _disk_state(disk: ReplicaDisk) -> DiskState:
     return DiskState(disk.disk_id, disk.size_bytes, disk.block_size, disk.merkle_root)
+
+
+def _blocks_of(
+    records: list[RawRecord], item: str, seq: int, geometry: dict[str, ReplicaDisk]
+) -> list[tuple[str, int, bytes, bytes]]:
+    """The blocks of the item's cycle in `records` (disk, index, SHA-256, data); records of
+    other items or cycles, of disks not in `geometry` and undecodable ones are skipped."""
+    blocks: list[tuple[str, int, bytes, bytes]] = []
+    for record in records:
+        if record.key != item.encode():
+            continue
+        try:
+            _, msg = decode_event(record.value)
+        except Rejected:
+            continue  # the pipeline dead-lettered it
+        if not isinstance(msg, BlocksShipped) or msg.cycle_seq != seq:
+            continue
+        disk = geometry.get(msg.disk_id)
+        if disk is None:
+            continue
+        batch = []
+        try:
+            for block in msg.blocks:
+                length = block_length(block.index, disk.size_bytes, disk.block_size)
+                data = (
+                    bytes(max(length, 0))
+                    if block.data is None
+                    else decode_data(block, msg.compression, length)
+                )
+                batch.append((msg.disk_id, block.index, bytes.fromhex(block.sha256), data))
+        except ValueError:
+            continue  # undecodable or longer than the block: the pipeline refused it
+        blocks.extend(batch)
+    return blocks

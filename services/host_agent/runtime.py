@@ -51,6 +51,7 @@ class AgentRuntime(EdgeRuntime):
         self.replicator: Replicator | None = None
         self.consumer: PlainEventConsumer | None = None
         self.delta_producer: KafkaProducer | None = None
+        self.replica_feed: ReplicaFeed | None = None
         self._lock = contextlib.ExitStack()
 
     def _status(self) -> dict[str, Any]:
@@ -114,6 +115,9 @@ class AgentRuntime(EdgeRuntime):
             export_roots=s.allowed_export_roots(),
         )
         await self.replicator.start()
+        self.replica_feed = ReplicaFeed(
+            self.replica, s.kafka_bootstrap_servers, s.topic_prefix, s.storage_dir, kafka
+        )
         handler = CommandHandler(
             self.identity,
             emit,
@@ -121,13 +125,7 @@ class AgentRuntime(EdgeRuntime):
             self.workloads,
             s.storage_dir,
             s.state_dir,
-            ReplicaFeed(
-                self.replica,
-                s.kafka_bootstrap_servers,
-                s.topic_prefix,
-                s.storage_dir,
-                kafka,
-            ),
+            self.replica_feed,
         )
         group, replica_group = topics.agent_command_groups(str(self.identity.producer_id))
         consumer = PlainEventConsumer(
@@ -160,6 +158,8 @@ class AgentRuntime(EdgeRuntime):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.replica_feed is not None:
+            await self.replica_feed.close()
         await self.workloads.stop_all()
         if self.replicator is not None:
             await self.replicator.stop()

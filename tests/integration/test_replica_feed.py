@@ -142,3 +142,5 @@ async def test_a_point_is_applied_from_its_records_only(deltas: Deltas, tmp_path
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
     assert (await feed.apply(command(item, 2, at, at, disk)))["cycle_seq"] == 2
     assert hashlib.sha256(image.read_bytes()).hexdigest() == disk.sha256()
+    assert feed.reader.starts == 1  # every point read through one consumer
+    await feed.close()

@@ -48,6 +48,7 @@ class History:
         self.disks = [SourceDisk("d0", 64 * BS + 100, BS, rng), SourceDisk("d1", 16 * BS, BS, rng)]
         self.replica = SiteReplica(root)
         self.sha: dict[int, dict[str, str]] = {}
+        self.roots: dict[int, dict[str, str]] = {}  # the source's Merkle roots at each point
         for d in self.disks:
             d.write_random(0.5)
         for seq in range(1, points + 1):
@@ -66,6 +67,7 @@ class History:
         point = ship(self.replica, ITEM, seq, self.disks)
         assert self.replica.apply(ITEM, seq) == point
         self.sha[seq] = {d.disk_id: d.sha256() for d in self.disks}
+        self.roots[seq] = {d.disk_id: d.root() for d in self.disks}
         return point
 
     def images(self) -> dict[str, str]:

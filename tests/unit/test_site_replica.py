@@ -39,7 +39,9 @@ def test_rollback_returns_to_each_older_point(tmp_path: Path) -> None:
     for seq in (5, 4, 2):
         head = h.replica.rollback(ITEM, seq)
         assert head.seq == seq and h.images() == h.sha[seq], seq
-        assert head.roots() == h.replica.roots(ITEM)
+        # the roots the source had, from the trees kept along and from the leaves alone
+        assert head.roots() == h.replica.roots(ITEM) == h.roots[seq], seq
+        assert SiteReplica(tmp_path).roots(ITEM) == h.roots[seq], seq
     assert h.replica.retained(ITEM) == [1, 2]
     with pytest.raises(ReplicaError, match="not retained"):
         h.replica.rollback(ITEM, 4)
