@@ -128,25 +128,23 @@ class AgentRuntime(EdgeRuntime):
             self.replica_feed,
         )
         group, replica_group = topics.agent_command_groups(str(self.identity.producer_id))
-        consumer = PlainEventConsumer(
-            bootstrap=s.kafka_bootstrap_servers,
-            prefix=s.topic_prefix,
-            group=group,
-            topic_names=[topics.AGENT_COMMANDS],
-            producer=self.publisher.producer,
-            handlers=handler.handlers,
-            security=kafka,
-        )
-        replica_lane = PlainEventConsumer(
-            bootstrap=s.kafka_bootstrap_servers,
-            prefix=s.topic_prefix,
-            group=replica_group,
-            topic_names=[topics.AGENT_COMMANDS],
-            producer=self.publisher.producer,
-            handlers=handler.replica_handlers,
-            security=kafka,
-            dead_letters=False,
-        )
+        producer = self.publisher.producer
+
+        def lane(group: str, handlers: dict[str, Any], dead_letters: bool) -> PlainEventConsumer:
+            return PlainEventConsumer(
+                bootstrap=s.kafka_bootstrap_servers,
+                prefix=s.topic_prefix,
+                group=group,
+                topic_names=[topics.AGENT_COMMANDS],
+                producer=producer,
+                handlers=handlers,
+                security=kafka,
+                dead_letters=dead_letters,
+            )
+
+        consumer = lane(group, handler.handlers, True)
+        # the replica's lane skips what it cannot decode: the main lane dead-letters it
+        replica_lane = lane(replica_group, handler.replica_handlers, False)
         self.consumer = consumer
         self.spawn("commands", consumer.run)
         self.spawn("replica-commands", replica_lane.run)
