@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.networking import failover_nic_target
 from shared.schemas.agent import NicAttachment
-from shared.schemas.failover import FailoverKind, JobState, PointChoice
+from shared.schemas.failover import FailoverKind, JobState, MaterialisedDisk, PointChoice
 from shared.schemas.inventory import Nic, VmNetwork
 
 MAX_PLAN_ITEMS = 100
@@ -226,7 +226,7 @@ def check_reverse(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> No
 
 
 def seed_disks(
-    recovery_disks: Sequence[Mapping[str, Any]],
+    recovery_disks: Sequence[MaterialisedDisk],
     old_primary_disks: Mapping[str, str],
     exists: AbstractSet[str],
     force_full_resync: bool,
@@ -235,12 +235,12 @@ def seed_disks(
     sent then). Refused when one is gone, unless the operator forces a full resync."""
     seeds = []
     for disk in recovery_disks:
-        path = old_primary_disks.get(str(disk["disk_id"]))
+        path = old_primary_disks.get(disk.disk_id)
         if path is None or path not in exists:
             if force_full_resync:
                 return []
             raise FailoverRefused("old primary unreachable: pass force_full_resync")
-        seeds.append({"disk_id": str(disk["disk_id"]), "path": path})
+        seeds.append({"disk_id": disk.disk_id, "path": path})
     return [] if force_full_resync else seeds
 
 

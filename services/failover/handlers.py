@@ -36,6 +36,7 @@ from services.failover.domain import (
     PlanGroup,
     RecoveryPlan,
 )
+from services.failover.item_failover import FailoverInfo
 from services.failover.item_workflows import STEPS
 from services.failover.job import Job, JobParams
 from services.failover.steps import path_exists
@@ -91,12 +92,10 @@ async def check_item(
         retained = await reads.retained_points(item_id)
         domain.check_point_exists(item, params.stored(), retained)
     if operation is Operation.REVERSE:
-        info = (view or {}).get("info", {})
-        old = dict(info.get("source_disks", {}))
+        info = FailoverInfo.model_validate((view or {}).get("info") or {})
+        old = dict(info.source_disks or {})
         exists = {p for p in old.values() if p and path_exists(p)}
-        domain.seed_disks(
-            info.get("recovery_disks", []), old, exists, bool(params.force_full_resync)
-        )
+        domain.seed_disks(info.recovery_disks or [], old, exists, bool(params.force_full_resync))
     return item
 
 

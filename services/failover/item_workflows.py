@@ -29,6 +29,7 @@ from services.failover.steps import (
 )
 from services.failover.test_networks import delete_test_networks, test_network
 from services.failover.workflow import Run, StepFailed, StepResult, Workflow
+from shared.schemas.agent import NicAttachment
 from shared.schemas.failover import (
     FailoverKind,
     PointChoice,
@@ -58,7 +59,7 @@ class ReversePlan(StepResult):
     new_item_id: uuid.UUID
     vm_id: str
     vm_name: str
-    nics: list[dict[str, Any]]
+    nics: list[NicAttachment]
     # the recovery host becomes the source; the old primary site the target
     source_agent_id: uuid.UUID
     source_site: str
@@ -325,7 +326,7 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
             source_site=info.recovery_site or "",
             target_site=info.source_site or "",
             disks=[
-                ReverseDisk(disk_id=d["disk_id"], path=d["path"], size_bytes=d["size_bytes"])
+                ReverseDisk(disk_id=d.disk_id, path=d.path, size_bytes=d.size_bytes)
                 for d in recovery_disks
             ],
             seed_disks=[SeedDisk.model_validate(sd) for sd in seeds],
@@ -353,7 +354,7 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
                 source_site=plan.source_site,
                 target_site=plan.target_site,
                 disks=[d.model_dump(mode="json") for d in plan.disks],
-                nics=plan.nics,
+                nics=[n.model_dump(mode="json") for n in plan.nics],
             )
             await repo.emit(
                 conn,

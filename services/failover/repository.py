@@ -12,7 +12,13 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from services.failover.domain import ItemFailoverState, PlanGroup, RecoveryPlan, RetainedPoints
-from services.failover.item_failover import FailoverInfo, ItemFailover, TestFailover, stored_info
+from services.failover.item_failover import (
+    CleanupNote,
+    FailoverInfo,
+    ItemFailover,
+    TestFailover,
+    stored_info,
+)
 from shared import outbox
 from shared.kafka.decode import Rejected
 from shared.schemas.envelope import EventPayload
@@ -392,7 +398,7 @@ async def item_failover(conn: Conn, item_id: uuid.UUID, vault_id: uuid.UUID) -> 
         state=ItemFailoverState(row["state"]),
         info=FailoverInfo.model_validate(row["info"]),
         test=TestFailover.model_validate(row["test"]) if row["test"] else None,
-        notes=list(row["notes"]),
+        notes=[CleanupNote.model_validate(n) for n in row["notes"]],
     )
 
 
@@ -412,7 +418,7 @@ async def save_item_failover(conn: Conn, item: ItemFailover) -> None:
         item.state.value,
         stored_info(item.info),
         item.test.model_dump(mode="json") if item.test else None,
-        item.notes,
+        [n.model_dump(mode="json") for n in item.notes],
     )
     for event in item.events:
         await emit(conn, item.vault_id, event, str(item.item_id))

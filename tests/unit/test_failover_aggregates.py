@@ -119,7 +119,7 @@ def test_a_test_failover_remembers_where_it_came_from() -> None:
     assert item.test.previous_state == "protected"
     item.end_test(CleanupNote(at=later.isoformat(), job_id="c", test_job_id=str(job_id)))
     assert item.state is ItemFailoverState.PROTECTED and item.test is None
-    assert item.notes[-1]["test_job_id"] == str(job_id)
+    assert item.notes[-1].test_job_id == str(job_id)
 
 
 def test_failover_commit_and_reverse_follow_each_other() -> None:

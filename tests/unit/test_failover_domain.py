@@ -19,7 +19,7 @@ from services.failover.domain import (
     PlanGroup,
     StepAction,
 )
-from shared.schemas.failover import FailoverKind, JobState, PointChoice
+from shared.schemas.failover import FailoverKind, JobState, MaterialisedDisk, PointChoice
 from shared.schemas.inventory import IpMode, Nic, StaticPool, Subnet, VmNetwork
 
 ITEM = {"vm_name": "web01", "state": "replicating", "latest_seq": 4}
@@ -83,7 +83,9 @@ def test_refusals() -> None:
 
 
 def test_seed_disks_need_the_old_primary_or_force() -> None:
-    disks = [{"disk_id": "d0", "path": "/r/web01/d0.vhdx"}]
+    disks = [
+        MaterialisedDisk(disk_id="d0", path="/r/web01/d0.vhdx", size_bytes=1, merkle_root="00")
+    ]
     old = {"d0": "/p/web01/d0.vhdx"}
     assert domain.seed_disks(disks, old, {"/p/web01/d0.vhdx"}, False) == [
         {"disk_id": "d0", "path": "/p/web01/d0.vhdx"}
