@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -163,64 +163,99 @@ def resume_point(tasks: Sequence[Mapping[str, Any]]) -> str:
 # ------------------------------------------------------------------ refusals
 
 
-def check_test(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    if view and view.get("state") == ItemFailoverState.TESTING:
+@dataclass(frozen=True)
+class ItemRow:
+    """A protected item as this service knows it (from the replication service's events)."""
+
+    item_id: uuid.UUID
+    vault_id: uuid.UUID
+    vm_id: str
+    vm_name: str
+    source_cloud_id: str
+    target_cloud_id: str
+    pairing_id: uuid.UUID
+    source_agent_id: uuid.UUID
+    state: str
+    health: str
+    active: bool
+    latest_seq: int | None
+    latest_source_time: datetime | None
+    latest_app_seq: int | None
+
+
+class FailoverView(Protocol):
+    """What a refusal reads of an item's failover state (services/failover/item_failover.py);
+    None: nothing done to the item yet."""
+
+    @property
+    def state(self) -> ItemFailoverState: ...
+
+    @property
+    def test(self) -> object | None: ...
+
+
+def _state(view: FailoverView | None) -> ItemFailoverState:
+    return view.state if view is not None else ItemFailoverState.PROTECTED
+
+
+def check_test(item: ItemRow, view: FailoverView | None) -> None:
+    if _state(view) is ItemFailoverState.TESTING:
         raise FailoverRefused(
-            f"a test failover of {item['vm_name']} is already running: clean it up first"
+            f"a test failover of {item.vm_name} is already running: clean it up first"
         )
-    if item.get("latest_seq") is None:
+    if item.latest_seq is None:
         raise FailoverRefused(
-            f"{item['vm_name']} has no recovery point yet: wait for initial replication"
+            f"{item.vm_name} has no recovery point yet: wait for initial replication"
         )
     _not_failed_over(item, view)
 
 
-def check_planned(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    if item.get("state") not in READY_STATES or item.get("latest_seq") is None:
+def check_planned(item: ItemRow, view: FailoverView | None) -> None:
+    if item.state not in READY_STATES or item.latest_seq is None:
         raise FailoverRefused(
-            f"{item['vm_name']} has not finished initial replication (state "
-            f"{item.get('state')}): a planned failover needs every item past initial "
+            f"{item.vm_name} has not finished initial replication (state "
+            f"{item.state}): a planned failover needs every item past initial "
             "replication"
         )
     _not_failed_over(item, view)
 
 
-def check_unplanned(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    if item.get("latest_seq") is None:
-        raise FailoverRefused(f"{item['vm_name']} has no recovery point to fail over to")
+def check_unplanned(item: ItemRow, view: FailoverView | None) -> None:
+    if item.latest_seq is None:
+        raise FailoverRefused(f"{item.vm_name} has no recovery point to fail over to")
     _not_failed_over(item, view)
 
 
-def _not_failed_over(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    state = (view or {}).get("state")
+def _not_failed_over(item: ItemRow, view: FailoverView | None) -> None:
+    state = _state(view)
     if state in (
         ItemFailoverState.FAILED_OVER,
         ItemFailoverState.COMMITTED,
         ItemFailoverState.REVERSE_REPLICATING,
     ):
-        raise FailoverRefused(f"{item['vm_name']} is already failed over ({state})")
+        raise FailoverRefused(f"{item.vm_name} is already failed over ({state.value})")
 
 
-def check_cleanup(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    if not view or view.get("state") != ItemFailoverState.TESTING or not view.get("test"):
-        raise FailoverRefused(f"{item['vm_name']} has no test failover to clean up")
+def check_cleanup(item: ItemRow, view: FailoverView | None) -> None:
+    if view is None or view.state is not ItemFailoverState.TESTING or not view.test:
+        raise FailoverRefused(f"{item.vm_name} has no test failover to clean up")
 
 
-def check_commit(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    if not view or view.get("state") != ItemFailoverState.FAILED_OVER:
-        state = (view or {}).get("state", ItemFailoverState.PROTECTED.value)
+def check_commit(item: ItemRow, view: FailoverView | None) -> None:
+    state = _state(view)
+    if state is not ItemFailoverState.FAILED_OVER:
         raise FailoverRefused(
-            f"{item['vm_name']} is not failed over (it is {state}): commit comes after a "
+            f"{item.vm_name} is not failed over (it is {state.value}): commit comes after a "
             "planned or unplanned failover"
         )
 
 
-def check_reverse(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    state = (view or {}).get("state")
+def check_reverse(item: ItemRow, view: FailoverView | None) -> None:
+    state = _state(view)
     if state not in (ItemFailoverState.FAILED_OVER, ItemFailoverState.COMMITTED):
         raise FailoverRefused(
-            f"{item['vm_name']} is not failed over (it is "
-            f"{state or ItemFailoverState.PROTECTED.value}): reverse replication comes after "
+            f"{item.vm_name} is not failed over (it is "
+            f"{state.value}): reverse replication comes after "
             "a failover"
         )
 
@@ -346,19 +381,37 @@ def actions_for(actions: Iterable[PlanAction], kind: FailoverKind | None) -> lis
     return [a for a in actions if kind in a.run_on]
 
 
-def script_actions(groups: Iterable[PlanGroup | dict[str, Any]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class ScriptAction:
+    """A plan's script action as compared to decide whether a change needs an admin: where it
+    runs and what it runs (its name and instructions left out)."""
+
+    at: str
+    action_id: str
+    script: str
+    args: tuple[str, ...]
+    timeout_seconds: float | None
+    run_on: tuple[FailoverKind, ...]
+
+
+def script_actions(groups: Iterable[PlanGroup]) -> list[ScriptAction]:
     """A plan's script actions, as compared to decide whether a change needs an admin: an
     operator may change a plan's items and manual actions, not what it runs."""
-    found = []
-    for group in groups:
-        g = group if isinstance(group, PlanGroup) else PlanGroup.model_validate(group)
-        for where, actions in (("pre", g.pre_actions), ("post", g.post_actions)):
-            found += [
-                {"at": where, **a.model_dump(mode="json", exclude={"name", "instructions"})}
-                for a in actions
-                if a.kind == "script"
-            ]
-    return sorted(found, key=lambda a: (a["action_id"], a["at"]))
+    found = [
+        ScriptAction(
+            at=where,
+            action_id=a.action_id,
+            script=a.script or "",
+            args=tuple(a.args),
+            timeout_seconds=a.timeout_seconds,
+            run_on=tuple(a.run_on),
+        )
+        for g in groups
+        for where, actions in (("pre", g.pre_actions), ("post", g.post_actions))
+        for a in actions
+        if a.kind == "script"
+    ]
+    return sorted(found, key=lambda a: (a.action_id, a.at))
 
 
 def script_file(folder: Path, name: str) -> Path:
@@ -457,36 +510,37 @@ class RetainedPoints:
 
 
 def check_point_exists(
-    item: Mapping[str, Any],
-    params: Mapping[str, Any],
+    item: ItemRow,
+    choice: str | None,
+    cycle_seq: int | None,
     retained: RetainedPoints | None = None,
 ) -> None:
     """The point a test or unplanned failover asks for exists, checked when the job is asked
     for (not when its materialise step runs): a chosen cycle past the item's latest point is
     NotFound, one that retention removed PointNotRetained (naming the retained range), a
     latest app-consistent point where none was taken a refusal."""
-    choice = params.get("choice", PointChoice.LATEST.value)
-    latest = item.get("latest_seq")
-    if choice == PointChoice.CHOSEN.value and latest is not None:
-        seq = int(params["cycle_seq"])
-        if seq > int(latest):
+    choice = choice or PointChoice.LATEST.value
+    latest = item.latest_seq
+    if choice == PointChoice.CHOSEN.value and latest is not None and cycle_seq is not None:
+        seq = cycle_seq
+        if seq > latest:
             raise NotFound(
-                f"{item['vm_name']} has no recovery point {seq}: its latest is {latest}; "
+                f"{item.vm_name} has no recovery point {seq}: its latest is {latest}; "
                 "list the retained points (GET .../protected-items/{item_id}/recovery-points) "
                 "and choose one of them"
             )
         if retained is not None and retained.seqs and seq not in retained.seqs:
             raise PointNotRetained(
-                f"{item['vm_name']} has no retained recovery point {seq}: the retained points "
+                f"{item.vm_name} has no retained recovery point {seq}: the retained points "
                 f"are {retained.describe()}; list them (GET "
                 ".../protected-items/{item_id}/recovery-points) and choose one of them"
             )
     app_pruned = retained is not None and bool(retained.seqs) and not retained.app_seqs
     if choice == PointChoice.LATEST_APP_CONSISTENT.value and (
-        item.get("latest_app_seq") is None or app_pruned
+        item.latest_app_seq is None or app_pruned
     ):
         raise FailoverRefused(
-            f"{item['vm_name']} has no app-consistent recovery point yet: choose latest or a "
+            f"{item.vm_name} has no app-consistent recovery point yet: choose latest or a "
             "chosen point, or wait for the policy's app-consistent snapshot"
         )
 

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from services.failover.domain import Operation
-from services.failover.job import Job, JobParams, WaitingFor
+from services.failover.job import Job, JobParams, JobResult, WaitingFor
 from services.failover.repository import Conn, emit
 from shared.schemas.failover import JobState, TaskChanged
 
@@ -39,7 +39,7 @@ def _job(row: asyncpg.Record) -> Job:
         run_no=row["run_no"],
         restarts=row["restarts"],
         waiting_for=WaitingFor.model_validate(row["waiting_for"]) if row["waiting_for"] else None,
-        result=dict(row["result"]),
+        result=JobResult.model_validate(row["result"]),
         created_by=row["created_by"],
         created_at=row["created_at"],
         started_at=row["started_at"],
@@ -96,7 +96,7 @@ async def save_job(conn: asyncpg.Connection, job: Job) -> None:
         job.run_no,
         job.restarts,
         job.waiting_for.model_dump(mode="json") if job.waiting_for else None,
-        job.result,
+        job.result.stored(),
         job.started_at,
         job.ended_at,
     )

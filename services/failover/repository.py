@@ -6,12 +6,19 @@ in services/failover/job_repository.py."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import fields
 from datetime import datetime
 from typing import Any, TypeAlias
 
 import asyncpg
 
-from services.failover.domain import ItemFailoverState, PlanGroup, RecoveryPlan, RetainedPoints
+from services.failover.domain import (
+    ItemFailoverState,
+    ItemRow,
+    PlanGroup,
+    RecoveryPlan,
+    RetainedPoints,
+)
 from services.failover.item_failover import (
     CleanupNote,
     FailoverInfo,
@@ -284,9 +291,9 @@ async def known_items(conn: Conn, vault_id: uuid.UUID, item_ids: list[uuid.UUID]
     return {r["item_id"] for r in rows}
 
 
-async def item(conn: Conn, item_id: uuid.UUID) -> dict[str, Any] | None:
+async def item(conn: Conn, item_id: uuid.UUID) -> ItemRow | None:
     row = await conn.fetchrow("SELECT * FROM rm_items WHERE item_id = $1", item_id)
-    return dict(row) if row else None
+    return ItemRow(**{f.name: row[f.name] for f in fields(ItemRow)}) if row else None
 
 
 async def items(conn: Conn, vault_id: uuid.UUID) -> list[dict[str, Any]]:
@@ -389,9 +396,15 @@ async def view(conn: Conn, item_id: uuid.UUID) -> dict[str, Any] | None:
 
 async def item_failover(conn: Conn, item_id: uuid.UUID, vault_id: uuid.UUID) -> ItemFailover:
     """The item's failover state (protected, nothing done yet, if there is no row)."""
+    found = await failover_view(conn, item_id)
+    return found if found is not None else ItemFailover(item_id=item_id, vault_id=vault_id)
+
+
+async def failover_view(conn: Conn, item_id: uuid.UUID) -> ItemFailover | None:
+    """The item's failover state as stored; None if nothing was done to the item yet."""
     row = await conn.fetchrow("SELECT * FROM item_failover WHERE item_id = $1", item_id)
     if row is None:
-        return ItemFailover(item_id=item_id, vault_id=vault_id)
+        return None
     return ItemFailover(
         item_id=row["item_id"],
         vault_id=row["vault_id"],

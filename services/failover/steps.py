@@ -121,6 +121,21 @@ class FinalCycle(StepResult):
     roots: dict[str, str] = Field(default_factory=dict)
 
 
+class ShutdownAnswer(BaseModel):
+    """What a failover reads of the source agent's answer to the shutdown: the final cycle it
+    shipped (none when the VM was not replicating)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    class Final(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+
+        cycle_seq: int | None = None
+        roots: dict[str, str] = Field(default_factory=dict)
+
+    final_cycle: Final | None = None
+
+
 class Synced(StepResult):
     state: str
     latest_seq: int | None
@@ -141,7 +156,7 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> ItemFacts:
     if item is None:
         raise StepFailed(f"protected item {item_id} is not known", "no ProtectionEnabled seen")
     link = await repo.link_of(pool, new=item_id)
-    vm_row = await repo.vm(pool, item["vault_id"], item["vm_id"])
+    vm_row = await repo.vm(pool, item.vault_id, item.vm_id)
     vm = vm_row["vm"] if vm_row else {}
     preferred: uuid.UUID | None = None
     if link is not None:
@@ -149,19 +164,19 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> ItemFacts:
         nics = [Nic.model_validate(n) for n in link["nics"]]
         source_site, target_site = link["source_site"], link["target_site"]
         old = await repo.item(pool, link["old_item_id"])
-        preferred = old["source_agent_id"] if old else None
+        preferred = old.source_agent_id if old else None
     else:
         disks = [
             SourceDisk(disk_id=d["disk_id"], path=d.get("path", ""), size_bytes=d["size_bytes"])
             for d in vm.get("disks", [])
         ]
         nics = [Nic.model_validate(n) for n in vm.get("nics", [])]
-        source = await repo.producer(pool, item["source_agent_id"])
+        source = await repo.producer(pool, item.source_agent_id)
         source_site = source["site"] if source else (vm_row["site"] if vm_row else "")
-        target_site = await repo.cloud_site(pool, item["vault_id"], item["target_cloud_id"]) or ""
+        target_site = await repo.cloud_site(pool, item.vault_id, item.target_cloud_id) or ""
     if not target_site:
         raise StepFailed(
-            f"the recovery site of {item['vm_name']} is not known",
+            f"the recovery site of {item.vm_name} is not known",
             "the target cloud was not discovered",
             "check the recovery site's provider",
         )
@@ -179,9 +194,9 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> ItemFacts:
     agent = next((a for a in agents if a["producer_id"] == preferred), agents[0])
     return ItemFacts(
         item_id=item_id,
-        vm_id=item["vm_id"],
-        vm_name=item["vm_name"],
-        source_agent_id=item["source_agent_id"],
+        vm_id=item.vm_id,
+        vm_name=item.vm_name,
+        source_agent_id=item.source_agent_id,
         source_site=source_site,
         target_site=target_site,
         recovery_agent_id=agent["producer_id"],
@@ -236,7 +251,7 @@ async def prepare(run: Run, p: str, item_id: uuid.UUID, test_net: TestNetwork | 
 
 async def vm_name_of(run: Run, item_id: uuid.UUID) -> str:
     item = await repo.item(run.pool, item_id)
-    return str(item["vm_name"]) if item else str(item_id)
+    return item.vm_name if item else str(item_id)
 
 
 # ------------------------------------------------------------------ activities
@@ -361,8 +376,8 @@ async def shutdown(run: Run, p: str, facts: ItemFacts, timeout: float | None = N
             timeout=timeout,
             recommendation="check the source host agent; for a disaster use an unplanned failover",
         )
-        final = result.get("final_cycle") or {}
-        return FinalCycle(cycle_seq=final.get("cycle_seq"), roots=final.get("roots", {}))
+        final = ShutdownAnswer.model_validate(result).final_cycle or ShutdownAnswer.Final()
+        return FinalCycle(cycle_seq=final.cycle_seq, roots=final.roots)
 
     return await run.step(
         f"{p}shutdown",
@@ -383,9 +398,9 @@ async def synced(
         item = await repo.item(run.pool, item_id)
         if item is None:
             return None
-        caught_up = final_seq is not None and (item["latest_seq"] or 0) >= final_seq
-        if item["state"] == "synced" or caught_up:
-            return Synced(state=item["state"], latest_seq=item["latest_seq"])
+        caught_up = final_seq is not None and (item.latest_seq or 0) >= final_seq
+        if item.state == "synced" or caught_up:
+            return Synced(state=item.state, latest_seq=item.latest_seq)
         return None
 
     async def wait(_cid: uuid.UUID) -> Synced:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
@@ -30,7 +30,7 @@ from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
 from services.failover.config import FailoverSettings
 from services.failover.domain import PlanAction, StepAction
-from services.failover.job import Job, WaitingFor
+from services.failover.job import ItemResult, Job, JobResult, WaitingFor
 from services.failover.unit_of_work import PgUnitOfWork
 from shared.faults import crash_point
 from shared.schemas.failover import JobState
@@ -101,8 +101,8 @@ R = TypeVar("R", bound=BaseModel)
 # a step's effect (its command or local change; None: the wait gives the result) and its wait
 Effect = Callable[[uuid.UUID], Awaitable[R | None]]
 Wait = Callable[[uuid.UUID], Awaitable[R]]
-# a job's workflow returns the job's result document
-Workflow = Callable[["Run"], Awaitable[dict[str, Any]]]
+# a job's workflow returns the job's result (the engine adds the items' results)
+Workflow = Callable[["Run"], Awaitable[JobResult]]
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Run:
     engine: Engine
     job: Job
     errors: int = 0
-    item_results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    item_results: dict[str, ItemResult] = field(default_factory=dict)
 
     @property
     def job_id(self) -> uuid.UUID:
@@ -212,7 +212,7 @@ class Run:
         *,
         timeout: float | None = None,
         recommendation: str = "",
-    ) -> dict[str, Any]:
+    ) -> dict[str, object]:
         """The answer (as its answerer sent it: the caller reads it into its type) to the
         command or request `command_id`; StepFailed if it failed or didn't come in time."""
         limit = timeout or self.settings.step_timeout_seconds
@@ -353,7 +353,7 @@ class Engine:
         run = Run(self, job)
         JOBS_RUNNING.inc()
         failure: StepFailed | None = None
-        result: dict[str, Any] = {}
+        result = JobResult()
         try:
             result = await self.workflows[job.kind](run)
         except StepFailed as exc:
@@ -371,7 +371,7 @@ class Engine:
             JOBS_RUNNING.dec()
         await self.finish(run, failure, result)
 
-    async def finish(self, run: Run, failure: StepFailed | None, result: dict[str, Any]) -> None:
+    async def finish(self, run: Run, failure: StepFailed | None, result: JobResult) -> None:
         now = datetime.now(UTC)
         async with self.uow() as uow:
             job = await uow.jobs.get(run.job_id)
@@ -381,7 +381,11 @@ class Engine:
                 now,
                 failure=(failure.error, failure.cause, failure.recommendation) if failure else None,
                 errors=run.errors,
-                result={**result, "items": run.item_results} if run.item_results else result,
+                result=(
+                    result.model_copy(update={"items": dict(run.item_results)})
+                    if run.item_results
+                    else result
+                ),
             )
             await uow.commit()
         state = job.state
