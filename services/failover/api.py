@@ -39,6 +39,7 @@ from services.failover.domain import (
     Operation,
     PlanGroup,
     RecoveryPlan,
+    TaskRow,
 )
 from services.failover.job import Job, JobParams
 from shared.auth import CurrentPrincipal, Principal
@@ -156,7 +157,7 @@ def job_out(job: Job) -> dict[str, Any]:
     return encoded
 
 
-def task_out(t: dict[str, Any]) -> dict[str, Any]:
+def task_out(t: TaskRow) -> dict[str, Any]:
     keys = (
         "task_no",
         "name",
@@ -169,7 +170,7 @@ def task_out(t: dict[str, Any]) -> dict[str, Any]:
         "detail",
         "command_id",
     )
-    encoded: dict[str, Any] = jsonable_encoder({k: t[k] for k in keys})
+    encoded: dict[str, Any] = jsonable_encoder({k: getattr(t, k) for k in keys})
     return encoded
 
 

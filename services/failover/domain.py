@@ -150,12 +150,31 @@ def command_id_for(job_id: uuid.UUID, step_key: str, run_no: int = 1) -> uuid.UU
     return uuid.uuid5(NAMESPACE, f"{job_id}/{step_key}/{run_no}")
 
 
-def resume_point(tasks: Sequence[Mapping[str, Any]]) -> str:
+@dataclass(frozen=True)
+class TaskRow:
+    """One step of a job as stored: its idempotency key (`command_id`), state and result."""
+
+    job_id: uuid.UUID
+    task_no: int
+    step_key: str
+    name: str
+    state: str
+    command_id: uuid.UUID
+    attempts: int
+    started_at: datetime
+    ended_at: datetime | None
+    error: str | None
+    cause: str | None
+    recommendation: str | None
+    detail: dict[str, object]
+
+
+def resume_point(tasks: Sequence[TaskRow]) -> str:
     """A line for the job history: where a resumed workflow picks up."""
-    done = [t for t in tasks if t["state"] == JobState.SUCCEEDED.value]
-    open_ = [t for t in tasks if t["state"] not in (JobState.SUCCEEDED.value, "failed")]
+    done = [t for t in tasks if t.state == JobState.SUCCEEDED.value]
+    open_ = [t for t in tasks if t.state not in (JobState.SUCCEEDED.value, "failed")]
     if open_:
-        names = ", ".join(str(t["name"]) for t in open_[:3])
+        names = ", ".join(t.name for t in open_[:3])
         return f"{len(done)} steps done; resuming {names}"
     return f"{len(done)} steps done; resuming at the next step"
 

@@ -6,9 +6,9 @@ in services/failover/job_repository.py."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 
@@ -30,9 +30,13 @@ from shared import outbox
 from shared.kafka.decode import Rejected
 from shared.schemas.envelope import EventPayload
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 PRODUCER_ID = "service:failover"
 
 Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
+R = TypeVar("R", bound="DataclassInstance")
 
 
 REPLICATION = "service:replication"
@@ -293,7 +297,7 @@ async def known_items(conn: Conn, vault_id: uuid.UUID, item_ids: list[uuid.UUID]
 
 async def item(conn: Conn, item_id: uuid.UUID) -> ItemRow | None:
     row = await conn.fetchrow("SELECT * FROM rm_items WHERE item_id = $1", item_id)
-    return ItemRow(**{f.name: row[f.name] for f in fields(ItemRow)}) if row else None
+    return from_record(ItemRow, row) if row else None
 
 
 async def items(conn: Conn, vault_id: uuid.UUID) -> list[dict[str, Any]]:
@@ -362,9 +366,27 @@ async def used_ips(conn: Conn, vault_id: uuid.UUID) -> set[str]:
     return used
 
 
-async def answer(conn: Conn, request_id: uuid.UUID) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class AnswerRow:
+    """An agent's or the replication service's answer to a step's command or request, as it
+    sent it."""
+
+    request_id: uuid.UUID
+    kind: str
+    ok: bool
+    error: str
+    result: dict[str, object]
+    at: datetime
+
+
+def from_record(cls: type[R], row: asyncpg.Record) -> R:
+    """The row as the dataclass `cls` (whose fields name the row's columns)."""
+    return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+async def answer(conn: Conn, request_id: uuid.UUID) -> AnswerRow | None:
     row = await conn.fetchrow("SELECT * FROM answers WHERE request_id = $1", request_id)
-    return dict(row) if row else None
+    return from_record(AnswerRow, row) if row else None
 
 
 async def save_answer(

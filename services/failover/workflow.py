@@ -144,16 +144,14 @@ class Run:
         task = await jobs_repo.task(self.pool, self.job_id, key)
         answered = False
         if task is not None and wait is not None:
-            answered = await repo.answer(self.pool, task["command_id"]) is not None
-        action = domain.step_action(task["state"] if task else None, answered)
+            answered = await repo.answer(self.pool, task.command_id) is not None
+        action = domain.step_action(task.state if task else None, answered)
         if action is StepAction.SKIP:
             assert task is not None
-            return result_type.model_validate(task["detail"])
+            return result_type.model_validate(task.detail)
         if action is StepAction.FAILED:
             assert task is not None
-            raise StepFailed(
-                task["error"] or "failed", task["cause"] or "", task["recommendation"] or ""
-            )
+            raise StepFailed(task.error or "failed", task.cause or "", task.recommendation or "")
         if task is None:
             command_id = domain.command_id_for(self.job_id, key, self.job.run_no)
             async with self.pool.acquire() as conn, conn.transaction():
@@ -161,7 +159,7 @@ class Run:
                     conn, self.vault_id, self.job_id, key, name, command_id
                 )
             crash_point(f"failover.{crash}.recorded")
-        command_id = task["command_id"]
+        command_id = task.command_id
         try:
             result: R | None = None
             if effect is not None and action is not StepAction.WAIT:
@@ -220,13 +218,13 @@ class Run:
         while True:
             found = await repo.answer(self.pool, command_id)
             if found is not None:
-                if not found["ok"]:
+                if not found.ok:
                     raise StepFailed(
-                        f"{what} failed: {found['error']}",
-                        cause=f"the {found['kind']} answer reported an error",
+                        f"{what} failed: {found.error}",
+                        cause=f"the {found.kind} answer reported an error",
                         recommendation=recommendation or "fix the cause, then restart the job",
                     )
-                return dict(found["result"])
+                return dict(found.result)
             if time.monotonic() > deadline:
                 raise StepFailed(
                     f"{what}: no answer within {limit:g} s",
@@ -257,8 +255,8 @@ class Run:
     async def manual(self, key: str, action: PlanAction) -> Approval:
         """A manual action: the job waits in `waiting_for_input` until an operator approves."""
         task = await jobs_repo.task(self.pool, self.job_id, key)
-        if task is not None and task["state"] == JobState.SUCCEEDED.value:
-            return Approval.model_validate(task["detail"])
+        if task is not None and task.state == JobState.SUCCEEDED.value:
+            return Approval.model_validate(task.detail)
         waiting = WaitingFor(
             action_id=action.action_id,
             action_key=key,
@@ -287,7 +285,7 @@ class Run:
             if approved is not None:
                 break
             await self.engine.notifier.wait(self.settings.poll_seconds * 4)
-        result = Approval(approved_by=approved["approved_by"], comment=approved["comment"])
+        result = Approval(approved_by=approved.approved_by, comment=approved.comment)
         async with self.engine.uow() as uow:
             job = await self._load(uow)
             job.input_given()

@@ -123,7 +123,7 @@ async def test_resume_after_restart_skips_done_steps_and_resends_with_same_key(
     history = [h["message"] for h in await jobs_repo.job_history(pool, job_id)]
     assert any(m.startswith("service restarted: job resumed (1 steps done") for m in history)
     tasks = await jobs_repo.tasks(pool, job_id)
-    assert [(t["step_key"], t["state"]) for t in tasks] == [
+    assert [(t.step_key, t.state) for t in tasks] == [
         ("first", "succeeded"),
         ("second", "succeeded"),
     ]
@@ -155,7 +155,7 @@ async def test_failed_step_fails_the_job_and_an_operator_restart_uses_a_new_key(
     job = await eventually(failed, timeout=10, what="job failed")
     assert job.error is not None and "disk full" in job.error and job.recommendation
     task = await jobs_repo.task(pool, job_id, "second")
-    assert task is not None and task["state"] == "failed"
+    assert task is not None and task.state == "failed"
     ctx = handlers.Context(pool=pool, settings=eng.settings, engine=eng, notifier=Notifier())
     restarted = await handlers.restart(ctx, RestartJob(job.vault_id, job_id, "operator"))
     assert restarted.run_no == 2
@@ -168,7 +168,7 @@ async def test_failed_step_fails_the_job_and_an_operator_restart_uses_a_new_key(
     eng.notifier.poke(0)
     await asyncio.sleep(0.3)  # several poll rounds (poll_seconds=0.05): the step must still wait
     task = await jobs_repo.task(pool, job_id, "second")
-    assert task is not None and task["state"] == "in_progress", task
+    assert task is not None and task.state == "in_progress", task
     found = await jobs_repo.job(pool, job_id)
     assert found is not None and found.state == "in_progress"
     async with pool.acquire() as conn:
@@ -207,7 +207,7 @@ async def test_a_step_that_raises_step_failed_fails_its_job_with_the_reason(
     assert job.error is not None and "host unreachable" in job.error
     assert job.cause == "the agent is down" and job.recommendation == "start the agent"
     task = await jobs_repo.task(pool, job_id, "only")
-    assert task is not None and task["state"] == "failed" and task["error"] == "host unreachable"
+    assert task is not None and task.state == "failed" and task.error == "host unreachable"
     await eng.stop()
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
-from services.failover.domain import ItemRow
+from services.failover.domain import ItemRow, TaskRow
 
 
 def item_row(**over: Any) -> ItemRow:
@@ -27,5 +28,25 @@ def item_row(**over: Any) -> ItemRow:
         latest_seq=9,
         latest_source_time=None,
         latest_app_seq=None,
+    )
+    return dataclasses.replace(row, **over)
+
+
+def task_row(**over: Any) -> TaskRow:
+    """A step of a job, running; `over` changes any field."""
+    row = TaskRow(
+        job_id=uuid.uuid4(),
+        task_no=0,
+        step_key="prepare",
+        name="prepare",
+        state="in_progress",
+        command_id=uuid.uuid4(),
+        attempts=1,
+        started_at=datetime(2026, 1, 2, tzinfo=UTC),
+        ended_at=None,
+        error=None,
+        cause=None,
+        recommendation=None,
+        detail={},
     )
     return dataclasses.replace(row, **over)

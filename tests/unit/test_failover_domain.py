@@ -22,7 +22,7 @@ from services.failover.domain import (
 )
 from shared.schemas.failover import FailoverKind, JobState, MaterialisedDisk, PointChoice
 from shared.schemas.inventory import IpMode, Nic, StaticPool, Subnet, VmNetwork
-from tests.support.failover_rows import item_row
+from tests.support.failover_rows import item_row, task_row
 
 ITEM = item_row(latest_seq=4)
 
@@ -46,8 +46,8 @@ def test_command_ids_are_stable_within_a_run_and_new_after_a_restart() -> None:
 
 def test_resume_point_names_the_open_steps() -> None:
     tasks = [
-        {"name": "prepare", "state": "succeeded"},
-        {"name": "web01: materialise", "state": "in_progress"},
+        task_row(name="prepare", state="succeeded"),
+        task_row(name="web01: materialise", state="in_progress"),
     ]
     assert domain.resume_point(tasks) == "1 steps done; resuming web01: materialise"
 
