@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -586,9 +586,17 @@ def zero_data_loss(
     return (not bad), "; ".join(bad)
 
 
+@dataclass(frozen=True)
+class NetworkMapping:
+    """A network mapping: NICs on the source network fail over to the target network."""
+
+    source_network_id: str
+    target_network_id: str
+
+
 def mapped_network(
     network_id: str | None,
-    mappings: Sequence[Mapping[str, Any]],
+    mappings: Sequence[NetworkMapping],
     networks: Mapping[str, VmNetwork],
 ) -> VmNetwork | None:
     """The target network a NIC's network maps to. A mapping also works backwards (failback:
@@ -596,17 +604,17 @@ def mapped_network(
     if network_id is None:
         return None
     for m in mappings:
-        if m["source_network_id"] == network_id:
-            return networks.get(str(m["target_network_id"]))
+        if m.source_network_id == network_id:
+            return networks.get(m.target_network_id)
     for m in mappings:
-        if m["target_network_id"] == network_id:
-            return networks.get(str(m["source_network_id"]))
+        if m.target_network_id == network_id:
+            return networks.get(m.source_network_id)
     return None
 
 
 def failover_nics(
     nics: Sequence[Nic],
-    mappings: Sequence[Mapping[str, Any]],
+    mappings: Sequence[NetworkMapping],
     networks: Mapping[str, VmNetwork],
     used_ips: AbstractSet[str],
     test_network: VmNetwork | None = None,

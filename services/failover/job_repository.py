@@ -180,11 +180,17 @@ async def history(conn: Conn, job_id: uuid.UUID, message: str) -> None:
     await conn.execute("INSERT INTO job_history (job_id, message) VALUES ($1, $2)", job_id, message)
 
 
-async def job_history(conn: Conn, job_id: uuid.UUID) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class HistoryLine:
+    at: datetime
+    message: str
+
+
+async def job_history(conn: Conn, job_id: uuid.UUID) -> list[HistoryLine]:
     rows = await conn.fetch(
         "SELECT at, message FROM job_history WHERE job_id = $1 ORDER BY id", job_id
     )
-    return [dict(r) for r in rows]
+    return [from_record(HistoryLine, r) for r in rows]
 
 
 async def tasks(conn: Conn, job_id: uuid.UUID) -> list[TaskRow]:

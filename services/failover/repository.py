@@ -15,6 +15,7 @@ import asyncpg
 from services.failover.domain import (
     ItemFailoverState,
     ItemRow,
+    NetworkMapping,
     PlanGroup,
     RecoveryPlan,
     RetainedPoints,
@@ -325,11 +326,11 @@ async def networks(conn: Conn, vault_id: uuid.UUID) -> dict[str, dict[str, Any]]
     return {r["network_id"]: dict(r) for r in rows}
 
 
-async def mappings(conn: Conn, vault_id: uuid.UUID) -> list[dict[str, Any]]:
+async def mappings(conn: Conn, vault_id: uuid.UUID) -> list[NetworkMapping]:
     rows = await conn.fetch(
         "SELECT * FROM rm_mappings WHERE vault_id = $1 AND NOT removed", vault_id
     )
-    return [dict(r) for r in rows]
+    return [from_record(NetworkMapping, r) for r in rows]
 
 
 async def cloud_site(conn: Conn, vault_id: uuid.UUID, cloud_id: str) -> str | None:

@@ -120,7 +120,7 @@ async def test_resume_after_restart_skips_done_steps_and_resends_with_same_key(
     assert job.result.stored() == {
         "items": {"i1": {"vm_name": "vm1", "state": "answered ok", "cycle_seq": 1}}
     }
-    history = [h["message"] for h in await jobs_repo.job_history(pool, job_id)]
+    history = [h.message for h in await jobs_repo.job_history(pool, job_id)]
     assert any(m.startswith("service restarted: job resumed (1 steps done") for m in history)
     tasks = await jobs_repo.tasks(pool, job_id)
     assert [(t.step_key, t.state) for t in tasks] == [

@@ -230,7 +230,7 @@ def test_nics_follow_the_mapping_and_the_ip_rules() -> None:
         Nic(nic_id="n1", network_id="unmapped"),
     ]
     nets = {"r": network("r", "10.2.0.5", "10.2.0.9"), "p": network("p", "10.1.0.5", "10.1.0.9")}
-    mappings = [{"source_network_id": "p", "target_network_id": "r"}]
+    mappings = [domain.NetworkMapping(source_network_id="p", target_network_id="r")]
     placed = domain.failover_nics(nics, mappings, nets, set())
     assert placed[0].network_id == "r" and placed[0].ip_address == "10.2.0.5"
     assert placed[1].network_id is None
