@@ -39,6 +39,7 @@ from services.failover.domain import (
     Operation,
     PlanGroup,
     RecoveryPlan,
+    TaskRow,
 )
 from services.failover.job import Job, JobParams
 from shared.auth import CurrentPrincipal, Principal
@@ -142,7 +143,7 @@ def job_out(job: Job) -> dict[str, Any]:
         "restarts": job.restarts,
         "run_no": job.run_no,
         "waiting_for": job.waiting_for.model_dump(mode="json") if job.waiting_for else None,
-        "result": job.result,
+        "result": job.result.stored(),
         "created_by": job.created_by,
         "created_at": job.created_at,
         "started_at": job.started_at,
@@ -156,7 +157,7 @@ def job_out(job: Job) -> dict[str, Any]:
     return encoded
 
 
-def task_out(t: dict[str, Any]) -> dict[str, Any]:
+def task_out(t: TaskRow) -> dict[str, Any]:
     keys = (
         "task_no",
         "name",
@@ -169,7 +170,7 @@ def task_out(t: dict[str, Any]) -> dict[str, Any]:
         "detail",
         "command_id",
     )
-    encoded: dict[str, Any] = jsonable_encoder({k: t[k] for k in keys})
+    encoded: dict[str, Any] = jsonable_encoder({k: getattr(t, k) for k in keys})
     return encoded
 
 
@@ -253,7 +254,7 @@ async def show_item(
     principal.check(Role.READER, vault_id)
     pool = _ctx(request).pool
     item = await repo.item(pool, item_id)
-    if item is None or item["vault_id"] != vault_id:
+    if item is None or item.vault_id != vault_id:
         raise HTTPException(404, f"protected item {item_id} not found in this vault")
     view = await repo.view(pool, item_id) or {}
     link = await repo.link_of(pool, old=item_id)
@@ -261,12 +262,12 @@ async def show_item(
     return jsonable_encoder(
         {
             "item_id": item_id,
-            "vm_id": item["vm_id"],
-            "vm_name": item["vm_name"],
-            "replication_state": item["state"],
-            "health": item["health"],
-            "latest_seq": item["latest_seq"],
-            "latest_source_time": item["latest_source_time"],
+            "vm_id": item.vm_id,
+            "vm_name": item.vm_name,
+            "replication_state": item.state,
+            "health": item.health,
+            "latest_seq": item.latest_seq,
+            "latest_source_time": item.latest_source_time,
             "failover_state": view.get("state", domain.ItemFailoverState.PROTECTED.value),
             "failover": view.get("info", {}),
             "test": view.get("test"),
@@ -441,11 +442,11 @@ def _check_scripts(
     folder = _ctx(request).settings.scripts_dir
     for action in scripts:
         try:
-            domain.script_file(folder, action["script"])
+            domain.script_file(folder, action.script)
         except ValueError as exc:
             raise HTTPException(
                 422,
-                f"action {action['action_id']}: {exc}; scripts are installed by the host's "
+                f"action {action.action_id}: {exc}; scripts are installed by the host's "
                 "administrator in the failover service's scripts folder",
             ) from None
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.networking import failover_nic_target
 from shared.schemas.agent import NicAttachment
-from shared.schemas.failover import FailoverKind, JobState, PointChoice
+from shared.schemas.failover import FailoverKind, JobState, MaterialisedDisk, PointChoice
 from shared.schemas.inventory import Nic, VmNetwork
 
 MAX_PLAN_ITEMS = 100
@@ -150,12 +150,31 @@ def command_id_for(job_id: uuid.UUID, step_key: str, run_no: int = 1) -> uuid.UU
     return uuid.uuid5(NAMESPACE, f"{job_id}/{step_key}/{run_no}")
 
 
-def resume_point(tasks: Sequence[Mapping[str, Any]]) -> str:
+@dataclass(frozen=True)
+class TaskRow:
+    """One step of a job as stored: its idempotency key (`command_id`), state and result."""
+
+    job_id: uuid.UUID
+    task_no: int
+    step_key: str
+    name: str
+    state: str
+    command_id: uuid.UUID
+    attempts: int
+    started_at: datetime
+    ended_at: datetime | None
+    error: str | None
+    cause: str | None
+    recommendation: str | None
+    detail: dict[str, object]
+
+
+def resume_point(tasks: Sequence[TaskRow]) -> str:
     """A line for the job history: where a resumed workflow picks up."""
-    done = [t for t in tasks if t["state"] == JobState.SUCCEEDED.value]
-    open_ = [t for t in tasks if t["state"] not in (JobState.SUCCEEDED.value, "failed")]
+    done = [t for t in tasks if t.state == JobState.SUCCEEDED.value]
+    open_ = [t for t in tasks if t.state not in (JobState.SUCCEEDED.value, "failed")]
     if open_:
-        names = ", ".join(str(t["name"]) for t in open_[:3])
+        names = ", ".join(t.name for t in open_[:3])
         return f"{len(done)} steps done; resuming {names}"
     return f"{len(done)} steps done; resuming at the next step"
 
@@ -163,70 +182,105 @@ def resume_point(tasks: Sequence[Mapping[str, Any]]) -> str:
 # ------------------------------------------------------------------ refusals
 
 
-def check_test(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    if view and view.get("state") == ItemFailoverState.TESTING:
+@dataclass(frozen=True)
+class ItemRow:
+    """A protected item as this service knows it (from the replication service's events)."""
+
+    item_id: uuid.UUID
+    vault_id: uuid.UUID
+    vm_id: str
+    vm_name: str
+    source_cloud_id: str
+    target_cloud_id: str
+    pairing_id: uuid.UUID
+    source_agent_id: uuid.UUID
+    state: str
+    health: str
+    active: bool
+    latest_seq: int | None
+    latest_source_time: datetime | None
+    latest_app_seq: int | None
+
+
+class FailoverView(Protocol):
+    """What a refusal reads of an item's failover state (services/failover/item_failover.py);
+    None: nothing done to the item yet."""
+
+    @property
+    def state(self) -> ItemFailoverState: ...
+
+    @property
+    def test(self) -> object | None: ...
+
+
+def _state(view: FailoverView | None) -> ItemFailoverState:
+    return view.state if view is not None else ItemFailoverState.PROTECTED
+
+
+def check_test(item: ItemRow, view: FailoverView | None) -> None:
+    if _state(view) is ItemFailoverState.TESTING:
         raise FailoverRefused(
-            f"a test failover of {item['vm_name']} is already running: clean it up first"
+            f"a test failover of {item.vm_name} is already running: clean it up first"
         )
-    if item.get("latest_seq") is None:
+    if item.latest_seq is None:
         raise FailoverRefused(
-            f"{item['vm_name']} has no recovery point yet: wait for initial replication"
+            f"{item.vm_name} has no recovery point yet: wait for initial replication"
         )
     _not_failed_over(item, view)
 
 
-def check_planned(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    if item.get("state") not in READY_STATES or item.get("latest_seq") is None:
+def check_planned(item: ItemRow, view: FailoverView | None) -> None:
+    if item.state not in READY_STATES or item.latest_seq is None:
         raise FailoverRefused(
-            f"{item['vm_name']} has not finished initial replication (state "
-            f"{item.get('state')}): a planned failover needs every item past initial "
+            f"{item.vm_name} has not finished initial replication (state "
+            f"{item.state}): a planned failover needs every item past initial "
             "replication"
         )
     _not_failed_over(item, view)
 
 
-def check_unplanned(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    if item.get("latest_seq") is None:
-        raise FailoverRefused(f"{item['vm_name']} has no recovery point to fail over to")
+def check_unplanned(item: ItemRow, view: FailoverView | None) -> None:
+    if item.latest_seq is None:
+        raise FailoverRefused(f"{item.vm_name} has no recovery point to fail over to")
     _not_failed_over(item, view)
 
 
-def _not_failed_over(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    state = (view or {}).get("state")
+def _not_failed_over(item: ItemRow, view: FailoverView | None) -> None:
+    state = _state(view)
     if state in (
         ItemFailoverState.FAILED_OVER,
         ItemFailoverState.COMMITTED,
         ItemFailoverState.REVERSE_REPLICATING,
     ):
-        raise FailoverRefused(f"{item['vm_name']} is already failed over ({state})")
+        raise FailoverRefused(f"{item.vm_name} is already failed over ({state.value})")
 
 
-def check_cleanup(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    if not view or view.get("state") != ItemFailoverState.TESTING or not view.get("test"):
-        raise FailoverRefused(f"{item['vm_name']} has no test failover to clean up")
+def check_cleanup(item: ItemRow, view: FailoverView | None) -> None:
+    if view is None or view.state is not ItemFailoverState.TESTING or not view.test:
+        raise FailoverRefused(f"{item.vm_name} has no test failover to clean up")
 
 
-def check_commit(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    if not view or view.get("state") != ItemFailoverState.FAILED_OVER:
-        state = (view or {}).get("state", ItemFailoverState.PROTECTED.value)
+def check_commit(item: ItemRow, view: FailoverView | None) -> None:
+    state = _state(view)
+    if state is not ItemFailoverState.FAILED_OVER:
         raise FailoverRefused(
-            f"{item['vm_name']} is not failed over (it is {state}): commit comes after a "
+            f"{item.vm_name} is not failed over (it is {state.value}): commit comes after a "
             "planned or unplanned failover"
         )
 
 
-def check_reverse(item: Mapping[str, Any], view: Mapping[str, Any] | None) -> None:
-    state = (view or {}).get("state")
+def check_reverse(item: ItemRow, view: FailoverView | None) -> None:
+    state = _state(view)
     if state not in (ItemFailoverState.FAILED_OVER, ItemFailoverState.COMMITTED):
         raise FailoverRefused(
-            f"{item['vm_name']} is not failed over (it is "
-            f"{state or ItemFailoverState.PROTECTED.value}): reverse replication comes after "
+            f"{item.vm_name} is not failed over (it is "
+            f"{state.value}): reverse replication comes after "
             "a failover"
         )
 
 
 def seed_disks(
-    recovery_disks: Sequence[Mapping[str, Any]],
+    recovery_disks: Sequence[MaterialisedDisk],
     old_primary_disks: Mapping[str, str],
     exists: AbstractSet[str],
     force_full_resync: bool,
@@ -235,12 +289,12 @@ def seed_disks(
     sent then). Refused when one is gone, unless the operator forces a full resync."""
     seeds = []
     for disk in recovery_disks:
-        path = old_primary_disks.get(str(disk["disk_id"]))
+        path = old_primary_disks.get(disk.disk_id)
         if path is None or path not in exists:
             if force_full_resync:
                 return []
             raise FailoverRefused("old primary unreachable: pass force_full_resync")
-        seeds.append({"disk_id": str(disk["disk_id"]), "path": path})
+        seeds.append({"disk_id": disk.disk_id, "path": path})
     return [] if force_full_resync else seeds
 
 
@@ -346,19 +400,37 @@ def actions_for(actions: Iterable[PlanAction], kind: FailoverKind | None) -> lis
     return [a for a in actions if kind in a.run_on]
 
 
-def script_actions(groups: Iterable[PlanGroup | dict[str, Any]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class ScriptAction:
+    """A plan's script action as compared to decide whether a change needs an admin: where it
+    runs and what it runs (its name and instructions left out)."""
+
+    at: str
+    action_id: str
+    script: str
+    args: tuple[str, ...]
+    timeout_seconds: float | None
+    run_on: tuple[FailoverKind, ...]
+
+
+def script_actions(groups: Iterable[PlanGroup]) -> list[ScriptAction]:
     """A plan's script actions, as compared to decide whether a change needs an admin: an
     operator may change a plan's items and manual actions, not what it runs."""
-    found = []
-    for group in groups:
-        g = group if isinstance(group, PlanGroup) else PlanGroup.model_validate(group)
-        for where, actions in (("pre", g.pre_actions), ("post", g.post_actions)):
-            found += [
-                {"at": where, **a.model_dump(mode="json", exclude={"name", "instructions"})}
-                for a in actions
-                if a.kind == "script"
-            ]
-    return sorted(found, key=lambda a: (a["action_id"], a["at"]))
+    found = [
+        ScriptAction(
+            at=where,
+            action_id=a.action_id,
+            script=a.script or "",
+            args=tuple(a.args),
+            timeout_seconds=a.timeout_seconds,
+            run_on=tuple(a.run_on),
+        )
+        for g in groups
+        for where, actions in (("pre", g.pre_actions), ("post", g.post_actions))
+        for a in actions
+        if a.kind == "script"
+    ]
+    return sorted(found, key=lambda a: (a.action_id, a.at))
 
 
 def script_file(folder: Path, name: str) -> Path:
@@ -457,36 +529,37 @@ class RetainedPoints:
 
 
 def check_point_exists(
-    item: Mapping[str, Any],
-    params: Mapping[str, Any],
+    item: ItemRow,
+    choice: str | None,
+    cycle_seq: int | None,
     retained: RetainedPoints | None = None,
 ) -> None:
     """The point a test or unplanned failover asks for exists, checked when the job is asked
     for (not when its materialise step runs): a chosen cycle past the item's latest point is
     NotFound, one that retention removed PointNotRetained (naming the retained range), a
     latest app-consistent point where none was taken a refusal."""
-    choice = params.get("choice", PointChoice.LATEST.value)
-    latest = item.get("latest_seq")
-    if choice == PointChoice.CHOSEN.value and latest is not None:
-        seq = int(params["cycle_seq"])
-        if seq > int(latest):
+    choice = choice or PointChoice.LATEST.value
+    latest = item.latest_seq
+    if choice == PointChoice.CHOSEN.value and latest is not None and cycle_seq is not None:
+        seq = cycle_seq
+        if seq > latest:
             raise NotFound(
-                f"{item['vm_name']} has no recovery point {seq}: its latest is {latest}; "
+                f"{item.vm_name} has no recovery point {seq}: its latest is {latest}; "
                 "list the retained points (GET .../protected-items/{item_id}/recovery-points) "
                 "and choose one of them"
             )
         if retained is not None and retained.seqs and seq not in retained.seqs:
             raise PointNotRetained(
-                f"{item['vm_name']} has no retained recovery point {seq}: the retained points "
+                f"{item.vm_name} has no retained recovery point {seq}: the retained points "
                 f"are {retained.describe()}; list them (GET "
                 ".../protected-items/{item_id}/recovery-points) and choose one of them"
             )
     app_pruned = retained is not None and bool(retained.seqs) and not retained.app_seqs
     if choice == PointChoice.LATEST_APP_CONSISTENT.value and (
-        item.get("latest_app_seq") is None or app_pruned
+        item.latest_app_seq is None or app_pruned
     ):
         raise FailoverRefused(
-            f"{item['vm_name']} has no app-consistent recovery point yet: choose latest or a "
+            f"{item.vm_name} has no app-consistent recovery point yet: choose latest or a "
             "chosen point, or wait for the policy's app-consistent snapshot"
         )
 
@@ -513,9 +586,17 @@ def zero_data_loss(
     return (not bad), "; ".join(bad)
 
 
+@dataclass(frozen=True)
+class NetworkMapping:
+    """A network mapping: NICs on the source network fail over to the target network."""
+
+    source_network_id: str
+    target_network_id: str
+
+
 def mapped_network(
     network_id: str | None,
-    mappings: Sequence[Mapping[str, Any]],
+    mappings: Sequence[NetworkMapping],
     networks: Mapping[str, VmNetwork],
 ) -> VmNetwork | None:
     """The target network a NIC's network maps to. A mapping also works backwards (failback:
@@ -523,17 +604,17 @@ def mapped_network(
     if network_id is None:
         return None
     for m in mappings:
-        if m["source_network_id"] == network_id:
-            return networks.get(str(m["target_network_id"]))
+        if m.source_network_id == network_id:
+            return networks.get(m.target_network_id)
     for m in mappings:
-        if m["target_network_id"] == network_id:
-            return networks.get(str(m["source_network_id"]))
+        if m.target_network_id == network_id:
+            return networks.get(m.source_network_id)
     return None
 
 
 def failover_nics(
     nics: Sequence[Nic],
-    mappings: Sequence[Mapping[str, Any]],
+    mappings: Sequence[NetworkMapping],
     networks: Mapping[str, VmNetwork],
     used_ips: AbstractSet[str],
     test_network: VmNetwork | None = None,

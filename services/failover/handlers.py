@@ -8,7 +8,7 @@ to HTTP."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,11 +31,13 @@ from services.failover.config import FailoverSettings
 from services.failover.domain import (
     FailoverRefused,
     InvalidRequest,
+    ItemRow,
     NotFound,
     Operation,
     PlanGroup,
     RecoveryPlan,
 )
+from services.failover.item_failover import FailoverInfo
 from services.failover.item_workflows import STEPS
 from services.failover.job import Job, JobParams
 from services.failover.steps import path_exists
@@ -73,15 +75,15 @@ async def check_item(
     item_id: uuid.UUID,
     operation: Operation,
     params: JobParams,
-) -> Mapping[str, Any]:
+) -> ItemRow:
     item = await reads.item(item_id)
-    if item is None or item["vault_id"] != vault_id:
+    if item is None or item.vault_id != vault_id:
         raise NotFound(f"protected item {item_id} not found in this vault")
     view = await reads.view(item_id)
     if operation is Operation.FAILBACK:
         if not await reads.reversed_from(item_id):
             raise FailoverRefused(
-                f"{item['vm_name']} is not protected in reverse: failback comes after a "
+                f"{item.vm_name} is not protected in reverse: failback comes after a "
                 "failover and reverse replication"
             )
         domain.check_planned(item, view)
@@ -89,14 +91,12 @@ async def check_item(
         CHECKS[operation](item, view)
     if operation in (Operation.TEST_FAILOVER, Operation.UNPLANNED_FAILOVER):
         retained = await reads.retained_points(item_id)
-        domain.check_point_exists(item, params.stored(), retained)
+        domain.check_point_exists(item, params.choice, params.cycle_seq, retained)
     if operation is Operation.REVERSE:
-        info = (view or {}).get("info", {})
-        old = dict(info.get("source_disks", {}))
+        info = view.info if view is not None else FailoverInfo()
+        old = dict(info.source_disks or {})
         exists = {p for p in old.values() if p and path_exists(p)}
-        domain.seed_disks(
-            info.get("recovery_disks", []), old, exists, bool(params.force_full_resync)
-        )
+        domain.seed_disks(info.recovery_disks or [], old, exists, bool(params.force_full_resync))
     return item
 
 
@@ -119,7 +119,8 @@ async def start_job(
         items = []
         for item_id in item_ids:
             if str(item_id) in busy:
-                name = (await uow.reads.item(item_id) or {}).get("vm_name", item_id)
+                found = await uow.reads.item(item_id)
+                name = found.vm_name if found else str(item_id)
                 running = busy[str(item_id)]
                 what = (
                     "a test failover" if running == Operation.TEST_FAILOVER else f"a {running} job"
@@ -128,7 +129,7 @@ async def start_job(
             items.append(await check_item(uow.reads, vault_id, item_id, operation, params))
         if operation is Operation.TEST_FAILOVER and items and params.target_site is None:
             params.target_site = (
-                await uow.reads.cloud_site(vault_id, items[0]["target_cloud_id"]) or ""
+                await uow.reads.cloud_site(vault_id, items[0].target_cloud_id) or ""
             )
         params.items = [str(i) for i in item_ids]
         job = Job.create(
@@ -170,7 +171,7 @@ async def start_plan_operation(ctx: Context, cmd: StartPlanOperation) -> Job:
     item_ids = [await repo.current_item(ctx.pool, i) for g in groups for i in g.items]
     actions = sum(len(domain.actions_for([*g.pre_actions, *g.post_actions], kind)) for g in groups)
     params = cmd.params.model_copy()
-    params.groups = [g.model_dump(mode="json") for g in groups]
+    params.groups = list(groups)
     params.plan_name = plan.name
     return await start_job(
         ctx,

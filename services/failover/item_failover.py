@@ -13,14 +13,19 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from services.failover.domain import FailoverRefused
 from services.failover.domain import ItemFailoverState as State
+from shared.schemas.agent import NicAttachment
 from shared.schemas.envelope import EventPayload
-from shared.schemas.failover import FailoverKind, ItemFailedOver, ItemFailoverCommitted
+from shared.schemas.failover import (
+    FailoverKind,
+    ItemFailedOver,
+    ItemFailoverCommitted,
+    MaterialisedDisk,
+)
 
 
 class FailoverInfo(BaseModel):
@@ -28,7 +33,7 @@ class FailoverInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    nics: list[dict[str, Any]] | None = None
+    nics: list[NicAttachment] | None = None
     kind: FailoverKind | None = None
     cycle_seq: int | None = None
     source_time: str | None = None
@@ -40,7 +45,7 @@ class FailoverInfo(BaseModel):
     recovery_site: str | None = None
     source_site: str | None = None
     source_disks: dict[str, str] | None = None
-    recovery_disks: list[dict[str, Any]] | None = None
+    recovery_disks: list[MaterialisedDisk] | None = None
     job_id: str | None = None
     committed_at: str | None = None
     reversed_by: str | None = None
@@ -79,7 +84,7 @@ class ItemFailover:
     state: State = State.PROTECTED
     info: FailoverInfo = field(default_factory=FailoverInfo)
     test: TestFailover | None = None
-    notes: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[CleanupNote] = field(default_factory=list)
     events: list[EventPayload] = field(default_factory=list, repr=False, compare=False)
 
     # ------------------------------------------------------------ test failover
@@ -113,11 +118,11 @@ class ItemFailover:
         previous = self.test.previous_state if self.test else State.PROTECTED.value
         self.state = State(previous)
         self.test = None
-        self.notes.append(note.model_dump(mode="json"))
+        self.notes.append(note)
 
     # ------------------------------------------------------------ failover
 
-    def placing(self, nics: list[dict[str, Any]]) -> None:
+    def placing(self, nics: list[NicAttachment]) -> None:
         """A (planned, unplanned) failover placed the recovery VM's NICs."""
         self.state = State.FAILOVER_IN_PROGRESS
         self.info.nics = nics
@@ -167,6 +172,7 @@ class ItemFailover:
         self.info.seeded = seeded
 
 
-def stored_info(info: FailoverInfo) -> dict[str, Any]:
-    out: dict[str, Any] = info.model_dump(mode="json", exclude_none=True)
-    return out
+def stored_info(info: FailoverInfo) -> dict[str, object]:
+    """The info as stored: the fields a step set (None fields left out, at the top level
+    only: a NIC's or disk's None values stay, as the agent and the API show them)."""
+    return {k: v for k, v in info.model_dump(mode="json").items() if v is not None}

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 from services.failover import domain
 from services.failover import repository as repo
 from services.failover.domain import FailoverRefused, Operation
 from services.failover.item_failover import CleanupNote
+from services.failover.job import ItemResult, JobResult
 from services.failover.steps import (
     ItemFacts,
     TestNetwork,
@@ -29,6 +29,7 @@ from services.failover.steps import (
 )
 from services.failover.test_networks import delete_test_networks, test_network
 from services.failover.workflow import Run, StepFailed, StepResult, Workflow
+from shared.schemas.agent import NicAttachment
 from shared.schemas.failover import (
     FailoverKind,
     PointChoice,
@@ -58,7 +59,7 @@ class ReversePlan(StepResult):
     new_item_id: uuid.UUID
     vm_id: str
     vm_name: str
-    nics: list[dict[str, Any]]
+    nics: list[NicAttachment]
     # the recovery host becomes the source; the old primary site the target
     source_agent_id: uuid.UUID
     source_site: str
@@ -88,12 +89,13 @@ STEPS = {
 }
 
 
-def _failure_result(facts: ItemFacts | None, item_id: uuid.UUID, exc: StepFailed) -> dict[str, Any]:
-    return {
-        "vm_name": facts.vm_name if facts else str(item_id),
-        "state": "failed",
-        "error": exc.error,
-    }
+def _failure_result(
+    facts: ItemFacts | None, item_id: uuid.UUID, exc: StepFailed, errors: list[str] | None = None
+) -> ItemResult:
+    result = ItemResult(
+        vm_name=facts.vm_name if facts else str(item_id), state="failed", error=exc.error
+    )
+    return result if errors is None else result.model_copy(update={"errors": errors})
 
 
 async def test_item(run: Run, item_id: uuid.UUID, test_net: TestNetwork) -> None:
@@ -121,14 +123,14 @@ async def test_item(run: Run, item_id: uuid.UUID, test_net: TestNetwork) -> None
         differencing=True,
     )
     vm = await create_vm(run, p, facts, f"{facts.vm_id}-test", test_name, point, facts.placed_nics)
-    run.item_results[str(item_id)] = {
-        "vm_name": facts.vm_name,
-        "state": "testing",
-        "test_vm": vm.vm_name,
-        "cycle_seq": point.cycle_seq,
-        "source_time": point.source_time,
-        "test_network_id": test_net.network_id,
-    }
+    run.item_results[str(item_id)] = ItemResult(
+        vm_name=facts.vm_name,
+        state="testing",
+        test_vm=vm.vm_name,
+        cycle_seq=point.cycle_seq,
+        source_time=point.source_time,
+        test_network_id=test_net.network_id,
+    )
 
 
 async def cleanup_item(run: Run, item_id: uuid.UUID) -> None:
@@ -136,7 +138,7 @@ async def cleanup_item(run: Run, item_id: uuid.UUID) -> None:
     test = (await repo.item_failover(run.pool, item_id, run.vault_id)).test
     name = await vm_name_of(run, item_id)
     if test is None:
-        run.item_results[str(item_id)] = {"vm_name": name, "state": "no test to clean up"}
+        run.item_results[str(item_id)] = ItemResult(vm_name=name, state="no test to clean up")
         return
     await delete_vm(
         run,
@@ -161,7 +163,7 @@ async def cleanup_item(run: Run, item_id: uuid.UUID) -> None:
         return note
 
     await run.step(f"{p}notes", f"{name}: record cleanup notes", CleanupNote, record, crash="notes")
-    run.item_results[str(item_id)] = {"vm_name": name, "state": "cleaned up"}
+    run.item_results[str(item_id)] = ItemResult(vm_name=name, state="cleaned up")
 
 
 async def _failover_failed(run: Run, item_id: uuid.UUID) -> None:
@@ -207,15 +209,15 @@ async def planned_item(
     except StepFailed:
         await _failover_failed(run, item_id)
         raise
-    run.item_results[str(item_id)] = {
-        "vm_name": facts.vm_name,
-        "state": "failed_over",
-        "cycle_seq": point.cycle_seq,
-        "zero_data_loss": proof.proven,
-        "data_loss_seconds": 0.0,
-        "recovery_vm": vm.vm_name,
-        "failed_over_at": info.failed_over_at,
-    }
+    run.item_results[str(item_id)] = ItemResult(
+        vm_name=facts.vm_name,
+        state="failed_over",
+        cycle_seq=point.cycle_seq,
+        zero_data_loss=proof.proven,
+        data_loss_seconds=0.0,
+        recovery_vm=vm.vm_name,
+        failed_over_at=info.failed_over_at,
+    )
 
 
 async def unplanned_item(run: Run, item_id: uuid.UUID) -> None:
@@ -245,21 +247,18 @@ async def unplanned_item(run: Run, item_id: uuid.UUID) -> None:
     except StepFailed as exc:
         run.errors += 1
         await _failover_failed(run, item_id)
-        run.item_results[str(item_id)] = {
-            **_failure_result(facts, item_id, exc),
-            "errors": [*errors, exc.error],
-        }
+        run.item_results[str(item_id)] = _failure_result(facts, item_id, exc, [*errors, exc.error])
         return
-    run.item_results[str(item_id)] = {
-        "vm_name": facts.vm_name,
-        "state": "failed_over",
-        "cycle_seq": point.cycle_seq,
-        "source_time": point.source_time,
-        "failed_over_at": info.failed_over_at,
-        "data_loss_seconds": info.data_loss_seconds,
-        "recovery_vm": vm.vm_name,
-        "errors": errors,
-    }
+    run.item_results[str(item_id)] = ItemResult(
+        vm_name=facts.vm_name,
+        state="failed_over",
+        cycle_seq=point.cycle_seq,
+        source_time=point.source_time,
+        failed_over_at=info.failed_over_at,
+        data_loss_seconds=info.data_loss_seconds,
+        recovery_vm=vm.vm_name,
+        errors=errors,
+    )
 
 
 async def commit_item(run: Run, item_id: uuid.UUID) -> None:
@@ -283,11 +282,9 @@ async def commit_item(run: Run, item_id: uuid.UUID) -> None:
         effect,
         crash="commit",
     )
-    run.item_results[str(item_id)] = {
-        "vm_name": name,
-        "state": "committed",
-        "cycle_seq": done.cycle_seq,
-    }
+    run.item_results[str(item_id)] = ItemResult(
+        vm_name=name, state="committed", cycle_seq=done.cycle_seq
+    )
 
 
 async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
@@ -319,13 +316,13 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
             ) from None
         return ReversePlan(
             new_item_id=new_item_id,
-            vm_id=item["vm_id"],
-            vm_name=item["vm_name"],
+            vm_id=item.vm_id,
+            vm_name=item.vm_name,
             source_agent_id=uuid.UUID(info.recovery_agent_id or ""),
             source_site=info.recovery_site or "",
             target_site=info.source_site or "",
             disks=[
-                ReverseDisk(disk_id=d["disk_id"], path=d["path"], size_bytes=d["size_bytes"])
+                ReverseDisk(disk_id=d.disk_id, path=d.path, size_bytes=d.size_bytes)
                 for d in recovery_disks
             ],
             seed_disks=[SeedDisk.model_validate(sd) for sd in seeds],
@@ -353,7 +350,7 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
                 source_site=plan.source_site,
                 target_site=plan.target_site,
                 disks=[d.model_dump(mode="json") for d in plan.disks],
-                nics=plan.nics,
+                nics=[n.model_dump(mode="json") for n in plan.nics],
             )
             await repo.emit(
                 conn,
@@ -384,7 +381,7 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
 
     async def probe() -> ReverseProtected | None:
         found = await repo.item(run.pool, new_item_id)
-        return ReverseProtected(new_item_id=new_item_id, state=found["state"]) if found else None
+        return ReverseProtected(new_item_id=new_item_id, state=found.state) if found else None
 
     async def wait(_cid: uuid.UUID) -> ReverseProtected:
         return await run.wait_until(
@@ -402,44 +399,44 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
     reversed_item = await repo.item_failover(run.pool, new_item_id, run.vault_id)
     reversed_item.protected()
     await repo.save_item_failover(run.pool, reversed_item)
-    run.item_results[str(item_id)] = {
-        "vm_name": name,
-        "state": "reverse_replicating",
-        "new_item_id": str(new_item_id),
-        "seeded": bool(plan.seed_disks),
-    }
+    run.item_results[str(item_id)] = ItemResult(
+        vm_name=name,
+        state="reverse_replicating",
+        new_item_id=str(new_item_id),
+        seeded=bool(plan.seed_disks),
+    )
     return new_item_id
 
 
 async def failback_item(run: Run, item_id: uuid.UUID) -> None:
     """Planned failover of the reversed item back to the primary, then reverse again."""
     await planned_item(run, item_id, FailoverKind.PLANNED)
-    result = dict(run.item_results.get(str(item_id), {}))
+    failed_over = run.item_results[str(item_id)]  # set by the planned failover
     new_item = await reverse_item(run, item_id)
-    run.item_results[str(item_id)] = {
-        **result,
-        "state": "failed_back",
-        "new_item_id": str(new_item),
-    }
+    run.item_results[str(item_id)] = failed_over.model_copy(
+        update={"state": "failed_back", "new_item_id": str(new_item)}
+    )
 
 
 # ------------------------------------------------------------------ one operation, many items
 
 
 def item_workflow(operation: Operation) -> Workflow:
-    async def run_item(run: Run) -> dict[str, Any]:
+    async def run_item(run: Run) -> JobResult:
         item_id = uuid.UUID(run.job.target)
         await run_items(run, operation, [item_id], None)
+        result = run.item_results.get(str(item_id))
         if (
             operation is Operation.UNPLANNED_FAILOVER
-            and run.item_results.get(str(item_id), {}).get("state") == "failed"
+            and result is not None
+            and result.state == "failed"
         ):
             raise StepFailed(
-                run.item_results[str(item_id)]["error"],
+                result.error or "failed",
                 "the item could not be failed over",
                 "check the failed tasks; try another recovery point",
             )
-        return {}
+        return JobResult()
 
     return run_item
 
@@ -480,8 +477,10 @@ async def run_items(
     for item_id, outcome in zip(item_ids, outcomes, strict=True):
         if isinstance(outcome, StepFailed):
             errors.append(outcome)
-            run.item_results.setdefault(str(item_id), _failure_result(None, item_id, outcome))
-            run.item_results[str(item_id)].update(state="failed", error=outcome.error)
+            found = run.item_results.get(str(item_id)) or _failure_result(None, item_id, outcome)
+            run.item_results[str(item_id)] = found.model_copy(
+                update={"state": "failed", "error": outcome.error}
+            )
         elif isinstance(outcome, BaseException):
             raise outcome
     if operation is Operation.TEST_CLEANUP and test_jobs:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.failover import domain
-from services.failover.domain import FailoverRefused, Operation
+from services.failover.domain import FailoverRefused, Operation, PlanGroup
 from shared.schemas.envelope import EventPayload
 from shared.schemas.failover import JobChanged, JobState
 
@@ -36,11 +35,52 @@ class JobParams(BaseModel):
     force_full_resync: bool | None = None
     target_site: str | None = None
     items: list[str] = Field(default_factory=list)
-    groups: list[dict[str, Any]] | None = None
+    groups: list[PlanGroup] | None = None
     plan_name: str | None = None
 
-    def stored(self) -> dict[str, Any]:
-        out: dict[str, Any] = self.model_dump(mode="json", exclude_unset=True)
+    def stored(self) -> dict[str, object]:
+        """The options that were given, as stored; a plan's groups whole (defaults too)."""
+        out: dict[str, object] = self.model_dump(
+            mode="json", exclude_unset=True, exclude={"groups"}
+        )
+        if "groups" in self.model_fields_set:
+            groups = self.groups
+            out["groups"] = None if groups is None else [g.model_dump(mode="json") for g in groups]
+        return out
+
+
+class ItemResult(BaseModel):
+    """What a job did to one of its items, as the job's result shows it; only the fields the
+    operation set are stored (and shown)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm_name: str
+    state: str
+    error: str | None = None
+    errors: list[str] | None = None
+    test_vm: str | None = None
+    test_network_id: str | None = None
+    cycle_seq: int | None = None
+    source_time: str | None = None
+    failed_over_at: str | None = None
+    data_loss_seconds: float | None = None
+    zero_data_loss: bool | None = None
+    recovery_vm: str | None = None
+    new_item_id: str | None = None
+    seeded: bool | None = None
+
+
+class JobResult(BaseModel):
+    """A finished job's result: per item (id -> what was done) and, for a plan, its groups."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    groups: int | None = None
+    items: dict[str, ItemResult] | None = None
+
+    def stored(self) -> dict[str, object]:
+        out: dict[str, object] = self.model_dump(mode="json", exclude_unset=True)
         return out
 
 
@@ -72,7 +112,7 @@ class Job:
     run_no: int = 1
     restarts: int = 0
     waiting_for: WaitingFor | None = None
-    result: dict[str, Any] = field(default_factory=dict)
+    result: JobResult = field(default_factory=JobResult)
     created_by: str = ""
     created_at: datetime | None = None
     started_at: datetime | None = None
@@ -184,7 +224,7 @@ class Job:
         *,
         failure: tuple[str, str, str] | None,
         errors: int,
-        result: dict[str, Any],
+        result: JobResult,
     ) -> None:
         """The end of a run: `failure` (error, cause, recommendation) stopped it; `errors`
         steps failed in a run that goes on past errors."""

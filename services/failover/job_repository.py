@@ -6,14 +6,15 @@ serialise job creation and address placement per vault."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from services.failover.domain import Operation
-from services.failover.job import Job, JobParams, WaitingFor
-from services.failover.repository import Conn, emit
+from services.failover.domain import Operation, TaskRow
+from services.failover.job import Job, JobParams, JobResult, WaitingFor
+from services.failover.repository import Conn, emit, from_record
 from shared.schemas.failover import JobState, TaskChanged
 
 UNFINISHED = ("not_started", "in_progress", "waiting_for_input")
@@ -39,7 +40,7 @@ def _job(row: asyncpg.Record) -> Job:
         run_no=row["run_no"],
         restarts=row["restarts"],
         waiting_for=WaitingFor.model_validate(row["waiting_for"]) if row["waiting_for"] else None,
-        result=dict(row["result"]),
+        result=JobResult.model_validate(row["result"]),
         created_by=row["created_by"],
         created_at=row["created_at"],
         started_at=row["started_at"],
@@ -96,7 +97,7 @@ async def save_job(conn: asyncpg.Connection, job: Job) -> None:
         job.run_no,
         job.restarts,
         job.waiting_for.model_dump(mode="json") if job.waiting_for else None,
-        job.result,
+        job.result.stored(),
         job.started_at,
         job.ended_at,
     )
@@ -179,23 +180,29 @@ async def history(conn: Conn, job_id: uuid.UUID, message: str) -> None:
     await conn.execute("INSERT INTO job_history (job_id, message) VALUES ($1, $2)", job_id, message)
 
 
-async def job_history(conn: Conn, job_id: uuid.UUID) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class HistoryLine:
+    at: datetime
+    message: str
+
+
+async def job_history(conn: Conn, job_id: uuid.UUID) -> list[HistoryLine]:
     rows = await conn.fetch(
         "SELECT at, message FROM job_history WHERE job_id = $1 ORDER BY id", job_id
     )
-    return [dict(r) for r in rows]
+    return [from_record(HistoryLine, r) for r in rows]
 
 
-async def tasks(conn: Conn, job_id: uuid.UUID) -> list[dict[str, Any]]:
+async def tasks(conn: Conn, job_id: uuid.UUID) -> list[TaskRow]:
     rows = await conn.fetch("SELECT * FROM tasks WHERE job_id = $1 ORDER BY task_no", job_id)
-    return [dict(r) for r in rows]
+    return [from_record(TaskRow, r) for r in rows]
 
 
-async def task(conn: Conn, job_id: uuid.UUID, step_key: str) -> dict[str, Any] | None:
+async def task(conn: Conn, job_id: uuid.UUID, step_key: str) -> TaskRow | None:
     row = await conn.fetchrow(
         "SELECT * FROM tasks WHERE job_id = $1 AND step_key = $2", job_id, step_key
     )
-    return dict(row) if row else None
+    return from_record(TaskRow, row) if row else None
 
 
 async def insert_task(
@@ -206,7 +213,7 @@ async def insert_task(
     name: str,
     command_id: uuid.UUID,
     state: JobState = JobState.IN_PROGRESS,
-) -> dict[str, Any]:
+) -> TaskRow:
     await conn.execute("SELECT 1 FROM jobs WHERE job_id = $1 FOR UPDATE", job_id)
     row = await conn.fetchrow(
         "INSERT INTO tasks (job_id, task_no, step_key, name, state, command_id)"
@@ -218,24 +225,24 @@ async def insert_task(
         state.value,
         command_id,
     )
-    t = dict(row)
+    t = from_record(TaskRow, row)
     await emit_task(conn, vault_id, t)
     return t
 
 
-async def emit_task(conn: asyncpg.Connection, vault_id: uuid.UUID, t: dict[str, Any]) -> None:
+async def emit_task(conn: asyncpg.Connection, vault_id: uuid.UUID, t: TaskRow) -> None:
     await emit(
         conn,
         vault_id,
         TaskChanged(
-            job_id=t["job_id"],
-            task_no=t["task_no"],
-            name=t["name"],
-            state=JobState(t["state"]),
-            error=t["error"],
-            detail=t["detail"],
+            job_id=t.job_id,
+            task_no=t.task_no,
+            name=t.name,
+            state=JobState(t.state),
+            error=t.error,
+            detail=t.detail,
         ),
-        str(t["job_id"]),
+        str(t.job_id),
     )
 
 
@@ -246,7 +253,7 @@ async def _set_task(
     step_key: str,
     sql_set: str,
     *args: Any,
-) -> dict[str, Any]:
+) -> TaskRow:
     """Run one of the fixed task updates below (`sql_set` is a literal of this module, never
     built from input), emit the task's new state."""
     row = await conn.fetchrow(
@@ -255,7 +262,7 @@ async def _set_task(
         step_key,
         *args,
     )
-    t = dict(row)
+    t = from_record(TaskRow, row)
     await emit_task(conn, vault_id, t)
     return t
 
@@ -269,7 +276,7 @@ async def fail_task(
     error: str,
     cause: str | None,
     recommendation: str | None,
-) -> dict[str, Any]:
+) -> TaskRow:
     return await _set_task(
         conn,
         vault_id,
@@ -287,8 +294,8 @@ async def finish_task(
     vault_id: uuid.UUID,
     job_id: uuid.UUID,
     step_key: str,
-    detail: dict[str, Any],
-) -> dict[str, Any]:
+    detail: dict[str, object],
+) -> TaskRow:
     return await _set_task(
         conn,
         vault_id,
@@ -319,8 +326,19 @@ async def approve(
     )
 
 
-async def approval(conn: Conn, job_id: uuid.UUID, action_key: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class ApprovalRow:
+    """An operator's approval of a manual action of a job."""
+
+    job_id: uuid.UUID
+    action_key: str
+    approved_by: str
+    comment: str
+    at: datetime
+
+
+async def approval(conn: Conn, job_id: uuid.UUID, action_key: str) -> ApprovalRow | None:
     row = await conn.fetchrow(
         "SELECT * FROM approvals WHERE job_id = $1 AND action_key = $2", job_id, action_key
     )
-    return dict(row) if row else None
+    return from_record(ApprovalRow, row) if row else None

@@ -9,12 +9,12 @@ import contextlib
 import os
 import signal
 import uuid
-from typing import Any
 
 from services.failover import domain
 from services.failover import repository as repo
-from services.failover.domain import Operation, PlanAction, PlanGroup
+from services.failover.domain import Operation, PlanAction
 from services.failover.item_workflows import item_workflow, run_items
+from services.failover.job import JobResult
 from services.failover.test_networks import test_network
 from services.failover.workflow import Run, StepFailed, StepResult, Workflow
 
@@ -119,8 +119,8 @@ async def run_action(run: Run, key: str, action: PlanAction) -> None:
 
 
 def plan_workflow(operation: Operation) -> Workflow:
-    async def run_plan(run: Run) -> dict[str, Any]:
-        groups = [PlanGroup.model_validate(g) for g in run.job.params.groups or []]
+    async def run_plan(run: Run) -> JobResult:
+        groups = run.job.params.groups or []
         kind = domain.OPERATION_KIND.get(operation)
         goes_on = operation is Operation.UNPLANNED_FAILOVER
         test_net = await test_network(run) if operation is Operation.TEST_FAILOVER else None
@@ -141,7 +141,7 @@ def plan_workflow(operation: Operation) -> Workflow:
                         if not goes_on:
                             raise
                         run.errors += 1
-        return {"groups": len(groups)}
+        return JobResult(groups=len(groups))
 
     return run_plan
 

@@ -6,20 +6,38 @@ in services/failover/job_repository.py."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 
-from services.failover.domain import ItemFailoverState, PlanGroup, RecoveryPlan, RetainedPoints
-from services.failover.item_failover import FailoverInfo, ItemFailover, TestFailover, stored_info
+from services.failover.domain import (
+    ItemFailoverState,
+    ItemRow,
+    NetworkMapping,
+    PlanGroup,
+    RecoveryPlan,
+    RetainedPoints,
+)
+from services.failover.item_failover import (
+    CleanupNote,
+    FailoverInfo,
+    ItemFailover,
+    TestFailover,
+    stored_info,
+)
 from shared import outbox
 from shared.kafka.decode import Rejected
 from shared.schemas.envelope import EventPayload
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 PRODUCER_ID = "service:failover"
 
 Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
+R = TypeVar("R", bound="DataclassInstance")
 
 
 REPLICATION = "service:replication"
@@ -278,9 +296,9 @@ async def known_items(conn: Conn, vault_id: uuid.UUID, item_ids: list[uuid.UUID]
     return {r["item_id"] for r in rows}
 
 
-async def item(conn: Conn, item_id: uuid.UUID) -> dict[str, Any] | None:
+async def item(conn: Conn, item_id: uuid.UUID) -> ItemRow | None:
     row = await conn.fetchrow("SELECT * FROM rm_items WHERE item_id = $1", item_id)
-    return dict(row) if row else None
+    return from_record(ItemRow, row) if row else None
 
 
 async def items(conn: Conn, vault_id: uuid.UUID) -> list[dict[str, Any]]:
@@ -308,11 +326,11 @@ async def networks(conn: Conn, vault_id: uuid.UUID) -> dict[str, dict[str, Any]]
     return {r["network_id"]: dict(r) for r in rows}
 
 
-async def mappings(conn: Conn, vault_id: uuid.UUID) -> list[dict[str, Any]]:
+async def mappings(conn: Conn, vault_id: uuid.UUID) -> list[NetworkMapping]:
     rows = await conn.fetch(
         "SELECT * FROM rm_mappings WHERE vault_id = $1 AND NOT removed", vault_id
     )
-    return [dict(r) for r in rows]
+    return [from_record(NetworkMapping, r) for r in rows]
 
 
 async def cloud_site(conn: Conn, vault_id: uuid.UUID, cloud_id: str) -> str | None:
@@ -349,9 +367,27 @@ async def used_ips(conn: Conn, vault_id: uuid.UUID) -> set[str]:
     return used
 
 
-async def answer(conn: Conn, request_id: uuid.UUID) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class AnswerRow:
+    """An agent's or the replication service's answer to a step's command or request, as it
+    sent it."""
+
+    request_id: uuid.UUID
+    kind: str
+    ok: bool
+    error: str
+    result: dict[str, object]
+    at: datetime
+
+
+def from_record(cls: type[R], row: asyncpg.Record) -> R:
+    """The row as the dataclass `cls` (whose fields name the row's columns)."""
+    return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+async def answer(conn: Conn, request_id: uuid.UUID) -> AnswerRow | None:
     row = await conn.fetchrow("SELECT * FROM answers WHERE request_id = $1", request_id)
-    return dict(row) if row else None
+    return from_record(AnswerRow, row) if row else None
 
 
 async def save_answer(
@@ -383,16 +419,22 @@ async def view(conn: Conn, item_id: uuid.UUID) -> dict[str, Any] | None:
 
 async def item_failover(conn: Conn, item_id: uuid.UUID, vault_id: uuid.UUID) -> ItemFailover:
     """The item's failover state (protected, nothing done yet, if there is no row)."""
+    found = await failover_view(conn, item_id)
+    return found if found is not None else ItemFailover(item_id=item_id, vault_id=vault_id)
+
+
+async def failover_view(conn: Conn, item_id: uuid.UUID) -> ItemFailover | None:
+    """The item's failover state as stored; None if nothing was done to the item yet."""
     row = await conn.fetchrow("SELECT * FROM item_failover WHERE item_id = $1", item_id)
     if row is None:
-        return ItemFailover(item_id=item_id, vault_id=vault_id)
+        return None
     return ItemFailover(
         item_id=row["item_id"],
         vault_id=row["vault_id"],
         state=ItemFailoverState(row["state"]),
         info=FailoverInfo.model_validate(row["info"]),
         test=TestFailover.model_validate(row["test"]) if row["test"] else None,
-        notes=list(row["notes"]),
+        notes=[CleanupNote.model_validate(n) for n in row["notes"]],
     )
 
 
@@ -412,7 +454,7 @@ async def save_item_failover(conn: Conn, item: ItemFailover) -> None:
         item.state.value,
         stored_info(item.info),
         item.test.model_dump(mode="json") if item.test else None,
-        item.notes,
+        [n.model_dump(mode="json") for n in item.notes],
     )
     for event in item.events:
         await emit(conn, item.vault_id, event, str(item.item_id))

@@ -13,7 +13,6 @@ import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,7 +21,13 @@ from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
 from services.failover.item_failover import FailoverInfo
 from services.failover.workflow import Run, StepFailed, StepResult
-from shared.schemas.agent import VmCreateRequested, VmDeleteRequested, VmDisk, VmPowerRequested
+from shared.schemas.agent import (
+    NicAttachment,
+    VmCreateRequested,
+    VmDeleteRequested,
+    VmDisk,
+    VmPowerRequested,
+)
 from shared.schemas.envelope import EventPayload
 from shared.schemas.failover import (
     FailoverKind,
@@ -65,13 +70,13 @@ class ItemFacts(StepResult):
     recovery_agent_id: uuid.UUID
     recovery_storage: str
     disks: list[SourceDisk]
-    nics: list[dict[str, Any]]
+    nics: list[Nic]
     # Failing back: the old VM (shut down, superseded) still sits in the target folder.
     replaces_old_vm: bool
     generation: int = 2
     cpu_count: int = 2
     memory_mb: int = 4096
-    placed_nics: list[dict[str, Any]] = Field(default_factory=list)
+    placed_nics: list[NicAttachment] = Field(default_factory=list)
 
 
 class TestNetwork(StepResult):
@@ -82,7 +87,7 @@ class TestNetwork(StepResult):
     model_config = ConfigDict(extra="forbid")
 
     network_id: str | None = None
-    network: dict[str, Any] | None = None
+    network: VmNetwork | None = None
     created: bool = False
 
 
@@ -104,7 +109,7 @@ class CreatedVm(StepResult):
 
     vm_name: str
     agent_id: str
-    nics: list[dict[str, Any]]
+    nics: list[NicAttachment]
 
 
 class FinalCycle(StepResult):
@@ -114,6 +119,21 @@ class FinalCycle(StepResult):
 
     cycle_seq: int | None = None
     roots: dict[str, str] = Field(default_factory=dict)
+
+
+class ShutdownAnswer(BaseModel):
+    """What a failover reads of the source agent's answer to the shutdown: the final cycle it
+    shipped (none when the VM was not replicating)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    class Final(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+
+        cycle_seq: int | None = None
+        roots: dict[str, str] = Field(default_factory=dict)
+
+    final_cycle: Final | None = None
 
 
 class Synced(StepResult):
@@ -136,27 +156,27 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> ItemFacts:
     if item is None:
         raise StepFailed(f"protected item {item_id} is not known", "no ProtectionEnabled seen")
     link = await repo.link_of(pool, new=item_id)
-    vm_row = await repo.vm(pool, item["vault_id"], item["vm_id"])
+    vm_row = await repo.vm(pool, item.vault_id, item.vm_id)
     vm = vm_row["vm"] if vm_row else {}
     preferred: uuid.UUID | None = None
     if link is not None:
         disks = [SourceDisk.model_validate(d) for d in link["disks"]]
-        nics = list(link["nics"])
+        nics = [Nic.model_validate(n) for n in link["nics"]]
         source_site, target_site = link["source_site"], link["target_site"]
         old = await repo.item(pool, link["old_item_id"])
-        preferred = old["source_agent_id"] if old else None
+        preferred = old.source_agent_id if old else None
     else:
         disks = [
             SourceDisk(disk_id=d["disk_id"], path=d.get("path", ""), size_bytes=d["size_bytes"])
             for d in vm.get("disks", [])
         ]
-        nics = list(vm.get("nics", []))
-        source = await repo.producer(pool, item["source_agent_id"])
+        nics = [Nic.model_validate(n) for n in vm.get("nics", [])]
+        source = await repo.producer(pool, item.source_agent_id)
         source_site = source["site"] if source else (vm_row["site"] if vm_row else "")
-        target_site = await repo.cloud_site(pool, item["vault_id"], item["target_cloud_id"]) or ""
+        target_site = await repo.cloud_site(pool, item.vault_id, item.target_cloud_id) or ""
     if not target_site:
         raise StepFailed(
-            f"the recovery site of {item['vm_name']} is not known",
+            f"the recovery site of {item.vm_name} is not known",
             "the target cloud was not discovered",
             "check the recovery site's provider",
         )
@@ -174,9 +194,9 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> ItemFacts:
     agent = next((a for a in agents if a["producer_id"] == preferred), agents[0])
     return ItemFacts(
         item_id=item_id,
-        vm_id=item["vm_id"],
-        vm_name=item["vm_name"],
-        source_agent_id=item["source_agent_id"],
+        vm_id=item.vm_id,
+        vm_name=item.vm_name,
+        source_agent_id=item.source_agent_id,
         source_site=source_site,
         target_site=target_site,
         recovery_agent_id=agent["producer_id"],
@@ -192,16 +212,11 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> ItemFacts:
 
 async def place_nics(
     run: Run, facts: ItemFacts, test_net: TestNetwork | None
-) -> list[dict[str, Any]]:
-    nics = [Nic.model_validate(n) for n in facts.nics]
+) -> list[NicAttachment]:
+    nics = facts.nics
     if test_net is not None:
-        network = (
-            VmNetwork.model_validate(test_net.network)
-            if test_net.network_id and test_net.network
-            else None
-        )
-        placed = domain.failover_nics(nics, [], {}, set(), network, test=True)
-        return [p.model_dump(mode="json") for p in placed]
+        network = test_net.network if test_net.network_id else None
+        return domain.failover_nics(nics, [], {}, set(), network, test=True)
     async with run.pool.acquire() as conn, conn.transaction():
         await jobs_repo.lock_vault_ips(conn, run.vault_id)
         nets = {
@@ -211,11 +226,10 @@ async def place_nics(
         mapped = await repo.mappings(conn, run.vault_id)
         used = await repo.used_ips(conn, run.vault_id)
         placed = domain.failover_nics(nics, mapped, nets, used)
-        out = [p.model_dump(mode="json") for p in placed]
         item = await repo.item_failover(conn, facts.item_id, run.vault_id)
-        item.placing(out)
+        item.placing(placed)
         await repo.save_item_failover(conn, item)
-    return out
+    return placed
 
 
 async def prepare(run: Run, p: str, item_id: uuid.UUID, test_net: TestNetwork | None) -> ItemFacts:
@@ -237,7 +251,7 @@ async def prepare(run: Run, p: str, item_id: uuid.UUID, test_net: TestNetwork | 
 
 async def vm_name_of(run: Run, item_id: uuid.UUID) -> str:
     item = await repo.item(run.pool, item_id)
-    return str(item["vm_name"]) if item else str(item_id)
+    return item.vm_name if item else str(item_id)
 
 
 # ------------------------------------------------------------------ activities
@@ -301,7 +315,7 @@ async def create_vm(
     vm_id: str,
     vm_name: str,
     point: Point,
-    nics: list[dict[str, Any]],
+    nics: list[NicAttachment],
 ) -> CreatedVm:
     disks = [
         VmDisk(disk_id=d.disk_id, file=os.path.basename(d.path), size_bytes=d.size_bytes)
@@ -321,7 +335,7 @@ async def create_vm(
                 cpu_count=facts.cpu_count,
                 memory_mb=facts.memory_mb,
                 disks=disks,
-                nics=nics,  # type: ignore[arg-type]
+                nics=nics,
                 start=True,
             ),
             str(agent_id),
@@ -362,8 +376,8 @@ async def shutdown(run: Run, p: str, facts: ItemFacts, timeout: float | None = N
             timeout=timeout,
             recommendation="check the source host agent; for a disaster use an unplanned failover",
         )
-        final = result.get("final_cycle") or {}
-        return FinalCycle(cycle_seq=final.get("cycle_seq"), roots=final.get("roots", {}))
+        final = ShutdownAnswer.model_validate(result).final_cycle or ShutdownAnswer.Final()
+        return FinalCycle(cycle_seq=final.cycle_seq, roots=final.roots)
 
     return await run.step(
         f"{p}shutdown",
@@ -384,9 +398,9 @@ async def synced(
         item = await repo.item(run.pool, item_id)
         if item is None:
             return None
-        caught_up = final_seq is not None and (item["latest_seq"] or 0) >= final_seq
-        if item["state"] == "synced" or caught_up:
-            return Synced(state=item["state"], latest_seq=item["latest_seq"])
+        caught_up = final_seq is not None and (item.latest_seq or 0) >= final_seq
+        if item.state == "synced" or caught_up:
+            return Synced(state=item.state, latest_seq=item.latest_seq)
         return None
 
     async def wait(_cid: uuid.UUID) -> Synced:
@@ -467,7 +481,7 @@ async def mark_failed_over(
             recovery_site=facts.target_site,
             source_site=facts.source_site,
             source_disks={d.disk_id: d.path for d in facts.disks},
-            recovery_disks=[d.model_dump(mode="json") for d in point.disks],
+            recovery_disks=point.disks,
             nics=vm.nics,
             job_id=str(run.job_id),
         )

@@ -4,11 +4,11 @@ deleted at its cleanup); each a durable step of the job."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from services.failover import repository as repo
 from services.failover.steps import TestNetwork
 from services.failover.workflow import Run, StepFailed, StepResult
+from shared.schemas.inventory import VmNetwork
 
 
 class NetworkDeleted(StepResult):
@@ -31,25 +31,26 @@ async def test_network(run: Run) -> TestNetwork:
                     "not discovered",
                     "choose another network",
                 )
-            return TestNetwork(network_id=choice, network=nets[choice]["network"], created=False)
+            network = VmNetwork.model_validate(nets[choice]["network"])
+            return TestNetwork(network_id=choice, network=network, created=False)
         network_id = f"test-{run.job_id.hex[:12]}"
         site = run.job.params.target_site or ""
-        template: dict[str, Any] = next(
+        template = next(
             (
-                n["network"]
+                VmNetwork.model_validate(n["network"])
                 for n in nets.values()
                 if n["site"] == site and not n["network"].get("isolated")
             ),
-            {"subnets": []},
+            None,
         )
-        network = {
-            "network_id": network_id,
-            "name": f"test-failover-{run.job_id.hex[:8]}",
-            "subnets": template.get("subnets", []),
-            "isolated": True,
-        }
+        network = VmNetwork(
+            network_id=network_id,
+            name=f"test-failover-{run.job_id.hex[:8]}",
+            subnets=template.subnets if template else [],
+            isolated=True,
+        )
         await repo.insert_test_network(
-            run.pool, run.vault_id, run.job_id, network_id, site, network["name"]
+            run.pool, run.vault_id, run.job_id, network_id, site, network.name
         )
         return TestNetwork(network_id=network_id, network=network, created=True)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import uuid
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Protocol, Self
 
 import asyncpg
 
 from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
-from services.failover.domain import RetainedPoints
+from services.failover.domain import ItemRow, RetainedPoints
+from services.failover.item_failover import ItemFailover
 from services.failover.job import Job
 
 
@@ -41,11 +42,11 @@ class JobStore(Protocol):
 class ReadModels(Protocol):
     """What the service knows of other services' state, as a decision reads it."""
 
-    async def item(self, item_id: uuid.UUID) -> dict[str, Any] | None:
+    async def item(self, item_id: uuid.UUID) -> ItemRow | None:
         """The protected item (rm_items row)."""
 
-    async def view(self, item_id: uuid.UUID) -> dict[str, Any] | None:
-        """The item's failover state as stored (item_failover row)."""
+    async def view(self, item_id: uuid.UUID) -> ItemFailover | None:
+        """The item's failover state as stored (None: nothing done to it yet)."""
 
     async def reversed_from(self, item_id: uuid.UUID) -> bool:
         """True if the item protects a VM in reverse (after a failover)."""
@@ -115,11 +116,11 @@ class PgReadModels:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
-    async def item(self, item_id: uuid.UUID) -> dict[str, Any] | None:
+    async def item(self, item_id: uuid.UUID) -> ItemRow | None:
         return await repo.item(self.conn, item_id)
 
-    async def view(self, item_id: uuid.UUID) -> dict[str, Any] | None:
-        return await repo.view(self.conn, item_id)
+    async def view(self, item_id: uuid.UUID) -> ItemFailover | None:
+        return await repo.failover_view(self.conn, item_id)
 
     async def reversed_from(self, item_id: uuid.UUID) -> bool:
         return await repo.link_of(self.conn, new=item_id) is not None

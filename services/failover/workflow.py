@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
@@ -30,7 +30,7 @@ from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
 from services.failover.config import FailoverSettings
 from services.failover.domain import PlanAction, StepAction
-from services.failover.job import Job, WaitingFor
+from services.failover.job import ItemResult, Job, JobResult, WaitingFor
 from services.failover.unit_of_work import PgUnitOfWork
 from shared.faults import crash_point
 from shared.schemas.failover import JobState
@@ -101,8 +101,8 @@ R = TypeVar("R", bound=BaseModel)
 # a step's effect (its command or local change; None: the wait gives the result) and its wait
 Effect = Callable[[uuid.UUID], Awaitable[R | None]]
 Wait = Callable[[uuid.UUID], Awaitable[R]]
-# a job's workflow returns the job's result document
-Workflow = Callable[["Run"], Awaitable[dict[str, Any]]]
+# a job's workflow returns the job's result (the engine adds the items' results)
+Workflow = Callable[["Run"], Awaitable[JobResult]]
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Run:
     engine: Engine
     job: Job
     errors: int = 0
-    item_results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    item_results: dict[str, ItemResult] = field(default_factory=dict)
 
     @property
     def job_id(self) -> uuid.UUID:
@@ -144,16 +144,14 @@ class Run:
         task = await jobs_repo.task(self.pool, self.job_id, key)
         answered = False
         if task is not None and wait is not None:
-            answered = await repo.answer(self.pool, task["command_id"]) is not None
-        action = domain.step_action(task["state"] if task else None, answered)
+            answered = await repo.answer(self.pool, task.command_id) is not None
+        action = domain.step_action(task.state if task else None, answered)
         if action is StepAction.SKIP:
             assert task is not None
-            return result_type.model_validate(task["detail"])
+            return result_type.model_validate(task.detail)
         if action is StepAction.FAILED:
             assert task is not None
-            raise StepFailed(
-                task["error"] or "failed", task["cause"] or "", task["recommendation"] or ""
-            )
+            raise StepFailed(task.error or "failed", task.cause or "", task.recommendation or "")
         if task is None:
             command_id = domain.command_id_for(self.job_id, key, self.job.run_no)
             async with self.pool.acquire() as conn, conn.transaction():
@@ -161,7 +159,7 @@ class Run:
                     conn, self.vault_id, self.job_id, key, name, command_id
                 )
             crash_point(f"failover.{crash}.recorded")
-        command_id = task["command_id"]
+        command_id = task.command_id
         try:
             result: R | None = None
             if effect is not None and action is not StepAction.WAIT:
@@ -212,7 +210,7 @@ class Run:
         *,
         timeout: float | None = None,
         recommendation: str = "",
-    ) -> dict[str, Any]:
+    ) -> dict[str, object]:
         """The answer (as its answerer sent it: the caller reads it into its type) to the
         command or request `command_id`; StepFailed if it failed or didn't come in time."""
         limit = timeout or self.settings.step_timeout_seconds
@@ -220,13 +218,13 @@ class Run:
         while True:
             found = await repo.answer(self.pool, command_id)
             if found is not None:
-                if not found["ok"]:
+                if not found.ok:
                     raise StepFailed(
-                        f"{what} failed: {found['error']}",
-                        cause=f"the {found['kind']} answer reported an error",
+                        f"{what} failed: {found.error}",
+                        cause=f"the {found.kind} answer reported an error",
                         recommendation=recommendation or "fix the cause, then restart the job",
                     )
-                return dict(found["result"])
+                return dict(found.result)
             if time.monotonic() > deadline:
                 raise StepFailed(
                     f"{what}: no answer within {limit:g} s",
@@ -257,8 +255,8 @@ class Run:
     async def manual(self, key: str, action: PlanAction) -> Approval:
         """A manual action: the job waits in `waiting_for_input` until an operator approves."""
         task = await jobs_repo.task(self.pool, self.job_id, key)
-        if task is not None and task["state"] == JobState.SUCCEEDED.value:
-            return Approval.model_validate(task["detail"])
+        if task is not None and task.state == JobState.SUCCEEDED.value:
+            return Approval.model_validate(task.detail)
         waiting = WaitingFor(
             action_id=action.action_id,
             action_key=key,
@@ -287,7 +285,7 @@ class Run:
             if approved is not None:
                 break
             await self.engine.notifier.wait(self.settings.poll_seconds * 4)
-        result = Approval(approved_by=approved["approved_by"], comment=approved["comment"])
+        result = Approval(approved_by=approved.approved_by, comment=approved.comment)
         async with self.engine.uow() as uow:
             job = await self._load(uow)
             job.input_given()
@@ -353,7 +351,7 @@ class Engine:
         run = Run(self, job)
         JOBS_RUNNING.inc()
         failure: StepFailed | None = None
-        result: dict[str, Any] = {}
+        result = JobResult()
         try:
             result = await self.workflows[job.kind](run)
         except StepFailed as exc:
@@ -371,7 +369,7 @@ class Engine:
             JOBS_RUNNING.dec()
         await self.finish(run, failure, result)
 
-    async def finish(self, run: Run, failure: StepFailed | None, result: dict[str, Any]) -> None:
+    async def finish(self, run: Run, failure: StepFailed | None, result: JobResult) -> None:
         now = datetime.now(UTC)
         async with self.uow() as uow:
             job = await uow.jobs.get(run.job_id)
@@ -381,7 +379,11 @@ class Engine:
                 now,
                 failure=(failure.error, failure.cause, failure.recommendation) if failure else None,
                 errors=run.errors,
-                result={**result, "items": run.item_results} if run.item_results else result,
+                result=(
+                    result.model_copy(update={"items": dict(run.item_results)})
+                    if run.item_results
+                    else result
+                ),
             )
             await uow.commit()
         state = job.state

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import pytest
@@ -22,7 +21,7 @@ from services.failover.__main__ import MIGRATIONS
 from services.failover.commands import RestartJob
 from services.failover.config import FailoverSettings
 from services.failover.domain import Operation
-from services.failover.job import Job, JobParams
+from services.failover.job import ItemResult, Job, JobParams, JobResult
 from services.failover.workflow import Engine, Run, StepFailed, StepResult
 
 pytestmark = pytest.mark.integration
@@ -48,7 +47,7 @@ class Recorder:
     def __init__(self) -> None:
         self.effects: list[tuple[str, uuid.UUID]] = []
 
-    async def workflow(self, run: Run) -> dict[str, Any]:
+    async def workflow(self, run: Run) -> JobResult:
         async def first(cid: uuid.UUID) -> Value:
             self.effects.append(("first", cid))
             return Value(value=1)
@@ -61,7 +60,9 @@ class Recorder:
 
         one = await run.step("first", "first step", Value, first)
         two = await run.step("second", "second step", Answer, second, answer)
-        return {"one": one.model_dump(), "two": two.model_dump()}
+        state = "answered ok" if two.model_dump() == {"ok": True} else "answered"
+        run.item_results["i1"] = ItemResult(vm_name="vm1", state=state, cycle_seq=one.value)
+        return JobResult()
 
 
 async def new_job(pool: asyncpg.Pool) -> uuid.UUID:
@@ -116,11 +117,13 @@ async def test_resume_after_restart_skips_done_steps_and_resends_with_same_key(
 
     job = await eventually(done, timeout=10, what="job succeeded")
     assert job.restarts == 1 and job.progress == 100
-    assert job.result == {"one": {"value": 1}, "two": {"ok": True}}
-    history = [h["message"] for h in await jobs_repo.job_history(pool, job_id)]
+    assert job.result.stored() == {
+        "items": {"i1": {"vm_name": "vm1", "state": "answered ok", "cycle_seq": 1}}
+    }
+    history = [h.message for h in await jobs_repo.job_history(pool, job_id)]
     assert any(m.startswith("service restarted: job resumed (1 steps done") for m in history)
     tasks = await jobs_repo.tasks(pool, job_id)
-    assert [(t["step_key"], t["state"]) for t in tasks] == [
+    assert [(t.step_key, t.state) for t in tasks] == [
         ("first", "succeeded"),
         ("second", "succeeded"),
     ]
@@ -152,7 +155,7 @@ async def test_failed_step_fails_the_job_and_an_operator_restart_uses_a_new_key(
     job = await eventually(failed, timeout=10, what="job failed")
     assert job.error is not None and "disk full" in job.error and job.recommendation
     task = await jobs_repo.task(pool, job_id, "second")
-    assert task is not None and task["state"] == "failed"
+    assert task is not None and task.state == "failed"
     ctx = handlers.Context(pool=pool, settings=eng.settings, engine=eng, notifier=Notifier())
     restarted = await handlers.restart(ctx, RestartJob(job.vault_id, job_id, "operator"))
     assert restarted.run_no == 2
@@ -165,7 +168,7 @@ async def test_failed_step_fails_the_job_and_an_operator_restart_uses_a_new_key(
     eng.notifier.poke(0)
     await asyncio.sleep(0.3)  # several poll rounds (poll_seconds=0.05): the step must still wait
     task = await jobs_repo.task(pool, job_id, "second")
-    assert task is not None and task["state"] == "in_progress", task
+    assert task is not None and task.state == "in_progress", task
     found = await jobs_repo.job(pool, job_id)
     assert found is not None and found.state == "in_progress"
     async with pool.acquire() as conn:
@@ -177,19 +180,20 @@ async def test_failed_step_fails_the_job_and_an_operator_restart_uses_a_new_key(
         return found if found and found.state == "succeeded" else None
 
     job = await eventually(succeeded, timeout=10, what="the restarted job succeeded")
-    assert job.result["two"] == {"ok": True}  # the new key's answer, not the late one
+    # the new key's answer, not the late one
+    assert job.result.items is not None and job.result.items["i1"].state == "answered ok"
     await eng.stop()
 
 
 async def test_a_step_that_raises_step_failed_fails_its_job_with_the_reason(
     pool: asyncpg.Pool,
 ) -> None:
-    async def failing(run: Run) -> dict[str, Any]:
+    async def failing(run: Run) -> JobResult:
         async def effect(_cid: uuid.UUID) -> Value:
             raise StepFailed("host unreachable", "the agent is down", "start the agent")
 
         await run.step("only", "only step", Value, effect)
-        return {}
+        return JobResult()
 
     job_id = await new_job(pool)
     eng = Engine(pool, FailoverSettings(poll_seconds=0.05), {"item:commit": failing})
@@ -203,7 +207,7 @@ async def test_a_step_that_raises_step_failed_fails_its_job_with_the_reason(
     assert job.error is not None and "host unreachable" in job.error
     assert job.cause == "the agent is down" and job.recommendation == "start the agent"
     task = await jobs_repo.task(pool, job_id, "only")
-    assert task is not None and task["state"] == "failed" and task["error"] == "host unreachable"
+    assert task is not None and task.state == "failed" and task.error == "host unreachable"
     await eng.stop()
 
 

@@ -118,5 +118,5 @@ async def test_a_pruned_point_is_refused_at_the_door_with_the_retained_range(
         item = await handlers.check_item(
             PgReadModels(conn), vault_id, item_id, Operation.TEST_FAILOVER, asking(3).params
         )
-    assert item["latest_seq"] == 5
+    assert item.latest_seq == 5
     await engine.stop()

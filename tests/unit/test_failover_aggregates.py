@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.failover.domain import FailoverRefused, ItemFailoverState, Operation
+from services.failover.domain import FailoverRefused, ItemFailoverState, Operation, PlanGroup
 from services.failover.item_failover import CleanupNote, FailoverInfo, ItemFailover
-from services.failover.job import Job, JobParams, WaitingFor
+from services.failover.job import ItemResult, Job, JobParams, JobResult, WaitingFor
+from shared.schemas.agent import NicAttachment
 from shared.schemas.failover import (
     FailoverKind,
     ItemFailedOver,
@@ -75,7 +76,7 @@ def test_only_a_failed_restartable_job_restarts_with_a_new_run() -> None:
     job.start(NOW)
     with pytest.raises(FailoverRefused, match="only a failed job"):
         job.restart("op", items_busy=False)
-    job.finish(NOW, failure=("disk full", "the host", "free space"), errors=0, result={})
+    job.finish(NOW, failure=("disk full", "the host", "free space"), errors=0, result=JobResult())
     assert job.state is JobState.FAILED and job.error == "disk full"
     with pytest.raises(FailoverRefused, match="another job holds"):
         job.restart("op", items_busy=True)
@@ -86,7 +87,7 @@ def test_only_a_failed_restartable_job_restarts_with_a_new_run() -> None:
 
     unplanned = new_job(Operation.UNPLANNED_FAILOVER)
     unplanned.start(NOW)
-    unplanned.finish(NOW, failure=("x", "", ""), errors=0, result={})
+    unplanned.finish(NOW, failure=("x", "", ""), errors=0, result=JobResult())
     with pytest.raises(FailoverRefused, match="can't be restarted"):
         unplanned.restart("op", items_busy=False)
 
@@ -94,7 +95,7 @@ def test_only_a_failed_restartable_job_restarts_with_a_new_run() -> None:
 def test_a_run_past_errors_completes_with_errors() -> None:
     job = new_job(Operation.UNPLANNED_FAILOVER)
     job.start(NOW)
-    job.finish(NOW, failure=None, errors=2, result={"items": {}})
+    job.finish(NOW, failure=None, errors=2, result=JobResult(items={}))
     assert job.state is JobState.COMPLETED_WITH_ERRORS and job.progress == 100
     assert job.error == "2 error(s); see the failed tasks"
     assert job.new_history[-1] == "finished: completed_with_errors"
@@ -119,7 +120,7 @@ def test_a_test_failover_remembers_where_it_came_from() -> None:
     assert item.test.previous_state == "protected"
     item.end_test(CleanupNote(at=later.isoformat(), job_id="c", test_job_id=str(job_id)))
     assert item.state is ItemFailoverState.PROTECTED and item.test is None
-    assert item.notes[-1]["test_job_id"] == str(job_id)
+    assert item.notes[-1].test_job_id == str(job_id)
 
 
 def test_failover_commit_and_reverse_follow_each_other() -> None:
@@ -128,7 +129,7 @@ def test_failover_commit_and_reverse_follow_each_other() -> None:
         item.commit("web01", NOW)
     with pytest.raises(FailoverRefused, match="not failed over"):
         item.check_reversible("web01")
-    item.placing([{"nic_id": "n0"}])
+    item.placing([NicAttachment(nic_id="n0", network_id=None)])
     assert item.state is ItemFailoverState.FAILOVER_IN_PROGRESS
     agent = uuid.uuid4()
     item.failed_over(
@@ -136,7 +137,7 @@ def test_failover_commit_and_reverse_follow_each_other() -> None:
         "web01",
     )
     assert item.state is ItemFailoverState.FAILED_OVER
-    assert item.info.nics == [{"nic_id": "n0"}]  # the placement stays
+    assert item.info.nics == [NicAttachment(nic_id="n0", network_id=None)]  # the placement stays
     event = item.events[-1]
     assert isinstance(event, ItemFailedOver) and event.recovery_agent_id == agent
     assert item.commit("web01", NOW) == 12
@@ -146,3 +147,33 @@ def test_failover_commit_and_reverse_follow_each_other() -> None:
     item.reversing(new_item, seeded=True)
     assert item.state is ItemFailoverState.REVERSE_REPLICATING
     assert item.info.reversed_by == str(new_item) and item.info.seeded
+
+
+def test_results_and_params_are_stored_as_the_fields_set() -> None:
+    """The job row keeps the shape the API shows: only the fields an operation set (a None it
+    set stays), a plan's groups whole."""
+    failed = ItemResult(vm_name="web", state="failed", error="boom")
+    later = failed.model_copy(update={"errors": ["boom"], "test_network_id": None})
+    result = JobResult(groups=2, items={"i1": later})
+    assert result.stored() == {
+        "groups": 2,
+        "items": {
+            "i1": {
+                "vm_name": "web",
+                "state": "failed",
+                "error": "boom",
+                "errors": ["boom"],
+                "test_network_id": None,
+            }
+        },
+    }
+    assert JobResult.model_validate(result.stored()).stored() == result.stored()
+    assert JobResult().stored() == {}
+    params = JobParams(items=["i1"])
+    params.groups = [PlanGroup(items=[uuid.UUID(int=1)])]
+    stored = params.stored()
+    assert stored == {
+        "items": ["i1"],
+        "groups": [{"items": [str(uuid.UUID(int=1))], "pre_actions": [], "post_actions": []}],
+    }
+    assert JobParams.model_validate(stored).stored() == stored

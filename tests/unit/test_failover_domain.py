@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
@@ -19,10 +20,11 @@ from services.failover.domain import (
     PlanGroup,
     StepAction,
 )
-from shared.schemas.failover import FailoverKind, JobState, PointChoice
+from shared.schemas.failover import FailoverKind, JobState, MaterialisedDisk, PointChoice
 from shared.schemas.inventory import IpMode, Nic, StaticPool, Subnet, VmNetwork
+from tests.support.failover_rows import item_row, task_row
 
-ITEM = {"vm_name": "web01", "state": "replicating", "latest_seq": 4}
+ITEM = item_row(latest_seq=4)
 
 
 def test_step_actions_resume_at_the_last_completed_step() -> None:
@@ -44,8 +46,8 @@ def test_command_ids_are_stable_within_a_run_and_new_after_a_restart() -> None:
 
 def test_resume_point_names_the_open_steps() -> None:
     tasks = [
-        {"name": "prepare", "state": "succeeded"},
-        {"name": "web01: materialise", "state": "in_progress"},
+        task_row(name="prepare", state="succeeded"),
+        task_row(name="web01: materialise", state="in_progress"),
     ]
     assert domain.resume_point(tasks) == "1 steps done; resuming web01: materialise"
 
@@ -63,16 +65,16 @@ def test_job_state_rules() -> None:
 
 
 def test_refusals() -> None:
-    testing = {"state": ItemFailoverState.TESTING, "test": {"job_id": "j"}}
+    testing = SimpleNamespace(state=ItemFailoverState.TESTING, test={"job_id": "j"})
     with pytest.raises(FailoverRefused, match="already running"):
         domain.check_test(ITEM, testing)
     with pytest.raises(FailoverRefused, match="initial replication"):
-        domain.check_planned({**ITEM, "state": "initial_replication_in_progress"}, None)
+        domain.check_planned(item_row(state="initial_replication_in_progress"), None)
     with pytest.raises(FailoverRefused, match="not failed over"):
         domain.check_commit(ITEM, None)
     with pytest.raises(FailoverRefused, match="no test failover"):
         domain.check_cleanup(ITEM, None)
-    failed_over = {"state": ItemFailoverState.FAILED_OVER}
+    failed_over = SimpleNamespace(state=ItemFailoverState.FAILED_OVER, test=None)
     with pytest.raises(FailoverRefused, match="already failed over"):
         domain.check_unplanned(ITEM, failed_over)
     domain.check_commit(ITEM, failed_over)
@@ -83,7 +85,9 @@ def test_refusals() -> None:
 
 
 def test_seed_disks_need_the_old_primary_or_force() -> None:
-    disks = [{"disk_id": "d0", "path": "/r/web01/d0.vhdx"}]
+    disks = [
+        MaterialisedDisk(disk_id="d0", path="/r/web01/d0.vhdx", size_bytes=1, merkle_root="00")
+    ]
     old = {"d0": "/p/web01/d0.vhdx"}
     assert domain.seed_disks(disks, old, {"/p/web01/d0.vhdx"}, False) == [
         {"disk_id": "d0", "path": "/p/web01/d0.vhdx"}
@@ -190,8 +194,8 @@ def test_only_script_actions_count_as_script_changes() -> None:
     ]
     changed = [PlanGroup.model_validate({"post_actions": [{**script, "args": ["-x"]}]})]
     moved = [PlanGroup.model_validate({"pre_actions": [script]})]
-    dumped = [g.model_dump(mode="json") for g in before]
-    assert domain.script_actions(renamed) == domain.script_actions(dumped)
+    reloaded = [PlanGroup.model_validate(g.model_dump(mode="json")) for g in before]
+    assert domain.script_actions(renamed) == domain.script_actions(reloaded)
     assert domain.script_actions(changed) != domain.script_actions(before)
     assert domain.script_actions(moved) != domain.script_actions(before)
 
@@ -226,7 +230,7 @@ def test_nics_follow_the_mapping_and_the_ip_rules() -> None:
         Nic(nic_id="n1", network_id="unmapped"),
     ]
     nets = {"r": network("r", "10.2.0.5", "10.2.0.9"), "p": network("p", "10.1.0.5", "10.1.0.9")}
-    mappings = [{"source_network_id": "p", "target_network_id": "r"}]
+    mappings = [domain.NetworkMapping(source_network_id="p", target_network_id="r")]
     placed = domain.failover_nics(nics, mappings, nets, set())
     assert placed[0].network_id == "r" and placed[0].ip_address == "10.2.0.5"
     assert placed[1].network_id is None
@@ -250,27 +254,27 @@ def test_nics_follow_the_mapping_and_the_ip_rules() -> None:
 
 
 def test_a_point_is_checked_when_the_job_is_asked_for() -> None:
-    item = {"vm_name": "db01", "latest_seq": 40, "latest_app_seq": None}
-    domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 40})
-    domain.check_point_exists(item, {"choice": "latest"})
+    item = item_row(vm_name="db01", latest_seq=40, latest_app_seq=None)
+    domain.check_point_exists(item, "chosen", 40)
+    domain.check_point_exists(item, "latest", None)
     with pytest.raises(FailoverRefused) as missing:
-        domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 2**62})
+        domain.check_point_exists(item, "chosen", 2**62)
     assert isinstance(missing.value, domain.NotFound) and "latest is 40" in missing.value.message
     with pytest.raises(FailoverRefused) as no_app:
-        domain.check_point_exists(item, {"choice": "latest_app_consistent"})
+        domain.check_point_exists(item, "latest_app_consistent", None)
     assert type(no_app.value) is FailoverRefused  # a conflict, not a missing point
 
 
 def test_a_chosen_point_must_still_be_retained() -> None:
-    item = {"vm_name": "db01", "latest_seq": 40, "latest_app_seq": 12}
+    item = item_row(vm_name="db01", latest_seq=40, latest_app_seq=12)
     kept = domain.RetainedPoints(seqs=frozenset({30, 35, 40}), app_seqs=frozenset())
     assert kept.describe() == "30..40 (3 points)"
-    domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 35}, kept)
+    domain.check_point_exists(item, "chosen", 35, kept)
     with pytest.raises(
         domain.PointNotRetained, match=r"point 12: the retained points are 30\.\.40"
     ):
-        domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 12}, kept)
+        domain.check_point_exists(item, "chosen", 12, kept)
     with pytest.raises(FailoverRefused, match="no app-consistent"):
-        domain.check_point_exists(item, {"choice": "latest_app_consistent"}, kept)
+        domain.check_point_exists(item, "latest_app_consistent", None, kept)
     # points taken before they were listed: only the latest bounds the choice
-    domain.check_point_exists(item, {"choice": "chosen", "cycle_seq": 12}, domain.RetainedPoints())
+    domain.check_point_exists(item, "chosen", 12, domain.RetainedPoints())

@@ -15,14 +15,17 @@ from services.failover.commands import ApproveAction, RestartJob, StartItemOpera
 from services.failover.config import FailoverSettings
 from services.failover.domain import (
     FailoverRefused,
+    ItemRow,
     NotFound,
     Operation,
     PointNotRetained,
     RetainedPoints,
 )
+from services.failover.item_failover import ItemFailover
 from services.failover.job import Job, JobParams, WaitingFor
 from services.failover.workflow import Notifier
 from shared.schemas.failover import JobState
+from tests.support.failover_rows import item_row
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
 VAULT = uuid.uuid4()
@@ -57,18 +60,18 @@ class FakeJobs:
 class FakeReads:
     def __init__(
         self,
-        items: list[dict[str, Any]] | None = None,
-        views: dict[uuid.UUID, dict[str, Any]] | None = None,
+        items: list[ItemRow] | None = None,
+        views: dict[uuid.UUID, ItemFailover] | None = None,
         retained: dict[uuid.UUID, RetainedPoints] | None = None,
     ) -> None:
-        self.items = {i["item_id"]: i for i in items or []}
+        self.items = {i.item_id: i for i in items or []}
         self.views = views or {}
         self.retained = retained or {}
 
-    async def item(self, item_id: uuid.UUID) -> dict[str, Any] | None:
+    async def item(self, item_id: uuid.UUID) -> ItemRow | None:
         return self.items.get(item_id)
 
-    async def view(self, item_id: uuid.UUID) -> dict[str, Any] | None:
+    async def view(self, item_id: uuid.UUID) -> ItemFailover | None:
         return self.views.get(item_id)
 
     async def reversed_from(self, item_id: uuid.UUID) -> bool:
@@ -212,39 +215,30 @@ def test_every_command_type_has_a_handler() -> None:
     assert set(get_args(Command)) == set(handlers.COMMAND_HANDLERS)
 
 
-def protected_item(**over: Any) -> dict[str, Any]:
-    return {
-        "item_id": uuid.uuid4(),
-        "vault_id": VAULT,
-        "vm_name": "web01",
-        "state": "replicating",
-        "latest_seq": 9,
-        "latest_app_seq": None,
-        "target_cloud_id": "c-recovery",
-        **over,
-    }
+def protected_item(**over: Any) -> ItemRow:
+    return item_row(**{"vault_id": VAULT, **over})
 
 
-def asking_test_failover(item: dict[str, Any], seq: int) -> StartItemOperation:
+def asking_test_failover(item: ItemRow, seq: int) -> StartItemOperation:
     params = JobParams(choice="chosen", cycle_seq=seq, network="none")
-    return StartItemOperation(VAULT, item["item_id"], Operation.TEST_FAILOVER, params, "op")
+    return StartItemOperation(VAULT, item.item_id, Operation.TEST_FAILOVER, params, "op")
 
 
 async def test_starting_a_test_failover_creates_the_job_and_hands_it_to_the_engine() -> None:
     item = protected_item()
-    kept = {item["item_id"]: RetainedPoints(seqs=frozenset({7, 8, 9}))}
+    kept = {item.item_id: RetainedPoints(seqs=frozenset({7, 8, 9}))}
     uow = FakeUnitOfWork(FakeJobs([]), FakeReads([item], retained=kept))
     ctx, engine = context(uow)
     job = await handlers.handle(ctx, asking_test_failover(item, 8))
     assert uow.committed and engine.submitted == [job.job_id]
     assert job.state is JobState.NOT_STARTED and job.kind == "item:test_failover"
-    assert job.params.items == [str(item["item_id"])] and job.params.target_site == "recovery"
+    assert job.params.items == [str(item.item_id)] and job.params.target_site == "recovery"
     assert job.expected_tasks == 3 and job.new_history == ["test_failover created by op"]
 
 
 async def test_a_pruned_or_busy_item_is_refused_before_any_job_is_created() -> None:
     item = protected_item()
-    kept = {item["item_id"]: RetainedPoints(seqs=frozenset({7, 8, 9}))}
+    kept = {item.item_id: RetainedPoints(seqs=frozenset({7, 8, 9}))}
     uow = FakeUnitOfWork(FakeJobs([]), FakeReads([item], retained=kept))
     ctx, engine = context(uow)
     with pytest.raises(PointNotRetained, match=r"retained points are 7\.\.9 \(3 points\)"):
@@ -254,7 +248,7 @@ async def test_a_pruned_or_busy_item_is_refused_before_any_job_is_created() -> N
     with pytest.raises(NotFound, match="not found in this vault"):
         await handlers.handle(ctx, asking_test_failover(protected_item(vault_id=uuid.uuid4()), 8))
     busy = FakeUnitOfWork(
-        FakeJobs([], busy={str(item["item_id"]): "test_failover"}), FakeReads([item])
+        FakeJobs([], busy={str(item.item_id): "test_failover"}), FakeReads([item])
     )
     ctx, engine = context(busy)
     with pytest.raises(FailoverRefused, match="a test failover of web01 is already running"):
