@@ -43,8 +43,8 @@ CONFIGS: dict[str, dict[str, str]] = {
 
 def agent_command_groups(producer_id: str) -> tuple[str, str]:
     """A host agent's two consumer groups on agent.commands.v1: its main lane, and the lane of
-    its recovery-site replica's commands (so a backlog of points to apply never holds up a VM
-    command)."""
+    its recovery-site replica's point applies (so a backlog of points to apply never holds up a
+    failover's commands)."""
     return f"agent.{producer_id}", f"agent.{producer_id}.replica"
 
 

@@ -62,17 +62,12 @@ COMMAND_TYPES = (
     "ReplicaHandoverRequested",
     "DifferencingDisksRequested",
 )
-# The recovery-site replica's commands have a lane (consumer group) of their own: a backlog of
-# points to apply never holds up a VM's creation, power or deletion, nor replication commands.
-# Within each lane, commands keep their order.
-REPLICA_COMMAND_TYPES = frozenset(
-    {
-        "ReplicaPointApplyRequested",
-        "ReplicaDeleteRequested",
-        "ReplicaHandoverRequested",
-        "DifferencingDisksRequested",
-    }
-)
+# Keeping the recovery-site replica has a lane (consumer group) of its own: a backlog of points
+# to apply never holds up a failover's commands (a VM's creation, power or deletion, the
+# replica's handover, a test failover's differencing disks) nor replication commands. Within
+# each lane, commands keep their order; a failover asks for a point the replica already holds,
+# and the replica's per-item lock orders its work on one item across the lanes.
+REPLICA_COMMAND_TYPES = frozenset({"ReplicaPointApplyRequested", "ReplicaDeleteRequested"})
 
 
 class CommandLog:

@@ -165,11 +165,22 @@ class PointRef:
     app_consistent: bool
 
 
-def choose_point(points: list[PointRef], choice: str, seq: int | None) -> int:
+def choose_point(
+    points: list[PointRef], choice: str, seq: int | None, *, held: int | None = None
+) -> int:
     """The cycle to recover from among the live points: `latest`, `latest_app_consistent`
-    or `chosen` (`seq`). ReplicationError says why there is none."""
+    or `chosen` (`seq`). ReplicationError says why there is none.
+
+    `held`: the newest point the recovery host's replica holds, for a test failover over it.
+    `latest` and `latest_app_consistent` then mean the latest the replica holds, when it holds
+    one that qualifies: a drill does not wait for (or copy around) points still being
+    applied there. Without such a point the choice is made among all live points."""
     if not points:
         raise ReplicationError("the item has no retained recovery point")
+    if held is not None and choice != "chosen":
+        on_replica = [p for p in points if p.cycle_seq <= held]
+        if any(p.app_consistent for p in on_replica) or (on_replica and choice == "latest"):
+            points = on_replica
     if choice == "latest":
         return max(p.cycle_seq for p in points)
     if choice == "latest_app_consistent":

@@ -683,6 +683,7 @@ async def _materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | 
             [domain.PointRef(p["cycle_seq"], p["point_type"] == "app_consistent") for p in live],
             msg.choice.value,
             msg.cycle_seq,
+            held=item["replica_seq"] if msg.differencing and item["recovery_agent_id"] else None,
         )
     except domain.ReplicationError as exc:
         return failed(exc.message)

@@ -185,4 +185,5 @@ async def test_the_replicas_commands_have_a_lane_of_their_own(
     assert not main & replica  # each command is taken by one lane only
     assert main | replica == set(COMMAND_TYPES)
     assert replica == REPLICA_COMMAND_TYPES
-    assert {"VmCreateRequested", "VmPowerRequested", "VmDeleteRequested"} <= main
+    failover = {"VmCreateRequested", "VmPowerRequested", "VmDeleteRequested"}
+    assert failover | {"ReplicaHandoverRequested", "DifferencingDisksRequested"} <= main

@@ -169,6 +169,19 @@ def test_the_recovery_point_to_fail_over_to() -> None:
         domain.choose_point([], "latest", None)
 
 
+def test_a_drill_over_the_replica_takes_the_latest_point_the_replica_holds() -> None:
+    points = [domain.PointRef(s, s == 3) for s in (3, 4, 5, 6)]
+    assert domain.choose_point(points, "latest", None, held=4) == 4
+    assert domain.choose_point(points, "latest", None, held=9) == 6
+    assert domain.choose_point(points, "latest_app_consistent", None, held=4) == 3
+    # the replica holds no qualifying point yet: chosen among all (the host is waited for)
+    assert domain.choose_point(points, "latest", None, held=2) == 6
+    later_app = [domain.PointRef(3, False), domain.PointRef(5, True)]
+    assert domain.choose_point(later_app, "latest_app_consistent", None, held=4) == 5
+    # a chosen point stays the chosen one
+    assert domain.choose_point(points, "chosen", 6, held=4) == 6
+
+
 def test_rpo_threshold_is_two_intervals_at_least_30_s() -> None:
     assert domain.rpo_threshold_seconds(1) == 30
     assert domain.rpo_threshold_seconds(300) == 600
