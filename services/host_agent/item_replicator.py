@@ -61,13 +61,7 @@ EARLY_SETTLE_MAX = 0.25
 class ItemReplicator(CycleShipper):
     """One protected item: its disks, record and cycle loop."""
 
-    def __init__(
-        self,
-        folder: Path,
-        record: ItemRecord,
-        host: HostIO,
-        wiring: Wiring,
-    ) -> None:
+    def __init__(self, folder: Path, record: ItemRecord, host: HostIO, wiring: Wiring) -> None:
         super().__init__(folder, record, host, wiring)
         self.task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()

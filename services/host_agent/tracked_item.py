@@ -41,13 +41,7 @@ LAST_CYCLE = Gauge(
 class TrackedItem:
     """One protected item's record and tracked disks (`ItemReplicator` adds its cycles)."""
 
-    def __init__(
-        self,
-        folder: Path,
-        record: ItemRecord,
-        host: HostIO,
-        wiring: Wiring,
-    ) -> None:
+    def __init__(self, folder: Path, record: ItemRecord, host: HostIO, wiring: Wiring) -> None:
         self.folder = folder
         self.record = record
         self.host = host
