@@ -13,7 +13,8 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.host_agent import differencing
-from services.host_agent.replica import ReplicaError, SiteReplica
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_format import ReplicaError
 from services.host_agent.runtime import AgentRuntime
 from services.host_agent.vms import (
     NAME,

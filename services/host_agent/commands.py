@@ -19,8 +19,9 @@ from prometheus_client import Counter
 from services.host_agent import vm_lifecycle
 from services.host_agent.item_record import ReplicationPhase
 from services.host_agent.replica_feed import ReplicaFeed
-from services.host_agent.replicator import CommandFailed, Emit, Replicator
+from services.host_agent.replicator import Replicator
 from services.host_agent.vms import VmNotFound, find_vm, set_state
+from services.host_agent.wiring import CommandFailed, Emit
 from services.host_agent.workload import Workloads
 from shared.edge import Identity
 from shared.files import write_atomic

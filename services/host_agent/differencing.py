@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.host_agent.replica import DiskState, ReplicaError, SiteReplica
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_format import DiskState, ReplicaError
 from shared.faults import crash_point
 from shared.files import fsync_dir, write_atomic
 from shared.merkle import block_count

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from services.host_agent import differencing
-from services.host_agent.replica import DiskState, Point, ReplicaError, SiteReplica
-from services.host_agent.replicator import CommandFailed
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_format import DiskState, Point, ReplicaError
+from services.host_agent.wiring import CommandFailed
 from shared import topics
 from shared.delta_blocks import decode_data
 from shared.files import fsync_dir

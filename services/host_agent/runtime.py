@@ -16,8 +16,9 @@ from services.host_agent.config import AgentSettings
 from services.host_agent.cycles import KafkaSink, signer_for
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_feed import ReplicaFeed
-from services.host_agent.replicator import Replicator, Wiring
+from services.host_agent.replicator import Replicator
 from services.host_agent.tracking import HostIO, agent_lock
+from services.host_agent.wiring import Wiring
 from services.host_agent.workload import Workloads
 from shared import topics
 from shared.edge import EdgeRuntime

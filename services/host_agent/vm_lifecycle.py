@@ -22,7 +22,7 @@ from typing import Any
 
 from services.host_agent import differencing
 from services.host_agent.replica import SiteReplica
-from services.host_agent.replicator import CommandFailed, Replicator
+from services.host_agent.replicator import Replicator
 from services.host_agent.vms import (
     NAME,
     VmDisk,
@@ -33,6 +33,7 @@ from services.host_agent.vms import (
     save_vm,
     vm_dir,
 )
+from services.host_agent.wiring import CommandFailed
 from services.host_agent.workload import Workloads
 from shared.schemas.agent import VmCreateRequested, VmDeleteRequested
 from shared.schemas.inventory import VmState

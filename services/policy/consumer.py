@@ -7,7 +7,8 @@ from datetime import timedelta
 
 import asyncpg
 
-from services.policy import handlers, repository
+from services.policy import handlers
+from services.policy import read_model_repository as reads
 from services.policy.config import PolicySettings
 from shared import topics
 from shared.kafka.consumers import EventConsumer
@@ -22,7 +23,7 @@ CONSUMED_TOPICS = (topics.REGISTRATION_EVENTS, topics.INVENTORY_EVENTS, topics.R
 async def _on_protection_enabled(conn: asyncpg.Connection, inc: Incoming) -> None:
     ev = inc.payload
     assert isinstance(ev, replication.ProtectionEnabled)
-    await repository.upsert_protected_item(
+    await reads.upsert_protected_item(
         conn,
         inc.envelope.vault_id,
         ev.vm_id,
@@ -35,7 +36,7 @@ async def _on_protection_enabled(conn: asyncpg.Connection, inc: Incoming) -> Non
         inc.envelope.vault_id,
         [
             ev.vm_id,
-            *await repository.vm_ids_paired_into(conn, inc.envelope.vault_id, ev.target_cloud_id),
+            *await reads.vm_ids_paired_into(conn, inc.envelope.vault_id, ev.target_cloud_id),
         ],
     )
 
@@ -44,8 +45,8 @@ async def _on_protection_disabled(conn: asyncpg.Connection, inc: Incoming) -> No
     ev = inc.payload
     assert isinstance(ev, replication.ProtectionDisabled)
     vault_id = inc.envelope.vault_id
-    target = await repository.remove_protected_item(conn, vault_id, ev.vm_id)
-    paired = await repository.vm_ids_paired_into(conn, vault_id, target) if target else []
+    target = await reads.remove_protected_item(conn, vault_id, ev.vm_id)
+    paired = await reads.vm_ids_paired_into(conn, vault_id, target) if target else []
     await handlers.publish_verdicts(conn, vault_id, [ev.vm_id, *paired])
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from services.policy import domain
+from services.policy import read_model_repository as reads
 from services.policy import repository as repo
 from shared import outbox
 from shared.kafka.consumers import Handler
@@ -168,10 +169,10 @@ async def create_pairing(
     async with pool.acquire() as conn, conn.transaction():
         await repo.lock_vault(conn, vault_id)
         policy = await _policy_or_404(conn, vault_id, policy_ref)
-        source = await repo.get_cloud(conn, vault_id, source_cloud_id)
-        target = await repo.get_cloud(conn, vault_id, target_cloud_id)
+        source = await reads.get_cloud(conn, vault_id, source_cloud_id)
+        target = await reads.get_cloud(conn, vault_id, target_cloud_id)
         provider = (
-            await repo.site_provider(conn, vault_id, target.provider_id, target.site)
+            await reads.site_provider(conn, vault_id, target.provider_id, target.site)
             if target is not None
             else None
         )
@@ -181,7 +182,7 @@ async def create_pairing(
             source=source,
             target=target,
             target_provider=provider,
-            host_os_versions=await repo.host_os_versions(
+            host_os_versions=await reads.host_os_versions(
                 conn, vault_id, [source_cloud_id, target_cloud_id]
             ),
             policy_name=policy["name"],
@@ -202,7 +203,7 @@ async def create_pairing(
         assert row is not None
         await emit(conn, vault_id, ev.CloudPairingCreated(pairing=_pairing_event_model(row)))
         await publish_verdicts(
-            conn, vault_id, await repo.vm_ids_in_cloud(conn, vault_id, source.cloud_id)
+            conn, vault_id, await reads.vm_ids_in_cloud(conn, vault_id, source.cloud_id)
         )
     log.info(
         "clouds paired",
@@ -238,12 +239,12 @@ async def remove_pairing(
         row = await repo.get_pairing(conn, vault_id, pairing_id)
         if row is None:
             raise domain.NotFound(f"cloud pairing {pairing_id} not found in this vault")
-        protected = await repo.protected_in_source(conn, vault_id, row["source_cloud_id"])
+        protected = await reads.protected_in_source(conn, vault_id, row["source_cloud_id"])
         domain.check_unpair(repo.pairing_facts(row), protected)
         await repo.delete_pairing(conn, pairing_id)
         await emit(conn, vault_id, ev.CloudPairingRemoved(pairing=_pairing_event_model(row)))
         await publish_verdicts(
-            conn, vault_id, await repo.vm_ids_in_cloud(conn, vault_id, row["source_cloud_id"])
+            conn, vault_id, await reads.vm_ids_in_cloud(conn, vault_id, row["source_cloud_id"])
         )
     log.info("pairing removed", extra={"pairing_id": str(pairing_id)})
     return row
@@ -273,8 +274,8 @@ async def create_mapping(
 ) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
         await repo.lock_vault(conn, vault_id)
-        source = await repo.get_network(conn, vault_id, source_network_id)
-        target = await repo.get_network(conn, vault_id, target_network_id)
+        source = await reads.get_network(conn, vault_id, source_network_id)
+        target = await reads.get_network(conn, vault_id, target_network_id)
         domain.check_mapping(
             source_network_id=source_network_id,
             target_network_id=target_network_id,
@@ -317,8 +318,8 @@ async def change_mapping(
         row = await repo.get_mapping(conn, vault_id, mapping_id)
         if row is None:
             raise domain.NotFound(f"network mapping {mapping_id} not found in this vault")
-        source = await repo.get_network(conn, vault_id, row["source_network_id"])
-        target = await repo.get_network(conn, vault_id, target_network_id)
+        source = await reads.get_network(conn, vault_id, row["source_network_id"])
+        target = await reads.get_network(conn, vault_id, target_network_id)
         domain.check_mapping(
             source_network_id=row["source_network_id"],
             target_network_id=target_network_id,
@@ -365,20 +366,20 @@ async def check_prerequisites(
     conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str
 ) -> dict[str, Any]:
     """The enable-replication prerequisite report of one VM."""
-    vm = await repo.get_vm(conn, vault_id, vm_id)
+    vm = await reads.get_vm(conn, vault_id, vm_id)
     pairing_row = await repo.pairing_of_source(conn, vault_id, vm.cloud_id) if vm else None
     pairing = repo.pairing_facts(pairing_row) if pairing_row else None
-    target = await repo.get_cloud(conn, vault_id, pairing.target_cloud_id) if pairing else None
+    target = await reads.get_cloud(conn, vault_id, pairing.target_cloud_id) if pairing else None
     network_ids = [n.network_id for n in vm.nics if n.network_id] if vm else []
     checks = domain.prerequisite_checks(
         vm_id,
         vm,
         pairing=pairing,
         mapped_networks=await repo.mapped_networks(conn, vault_id, network_ids),
-        protected=await repo.is_protected(conn, vault_id, vm_id),
+        protected=await reads.is_protected(conn, vault_id, vm_id),
         target=target,
         protected_in_target=(
-            await repo.protected_in_target(conn, vault_id, target.cloud_id) if target else 0
+            await reads.protected_in_target(conn, vault_id, target.cloud_id) if target else 0
         ),
     )
     return {
@@ -408,11 +409,11 @@ async def publish_verdicts(
     mappings: a verdict is computed from what is committed once the lock is held, so the last
     verdict emitted for a VM is never older than the facts behind it."""
     await repo.lock_vault(conn, vault_id)
-    subjects = await repo.vm_ids(conn, vault_id) if vm_ids is None else sorted(set(vm_ids))
+    subjects = await reads.vm_ids(conn, vault_id) if vm_ids is None else sorted(set(vm_ids))
     emitted = 0
     for vm_id in subjects:
         report = await check_prerequisites(conn, vault_id, vm_id)
-        revision = await repo.store_verdict(conn, vault_id, vm_id, report["ok"], report["checks"])
+        revision = await reads.store_verdict(conn, vault_id, vm_id, report["ok"], report["checks"])
         if revision is None:
             continue
         await emit(
@@ -433,7 +434,7 @@ async def publish_all_verdicts(pool: asyncpg.Pool) -> int:
     """At start-up: re-evaluate every VM of every vault (a verdict whose rules changed with a
     new version, or that was never published, goes out; the others are unchanged)."""
     async with pool.acquire() as conn:
-        vaults = await repo.vaults_with_vms(conn)
+        vaults = await reads.vaults_with_vms(conn)
     emitted = 0
     for vault_id in vaults:
         async with pool.acquire() as conn, conn.transaction():
@@ -451,9 +452,9 @@ async def on_cloud_changed(conn: asyncpg.Connection, incoming: Incoming) -> None
     assert isinstance(ev_, inv.CloudChanged)
     vault = incoming.envelope.vault_id
     if ev_.change is inv.Change.REMOVED or ev_.cloud is None:
-        await repo.remove_inventory_object(conn, vault, "cloud", ev_.cloud_id)
+        await reads.remove_inventory_object(conn, vault, "cloud", ev_.cloud_id)
     else:
-        await repo.upsert_cloud(conn, vault, ev_.provider_id, ev_.site, ev_.cloud)
+        await reads.upsert_cloud(conn, vault, ev_.provider_id, ev_.site, ev_.cloud)
     await publish_verdicts(conn, vault)
 
 
@@ -462,9 +463,9 @@ async def on_host_changed(conn: asyncpg.Connection, incoming: Incoming) -> None:
     assert isinstance(ev_, inv.HostChanged)
     vault = incoming.envelope.vault_id
     if ev_.change is inv.Change.REMOVED or ev_.host is None:
-        await repo.remove_inventory_object(conn, vault, "host", ev_.host_id)
+        await reads.remove_inventory_object(conn, vault, "host", ev_.host_id)
     else:
-        await repo.upsert_host(conn, vault, ev_.provider_id, ev_.site, ev_.host)
+        await reads.upsert_host(conn, vault, ev_.provider_id, ev_.site, ev_.host)
 
 
 async def on_vm_changed(conn: asyncpg.Connection, incoming: Incoming) -> None:
@@ -472,9 +473,9 @@ async def on_vm_changed(conn: asyncpg.Connection, incoming: Incoming) -> None:
     assert isinstance(ev_, inv.VmChanged)
     vault = incoming.envelope.vault_id
     if ev_.change is inv.Change.REMOVED or ev_.vm is None:
-        await repo.remove_inventory_object(conn, vault, "vm", ev_.vm_id)
+        await reads.remove_inventory_object(conn, vault, "vm", ev_.vm_id)
     else:
-        await repo.upsert_vm(conn, vault, ev_.provider_id, ev_.site, ev_.vm)
+        await reads.upsert_vm(conn, vault, ev_.provider_id, ev_.site, ev_.vm)
     await publish_verdicts(conn, vault, [ev_.vm_id])
 
 
@@ -483,9 +484,9 @@ async def on_network_changed(conn: asyncpg.Connection, incoming: Incoming) -> No
     assert isinstance(ev_, inv.NetworkChanged)
     vault = incoming.envelope.vault_id
     if ev_.change is inv.Change.REMOVED or ev_.network is None:
-        await repo.remove_inventory_object(conn, vault, "network", ev_.network_id)
+        await reads.remove_inventory_object(conn, vault, "network", ev_.network_id)
     else:
-        await repo.upsert_network(conn, vault, ev_.provider_id, ev_.site, ev_.network)
+        await reads.upsert_network(conn, vault, ev_.provider_id, ev_.site, ev_.network)
 
 
 def inventory_handlers() -> dict[str, Handler]:

@@ -46,9 +46,7 @@ async def create_vault(pool: asyncpg.Pool, name: str) -> dict[str, Any]:
             raise domain.AlreadyRegistered(
                 f"a vault named '{name}' already exists: choose another name"
             ) from None
-        await conn.execute(
-            "INSERT INTO known_vaults (vault_id, name) VALUES ($1, $2)", vault_id, name
-        )
+        await repo.insert_known_vault(conn, vault_id, name)
         await emit(conn, vault_id, ev.VaultCreated(vault_id=vault_id, name=name))
     return vault
 
@@ -382,11 +380,7 @@ async def sweep_disconnected(
                 producer["last_heartbeat_at"],
                 f"no heartbeat for {missed} intervals of {producer['heartbeat_seconds']:g}s",
             )
-        counts = await conn.fetch(
-            "SELECT kind, connection_state, count(*) AS n FROM producers WHERE active"
-            " GROUP BY kind, connection_state"
-        )
-    found = {(r["kind"], r["connection_state"]): r["n"] for r in counts}
+        found = await repo.producer_counts(conn)
     for kind in ev.ProducerKind:
         for state in ev.ConnectionState:
             PRODUCERS.labels(kind.value, state.value).set(found.get((kind.value, state.value), 0))

@@ -27,6 +27,12 @@ async def insert_vault(conn: asyncpg.Connection, vault_id: uuid.UUID, name: str)
     return dict(row)
 
 
+async def insert_known_vault(conn: asyncpg.Connection, vault_id: uuid.UUID, name: str) -> None:
+    """The registration read model every service keeps (shared/readmodels.py), written here
+    by the service that owns the vault, in the vault's own transaction."""
+    await conn.execute("INSERT INTO known_vaults (vault_id, name) VALUES ($1, $2)", vault_id, name)
+
+
 async def get_vault(conn: asyncpg.Connection, vault_id: uuid.UUID) -> dict[str, Any] | None:
     row = await conn.fetchrow(
         "SELECT vault_id, name, created_at FROM vaults WHERE vault_id = $1", vault_id
@@ -314,6 +320,15 @@ async def silent_producers(
         clock_from,
     )
     return [dict(r) for r in rows]
+
+
+async def producer_counts(conn: asyncpg.Connection) -> dict[tuple[str, str], int]:
+    """(kind, connection state) -> how many active producers."""
+    rows = await conn.fetch(
+        "SELECT kind, connection_state, count(*) AS n FROM producers WHERE active"
+        " GROUP BY kind, connection_state"
+    )
+    return {(r["kind"], r["connection_state"]): r["n"] for r in rows}
 
 
 async def deactivate_producer(

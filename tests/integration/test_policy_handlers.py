@@ -17,7 +17,7 @@ import pytest
 
 from kit.stack import migrated_pool
 from services.policy import domain, handlers
-from services.policy import repository as repo
+from services.policy import read_model_repository as reads
 from services.policy.__main__ import MIGRATIONS
 from services.policy.consumer import PROTECTION_HANDLERS
 from shared import signing
@@ -182,10 +182,10 @@ async def paired_world(world: World) -> tuple[str, str, dict[str, Any]]:
 async def test_inventory_events_keep_the_read_model(world: World) -> None:
     cid = await world.cloud("c", "primary", capacity_vms=7)
     async with world.pool.acquire() as conn:
-        found = await repo.get_cloud(conn, world.vault, cid)
+        found = await reads.get_cloud(conn, world.vault, cid)
         assert found is not None and found.site == "primary" and found.capacity_vms == 7
         assert found.provider_id == world.primary
-        assert await repo.get_cloud(conn, uuid.uuid4(), cid) is None  # another vault
+        assert await reads.get_cloud(conn, uuid.uuid4(), cid) is None  # another vault
     await apply(
         world.pool,
         world.vault,
@@ -194,7 +194,7 @@ async def test_inventory_events_keep_the_read_model(world: World) -> None:
         ),
     )
     async with world.pool.acquire() as conn:
-        assert await repo.get_cloud(conn, world.vault, cid) is None
+        assert await reads.get_cloud(conn, world.vault, cid) is None
 
 
 async def test_policy_crud_with_events(world: World) -> None:
@@ -335,11 +335,11 @@ async def test_unpair_refused_while_items_are_protected(world: World) -> None:
     src, tgt, pairing = await paired_world(world)
     vm = await world.vm("web", src)
     async with world.pool.acquire() as conn:
-        await repo.upsert_protected_item(conn, world.vault, vm, src, tgt, pairing["pairing_id"])
+        await reads.upsert_protected_item(conn, world.vault, vm, src, tgt, pairing["pairing_id"])
     with pytest.raises(domain.Conflict, match=r"1 VM\(s\) of source cloud .* are protected"):
         await handlers.remove_pairing(world.pool, world.vault, pairing["pairing_id"])
     async with world.pool.acquire() as conn:
-        await repo.remove_protected_item(conn, world.vault, vm)
+        await reads.remove_protected_item(conn, world.vault, vm)
     removed = await handlers.remove_pairing(world.pool, world.vault, pairing["pairing_id"])
     assert removed["pairing_id"] == pairing["pairing_id"]
     with pytest.raises(domain.NotFound):
@@ -409,7 +409,7 @@ async def test_prerequisites(world: World) -> None:
     assert big["disk_count"] == "fail" and big["no_shared_disk"] == "fail"
 
     async with world.pool.acquire() as conn:
-        await repo.upsert_protected_item(conn, world.vault, ok_vm, src, tgt, pairing["pairing_id"])
+        await reads.upsert_protected_item(conn, world.vault, ok_vm, src, tgt, pairing["pairing_id"])
     after = await report(ok_vm)
     assert after["not_protected"] == "fail" and after["target_capacity"] == "fail"  # capacity 1
 

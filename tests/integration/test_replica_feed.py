@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from kit.stack import Stack, random_prefix
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_feed import ReplicaFeed
-from services.host_agent.replicator import CommandFailed
+from services.host_agent.wiring import CommandFailed
 from shared import topics
 from shared.kafka.admin import ensure_topics
 from shared.kafka.security import KafkaSecurity

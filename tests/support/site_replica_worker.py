@@ -11,7 +11,8 @@ import uuid
 from pathlib import Path
 
 from services.host_agent import differencing
-from services.host_agent.replica import DiskState, Point, SiteReplica
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_format import DiskState, Point
 from shared.merkle import block_hash
 from tests.support.store_worker import SourceDisk
 

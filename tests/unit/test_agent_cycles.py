@@ -15,9 +15,10 @@ from typing import Any
 
 from services.host_agent.cycles import FileSink, encode_block, signer_for
 from services.host_agent.item_record import ItemRecord, ReplicationPhase
-from services.host_agent.replicator import ItemReplicator, Wiring
+from services.host_agent.item_replicator import ItemReplicator
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path
+from services.host_agent.wiring import Wiring
 from services.host_agent.workload import Pattern, Writer, write_blocks
 from shared import signing
 from shared.edge import Identity

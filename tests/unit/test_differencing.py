@@ -14,9 +14,10 @@ import pytest
 
 from services.host_agent import differencing
 from services.host_agent.differencing import DifferencingError
-from services.host_agent.replica import DiskState, Point, ReplicaError, SiteReplica
+from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_feed import ReplicaFeed
-from services.host_agent.replicator import CommandFailed
+from services.host_agent.replica_format import DiskState, Point, ReplicaError
+from services.host_agent.wiring import CommandFailed
 from shared.schemas.agent import (
     DifferencingDisksRequested,
     ReplicaDisk,

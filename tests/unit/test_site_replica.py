@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from services.host_agent.replica import (
+from services.host_agent.replica import SiteReplica
+from services.host_agent.replica_format import (
     BlockHashMismatch,
     DiskState,
     Point,
     ReplicaError,
     RootMismatch,
-    SiteReplica,
 )
 from shared.merkle import block_hash
 from tests.support.site_replica_worker import BS, ITEM, History, ship

@@ -18,9 +18,10 @@ from services.host_agent.cycles import FileSink, signer_for
 from services.host_agent.item_record import ReplicationPhase
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_feed import ReplicaFeed
-from services.host_agent.replicator import Replicator, Wiring
+from services.host_agent.replicator import Replicator
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path, load_vm
+from services.host_agent.wiring import Wiring
 from services.host_agent.workload import Pattern, Workloads
 from shared.merkle import BLOCK_SIZE, disk_tree
 from shared.schemas.agent import (
