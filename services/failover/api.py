@@ -20,9 +20,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.failover import domain, handlers
+from services.failover import handlers
+from services.failover import item_failover_repository as failover_repo
 from services.failover import job_repository as jobs_repo
-from services.failover import repository as repo
+from services.failover import plan_repository as plans_repo
+from services.failover import read_model_repository as read_models
 from services.failover.commands import (
     ApproveAction,
     CreatePlan,
@@ -32,16 +34,14 @@ from services.failover.commands import (
     StartItemOperation,
     StartPlanOperation,
 )
-from services.failover.domain import (
-    FailoverRefused,
-    InvalidRequest,
-    NotFound,
-    Operation,
-    PlanGroup,
-    RecoveryPlan,
-    TaskRow,
-)
+from services.failover.domain.errors import FailoverRefused, InvalidRequest, NotFound
+from services.failover.domain.items import ItemFailoverState
+from services.failover.domain.jobs import Operation, TaskRow, can_restart
+from services.failover.domain.plans import PlanGroup, RecoveryPlan, plan_problems
+from services.failover.domain.points import point_request
+from services.failover.domain.scripts import script_actions
 from services.failover.job import Job, JobParams
+from services.failover.scripts_folder import script_file
 from shared.auth import CurrentPrincipal, Principal
 from shared.schemas.failover import JobState, PointChoice
 from shared.schemas.registration import Role
@@ -111,7 +111,7 @@ def _ctx(request: Request) -> handlers.Context:
 
 
 def _params(body: OperationIn, operation: Operation) -> JobParams:
-    domain.point_request(body.choice, body.cycle_seq)
+    point_request(body.choice, body.cycle_seq)
     out = body.model_dump(mode="json")
     if operation is not Operation.TEST_FAILOVER:
         out.pop("network")
@@ -151,7 +151,7 @@ def job_out(job: Job) -> dict[str, Any]:
         "updated_at": job.updated_at,
         "items": job.params.items,
         "params": {k: v for k, v in job.params.stored().items() if k not in ("groups", "items")},
-        "restartable": domain.can_restart(job.operation, job.state) is None,
+        "restartable": can_restart(job.operation, job.state) is None,
     }
     encoded: dict[str, Any] = jsonable_encoder(out)
     return encoded
@@ -229,7 +229,7 @@ async def item_operation(
 @router.get("/failovers", tags=["failover"], summary="Protected items with their failover state")
 async def list_items(vault_id: uuid.UUID, request: Request, principal: CurrentPrincipal) -> Any:
     principal.check(Role.READER, vault_id)
-    rows = await repo.items(_ctx(request).pool, vault_id)
+    rows = await read_models.items(_ctx(request).pool, vault_id)
     return jsonable_encoder(
         [
             {
@@ -239,7 +239,7 @@ async def list_items(vault_id: uuid.UUID, request: Request, principal: CurrentPr
                 "replication_state": r["state"],
                 "health": r["health"],
                 "active": r["active"],
-                "failover_state": r["failover_state"] or domain.ItemFailoverState.PROTECTED.value,
+                "failover_state": r["failover_state"] or ItemFailoverState.PROTECTED.value,
                 "latest_seq": r["latest_seq"],
             }
             for r in rows
@@ -253,12 +253,12 @@ async def show_item(
 ) -> Any:
     principal.check(Role.READER, vault_id)
     pool = _ctx(request).pool
-    item = await repo.item(pool, item_id)
+    item = await read_models.item(pool, item_id)
     if item is None or item.vault_id != vault_id:
         raise HTTPException(404, f"protected item {item_id} not found in this vault")
-    view = await repo.view(pool, item_id) or {}
-    link = await repo.link_of(pool, old=item_id)
-    retained = await repo.retained_points(pool, item_id)
+    view = await failover_repo.view(pool, item_id) or {}
+    link = await failover_repo.link_of(pool, old=item_id)
+    retained = await read_models.retained_points(pool, item_id)
     return jsonable_encoder(
         {
             "item_id": item_id,
@@ -268,7 +268,7 @@ async def show_item(
             "health": item.health,
             "latest_seq": item.latest_seq,
             "latest_source_time": item.latest_source_time,
-            "failover_state": view.get("state", domain.ItemFailoverState.PROTECTED.value),
+            "failover_state": view.get("state", ItemFailoverState.PROTECTED.value),
             "failover": view.get("info", {}),
             "test": view.get("test"),
             "notes": view.get("notes", []),
@@ -431,8 +431,8 @@ def _check_scripts(
 ) -> None:
     """Only an admin creates or changes a script action; every script of the plan must be an
     executable file of the service's scripts folder."""
-    scripts = domain.script_actions(body.groups)
-    unchanged = scripts == (domain.script_actions(before) if before is not None else [])
+    scripts = script_actions(body.groups)
+    unchanged = scripts == (script_actions(before) if before is not None else [])
     if scripts and not unchanged and not principal.allows(Role.ADMIN, vault_id):
         raise HTTPException(
             403,
@@ -442,7 +442,7 @@ def _check_scripts(
     folder = _ctx(request).settings.scripts_dir
     for action in scripts:
         try:
-            domain.script_file(folder, action.script)
+            script_file(folder, action.script)
         except ValueError as exc:
             raise HTTPException(
                 422,
@@ -458,7 +458,7 @@ def _validated(
     body: PlanIn,
     before: list[PlanGroup] | None = None,
 ) -> None:
-    problems = domain.plan_problems(body.groups)
+    problems = plan_problems(body.groups)
     if problems:
         raise HTTPException(422, "; ".join(problems))
     _check_scripts(request, principal, vault_id, body, before)
@@ -487,11 +487,11 @@ async def create_plan(
 @router.get("/recovery-plans", tags=["recovery plans"], summary="Recovery plans of the vault")
 async def list_plans(vault_id: uuid.UUID, request: Request, principal: CurrentPrincipal) -> Any:
     principal.check(Role.READER, vault_id)
-    return [plan_out(p) for p in await repo.plans(_ctx(request).pool, vault_id)]
+    return [plan_out(p) for p in await plans_repo.plans(_ctx(request).pool, vault_id)]
 
 
 async def _plan(request: Request, vault_id: uuid.UUID, plan: str) -> RecoveryPlan:
-    found = await repo.plan(_ctx(request).pool, vault_id, plan)
+    found = await plans_repo.plan(_ctx(request).pool, vault_id, plan)
     if found is None:
         raise HTTPException(404, f"recovery plan {plan} not found in this vault")
     return found

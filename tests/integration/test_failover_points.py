@@ -19,7 +19,9 @@ from services.failover.__main__ import MIGRATIONS
 from services.failover.api import _refused
 from services.failover.commands import StartItemOperation
 from services.failover.config import FailoverSettings
-from services.failover.domain import FailoverRefused, NotFound, Operation, PointNotRetained
+from services.failover.domain.errors import FailoverRefused, NotFound
+from services.failover.domain.jobs import Operation
+from services.failover.domain.points import PointNotRetained
 from services.failover.event_handlers import make_event_handlers
 from services.failover.job import JobParams
 from services.failover.unit_of_work import PgReadModels
