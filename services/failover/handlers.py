@@ -1,9 +1,9 @@
 """Command handlers of the failover service: start an operation on an item or a plan, approve
 a manual action, restart a job, recovery plan CRUD. Each is dispatched by its command's type
 (`handle`), loads what it decides on, lets the job aggregate (services/failover/job.py) or the
-rules of `domain` decide, commits through a unit of work, then hands the job to the engine.
-Refusals are domain errors (`FailoverRefused`, `NotFound`, `InvalidRequest`); api.py maps them
-to HTTP."""
+rules of services/failover/domain/ decide, commits through a unit of work, then hands the job
+to the engine. Refusals are domain errors (`FailoverRefused`, `NotFound`, `InvalidRequest`); the
+routes map them to HTTP (services/failover/api/common.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The refusals of the failover rules. They carry no HTTP status: the routes map them
-(services/failover/api_common.py)."""
+(services/failover/api/common.py)."""
 
 from __future__ import annotations
 
