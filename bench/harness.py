@@ -19,8 +19,6 @@ from kit.platform import Platform
 from kit.procs import REPO, Proc
 from kit.stack import Stack, fresh_database, random_prefix
 
-MIB = 2**20
-
 
 def emit(name: str, value: float, unit: str) -> None:
     print(f"bench {name} {value:.6g} {unit}", flush=True)
