@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import random
 import secrets
@@ -57,6 +56,7 @@ from aiokafka.admin import NewTopic
 from bench.harness import emit, failed, percentile, vm_hwm_mib
 from bench.replication_run import HOST, Run, two_site_run
 from kit.dr import points, protect
+from kit.files import file_sha256
 from kit.poll import eventually
 from kit.stack import Stack, random_prefix, stack_from_env
 from shared import topics
@@ -83,14 +83,6 @@ SCALE_SAMPLES = 6
 SCALE_SAMPLE_EVERY = 10.0
 RSS_DISK = 4 * GIB
 RSS_FRACTION = 0.03
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(4 * MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- 1. throughput
@@ -303,8 +295,8 @@ async def bench_catchup(stack: Stack, run: Run) -> None:
     after = await run.counters()
     ours, theirs = statistics.median(ours_runs), statistics.median(theirs_runs)
 
-    source_sha = await asyncio.to_thread(sha256, image)
-    copy_sha = await asyncio.to_thread(sha256, copy)
+    source_sha = await asyncio.to_thread(file_sha256, image)
+    copy_sha = await asyncio.to_thread(file_sha256, copy)
     # the latest point (no writes since the last round: same state as `point`, which
     # retention may have pruned meanwhile at a 1 s copy interval while the sha256s ran)
     latest = max(p["cycle_seq"] for p in await points(run.http, run.dr, item_id))

@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 
 from kit.dr import failback_ready
+from kit.files import file_sha256
 from kit.poll import eventually
-from scripts.demo.harness import JOB_ENDED, Demo, drctl, sha256_of
+from scripts.demo.harness import JOB_ENDED, Demo, drctl
 
 
 async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
@@ -38,7 +39,7 @@ async def failover_story(demo: Demo, http: httpx.AsyncClient) -> None:
     def disk_hashes(folder: Path) -> list[str]:
         """SHA-256 of each disk of the VM in `folder` (sorted: disk ids differ by site)."""
         meta = json.loads((folder / "vm.json").read_text())
-        return sorted(sha256_of(folder / d["file"]) for d in meta["disks"])
+        return sorted(file_sha256(folder / d["file"]) for d in meta["disks"])
 
     def sources() -> dict[str, list[str]]:
         return {name: disk_hashes(primary / name) for name in items}

@@ -4,7 +4,6 @@ run, printed (`PASS <check>` / `FAIL <check>: <why>`) and recorded, and what the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -115,14 +114,6 @@ def drctl(demo: Demo, *args: str) -> Any:
 
 def files_exist(paths: list[str]) -> bool:
     return all(Path(p).is_file() for p in paths)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 JOB_ENDED = ("succeeded", "failed", "completed_with_errors")

@@ -11,8 +11,9 @@ from typing import Any
 
 import httpx
 
+from kit.files import file_sha256
 from kit.poll import eventually
-from scripts.demo.harness import Demo, drctl, files_exist, sha256_of
+from scripts.demo.harness import Demo, drctl, files_exist
 
 
 async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
@@ -152,7 +153,7 @@ async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
             ).json()
             sources = {d["disk_id"]: Path(d["path"]) for d in i["disks"]}
             for disk in result["disks"]:
-                if disk["sha256"] != sha256_of(sources[disk["disk_id"]]):
+                if disk["sha256"] != file_sha256(sources[disk["disk_id"]]):
                     return f"{name}: disk {disk['disk_id']} differs from the source"
             print(
                 f"     {name:<7} point {point['cycle_seq']}: Merkle roots re-verified, "
