@@ -49,6 +49,16 @@ async def plans(conn: Conn, vault_id: uuid.UUID) -> list[RecoveryPlan]:
     return [_plan(r) for r in rows]
 
 
+async def _named_write(conn: Conn, statement: str, *args: object) -> RecoveryPlan | None:
+    """The plan `statement` wrote (RETURNING *); None if that took a name another plan of the
+    vault has."""
+    try:
+        row = await conn.fetchrow(statement, *args)
+    except asyncpg.UniqueViolationError:
+        return None
+    return _plan(row)
+
+
 async def insert_plan(
     conn: Conn,
     vault_id: uuid.UUID,
@@ -57,19 +67,16 @@ async def insert_plan(
     groups: list[PlanGroup],
 ) -> RecoveryPlan | None:
     """The new plan; None if the vault has a plan of that name."""
-    try:
-        row = await conn.fetchrow(
-            "INSERT INTO recovery_plans (plan_id, vault_id, name, description, groups)"
-            " VALUES ($1,$2,$3,$4,$5) RETURNING *",
-            uuid.uuid4(),
-            vault_id,
-            name,
-            description,
-            _groups(groups),
-        )
-    except asyncpg.UniqueViolationError:
-        return None
-    return _plan(row)
+    return await _named_write(
+        conn,
+        "INSERT INTO recovery_plans (plan_id, vault_id, name, description, groups)"
+        " VALUES ($1,$2,$3,$4,$5) RETURNING *",
+        uuid.uuid4(),
+        vault_id,
+        name,
+        description,
+        _groups(groups),
+    )
 
 
 async def replace_plan(
@@ -80,18 +87,15 @@ async def replace_plan(
     groups: list[PlanGroup],
 ) -> RecoveryPlan | None:
     """The plan replaced; None if another plan of the vault has that name."""
-    try:
-        row = await conn.fetchrow(
-            "UPDATE recovery_plans SET name = $2, description = $3, groups = $4,"
-            " updated_at = now() WHERE plan_id = $1 RETURNING *",
-            plan_id,
-            name,
-            description,
-            _groups(groups),
-        )
-    except asyncpg.UniqueViolationError:
-        return None
-    return _plan(row)
+    return await _named_write(
+        conn,
+        "UPDATE recovery_plans SET name = $2, description = $3, groups = $4,"
+        " updated_at = now() WHERE plan_id = $1 RETURNING *",
+        plan_id,
+        name,
+        description,
+        _groups(groups),
+    )
 
 
 async def delete_idle_plan(conn: Conn, plan_id: uuid.UUID) -> bool:
