@@ -44,7 +44,7 @@ from typing import Any
 
 import httpx
 
-from bench.bench_replication import bench_platform, emit, failed
+from bench.harness import bench_platform, emit, failed
 from kit.dr import DrSetup, protect, two_sites
 from kit.platform import Platform
 from kit.poll import eventually

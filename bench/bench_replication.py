@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import random
 import secrets
@@ -44,25 +43,22 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 
-from kit.dr import DrSetup, item, points, protect, two_sites
-from kit.platform import Platform
+from bench.harness import emit, failed, percentile, vm_hwm_mib
+from bench.replication_run import HOST, Run, two_site_run
+from kit.dr import points, protect
+from kit.files import file_sha256
 from kit.poll import eventually
-from kit.procs import REPO, Proc
-from kit.stack import Stack, fresh_database, random_prefix, stack_from_env
+from kit.stack import Stack, random_prefix, stack_from_env
 from shared import topics
 from shared.kafka.admin import admin_client
 from shared.kafka.security import KafkaSecurity
@@ -71,8 +67,6 @@ BS = 64 * 1024
 MIB = 2**20
 GIB = 2**30
 MB = 1e6
-HOST = "hv-p1"
-
 THROUGHPUT_DISK = "512MiB"
 THROUGHPUT_BLOCKS = 2048  # 128 MiB written (random positions: ~1.6k distinct blocks change)
 RAW_MESSAGE = 512 * 1024
@@ -89,228 +83,6 @@ SCALE_SAMPLES = 6
 SCALE_SAMPLE_EVERY = 10.0
 RSS_DISK = 4 * GIB
 RSS_FRACTION = 0.03
-
-
-def emit(name: str, value: float, unit: str) -> None:
-    print(f"bench {name} {value:.6g} {unit}", flush=True)
-
-
-def failed(name: str, reason: str) -> None:
-    print(f"bench {name} FAILED {' '.join(reason.split())[:300]}", flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
-    return ordered[rank]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(4 * MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def cpu_seconds(proc: Proc) -> float:
-    """User + system CPU seconds a process has used so far."""
-    assert proc.popen is not None
-    fields = Path(f"/proc/{proc.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def vm_hwm_mib(pid: int) -> float:
-    """Peak resident set size (VmHWM) of a live process, MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
-
-
-# ---------------------------------------------------------------------------- a two-site run
-
-
-@dataclass
-class Run:
-    plat: Platform
-    dr: DrSetup
-    http: httpx.AsyncClient
-    root: Path
-
-    async def agent(self, method: str, path: str, body: Any = None) -> Any:
-        return await self.dr.agent_call(self.http, HOST, method, path, body)
-
-    async def write(self, vm: str, blocks: int) -> datetime:
-        """`blocks` random blocks written through the agent's journal; when the last was done
-        (the agent's clock: a point captured later holds them all)."""
-        done = await self.agent(
-            "POST", f"/vms/{vm}/writes", {"blocks": blocks, "pattern": "random"}
-        )
-        return datetime.fromisoformat(done["completed_at"])
-
-    async def create_vm(self, name: str, disk: str) -> Path:
-        """A VM with one sparse disk on the agent's host; returns the disk's image path."""
-        vm = await self.agent("POST", "/vms", {"name": name, "disks": [disk]})
-        return self.dr.storage("primary", HOST) / name / str(vm["disks"][0]["file"])
-
-    async def inventory_vms(self) -> dict[str, dict[str, Any]]:
-        """Discovered VMs with their disks, by name."""
-        found: dict[str, dict[str, Any]] = {}
-        offset = 0
-        while True:
-            resp = await self.http.get(
-                self.dr.url("inventory", "/vms"),
-                params={"limit": 500, "offset": offset},
-                headers=self.dr.bearer(self.dr.reader),
-            )
-            resp.raise_for_status()
-            page = resp.json()
-            found.update({v["name"]: v for v in page["items"] if v.get("disks")})
-            offset += len(page["items"])
-            if not page["items"] or offset >= page["total"]:
-                return found
-
-    async def protect_vm(self, name: str) -> str:
-        """Protect a discovered VM; returns the item id."""
-
-        async def discovered() -> dict[str, Any] | None:
-            return (await self.inventory_vms()).get(name)
-
-        vm = await eventually(discovered, timeout=60, what=f"VM {name} discovered")
-        return str((await protect(self.http, self.dr, vm["vm_id"]))["item_id"])
-
-    async def item_action(self, item_id: str, action: str) -> None:
-        resp = await self.http.post(
-            self.dr.url("replication", f"/protected-items/{item_id}/{action}"),
-            headers=self.dr.bearer(self.dr.operator),
-        )
-        resp.raise_for_status()
-
-    async def agent_item_is(self, item_id: str, **wanted: Any) -> None:
-        """Until the agent's own status of the item shows `wanted` (commands go over Kafka)."""
-
-        async def reached() -> bool:
-            status = {i["item_id"]: i for i in await self.agent("GET", "/items")}
-            return all(status.get(item_id, {}).get(k) == v for k, v in wanted.items())
-
-        await eventually(reached, timeout=60, interval=0.05, what=f"agent item {wanted}")
-
-    async def initial_done(self, item_id: str, timeout: float) -> None:
-        async def done() -> bool:
-            current = await item(self.http, self.dr, item_id)
-            return bool(current["initial_done_at"]) and current["state"] == "replicating"
-
-        await eventually(done, timeout=timeout, interval=0.2, what="initial replication")
-
-    async def items(self) -> list[dict[str, Any]]:
-        resp = await self.http.get(
-            self.dr.url("replication", "/protected-items"),
-            params={"limit": 500},
-            headers=self.dr.bearer(self.dr.reader),
-        )
-        resp.raise_for_status()
-        return list(resp.json())
-
-    async def point_after(
-        self, item_id: str, instant: datetime, timeout: float = 120
-    ) -> dict[str, Any]:
-        """The first committed point whose captured source state is later than `instant`."""
-
-        async def found() -> dict[str, Any] | None:
-            later = [
-                p
-                for p in await points(self.http, self.dr, item_id)
-                if datetime.fromisoformat(p["source_time"]) > instant
-            ]
-            return min(later, key=lambda p: p["cycle_seq"]) if later else None
-
-        # The times measured are the service's `committed_at` and the agent's clock, not when
-        # this poll sees the point: polling often would only take CPU from the processes timed.
-        return await eventually(found, timeout=timeout, interval=0.25, what="a point after it")
-
-    async def metric(self, url: str, name: str, label: str = "") -> float:
-        """Sum of the Prometheus samples `name{...label...}` at `url`/metrics."""
-        text = (await self.http.get(f"{url}/metrics")).text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name) and label in line.split(" ", 1)[0]
-        )
-
-    async def counters(self) -> dict[str, float]:
-        """Where a measured window's time goes: agent cycle time, service delta handling time
-        (sums of their histograms) and CPU seconds of both processes."""
-        service, agent = self.plat.services["replication"], self.dr.agents[HOST]
-        return {
-            "agent_cycle_seconds": await self.metric(
-                agent.url, "dr_agent_cycle_seconds_sum", 'kind="delta"'
-            ),
-            "service_delta_handle_seconds": await self.metric(
-                service.url, "dr_event_handle_seconds_sum", "replication.deltas"
-            ),
-            "agent_cpu_seconds": cpu_seconds(agent),
-            "service_cpu_seconds": cpu_seconds(service),
-        }
-
-    async def materialise(self, item_id: str, seq: int, target: Path) -> str:
-        resp = await self.http.post(
-            self.dr.url(
-                "replication", f"/protected-items/{item_id}/recovery-points/{seq}/materialise"
-            ),
-            json={"target_dir": str(target)},
-            headers=self.dr.bearer(self.dr.operator),
-            timeout=300,
-        )
-        assert resp.status_code == 200, resp.text
-        return str(resp.json()["disks"][0]["sha256"])
-
-
-async def _drop_database(stack: Stack, url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-@contextlib.asynccontextmanager
-async def bench_platform(stack: Stack, label: str) -> AsyncIterator[tuple[Platform, Path]]:
-    """A platform of its own (fresh database, topic prefix and folder) and its folder; on the
-    way out its processes stop and its database, topics and folder go (the logs stay when
-    `BENCH_KEEP_LOGS` is `always`, or `failed` and the body raised)."""
-    root = Path(tempfile.mkdtemp(prefix=f"bench-{label}-", dir="/tmp"))
-    log_dir = root / "platform"
-    log_dir.mkdir()
-    database_url = await fresh_database(stack, "bench")
-    prefix = random_prefix("bench")
-    plat = Platform(stack=stack, database_url=database_url, prefix=prefix, log_dir=log_dir)
-    ok = False
-    try:
-        yield plat, root
-        ok = True
-    finally:
-        await plat.close()  # processes, then topics
-        with contextlib.suppress(Exception):
-            await _drop_database(stack, database_url)
-        shutil.rmtree(REPO / f"{prefix}replication-deltas-data", ignore_errors=True)
-        keep = os.environ.get("BENCH_KEEP_LOGS", "")
-        if keep == "always" or (keep == "failed" and not ok):
-            print(f"# logs kept in {log_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-@contextlib.asynccontextmanager
-async def two_site_run(stack: Stack, label: str, copy_seconds: int) -> AsyncIterator[Run]:
-    """A platform of its own with services, providers and one agent."""
-    async with (
-        bench_platform(stack, f"repl-{label}") as (plat, root),
-        httpx.AsyncClient(timeout=30) as http,
-    ):
-        dr = await two_sites(plat, http, root, copy_seconds=copy_seconds, agents_on=(HOST,))
-        yield Run(plat, dr, http, root)
 
 
 # ---------------------------------------------------------------------------- 1. throughput
@@ -523,8 +295,8 @@ async def bench_catchup(stack: Stack, run: Run) -> None:
     after = await run.counters()
     ours, theirs = statistics.median(ours_runs), statistics.median(theirs_runs)
 
-    source_sha = await asyncio.to_thread(sha256, image)
-    copy_sha = await asyncio.to_thread(sha256, copy)
+    source_sha = await asyncio.to_thread(file_sha256, image)
+    copy_sha = await asyncio.to_thread(file_sha256, copy)
     # the latest point (no writes since the last round: same state as `point`, which
     # retention may have pruned meanwhile at a 1 s copy interval while the sha256s ran)
     latest = max(p["cycle_seq"] for p in await points(run.http, run.dr, item_id))

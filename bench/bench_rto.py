@@ -52,7 +52,7 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaProducer
 
-from bench.bench_replication import bench_platform, emit, failed
+from bench.harness import bench_platform, emit, failed
 from kit.dr import (
     DrSetup,
     failover_known,

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kit.files import file_sha256
 from services.replication.store import DiskPoint, PointManifest, ReplicaStore
 from shared.merkle import MerkleTree, block_hash, zero_block_hash
 
@@ -88,14 +89,6 @@ def sparse_disk(store: ReplicaStore, item: str, size: int, fraction: float) -> N
         tree.set_leaf(i, block_hash(data), rehash=False)
     put(store, item, changed)
     store.commit_point(item, manifest(1, tree, size, changed))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def child(function: str, *args: str) -> str:

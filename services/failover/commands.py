@@ -6,7 +6,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from services.failover.domain import Operation, PlanGroup
+from services.failover.domain.jobs import Operation
+from services.failover.domain.plans import PlanGroup
 from services.failover.job import JobParams
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from services.failover import read_model_repository as read_models
 from services.failover import repository as repo
 from services.failover.workflow import Notifier
 from shared.kafka.consumers import Handler
@@ -23,7 +24,7 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
     async def on_protected(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, replication.ProtectionEnabled)
-        await repo.upsert_item(
+        await read_models.upsert_item(
             conn,
             inc.envelope.vault_id,
             ev.item_id,
@@ -39,12 +40,12 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
     async def on_disabled(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, replication.ProtectionDisabled)
-        await repo.deactivate_item(conn, inc.envelope.vault_id, ev.item_id)
+        await read_models.deactivate_item(conn, inc.envelope.vault_id, ev.item_id)
 
     async def on_state(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, replication.ItemStateChanged)
-        await repo.set_item_state(
+        await read_models.set_item_state(
             conn, inc.envelope.vault_id, ev.item_id, ev.state.value, ev.health.value
         )
         notifier.poke()
@@ -53,7 +54,7 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         ev = inc.payload
         assert isinstance(ev, replication.RecoveryPointCreated)
         app = ev.point_type is replication.RecoveryPointType.APP_CONSISTENT
-        await repo.record_point(
+        await read_models.record_point(
             conn, inc.envelope.vault_id, ev.item_id, ev.cycle_seq, ev.source_time, app
         )
         notifier.poke()
@@ -61,7 +62,7 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
     async def on_pruned(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, replication.RecoveryPointsPruned)
-        await repo.prune_points(conn, inc.envelope.vault_id, ev.item_id, ev.cycle_seqs)
+        await read_models.prune_points(conn, inc.envelope.vault_id, ev.item_id, ev.cycle_seqs)
 
     async def on_materialised(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
@@ -108,9 +109,9 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         ev = inc.payload
         assert isinstance(ev, inventory.VmChanged)
         if ev.vm is None:
-            await repo.remove_vm(conn, inc.envelope.vault_id, ev.vm_id, ev.site)
+            await read_models.remove_vm(conn, inc.envelope.vault_id, ev.vm_id, ev.site)
         else:
-            await repo.upsert_vm(
+            await read_models.upsert_vm(
                 conn, inc.envelope.vault_id, ev.vm_id, ev.site, ev.vm.model_dump(mode="json")
             )
 
@@ -118,9 +119,9 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
         ev = inc.payload
         assert isinstance(ev, inventory.NetworkChanged)
         if ev.network is None:
-            await repo.remove_network(conn, inc.envelope.vault_id, ev.network_id)
+            await read_models.remove_network(conn, inc.envelope.vault_id, ev.network_id)
         else:
-            await repo.upsert_network(
+            await read_models.upsert_network(
                 conn,
                 inc.envelope.vault_id,
                 ev.network_id,
@@ -131,7 +132,7 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
     async def on_cloud(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
         assert isinstance(ev, inventory.CloudChanged)
-        await repo.upsert_cloud(conn, inc.envelope.vault_id, ev.cloud_id, ev.site)
+        await read_models.upsert_cloud(conn, inc.envelope.vault_id, ev.cloud_id, ev.site)
 
     async def on_mapping(conn: asyncpg.Connection, inc: Incoming) -> None:
         ev = inc.payload
@@ -142,7 +143,7 @@ def make_event_handlers(notifier: Notifier) -> dict[str, Handler]:
             | policy.NetworkMappingRemoved,
         )
         m = ev.mapping
-        await repo.upsert_mapping(
+        await read_models.upsert_mapping(
             conn,
             inc.envelope.vault_id,
             m.mapping_id,

@@ -1,9 +1,9 @@
 """Command handlers of the failover service: start an operation on an item or a plan, approve
 a manual action, restart a job, recovery plan CRUD. Each is dispatched by its command's type
 (`handle`), loads what it decides on, lets the job aggregate (services/failover/job.py) or the
-rules of `domain` decide, commits through a unit of work, then hands the job to the engine.
-Refusals are domain errors (`FailoverRefused`, `NotFound`, `InvalidRequest`); api.py maps them
-to HTTP."""
+rules of services/failover/domain/ decide, commits through a unit of work, then hands the job
+to the engine. Refusals are domain errors (`FailoverRefused`, `NotFound`, `InvalidRequest`); the
+routes map them to HTTP (services/failover/api/common.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from typing import Any
 
 import asyncpg
 
-from services.failover import domain
-from services.failover import repository as repo
+from services.failover import item_failover_repository as failover_repo
+from services.failover import plan_repository as plans_repo
+from services.failover import read_model_repository as read_models
 from services.failover.commands import (
     ApproveAction,
     Command,
@@ -28,15 +29,20 @@ from services.failover.commands import (
     StartPlanOperation,
 )
 from services.failover.config import FailoverSettings
-from services.failover.domain import (
-    FailoverRefused,
-    InvalidRequest,
+from services.failover.domain.errors import FailoverRefused, InvalidRequest, NotFound
+from services.failover.domain.items import (
     ItemRow,
-    NotFound,
-    Operation,
-    PlanGroup,
-    RecoveryPlan,
+    check_cleanup,
+    check_commit,
+    check_planned,
+    check_reverse,
+    check_test,
+    check_unplanned,
+    seed_disks,
 )
+from services.failover.domain.jobs import OPERATION_KIND, Operation, can_restart
+from services.failover.domain.plans import PlanGroup, RecoveryPlan, actions_for
+from services.failover.domain.points import check_point_exists
 from services.failover.item_failover import FailoverInfo
 from services.failover.item_workflows import STEPS
 from services.failover.job import Job, JobParams
@@ -60,12 +66,12 @@ class Context:
 # ------------------------------------------------------------------ start a job
 
 CHECKS = {
-    Operation.TEST_FAILOVER: domain.check_test,
-    Operation.TEST_CLEANUP: domain.check_cleanup,
-    Operation.PLANNED_FAILOVER: domain.check_planned,
-    Operation.UNPLANNED_FAILOVER: domain.check_unplanned,
-    Operation.COMMIT: domain.check_commit,
-    Operation.REVERSE: domain.check_reverse,
+    Operation.TEST_FAILOVER: check_test,
+    Operation.TEST_CLEANUP: check_cleanup,
+    Operation.PLANNED_FAILOVER: check_planned,
+    Operation.UNPLANNED_FAILOVER: check_unplanned,
+    Operation.COMMIT: check_commit,
+    Operation.REVERSE: check_reverse,
 }
 
 
@@ -86,17 +92,17 @@ async def check_item(
                 f"{item.vm_name} is not protected in reverse: failback comes after a "
                 "failover and reverse replication"
             )
-        domain.check_planned(item, view)
+        check_planned(item, view)
     else:
         CHECKS[operation](item, view)
     if operation in (Operation.TEST_FAILOVER, Operation.UNPLANNED_FAILOVER):
         retained = await reads.retained_points(item_id)
-        domain.check_point_exists(item, params.choice, params.cycle_seq, retained)
+        check_point_exists(item, params.choice, params.cycle_seq, retained)
     if operation is Operation.REVERSE:
         info = view.info if view is not None else FailoverInfo()
         old = dict(info.source_disks or {})
         exists = {p for p in old.values() if p and path_exists(p)}
-        domain.seed_disks(info.recovery_disks or [], old, exists, bool(params.force_full_resync))
+        seed_disks(info.recovery_disks or [], old, exists, bool(params.force_full_resync))
     return item
 
 
@@ -163,13 +169,13 @@ async def start_item_operation(ctx: Context, cmd: StartItemOperation) -> Job:
 
 
 async def start_plan_operation(ctx: Context, cmd: StartPlanOperation) -> Job:
-    plan = await repo.plan(ctx.pool, cmd.vault_id, cmd.plan_ref)
+    plan = await plans_repo.plan(ctx.pool, cmd.vault_id, cmd.plan_ref)
     if plan is None:
         raise NotFound(f"recovery plan {cmd.plan_ref} not found")
     groups = plan.groups
-    kind = domain.OPERATION_KIND.get(cmd.operation)
-    item_ids = [await repo.current_item(ctx.pool, i) for g in groups for i in g.items]
-    actions = sum(len(domain.actions_for([*g.pre_actions, *g.post_actions], kind)) for g in groups)
+    kind = OPERATION_KIND.get(cmd.operation)
+    item_ids = [await failover_repo.current_item(ctx.pool, i) for g in groups for i in g.items]
+    actions = sum(len(actions_for([*g.pre_actions, *g.post_actions], kind)) for g in groups)
     params = cmd.params.model_copy()
     params.groups = list(groups)
     params.plan_name = plan.name
@@ -209,7 +215,7 @@ async def restart(ctx: Context, cmd: RestartJob) -> Job:
             raise NotFound(f"job {cmd.job_id} not found")
         busy = (
             await uow.jobs.busy_items(cmd.vault_id, job.params.items)
-            if domain.can_restart(job.operation, job.state) is None
+            if can_restart(job.operation, job.state) is None
             else {}
         )
         job.restart(cmd.by, items_busy=bool(busy))
@@ -223,7 +229,9 @@ async def restart(ctx: Context, cmd: RestartJob) -> Job:
 
 async def create_plan(ctx: Context, cmd: CreatePlan) -> RecoveryPlan:
     await _check_items_known(ctx, cmd.vault_id, cmd.groups)
-    plan = await repo.insert_plan(ctx.pool, cmd.vault_id, cmd.name, cmd.description, cmd.groups)
+    plan = await plans_repo.insert_plan(
+        ctx.pool, cmd.vault_id, cmd.name, cmd.description, cmd.groups
+    )
     if plan is None:
         raise FailoverRefused(f"a recovery plan named '{cmd.name}' already exists")
     return plan
@@ -231,7 +239,9 @@ async def create_plan(ctx: Context, cmd: CreatePlan) -> RecoveryPlan:
 
 async def replace_plan(ctx: Context, cmd: ReplacePlan) -> RecoveryPlan:
     await _check_items_known(ctx, cmd.vault_id, cmd.groups)
-    plan = await repo.replace_plan(ctx.pool, cmd.plan_id, cmd.name, cmd.description, cmd.groups)
+    plan = await plans_repo.replace_plan(
+        ctx.pool, cmd.plan_id, cmd.name, cmd.description, cmd.groups
+    )
     if plan is None:
         raise FailoverRefused(f"a recovery plan named '{cmd.name}' already exists")
     return plan
@@ -242,10 +252,10 @@ async def delete_plan(ctx: Context, cmd: DeletePlan) -> RecoveryPlan:
     of it starts meanwhile."""
     async with PgUnitOfWork(ctx.pool) as uow:
         await uow.jobs.lock_vault(cmd.vault_id)
-        plan = await repo.plan(uow.conn, cmd.vault_id, cmd.plan_ref)
+        plan = await plans_repo.plan(uow.conn, cmd.vault_id, cmd.plan_ref)
         if plan is None:
             raise NotFound(f"recovery plan {cmd.plan_ref} not found in this vault")
-        if not await repo.delete_idle_plan(uow.conn, plan.plan_id):
+        if not await plans_repo.delete_idle_plan(uow.conn, plan.plan_id):
             raise FailoverRefused("the plan has a running job; wait for it to finish")
         await uow.commit()
     return plan
@@ -253,7 +263,7 @@ async def delete_plan(ctx: Context, cmd: DeletePlan) -> RecoveryPlan:
 
 async def _check_items_known(ctx: Context, vault_id: uuid.UUID, groups: list[PlanGroup]) -> None:
     ids = [i for g in groups for i in g.items]
-    known = await repo.known_items(ctx.pool, vault_id, ids)
+    known = await read_models.known_items(ctx.pool, vault_id, ids)
     unknown = [str(i) for i in ids if i not in known]
     if unknown:
         raise InvalidRequest(f"unknown protected items: {', '.join(unknown[:5])}")
@@ -270,7 +280,9 @@ async def force_old_test_cleanups(ctx: Context) -> int:
     # A forced cleanup that failed is not retried for an hour: an operator sees the failed job
     # (and its alert) instead of a new failed job every sweep.
     started = 0
-    for vault_id, item_id in await repo.tests_to_force_clean(ctx.pool, limit, FORCED_CLEANUP):
+    for vault_id, item_id in await failover_repo.tests_to_force_clean(
+        ctx.pool, limit, FORCED_CLEANUP
+    ):
         try:
             await start_item_operation(
                 ctx,

@@ -1,8 +1,8 @@
 """An item's failover state as an aggregate (beside the replication service's item state): what
 this service did to the item (tested, failed over, committed, reversed). Its methods check the
-rule, change the state and record the events (`ItemFailedOver`, `ItemFailoverCommitted`); the
-repository (services/failover/repository.py) writes the row and the events (outbox) in one
-transaction. Pure: no I/O.
+rule, change the state and record the events (`ItemFailedOver`, `ItemFailoverCommitted`); its
+repository (services/failover/item_failover_repository.py) writes the row and the events
+(outbox) in one transaction. Pure: no I/O.
 
 protected -> testing -> (cleanup) the state before the test
 protected -> failover_in_progress -> failed_over | failover_failed
@@ -16,8 +16,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
-from services.failover.domain import FailoverRefused
-from services.failover.domain import ItemFailoverState as State
+from services.failover.domain.errors import FailoverRefused
+from services.failover.domain.items import ItemFailoverState as State
 from shared.schemas.agent import NicAttachment
 from shared.schemas.envelope import EventPayload
 from shared.schemas.failover import (

@@ -8,9 +8,13 @@ import asyncio
 import uuid
 from datetime import UTC, datetime
 
-from services.failover import domain
+from services.failover import item_failover_repository as failover_repo
+from services.failover import read_model_repository as read_models
 from services.failover import repository as repo
-from services.failover.domain import FailoverRefused, Operation
+from services.failover.domain.errors import FailoverRefused
+from services.failover.domain.items import seed_disks
+from services.failover.domain.jobs import NAMESPACE, Operation
+from services.failover.domain.points import zero_data_loss
 from services.failover.item_failover import CleanupNote
 from services.failover.job import ItemResult, JobResult
 from services.failover.steps import (
@@ -103,7 +107,7 @@ async def test_item(run: Run, item_id: uuid.UUID, test_net: TestNetwork) -> None
     p = f"{item_id}:"
     facts = await prepare(run, p, item_id, test_net)
     test_name = f"{facts.vm_name}-test"
-    item = await repo.item_failover(run.pool, item_id, run.vault_id)
+    item = await failover_repo.item_failover(run.pool, item_id, run.vault_id)
     item.begin_test(
         run.job_id,
         test_name,
@@ -112,7 +116,7 @@ async def test_item(run: Run, item_id: uuid.UUID, test_net: TestNetwork) -> None
         network_created=test_net.created,
         now=datetime.now(UTC),
     )
-    await repo.save_item_failover(run.pool, item)
+    await failover_repo.save_item_failover(run.pool, item)
     point = await materialise(
         run,
         p,
@@ -135,7 +139,7 @@ async def test_item(run: Run, item_id: uuid.UUID, test_net: TestNetwork) -> None
 
 async def cleanup_item(run: Run, item_id: uuid.UUID) -> None:
     p = f"{item_id}:"
-    test = (await repo.item_failover(run.pool, item_id, run.vault_id)).test
+    test = (await failover_repo.item_failover(run.pool, item_id, run.vault_id)).test
     name = await vm_name_of(run, item_id)
     if test is None:
         run.item_results[str(item_id)] = ItemResult(vm_name=name, state="no test to clean up")
@@ -157,9 +161,9 @@ async def cleanup_item(run: Run, item_id: uuid.UUID) -> None:
             test_job_id=test.job_id,
             notes=run.job.params.notes or "",
         )
-        item = await repo.item_failover(run.pool, item_id, run.vault_id)
+        item = await failover_repo.item_failover(run.pool, item_id, run.vault_id)
         item.end_test(note)
-        await repo.save_item_failover(run.pool, item)
+        await failover_repo.save_item_failover(run.pool, item)
         return note
 
     await run.step(f"{p}notes", f"{name}: record cleanup notes", CleanupNote, record, crash="notes")
@@ -167,9 +171,9 @@ async def cleanup_item(run: Run, item_id: uuid.UUID) -> None:
 
 
 async def _failover_failed(run: Run, item_id: uuid.UUID) -> None:
-    item = await repo.item_failover(run.pool, item_id, run.vault_id)
+    item = await failover_repo.item_failover(run.pool, item_id, run.vault_id)
     item.failover_failed()
-    await repo.save_item_failover(run.pool, item)
+    await failover_repo.save_item_failover(run.pool, item)
 
 
 async def planned_item(
@@ -187,7 +191,7 @@ async def planned_item(
 
         async def prove(_cid: uuid.UUID) -> Proof:
             roots = {d.disk_id: d.merkle_root for d in point.disks}
-            ok, why = domain.zero_data_loss(roots, final.roots)
+            ok, why = zero_data_loss(roots, final.roots)
             if not ok:
                 raise StepFailed(
                     f"zero data loss not proven for {facts.vm_name}: {why}",
@@ -267,12 +271,12 @@ async def commit_item(run: Run, item_id: uuid.UUID) -> None:
 
     async def effect(_cid: uuid.UUID) -> Committed:
         async with run.pool.acquire() as conn, conn.transaction():
-            item = await repo.item_failover(conn, item_id, run.vault_id)
+            item = await failover_repo.item_failover(conn, item_id, run.vault_id)
             try:
                 seq = item.commit(name, datetime.now(UTC))
             except FailoverRefused as exc:
                 raise StepFailed(exc.message, "commit comes after a failover") from None
-            await repo.save_item_failover(conn, item)
+            await failover_repo.save_item_failover(conn, item)
         return Committed(cycle_seq=seq)
 
     done = await run.step(
@@ -291,11 +295,11 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
     p = f"{item_id}:"
     name = await vm_name_of(run, item_id)
     force = bool(run.job.params.force_full_resync)
-    new_item_id = uuid.uuid5(domain.NAMESPACE, f"{run.job_id}/reverse/{item_id}")
+    new_item_id = uuid.uuid5(NAMESPACE, f"{run.job_id}/reverse/{item_id}")
 
     async def plan_it(_cid: uuid.UUID) -> ReversePlan:
-        view = await repo.item_failover(run.pool, item_id, run.vault_id)
-        item = await repo.item(run.pool, item_id)
+        view = await failover_repo.item_failover(run.pool, item_id, run.vault_id)
+        item = await read_models.item(run.pool, item_id)
         try:
             view.check_reversible(name)
         except FailoverRefused as exc:
@@ -309,7 +313,7 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
         exists = {path for path in old_disks.values() if path and path_exists(path)}
         recovery_disks = info.recovery_disks or []
         try:
-            seeds = domain.seed_disks(recovery_disks, old_disks, exists, force)
+            seeds = seed_disks(recovery_disks, old_disks, exists, force)
         except FailoverRefused as exc:
             raise StepFailed(
                 exc.message, "the old primary's disks are gone", "pass force_full_resync"
@@ -339,7 +343,7 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
 
     async def request(cid: uuid.UUID) -> Reversed:
         async with run.pool.acquire() as conn, conn.transaction():
-            await repo.insert_link(
+            await failover_repo.insert_link(
                 conn,
                 run.vault_id,
                 item_id,
@@ -370,9 +374,9 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
                 ),
                 str(item_id),
             )
-            item = await repo.item_failover(conn, item_id, run.vault_id)
+            item = await failover_repo.item_failover(conn, item_id, run.vault_id)
             item.reversing(new_item_id, bool(plan.seed_disks))
-            await repo.save_item_failover(conn, item)
+            await failover_repo.save_item_failover(conn, item)
         return Reversed(new_item_id=new_item_id, seeded=bool(plan.seed_disks))
 
     await run.step(
@@ -380,7 +384,7 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
     )
 
     async def probe() -> ReverseProtected | None:
-        found = await repo.item(run.pool, new_item_id)
+        found = await read_models.item(run.pool, new_item_id)
         return ReverseProtected(new_item_id=new_item_id, state=found.state) if found else None
 
     async def wait(_cid: uuid.UUID) -> ReverseProtected:
@@ -396,9 +400,9 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
         wait,
         crash="reverse_protected",
     )
-    reversed_item = await repo.item_failover(run.pool, new_item_id, run.vault_id)
+    reversed_item = await failover_repo.item_failover(run.pool, new_item_id, run.vault_id)
     reversed_item.protected()
-    await repo.save_item_failover(run.pool, reversed_item)
+    await failover_repo.save_item_failover(run.pool, reversed_item)
     run.item_results[str(item_id)] = ItemResult(
         vm_name=name,
         state="reverse_replicating",
@@ -450,7 +454,7 @@ async def run_items(
     test_jobs: set[str] = set()
     if operation is Operation.TEST_CLEANUP:
         for i in item_ids:
-            test = (await repo.item_failover(run.pool, i, run.vault_id)).test
+            test = (await failover_repo.item_failover(run.pool, i, run.vault_id)).test
             if test is not None:
                 test_jobs.add(test.job_id)
 

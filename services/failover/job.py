@@ -1,6 +1,6 @@
 """The failover job as an aggregate: its state changes are methods that check the rule, change
 the state and record what happened (history lines, `JobChanged` events). Pure: a repository
-loads and saves it (services/failover/repository.py) through a unit of work
+loads and saves it (services/failover/job_repository.py) through a unit of work
 (services/failover/unit_of_work.py) that writes the row, its history and the outbox together.
 
 States: not_started -> in_progress <-> waiting_for_input -> succeeded | failed |
@@ -15,8 +15,10 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.failover import domain
-from services.failover.domain import FailoverRefused, Operation, PlanGroup
+from services.failover.domain.errors import FailoverRefused
+from services.failover.domain.jobs import Operation, can_restart, final_state, is_finished
+from services.failover.domain.jobs import progress as progress_percent
+from services.failover.domain.plans import PlanGroup
 from shared.schemas.envelope import EventPayload
 from shared.schemas.failover import JobChanged, JobState
 
@@ -160,7 +162,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return domain.is_finished(self.state)
+        return is_finished(self.state)
 
     def start(self, now: datetime) -> None:
         if self.state is not JobState.NOT_STARTED:
@@ -175,7 +177,7 @@ class Job:
         self._record(f"service restarted: job resumed ({where})")
 
     def tasks_done(self, done: int) -> None:
-        self.progress = domain.progress(done, self.expected_tasks)
+        self.progress = progress_percent(done, self.expected_tasks)
         self._record()
 
     def wait_for(self, waiting: WaitingFor) -> None:
@@ -205,7 +207,7 @@ class Job:
     def restart(self, by: str, *, items_busy: bool) -> None:
         """An operator re-runs a failed job: failed steps run again with new idempotency keys
         (a new run number), done steps stand."""
-        why = domain.can_restart(self.operation, self.state)
+        why = can_restart(self.operation, self.state)
         if why:
             raise FailoverRefused(why)
         if items_busy:
@@ -228,7 +230,7 @@ class Job:
     ) -> None:
         """The end of a run: `failure` (error, cause, recommendation) stopped it; `errors`
         steps failed in a run that goes on past errors."""
-        self.state = domain.final_state(self.operation, failed=failure is not None, errors=errors)
+        self.state = final_state(self.operation, failed=failure is not None, errors=errors)
         self.ended_at = now
         self.waiting_for = None
         self.result = result

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from services.failover.domain import Operation, TaskRow
+from services.failover.domain.jobs import Operation, TaskRow
 from services.failover.job import Job, JobParams, JobResult, WaitingFor
 from services.failover.repository import Conn, emit, from_record
 from shared.schemas.failover import JobState, TaskChanged

@@ -10,11 +10,14 @@ import os
 import signal
 import uuid
 
-from services.failover import domain
-from services.failover import repository as repo
-from services.failover.domain import Operation, PlanAction
+from services.failover import item_failover_repository as failover_repo
+from services.failover.domain.jobs import OPERATION_KIND, Operation
+from services.failover.domain.plans import PlanAction, actions_for
+from services.failover.domain.scripts import environment_secrets, script_env, script_failure
+from services.failover.domain.scripts import excerpt as redacted_excerpt
 from services.failover.item_workflows import item_workflow, run_items
 from services.failover.job import JobResult
+from services.failover.scripts_folder import script_file
 from services.failover.test_networks import test_network
 from services.failover.workflow import Run, StepFailed, StepResult, Workflow
 
@@ -47,15 +50,15 @@ async def run_action(run: Run, key: str, action: PlanAction) -> None:
         return
     settings = run.settings
     timeout = action.timeout_seconds or settings.script_timeout_seconds
-    secrets = domain.environment_secrets(dict(os.environ))
+    secrets = environment_secrets(dict(os.environ))
 
     def excerpt(data: bytes, limit: int) -> str:
-        return domain.excerpt(data, limit, secrets)
+        return redacted_excerpt(data, limit, secrets)
 
     async def effect(_cid: uuid.UUID) -> ScriptRun:
         assert action.script is not None
         try:
-            path = domain.script_file(settings.scripts_dir, action.script)
+            path = script_file(settings.scripts_dir, action.script)
             proc = await asyncio.create_subprocess_exec(
                 str(path),
                 *action.args,
@@ -64,7 +67,7 @@ async def run_action(run: Run, key: str, action: PlanAction) -> None:
                 stderr=asyncio.subprocess.PIPE,
                 cwd=path.parent,
                 start_new_session=True,
-                env=domain.script_env(
+                env=script_env(
                     settings.script_path,
                     {
                         "job_id": str(run.job_id),
@@ -104,7 +107,7 @@ async def run_action(run: Run, key: str, action: PlanAction) -> None:
                 reads.cancel()
                 out, err = b"", b""
             await proc.wait()
-        why = domain.script_failure(proc.returncode, excerpt(err, 500), timed_out, timeout)
+        why = script_failure(proc.returncode, excerpt(err, 500), timed_out, timeout)
         if why:
             raise StepFailed(
                 f"script {action.name} failed: {why}",
@@ -121,7 +124,7 @@ async def run_action(run: Run, key: str, action: PlanAction) -> None:
 def plan_workflow(operation: Operation) -> Workflow:
     async def run_plan(run: Run) -> JobResult:
         groups = run.job.params.groups or []
-        kind = domain.OPERATION_KIND.get(operation)
+        kind = OPERATION_KIND.get(operation)
         goes_on = operation is Operation.UNPLANNED_FAILOVER
         test_net = await test_network(run) if operation is Operation.TEST_FAILOVER else None
         for g_no, group in enumerate(groups, 1):
@@ -131,10 +134,10 @@ def plan_workflow(operation: Operation) -> Workflow:
                 ("post", group.post_actions),
             ):
                 if actions is None:
-                    ids = [await repo.current_item(run.pool, i) for i in group.items]
+                    ids = [await failover_repo.current_item(run.pool, i) for i in group.items]
                     await run_items(run, operation, ids, test_net)
                     continue
-                for action in domain.actions_for(actions, kind):
+                for action in actions_for(actions, kind):
                     try:
                         await run_action(run, f"group{g_no}:{stage}:{action.action_id}", action)
                     except StepFailed:

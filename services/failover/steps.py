@@ -16,9 +16,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.failover import domain
+from services.failover import item_failover_repository as failover_repo
 from services.failover import job_repository as jobs_repo
+from services.failover import read_model_repository as read_models
 from services.failover import repository as repo
+from services.failover.domain.nics import failover_nics
+from services.failover.domain.points import data_loss_seconds
 from services.failover.item_failover import FailoverInfo
 from services.failover.workflow import Run, StepFailed, StepResult
 from shared.schemas.agent import (
@@ -152,18 +155,18 @@ class AgentAnswer(StepResult):
 
 async def item_facts(run: Run, item_id: uuid.UUID) -> ItemFacts:
     pool = run.pool
-    item = await repo.item(pool, item_id)
+    item = await read_models.item(pool, item_id)
     if item is None:
         raise StepFailed(f"protected item {item_id} is not known", "no ProtectionEnabled seen")
-    link = await repo.link_of(pool, new=item_id)
-    vm_row = await repo.vm(pool, item.vault_id, item.vm_id)
+    link = await failover_repo.link_of(pool, new=item_id)
+    vm_row = await read_models.vm(pool, item.vault_id, item.vm_id)
     vm = vm_row["vm"] if vm_row else {}
     preferred: uuid.UUID | None = None
     if link is not None:
         disks = [SourceDisk.model_validate(d) for d in link["disks"]]
         nics = [Nic.model_validate(n) for n in link["nics"]]
         source_site, target_site = link["source_site"], link["target_site"]
-        old = await repo.item(pool, link["old_item_id"])
+        old = await read_models.item(pool, link["old_item_id"])
         preferred = old.source_agent_id if old else None
     else:
         disks = [
@@ -171,9 +174,9 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> ItemFacts:
             for d in vm.get("disks", [])
         ]
         nics = [Nic.model_validate(n) for n in vm.get("nics", [])]
-        source = await repo.producer(pool, item.source_agent_id)
+        source = await read_models.producer(pool, item.source_agent_id)
         source_site = source["site"] if source else (vm_row["site"] if vm_row else "")
-        target_site = await repo.cloud_site(pool, item.vault_id, item.target_cloud_id) or ""
+        target_site = await read_models.cloud_site(pool, item.vault_id, item.target_cloud_id) or ""
     if not target_site:
         raise StepFailed(
             f"the recovery site of {item.vm_name} is not known",
@@ -182,7 +185,7 @@ async def item_facts(run: Run, item_id: uuid.UUID) -> ItemFacts:
         )
     agents = [
         a
-        for a in await repo.agents_at(pool, run.vault_id, target_site)
+        for a in await read_models.agents_at(pool, run.vault_id, target_site)
         if a["metadata"].get("storage_dir")
     ]
     if not agents:
@@ -216,19 +219,19 @@ async def place_nics(
     nics = facts.nics
     if test_net is not None:
         network = test_net.network if test_net.network_id else None
-        return domain.failover_nics(nics, [], {}, set(), network, test=True)
+        return failover_nics(nics, [], {}, set(), network, test=True)
     async with run.pool.acquire() as conn, conn.transaction():
         await jobs_repo.lock_vault_ips(conn, run.vault_id)
         nets = {
             k: VmNetwork.model_validate(v["network"])
-            for k, v in (await repo.networks(conn, run.vault_id)).items()
+            for k, v in (await read_models.networks(conn, run.vault_id)).items()
         }
-        mapped = await repo.mappings(conn, run.vault_id)
-        used = await repo.used_ips(conn, run.vault_id)
-        placed = domain.failover_nics(nics, mapped, nets, used)
-        item = await repo.item_failover(conn, facts.item_id, run.vault_id)
+        mapped = await read_models.mappings(conn, run.vault_id)
+        used = await read_models.used_ips(conn, run.vault_id)
+        placed = failover_nics(nics, mapped, nets, used)
+        item = await failover_repo.item_failover(conn, facts.item_id, run.vault_id)
         item.placing(placed)
-        await repo.save_item_failover(conn, item)
+        await failover_repo.save_item_failover(conn, item)
     return placed
 
 
@@ -250,7 +253,7 @@ async def prepare(run: Run, p: str, item_id: uuid.UUID, test_net: TestNetwork | 
 
 
 async def vm_name_of(run: Run, item_id: uuid.UUID) -> str:
-    item = await repo.item(run.pool, item_id)
+    item = await read_models.item(run.pool, item_id)
     return item.vm_name if item else str(item_id)
 
 
@@ -395,7 +398,7 @@ async def synced(
     item_id = facts.item_id
 
     async def probe() -> Synced | None:
-        item = await repo.item(run.pool, item_id)
+        item = await read_models.item(run.pool, item_id)
         if item is None:
             return None
         caught_up = final_seq is not None and (item.latest_seq or 0) >= final_seq
@@ -475,7 +478,7 @@ async def mark_failed_over(
             source_time=point.source_time,
             app_consistent=point.app_consistent,
             failed_over_at=failed_over_at.isoformat(),
-            data_loss_seconds=domain.data_loss_seconds(failed_over_at, source_time),
+            data_loss_seconds=data_loss_seconds(failed_over_at, source_time),
             recovery_vm_name=vm.vm_name,
             recovery_agent_id=str(facts.recovery_agent_id),
             recovery_site=facts.target_site,
@@ -486,9 +489,9 @@ async def mark_failed_over(
             job_id=str(run.job_id),
         )
         async with run.pool.acquire() as conn, conn.transaction():
-            item = await repo.item_failover(conn, facts.item_id, run.vault_id)
+            item = await failover_repo.item_failover(conn, facts.item_id, run.vault_id)
             item.failed_over(info, vm.vm_name)
-            await repo.save_item_failover(conn, item)
+            await failover_repo.save_item_failover(conn, item)
         return info
 
     return await run.step(

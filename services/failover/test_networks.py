@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import uuid
 
-from services.failover import repository as repo
+from services.failover import item_failover_repository as failover_repo
+from services.failover import read_model_repository as read_models
 from services.failover.steps import TestNetwork
 from services.failover.workflow import Run, StepFailed, StepResult
 from shared.schemas.inventory import VmNetwork
@@ -23,7 +24,7 @@ async def test_network(run: Run) -> TestNetwork:
         return TestNetwork()
 
     async def effect(_cid: uuid.UUID) -> TestNetwork:
-        nets = await repo.networks(run.pool, run.vault_id)
+        nets = await read_models.networks(run.pool, run.vault_id)
         if choice != "create":
             if choice not in nets:
                 raise StepFailed(
@@ -49,7 +50,7 @@ async def test_network(run: Run) -> TestNetwork:
             subnets=template.subnets if template else [],
             isolated=True,
         )
-        await repo.insert_test_network(
+        await failover_repo.insert_test_network(
             run.pool, run.vault_id, run.job_id, network_id, site, network.name
         )
         return TestNetwork(network_id=network_id, network=network, created=True)
@@ -60,10 +61,12 @@ async def test_network(run: Run) -> TestNetwork:
 
 
 async def delete_test_networks(run: Run, test_job_ids: set[str]) -> None:
-    for network_id in await repo.open_test_networks(run.pool, [uuid.UUID(j) for j in test_job_ids]):
+    for network_id in await failover_repo.open_test_networks(
+        run.pool, [uuid.UUID(j) for j in test_job_ids]
+    ):
 
         async def effect(_cid: uuid.UUID, network_id: str = network_id) -> NetworkDeleted:
-            await repo.delete_test_network(run.pool, network_id)
+            await failover_repo.delete_test_network(run.pool, network_id)
             return NetworkDeleted(network_id=network_id, deleted=True)
 
         await run.step(

@@ -14,9 +14,11 @@ from typing import Protocol, Self
 
 import asyncpg
 
+from services.failover import item_failover_repository as failover_repo
 from services.failover import job_repository as jobs_repo
-from services.failover import repository as repo
-from services.failover.domain import ItemRow, RetainedPoints
+from services.failover import read_model_repository as read_models
+from services.failover.domain.items import ItemRow
+from services.failover.domain.points import RetainedPoints
 from services.failover.item_failover import ItemFailover
 from services.failover.job import Job
 
@@ -117,19 +119,19 @@ class PgReadModels:
         self.conn = conn
 
     async def item(self, item_id: uuid.UUID) -> ItemRow | None:
-        return await repo.item(self.conn, item_id)
+        return await read_models.item(self.conn, item_id)
 
     async def view(self, item_id: uuid.UUID) -> ItemFailover | None:
-        return await repo.failover_view(self.conn, item_id)
+        return await failover_repo.failover_view(self.conn, item_id)
 
     async def reversed_from(self, item_id: uuid.UUID) -> bool:
-        return await repo.link_of(self.conn, new=item_id) is not None
+        return await failover_repo.link_of(self.conn, new=item_id) is not None
 
     async def retained_points(self, item_id: uuid.UUID) -> RetainedPoints:
-        return await repo.retained_points(self.conn, item_id)
+        return await read_models.retained_points(self.conn, item_id)
 
     async def cloud_site(self, vault_id: uuid.UUID, cloud_id: str) -> str | None:
-        return await repo.cloud_site(self.conn, vault_id, cloud_id)
+        return await read_models.cloud_site(self.conn, vault_id, cloud_id)
 
 
 class PgUnitOfWork:

@@ -25,11 +25,11 @@ import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict
 
-from services.failover import domain
 from services.failover import job_repository as jobs_repo
 from services.failover import repository as repo
 from services.failover.config import FailoverSettings
-from services.failover.domain import PlanAction, StepAction
+from services.failover.domain.jobs import StepAction, command_id_for, resume_point, step_action
+from services.failover.domain.plans import PlanAction
 from services.failover.job import ItemResult, Job, JobResult, WaitingFor
 from services.failover.unit_of_work import PgUnitOfWork
 from shared.faults import crash_point
@@ -145,7 +145,7 @@ class Run:
         answered = False
         if task is not None and wait is not None:
             answered = await repo.answer(self.pool, task.command_id) is not None
-        action = domain.step_action(task.state if task else None, answered)
+        action = step_action(task.state if task else None, answered)
         if action is StepAction.SKIP:
             assert task is not None
             return result_type.model_validate(task.detail)
@@ -153,7 +153,7 @@ class Run:
             assert task is not None
             raise StepFailed(task.error or "failed", task.cause or "", task.recommendation or "")
         if task is None:
-            command_id = domain.command_id_for(self.job_id, key, self.job.run_no)
+            command_id = command_id_for(self.job_id, key, self.job.run_no)
             async with self.pool.acquire() as conn, conn.transaction():
                 task = await jobs_repo.insert_task(
                     conn, self.vault_id, self.job_id, key, name, command_id
@@ -265,7 +265,7 @@ class Run:
         )
         async with self.engine.uow() as uow:
             if task is None:
-                cid = domain.command_id_for(self.job_id, key, self.job.run_no)
+                cid = command_id_for(self.job_id, key, self.job.run_no)
                 await jobs_repo.insert_task(
                     uow.conn,
                     self.vault_id,
@@ -326,7 +326,7 @@ class Engine:
                 async with self.uow() as uow:
                     job = await uow.jobs.get(found.job_id)
                     if job is not None:
-                        job.resumed(domain.resume_point(tasks))
+                        job.resumed(resume_point(tasks))
                     await uow.commit()
                 RESUMED.inc()
             self.submit(found.job_id)

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from kit.dr import DrSetup, item, points, protect, two_sites, vm_named
+from kit.files import file_sha256
 from kit.platform import Platform
 from kit.poll import eventually
 from shared import topics
@@ -34,7 +35,7 @@ from shared.schemas.agent import (
     VmPowerRequested,
 )
 from shared.schemas.envelope import EventPayload, new_envelope
-from tests.e2e.test_replication_e2e import materialise, point_after, sha256
+from tests.e2e.test_replication_e2e import materialise, point_after
 from tests.support.kafka import Record, produce, read_all, wait_for_records
 
 pytestmark = pytest.mark.e2e
@@ -158,13 +159,13 @@ async def test_failover_mechanics(
     # (a) ---------------------------------------------------------------- a drill
     await dr.agent_call(http, "hv-p1", "POST", "/vms/fo01/writes", {"blocks": 10})
     after = await point_after(http, dr, str(item_id), datetime.now().astimezone())
-    copies = {disk_id: sha256(path) for disk_id, path in sources.items()}  # writes stopped
+    copies = {disk_id: file_sha256(path) for disk_id, path in sources.items()}  # writes stopped
     req, answer = await fail.materialise(item_id, recovery / "fo01-test")
     assert answer["type"] == "RecoveryPointMaterialised", answer
     assert answer["cycle_seq"] >= after["cycle_seq"]
     assert {d["disk_id"]: d["sha256"] for d in answer["disks"]} == copies
     for disk in answer["disks"]:
-        assert sha256(Path(disk["path"])) == disk["sha256"]
+        assert file_sha256(Path(disk["path"])) == disk["sha256"]
         assert Path(disk["path"]).parent == recovery / "fo01-test"
     mtimes = {d["path"]: mtime(d["path"]) for d in answer["disks"]}
     await fail.request(req, item_id)  # the same request id again: answered again, not redone
@@ -237,7 +238,7 @@ async def test_failover_mechanics(
     assert (await eventually(synced, timeout=60, what="final cycle"))["last_committed_seq"] == (
         final["cycle_seq"]
     )
-    finals = {disk_id: sha256(path) for disk_id, path in sources.items()}  # the VM is off
+    finals = {disk_id: file_sha256(path) for disk_id, path in sources.items()}  # the VM is off
     _, answer = await fail.materialise(item_id, recovery / "fo01")
     assert answer["type"] == "RecoveryPointMaterialised", answer
     assert answer["cycle_seq"] == final["cycle_seq"]
@@ -318,7 +319,7 @@ async def test_failover_mechanics(
     resync = new_points[1]
     assert resync["changed_blocks"] <= 5 < full_blocks  # only what the recovery VM wrote
     assert resync["bytes"] <= 5 * 65536
-    recovered = {d["disk_id"]: sha256(Path(d["path"])) for d in answer["disks"]}
+    recovered = {d["disk_id"]: file_sha256(Path(d["path"])) for d in answer["disks"]}
     assert await materialise(http, dr, str(new_item), 2, tmp_path / "back") == recovered
 
     # The same request again: no second effect (a later request on the same partition is

@@ -17,11 +17,12 @@ import httpx
 import pytest
 
 from kit.dr import DrSetup, failover_known, failover_up, finished, item, start, two_sites
+from kit.files import file_sha256
 from kit.platform import Platform
 from kit.poll import eventually
 from kit.stack import Stack
 from tests.e2e.test_failover_e2e import protected_vm, task_named
-from tests.e2e.test_replication_e2e import point_after, sha256
+from tests.e2e.test_replication_e2e import point_after
 from tests.support.cli import run_drctl
 from tests.support.own_platform import own_platform
 
@@ -154,7 +155,7 @@ async def test_unplanned_failover_to_an_older_point_rolls_the_replica_back(
 
     await dr.agent_call(http, "hv-p1", "POST", "/vms/app01/writes", {"blocks": 6})
     older = await point_held_after(datetime.now().astimezone())
-    at_older = {disk_id: sha256(path) for disk_id, path in sources.items()}  # writes stopped
+    at_older = {disk_id: file_sha256(path) for disk_id, path in sources.items()}  # writes stopped
     for _ in range(2):
         await dr.agent_call(http, "hv-p1", "POST", "/vms/app01/writes", {"blocks": 6})
         latest = await point_held_after(datetime.now().astimezone())
@@ -176,7 +177,7 @@ async def test_unplanned_failover_to_an_older_point_rolls_the_replica_back(
     disks = {
         d["id"]: folder / d["file"] for d in vm_json(dr, "recovery", "hv-r1", "app01")["disks"]
     }
-    assert {disk_id: sha256(path) for disk_id, path in disks.items()} == at_older
+    assert {disk_id: file_sha256(path) for disk_id, path in disks.items()} == at_older
     assert {disk_id: path.stat().st_ino for disk_id, path in disks.items()} == inodes
     assert not replica.exists()
 

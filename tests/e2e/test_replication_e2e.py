@@ -5,7 +5,6 @@ prerequisite verdicts (events), never by asking it."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -23,20 +22,13 @@ from kit.dr import (
     two_sites,
     vm_named,
 )
+from kit.files import file_sha256
 from kit.platform import Platform
 from kit.poll import eventually
 from shared import topics
 from tests.support.kafka import wait_for_records
 
 pytestmark = pytest.mark.e2e
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 async def point_after(
@@ -111,7 +103,7 @@ async def test_recovery_points_materialise_byte_identical(
         for disk_id, path in disk_files.items():
             copy = tmp_path / f"copy-{round_no}-{disk_id}.vhdx"
             shutil.copyfile(path, copy)
-            copies[disk_id] = sha256(copy)
+            copies[disk_id] = file_sha256(copy)
         got = await materialise(http, dr, item_id, point["cycle_seq"], tmp_path / f"rp{round_no}")
         assert got == copies, f"point {point['cycle_seq']} differs from the source"
         expected[point["cycle_seq"]] = copies
@@ -119,7 +111,7 @@ async def test_recovery_points_materialise_byte_identical(
         # images (in that agent's own state folder) are the source disks byte for byte.
         await replica_at(http, dr, item_id, point["cycle_seq"])
         replica = tmp_path / "agent-hv-r1-state" / "replica" / item_id / "disks"
-        assert {d: sha256(replica / f"{d}.vhdx") for d in disk_files} == copies
+        assert {d: file_sha256(replica / f"{d}.vhdx") for d in disk_files} == copies
 
     # Every point is still retained and still materialises to the same bytes.
     for seq, copies in expected.items():
@@ -195,7 +187,7 @@ async def test_offline_initial_replication_is_imported_then_deltas_follow(
     point = await point_after(http, dr, item_id, written_at)
     source = Path((await item(http, dr, item_id))["disks"][0]["path"])
     got = await materialise(http, dr, item_id, point["cycle_seq"], tmp_path / "rp")
-    assert list(got.values()) == [sha256(source)]
+    assert list(got.values()) == [file_sha256(source)]
     missing = await http.post(
         dr.url("replication", f"/protected-items/{item_id}/import"),
         json={"path": str(tmp_path / "nowhere")},

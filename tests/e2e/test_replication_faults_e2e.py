@@ -20,13 +20,14 @@ import httpx
 import pytest
 
 from kit.dr import DrSetup, item, points, protect, two_sites, vm_named
+from kit.files import file_sha256
 from kit.platform import Platform
 from kit.poll import eventually
 from kit.stack import Stack, fresh_database, random_prefix, stack_command
 from shared import topics
 from shared.schemas import replication as ev
 from tests.e2e.test_replication_bad_input_e2e import BLOCKS, scripted_item
-from tests.e2e.test_replication_e2e import materialise, point_after, sha256
+from tests.e2e.test_replication_e2e import materialise, point_after
 from tests.support.kafka import read_all
 
 pytestmark = pytest.mark.e2e
@@ -103,7 +104,7 @@ async def no_data_lost(http: httpx.AsyncClient, dr: DrSetup, item_id: str, root:
     current = await eventually(caught_up, timeout=120, what="cycles committed after the outage")
     await dr.agent_call(http, "hv-p1", "POST", "/vms/db01/workload", {"blocks_per_second": 0})
     stopped_at = datetime.now().astimezone()
-    source = {d["disk_id"]: sha256(Path(d["path"])) for d in current["disks"]}
+    source = {d["disk_id"]: file_sha256(Path(d["path"])) for d in current["disks"]}
     latest = await point_after(http, dr, item_id, stopped_at)
     got = await materialise(http, dr, item_id, latest["cycle_seq"], root / "latest")
     assert got == source, f"point {latest['cycle_seq']} differs from the source"

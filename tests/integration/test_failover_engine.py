@@ -20,7 +20,7 @@ from services.failover import repository as repo
 from services.failover.__main__ import MIGRATIONS
 from services.failover.commands import RestartJob
 from services.failover.config import FailoverSettings
-from services.failover.domain import Operation
+from services.failover.domain.jobs import Operation
 from services.failover.job import ItemResult, Job, JobParams, JobResult
 from services.failover.workflow import Engine, Run, StepFailed, StepResult
 

@@ -16,10 +16,12 @@ from fastapi import HTTPException
 from kit.stack import migrated_pool
 from services.failover import handlers
 from services.failover.__main__ import MIGRATIONS
-from services.failover.api import _refused
+from services.failover.api.common import refused
 from services.failover.commands import StartItemOperation
 from services.failover.config import FailoverSettings
-from services.failover.domain import FailoverRefused, NotFound, Operation, PointNotRetained
+from services.failover.domain.errors import FailoverRefused, NotFound
+from services.failover.domain.jobs import Operation
+from services.failover.domain.points import PointNotRetained
 from services.failover.event_handlers import make_event_handlers
 from services.failover.job import JobParams
 from services.failover.unit_of_work import PgReadModels
@@ -101,7 +103,7 @@ async def test_a_pruned_point_is_refused_at_the_door_with_the_retained_range(
             await handlers.start_item_operation(ctx, asking(2, operation))
         assert "no retained recovery point 2" in pruned.value.message
         assert "3..5 (3 points)" in pruned.value.message
-        http = _refused(pruned.value)
+        http = refused(pruned.value)
         assert isinstance(http, HTTPException) and http.status_code == 409
         assert "3..5" in str(http.detail)
     with pytest.raises(NotFound, match="latest is 5"):

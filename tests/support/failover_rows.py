@@ -7,7 +7,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from services.failover.domain import ItemRow, TaskRow
+from services.failover.domain.items import ItemRow
+from services.failover.domain.jobs import TaskRow
 
 
 def item_row(**over: Any) -> ItemRow:

@@ -8,7 +8,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.failover.domain import FailoverRefused, ItemFailoverState, Operation, PlanGroup
+from services.failover.domain.errors import FailoverRefused
+from services.failover.domain.items import ItemFailoverState
+from services.failover.domain.jobs import Operation
+from services.failover.domain.plans import PlanGroup
 from services.failover.item_failover import CleanupNote, FailoverInfo, ItemFailover
 from services.failover.job import ItemResult, Job, JobParams, JobResult, WaitingFor
 from shared.schemas.agent import NicAttachment

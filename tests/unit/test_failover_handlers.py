@@ -13,14 +13,10 @@ import pytest
 from services.failover import handlers
 from services.failover.commands import ApproveAction, RestartJob, StartItemOperation
 from services.failover.config import FailoverSettings
-from services.failover.domain import (
-    FailoverRefused,
-    ItemRow,
-    NotFound,
-    Operation,
-    PointNotRetained,
-    RetainedPoints,
-)
+from services.failover.domain.errors import FailoverRefused, NotFound
+from services.failover.domain.items import ItemRow
+from services.failover.domain.jobs import Operation
+from services.failover.domain.points import PointNotRetained, RetainedPoints
 from services.failover.item_failover import ItemFailover
 from services.failover.job import Job, JobParams, WaitingFor
 from services.failover.workflow import Notifier
