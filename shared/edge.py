@@ -328,6 +328,9 @@ class CertificateRenewal:
     shows on /healthz (`check`) once renewal is due."""
 
     MAX_WAIT = 600.0  # look at the clock again at least this often (suspend, clock changes)
+    # the least time between two renewals, whatever the certificate says (one issued near the
+    # edge CA's own end is cut short by it, and would be due again at once)
+    MIN_PAUSE = 5.0
 
     def __init__(
         self,
@@ -361,7 +364,9 @@ class CertificateRenewal:
             wait = (edge_pki.renewal_due(self.certificate) - now).total_seconds()
             if wait > 0:
                 await asyncio.sleep(min(wait, self.MAX_WAIT))
-            elif not await self.renew_once():
+            elif await self.renew_once():
+                await asyncio.sleep(self.MIN_PAUSE)
+            else:
                 left = self.not_after - datetime.now(UTC)
                 await asyncio.sleep(edge_pki.retry_delay(self.failures, left))
 

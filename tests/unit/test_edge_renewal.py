@@ -5,6 +5,7 @@ certificate."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from shared import edge_pki, signing
@@ -118,6 +120,61 @@ async def test_a_failed_renewal_is_retried_and_shown_never_raised(
     assert report["checks"]["kafka_certificate"] == renewal.check()
 
 
+def _signed(
+    issuer: edge_pki.EdgeIssuer,
+    cn: str,
+    start: datetime,
+    end: datetime,
+    dns: str | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    """A new key and a certificate for it (PEM) signed by `issuer`, valid `start` to `end`."""
+    key = edge_pki.new_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(issuer.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+    )
+    if dns is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False
+        )
+    cert = builder.sign(issuer.key, hashes.SHA256())
+    return key, cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_the_loop_retries_a_due_renewal_with_backoff_and_keeps_going(
+    issuer: edge_pki.EdgeIssuer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certificate with 10 s left of 70 s is due; every attempt fails (nothing listens):
+    the loop waits 1 s, 2 s, then a quarter of what is left, and raises nothing."""
+    now = datetime.now(UTC)
+    key, pem = _signed(
+        issuer, "edge-x-g1", now - timedelta(seconds=60), now + timedelta(seconds=10)
+    )
+    assert edge_pki.needs_renewal(pem, now)
+    settings = _settings(tmp_path / "state", tmp_path / "ca.pem")
+    renewal = CertificateRenewal(
+        settings, _identity(pem, edge_pki.key_pem(key)), KafkaSecurity("tls", context=None)
+    )
+    delays: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        if len(delays) == 3:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr("shared.edge.asyncio.sleep", sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await renewal.run()
+    assert delays[:2] == [1, 2]
+    assert 2 < delays[2] <= 2.5  # a quarter of the ~10 s left, not 4 s
+    assert renewal.failures == 3 and renewal.last_error
+
+
 def _handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> x509.Certificate:
     """An in-memory TLS handshake; the certificate the server saw from the client."""
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
@@ -146,20 +203,11 @@ def test_reloading_the_shared_context_changes_what_the_next_handshake_presents(
 ) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_bytes(issuer.cert.public_bytes(serialization.Encoding.PEM))
-    server_key = edge_pki.new_key()
     now = datetime.now(UTC)
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(issuer.cert.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(issuer.key, hashes.SHA256())
+    server_key, server_pem = _signed(
+        issuer, "localhost", now - timedelta(minutes=1), now + timedelta(days=1), dns="localhost"
     )
-    (tmp_path / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.pem").write_text(server_pem)
     (tmp_path / "server.key").write_text(edge_pki.key_pem(server_key))
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
