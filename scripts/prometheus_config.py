@@ -5,13 +5,18 @@ Writes two files (a unit test fails when they are out of date):
   deploy/prometheus/prometheus.local.yml  the local stack: 127.0.0.1 and the default ports
 Tests render their own with `render(targets, ...)` for the random ports of their processes.
 
+The platform services' /metrics ask for the metrics token (`DR_METRICS_TOKEN`) in docker
+compose: their jobs send it from `credentials_file: metrics.token` (relative to the config
+file; the compose Prometheus writes it there from DR_METRICS_TOKEN at each start). Edges are
+scraped without it (they never get the platform's token).
+
 `python -m scripts.prometheus_config`
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,10 @@ LOCAL_FILE = FOLDER / "prometheus.local.yml"
 # job -> [(target, extra labels)]; failover (port 8105) is scraped before it exists: its
 # target is simply down (`up == 0`) until the service is written and started.
 Targets = Mapping[str, Sequence[tuple[str, Mapping[str, str]]]]
+
+# jobs whose targets are platform services (given DR_METRICS_TOKEN in docker compose)
+PLATFORM_JOBS = ("registration", "inventory", "policy", "replication", "failover")
+TOKEN_FILE = "metrics.token"  # beside the config file
 
 COMPOSE_TARGETS: Targets = {
     "registration": [("registration:8101", {})],
@@ -71,7 +80,11 @@ def render(
     rule_files: Sequence[str] = ("alerts.yml",),
     alertmanagers: Sequence[str] = (),
     header: str = "",
+    credentials_file: str | None = None,
+    authorized_jobs: Collection[str] = (),
 ) -> str:
+    """The scrape config of `targets`; the jobs in `authorized_jobs` send the bearer token
+    read from `credentials_file` (`Authorization: Bearer`, for DR_METRICS_TOKEN)."""
     config: dict[str, Any] = {
         "global": {
             "scrape_interval": scrape_interval,
@@ -91,7 +104,10 @@ def render(
             if labels:
                 one["labels"] = dict(labels)
             static.append(one)
-        jobs.append({"job_name": job, "metrics_path": "/metrics", "static_configs": static})
+        scrape: dict[str, Any] = {"job_name": job, "metrics_path": "/metrics"}
+        if credentials_file and job in authorized_jobs:
+            scrape["authorization"] = {"type": "Bearer", "credentials_file": credentials_file}
+        jobs.append({**scrape, "static_configs": static})
     config["scrape_configs"] = jobs
     body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
     return header + body
@@ -124,7 +140,12 @@ def files() -> dict[Path, str]:
     return {
         COMPOSE_FILE: render(
             COMPOSE_TARGETS,
-            header=_header("Prometheus scrape config for docker compose (service DNS names)."),
+            header=_header(
+                "Prometheus scrape config for docker compose (service DNS names); the services'\n"
+                f"# jobs send the metrics token from {TOKEN_FILE} (docker-compose.yml writes it)."
+            ),
+            credentials_file=TOKEN_FILE,
+            authorized_jobs=PLATFORM_JOBS,
         ),
         LOCAL_FILE: render(
             LOCAL_TARGETS,

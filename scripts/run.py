@@ -14,6 +14,9 @@ gateway routes to (`DR_<SERVICE>_HTTP_PORT`, default 8101..8105). Files live und
 
     logs/<process>.log           every process's output (supervisord.log: the supervisor's)
     run/admin-token              the generated bootstrap admin token (0600)
+    run/metrics-token            the generated token of the services' /metrics (0600)
+    run/prometheus.yml           a scrape config of this platform (it sends that token):
+                                 prometheus --config.file=<it>
     run/supervisord.conf         the supervisor's configuration (0600: it holds the token)
     run/sites/<site>/<host>/     the hosts' VM storage; run/edge/<name>/ the edges' identities
     run/replica/                 the replica store
@@ -37,7 +40,7 @@ import httpx
 
 from kit import procs
 from kit.procs import REPO
-from scripts import bootstrap
+from scripts import bootstrap, prometheus_config
 from services.site_provider.sitefile import read_site
 
 SERVICES = ("registration", "inventory", "policy", "replication", "failover")
@@ -67,6 +70,14 @@ class Layout:
         return self.run / "admin-token"
 
     @property
+    def metrics_token_file(self) -> Path:
+        return self.run / "metrics-token"
+
+    @property
+    def prometheus_file(self) -> Path:
+        return self.run / "prometheus.yml"
+
+    @property
     def key_file(self) -> Path:
         return self.run / "bootstrap" / "registration.key"
 
@@ -94,14 +105,44 @@ def service_url(name: str, env: Mapping[str, str] = os.environ) -> str:
 
 def admin_token(lay: Layout) -> str:
     """The bootstrap admin token: generated once, kept in a file only its owner can read."""
-    if lay.token_file.exists():
-        return lay.token_file.read_text().strip()
-    lay.run.mkdir(parents=True, exist_ok=True)
-    token = f"adm_{secrets.token_urlsafe(24)}"
-    fd = os.open(lay.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return _secret(lay.token_file, "adm_")
+
+
+def metrics_token(lay: Layout) -> str:
+    """The token of the services' /metrics (DR_METRICS_TOKEN), kept like the admin token."""
+    return _secret(lay.metrics_token_file, "mtr_")
+
+
+def _secret(path: Path, prefix: str) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{prefix}{secrets.token_urlsafe(24)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(token + "\n")
     return token
+
+
+def write_prometheus_config(lay: Layout, ports: Mapping[str, int]) -> None:
+    """A scrape config of this platform: the services (with the metrics token, from its file)
+    and the edges on their ports; the platform's alert rules."""
+    edges: dict[str, list[tuple[str, dict[str, str]]]] = {"site_provider": [], "host_agent": []}
+    for site in SITES:
+        edges["site_provider"].append((f"127.0.0.1:{ports[f'vmm-{site}']}", {"site": site}))
+        for spec in read_site(REPO / "deploy/sites" / f"{site}.yaml").hosts:
+            for host in spec.names():
+                edges["host_agent"].append((f"127.0.0.1:{ports[host]}", {"site": site}))
+    targets = {n: [(f"127.0.0.1:{service_port(n)}", {})] for n in SERVICES} | edges
+    lay.prometheus_file.write_text(
+        prometheus_config.render(
+            targets,
+            rule_files=[str(prometheus_config.ALERTS)],
+            credentials_file=str(lay.metrics_token_file),
+            authorized_jobs=prometheus_config.PLATFORM_JOBS,
+            header="# written by `python -m scripts.run start` (make run); do not edit\n",
+        )
+    )
 
 
 async def ensure_database(url: str, name: str) -> str:
@@ -126,9 +167,14 @@ def platform_env(lay: Layout, token: str, database_url: str, kafka: str) -> dict
 
 
 def service_programs(lay: Layout, env: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The services' environments: the platform's, their ports, the metrics token (which the
+    edges do not get)."""
     programs: dict[str, dict[str, str]] = {}
     for name in SERVICES:
-        wiring = {f"DR_{name.upper()}_HTTP_PORT": str(service_port(name))}
+        wiring = {
+            f"DR_{name.upper()}_HTTP_PORT": str(service_port(name)),
+            "DR_METRICS_TOKEN": metrics_token(lay),
+        }
         if name == "replication":
             wiring |= {
                 "DR_REPLICATION_POLICY_URL": service_url("policy"),
@@ -404,6 +450,7 @@ def start() -> int:
         for h in spec.names()
     ]
     ports = edge_ports(lay, names)
+    write_prometheus_config(lay, ports)
     edges = edge_programs(lay, env, key, ports)
     # The host agents first: they create the site files' VMs (disk images) before the
     # providers' first discovery, so the inventory never shows VMs without their disks.
@@ -429,6 +476,8 @@ def connect_info(lay: Layout, gateway: str, vault_id: str) -> None:
         f"  export DR_URL={gateway}\n"
         f"  export DR_TOKEN=$(cat {lay.token_file})   # the bootstrap admin token (0600)\n"
         f"  export DR_VAULT={vault_id}   # vault `default`, both sites registered\n"
+        f"Metrics: the services' /metrics want 'Authorization: Bearer $(cat"
+        f" {lay.metrics_token_file})'; prometheus --config.file={lay.prometheus_file}\n"
         "`make ps` shows the processes, `make stop` stops them."
     )
 

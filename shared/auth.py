@@ -64,6 +64,24 @@ def bearer_of(request: Request) -> str:
     return token.strip()
 
 
+def metrics_access(request: Request) -> None:
+    """Dependency of `/metrics`: with `DR_METRICS_TOKEN` set, only a request bearing it
+    (compared in constant time) reads the metrics, 401 otherwise; unset or empty: open."""
+    expected = request.app.state.settings.metrics_token
+    secret = expected.get_secret_value() if expected is not None else ""
+    if not secret:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and signing.constant_time_equals(token.strip(), secret):
+        return
+    sent = "the token sent is not the metrics token; " if token.strip() else ""
+    raise HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        f"{sent}/metrics needs the metrics token: send 'Authorization: Bearer <DR_METRICS_TOKEN>'",
+        headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+    )
+
+
 async def lookup_token(pool: asyncpg.Pool, token: str, admin_token: str | None) -> Principal:
     if admin_token and signing.constant_time_equals(token, admin_token):
         return Principal(token_id="bootstrap-admin", role=Role.ADMIN, vault_id=None)

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from shared import edge_pki, signing, topics
+from shared.files import replace_synced
 from shared.kafka.producer import KafkaProducer
 from shared.kafka.security import KafkaSecurity
 from shared.runtime import DependencyWatch
@@ -45,6 +47,15 @@ log = logging.getLogger(__name__)
 
 HEARTBEATS_SENT = Counter("dr_edge_heartbeats_total", "Heartbeats published", ["result"])
 EDGE_REGISTERED = Gauge("dr_edge_registered", "1 when this edge process holds a credential")
+KAFKA_CERT_EXPIRY = Gauge(
+    "dr_edge_kafka_certificate_expiry_timestamp_seconds",
+    "When this edge's Kafka client certificate expires (Unix time)",
+)
+KAFKA_CERT_RENEWALS = Counter(
+    "dr_edge_kafka_certificate_renewals_total",
+    "Renewals of the Kafka client certificate by the running edge",
+    ["result"],
+)
 
 
 class EdgeSettings(CommonSettings):
@@ -142,9 +153,9 @@ def load_identity(state_dir: Path) -> Identity | None:
 
 
 def save_identity(state_dir: Path, identity: Identity) -> None:
-    """Atomically (temporary file, fsync, rename) and readable by the owner only: it holds the
-    private key. The mode is set on the open file too, as a left-over temporary file keeps its
-    own mode through O_CREAT."""
+    """Atomically and durably (temporary file, fsync, rename, fsync of the folder) and readable
+    by the owner only: it holds the private key. The mode is set on the open file too, as a
+    left-over temporary file keeps its own mode through O_CREAT."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = identity_path(state_dir)
     tmp = path.with_suffix(".tmp")
@@ -154,7 +165,7 @@ def save_identity(state_dir: Path, identity: Identity) -> None:
         fh.write(identity.model_dump_json())
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    replace_synced(tmp, path)
 
 
 async def register(
@@ -293,8 +304,9 @@ async def _with_current_certificate(settings: EdgeSettings, saved: Identity) -> 
 
 
 def kafka_security(settings: EdgeSettings, identity: Identity) -> KafkaSecurity:
-    """How this edge reaches Kafka: with TLS, its own certificate (written beside the identity
-    for the TLS context); plaintext otherwise."""
+    """How this edge reaches Kafka: with TLS, its own certificate (written beside the identity)
+    in one TLS context that all the edge's clients share (a renewal reloads it); plaintext
+    otherwise."""
     if settings.kafka_security != "tls":
         return KafkaSecurity.from_settings(settings)
     if identity.kafka_certificate is None or identity.kafka_key is None:
@@ -302,7 +314,112 @@ def kafka_security(settings: EdgeSettings, identity: Identity) -> KafkaSecurity:
     cert, key = edge_pki.write_client_files(
         settings.state_dir, identity.kafka_certificate, identity.kafka_key
     )
-    return KafkaSecurity("tls", settings.kafka_ca_file, str(cert), str(key))
+    return KafkaSecurity("tls", settings.kafka_ca_file, str(cert), str(key)).shared()
+
+
+class CertificateRenewal:
+    """Keeps a running edge's Kafka certificate current. When less than a third of its
+    validity is left (`edge_pki.renewal_due`) it asks for a new one with a new key pair's CSR
+    (`POST /v1/self/kafka-certificate`, the edge's credential), writes the certificate files,
+    reloads them into the TLS context every Kafka client of the process shares (new
+    connections present the new certificate; open ones keep theirs until they close) and then
+    saves the identity (a crash before that leaves the previous, still valid, one). A failure
+    is logged and retried with backoff (`edge_pki.retry_delay`), never stops the edge, and
+    shows on /healthz (`check`) once renewal is due."""
+
+    MAX_WAIT = 600.0  # look at the clock again at least this often (suspend, clock changes)
+    # the least time between two renewals, whatever the certificate says (one issued near the
+    # edge CA's own end is cut short by it, and would be due again at once)
+    MIN_PAUSE = 5.0
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        identity: Identity,
+        security: KafkaSecurity,
+        on_renewed: Callable[[Identity], None] = lambda _: None,
+    ) -> None:
+        if identity.kafka_certificate is None:
+            raise ValueError("no Kafka certificate to renew")
+        self.settings = settings
+        self.identity = identity
+        self.security = security
+        self.on_renewed = on_renewed
+        self.failures = 0  # in a row
+        self.last_error: str | None = None
+        KAFKA_CERT_EXPIRY.set(self.not_after.timestamp())
+
+    @property
+    def certificate(self) -> str:
+        assert self.identity.kafka_certificate is not None  # checked at construction
+        return self.identity.kafka_certificate
+
+    @property
+    def not_after(self) -> datetime:
+        return edge_pki.certificate_not_after(self.certificate)
+
+    async def run(self) -> None:
+        while True:
+            now = datetime.now(UTC)
+            wait = (edge_pki.renewal_due(self.certificate) - now).total_seconds()
+            if wait > 0:
+                await asyncio.sleep(min(wait, self.MAX_WAIT))
+            elif await self.renew_once():
+                await asyncio.sleep(self.MIN_PAUSE)
+            else:
+                left = self.not_after - datetime.now(UTC)
+                await asyncio.sleep(edge_pki.retry_delay(self.failures, left))
+
+    async def renew_once(self) -> bool:
+        """One attempt; True when the new certificate is in use."""
+        started = time.monotonic()
+        s = self.settings
+        try:
+            renewed = await renew_kafka_certificate(s, self.identity)
+            if renewed.kafka_certificate is None or renewed.kafka_key is None:
+                raise RegistrationFailed("the registration service issued no certificate")
+            edge_pki.write_client_files(s.state_dir, renewed.kafka_certificate, renewed.kafka_key)
+            self.security.reload_certificate()
+            save_identity(s.state_dir, renewed)
+        except Exception as exc:  # whatever it is, the edge goes on and tries again
+            self.failures += 1
+            self.last_error = str(exc)[:300] or type(exc).__name__
+            KAFKA_CERT_RENEWALS.labels("error").inc()
+            log.warning(
+                "Kafka certificate not renewed; will retry",
+                extra={
+                    "error": self.last_error,
+                    "failures": self.failures,
+                    "expires": self.not_after.isoformat(),
+                },
+            )
+            return False
+        self.identity = renewed
+        self.failures, self.last_error = 0, None
+        KAFKA_CERT_RENEWALS.labels("ok").inc()
+        KAFKA_CERT_EXPIRY.set(self.not_after.timestamp())
+        self.on_renewed(renewed)
+        log.info(
+            "Kafka certificate renewed",
+            extra={
+                "producer_id": str(renewed.producer_id),
+                "expires": self.not_after.isoformat(),
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+        return True
+
+    def check(self, now: datetime | None = None) -> str:
+        """For /healthz: "ok"; "warning: ..." when renewal is due and failing; "expired: ..."
+        (which degrades the edge: it can open no new Kafka connection)."""
+        now = now or datetime.now(UTC)
+        failing = f"; renewal failing: {self.last_error}" if self.last_error else ""
+        left = (self.not_after - now).total_seconds()
+        if left <= 0:
+            return f"expired: at {self.not_after.isoformat()}{failing}"
+        if self.last_error and now >= edge_pki.renewal_due(self.certificate):
+            return f"warning: expires in {left:.0f} s ({self.not_after.isoformat()}){failing}"
+        return "ok"
 
 
 class SignedPublisher:
@@ -378,6 +495,7 @@ class EdgeRuntime:
         self._producer: KafkaProducer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.broker = DependencyWatch("Kafka")  # reachability, for /healthz
+        self.renewal: CertificateRenewal | None = None
 
     async def start(self) -> None:
         self.identity = await obtain_identity(self.settings, self.kind, self.metadata())
@@ -396,6 +514,12 @@ class EdgeRuntime:
         )
         producer = self._producer
         self.spawn("kafka-probe", lambda: self.broker.watch(producer.unreachable))
+        if self.identity.kafka_certificate is not None and self.kafka.context is not None:
+            self.renewal = CertificateRenewal(s, self.identity, self.kafka, self._renewed)
+            self.spawn("kafka-certificate", self.renewal.run)
+
+    def _renewed(self, identity: Identity) -> None:
+        self.identity = identity
 
     def spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         async def supervised() -> None:
@@ -419,9 +543,11 @@ class EdgeRuntime:
             "kafka_producer": "ok" if self._producer and self._producer.started else "down",
             "kafka": self.broker.check(),
         }
+        if self.renewal is not None:
+            checks["kafka_certificate"] = self.renewal.check()
         for name, task in self._tasks.items():
             checks[f"task:{name}"] = "stopped" if task.done() else "running"
-        healthy = all(v in ("ok", "running") for v in checks.values())
+        healthy = all(v in ("ok", "running") or v.startswith("warning:") for v in checks.values())
         return {
             "service": self.name,
             "status": "ok" if healthy else "degraded",

@@ -16,9 +16,10 @@ its certificate followed by the edge CA's), and maps the certificate's CN to the
   but may do nothing.
 - Accepted keys: EC P-256 or P-384, RSA 2048 to 4096 bits (`CsrRejected` otherwise); a CSR
   whose self-signature does not verify proves no possession of the key and is refused.
-- Validity: `valid` (the registration service's setting, 30 days by default); an edge renews
-  its certificate at start when less than a third of it is left (a re-registration proven by
-  its own credential).
+- Validity: `valid` (the registration service's setting, 30 days by default), backdated by
+  `CLOCK_SKEW` for clocks a little apart. An edge renews its certificate (a new key pair's CSR,
+  proven by its own credential) when less than a third of the validity is left: at start, and
+  while it runs (`renewal_due`, `retry_delay`: the running edge's schedule).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ EC_CURVES = ("secp256r1", "secp384r1")
 RSA_BITS = (2048, 4096)
 CLIENT_CERT_FILE = "kafka.pem"
 CLIENT_KEY_FILE = "kafka.key"
+CLOCK_SKEW = timedelta(minutes=5)  # certificates are valid from this long before they're issued
+RENEW_RETRY_MAX = timedelta(minutes=5)  # longest pause between failed renewals
 
 
 class CsrRejected(ValueError):
@@ -155,7 +158,7 @@ class EdgeIssuer:
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(serial)
-            .not_valid_before(now - timedelta(minutes=5))  # clocks a little apart
+            .not_valid_before(now - CLOCK_SKEW)  # clocks a little apart
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
@@ -188,11 +191,32 @@ def certificate_not_after(pem: str) -> datetime:
     return x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
 
 
-def needs_renewal(pem: str, now: datetime, issued_for: timedelta | None = None) -> bool:
-    """True when less than a third of the certificate's validity is left."""
+def _validity(cert: x509.Certificate) -> timedelta:
+    """How long the certificate was issued for: from its issue (its start less the issuer's
+    `CLOCK_SKEW`, which this issuer backdates it by) to its end."""
+    span = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return span - CLOCK_SKEW if span > CLOCK_SKEW else span
+
+
+def renewal_due(pem: str) -> datetime:
+    """When less than a third of the (first) certificate's validity is left."""
     cert = x509.load_pem_x509_certificate(pem.encode())
-    span = issued_for or (cert.not_valid_after_utc - cert.not_valid_before_utc)
-    return cert.not_valid_after_utc - now < span / 3
+    return cert.not_valid_after_utc - _validity(cert) / 3
+
+
+def needs_renewal(pem: str, now: datetime) -> bool:
+    """True when less than a third of the certificate's validity is left."""
+    return now >= renewal_due(pem)
+
+
+def retry_delay(failures: int, left: timedelta) -> float:
+    """Seconds to wait after the `failures`-th failed renewal in a row, with `left` validity
+    left: doubling from 1 s, at most `RENEW_RETRY_MAX`, and at most a quarter of what is left
+    (at least 1 s) so that a short certificate is tried a few times before it expires."""
+    delay = min(2.0 ** max(failures - 1, 0), RENEW_RETRY_MAX.total_seconds())
+    if left > timedelta(0):
+        delay = min(delay, max(left.total_seconds() / 4, 1.0))
+    return delay
 
 
 def write_client_files(folder: Path, cert_pem: str, private_key_pem: str) -> tuple[Path, Path]:

@@ -1,5 +1,6 @@
-"""The HTTP edge every service shares: FastAPI app with `/healthz`, `/metrics`, OpenAPI,
-uniform JSON errors (`{"error": {"status", "message", "details"}}`) that say what to fix, a
+"""The HTTP edge every service and edge process shares: FastAPI app with `/healthz`,
+`/metrics` (behind `DR_METRICS_TOKEN` when set: `shared.auth.metrics_access`), OpenAPI, uniform
+JSON errors (`{"error": {"status", "message", "details"}}`) that say what to fix, a
 request-body size limit, and per-route request metrics.
 
 Every error is that JSON shape, whatever raised it:
@@ -29,13 +30,14 @@ from urllib.parse import parse_qsl
 
 import asyncpg
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.auth import metrics_access
 from shared.readmodels import NotYetKnown
 
 log = logging.getLogger(__name__)
@@ -444,7 +446,13 @@ def create_app(
         report = await runtime.health()
         return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=True)
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        summary="Prometheus metrics",
+        include_in_schema=True,
+        dependencies=[Depends(metrics_access)],
+    )
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

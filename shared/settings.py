@@ -80,6 +80,14 @@ class CommonSettings(BaseSettings):
         f"platform service, at least {MIN_ADMIN_TOKEN_CHARS} characters (e.g. "
         "`openssl rand -base64 32`); edges never get it.",
     )
+    metrics_token: SecretStr | None = Field(
+        validation_alias="DR_METRICS_TOKEN",
+        default=None,
+        description="Bearer token that /metrics asks for (`Authorization: Bearer <token>`,"
+        " compared in constant time; 401 without it), e.g. `openssl rand -base64 32`. Empty:"
+        " /metrics is open, for an internal network only. An edge (host agent, site provider)"
+        " gets a token of its own, never the platform services' one.",
+    )
     max_body_bytes: int = Field(
         validation_alias="DR_MAX_BODY_BYTES",
         default=1_048_576,

@@ -49,6 +49,7 @@ class RegistrationSettings(ServiceSettings):
         default=720,
         gt=0,
         le=24 * 398,
-        description="Validity of an edge's Kafka certificate (30 days); an edge renews it at"
-        " start when less than a third is left.",
+        description="Validity of an edge's Kafka certificate (30 days; fractions allowed, e.g."
+        " 0.0125 = 45 s for tests); an edge renews it, at start and while it runs, when less"
+        " than a third is left.",
     )

@@ -2,7 +2,8 @@
 certificate and principal, and publishes with it; a re-registration cuts the old certificate
 off; `drctl site revoke` makes Kafka refuse the revoked edge at once, its signed events go to
 the DLQ with the reason and its credential re-registers nothing, while another edge keeps
-working. Bad CSRs get a 4xx JSON error saying what to fix."""
+working. Bad CSRs get a 4xx JSON error saying what to fix. A running edge renews its
+certificate before it expires and opens new connections with the renewed one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import secrets
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +24,24 @@ from pydantic import SecretStr
 
 from kit.platform import Platform
 from kit.poll import eventually
+from kit.stack import Stack, stack_command
 from shared import edge_pki, signing, topics
 from shared.edge import (
     EdgeSettings,
     Identity,
     SignedPublisher,
     kafka_security,
+    load_identity,
     register,
     renew_kafka_certificate,
 )
 from shared.kafka.producer import KafkaProducer
+from shared.kafka.security import KafkaSecurity
 from shared.schemas.envelope import new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind
 from tests.support.cli import run_drctl
 from tests.support.kafka import produce, wait_for_records
+from tests.support.own_platform import own_platform
 
 pytestmark = pytest.mark.e2e
 
@@ -319,3 +325,116 @@ async def test_a_bad_csr_gets_a_4xx_saying_what_to_fix(
         headers=platform.admin(),
     )
     assert name not in {p["name"] for p in listed.json()}
+
+
+SHORT_VALIDITY = timedelta(seconds=45)
+
+
+def _leaf(identity: Identity) -> x509.Certificate:
+    assert identity.kafka_certificate is not None
+    return x509.load_pem_x509_certificate(identity.kafka_certificate.encode())
+
+
+async def test_a_running_edge_renews_its_certificate_and_connects_with_it_after_expiry(
+    stack: Stack, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A host agent whose certificate is valid 45 s renews it while it runs (new serial, known
+    to the registration service), and once the first certificate has expired, a broker restart
+    (every connection new) finds the agent publishing heartbeats again: its new connections
+    present the renewed certificate, which the first one could no longer do."""
+    plat = await own_platform(stack, "renew", tmp_path)
+    try:
+        plat.start(
+            "registration",
+            {"DR_REGISTRATION_EDGE_CERT_VALID_HOURS": str(SHORT_VALIDITY.total_seconds() / 3600)},
+        )
+        vault = await plat.new_vault(http, "renew")
+        key = (await plat.new_key(http, vault["vault_id"]))["key"]
+        label = f"hv-{secrets.token_hex(3)}"
+        proc = plat.edge(
+            "services.host_agent",
+            "DR_AGENT_",
+            label,
+            {
+                "DR_AGENT_REGISTRATION_KEY": key,
+                "DR_AGENT_REGISTRATION_URL": plat.url("registration"),
+                "DR_AGENT_NAME": label,
+                "DR_AGENT_STORAGE_DIR": str(tmp_path / "storage"),
+                "DR_AGENT_HEARTBEAT_SECONDS": "0.5",
+            },
+        ).start()
+        state = Path(proc.env["DR_AGENT_STATE_DIR"])
+        first = load_identity(state)
+        assert first is not None and first.kafka_certificate is not None
+        first_leaf = _leaf(first)
+        first_expiry = first_leaf.not_valid_after_utc
+        assert first_expiry - datetime.now(UTC) <= SHORT_VALIDITY
+        due = edge_pki.renewal_due(first.kafka_certificate)
+        pid = str(first.producer_id)
+
+        async def renewed() -> tuple[Identity, datetime] | None:
+            now = load_identity(state)
+            assert now is not None
+            return (now, datetime.now(UTC)) if _leaf(now) != first_leaf else None
+
+        second, seen = await eventually(
+            renewed, timeout=SHORT_VALIDITY.total_seconds() * 2, what="a renewed certificate"
+        )
+        print(f"renewal seen {(seen - due).total_seconds():.2f} s after it was due")
+        second_leaf = _leaf(second)
+        assert second_leaf.serial_number != first_leaf.serial_number
+        assert second_leaf.subject == first_leaf.subject  # same principal, same ACLs
+        assert second.kafka_key != first.kafka_key and second.credential == first.credential
+        row = await producer_row(http, plat, vault["vault_id"], pid)
+        latest = load_identity(state)
+        assert latest is not None
+        # the registration service's record: the renewed certificate's end
+        recorded = datetime.fromisoformat(row["certificate_not_after"])
+        assert any(
+            abs((recorded - c.not_valid_after_utc).total_seconds()) < 1
+            for c in (second_leaf, _leaf(latest))
+        ), row
+        assert recorded > first_expiry
+
+        # wait past the first certificate's expiry: from now on it opens no connection
+        async def first_expired() -> bool:
+            return datetime.now(UTC) > first_expiry + timedelta(seconds=1)
+
+        await eventually(first_expired, timeout=SHORT_VALIDITY.total_seconds() * 2)
+        old = tmp_path / "old"
+        old_cert, old_key = edge_pki.write_client_files(
+            old, first.kafka_certificate, first.kafka_key or ""
+        )
+        expired = KafkaProducer(
+            stack.kafka,
+            plat.prefix,
+            "expired",
+            security=KafkaSecurity(
+                "tls", os.environ["DR_KAFKA_CA_FILE"], str(old_cert), str(old_key)
+            ),
+        )
+        with pytest.raises(KafkaError):
+            await expired.start()
+        await expired.stop()
+
+        # every connection of the agent is new after a broker restart
+        await stack_command("kafka-restart")
+        restarted = datetime.now(UTC)
+        heartbeats = topics.physical(topics.REGISTRATION_HEARTBEATS, plat.prefix)
+        await wait_for_records(
+            stack.kafka,
+            heartbeats,
+            lambda r: (
+                r.json()["producer_id"] == pid
+                and datetime.fromisoformat(r.json()["occurred_at"]) > restarted
+            ),
+            timeout=180,
+        )
+        assert proc.alive()
+        health = (await http.get(f"{proc.url}/healthz")).json()
+        assert health["checks"]["task:kafka-certificate"] == "running", health
+        assert health["checks"]["kafka_certificate"] == "ok", health
+        in_use = load_identity(state)
+        assert in_use is not None and _leaf(in_use).serial_number != first_leaf.serial_number
+    finally:
+        await plat.close()

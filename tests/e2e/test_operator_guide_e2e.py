@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
 
 from kit import procs
 from kit.stack import REPO, Stack, delete_prefixed_topics, random_prefix
@@ -170,6 +173,27 @@ def test_operator_guide_runs_as_written(run_env: dict[str, str], tmp_path: Path)
     token_file = run_dir / "run" / "admin-token"
     assert token_file.stat().st_mode & 0o777 == 0o600
     assert str(token_file) in started.stdout and "export DR_VAULT=" in started.stdout
+
+    # The services' /metrics want the generated metrics token, which the scrape config it
+    # wrote sends; the edges' /metrics stay open (they never get the token).
+    metrics_token = run_dir / "run" / "metrics-token"
+    assert metrics_token.stat().st_mode & 0o777 == 0o600
+    assert str(metrics_token) in started.stdout
+    metrics = f"{platform_run.service_url('registration', env)}/metrics"
+    assert httpx.get(metrics, timeout=10).status_code == 401
+    bearer = {"Authorization": f"Bearer {metrics_token.read_text().strip()}"}
+    assert httpx.get(metrics, headers=bearer, timeout=10).status_code == 200
+    edge_port = next(iter(json.loads((run_dir / "run" / "edge-ports.json").read_text()).values()))
+    assert httpx.get(f"http://127.0.0.1:{edge_port}/metrics", timeout=10).status_code == 200
+    scrape = run_dir / "run" / "prometheus.yml"
+    jobs = {j["job_name"]: j for j in yaml.safe_load(scrape.read_text())["scrape_configs"]}
+    assert jobs["registration"]["authorization"]["credentials_file"] == str(metrics_token)
+    assert len(jobs["host_agent"]["static_configs"]) >= 2
+    if promtool := shutil.which("promtool"):
+        checked = subprocess.run(
+            [promtool, "check", "config", str(scrape)], capture_output=True, text=True
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
 
     # A crashed service is restarted by the supervisor.
     before = program_pid(env, "inventory")

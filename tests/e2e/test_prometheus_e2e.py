@@ -1,11 +1,14 @@
 """A real Prometheus scrapes the running services (random ports, 1 s interval) and the series
 the dashboards and alert rules rely on are readable through its query API: scrape health,
 HTTP request counters, the DLQ counter after a malformed record, the producers-by-state gauge,
-consumer lag, and the alert rules loaded. The replication RPO and health series are read back
-during a replication in test_prometheus_replication_e2e.py."""
+consumer lag, and the alert rules loaded. The services run with a metrics token
+(DR_METRICS_TOKEN): Prometheus scrapes them with it, and the same target scraped without it is
+down (401). The replication RPO and health series are read back during a replication in
+test_prometheus_replication_e2e.py."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -20,6 +23,9 @@ from tests.support.own_platform import own_platform
 from tests.support.prometheus import PrometheusServer
 
 pytestmark = pytest.mark.e2e
+
+METRICS_TOKEN = secrets.token_urlsafe(32)
+SERVICES = ("registration", "inventory", "policy")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +44,16 @@ async def platform(
 def prometheus(
     platform: Platform, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PrometheusServer]:
-    for name in ("registration", "inventory", "policy"):
-        platform.start(name)
+    for name in SERVICES:
+        platform.start(name, {"DR_METRICS_TOKEN": METRICS_TOKEN})
     targets = {name: [f"127.0.0.1:{p.port}"] for name, p in platform.services.items()}
-    server = PrometheusServer(targets, tmp_path_factory.mktemp("prometheus")).start()
+    targets["registration_without_token"] = targets["registration"]
+    server = PrometheusServer(
+        targets,
+        tmp_path_factory.mktemp("prometheus"),
+        metrics_token=METRICS_TOKEN,
+        authorized_jobs=SERVICES,
+    ).start()
     try:
         yield server
     finally:
@@ -113,3 +125,31 @@ async def test_producer_gauge_and_alert_rules(
     assert all(r["health"] != "err" for g in data["groups"] for r in g["rules"]), (
         "a rule fails to evaluate"
     )
+
+
+async def test_metrics_answer_only_the_metrics_token(
+    platform: Platform, prometheus: PrometheusServer, http: httpx.AsyncClient
+) -> None:
+    for name in SERVICES:
+        url = f"{platform.url(name)}/metrics"
+        refused = await http.get(url)
+        assert refused.status_code == 401, name
+        assert "Authorization: Bearer <DR_METRICS_TOKEN>" in refused.json()["error"]["message"]
+        wrong = await http.get(url, headers={"Authorization": "Bearer not-the-token"})
+        assert wrong.status_code == 401, name
+        assert "dr_http_requests_total" not in refused.text + wrong.text
+        ok = await http.get(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert ok.status_code == 200 and "dr_http_requests_total" in ok.text, name
+
+    async def refused_without_token() -> list[dict[str, object]]:
+        return await prometheus.query(http, 'up{job="registration_without_token"} == 0')
+
+    await eventually(refused_without_token, timeout=30, what="the scrape without the token down")
+    targets = await prometheus.api(http, "targets")
+    errors = {
+        t["labels"]["job"]: t["lastError"]
+        for t in targets["activeTargets"]
+        if t["labels"]["job"] in (*SERVICES, "registration_without_token")
+    }
+    assert "401" in errors["registration_without_token"], errors
+    assert all(errors[name] == "" for name in SERVICES), errors

@@ -33,10 +33,13 @@ def prometheus_binary() -> str:
 
 @dataclass
 class PrometheusServer:
-    """`targets`: job -> ["127.0.0.1:port", ...]."""
+    """`targets`: job -> ["127.0.0.1:port", ...]; the jobs in `authorized_jobs` send
+    `metrics_token` (from a credentials file, as in docker compose)."""
 
     targets: Mapping[str, Sequence[str]]
     folder: Path
+    metrics_token: str = ""
+    authorized_jobs: Sequence[str] = ()
     port: int = field(default_factory=free_port)
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -48,12 +51,17 @@ class PrometheusServer:
         binary = prometheus_binary()
         self.folder.mkdir(parents=True, exist_ok=True)
         config = self.folder / "prometheus.yml"
+        token_file = self.folder / prometheus_config.TOKEN_FILE
+        if self.metrics_token:
+            token_file.write_text(self.metrics_token)
         config.write_text(
             prometheus_config.render(
                 {job: [(t, {}) for t in ts] for job, ts in self.targets.items()},
                 scrape_interval="1s",
                 evaluation_interval="1s",
                 rule_files=[str(prometheus_config.ALERTS)],
+                credentials_file=str(token_file) if self.metrics_token else None,
+                authorized_jobs=self.authorized_jobs,
             )
         )
         log = open(self.folder / "prometheus.log", "ab")  # noqa: SIM115 - the child owns it

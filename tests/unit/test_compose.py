@@ -107,4 +107,24 @@ def test_no_default_secrets_and_edges_get_only_their_registration_key() -> None:
     grafana = services["grafana"]["environment"]
     assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
     assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
-    assert "--web.enable-lifecycle" not in services["prometheus"]["command"]
+    assert "--web.enable-lifecycle" not in " ".join(services["prometheus"]["command"])
+
+
+def test_the_services_metrics_need_a_token_prometheus_sends() -> None:
+    """DR_METRICS_TOKEN is a required variable of every platform service and of Prometheus,
+    which writes it beside its config for the services' jobs (credentials_file); edges never
+    get it."""
+    services = compose()["services"]
+    required = "${DR_METRICS_TOKEN:?"
+    for name in repo_services() - set(EDGE):
+        for svc in (s for s in services.values() if f"services.{name}" in str(s.get("command"))):
+            assert svc["environment"]["DR_METRICS_TOKEN"].startswith(required), name
+    for svc_name, svc in services.items():
+        if svc_name.startswith(("site-provider", "host-agent")):
+            assert "DR_METRICS_TOKEN" not in svc["environment"], svc_name
+    prometheus = services["prometheus"]
+    assert prometheus["environment"]["DR_METRICS_TOKEN"].startswith(required)
+    script = " ".join(prometheus["command"])
+    assert "/run/prometheus/metrics.token" in script
+    assert "--config.file=/run/prometheus/prometheus.yml" in script
+    assert prometheus["tmpfs"] == ["/run/prometheus"]  # the token never reaches a disk

@@ -13,30 +13,13 @@ from cryptography.x509.oid import NameOID
 
 from shared import edge_pki, topics
 from shared.kafka_acl import Operation, Pattern, Resource, edge_acls
-
-
-def _issuer() -> edge_pki.EdgeIssuer:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-edge-ca")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return edge_pki.EdgeIssuer(cert, key)
+from tests.support.pki import throwaway_issuer
 
 
 def test_a_csr_for_the_servers_name_is_certified_as_its_principal() -> None:
     key = edge_pki.new_key()
     csr = edge_pki.check_csr(edge_pki.csr_pem(key, "hv01.example"), "hv01.example")
-    issuer = _issuer()
+    issuer = throwaway_issuer()
     principal = edge_pki.principal_of(uuid.uuid4(), 3)
     issued = issuer.issue(csr, principal, timedelta(days=30))
     leaf, ca = x509.load_pem_x509_certificates(issued.pem.encode())

@@ -15,20 +15,7 @@ from pydantic import BaseModel
 
 from shared.http import create_app, screen_json, screen_query
 from shared.readmodels import NotYetKnown, until_known
-from shared.settings import ServiceSettings
-
-
-class _Runtime:
-    settings = ServiceSettings()
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def health(self) -> dict[str, Any]:
-        return {"status": "ok"}
+from tests.support.http_app import StubRuntime
 
 
 class Body(BaseModel):
@@ -37,7 +24,7 @@ class Body(BaseModel):
 
 
 def client() -> TestClient:
-    app = create_app(_Runtime(), title="t", description="t")
+    app = create_app(StubRuntime(), title="t", description="t")
 
     @app.post("/things")
     async def create(body: Body) -> dict[str, Any]:
@@ -166,7 +153,7 @@ async def test_a_fact_not_yet_known_is_waited_for_then_409_with_retry_after() ->
 
     with pytest.raises(NotYetKnown):
         await until_known(never, timeout=0.05, interval=0.01)
-    app = create_app(_Runtime(), title="t", description="t")
+    app = create_app(StubRuntime(), title="t", description="t")
 
     @app.get("/enable")
     async def enable() -> None:
