@@ -23,7 +23,7 @@ from services.host_agent.replicator import Replicator
 from services.host_agent.vms import VmNotFound, find_vm, set_state
 from services.host_agent.wiring import CommandFailed, Emit
 from services.host_agent.workload import Workloads
-from shared.edge import Identity
+from shared.edge_identity import Identity
 from shared.files import write_atomic
 from shared.kafka.decode import Incoming, Rejected
 from shared.schemas.agent import (

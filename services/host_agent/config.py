@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.edge import EdgeSettings
+from shared.edge_identity import EdgeSettings
 
 
 class AgentSettings(EdgeSettings):

@@ -36,7 +36,7 @@ import pybase64
 from aiokafka.errors import KafkaError
 
 from shared import topics
-from shared.edge import Identity
+from shared.edge_identity import Identity
 from shared.files import replace_synced
 from shared.kafka.producer import KafkaProducer
 from shared.merkle import block_hash, zero_block_hash

@@ -26,10 +26,10 @@ from kit.platform import Platform
 from kit.poll import eventually
 from kit.stack import Stack, stack_command
 from shared import edge_pki, signing, topics
-from shared.edge import (
+from shared.edge import SignedPublisher
+from shared.edge_identity import (
     EdgeSettings,
     Identity,
-    SignedPublisher,
     kafka_security,
     load_identity,
     register,

@@ -20,7 +20,7 @@ from kit.poll import eventually
 from kit.procs import Proc
 from services.site_provider.domain import object_id
 from shared import signing, topics
-from shared.edge import Identity, load_identity
+from shared.edge_identity import Identity, load_identity
 from shared.schemas.envelope import Envelope, new_envelope
 from shared.schemas.inventory import DiscoverySnapshot, Inventory
 from tests.support.kafka import Record, produce, wait_for_records

@@ -23,7 +23,8 @@ from pydantic import SecretStr
 from kit.platform import Platform
 from kit.poll import eventually
 from shared import topics
-from shared.edge import EdgeSettings, Identity, SignedPublisher, heartbeat_loop, register
+from shared.edge import SignedPublisher, heartbeat_loop
+from shared.edge_identity import EdgeSettings, Identity, register
 from shared.kafka.producer import KafkaProducer
 from shared.schemas import inventory as inv
 from shared.schemas.envelope import EventPayload, new_envelope

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kit.platform import Platform
 from kit.poll import eventually
 from shared import signing, topics
-from shared.edge import Identity, SignedPublisher, identity_from
+from shared.edge import SignedPublisher
+from shared.edge_identity import Identity, identity_from
 from shared.kafka.producer import KafkaProducer
 from shared.schemas.envelope import Envelope, new_envelope
 from shared.schemas.registration import Heartbeat, ProducerKind

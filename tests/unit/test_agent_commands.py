@@ -18,7 +18,7 @@ from services.host_agent.vms import create_vm, disk_path, load_vm
 from services.host_agent.wiring import Wiring
 from services.host_agent.workload import Workloads
 from shared import signing
-from shared.edge import Identity
+from shared.edge_identity import Identity
 from shared.kafka.decode import Incoming, Rejected
 from shared.schemas.agent import (
     CommandCompleted,

@@ -21,7 +21,7 @@ from services.host_agent.vms import create_vm, disk_path
 from services.host_agent.wiring import Wiring
 from services.host_agent.workload import Pattern, Writer, write_blocks
 from shared import signing
-from shared.edge import Identity
+from shared.edge_identity import Identity
 from shared.merkle import BLOCK_SIZE, disk_root, disk_tree
 from shared.schemas.agent import DiskSpec, InitialReplication, ResyncRequested
 from shared.schemas.envelope import Envelope, EventPayload

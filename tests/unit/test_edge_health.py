@@ -3,7 +3,8 @@ same watch (a metadata request every few seconds) decides `kafka` and degrades t
 
 from __future__ import annotations
 
-from shared.edge import EdgeRuntime, EdgeSettings
+from shared.edge import EdgeRuntime
+from shared.edge_identity import EdgeSettings
 from shared.schemas.registration import ProducerKind
 
 

@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from shared import edge_pki, signing
-from shared.edge import CertificateRenewal, EdgeRuntime, EdgeSettings, Identity, load_identity
+from shared.edge import EdgeRuntime
+from shared.edge_identity import EdgeSettings, Identity, load_identity
+from shared.edge_renewal import CertificateRenewal
 from shared.kafka.security import KafkaSecurity
 from shared.schemas.registration import ProducerKind
 from tests.support.pki import throwaway_issuer
@@ -167,7 +169,7 @@ async def test_the_loop_retries_a_due_renewal_with_backoff_and_keeps_going(
         if len(delays) == 3:
             raise asyncio.CancelledError
 
-    monkeypatch.setattr("shared.edge.asyncio.sleep", sleep)
+    monkeypatch.setattr("shared.edge_renewal.asyncio.sleep", sleep)
     with pytest.raises(asyncio.CancelledError):
         await renewal.run()
     assert delays[:2] == [1, 2]

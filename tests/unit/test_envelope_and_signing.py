@@ -241,7 +241,13 @@ def test_tampered_block_data_fails_the_replica_hash_check(tmp_path: object) -> N
 
 
 def test_the_identity_file_is_owner_only_and_a_legacy_one_is_named(tmp_path: Path) -> None:
-    from shared.edge import Identity, LegacyIdentity, identity_path, load_identity, save_identity
+    from shared.edge_identity import (
+        Identity,
+        LegacyIdentity,
+        identity_path,
+        load_identity,
+        save_identity,
+    )
 
     identity = Identity(
         producer_id=uuid.uuid4(),

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from shared.edge import EdgeSettings
+from shared.edge_identity import EdgeSettings
 from shared.http import create_app
 from shared.settings import CommonSettings, ServiceSettings
 from tests.support.http_app import StubRuntime
