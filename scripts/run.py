@@ -32,75 +32,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
-import httpx
 
 from kit import procs
 from kit.procs import REPO
 from scripts import bootstrap, prometheus_config
+from scripts.run_layout import SERVICES, SITES, VENV_BIN, Layout, layout, service_port, service_url
+from scripts.run_sites import host_vms, wait_connected, wait_discovered, wait_healthy
+from scripts.run_supervisor import child_pids, ctl, supervisor_pid, write_conf
 from services.site_provider.sitefile import read_site
-
-SERVICES = ("registration", "inventory", "policy", "replication", "failover")
-DEFAULT_PORTS = dict(zip(SERVICES, range(8101, 8106), strict=True))
-SITES = ("primary", "recovery")
-VENV_BIN = Path(sys.executable).parent
-
-
-@dataclass(frozen=True)
-class Layout:
-    root: Path
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def run(self) -> Path:
-        return self.root / "run"
-
-    @property
-    def conf(self) -> Path:
-        return self.run / "supervisord.conf"
-
-    @property
-    def token_file(self) -> Path:
-        return self.run / "admin-token"
-
-    @property
-    def metrics_token_file(self) -> Path:
-        return self.run / "metrics-token"
-
-    @property
-    def prometheus_file(self) -> Path:
-        return self.run / "prometheus.yml"
-
-    @property
-    def key_file(self) -> Path:
-        return self.run / "bootstrap" / "registration.key"
-
-    @property
-    def sock(self) -> Path:
-        return self.run / "supervisor.sock"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.run / "supervisord.pid"
-
-
-def layout() -> Layout:
-    root = os.environ.get("DR_RUN_DIR") or os.environ.get("DR_STATE_DIR") or str(REPO / ".state")
-    return Layout(Path(root).resolve())
-
-
-def service_port(name: str, env: Mapping[str, str] = os.environ) -> int:
-    return int(env.get(f"DR_{name.upper()}_HTTP_PORT", DEFAULT_PORTS[name]))
-
-
-def service_url(name: str, env: Mapping[str, str] = os.environ) -> str:
-    return f"http://127.0.0.1:{service_port(name, env)}"
 
 
 def admin_token(lay: Layout) -> str:
@@ -133,7 +75,10 @@ def write_prometheus_config(lay: Layout, ports: Mapping[str, int]) -> None:
         for spec in read_site(REPO / "deploy/sites" / f"{site}.yaml").hosts:
             for host in spec.names():
                 edges["host_agent"].append((f"127.0.0.1:{ports[host]}", {"site": site}))
-    targets = {n: [(f"127.0.0.1:{service_port(n)}", {})] for n in SERVICES} | edges
+    services: dict[str, list[tuple[str, dict[str, str]]]] = {
+        n: [(f"127.0.0.1:{service_port(n)}", {})] for n in SERVICES
+    }
+    targets = services | edges
     lay.prometheus_file.write_text(
         prometheus_config.render(
             targets,
@@ -238,173 +183,6 @@ def edge_ports(lay: Layout, names: list[str]) -> dict[str, int]:
     return ports
 
 
-def _quote(value: str) -> str:
-    return '"' + value.replace("%", "%%").replace('"', "") + '"'
-
-
-def write_conf(lay: Layout, programs: dict[str, tuple[str, dict[str, str]]]) -> None:
-    lines = [
-        "; written by `python -m scripts.run start` (make run); do not edit",
-        "[unix_http_server]",
-        f"file={lay.sock}",
-        "chmod=0700",
-        "[supervisord]",
-        f"logfile={lay.logs / 'supervisord.log'}",
-        f"pidfile={lay.pid_file}",
-        f"directory={REPO}",
-        "logfile_maxbytes=10MB",
-        "[rpcinterface:supervisor]",
-        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
-        "[supervisorctl]",
-        f"serverurl=unix://{lay.sock}",
-    ]
-    for name, (module, env) in programs.items():
-        environment = ",".join(f"{k}={_quote(v)}" for k, v in sorted(env.items()))
-        lines += [
-            f"[program:{name}]",
-            f"command={sys.executable} -m {module}",
-            f"directory={REPO}",
-            f"environment={environment}",
-            "autostart=true",
-            "autorestart=true",
-            "startsecs=3",
-            "startretries=20",
-            "stopsignal=TERM",
-            "stopwaitsecs=20",
-            "stopasgroup=true",
-            "killasgroup=true",
-            "redirect_stderr=true",
-            f"stdout_logfile={lay.logs / (name + '.log')}",
-            "stdout_logfile_maxbytes=20MB",
-            "stdout_logfile_backups=2",
-        ]
-    lay.run.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lay.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-
-
-def ctl(lay: Layout, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(VENV_BIN / "supervisorctl"), "-c", str(lay.conf), *args],
-        capture_output=True,
-        text=True,
-        check=check,
-    )
-
-
-def supervisor_pid(lay: Layout) -> int | None:
-    """supervisord's pid if it runs (its pid file names a live process)."""
-    try:
-        pid = int(lay.pid_file.read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
-
-
-def wait_healthy(urls: dict[str, str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    pending = dict(urls)
-    while pending:
-        for name, url in list(pending.items()):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    del pending[name]
-            except httpx.HTTPError:
-                pass
-        if pending and time.monotonic() > deadline:
-            raise SystemExit(f"not healthy after {timeout:g}s: {', '.join(pending)} (see logs/)")
-        time.sleep(0.5)
-
-
-def wait_connected(vault_id: str, token: str, names: list[str], timeout: float = 120) -> None:
-    url = f"{service_url('registration')}/v1/vaults/{vault_id}/producers"
-    deadline = time.monotonic() + timeout
-    while True:
-        found = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
-        state = {p["name"]: p["connection_state"] for p in found}
-        missing = [n for n in names if state.get(n) != "Connected"]
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise SystemExit(f"not Connected after {timeout:g}s: {', '.join(missing)}")
-        time.sleep(1)
-
-
-def host_vms(lay: Layout, ports: dict[str, int]) -> int:
-    """The site files' VMs as disk images on their hosts (the host agents create them: folder,
-    sparse disks, a few written blocks), once; the providers then discover them with their
-    NICs. Returns how many were created."""
-    created = 0
-    with httpx.Client(timeout=30) as http:
-        for site in SITES:
-            spec = read_site(REPO / "deploy" / "sites" / f"{site}.yaml")
-            for vm in spec.vms:
-                hosts = vm.placement()
-                for n, name in enumerate(vm.names()):
-                    host = hosts[n % len(hosts)]
-                    identity = json.loads((lay.run / "edge" / host / "identity.json").read_text())
-                    agent = f"http://127.0.0.1:{ports[host]}/v1/vms"
-                    auth = {"Authorization": f"Bearer {identity['credential']}"}
-                    body = {
-                        "name": name,
-                        "disks": [d.size for d in vm.disks],
-                        "generation": vm.generation,
-                        "cpu": vm.cpu,
-                        "memory_mb": vm.memory_mb,
-                    }
-                    resp = http.post(agent, json=body, headers=auth)
-                    if resp.status_code == 409:
-                        continue  # created by an earlier `make run`
-                    resp.raise_for_status()
-                    meta = lay.run / "sites" / site / host / name / "vm.json"
-                    data = json.loads(meta.read_text())
-                    data["nics"] = [
-                        {
-                            "nic_id": f"nic{i}",
-                            "network": nic.network,
-                            "subnet": nic.subnet,
-                            "ip": nic.ip if nic.ip in ("dhcp", "static") else "static",
-                        }
-                        for i, nic in enumerate(vm.nics)
-                    ]
-                    meta.write_text(json.dumps(data))
-                    http.post(f"{agent}/{name}/writes", json={"blocks": 16}, headers=auth)
-                    created += 1
-    return created
-
-
-def site_vm_names() -> set[str]:
-    return {
-        name
-        for site in SITES
-        for vm in read_site(REPO / "deploy" / "sites" / f"{site}.yaml").vms
-        for name in vm.names()
-    }
-
-
-def wait_discovered(vault_id: str, token: str, timeout: float = 120) -> int:
-    """Until the inventory lists every VM of the site files with disk images that exist."""
-    url = f"{service_url('inventory')}/v1/vaults/{vault_id}/vms"
-    wanted = site_vm_names()
-    deadline = time.monotonic() + timeout
-    while True:
-        page = httpx.get(
-            url, params={"limit": 500}, headers={"Authorization": f"Bearer {token}"}, timeout=10
-        ).json()
-        ready = {
-            vm["name"]
-            for vm in page.get("items", [])
-            if vm["disks"] and all(Path(d["path"]).exists() for d in vm["disks"])
-        }
-        if wanted <= ready:
-            return len(wanted)
-        if time.monotonic() > deadline:
-            raise SystemExit(f"not discovered after {timeout:g}s: {sorted(wanted - ready)}")
-        time.sleep(1)
-
-
 def start() -> int:
     lay = layout()
     stack = procs.read_stack_env()
@@ -458,6 +236,8 @@ def start() -> int:
     write_conf(lay, {**programs, **agents})
     ctl(lay, "update")
     wait_connected(vault_id, token, list(agents))
+    # Connected comes from heartbeats, which may precede the agent's HTTP listener
+    wait_healthy({n: f"http://127.0.0.1:{ports[n]}" for n in agents})
     print(f"host agents Connected: {', '.join(agents)}")
     print(f"VMs of deploy/sites created on their hosts: {host_vms(lay, ports)} new")
     write_conf(lay, {**programs, **edges})
@@ -490,25 +270,6 @@ def status() -> int:
     out = ctl(lay, "status", check=False)
     print(out.stdout.rstrip())
     return out.returncode
-
-
-def child_pids(pid: int) -> list[int]:
-    """Every descendant of `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def stop() -> int:
