@@ -134,8 +134,10 @@ def service_programs(lay: Layout, env: dict[str, str]) -> dict[str, dict[str, st
 def edge_programs(
     lay: Layout, env: dict[str, str], key: str, ports: dict[str, int]
 ) -> dict[str, tuple[str, dict[str, str]]]:
-    """Both sites' site providers and one host agent per host of the site files."""
+    """Both sites' site providers and one host agent per host of the site files. An edge gets
+    Kafka's address and its registration key, never the admin token or the database URL."""
     edges: dict[str, tuple[str, dict[str, str]]] = {}
+    env = {k: v for k, v in env.items() if k not in ("DR_ADMIN_TOKEN", "DATABASE_URL")}
     for site in SITES:
         site_file = REPO / "deploy" / "sites" / f"{site}.yaml"
         storage = lay.run / "sites" / site
