@@ -23,6 +23,9 @@ this process, no platform), a 1 GiB disk on a delta topic of its own, 40 points 
 64 KiB blocks after an initial all-zero point:
 - `replica_apply_points_per_second`: the points applied one after another (each: its offset
   range read, blocks checked and staged, applied durably, roots computed);
+- `replica_apply_4_items_{one_at_a_time,side_by_side}_points_per_second` and their ratio: the
+  points of 4 items (64 MiB disks, 15 points each) applied one after another, and 4 items at a
+  time (each item's in order) as the agent's replica lane does (`DR_AGENT_REPLICA_PARALLEL`);
 - `replica_rollback_10_points_seconds`: the replica returned to the point 10 before its HEAD
   (what a failover to an older point does before the handover), its roots checked;
 - `replica_range_read_oneoff_ms` and `replica_range_read_shared_ms`: the median read of one
@@ -181,13 +184,21 @@ async def older_point(stack: Stack) -> None:
 class FeedPoints:
     """Points of one item's 1 GiB disk on a delta topic of its own: (seq, first, last, root)."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        prefix: str | None = None,
+        disk: int = REPLICA_DISK,
+        points: int = REPLICA_POINTS,
+        seed: int = 7,
+    ) -> None:
         self.stack = stack
-        self.prefix = random_prefix("bench-feed")
+        self.prefix = prefix or random_prefix("bench-feed")
         self.topic = topics.physical(topics.REPLICATION_DELTAS, self.prefix)
         self.item = uuid.uuid4()
         self.vault = uuid.uuid4()
-        self.blocks = block_count(REPLICA_DISK, REPLICA_BS)
+        self.disk, self.count, self.seed = disk, points, seed
+        self.blocks = block_count(disk, REPLICA_BS)
         zero = zero_block_hash(REPLICA_BS)
         self.tree = MerkleTree.from_leaves([zero] * self.blocks, self.blocks)
         self.points: list[tuple[int, int, int, str]] = []
@@ -210,8 +221,8 @@ class FeedPoints:
                 blocks = [Block(index=i, sha256=zero, zero=True) for i in range(start, end)]
                 offsets.append(await self._send(producer, 1, blocks))
             self.points.append((1, offsets[0], offsets[-1], self.tree.root_hex()))
-            rng = random.Random(7)
-            for seq in range(2, REPLICA_POINTS + 2):
+            rng = random.Random(self.seed)
+            for seq in range(2, self.count + 2):
                 blocks = []
                 for i in rng.sample(range(self.blocks), REPLICA_BLOCKS):
                     data = rng.randbytes(REPLICA_BS)
@@ -236,7 +247,7 @@ class FeedPoints:
     def command(self, point: tuple[int, int, int, str]) -> ReplicaPointApplyRequested:
         seq, first, last, root = point
         disk = ReplicaDisk(
-            disk_id="d0", size_bytes=REPLICA_DISK, block_size=REPLICA_BS, merkle_root=root
+            disk_id="d0", size_bytes=self.disk, block_size=REPLICA_BS, merkle_root=root
         )
         return ReplicaPointApplyRequested(
             command_id=uuid.uuid4(),
@@ -283,6 +294,49 @@ async def replica_apply_and_rollback(stack: Stack, fp: FeedPoints) -> None:
             failed(f"replica_rollback_{REPLICA_BACK}_points_seconds", "roots not the point's")
         else:
             emit(f"replica_rollback_{REPLICA_BACK}_points_seconds", took, "s")
+
+
+SIDE_ITEMS = 4  # items whose points a recovery host applies (the agent's replica_parallel)
+SIDE_POINTS = 15
+SIDE_DISK = 64 * 2**20
+
+
+async def replica_side_by_side(stack: Stack) -> None:
+    """The points of several items applied one after another (one at a time, as the agent's
+    replica lane did) and up to `SIDE_ITEMS` items at a time (each item's in order, as it does
+    with `DR_AGENT_REPLICA_PARALLEL`), on the same host, each on a fresh replica."""
+    prefix = random_prefix("bench-side")
+    fps = [FeedPoints(stack, prefix, SIDE_DISK, SIDE_POINTS, seed=n) for n in range(SIDE_ITEMS)]
+    try:
+        for fp in fps:
+            await fp.produce()
+        rates = {}
+        for mode in ("one_at_a_time", "side_by_side"):
+            with tempfile.TemporaryDirectory(prefix="bench-replica-side-") as tmp:
+                feed = ReplicaFeed(SiteReplica(Path(tmp)), stack.kafka, prefix, Path(tmp) / "s")
+                try:
+                    for fp in fps:
+                        await feed.apply(fp.command(fp.points[0]))  # initial points: not timed
+
+                    async def item_points(fp: FeedPoints, feed: ReplicaFeed = feed) -> None:
+                        for point in fp.points[1:]:
+                            await feed.apply(fp.command(point))
+
+                    started = time.perf_counter()
+                    if mode == "one_at_a_time":
+                        for fp in fps:
+                            await item_points(fp)
+                    else:
+                        await asyncio.gather(*(item_points(fp) for fp in fps))
+                    took = time.perf_counter() - started
+                finally:
+                    await feed.close()
+            rates[mode] = SIDE_ITEMS * SIDE_POINTS / took
+            emit(f"replica_apply_{SIDE_ITEMS}_items_{mode}_points_per_second", rates[mode], "1/s")
+        ratio = rates["side_by_side"] / rates["one_at_a_time"]
+        emit(f"replica_apply_{SIDE_ITEMS}_items_side_by_side_vs_one_at_a_time_ratio", ratio, "x")
+    finally:
+        await delete_prefixed_topics(stack.kafka, prefix)
 
 
 async def range_reads(stack: Stack, fp: FeedPoints) -> None:
@@ -336,6 +390,11 @@ async def main() -> None:
     except Exception as exc:
         traceback.print_exc()
         failed("replica_apply_points_per_second", repr(exc))
+    try:
+        await replica_side_by_side(stack)
+    except Exception as exc:
+        traceback.print_exc()
+        failed(f"replica_apply_{SIDE_ITEMS}_items_side_by_side_vs_one_at_a_time_ratio", repr(exc))
 
 
 if __name__ == "__main__":

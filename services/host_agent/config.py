@@ -25,6 +25,13 @@ class AgentSettings(EdgeSettings):
     host_os_version: str = Field(
         default="Windows Server 2022", description="Reported host OS version."
     )
+    replica_parallel: int = Field(
+        default=4,
+        ge=1,
+        le=32,
+        description="Recovery-site replica: how many items' points are applied at a time (each "
+        "item's in order); applying waits mostly on disk flushes.",
+    )
 
     def allowed_export_roots(self) -> list[Path]:
         return [Path(p).resolve() for p in self.export_roots.split(",") if p.strip()]

@@ -30,6 +30,13 @@ from shared.schemas.registration import ProducerKind
 
 log = logging.getLogger(__name__)
 
+
+def replica_item_key(command: EventPayload) -> str:
+    """The replica lane's order: per item (a command without one, e.g. another agent's type,
+    goes in its own order)."""
+    return str(getattr(command, "item_id", ""))
+
+
 AGENT_TOPICS = (topics.AGENT_COMMANDS, topics.AGENT_EVENTS, topics.REPLICATION_DELTAS)
 
 
@@ -131,7 +138,9 @@ class AgentRuntime(EdgeRuntime):
         group, replica_group = topics.agent_command_groups(str(self.identity.producer_id))
         producer = self.publisher.producer
 
-        def lane(group: str, handlers: dict[str, Any], dead_letters: bool) -> PlainEventConsumer:
+        def lane(
+            group: str, handlers: dict[str, Any], dead_letters: bool, **order: Any
+        ) -> PlainEventConsumer:
             return PlainEventConsumer(
                 bootstrap=s.kafka_bootstrap_servers,
                 prefix=s.topic_prefix,
@@ -141,11 +150,19 @@ class AgentRuntime(EdgeRuntime):
                 handlers=handlers,
                 security=kafka,
                 dead_letters=dead_letters,
+                **order,
             )
 
         consumer = lane(group, handler.handlers, True)
-        # the replica's lane skips what it cannot decode: the main lane dead-letters it
-        replica_lane = lane(replica_group, handler.replica_handlers, False)
+        # the replica's lane skips what it cannot decode (the main lane dead-letters it) and
+        # applies the points of up to `replica_parallel` items at a time, each item's in order
+        replica_lane = lane(
+            replica_group,
+            handler.replica_handlers,
+            False,
+            order_key=replica_item_key,
+            parallel=s.replica_parallel,
+        )
         self.consumer = consumer
         self.spawn("commands", consumer.run)
         self.spawn("replica-commands", replica_lane.run)

@@ -82,6 +82,10 @@ class RecordPipeline(ABC, Generic[H]):
     some types of it (a lane): records that cannot be decoded are skipped, since the topic's
     main consumer dead-letters them (one DLQ record per bad record, not one per group).
     `process()` is usable on its own (e.g. from a faust agent); `run()` is the aiokafka loop.
+    `order_key` and `parallel`: the records of a fetched batch are handled in order per key
+    (`order_key(payload)`), up to `parallel` keys at a time; the batch's offset is committed
+    when all are done. For handlers of independent things (the replica's points of different
+    items) whose work waits on disk or network; handlers must be idempotent, as always.
     """
 
     def __init__(
@@ -97,6 +101,8 @@ class RecordPipeline(ABC, Generic[H]):
         max_records: int = 200,
         security: KafkaSecurity | None = None,
         dead_letters: bool = True,
+        order_key: Callable[[EventPayload], str] | None = None,
+        parallel: int = 1,
     ) -> None:
         self.bootstrap = bootstrap
         self.security = security or KafkaSecurity.from_env()
@@ -108,6 +114,8 @@ class RecordPipeline(ABC, Generic[H]):
         self.max_age = max_age
         self.max_records = max_records
         self.dead_letters = dead_letters
+        self.order_key = order_key
+        self.parallel = max(parallel, 1)
         self.alive = False
         self.applied = 0
         self.last_records_at: datetime | None = None  # the last fetch that brought records
@@ -227,9 +235,25 @@ class RecordPipeline(ABC, Generic[H]):
         start: int,
         end: int,
     ) -> None:
-        """Records `start`..`end`, in order, one by one."""
+        """Records `start`..`end`: in order, one by one; with `order_key`, in order per key and
+        up to `parallel` keys at a time."""
+        if self.order_key is None or self.parallel == 1 or end - start < 2:
+            for k in range(start, end):
+                await self._process_decoded(records[k], decoded[k])
+            return
+        by_key: dict[str, list[int]] = {}
         for k in range(start, end):
-            await self._process_decoded(records[k], decoded[k])
+            result = decoded[k]
+            key = "" if isinstance(result, Rejected) else self.order_key(result[1])
+            by_key.setdefault(key, []).append(k)
+        gate = asyncio.Semaphore(self.parallel)
+
+        async def in_order(ks: list[int]) -> None:
+            async with gate:
+                for k in ks:
+                    await self._process_decoded(records[k], decoded[k])
+
+        await asyncio.gather(*(in_order(ks) for ks in by_key.values()))
 
     async def _process_decoded(self, record: RawRecord, result: Decoded | Rejected) -> None:
         topic = topics.logical(record.topic, self.prefix)
