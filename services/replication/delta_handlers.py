@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -68,274 +69,306 @@ def _check_source(item: dict[str, Any] | None, inc: Incoming, item_id: uuid.UUID
         raise Rejected("wrong_agent", "only the item's source agent may ship its cycles")
 
 
-def make_delta_handlers(ctx: Context) -> tuple[dict[str, Any], dict[str, RunHandler]]:
-    """(handlers by event type, run handlers by event type) of the delta pipeline."""
-
-    async def on_started(conn: asyncpg.Connection, inc: Incoming) -> None:
-        msg = inc.payload
-        assert isinstance(msg, ev.CycleStarted)
-        item = await _item_for(conn, inc, msg.item_id)
-        problem = domain.geometry_problem(
-            item["disks"],
-            [d.model_dump() for d in msg.disks],
-            ctx.settings.max_disk_bytes,
-            ctx.settings.max_block_bytes,
+async def on_cycle_started(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, ev.CycleStarted)
+    item = await _item_for(conn, inc, msg.item_id)
+    problem = domain.geometry_problem(
+        item["disks"],
+        [d.model_dump() for d in msg.disks],
+        ctx.settings.max_disk_bytes,
+        ctx.settings.max_block_bytes,
+    )
+    if problem is not None:
+        raise Rejected(*problem)
+    verdict = domain.judge_cycle_start(
+        ItemState(item["state"]),
+        item["last_committed_seq"],
+        item["resync_seq"],
+        msg.cycle_seq,
+        msg.kind,
+        await repo.unfinished_cycle(conn, msg.item_id),
+    )
+    if verdict is domain.CycleVerdict.REPLAY:
+        CYCLES.labels("replayed").inc()
+        raise Rejected(
+            "replayed_cycle",
+            f"cycle {msg.cycle_seq} <= last committed {item['last_committed_seq']}",
         )
-        if problem is not None:
-            raise Rejected(*problem)
-        verdict = domain.judge_cycle_start(
-            ItemState(item["state"]),
-            item["last_committed_seq"],
-            item["resync_seq"],
-            msg.cycle_seq,
-            msg.kind,
-            await repo.unfinished_cycle(conn, msg.item_id),
+    if verdict is domain.CycleVerdict.IGNORE:
+        CYCLES.labels("ignored").inc()
+        log.info(
+            "cycle ignored",
+            extra={"item_id": str(msg.item_id), "seq": msg.cycle_seq, "state": item["state"]},
         )
-        if verdict is domain.CycleVerdict.REPLAY:
-            CYCLES.labels("replayed").inc()
-            raise Rejected(
-                "replayed_cycle",
-                f"cycle {msg.cycle_seq} <= last committed {item['last_committed_seq']}",
-            )
-        if verdict is domain.CycleVerdict.IGNORE:
-            CYCLES.labels("ignored").inc()
-            log.info(
-                "cycle ignored",
-                extra={"item_id": str(msg.item_id), "seq": msg.cycle_seq, "state": item["state"]},
-            )
-            return
-        if verdict is domain.CycleVerdict.GAP:
-            CYCLES.labels("gap").inc()
-            expected = (item["last_committed_seq"] or 0) + 1
-            why = (await repo.fault_notes(conn, msg.item_id)).dead_letter
-            await require_resync(
-                ctx,
-                conn,
-                item,
-                f"sequence gap: expected cycle {expected}, got {msg.cycle_seq}"
-                + (f" (after {why})" if why else ""),
-            )
-            return
-        await repo.drop_cycles(conn, msg.item_id)  # an unfinished earlier attempt, if any
-        await repo.start_cycle(
+        return
+    if verdict is domain.CycleVerdict.GAP:
+        CYCLES.labels("gap").inc()
+        expected = (item["last_committed_seq"] or 0) + 1
+        why = (await repo.fault_notes(conn, msg.item_id)).dead_letter
+        await require_resync(
+            ctx,
             conn,
-            msg.item_id,
-            msg.cycle_seq,
-            msg.kind.value,
-            [d.model_dump() for d in msg.disks],
-            msg.source_time,
-            msg.app_consistent,
-            # where the recovery host starts reading the cycle (files imported: no offsets)
-            inc.partition if inc.partition >= 0 else None,
-            inc.offset if inc.partition >= 0 else None,
+            item,
+            f"sequence gap: expected cycle {expected}, got {msg.cycle_seq}"
+            + (f" (after {why})" if why else ""),
         )
-        if ItemState(item["state"]) is ItemState.WAITING_FOR_INITIAL:
-            await change_state(conn, item, ItemState.INITIAL_REPLICATION, reason="initial cycle")
+        return
+    await repo.drop_cycles(conn, msg.item_id)  # an unfinished earlier attempt, if any
+    await repo.start_cycle(
+        conn,
+        msg.item_id,
+        msg.cycle_seq,
+        msg.kind.value,
+        [d.model_dump() for d in msg.disks],
+        msg.source_time,
+        msg.app_consistent,
+        # where the recovery host starts reading the cycle (files imported: no offsets)
+        inc.partition if inc.partition >= 0 else None,
+        inc.offset if inc.partition >= 0 else None,
+    )
+    if ItemState(item["state"]) is ItemState.WAITING_FOR_INITIAL:
+        await change_state(conn, item, ItemState.INITIAL_REPLICATION, reason="initial cycle")
 
-    async def stored_blocks(
-        item: dict[str, Any], cycle: dict[str, Any], inc: Incoming
-    ) -> tuple[list[tuple[int, str]], int, tuple[str, str] | None]:
-        """One batch's blocks checked against the cycle's disks and their hashes, and durable
-        in the store: ((index, sha256) of each, bytes stored, None) or, for a bad block,
-        (.., .., (reason, what is wrong with it))."""
-        msg = inc.payload
-        assert isinstance(msg, ev.BlocksShipped)
-        geometry = {d["disk_id"]: d for d in cycle["disks"]}
-        if msg.disk_id not in geometry:
-            raise Rejected("unknown_disk", f"disk {msg.disk_id} is not in cycle {msg.cycle_seq}")
-        disk = geometry[msg.disk_id]
-        site, ready = ctx.prestored.get(inc.envelope.event_id, ("", {}))
-        if site != item["target_site"]:
-            ready = {}
-        decoded: list[tuple[int | None, str, bytes]] = []
-        staged: list[tuple[int, str]] = []
-        for block in msg.blocks:
-            try:
-                data = block_bytes(block, disk, msg.compression, ready.get(block.index))
-            except ValueError as exc:
-                return staged, 0, ("bad_block", f"block {block.index}: {exc}")
-            staged.append((block.index, block.sha256))
-            if data is not None:
-                decoded.append((block.index, block.sha256, data))
-        if not (ready and len(ready) == len(decoded)):
-            store = ctx.store(item["target_site"])
-            try:
-                async with ctx.storing(msg.item_id):
-                    await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
-            except ValueError as exc:  # BlockHashMismatch
-                return staged, 0, ("block_hash_mismatch", str(exc))
-        return staged, sum(len(data) for _, _, data in decoded), None
 
-    async def on_blocks(conn: asyncpg.Connection, inc: Incoming) -> None:
-        msg = inc.payload
-        assert isinstance(msg, ev.BlocksShipped)
-        item, cycle = await _item_and_cycle(conn, inc, msg.item_id, msg.cycle_seq)
-        if cycle is None:
-            CYCLES.labels("orphan_batch").inc()
-            return  # a batch of a cycle we ignore or already gave up on
-        staged, nbytes, why = await stored_blocks(item, cycle, inc)
-        if why is not None:
-            reason, text = why
-            await repo.poison_cycle(conn, msg.item_id, msg.cycle_seq, text)
-            await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {text}")
-            raise Rejected(reason, text, keep_effects=True)
-        crash_point("replication.blocks_stored")
-        await repo.stage_batches(
-            conn, msg.item_id, msg.cycle_seq, [(msg.batch_no, msg.disk_id, staged, nbytes)]
-        )
-        BYTES_APPLIED.inc(nbytes)
-        BLOCKS_APPLIED.inc(len(staged))
-
-    async def on_blocks_run(conn: asyncpg.Connection, incs: list[Incoming]) -> None:
-        """`on_blocks` of consecutive batches of one cycle in one transaction: the item, the
-        cycle and the producer looked up once, the batches staged in two statements. Any
-        batch that is not plain sailing sends the run back to `on_blocks`, batch by batch."""
-        first = incs[0].payload
-        assert isinstance(first, ev.BlocksShipped)
-        msgs = [inc.payload for inc in incs]
-        if any(
-            not isinstance(m, ev.BlocksShipped)
-            or (m.item_id, m.cycle_seq) != (first.item_id, first.cycle_seq)
-            for m in msgs
-        ):
-            raise RunFallback("batches of more than one cycle")
-        item, cycle = await _item_and_cycle(conn, incs[0], first.item_id, first.cycle_seq)
-        for inc in incs[1:]:
-            _check_source(item, inc, first.item_id)
-        if cycle is None:
-            CYCLES.labels("orphan_batch").inc(len(incs))
-            return
-        batches: list[tuple[int, str, list[tuple[int, str]], int]] = []
-        for inc, msg in zip(incs, msgs, strict=True):
-            assert isinstance(msg, ev.BlocksShipped)
-            staged, nbytes, why = await stored_blocks(item, cycle, inc)
-            if why is not None:
-                raise RunFallback(why[1])
-            batches.append((msg.batch_no, msg.disk_id, staged, nbytes))
-        crash_point("replication.blocks_stored")
-        await repo.stage_batches(conn, first.item_id, first.cycle_seq, batches)
-        BYTES_APPLIED.inc(sum(b[3] for b in batches))
-        BLOCKS_APPLIED.inc(sum(len(b[2]) for b in batches))
-
-    async def on_completed(conn: asyncpg.Connection, inc: Incoming) -> None:
-        msg = inc.payload
-        assert isinstance(msg, ev.CycleCompleted)
-        item, cycle = await _item_and_cycle(conn, inc, msg.item_id, msg.cycle_seq)
-        if cycle is None:
-            return
-        batches, blocks, nbytes = await repo.staged_totals(conn, msg.item_id, msg.cycle_seq)
-        truncated = domain.incomplete_reason(msg.batches, msg.blocks, batches, blocks)
-        if truncated:
-            CYCLES.labels("truncated").inc()
-            await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
-            await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {truncated}")
-            return
-        changed = await repo.staged_blocks(conn, msg.item_id, msg.cycle_seq)
-        geometry = {d["disk_id"]: d for d in cycle["disks"]}
-        manifest = PointManifest(
-            seq=msg.cycle_seq,
-            kind=msg.kind.value,
-            source_time=msg.source_time,
-            app_consistent=msg.app_consistent,
-            disks=[
-                DiskPoint(
-                    disk_id=root.disk_id,
-                    size_bytes=root.size_bytes,
-                    block_size=geometry.get(root.disk_id, {}).get("block_size", 65536),
-                    merkle_root=root.merkle_root,
-                    changed=changed.get(root.disk_id, {}),
-                )
-                for root in msg.disks
-            ],
-        )
+async def _stored_blocks(
+    ctx: Context, item: dict[str, Any], cycle: dict[str, Any], inc: Incoming
+) -> tuple[list[tuple[int, str]], int, tuple[str, str] | None]:
+    """One batch's blocks checked against the cycle's disks and their hashes, and durable
+    in the store: ((index, sha256) of each, bytes stored, None) or, for a bad block,
+    (.., .., (reason, what is wrong with it))."""
+    msg = inc.payload
+    assert isinstance(msg, ev.BlocksShipped)
+    geometry = {d["disk_id"]: d for d in cycle["disks"]}
+    if msg.disk_id not in geometry:
+        raise Rejected("unknown_disk", f"disk {msg.disk_id} is not in cycle {msg.cycle_seq}")
+    disk = geometry[msg.disk_id]
+    site, ready = ctx.prestored.get(inc.envelope.event_id, ("", {}))
+    if site != item["target_site"]:
+        ready = {}
+    decoded: list[tuple[int | None, str, bytes]] = []
+    staged: list[tuple[int, str]] = []
+    for block in msg.blocks:
+        try:
+            data = block_bytes(block, disk, msg.compression, ready.get(block.index))
+        except ValueError as exc:
+            return staged, 0, ("bad_block", f"block {block.index}: {exc}")
+        staged.append((block.index, block.sha256))
+        if data is not None:
+            decoded.append((block.index, block.sha256, data))
+    if not (ready and len(ready) == len(decoded)):
         store = ctx.store(item["target_site"])
         try:
             async with ctx.storing(msg.item_id):
-                await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
-            await ctx.recovered(msg.item_id)
-        except (RootMismatch, MissingBlock) as exc:
-            CYCLES.labels("root_mismatch").inc()
-            await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
-            await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {exc}")
-            return
-        now = datetime.now(UTC)
-        latency = (now - msg.source_time).total_seconds()
-        point_type = (
-            ev.RecoveryPointType.APP_CONSISTENT
-            if msg.app_consistent
-            else ev.RecoveryPointType.CRASH_CONSISTENT
-        )
-        changed_count = sum(len(c) for c in changed.values())
-        await repo.insert_point(
-            conn,
-            item_id=msg.item_id,
-            cycle_seq=msg.cycle_seq,
-            kind=msg.kind.value,
-            point_type=point_type.value,
-            source_time=msg.source_time,
-            disks=[d.model_dump() for d in msg.disks],
-            changed_blocks=changed_count,
-            bytes=nbytes,
-        )
-        await repo.drop_cycles(conn, msg.item_id, msg.cycle_seq)
-        await repo.record_cycle_stats(conn, msg.item_id, True, latency, nbytes)
-        fields: dict[str, Any] = {
-            "last_committed_seq": msg.cycle_seq,
-            "last_point_source_time": msg.source_time,
-            "last_cycle_at": now,
-            "error": None,
-            "resync_seq": None,
-            "resync_id": None,
-            "resync_attempts": 0,
-            "disks": [
-                {**d, "size_bytes": geometry[d["disk_id"]]["size_bytes"]}
-                if d["disk_id"] in geometry
-                else d
-                for d in item["disks"]
-            ],
-        }
-        if item["initial_done_at"] is None:
-            fields["initial_done_at"] = now
-        # The point first, then the state it brings: a view never sees the item `replicating`
-        # (e.g. past its resync) before the recovery point that made it so.
-        await emit(
-            conn,
-            item["vault_id"],
-            ev.RecoveryPointCreated(
-                item_id=msg.item_id,
-                vm_id=item["vm_id"],
-                cycle_seq=msg.cycle_seq,
-                kind=msg.kind,
-                point_type=point_type,
-                source_time=msg.source_time,
-                disks=msg.disks,
-                changed_blocks=changed_count,
-                bytes_stored=nbytes,
-            ),
-            str(msg.item_id),
-        )
-        new_state = domain.state_after_point(ItemState(item["state"]), msg.kind)
-        healthy = Health.NORMAL if Health(item["health"]) is Health.CRITICAL else None
-        await change_state(
-            conn,
-            item,
-            new_state,
-            reason=f"recovery point {msg.cycle_seq}",
-            health=healthy,
-            **fields,
-        )
-        await feed_replica(conn, item, cycle, msg, inc)
-        CYCLES.labels("committed").inc()
-        APPLY_SECONDS.observe(latency)
+                await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
+        except ValueError as exc:  # BlockHashMismatch
+            return staged, 0, ("block_hash_mismatch", str(exc))
+    return staged, sum(len(data) for _, _, data in decoded), None
 
-    handlers = {
-        "CycleStarted": on_started,
-        "BlocksShipped": on_blocks,
-        "CycleCompleted": on_completed,
+
+async def on_blocks_shipped(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, ev.BlocksShipped)
+    item, cycle = await _item_and_cycle(conn, inc, msg.item_id, msg.cycle_seq)
+    if cycle is None:
+        CYCLES.labels("orphan_batch").inc()
+        return  # a batch of a cycle we ignore or already gave up on
+    staged, nbytes, why = await _stored_blocks(ctx, item, cycle, inc)
+    if why is not None:
+        reason, text = why
+        await repo.poison_cycle(conn, msg.item_id, msg.cycle_seq, text)
+        await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {text}")
+        raise Rejected(reason, text, keep_effects=True)
+    crash_point("replication.blocks_stored")
+    await repo.stage_batches(
+        conn, msg.item_id, msg.cycle_seq, [(msg.batch_no, msg.disk_id, staged, nbytes)]
+    )
+    BYTES_APPLIED.inc(nbytes)
+    BLOCKS_APPLIED.inc(len(staged))
+
+
+async def on_blocks_shipped_run(
+    ctx: Context, conn: asyncpg.Connection, incs: list[Incoming]
+) -> None:
+    """`on_blocks_shipped` of consecutive batches of one cycle in one transaction: the item, the
+    cycle and the producer looked up once, the batches staged in two statements. Any
+    batch that is not plain sailing sends the run back to `on_blocks_shipped`, batch by batch."""
+    first = incs[0].payload
+    assert isinstance(first, ev.BlocksShipped)
+    msgs = [inc.payload for inc in incs]
+    if any(
+        not isinstance(m, ev.BlocksShipped)
+        or (m.item_id, m.cycle_seq) != (first.item_id, first.cycle_seq)
+        for m in msgs
+    ):
+        raise RunFallback("batches of more than one cycle")
+    item, cycle = await _item_and_cycle(conn, incs[0], first.item_id, first.cycle_seq)
+    for inc in incs[1:]:
+        _check_source(item, inc, first.item_id)
+    if cycle is None:
+        CYCLES.labels("orphan_batch").inc(len(incs))
+        return
+    batches: list[tuple[int, str, list[tuple[int, str]], int]] = []
+    for inc, msg in zip(incs, msgs, strict=True):
+        assert isinstance(msg, ev.BlocksShipped)
+        staged, nbytes, why = await _stored_blocks(ctx, item, cycle, inc)
+        if why is not None:
+            raise RunFallback(why[1])
+        batches.append((msg.batch_no, msg.disk_id, staged, nbytes))
+    crash_point("replication.blocks_stored")
+    await repo.stage_batches(conn, first.item_id, first.cycle_seq, batches)
+    BYTES_APPLIED.inc(sum(b[3] for b in batches))
+    BLOCKS_APPLIED.inc(sum(len(b[2]) for b in batches))
+
+
+async def on_cycle_completed(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    """Commit the cycle's recovery point if every batch arrived and the roots match; else
+    resync."""
+    msg = inc.payload
+    assert isinstance(msg, ev.CycleCompleted)
+    item, cycle = await _item_and_cycle(conn, inc, msg.item_id, msg.cycle_seq)
+    if cycle is None:
+        return
+    batches, blocks, nbytes = await repo.staged_totals(conn, msg.item_id, msg.cycle_seq)
+    truncated = domain.incomplete_reason(msg.batches, msg.blocks, batches, blocks)
+    if truncated:
+        CYCLES.labels("truncated").inc()
+        await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
+        await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {truncated}")
+        return
+    changed = await repo.staged_blocks(conn, msg.item_id, msg.cycle_seq)
+    manifest = _point_manifest(msg, cycle, changed)
+    store = ctx.store(item["target_site"])
+    try:
+        async with ctx.storing(msg.item_id):
+            await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
+        await ctx.recovered(msg.item_id)
+    except (RootMismatch, MissingBlock) as exc:
+        CYCLES.labels("root_mismatch").inc()
+        await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
+        await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {exc}")
+        return
+    latency = await _record_point(conn, item, cycle, inc, changed, nbytes)
+    CYCLES.labels("committed").inc()
+    APPLY_SECONDS.observe(latency)
+
+
+def _point_manifest(
+    msg: ev.CycleCompleted, cycle: dict[str, Any], changed: dict[str, dict[int, str]]
+) -> PointManifest:
+    """The manifest the replica store commits: the source's roots, the cycle's changed blocks."""
+    geometry = {d["disk_id"]: d for d in cycle["disks"]}
+    return PointManifest(
+        seq=msg.cycle_seq,
+        kind=msg.kind.value,
+        source_time=msg.source_time,
+        app_consistent=msg.app_consistent,
+        disks=[
+            DiskPoint(
+                disk_id=root.disk_id,
+                size_bytes=root.size_bytes,
+                block_size=geometry.get(root.disk_id, {}).get("block_size", 65536),
+                merkle_root=root.merkle_root,
+                changed=changed.get(root.disk_id, {}),
+            )
+            for root in msg.disks
+        ],
+    )
+
+
+async def _record_point(
+    conn: asyncpg.Connection,
+    item: dict[str, Any],
+    cycle: dict[str, Any],
+    inc: Incoming,
+    changed: dict[str, dict[int, str]],
+    nbytes: int,
+) -> float:
+    """A point the store committed: its row, the cycle's stats, `RecoveryPointCreated`, the
+    item's new state, and the recovery host fed. Returns source capture -> commit seconds."""
+    msg = inc.payload
+    assert isinstance(msg, ev.CycleCompleted)
+    geometry = {d["disk_id"]: d for d in cycle["disks"]}
+    now = datetime.now(UTC)
+    latency = (now - msg.source_time).total_seconds()
+    point_type = (
+        ev.RecoveryPointType.APP_CONSISTENT
+        if msg.app_consistent
+        else ev.RecoveryPointType.CRASH_CONSISTENT
+    )
+    changed_count = sum(len(c) for c in changed.values())
+    await repo.insert_point(
+        conn,
+        item_id=msg.item_id,
+        cycle_seq=msg.cycle_seq,
+        kind=msg.kind.value,
+        point_type=point_type.value,
+        source_time=msg.source_time,
+        disks=[d.model_dump() for d in msg.disks],
+        changed_blocks=changed_count,
+        bytes=nbytes,
+    )
+    await repo.drop_cycles(conn, msg.item_id, msg.cycle_seq)
+    await repo.record_cycle_stats(conn, msg.item_id, True, latency, nbytes)
+    fields: dict[str, Any] = {
+        "last_committed_seq": msg.cycle_seq,
+        "last_point_source_time": msg.source_time,
+        "last_cycle_at": now,
+        "error": None,
+        "resync_seq": None,
+        "resync_id": None,
+        "resync_attempts": 0,
+        "disks": [
+            {**d, "size_bytes": geometry[d["disk_id"]]["size_bytes"]}
+            if d["disk_id"] in geometry
+            else d
+            for d in item["disks"]
+        ],
+    }
+    if item["initial_done_at"] is None:
+        fields["initial_done_at"] = now
+    # The point first, then the state it brings: a view never sees the item `replicating`
+    # (e.g. past its resync) before the recovery point that made it so.
+    await emit(
+        conn,
+        item["vault_id"],
+        ev.RecoveryPointCreated(
+            item_id=msg.item_id,
+            vm_id=item["vm_id"],
+            cycle_seq=msg.cycle_seq,
+            kind=msg.kind,
+            point_type=point_type,
+            source_time=msg.source_time,
+            disks=msg.disks,
+            changed_blocks=changed_count,
+            bytes_stored=nbytes,
+        ),
+        str(msg.item_id),
+    )
+    new_state = domain.state_after_point(ItemState(item["state"]), msg.kind)
+    healthy = Health.NORMAL if Health(item["health"]) is Health.CRITICAL else None
+    await change_state(
+        conn,
+        item,
+        new_state,
+        reason=f"recovery point {msg.cycle_seq}",
+        health=healthy,
+        **fields,
+    )
+    await feed_replica(conn, item, cycle, msg, inc)
+    return latency
+
+
+def make_delta_handlers(ctx: Context) -> tuple[dict[str, Handler], dict[str, RunHandler]]:
+    """(handlers by event type, run handlers by event type) of the delta pipeline."""
+    handlers: dict[str, Handler] = {
+        "CycleStarted": partial(on_cycle_started, ctx),
+        "BlocksShipped": partial(on_blocks_shipped, ctx),
+        "CycleCompleted": partial(on_cycle_completed, ctx),
     }
     return (
         {name: _delta_checked(ctx, handler) for name, handler in handlers.items()},
-        {"BlocksShipped": _delta_run_checked(ctx, on_blocks_run)},
+        {"BlocksShipped": _delta_run_checked(ctx, partial(on_blocks_shipped_run, ctx))},
     )
 
 

@@ -25,12 +25,12 @@ def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]
     correctly signed `BlocksShipped` of the chunk are decoded, verified against their SHA-256
     and written to the replica store in one `put_blocks` per item (one pack append and
     fdatasync; it overlaps the transactions of the previous chunk), before the records are
-    handled (`on_blocks`, `on_blocks_run`). Writing verified,
-    content-addressed blocks early is what `on_blocks` does first anyway (idempotent;
-    unreferenced blocks are garbage-collected); `on_blocks` then finds them in
+    handled (`on_blocks_shipped`, `on_blocks_shipped_run`). Writing verified,
+    content-addressed blocks early is what `on_blocks_shipped` does first anyway (idempotent;
+    unreferenced blocks are garbage-collected); `on_blocks_shipped` then finds them in
     `ctx.prestored` and skips decoding and writing. Anything unexpected
     (bad signature, unknown item, undecodable data, a hash mismatch) just leaves the record to
-    `on_blocks`, which handles it as always."""
+    `on_blocks_shipped`, which handles it as always."""
 
     verify = signature_verifier()
 
@@ -41,7 +41,7 @@ def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]
         by_item: dict[tuple[uuid.UUID, str], list[tuple[Any, dict[int, tuple[str, bytes]]]]] = {}
         items: dict[uuid.UUID, dict[str, Any] | None] = {}
         # the geometry a batch is decoded to: its cycle's start in this chunk, else the open
-        # cycle (on_blocks checks the bytes against the cycle it finds)
+        # cycle (on_blocks_shipped checks the bytes against the cycle it finds)
         cycles: dict[tuple[uuid.UUID, int], dict[str, Any] | None] = {
             (msg.item_id, msg.cycle_seq): {"disks": [d.model_dump() for d in msg.disks]}
             for _, msg in group
@@ -91,7 +91,7 @@ def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]
         for (item_id, site), records in by_item.items():
             try:
                 await asyncio.to_thread(write, item_id, site, records)
-            except ValueError:  # a hash mismatch: on_blocks finds which and handles it
+            except ValueError:  # a hash mismatch: on_blocks_shipped finds which and handles it
                 continue
             for env, blocks in records:
                 ctx.prestored[env.event_id] = (

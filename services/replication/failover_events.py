@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -84,145 +85,149 @@ async def _answer_again(conn: asyncpg.Connection, request: dict[str, Any]) -> No
     await emit(conn, request["vault_id"], payload, str(request["item_id"]))
 
 
-def make_failover_handlers(ctx: Context) -> dict[str, Handler]:
-    async def on_materialise(conn: asyncpg.Connection, inc: Incoming) -> None:
-        msg = inc.payload
-        assert isinstance(msg, fo.RecoveryPointMaterialiseRequested)
-        _check_requester(inc)
-        known = await request_repo.get_request(conn, msg.request_id)
-        if known is not None:
-            await _answer_again(conn, known)
-            return
-        item = await repo.get_item(conn, msg.item_id)
-        if item is not None:
-            _same_vault(inc, item)
-        await request_repo.insert_request(
-            conn,
-            request_id=msg.request_id,
-            kind="materialise",
-            vault_id=inc.envelope.vault_id,
+async def on_materialise(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, fo.RecoveryPointMaterialiseRequested)
+    _check_requester(inc)
+    known = await request_repo.get_request(conn, msg.request_id)
+    if known is not None:
+        await _answer_again(conn, known)
+        return
+    item = await repo.get_item(conn, msg.item_id)
+    if item is not None:
+        _same_vault(inc, item)
+    await request_repo.insert_request(
+        conn,
+        request_id=msg.request_id,
+        kind="materialise",
+        vault_id=inc.envelope.vault_id,
+        item_id=msg.item_id,
+        request=msg.model_dump(mode="json"),
+    )
+    ctx.failover_wake.set()
+
+
+async def on_failed_over(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, fo.ItemFailedOver)
+    _check_requester(inc)
+    item = await repo.get_item(conn, msg.item_id, lock=True)
+    if item is None or not item["active"]:
+        log.warning("failover of an unknown item ignored", extra={"item_id": str(msg.item_id)})
+        return
+    _same_vault(inc, item)
+    state = ItemState(item["state"])
+    if state is ItemState.FAILED_OVER:
+        log.info("item already failed over", extra={"item_id": str(msg.item_id)})
+        return
+    refusal = domain.failover_refusal(state, item["last_committed_seq"] is not None)
+    if refusal is not None:
+        log.warning(
+            "failover refused",
+            extra={"item_id": str(msg.item_id), "reason": f"cannot fail over: {refusal}"},
+        )
+        return
+    await repo.drop_cycles(conn, msg.item_id)
+    await command(
+        conn,
+        item,
+        cmd.ReplicationDisableRequested(
+            command_id=uuid.uuid5(msg.item_id, "failover:disable"),
+            agent_id=item["source_agent_id"],
             item_id=msg.item_id,
-            request=msg.model_dump(mode="json"),
-        )
-        ctx.failover_wake.set()
+        ),
+    )
+    await change_state(
+        conn,
+        item,
+        ItemState.FAILED_OVER,
+        reason=f"{msg.kind.value} failover to recovery point {msg.cycle_seq}: VM "
+        f"{msg.recovery_vm_name} runs at the recovery site",
+        health=Health.NORMAL,
+        error=None,
+        health_reasons=[],
+        resync_seq=None,
+        resync_id=None,
+        resync_not_before=None,
+    )
 
-    async def on_failed_over(conn: asyncpg.Connection, inc: Incoming) -> None:
-        msg = inc.payload
-        assert isinstance(msg, fo.ItemFailedOver)
-        _check_requester(inc)
-        item = await repo.get_item(conn, msg.item_id, lock=True)
-        if item is None or not item["active"]:
-            log.warning("failover of an unknown item ignored", extra={"item_id": str(msg.item_id)})
-            return
-        _same_vault(inc, item)
-        state = ItemState(item["state"])
-        if state is ItemState.FAILED_OVER:
-            log.info("item already failed over", extra={"item_id": str(msg.item_id)})
-            return
-        refusal = domain.failover_refusal(state, item["last_committed_seq"] is not None)
-        if refusal is not None:
-            log.warning(
-                "failover refused",
-                extra={"item_id": str(msg.item_id), "reason": f"cannot fail over: {refusal}"},
-            )
-            return
-        await repo.drop_cycles(conn, msg.item_id)
-        await command(
-            conn,
-            item,
-            cmd.ReplicationDisableRequested(
-                command_id=uuid.uuid5(msg.item_id, "failover:disable"),
-                agent_id=item["source_agent_id"],
-                item_id=msg.item_id,
-            ),
-        )
-        await change_state(
-            conn,
-            item,
-            ItemState.FAILED_OVER,
-            reason=f"{msg.kind.value} failover to recovery point {msg.cycle_seq}: VM "
-            f"{msg.recovery_vm_name} runs at the recovery site",
-            health=Health.NORMAL,
-            error=None,
-            health_reasons=[],
-            resync_seq=None,
-            resync_id=None,
-            resync_not_before=None,
-        )
 
-    async def on_committed(conn: asyncpg.Connection, inc: Incoming) -> None:
-        msg = inc.payload
-        assert isinstance(msg, fo.ItemFailoverCommitted)
-        _check_requester(inc)
-        item = await repo.get_item(conn, msg.item_id, lock=True)
-        if item is None:
-            log.warning("commit of an unknown item ignored", extra={"item_id": str(msg.item_id)})
-            return
-        _same_vault(inc, item)
-        if ItemState(item["state"]) is not ItemState.FAILED_OVER:
-            log.warning(
-                "commit refused: the item is not failed over",
-                extra={"item_id": str(msg.item_id), "state": item["state"]},
-            )
-            return
-        live = {p["cycle_seq"]: p for p in await repo.live_points(conn, msg.item_id)}
-        if msg.cycle_seq not in live:
-            log.warning(
-                "commit refused: the recovery point is not retained",
-                extra={"item_id": str(msg.item_id), "cycle_seq": msg.cycle_seq},
-            )
-            return
-        await drop_site_replica(conn, item)  # the VM runs on its own disks now
-        drop = sorted(s for s in live if s != msg.cycle_seq)
-        if not drop:
-            return  # committed already
-        store = ctx.store(item["target_site"])
-        await asyncio.to_thread(
-            store.prune, str(msg.item_id), {msg.cycle_seq}, truncate=True
-        )  # crash-safe and idempotent: a retry after a failed transaction finds nothing to do
-        await repo.mark_pruned(conn, msg.item_id, drop)
-        await repo.update_item(
-            conn,
-            msg.item_id,
-            last_committed_seq=msg.cycle_seq,
-            last_point_source_time=live[msg.cycle_seq]["source_time"],
+async def on_committed(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, fo.ItemFailoverCommitted)
+    _check_requester(inc)
+    item = await repo.get_item(conn, msg.item_id, lock=True)
+    if item is None:
+        log.warning("commit of an unknown item ignored", extra={"item_id": str(msg.item_id)})
+        return
+    _same_vault(inc, item)
+    if ItemState(item["state"]) is not ItemState.FAILED_OVER:
+        log.warning(
+            "commit refused: the item is not failed over",
+            extra={"item_id": str(msg.item_id), "state": item["state"]},
         )
-        await emit(
-            conn,
-            item["vault_id"],
-            ev.RecoveryPointsPruned(item_id=msg.item_id, cycle_seqs=drop),
-            str(msg.item_id),
+        return
+    live = {p["cycle_seq"]: p for p in await repo.live_points(conn, msg.item_id)}
+    if msg.cycle_seq not in live:
+        log.warning(
+            "commit refused: the recovery point is not retained",
+            extra={"item_id": str(msg.item_id), "cycle_seq": msg.cycle_seq},
         )
-        log.info(
-            "failover committed",
-            extra={"item_id": str(msg.item_id), "kept": msg.cycle_seq, "pruned": drop},
-        )
+        return
+    await drop_site_replica(conn, item)  # the VM runs on its own disks now
+    drop = sorted(s for s in live if s != msg.cycle_seq)
+    if not drop:
+        return  # committed already
+    store = ctx.store(item["target_site"])
+    await asyncio.to_thread(
+        store.prune, str(msg.item_id), {msg.cycle_seq}, truncate=True
+    )  # crash-safe and idempotent: a retry after a failed transaction finds nothing to do
+    await repo.mark_pruned(conn, msg.item_id, drop)
+    await repo.update_item(
+        conn,
+        msg.item_id,
+        last_committed_seq=msg.cycle_seq,
+        last_point_source_time=live[msg.cycle_seq]["source_time"],
+    )
+    await emit(
+        conn,
+        item["vault_id"],
+        ev.RecoveryPointsPruned(item_id=msg.item_id, cycle_seqs=drop),
+        str(msg.item_id),
+    )
+    log.info(
+        "failover committed",
+        extra={"item_id": str(msg.item_id), "kept": msg.cycle_seq, "pruned": drop},
+    )
 
-    async def on_reverse(conn: asyncpg.Connection, inc: Incoming) -> None:
-        msg = inc.payload
-        assert isinstance(msg, fo.ReverseReplicationRequested)
-        _check_requester(inc)
-        known = await request_repo.get_request(conn, msg.request_id)
-        if known is not None:
-            await _answer_again(conn, known)
-            return
-        if await repo.get_item(conn, msg.new_item_id) is not None:
-            log.info("reverse item exists already", extra={"item": str(msg.new_item_id)})
-            return
-        old = await repo.get_item(conn, msg.old_item_id, lock=True)
-        if old is not None:
-            _same_vault(inc, old)
-        try:
-            plan = await plan_reverse(conn, inc, msg, old, ctx.settings.allowed_roots())
-        except Refused as exc:
-            await refuse_reverse(conn, inc, msg, str(exc))
-            return
-        assert old is not None
-        await start_reverse(ctx, conn, inc, msg, old, plan)
 
+async def on_reverse(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, fo.ReverseReplicationRequested)
+    _check_requester(inc)
+    known = await request_repo.get_request(conn, msg.request_id)
+    if known is not None:
+        await _answer_again(conn, known)
+        return
+    if await repo.get_item(conn, msg.new_item_id) is not None:
+        log.info("reverse item exists already", extra={"item": str(msg.new_item_id)})
+        return
+    old = await repo.get_item(conn, msg.old_item_id, lock=True)
+    if old is not None:
+        _same_vault(inc, old)
+    try:
+        plan = await plan_reverse(conn, inc, msg, old, ctx.settings.allowed_roots())
+    except Refused as exc:
+        await refuse_reverse(conn, inc, msg, str(exc))
+        return
+    assert old is not None
+    await start_reverse(ctx, conn, inc, msg, old, plan)
+
+
+def make_failover_handlers(ctx: Context) -> dict[str, Handler]:
     return {
-        "RecoveryPointMaterialiseRequested": on_materialise,
-        "ItemFailedOver": on_failed_over,
-        "ItemFailoverCommitted": on_committed,
-        "ReverseReplicationRequested": on_reverse,
+        "RecoveryPointMaterialiseRequested": partial(on_materialise, ctx),
+        "ItemFailedOver": partial(on_failed_over, ctx),
+        "ItemFailoverCommitted": partial(on_committed, ctx),
+        "ReverseReplicationRequested": partial(on_reverse, ctx),
     }

@@ -12,6 +12,7 @@ import logging
 import re
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,67 +114,68 @@ async def _hand_over(
     return True
 
 
+async def on_handover(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, cmd.CommandCompleted)
+    try:
+        request_id = uuid.UUID(str(msg.result.get("request_id")))
+    except ValueError:
+        request_id = None
+    request = await request_repo.get_request(conn, request_id) if request_id else None
+    if request is None:
+        raise Rejected("invalid_result", "a handover answer names no known request")
+    item = await repo.get_item(conn, request["item_id"])
+    if item is None or str(item["recovery_agent_id"]) != inc.envelope.producer_id:
+        raise Rejected("wrong_agent", "handover answer from a host that keeps no replica")
+    if request["state"] != "delegated":
+        return  # answered already
+    if msg.outcome is cmd.CommandOutcome.FAILED:
+        log.warning(
+            "the recovery host could not hand its replica over; copying",
+            extra={"request_id": str(request_id), "error": msg.error},
+        )
+        await request_repo.undelegate_request(conn, request["request_id"], msg.error)
+        ctx.failover_wake.set()
+        return
+    seq = msg.result.get("cycle_seq")
+    point = next(
+        (p for p in await repo.live_points(conn, item["item_id"]) if p["cycle_seq"] == seq),
+        None,
+    )
+    if point is None:
+        raise Rejected("invalid_result", f"handover of point {seq}, which is not retained")
+    roots = {d["disk_id"]: d["merkle_root"] for d in point["disks"]}
+    answer = fo.RecoveryPointMaterialised(
+        request_id=request["request_id"],
+        item_id=item["item_id"],
+        cycle_seq=seq,
+        source_time=point["source_time"],
+        app_consistent=point["point_type"] == ev.RecoveryPointType.APP_CONSISTENT.value,
+        disks=[
+            fo.MaterialisedDisk(
+                disk_id=d["disk_id"],
+                path=d["path"],
+                size_bytes=d["size_bytes"],
+                merkle_root=roots[d["disk_id"]],
+            )
+            for d in msg.result.get("disks", [])
+            if d.get("disk_id") in roots
+        ],
+    )
+    if await request_repo.answer_request(
+        conn,
+        request["request_id"],
+        "answered",
+        type(answer).__name__,
+        answer.model_dump(mode="json"),
+    ):
+        await emit(conn, request["vault_id"], answer, str(request["item_id"]))
+
+
 def make_replica_answers(ctx: Context) -> dict[str, Handler]:
     """Handlers of the recovery host's `CommandCompleted` for a handover, by command type."""
-
-    async def on_handover(conn: asyncpg.Connection, inc: Incoming) -> None:
-        msg = inc.payload
-        assert isinstance(msg, cmd.CommandCompleted)
-        try:
-            request_id = uuid.UUID(str(msg.result.get("request_id")))
-        except ValueError:
-            request_id = None
-        request = await request_repo.get_request(conn, request_id) if request_id else None
-        if request is None:
-            raise Rejected("invalid_result", "a handover answer names no known request")
-        item = await repo.get_item(conn, request["item_id"])
-        if item is None or str(item["recovery_agent_id"]) != inc.envelope.producer_id:
-            raise Rejected("wrong_agent", "handover answer from a host that keeps no replica")
-        if request["state"] != "delegated":
-            return  # answered already
-        if msg.outcome is cmd.CommandOutcome.FAILED:
-            log.warning(
-                "the recovery host could not hand its replica over; copying",
-                extra={"request_id": str(request_id), "error": msg.error},
-            )
-            await request_repo.undelegate_request(conn, request["request_id"], msg.error)
-            ctx.failover_wake.set()
-            return
-        seq = msg.result.get("cycle_seq")
-        point = next(
-            (p for p in await repo.live_points(conn, item["item_id"]) if p["cycle_seq"] == seq),
-            None,
-        )
-        if point is None:
-            raise Rejected("invalid_result", f"handover of point {seq}, which is not retained")
-        roots = {d["disk_id"]: d["merkle_root"] for d in point["disks"]}
-        answer = fo.RecoveryPointMaterialised(
-            request_id=request["request_id"],
-            item_id=item["item_id"],
-            cycle_seq=seq,
-            source_time=point["source_time"],
-            app_consistent=point["point_type"] == ev.RecoveryPointType.APP_CONSISTENT.value,
-            disks=[
-                fo.MaterialisedDisk(
-                    disk_id=d["disk_id"],
-                    path=d["path"],
-                    size_bytes=d["size_bytes"],
-                    merkle_root=roots[d["disk_id"]],
-                )
-                for d in msg.result.get("disks", [])
-                if d.get("disk_id") in roots
-            ],
-        )
-        if await request_repo.answer_request(
-            conn,
-            request["request_id"],
-            "answered",
-            type(answer).__name__,
-            answer.model_dump(mode="json"),
-        ):
-            await emit(conn, request["vault_id"], answer, str(request["item_id"]))
-
-    return {"ReplicaHandoverRequested": on_handover, "DifferencingDisksRequested": on_handover}
+    handler = partial(on_handover, ctx)
+    return {"ReplicaHandoverRequested": handler, "DifferencingDisksRequested": handler}
 
 
 async def materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | None:
