@@ -32,8 +32,9 @@ packs and compacts mostly dead ones.
 
 The package's modules, one job each: `errors`, `manifest` (what a point is), `maps` (a disk's
 leaves at a point), `layout` (paths and durable writes), `packs` (block bytes), `points`
-(reading retained points), `prune` (folding and the journal), `images` (seed, materialise,
-verify); this module holds the per-item locks, caches and the operations callers use.
+(reading retained points), `commit` (a point's trees and deltas, checked), `prune` (folding
+and the journal), `images` (seed, materialise, verify); this module holds the per-item locks,
+the caches and the operations callers use.
 """
 
 from __future__ import annotations
@@ -50,13 +51,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from services.replication.store import commit, points, prune
 from services.replication.store import images as _images
-from services.replication.store import points, prune
 from services.replication.store.errors import (
     BlockHashMismatch,
-    MissingBlock,
     PointConflict,
-    RootMismatch,
     UnknownPoint,
 )
 from services.replication.store.layout import (
@@ -67,7 +66,6 @@ from services.replication.store.layout import (
     write_synced,
 )
 from services.replication.store.manifest import (
-    DiskPoint,
     PointInfo,
     PointManifest,
     StoredPoint,
@@ -78,7 +76,7 @@ from services.replication.store.maps import DiskMap, DiskState, Latest
 from services.replication.store.packs import Packs
 from shared.faults import crash_point
 from shared.files import fsync_dir
-from shared.merkle import BLOCK_SIZE, MerkleTree, block_count, block_length, zero_block_hash
+from shared.merkle import BLOCK_SIZE, MerkleTree, zero_block_hash
 from shared.schemas.replication import CycleKind
 
 _ITEM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -219,12 +217,6 @@ class ReplicaStore:
             fresh.update((sha, len(data)) for sha, data in new)
         return len(new)
 
-    def _read_block(self, layout: Layout, disk_id: str, index: int, leaf: bytes) -> bytes:
-        data = self._packs[layout.dir.name].read(leaf.hex())
-        if data is None:
-            raise MissingBlock(disk_id, index, leaf.hex())
-        return data
-
     # ------------------------------------------------------------------------------ reading
 
     def _maps_at(self, layout: Layout, seq: int) -> dict[str, DiskMap]:
@@ -308,7 +300,9 @@ class ReplicaStore:
             if latest.seq is not None and manifest.seq <= latest.seq:
                 raise PointConflict(f"point {manifest.seq} is older than the latest {latest.seq}")
             try:
-                disks, deltas = self._next_disks(layout, latest, manifest)
+                disks, deltas = commit.next_disks(
+                    self._packs[item], latest, manifest, lambda blocks: self._store(layout, blocks)
+                )
                 fresh = self._fresh.get(item, {})
                 hashes = {sha for delta in deltas.values() for _, sha in delta}
                 stored = StoredPoint(manifest, deltas, sum(fresh.get(sha, 0) for sha in hashes))
@@ -325,72 +319,6 @@ class ReplicaStore:
                 raise
             self._latest[item] = Latest(manifest.seq, disks)
             self._fresh.pop(item, None)
-
-    def _next_disks(
-        self, layout: Layout, latest: Latest, manifest: PointManifest
-    ) -> tuple[dict[str, DiskState], dict[str, list[tuple[int, str]]]]:
-        """The trees after `manifest` (the cached ones updated in place where the size is
-        unchanged: O(k log n)) and each disk's delta; raises unless every root matches."""
-        disks: dict[str, DiskState] = {}
-        deltas: dict[str, list[tuple[int, str]]] = {}
-        packs = self._packs[layout.dir.name]
-        for disk in manifest.disks:
-            prev = latest.disks.get(disk.disk_id)
-            if prev is not None and prev.block_size != disk.block_size:
-                raise PointConflict(
-                    f"disk {disk.disk_id}: block size changed from {prev.block_size} to "
-                    f"{disk.block_size}; resync it as a new disk"
-                )
-            delta = dict(disk.changed)
-            boundary = self._boundary_block(layout, prev, disk)
-            if boundary is not None and boundary[0] not in delta:
-                delta[boundary[0]] = boundary[1]
-            for index, sha in delta.items():
-                length = block_length(index, disk.size_bytes, disk.block_size)
-                if sha != zero_block_hash(length).hex() and not packs.has(sha):
-                    raise MissingBlock(disk.disk_id, index, sha)
-            if prev is not None and prev.size_bytes == disk.size_bytes:
-                tree = prev.tree
-            else:
-                m = (
-                    DiskMap.of_tree(prev.tree, prev.size_bytes, prev.block_size)
-                    if prev is not None
-                    else DiskMap(0, disk.block_size, bytearray())
-                )
-                m.resize(disk.size_bytes)
-                tree = m.tree()
-            for index, sha in delta.items():
-                tree.set_leaf(index, bytes.fromhex(sha))
-            if tree.root_hex() != disk.merkle_root:
-                raise RootMismatch(disk.disk_id, disk.merkle_root, tree.root_hex())
-            disks[disk.disk_id] = DiskState(disk.size_bytes, disk.block_size, tree)
-            deltas[disk.disk_id] = sorted(delta.items())
-        return disks, deltas
-
-    def _boundary_block(
-        self, layout: Layout, prev: DiskState | None, disk: DiskPoint
-    ) -> tuple[int, str] | None:
-        """On a resize, the last block both sizes share may change length: its new content is
-        the old one cut or zero-padded (the disk was truncated or extended with zeros)."""
-        if prev is None or prev.size_bytes == disk.size_bytes:
-            return None
-        bs = disk.block_size
-        index = min(block_count(prev.size_bytes, bs), block_count(disk.size_bytes, bs)) - 1
-        if index < 0 or index in disk.changed:
-            return None
-        old_len = block_length(index, prev.size_bytes, bs)
-        new_len = block_length(index, disk.size_bytes, bs)
-        if old_len == new_len:
-            return None
-        leaf = prev.tree.leaf(index)
-        if leaf == zero_block_hash(old_len):
-            return index, zero_block_hash(new_len).hex()
-        data = self._read_block(layout, disk.disk_id, index, leaf)
-        data = data[:new_len] if new_len < old_len else data + bytes(new_len - old_len)
-        sha = hashlib.sha256(data).hexdigest()
-        if sha != zero_block_hash(new_len).hex():
-            self._store(layout, {sha: data})
-        return index, sha
 
     # ------------------------------------------------------------------------------ seeding
 
