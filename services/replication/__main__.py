@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from fastapi import FastAPI
 
-from services.replication import handlers
 from services.replication.api import router
 from services.replication.config import ReplicationSettings
 from services.replication.consumer import delta_app, delta_pipeline, side_consumer
-from services.replication.failover_support import failover_worker
+from services.replication.context import Context
+from services.replication.failover_worker import failover_worker
+from services.replication.health import evaluate_health
 from services.replication.offline import import_pipeline
+from services.replication.pruning import apply_retention
+from services.replication.resync import start_due_resyncs
 from shared import topics
 from shared.http import create_app
 from shared.logging import configure_logging
 from shared.runtime import Runtime, serve
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-log = logging.getLogger(__name__)
 
 
 def build_app(settings: ReplicationSettings) -> FastAPI:
@@ -41,7 +42,7 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
     app: FastAPI
 
     async def on_start(rt: Runtime) -> None:
-        ctx = handlers.Context(pool=rt.pool, settings=settings, broker=rt.kafka)
+        ctx = Context(pool=rt.pool, settings=settings, broker=rt.kafka)
         ctx.delta_partitions = await rt.producer.partition_count(topics.REPLICATION_DELTAS)
         app.state.context = ctx
         app.state.import_pipeline = import_pipeline(rt, ctx)
@@ -53,12 +54,12 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
         rt.spawn("side-consumer", side_consumer(rt, ctx).run)
         rt.spawn("failover-requests", lambda: failover_worker(ctx))
         every = settings.health_interval_seconds
-        rt.spawn_every("health", every, lambda: handlers.evaluate_health(ctx))
-        rt.spawn_every("resync", every, lambda: handlers.start_due_resyncs(ctx))
+        rt.spawn_every("health", every, lambda: evaluate_health(ctx))
+        rt.spawn_every("resync", every, lambda: start_due_resyncs(ctx))
         rt.spawn_every(
             "retention",
             settings.retention_interval_seconds,
-            lambda: handlers.apply_retention(ctx),
+            lambda: apply_retention(ctx),
         )
 
     app = create_app(

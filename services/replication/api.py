@@ -12,8 +12,10 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.replication import domain, handlers, offline
+from services.replication import read_model_repository as rm_repo
 from services.replication import repository as repo
-from services.replication.failover_support import materialise_target
+from services.replication.context import Context
+from services.replication.materialise import materialise_target
 from services.replication.store import UnknownPoint
 from shared.auth import CurrentPrincipal
 from shared.files import OutsideRoots, confined
@@ -80,8 +82,8 @@ class PointOut(BaseModel):
     bytes: int
 
 
-def _ctx(request: Request) -> handlers.Context:
-    ctx: handlers.Context = request.app.state.context
+def _ctx(request: Request) -> Context:
+    ctx: Context = request.app.state.context
     return ctx
 
 
@@ -277,7 +279,7 @@ async def import_offline(
     who.check(Role.OPERATOR, vault_id)
     item = await _item(request, vault_id, item_id)
     async with _ctx(request).pool.acquire() as conn:
-        settings = await repo.policy_settings(conn, item["vault_id"], item["policy_id"])
+        settings = await rm_repo.policy_settings(conn, item["vault_id"], item["policy_id"])
     base = body.path or settings.get("offline_import_path")
     if not base:
         raise HTTPException(422, "no import path: pass 'path' or set the policy's import path")

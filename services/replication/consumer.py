@@ -11,7 +11,7 @@
   record goes through the shared pipeline: validation, signature and vault check,
   de-duplication by event id in the same PostgreSQL transaction as its effect, DLQ with a
   reason for anything invalid.
-- Read models, agent reports and the failover service's requests (`failover_support`) come
+- Read models, agent reports and the failover service's requests (`failover_events`) come
   through the shared aiokafka `EventConsumer`.
 """
 
@@ -27,9 +27,14 @@ import faust
 from faust.types import EventT
 from mode.utils.aiter import aiter
 
-from services.replication import handlers
+from services.replication.agent_events import make_agent_event_handlers
 from services.replication.config import ReplicationSettings
-from services.replication.failover_support import make_failover_handlers, make_replica_answers
+from services.replication.context import Context
+from services.replication.delta_handlers import make_delta_handlers
+from services.replication.delta_prepare import make_delta_prepare
+from services.replication.failover_events import make_failover_handlers
+from services.replication.materialise import make_replica_answers
+from services.replication.read_models import make_read_model_handlers
 from shared import topics
 from shared.kafka.consumers import EventConsumer
 from shared.kafka.security import KafkaSecurity
@@ -47,12 +52,12 @@ DELTA_GROUP_WITHIN = 0.002  # seconds a partial group waits for more (0.01 measu
 
 
 def delta_pipeline(
-    runtime: Runtime, ctx: handlers.Context, *, group: str = "replication.deltas", aged: bool = True
+    runtime: Runtime, ctx: Context, *, group: str = "replication.deltas", aged: bool = True
 ) -> EventConsumer:
     """The verified delta pipeline; `aged=False` skips the age check of signed envelopes (cycle
     files imported for an offline initial replication arrive days after they were signed)."""
     s = ctx.settings
-    delta_handlers, run_handlers = handlers.make_delta_handlers(ctx)
+    delta_handlers, run_handlers = make_delta_handlers(ctx)
     return EventConsumer(
         bootstrap=s.kafka_bootstrap_servers,
         prefix=s.topic_prefix,
@@ -143,11 +148,11 @@ def _faust_credentials(settings: ReplicationSettings) -> faust.SSLCredentials | 
 
 
 def delta_app(
-    settings: ReplicationSettings, pipeline: EventConsumer, ctx: handlers.Context | None = None
+    settings: ReplicationSettings, pipeline: EventConsumer, ctx: Context | None = None
 ) -> faust.App:
     """The faust app whose one agent feeds delta records to the pipeline (in groups of up to
     `DELTA_GROUP` records; with `ctx`, each group's blocks are written to the store first)."""
-    prepare = handlers.make_delta_prepare(ctx) if ctx is not None else None
+    prepare = make_delta_prepare(ctx) if ctx is not None else None
     app_id = f"{settings.topic_prefix}replication-deltas"
     # faust keeps a folder for its tables even with the memory store: under the state root,
     # not in whatever directory the process was started from (faust makes only the last level)
@@ -204,7 +209,7 @@ def delta_app(
     return app
 
 
-def side_consumer(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
+def side_consumer(runtime: Runtime, ctx: Context) -> EventConsumer:
     s = ctx.settings
     return EventConsumer(
         bootstrap=s.kafka_bootstrap_servers,
@@ -221,8 +226,8 @@ def side_consumer(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
         producer=runtime.producer,
         handlers={
             **registration_handlers(),
-            **handlers.make_read_model_handlers(),
-            **handlers.make_agent_event_handlers(ctx, make_replica_answers(ctx)),
+            **make_read_model_handlers(),
+            **make_agent_event_handlers(ctx, make_replica_answers(ctx)),
             **make_failover_handlers(ctx),
         },
         verifier=signature_verifier(),

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.replication import handlers
 from services.replication.consumer import delta_pipeline
+from services.replication.context import Context
 from shared import topics
 from shared.kafka.consumers import EventConsumer
 from shared.runtime import Runtime
@@ -36,7 +36,7 @@ class FileRecord:
     value: bytes | None
 
 
-def import_pipeline(runtime: Runtime, ctx: handlers.Context) -> EventConsumer:
+def import_pipeline(runtime: Runtime, ctx: Context) -> EventConsumer:
     return delta_pipeline(runtime, ctx, group="replication.offline-import", aged=False)
 
 

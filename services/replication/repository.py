@@ -1,4 +1,6 @@
-"""Queries on the replication service's own schema."""
+"""Queries on the replication service's own schema: protected items, cycles and their staged
+batches, recovery points, statistics and fault notes. Read models: `read_model_repository`;
+the failover service's requests: `request_repository`."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from typing import Any
 import asyncpg
 
 from services.replication import domain
-from shared.schemas.policy import PrerequisitesEvaluated
 
 ITEM_COLUMNS = """item_id, vault_id, vm_id, vm_name, pairing_id, policy_id, source_agent_id,
  source_site, target_site, target_cloud_id, disks, copy_interval_seconds, state, health,
@@ -17,172 +18,6 @@ ITEM_COLUMNS = """item_id, vault_id, vm_id, vm_name, pairing_id, policy_id, sour
  last_point_source_time, last_cycle_at, initial_done_at, initial_progress, protected_since,
  active, created_at, updated_at, resync_attempts, resync_not_before, recovery_agent_id,
  replica_seq, replica_error"""
-
-
-# ------------------------------------------------------------------ read models
-
-
-async def upsert_vm(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, site: str, vm: dict[str, Any]
-) -> None:
-    await conn.execute(
-        "INSERT INTO rm_vms (vm_id, vault_id, name, site, cloud_id, host_id, vm)"
-        " VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (vault_id, vm_id) DO UPDATE SET name = $3,"
-        " site = $4, cloud_id = $5, host_id = $6, vm = $7, removed = false",
-        vm["vm_id"],
-        vault_id,
-        vm["name"],
-        site,
-        vm["cloud_id"],
-        vm["host_id"],
-        vm,
-    )
-
-
-async def remove_vm(conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str) -> None:
-    await conn.execute(
-        "UPDATE rm_vms SET removed = true WHERE vault_id = $1 AND vm_id = $2", vault_id, vm_id
-    )
-
-
-async def upsert_host(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, site: str, host: dict[str, Any]
-) -> None:
-    await conn.execute(
-        "INSERT INTO rm_hosts (host_id, vault_id, name, site, cloud_id) VALUES ($1,$2,$3,$4,$5)"
-        " ON CONFLICT (vault_id, host_id) DO UPDATE SET name = $3, site = $4, cloud_id = $5,"
-        " removed = false",
-        host["host_id"],
-        vault_id,
-        host["name"],
-        site,
-        host["cloud_id"],
-    )
-
-
-async def remove_host(conn: asyncpg.Connection, vault_id: uuid.UUID, host_id: str) -> None:
-    await conn.execute(
-        "UPDATE rm_hosts SET removed = true WHERE vault_id = $1 AND host_id = $2",
-        vault_id,
-        host_id,
-    )
-
-
-async def upsert_policy(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, policy: dict[str, Any], deleted: bool
-) -> None:
-    await conn.execute(
-        "INSERT INTO rm_policies (policy_id, vault_id, name, version, settings, deleted)"
-        " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (vault_id, policy_id) DO UPDATE SET name = $3,"
-        " version = $4, settings = $5, deleted = $6 WHERE rm_policies.version <= $4",
-        uuid.UUID(str(policy["policy_id"])),
-        vault_id,
-        policy["name"],
-        policy["version"],
-        policy["settings"],
-        deleted,
-    )
-
-
-async def upsert_pairing(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, pairing: dict[str, Any], removed: bool
-) -> None:
-    await conn.execute(
-        "INSERT INTO rm_pairings (pairing_id, vault_id, source_cloud_id, source_site,"
-        " target_cloud_id, target_site, policy_id, removed) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
-        " ON CONFLICT (vault_id, pairing_id) DO UPDATE SET removed = $8, policy_id = $7",
-        uuid.UUID(str(pairing["pairing_id"])),
-        vault_id,
-        pairing["source_cloud_id"],
-        pairing["source_site"],
-        pairing["target_cloud_id"],
-        pairing["target_site"],
-        uuid.UUID(str(pairing["policy_id"])),
-        removed,
-    )
-
-
-async def upsert_prerequisites(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, verdict: PrerequisitesEvaluated
-) -> None:
-    """Keep the highest revision of a VM's prerequisite verdict."""
-    await conn.execute(
-        "INSERT INTO rm_prerequisites AS p (vault_id, vm_id, ok, checks, revision)"
-        " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (vault_id, vm_id) DO UPDATE SET ok = EXCLUDED.ok,"
-        " checks = EXCLUDED.checks, revision = EXCLUDED.revision, updated_at = now()"
-        " WHERE p.revision < EXCLUDED.revision",
-        vault_id,
-        verdict.vm_id,
-        verdict.ok,
-        [c.model_dump(mode="json") for c in verdict.checks],
-        verdict.revision,
-    )
-
-
-async def prerequisites_of(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str
-) -> domain.PrerequisiteVerdict | None:
-    row = await conn.fetchrow(
-        "SELECT ok, checks FROM rm_prerequisites WHERE vault_id = $1 AND vm_id = $2",
-        vault_id,
-        vm_id,
-    )
-    if row is None:
-        return None
-    return domain.PrerequisiteVerdict(
-        ok=row["ok"],
-        failed=tuple(
-            domain.FailedCheck(c["rule"], c["message"])
-            for c in row["checks"]
-            if c["status"] == "fail"
-        ),
-    )
-
-
-async def protection_context(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str
-) -> dict[str, Any] | None:
-    """VM, its host, the pairing of its cloud and that pairing's policy (None if any is
-    missing)."""
-    row = await conn.fetchrow(
-        "SELECT v.vm, v.name AS vm_name, v.site, h.name AS host_name, p.pairing_id,"
-        " p.target_cloud_id, p.target_site, pol.policy_id, pol.settings"
-        " FROM rm_vms v JOIN rm_hosts h ON h.vault_id = v.vault_id AND h.host_id = v.host_id"
-        "  AND NOT h.removed"
-        " JOIN rm_pairings p ON p.vault_id = v.vault_id AND p.source_cloud_id = v.cloud_id"
-        "  AND NOT p.removed"
-        " JOIN rm_policies pol ON pol.vault_id = p.vault_id AND pol.policy_id = p.policy_id"
-        "  AND NOT pol.deleted"
-        " WHERE v.vm_id = $1 AND v.vault_id = $2 AND NOT v.removed",
-        vm_id,
-        vault_id,
-    )
-    return dict(row) if row else None
-
-
-async def agent_named(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, name: str
-) -> dict[str, Any] | None:
-    row = await conn.fetchrow(
-        "SELECT producer_id, connection_state, site FROM known_producers"
-        " WHERE vault_id = $1 AND kind = 'agent' AND name = $2 AND active",
-        vault_id,
-        name,
-    )
-    return dict(row) if row else None
-
-
-async def recovery_agent(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, site: str
-) -> uuid.UUID | None:
-    """The host agent of `site` that keeps a new item's replica (the first by name)."""
-    found: uuid.UUID | None = await conn.fetchval(
-        "SELECT producer_id FROM known_producers WHERE vault_id = $1 AND kind = 'agent'"
-        " AND site = $2 AND active ORDER BY name LIMIT 1",
-        vault_id,
-        site,
-    )
-    return found
 
 
 async def record_replica_point(
@@ -207,20 +42,6 @@ async def oldest_live_point(conn: asyncpg.Connection, item_id: uuid.UUID) -> int
         item_id,
     )
     return seq
-
-
-async def policy_settings(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, policy_id: uuid.UUID
-) -> dict[str, Any]:
-    settings = await conn.fetchval(
-        "SELECT settings FROM rm_policies WHERE vault_id = $1 AND policy_id = $2",
-        vault_id,
-        policy_id,
-    )
-    return dict(settings or {})
-
-
-# ------------------------------------------------------------------ protected items
 
 
 async def insert_item(conn: asyncpg.Connection, **fields: Any) -> dict[str, Any]:
@@ -282,6 +103,16 @@ async def active_items(conn: asyncpg.Connection) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+async def set_copy_interval(conn: asyncpg.Connection, policy_id: uuid.UUID, seconds: int) -> None:
+    """A policy's new copy interval on every active item it protects."""
+    await conn.execute(
+        "UPDATE protected_items SET copy_interval_seconds = $2, updated_at = now()"
+        " WHERE policy_id = $1 AND active",
+        policy_id,
+        seconds,
+    )
+
+
 async def update_item(conn: asyncpg.Connection, item_id: uuid.UUID, **fields: Any) -> None:
     sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=2))
     await conn.execute(
@@ -289,9 +120,6 @@ async def update_item(conn: asyncpg.Connection, item_id: uuid.UUID, **fields: An
         item_id,
         *fields.values(),
     )
-
-
-# ------------------------------------------------------------------ cycles
 
 
 async def open_cycle(
@@ -422,9 +250,6 @@ async def drop_cycles(
         )
 
 
-# ------------------------------------------------------------------ recovery points
-
-
 async def insert_point(conn: asyncpg.Connection, **fields: Any) -> None:
     columns = ", ".join(fields)
     params = ", ".join(f"${i}" for i in range(1, len(fields) + 1))
@@ -498,145 +323,6 @@ async def resyncs_due(conn: asyncpg.Connection) -> list[uuid.UUID]:
         " AND resync_not_before IS NOT NULL AND resync_not_before <= now()"
     )
     return [r["item_id"] for r in rows]
-
-
-# ------------------------------------------------------------------ failover requests
-
-REQUEST_COLUMNS = """request_id, kind, vault_id, item_id, request, state, answer_type, answer,
- attempts, created_at, answered_at"""
-
-
-async def insert_request(
-    conn: asyncpg.Connection,
-    *,
-    request_id: uuid.UUID,
-    kind: str,
-    vault_id: uuid.UUID,
-    item_id: uuid.UUID,
-    request: dict[str, Any],
-    state: str = "pending",
-    answer_type: str | None = None,
-    answer: dict[str, Any] | None = None,
-) -> bool:
-    """Record a failover request; False if its id is already recorded."""
-    return bool(
-        await conn.fetchval(
-            "INSERT INTO failover_requests (request_id, kind, vault_id, item_id, request, state,"
-            " answer_type, answer, answered_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,"
-            " CASE WHEN $6 = 'pending' THEN NULL ELSE now() END)"
-            " ON CONFLICT DO NOTHING RETURNING true",
-            request_id,
-            kind,
-            vault_id,
-            item_id,
-            request,
-            state,
-            answer_type,
-            answer,
-        )
-    )
-
-
-async def get_request(conn: asyncpg.Connection, request_id: uuid.UUID) -> dict[str, Any] | None:
-    row = await conn.fetchrow(
-        f"SELECT {REQUEST_COLUMNS} FROM failover_requests WHERE request_id = $1", request_id
-    )
-    return dict(row) if row else None
-
-
-async def pending_requests(conn: asyncpg.Connection, limit: int) -> list[dict[str, Any]]:
-    rows = await conn.fetch(
-        f"SELECT {REQUEST_COLUMNS} FROM failover_requests WHERE state = 'pending'"
-        " ORDER BY created_at LIMIT $1",
-        limit,
-    )
-    return [dict(r) for r in rows]
-
-
-async def answer_request(
-    conn: asyncpg.Connection,
-    request_id: uuid.UUID,
-    state: str,
-    answer_type: str | None,
-    answer: dict[str, Any] | None,
-) -> bool:
-    """Record the answer of a pending request; False if it was answered already."""
-    return bool(
-        await conn.fetchval(
-            "UPDATE failover_requests SET state = $2, answer_type = $3, answer = $4,"
-            " answered_at = now() WHERE request_id = $1 AND state IN ('pending', 'delegated')"
-            " RETURNING true",
-            request_id,
-            state,
-            answer_type,
-            answer,
-        )
-    )
-
-
-async def delegate_request(conn: asyncpg.Connection, request_id: uuid.UUID) -> bool:
-    """A pending request handed to the recovery host (its answer comes as an agent event)."""
-    return bool(
-        await conn.fetchval(
-            "UPDATE failover_requests SET state = 'delegated' WHERE request_id = $1"
-            " AND state = 'pending' RETURNING true",
-            request_id,
-        )
-    )
-
-
-async def undelegate_request(conn: asyncpg.Connection, request_id: uuid.UUID, why: str) -> bool:
-    """The recovery host could not do it: pending again, to be done here (`replica_refused`)."""
-    return bool(
-        await conn.fetchval(
-            "UPDATE failover_requests SET state = 'pending',"
-            " request = request || jsonb_build_object('replica_refused', $2::text)"
-            " WHERE request_id = $1 AND state = 'delegated' RETURNING true",
-            request_id,
-            why,
-        )
-    )
-
-
-async def bump_request_attempts(conn: asyncpg.Connection, request_id: uuid.UUID) -> int:
-    return int(
-        await conn.fetchval(
-            "UPDATE failover_requests SET attempts = attempts + 1 WHERE request_id = $1"
-            " RETURNING attempts",
-            request_id,
-        )
-        or 0
-    )
-
-
-async def pairing_source_cloud(
-    conn: asyncpg.Connection, vault_id: uuid.UUID, pairing_id: uuid.UUID
-) -> str | None:
-    value = await conn.fetchval(
-        "SELECT source_cloud_id FROM rm_pairings WHERE vault_id = $1 AND pairing_id = $2",
-        vault_id,
-        pairing_id,
-    )
-    return str(value) if value is not None else None
-
-
-async def vm_cloud(conn: asyncpg.Connection, vault_id: uuid.UUID, vm_id: str) -> str | None:
-    value = await conn.fetchval(
-        "SELECT cloud_id FROM rm_vms WHERE vault_id = $1 AND vm_id = $2", vault_id, vm_id
-    )
-    return str(value) if value is not None else None
-
-
-async def agent_by_id(conn: asyncpg.Connection, producer_id: uuid.UUID) -> dict[str, Any] | None:
-    row = await conn.fetchrow(
-        "SELECT producer_id, vault_id, name, site, active FROM known_producers"
-        " WHERE producer_id = $1 AND kind = 'agent'",
-        producer_id,
-    )
-    return dict(row) if row else None
-
-
-# ------------------------------------------------------------------ fault notes
 
 
 async def note_storage_fault(conn: asyncpg.Connection, item_id: uuid.UUID, fault: str) -> bool:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from services.replication import store as store_module
 from services.replication.store import ReplicaStore
+from services.replication.store import packs as store_packs
 from tests.support.store_worker import SourceDisk, stage_cycle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,11 +49,11 @@ class Scenario:
         self.history: dict[int, str] = {}
         # a pack per cycle (the worker compacts any pack with garbage): the sweep has packs to
         # delete and to rewrite, so its crash points are reached
-        original, store_module.PACK_BYTES = store_module.PACK_BYTES, 1
+        original, store_packs.PACK_BYTES = store_packs.PACK_BYTES, 1
         try:
             self._build(root)
         finally:
-            store_module.PACK_BYTES = original
+            store_packs.PACK_BYTES = original
 
     def _build(self, root: Path) -> None:
         store = ReplicaStore(root)

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from kit.stack import migrated_pool
-from services.replication import domain, handlers
+from services.replication import domain
 from services.replication import repository as repo
 from services.replication.__main__ import MIGRATIONS
 from services.replication.config import ReplicationSettings
+from services.replication.context import Context
+from services.replication.health import evaluate_health
 from shared import db
 
 pytestmark = pytest.mark.integration
@@ -48,7 +50,7 @@ async def test_a_storage_failure_noted_by_one_process_shows_in_the_next(
                 copy_interval_seconds=30,
                 state="replicating",
             )
-        first = handlers.Context(pool=pool, settings=settings)
+        first = Context(pool=pool, settings=settings)
         with pytest.raises(OSError):
             async with first.storing(item_id):
                 raise FULL
@@ -59,7 +61,7 @@ async def test_a_storage_failure_noted_by_one_process_shows_in_the_next(
         # the service restarted (or another instance): a process with nothing in memory
         later_pool = await db.create_pool(database_url, schema)
         try:
-            later = handlers.Context(pool=later_pool, settings=settings)
+            later = Context(pool=later_pool, settings=settings)
             async with later_pool.acquire() as conn:
                 await repo.note_dead_letter(conn, item_id, "a record was dead-lettered")
                 assert await repo.fault_notes(conn, item_id) == domain.FaultNotes(
@@ -67,7 +69,7 @@ async def test_a_storage_failure_noted_by_one_process_shows_in_the_next(
                     dead_letter="a record was dead-lettered",
                 )
                 assert not await repo.note_storage_fault(conn, item_id, BROKEN)  # not new
-            await handlers.evaluate_health(later)
+            await evaluate_health(later)
             async with later_pool.acquire() as conn:
                 shown = await repo.get_item(conn, item_id)
             assert shown is not None
@@ -76,7 +78,7 @@ async def test_a_storage_failure_noted_by_one_process_shows_in_the_next(
             assert "a record was dead-lettered" in shown["health_reasons"], shown
 
             await later.recovered(item_id)  # a cycle of it was stored
-            await handlers.evaluate_health(later)
+            await evaluate_health(later)
             async with later_pool.acquire() as conn:
                 assert await repo.fault_notes(conn, item_id) == domain.FaultNotes()
                 cleared = await repo.get_item(conn, item_id)

@@ -16,8 +16,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from services.replication import store as store_module
 from services.replication.store import DiskPoint, PointManifest, ReplicaStore
+from services.replication.store import packs as store_packs
 from shared.merkle import MerkleTree, block_count, block_hash, block_length
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -119,7 +119,7 @@ def stage_cycle(
 def main(argv: list[str]) -> None:
     root, op, item_id, arg = argv
     # every pack with garbage is compacted: crash tests reach the sweep's crash points
-    store_module.PACK_COMPACT_BELOW = 1.0
+    store_packs.PACK_COMPACT_BELOW = 1.0
     store = ReplicaStore(Path(root))
     if op == "prune":
         store.prune(item_id, {int(s) for s in arg.split(",")})

@@ -291,7 +291,7 @@ async def test_a_change_log_over_half_the_disk_asks_for_a_resync(tmp_path: Path)
 
 
 def test_encode_block_sends_incompressible_blocks_raw_and_flags_them() -> None:
-    from services.replication.handlers import _block_bytes
+    from services.replication.delta_prepare import block_bytes
 
     disk = {"size_bytes": 4 * BLOCK_SIZE, "block_size": BLOCK_SIZE}
     noise = os.urandom(BLOCK_SIZE)
@@ -307,10 +307,10 @@ def test_encode_block_sends_incompressible_blocks_raw_and_flags_them() -> None:
     assert zero.digest == hashlib.sha256(bytes(BLOCK_SIZE)).digest()
     assert plain.block.compressed is None and plain.wire_len == BLOCK_SIZE
     # the replica honours the per-block flag over the batch's compression
-    assert _block_bytes(raw.block, disk, Compression.ZLIB) == noise
-    assert _block_bytes(packed.block, disk, Compression.ZLIB) == text
-    assert _block_bytes(zero.block, disk, Compression.ZLIB) is None
-    assert _block_bytes(plain.block, disk, Compression.NONE) == text
+    assert block_bytes(raw.block, disk, Compression.ZLIB) == noise
+    assert block_bytes(packed.block, disk, Compression.ZLIB) == text
+    assert block_bytes(zero.block, disk, Compression.ZLIB) is None
+    assert block_bytes(plain.block, disk, Compression.NONE) == text
 
 
 def test_the_compression_probe_skips_random_data_but_not_mixed_or_structured_data() -> None:

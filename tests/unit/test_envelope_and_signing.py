@@ -222,7 +222,7 @@ def test_tampered_block_data_fails_the_replica_hash_check(tmp_path: object) -> N
     import base64
     from pathlib import Path
 
-    from services.replication.handlers import _block_bytes
+    from services.replication.delta_prepare import block_bytes
     from services.replication.store import BlockHashMismatch, ReplicaStore
     from shared.schemas.replication import BlocksShipped
 
@@ -232,7 +232,7 @@ def test_tampered_block_data_fails_the_replica_hash_check(tmp_path: object) -> N
     assert decoded.signature_valid(PUBLIC)
     assert isinstance(payload, BlocksShipped)
     block = payload.blocks[0]
-    data = _block_bytes(block, {"size_bytes": 4096, "block_size": 4096}, payload.compression)
+    data = block_bytes(block, {"size_bytes": 4096, "block_size": 4096}, payload.compression)
     assert data == b"x" * 4096
     store = ReplicaStore(Path(str(tmp_path)))
     with pytest.raises(BlockHashMismatch):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from services.replication import store as store_module
 from services.replication.store import (
     BlockHashMismatch,
     CorruptBlock,
@@ -24,10 +23,11 @@ from services.replication.store import (
     RootMismatch,
     UnknownPoint,
 )
+from services.replication.store import packs as store_packs
 from shared.merkle import MerkleTree, block_hash, zero_block_hash
 from tests.support.store_worker import SourceDisk, stage_cycle
 
-RECORD = store_module._PACK_RECORD
+RECORD = store_packs.PACK_RECORD
 
 BS = 4096
 SIZE = 2 * 2**20 + 1000  # a short last block
@@ -157,7 +157,7 @@ def pack_records(tmp_path: Path, item: str = "item") -> list[tuple[Path, int, st
 
 
 def test_a_missing_block_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "PACK_BYTES", 1)  # a pack per batch
+    monkeypatch.setattr(store_packs, "PACK_BYTES", 1)  # a pack per batch
     store, disk = new_item(tmp_path)
     evolve(store, disk, 1)
     disk.write_random(0.02)
@@ -207,8 +207,8 @@ def test_a_commit_updates_the_cached_tree_incrementally(
 def test_prune_keeps_kept_points_and_frees_unreferenced_blocks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "PACK_BYTES", 1)  # a pack per batch
-    monkeypatch.setattr(store_module, "PACK_COMPACT_BELOW", 1.0)  # any garbage is freed
+    monkeypatch.setattr(store_packs, "PACK_BYTES", 1)  # a pack per batch
+    monkeypatch.setattr(store_packs, "PACK_COMPACT_BELOW", 1.0)  # any garbage is freed
     store, disk = new_item(tmp_path)
     history = evolve(store, disk, 8)
     before = store.item_bytes("item")
@@ -293,7 +293,7 @@ def test_disks_added_and_removed_between_points(tmp_path: Path) -> None:
 def test_verify_and_materialise_detect_corrupt_and_missing_blocks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "PACK_BYTES", 1)  # a pack per batch
+    monkeypatch.setattr(store_packs, "PACK_BYTES", 1)  # a pack per batch
     store, disk = new_item(tmp_path)
     evolve(store, disk, 2)
     records = pack_records(tmp_path)
@@ -470,7 +470,7 @@ def test_a_failed_append_leaves_no_torn_record(
 def test_gc_deletes_dead_packs_and_rewrites_mostly_dead_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "PACK_BYTES", 1)  # a pack per cycle here
+    monkeypatch.setattr(store_packs, "PACK_BYTES", 1)  # a pack per cycle here
     store, disk = new_item(tmp_path, seed=8)
     rng = random.Random(8)
 

@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 
-from services.replication.handlers import _block_bytes
+from services.replication.delta_prepare import block_bytes
 from shared.merkle import block_hash
 from shared.schemas import replication as ev
 
@@ -38,8 +38,8 @@ def bomb(expanded: int) -> bytes:
 @pytest.mark.parametrize("compressed", [False, True])
 def test_a_block_of_the_right_length_is_decoded(compressed: bool) -> None:
     full, tail = os.urandom(65536), os.urandom(100)
-    assert _block_bytes(block(0, full, compressed), DISK, ev.Compression.NONE) == full
-    assert _block_bytes(block(3, tail, compressed), DISK, ev.Compression.NONE) == tail
+    assert block_bytes(block(0, full, compressed), DISK, ev.Compression.NONE) == full
+    assert block_bytes(block(3, tail, compressed), DISK, ev.Compression.NONE) == tail
 
 
 @pytest.mark.parametrize("compressed", [False, True])
@@ -47,11 +47,11 @@ def test_a_block_longer_or_shorter_than_its_geometry_is_refused(compressed: bool
     with pytest.raises(
         ValueError, match=r"150 bytes where the block has 100|expands beyond the block.s 100 bytes"
     ):
-        _block_bytes(block(3, os.urandom(150), compressed), DISK, ev.Compression.NONE)
+        block_bytes(block(3, os.urandom(150), compressed), DISK, ev.Compression.NONE)
     with pytest.raises(ValueError, match="characters of base64 for a block of 100 bytes"):
-        _block_bytes(block(3, os.urandom(65536), compressed), DISK, ev.Compression.NONE)
+        block_bytes(block(3, os.urandom(65536), compressed), DISK, ev.Compression.NONE)
     with pytest.raises(ValueError, match="where the block has 65536"):
-        _block_bytes(block(0, os.urandom(100), compressed), DISK, ev.Compression.NONE)
+        block_bytes(block(0, os.urandom(100), compressed), DISK, ev.Compression.NONE)
 
 
 def test_a_decompression_bomb_is_refused_without_expanding_it() -> None:
@@ -65,7 +65,7 @@ def test_a_decompression_bomb_is_refused_without_expanding_it() -> None:
     tracemalloc.start()
     try:
         with pytest.raises(ValueError, match="expands beyond the block's 65536 bytes"):
-            _block_bytes(bad, DISK, ev.Compression.NONE)
+            block_bytes(bad, DISK, ev.Compression.NONE)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -76,4 +76,4 @@ def test_base64_far_longer_than_the_block_is_refused_before_decoding() -> None:
     data = bomb(600 << 20)  # a 600 MiB bomb in ~600 KB
     bad = ev.Block(index=0, sha256="0" * 64, data=base64.b64encode(data).decode(), compressed=True)
     with pytest.raises(ValueError, match="characters of base64 for a block of 65536 bytes"):
-        _block_bytes(bad, DISK, ev.Compression.NONE)
+        block_bytes(bad, DISK, ev.Compression.NONE)

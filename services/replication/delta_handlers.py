@@ -1,0 +1,470 @@
+"""The delta pipeline's handlers: `CycleStarted` opens a cycle, `BlocksShipped` batches are
+verified (SHA-256 of every block) and their blocks written to the replica store
+(content-addressed, idempotent) and staged in PostgreSQL; `CycleCompleted` commits a recovery
+point only if every batch arrived and the replica's Merkle roots equal the source's. Anything
+else never yields a point: the item goes to resync and the agent is told to resync (only
+differing blocks). A committed point is then fed to the item's recovery host."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import asyncpg
+from prometheus_client import Counter, Histogram
+
+from services.replication import domain
+from services.replication import repository as repo
+from services.replication.context import Context, change_state, emit
+from services.replication.delta_prepare import block_bytes
+from services.replication.resync import require_resync
+from services.replication.store import DiskPoint, MissingBlock, PointManifest, RootMismatch
+from shared import topics
+from shared.faults import crash_point
+from shared.kafka.consumers import Handler, RunFallback, RunHandler
+from shared.kafka.decode import Incoming, Rejected
+from shared.schemas import agent as cmd
+from shared.schemas import replication as ev
+from shared.schemas.replication import Health, ItemState
+
+log = logging.getLogger(__name__)
+
+BYTES_APPLIED = Counter("dr_replication_bytes_applied_total", "Changed-block bytes applied")
+BLOCKS_APPLIED = Counter("dr_replication_blocks_applied_total", "Changed blocks applied")
+CYCLES = Counter("dr_replication_cycles_total", "Delta cycles by result", ["result"])
+APPLY_SECONDS = Histogram(
+    "dr_replication_apply_latency_seconds",
+    "Source capture to committed recovery point",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900),
+)
+
+
+async def _item_for(conn: asyncpg.Connection, inc: Incoming, item_id: uuid.UUID) -> dict[str, Any]:
+    item = await repo.get_item(conn, item_id, lock=True)
+    _check_source(item, inc, item_id)
+    assert item is not None
+    return item
+
+
+async def _item_and_cycle(
+    conn: asyncpg.Connection, inc: Incoming, item_id: uuid.UUID, seq: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The item (locked, checked against the sender) and its open cycle `seq`, None if there
+    is none or it was given up on (poisoned)."""
+    item = await _item_for(conn, inc, item_id)
+    cycle = await repo.open_cycle(conn, item_id, seq)
+    return item, None if cycle is None or cycle["poisoned"] else cycle
+
+
+def _check_source(item: dict[str, Any] | None, inc: Incoming, item_id: uuid.UUID) -> None:
+    if item is None or not item["active"]:
+        raise Rejected("unknown_item", f"no active protected item {item_id}")
+    if item["vault_id"] != inc.envelope.vault_id:
+        raise Rejected("vault_mismatch", "the item belongs to another vault")
+    if str(item["source_agent_id"]) != inc.envelope.producer_id:
+        raise Rejected("wrong_agent", "only the item's source agent may ship its cycles")
+
+
+async def on_cycle_started(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, ev.CycleStarted)
+    item = await _item_for(conn, inc, msg.item_id)
+    problem = domain.geometry_problem(
+        item["disks"],
+        [d.model_dump() for d in msg.disks],
+        ctx.settings.max_disk_bytes,
+        ctx.settings.max_block_bytes,
+    )
+    if problem is not None:
+        raise Rejected(*problem)
+    verdict = domain.judge_cycle_start(
+        ItemState(item["state"]),
+        item["last_committed_seq"],
+        item["resync_seq"],
+        msg.cycle_seq,
+        msg.kind,
+        await repo.unfinished_cycle(conn, msg.item_id),
+    )
+    if verdict is domain.CycleVerdict.REPLAY:
+        CYCLES.labels("replayed").inc()
+        raise Rejected(
+            "replayed_cycle",
+            f"cycle {msg.cycle_seq} <= last committed {item['last_committed_seq']}",
+        )
+    if verdict is domain.CycleVerdict.IGNORE:
+        CYCLES.labels("ignored").inc()
+        log.info(
+            "cycle ignored",
+            extra={"item_id": str(msg.item_id), "seq": msg.cycle_seq, "state": item["state"]},
+        )
+        return
+    if verdict is domain.CycleVerdict.GAP:
+        CYCLES.labels("gap").inc()
+        expected = (item["last_committed_seq"] or 0) + 1
+        why = (await repo.fault_notes(conn, msg.item_id)).dead_letter
+        await require_resync(
+            ctx,
+            conn,
+            item,
+            f"sequence gap: expected cycle {expected}, got {msg.cycle_seq}"
+            + (f" (after {why})" if why else ""),
+        )
+        return
+    await repo.drop_cycles(conn, msg.item_id)  # an unfinished earlier attempt, if any
+    await repo.start_cycle(
+        conn,
+        msg.item_id,
+        msg.cycle_seq,
+        msg.kind.value,
+        [d.model_dump() for d in msg.disks],
+        msg.source_time,
+        msg.app_consistent,
+        # where the recovery host starts reading the cycle (files imported: no offsets)
+        inc.partition if inc.partition >= 0 else None,
+        inc.offset if inc.partition >= 0 else None,
+    )
+    if ItemState(item["state"]) is ItemState.WAITING_FOR_INITIAL:
+        await change_state(conn, item, ItemState.INITIAL_REPLICATION, reason="initial cycle")
+
+
+async def _stored_blocks(
+    ctx: Context, item: dict[str, Any], cycle: dict[str, Any], inc: Incoming
+) -> tuple[list[tuple[int, str]], int, tuple[str, str] | None]:
+    """One batch's blocks checked against the cycle's disks and their hashes, and durable
+    in the store: ((index, sha256) of each, bytes stored, None) or, for a bad block,
+    (.., .., (reason, what is wrong with it))."""
+    msg = inc.payload
+    assert isinstance(msg, ev.BlocksShipped)
+    geometry = {d["disk_id"]: d for d in cycle["disks"]}
+    if msg.disk_id not in geometry:
+        raise Rejected("unknown_disk", f"disk {msg.disk_id} is not in cycle {msg.cycle_seq}")
+    disk = geometry[msg.disk_id]
+    site, ready = ctx.prestored.get(inc.envelope.event_id, ("", {}))
+    if site != item["target_site"]:
+        ready = {}
+    decoded: list[tuple[int | None, str, bytes]] = []
+    staged: list[tuple[int, str]] = []
+    for block in msg.blocks:
+        try:
+            data = block_bytes(block, disk, msg.compression, ready.get(block.index))
+        except ValueError as exc:
+            return staged, 0, ("bad_block", f"block {block.index}: {exc}")
+        staged.append((block.index, block.sha256))
+        if data is not None:
+            decoded.append((block.index, block.sha256, data))
+    if not (ready and len(ready) == len(decoded)):
+        store = ctx.store(item["target_site"])
+        try:
+            async with ctx.storing(msg.item_id):
+                await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
+        except ValueError as exc:  # BlockHashMismatch
+            return staged, 0, ("block_hash_mismatch", str(exc))
+    return staged, sum(len(data) for _, _, data in decoded), None
+
+
+async def on_blocks_shipped(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, ev.BlocksShipped)
+    item, cycle = await _item_and_cycle(conn, inc, msg.item_id, msg.cycle_seq)
+    if cycle is None:
+        CYCLES.labels("orphan_batch").inc()
+        return  # a batch of a cycle we ignore or already gave up on
+    staged, nbytes, why = await _stored_blocks(ctx, item, cycle, inc)
+    if why is not None:
+        reason, text = why
+        await repo.poison_cycle(conn, msg.item_id, msg.cycle_seq, text)
+        await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {text}")
+        raise Rejected(reason, text, keep_effects=True)
+    crash_point("replication.blocks_stored")
+    await repo.stage_batches(
+        conn, msg.item_id, msg.cycle_seq, [(msg.batch_no, msg.disk_id, staged, nbytes)]
+    )
+    BYTES_APPLIED.inc(nbytes)
+    BLOCKS_APPLIED.inc(len(staged))
+
+
+async def on_blocks_shipped_run(
+    ctx: Context, conn: asyncpg.Connection, incs: list[Incoming]
+) -> None:
+    """`on_blocks_shipped` of consecutive batches of one cycle in one transaction: the item, the
+    cycle and the producer looked up once, the batches staged in two statements. Any
+    batch that is not plain sailing sends the run back to `on_blocks_shipped`, batch by batch."""
+    first = incs[0].payload
+    assert isinstance(first, ev.BlocksShipped)
+    msgs = [inc.payload for inc in incs]
+    if any(
+        not isinstance(m, ev.BlocksShipped)
+        or (m.item_id, m.cycle_seq) != (first.item_id, first.cycle_seq)
+        for m in msgs
+    ):
+        raise RunFallback("batches of more than one cycle")
+    item, cycle = await _item_and_cycle(conn, incs[0], first.item_id, first.cycle_seq)
+    for inc in incs[1:]:
+        _check_source(item, inc, first.item_id)
+    if cycle is None:
+        CYCLES.labels("orphan_batch").inc(len(incs))
+        return
+    batches: list[tuple[int, str, list[tuple[int, str]], int]] = []
+    for inc, msg in zip(incs, msgs, strict=True):
+        assert isinstance(msg, ev.BlocksShipped)
+        staged, nbytes, why = await _stored_blocks(ctx, item, cycle, inc)
+        if why is not None:
+            raise RunFallback(why[1])
+        batches.append((msg.batch_no, msg.disk_id, staged, nbytes))
+    crash_point("replication.blocks_stored")
+    await repo.stage_batches(conn, first.item_id, first.cycle_seq, batches)
+    BYTES_APPLIED.inc(sum(b[3] for b in batches))
+    BLOCKS_APPLIED.inc(sum(len(b[2]) for b in batches))
+
+
+async def on_cycle_completed(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    """Commit the cycle's recovery point if every batch arrived and the roots match; else
+    resync."""
+    msg = inc.payload
+    assert isinstance(msg, ev.CycleCompleted)
+    item, cycle = await _item_and_cycle(conn, inc, msg.item_id, msg.cycle_seq)
+    if cycle is None:
+        return
+    batches, blocks, nbytes = await repo.staged_totals(conn, msg.item_id, msg.cycle_seq)
+    truncated = domain.incomplete_reason(msg.batches, msg.blocks, batches, blocks)
+    if truncated:
+        CYCLES.labels("truncated").inc()
+        await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
+        await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {truncated}")
+        return
+    changed = await repo.staged_blocks(conn, msg.item_id, msg.cycle_seq)
+    manifest = _point_manifest(msg, cycle, changed)
+    store = ctx.store(item["target_site"])
+    try:
+        async with ctx.storing(msg.item_id):
+            await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
+        await ctx.recovered(msg.item_id)
+    except (RootMismatch, MissingBlock) as exc:
+        CYCLES.labels("root_mismatch").inc()
+        await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
+        await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {exc}")
+        return
+    latency = await _record_point(conn, item, cycle, inc, changed, nbytes)
+    CYCLES.labels("committed").inc()
+    APPLY_SECONDS.observe(latency)
+
+
+def _point_manifest(
+    msg: ev.CycleCompleted, cycle: dict[str, Any], changed: dict[str, dict[int, str]]
+) -> PointManifest:
+    """The manifest the replica store commits: the source's roots, the cycle's changed blocks."""
+    geometry = {d["disk_id"]: d for d in cycle["disks"]}
+    return PointManifest(
+        seq=msg.cycle_seq,
+        kind=msg.kind.value,
+        source_time=msg.source_time,
+        app_consistent=msg.app_consistent,
+        disks=[
+            DiskPoint(
+                disk_id=root.disk_id,
+                size_bytes=root.size_bytes,
+                block_size=geometry.get(root.disk_id, {}).get("block_size", 65536),
+                merkle_root=root.merkle_root,
+                changed=changed.get(root.disk_id, {}),
+            )
+            for root in msg.disks
+        ],
+    )
+
+
+async def _record_point(
+    conn: asyncpg.Connection,
+    item: dict[str, Any],
+    cycle: dict[str, Any],
+    inc: Incoming,
+    changed: dict[str, dict[int, str]],
+    nbytes: int,
+) -> float:
+    """A point the store committed: its row, the cycle's stats, `RecoveryPointCreated`, the
+    item's new state, and the recovery host fed. Returns source capture -> commit seconds."""
+    msg = inc.payload
+    assert isinstance(msg, ev.CycleCompleted)
+    geometry = {d["disk_id"]: d for d in cycle["disks"]}
+    now = datetime.now(UTC)
+    latency = (now - msg.source_time).total_seconds()
+    point_type = (
+        ev.RecoveryPointType.APP_CONSISTENT
+        if msg.app_consistent
+        else ev.RecoveryPointType.CRASH_CONSISTENT
+    )
+    changed_count = sum(len(c) for c in changed.values())
+    await repo.insert_point(
+        conn,
+        item_id=msg.item_id,
+        cycle_seq=msg.cycle_seq,
+        kind=msg.kind.value,
+        point_type=point_type.value,
+        source_time=msg.source_time,
+        disks=[d.model_dump() for d in msg.disks],
+        changed_blocks=changed_count,
+        bytes=nbytes,
+    )
+    await repo.drop_cycles(conn, msg.item_id, msg.cycle_seq)
+    await repo.record_cycle_stats(conn, msg.item_id, True, latency, nbytes)
+    fields: dict[str, Any] = {
+        "last_committed_seq": msg.cycle_seq,
+        "last_point_source_time": msg.source_time,
+        "last_cycle_at": now,
+        "error": None,
+        "resync_seq": None,
+        "resync_id": None,
+        "resync_attempts": 0,
+        "disks": [
+            {**d, "size_bytes": geometry[d["disk_id"]]["size_bytes"]}
+            if d["disk_id"] in geometry
+            else d
+            for d in item["disks"]
+        ],
+    }
+    if item["initial_done_at"] is None:
+        fields["initial_done_at"] = now
+    # The point first, then the state it brings: a view never sees the item `replicating`
+    # (e.g. past its resync) before the recovery point that made it so.
+    await emit(
+        conn,
+        item["vault_id"],
+        ev.RecoveryPointCreated(
+            item_id=msg.item_id,
+            vm_id=item["vm_id"],
+            cycle_seq=msg.cycle_seq,
+            kind=msg.kind,
+            point_type=point_type,
+            source_time=msg.source_time,
+            disks=msg.disks,
+            changed_blocks=changed_count,
+            bytes_stored=nbytes,
+        ),
+        str(msg.item_id),
+    )
+    new_state = domain.state_after_point(ItemState(item["state"]), msg.kind)
+    healthy = Health.NORMAL if Health(item["health"]) is Health.CRITICAL else None
+    await change_state(
+        conn,
+        item,
+        new_state,
+        reason=f"recovery point {msg.cycle_seq}",
+        health=healthy,
+        **fields,
+    )
+    await feed_replica(conn, item, cycle, msg, inc)
+    return latency
+
+
+def make_delta_handlers(ctx: Context) -> tuple[dict[str, Handler], dict[str, RunHandler]]:
+    """(handlers by event type, run handlers by event type) of the delta pipeline."""
+    handlers: dict[str, Handler] = {
+        "CycleStarted": partial(on_cycle_started, ctx),
+        "BlocksShipped": partial(on_blocks_shipped, ctx),
+        "CycleCompleted": partial(on_cycle_completed, ctx),
+    }
+    return (
+        {name: _delta_checked(ctx, handler) for name, handler in handlers.items()},
+        {"BlocksShipped": _delta_run_checked(ctx, partial(on_blocks_shipped_run, ctx))},
+    )
+
+
+async def feed_replica(
+    conn: asyncpg.Connection,
+    item: dict[str, Any],
+    cycle: dict[str, Any],
+    msg: ev.CycleCompleted,
+    inc: Incoming,
+) -> None:
+    """Command the item's recovery host to apply the committed point from the cycle's own
+    records on the delta topic (partition and offsets), in the commit's transaction."""
+    if item["recovery_agent_id"] is None or cycle["delta_partition"] is None:
+        return
+    geometry = {d["disk_id"]: d for d in cycle["disks"]}
+    await emit(
+        conn,
+        item["vault_id"],
+        cmd.ReplicaPointApplyRequested(
+            command_id=uuid.uuid5(msg.item_id, f"replica-apply:{msg.cycle_seq}"),
+            agent_id=item["recovery_agent_id"],
+            item_id=msg.item_id,
+            cycle_seq=msg.cycle_seq,
+            partition=cycle["delta_partition"],
+            first_offset=cycle["first_offset"],
+            last_offset=inc.offset,
+            disks=[
+                cmd.ReplicaDisk(
+                    disk_id=d.disk_id,
+                    size_bytes=d.size_bytes,
+                    block_size=geometry.get(d.disk_id, {}).get("block_size", 65536),
+                    merkle_root=d.merkle_root,
+                )
+                for d in msg.disks
+            ],
+            keep_from=await repo.oldest_live_point(conn, msg.item_id) or msg.cycle_seq,
+        ),
+        str(item["recovery_agent_id"]),
+    )
+
+
+def _check_partition(ctx: Context, inc: Incoming) -> None:
+    """A delta record must be on the partition Kafka's default partitioner (murmur2) gives its
+    key: one item's records on one partition is what keeps its cycles in order."""
+    if ctx.delta_partitions is None or inc.key is None or inc.partition < 0:
+        return  # not known yet, or not from Kafka (an imported cycle file)
+    expected = topics.partition_for(inc.key.encode(), ctx.delta_partitions)
+    if inc.partition != expected:
+        raise Rejected(
+            "wrong_partition",
+            f"record keyed {inc.key} arrived on partition {inc.partition}, but Kafka's default "
+            f"partitioner (murmur2) puts that key on partition {expected} of "
+            f"{ctx.delta_partitions}: publish with a murmur2 partitioner (kcat: -X "
+            "partitioner=murmur2_random), or per-item order is lost",
+        )
+
+
+async def _note_dead_letter(ctx: Context, inc: Incoming, rej: Rejected) -> None:
+    """Note on the record's item why it was dead-lettered (its own connection: the record's
+    transaction rolls back)."""
+    item_id = getattr(inc.payload, "item_id", None)
+    if isinstance(item_id, uuid.UUID) and rej.reason not in ("replayed_cycle",):
+        seq = getattr(inc.payload, "cycle_seq", "?")
+        why = (
+            f"a replication record of cycle {seq} ({inc.envelope.type}) was dead-lettered: "
+            f"{rej.reason}: {rej.detail}; cause: the record cannot be applied as sent; "
+            f"recommendation: read its headers in {topics.dlq_of(topics.REPLICATION_DELTAS)}; "
+            "the cycle is missing, so the item resyncs at its next cycle"
+        )
+        async with ctx.pool.acquire() as conn:
+            await repo.note_dead_letter(conn, item_id, why)
+
+
+def _delta_checked(ctx: Context, handler: Handler) -> Handler:
+    """`handler` with the partition check first; a record it refuses is noted on its item."""
+
+    async def checked(conn: asyncpg.Connection, inc: Incoming) -> None:
+        try:
+            _check_partition(ctx, inc)
+            await handler(conn, inc)
+        except Rejected as rej:
+            await _note_dead_letter(ctx, inc, rej)
+            raise
+
+    return checked
+
+
+def _delta_run_checked(ctx: Context, handler: RunHandler) -> RunHandler:
+    async def checked(conn: asyncpg.Connection, incs: list[Incoming]) -> None:
+        for inc in incs:
+            try:
+                _check_partition(ctx, inc)
+            except Rejected:
+                raise RunFallback(
+                    "a record on the wrong partition"
+                ) from None  # dead-lettered alone
+        await handler(conn, incs)
+
+    return checked

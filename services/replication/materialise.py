@@ -1,0 +1,259 @@
+"""Materialising a recovery point for the failover service (`RecoveryPointMaterialiseRequested`,
+worked on by the failover worker): every disk written into `target_dir/<disk_id>.vhdx` from
+the replica store, verified block by block, or the request handed to the recovery host that
+keeps the item's replica (handover, or differencing disks for a test failover) and its answer
+turned into `RecoveryPointMaterialised`. Each answer is recorded with the request and enqueued
+in the outbox in one transaction, so it is given exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from services.replication import domain
+from services.replication import repository as repo
+from services.replication import request_repository as request_repo
+from services.replication.config import ReplicationSettings
+from services.replication.context import Context, emit
+from services.replication.store import StoreError
+from shared.files import OutsideRoots, confined
+from shared.kafka.consumers import Handler
+from shared.kafka.decode import Incoming, Rejected
+from shared.schemas import agent as cmd
+from shared.schemas import failover as fo
+from shared.schemas import replication as ev
+from shared.schemas.envelope import EventPayload
+
+log = logging.getLogger(__name__)
+
+SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def materialise_target(settings: ReplicationSettings, target_dir: str, disk_ids: list[str]) -> Path:
+    """The folder a point's disks are written to, `target_dir` resolved: it must lie under a
+    materialise root (after links), hold no VM (vm.json) and every disk id must be usable as a
+    file name. ValueError says what is wrong."""
+    try:
+        target = confined(target_dir, settings.allowed_roots())
+    except OutsideRoots as exc:
+        raise ValueError(f"target_dir is not under a materialise root: {exc}") from None
+    if (target / "vm.json").exists():
+        raise ValueError(f"target_dir {target} holds a VM (vm.json): its disks are not overwritten")
+    bad = [d for d in disk_ids if not SAFE_FILE.fullmatch(d)]
+    if bad:
+        raise ValueError(f"disk ids unusable as file names: {bad}")
+    return target
+
+
+REPLICA_WAIT_SECONDS = 30.0  # how long a handover waits for the replica to reach the point
+REPLICA_POLL_SECONDS = 0.2  # how often it looks meanwhile
+
+
+async def _hand_over(
+    ctx: Context, request: dict[str, Any], item: dict[str, Any], point: dict[str, Any]
+) -> bool:
+    """A failover's disks from the recovery host's replica (handed over, or differencing disks
+    over it for a test failover; no copy): True when the request was handed to the host, or
+    waits for its replica to reach the point; False: copy here."""
+    msg = fo.RecoveryPointMaterialiseRequested.model_validate(request["request"])
+    seq = point["cycle_seq"]
+    if not (msg.handover or msg.differencing) or item["recovery_agent_id"] is None:
+        return False
+    if request["request"].get("replica_refused"):
+        return False  # the host tried and could not: copy
+    if (item["replica_seq"] or 0) < seq:
+        waited = (datetime.now(UTC) - request["created_at"]).total_seconds()
+        if waited >= REPLICA_WAIT_SECONDS:
+            return False
+        # the last point is being applied there: look again soon, not at the next interval
+        asyncio.get_running_loop().call_later(REPLICA_POLL_SECONDS, ctx.failover_wake.set)
+        return True
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if not await request_repo.delegate_request(conn, msg.request_id):
+            return True
+        kind = cmd.DifferencingDisksRequested if msg.differencing else cmd.ReplicaHandoverRequested
+        await emit(
+            conn,
+            item["vault_id"],
+            kind(
+                command_id=uuid.uuid5(msg.request_id, f"replica-{kind.__name__}"),
+                agent_id=item["recovery_agent_id"],
+                item_id=msg.item_id,
+                request_id=msg.request_id,
+                cycle_seq=seq,
+                target_dir=msg.target_dir,
+                disks=[
+                    cmd.ReplicaDisk(
+                        disk_id=d["disk_id"],
+                        size_bytes=d["size_bytes"],
+                        block_size=d.get("block_size", 65536),
+                        merkle_root=d["merkle_root"],
+                    )
+                    for d in point["disks"]
+                ],
+            ),
+            str(item["recovery_agent_id"]),
+        )
+    log.info(
+        "failover disks asked of the recovery host's replica",
+        extra={
+            "request_id": str(msg.request_id),
+            "item_id": str(msg.item_id),
+            "seq": seq,
+            "differencing": msg.differencing,
+        },
+    )
+    return True
+
+
+async def on_handover(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, cmd.CommandCompleted)
+    try:
+        request_id = uuid.UUID(str(msg.result.get("request_id")))
+    except ValueError:
+        request_id = None
+    request = await request_repo.get_request(conn, request_id) if request_id else None
+    if request is None:
+        raise Rejected("invalid_result", "a handover answer names no known request")
+    item = await repo.get_item(conn, request["item_id"])
+    if item is None or str(item["recovery_agent_id"]) != inc.envelope.producer_id:
+        raise Rejected("wrong_agent", "handover answer from a host that keeps no replica")
+    if request["state"] != "delegated":
+        return  # answered already
+    if msg.outcome is cmd.CommandOutcome.FAILED:
+        log.warning(
+            "the recovery host could not hand its replica over; copying",
+            extra={"request_id": str(request_id), "error": msg.error},
+        )
+        await request_repo.undelegate_request(conn, request["request_id"], msg.error)
+        ctx.failover_wake.set()
+        return
+    seq = msg.result.get("cycle_seq")
+    point = next(
+        (p for p in await repo.live_points(conn, item["item_id"]) if p["cycle_seq"] == seq),
+        None,
+    )
+    if point is None:
+        raise Rejected("invalid_result", f"handover of point {seq}, which is not retained")
+    roots = {d["disk_id"]: d["merkle_root"] for d in point["disks"]}
+    answer = fo.RecoveryPointMaterialised(
+        request_id=request["request_id"],
+        item_id=item["item_id"],
+        cycle_seq=seq,
+        source_time=point["source_time"],
+        app_consistent=point["point_type"] == ev.RecoveryPointType.APP_CONSISTENT.value,
+        disks=[
+            fo.MaterialisedDisk(
+                disk_id=d["disk_id"],
+                path=d["path"],
+                size_bytes=d["size_bytes"],
+                merkle_root=roots[d["disk_id"]],
+            )
+            for d in msg.result.get("disks", [])
+            if d.get("disk_id") in roots
+        ],
+    )
+    if await request_repo.answer_request(
+        conn,
+        request["request_id"],
+        "answered",
+        type(answer).__name__,
+        answer.model_dump(mode="json"),
+    ):
+        await emit(conn, request["vault_id"], answer, str(request["item_id"]))
+
+
+def make_replica_answers(ctx: Context) -> dict[str, Handler]:
+    """Handlers of the recovery host's `CommandCompleted` for a handover, by command type."""
+    handler = partial(on_handover, ctx)
+    return {"ReplicaHandoverRequested": handler, "DifferencingDisksRequested": handler}
+
+
+async def materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | None:
+    """Write the point's disks into the target folder (or hand the request to the recovery
+    host's replica: None, answered when the host answers); the answer to publish."""
+    msg = fo.RecoveryPointMaterialiseRequested.model_validate(request["request"])
+
+    def failed(why: str) -> fo.RecoveryPointMaterialiseFailed:
+        log.warning("materialise failed", extra={"request_id": str(msg.request_id), "error": why})
+        return fo.RecoveryPointMaterialiseFailed(
+            request_id=msg.request_id, item_id=msg.item_id, error=why
+        )
+
+    async with ctx.pool.acquire() as conn:
+        item = await repo.get_item(conn, msg.item_id)
+        live = await repo.live_points(conn, msg.item_id) if item else []
+    if item is None or item["vault_id"] != request["vault_id"]:
+        return failed(f"protected item {msg.item_id} not found")
+    try:
+        seq = domain.choose_point(
+            [domain.PointRef(p["cycle_seq"], p["point_type"] == "app_consistent") for p in live],
+            msg.choice.value,
+            msg.cycle_seq,
+            held=item["replica_seq"] if msg.differencing and item["recovery_agent_id"] else None,
+        )
+    except domain.ReplicationError as exc:
+        return failed(exc.message)
+    point = next(p for p in live if p["cycle_seq"] == seq)
+    try:
+        target = await asyncio.to_thread(
+            materialise_target, ctx.settings, msg.target_dir, [d["disk_id"] for d in point["disks"]]
+        )
+    except ValueError as exc:
+        return failed(str(exc))
+    if await _hand_over(ctx, request, item, point):
+        return None
+    store = ctx.store(item["target_site"])
+    disks = []
+    try:
+        await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+        for disk in point["disks"]:
+            out = target / f"{disk['disk_id']}.vhdx"
+            digest = await asyncio.to_thread(
+                store.materialise, str(msg.item_id), seq, disk["disk_id"], out, verify=True
+            )
+            disks.append(
+                fo.MaterialisedDisk(
+                    disk_id=disk["disk_id"],
+                    path=str(out),
+                    size_bytes=disk["size_bytes"],
+                    sha256=digest,
+                    merkle_root=disk["merkle_root"],
+                )
+            )
+    except (OSError, StoreError) as exc:
+        return failed(f"recovery point {seq} could not be written to {target}: {exc}")
+    log.info(
+        "recovery point materialised",
+        extra={"request_id": str(msg.request_id), "item_id": str(msg.item_id), "seq": seq},
+    )
+    return fo.RecoveryPointMaterialised(
+        request_id=msg.request_id,
+        item_id=msg.item_id,
+        cycle_seq=seq,
+        source_time=point["source_time"],
+        app_consistent=point["point_type"] == ev.RecoveryPointType.APP_CONSISTENT.value,
+        disks=disks,
+    )
+
+
+async def record_answer(ctx: Context, request: dict[str, Any], answer: EventPayload) -> None:
+    state = "failed" if isinstance(answer, fo.RecoveryPointMaterialiseFailed) else "answered"
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if await request_repo.answer_request(
+            conn,
+            request["request_id"],
+            state,
+            type(answer).__name__,
+            answer.model_dump(mode="json"),
+        ):
+            await emit(conn, request["vault_id"], answer, str(request["item_id"]))

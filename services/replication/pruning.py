@@ -1,0 +1,69 @@
+"""Retention at work: each item's recovery points past its policy's window pruned from the
+replica store, then from the index (`retention.select_retained` chooses which to keep)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from services.replication import read_model_repository as rm_repo
+from services.replication import repository as repo
+from services.replication.context import Context, emit
+from services.replication.retention import PointMeta, select_retained
+from shared.schemas import replication as ev
+from shared.schemas.replication import ItemState
+
+log = logging.getLogger(__name__)
+
+
+async def apply_retention(ctx: Context) -> int:
+    """Prune recovery points past the policy's window (store first, then the index)."""
+    pruned_total = 0
+    async with ctx.pool.acquire() as conn:
+        items = await repo.active_items(conn)
+    for item in items:
+        if ItemState(item["state"]) is ItemState.FAILED_OVER:
+            continue  # its points are the failover's to choose from, until commit
+        async with ctx.pool.acquire() as conn:
+            points = await repo.live_points(conn, item["item_id"])
+            settings = await rm_repo.policy_settings(conn, item["vault_id"], item["policy_id"])
+        if len(points) <= 1:
+            continue
+        keep = select_retained(
+            [
+                PointMeta(p["cycle_seq"], p["source_time"], p["point_type"] == "app_consistent")
+                for p in points
+            ],
+            now=datetime.now(UTC),
+            retention_hours=int(settings.get("recovery_points", 0)),
+            app_consistent_hours=int(settings.get("app_consistent_frequency_hours", 0)),
+            keep_recent=ctx.settings.keep_recent_points,
+        )
+        drop = sorted(p["cycle_seq"] for p in points if p["cycle_seq"] not in keep)
+        if not drop:
+            continue
+        store = ctx.store(item["target_site"])
+        try:
+            async with ctx.storing(item["item_id"]):
+                await asyncio.to_thread(store.prune, str(item["item_id"]), keep)
+        except ValueError as exc:  # the item changed meanwhile (e.g. a failover committed)
+            log.warning(
+                "retention skipped", extra={"item_id": str(item["item_id"]), "why": str(exc)}
+            )
+            continue
+        except OSError as exc:  # the item's health shows a storage failure; retried next round
+            log.warning(
+                "retention failed", extra={"item_id": str(item["item_id"]), "error": str(exc)}
+            )
+            continue
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            await repo.mark_pruned(conn, item["item_id"], drop)
+            await emit(
+                conn,
+                item["vault_id"],
+                ev.RecoveryPointsPruned(item_id=item["item_id"], cycle_seqs=drop),
+                str(item["item_id"]),
+            )
+        pruned_total += len(drop)
+    return pruned_total
