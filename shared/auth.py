@@ -18,6 +18,7 @@ import asyncpg
 from fastapi import Depends, HTTPException, Request, status
 
 from shared import signing
+from shared.readmodels import known_token
 from shared.schemas.registration import Role
 
 ROLE_RANK = {Role.READER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
@@ -85,11 +86,7 @@ def metrics_access(request: Request) -> None:
 async def lookup_token(pool: asyncpg.Pool, token: str, admin_token: str | None) -> Principal:
     if admin_token and signing.constant_time_equals(token, admin_token):
         return Principal(token_id="bootstrap-admin", role=Role.ADMIN, vault_id=None)
-    row = await pool.fetchrow(
-        "SELECT token_id, vault_id, role, revoked, expires_at <= now() AS expired"
-        " FROM known_tokens WHERE token_hash = $1",
-        signing.hash_secret(token),
-    )
+    row = await known_token(pool, signing.hash_secret(token))
     if row is not None and row["expired"]:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

@@ -137,6 +137,16 @@ def registration_handlers() -> dict[str, Handler]:
 ProducerLookup = Callable[[asyncpg.Connection, str], Awaitable[dict[str, Any] | None]]
 
 
+async def known_token(pool: asyncpg.Pool, token_hash: str) -> asyncpg.Record | None:
+    """A token of the read model by the hash of its secret (with whether it has expired)."""
+    row: asyncpg.Record | None = await pool.fetchrow(
+        "SELECT token_id, vault_id, role, revoked, expires_at <= now() AS expired"
+        " FROM known_tokens WHERE token_hash = $1",
+        token_hash,
+    )
+    return row
+
+
 async def known_producer(conn: asyncpg.Connection, producer_id: str) -> dict[str, Any] | None:
     """The producer as this service knows it (looked up once per run of records)."""
     memo = RUN_MEMO.get()
