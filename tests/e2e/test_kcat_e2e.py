@@ -3,7 +3,8 @@ real: the publisher registers with `scripts/publisher_register.py` (its own key 
 the vault's registration key) and gets a Kafka certificate of its own (principal
 `edge-<producer id>-g1`, its kind's ACLs); a heartbeat signed with `scripts/sign_event.py` and
 produced with kcat with that certificate makes it Connected; a malformed record and a wrongly
-signed one land in the DLQ with their reasons (read back with `kcat -C -f '%h'` as `admin`).
+signed one land in the DLQ with their reasons (read back with `kcat -C -f '%h'` as `admin`);
+`--renew` gets a new certificate for the same principal that the same kcat options publish with.
 Kafka refuses the publisher's record on a topic its kind may not write (registration.events.v1,
 another kind's topic), and every record after `drctl site revoke`; without a certificate the
 TLS handshake is refused."""
@@ -253,6 +254,26 @@ async def test_publish_with_kcat(
     )  # fmt: skip
     assert rc == 0, err
     assert "dlq.reason=malformed_json" in out
+
+    # 3. renewal: a new key pair's certificate for the same principal, by the credential alone;
+    # the same kcat options publish with it
+    before = x509.load_pem_x509_certificate((folder / "kafka.pem").read_bytes())
+    old_key = (folder / "kafka.key").read_text()
+    rc, out, err = await run(
+        sys.executable, "-m", "scripts.publisher_register", "--out", str(folder), "--renew",
+        env={"DR_REGISTRATION_URL": registration.url, "DR_REGISTRATION_KEY": ""},
+    )  # fmt: skip
+    assert rc == 0, err
+    assert shlex.split(out.strip()) == publisher
+    renewed = check_identity_files(folder)
+    after = x509.load_pem_x509_certificate((folder / "kafka.pem").read_bytes())
+    assert after.serial_number != before.serial_number and after.subject == before.subject
+    assert renewed["kafka_key"] != old_key and renewed["credential"] == identity["credential"]
+    payload.write_text(json.dumps({"kind": "agent", "sequence": 2, "interval_seconds": 30}))
+    line = await sign(folder / "identity.json", "Heartbeat", payload)
+    rc, _, err = await kcat_produce(platform, publisher, heartbeats, producer_id, line)
+    assert rc == 0, err
+    await wait_for_records(brokers, heartbeats, lambda r: r.value == line.strip().encode())
 
 
 async def test_a_publisher_writes_only_what_its_kind_may_and_nothing_once_revoked(
