@@ -8,7 +8,7 @@
 #                               Kafka reads a PEM key store file only with ssl.key.password
 #                               (PBE-SHA1-3DES: Java 17 reads no PBES2 key from a PEM file)
 #   <principal>.pem/.key        a client certificate (CN=<principal>) per principal; default
-#                               admin registration inventory policy replication failover edge
+#                               admin registration inventory policy replication failover
 #   admin.keystore.pem          admin's, for Java tools (with broker.password)
 #   admin.properties            --command-config of Kafka's Java tools as admin
 #   edge-ca.pem, edge-ca.key    the edge-issuing CA: an intermediate of the platform CA
@@ -24,7 +24,7 @@ set -euo pipefail
 DIR="$(realpath -m "${1:?usage: make-pki.sh DIR [PRINCIPAL...]}")"
 shift
 PRINCIPALS=("$@")
-((${#PRINCIPALS[@]})) || PRINCIPALS=(admin registration inventory policy replication failover edge)
+((${#PRINCIPALS[@]})) || PRINCIPALS=(admin registration inventory policy replication failover)
 
 command -v openssl >/dev/null 2>&1 || { echo "openssl not found (Debian package: openssl)" >&2; exit 2; }
 

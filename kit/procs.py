@@ -131,7 +131,7 @@ _GRANTED: set[tuple[str, str]] = set()
 
 def kafka_identity(env: dict[str, str], principal: str) -> dict[str, str]:
     """On a stack with Kafka TLS (stack.env names DR_KAFKA_PKI_DIR): the client certificate of
-    `principal` (a service's name, or `edge`) for a process's environment, after the ACLs of
+    `principal` (a service's name, or `admin`) for a process's environment, after the ACLs of
     the environment's topic prefix are granted (once per prefix, with the admin certificate:
     `python -m shared.kafka_acl`). Empty on a plaintext stack."""
     full = {**os.environ, **env}
@@ -171,7 +171,7 @@ def edge_ca(env: dict[str, str]) -> dict[str, str]:
 def edge_kafka(env: dict[str, str]) -> dict[str, str]:
     """An edge process's Kafka environment: no client certificate (it registers with a CSR
     and presents the certificate issued to it), after the prefix's ACLs are granted."""
-    if not kafka_identity(env, "edge"):
+    if not kafka_identity(env, "admin"):
         return {}
     return {"DR_KAFKA_CERT_FILE": "", "DR_KAFKA_KEY_FILE": ""}
 

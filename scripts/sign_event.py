@@ -3,10 +3,10 @@ does to publish to the platform. See docs/publishing-events.md.
 
     python -m scripts.sign_event --identity state/identity.json \\
         --type Heartbeat --payload heartbeat.json \\
-      | kcat -P -b 127.0.0.1:19092 $EDGE -t registration.heartbeats.v1 -k PRODUCER_ID
+      | kcat -P -b 127.0.0.1:19092 $PUBLISHER -t registration.heartbeats.v1 -k PRODUCER_ID
 
-($EDGE: kcat's `-X` options for a client certificate allowed to write the topic, see
-docs/publishing-events.md.)
+($PUBLISHER: kcat's `-X` options for the publisher's own client certificate, printed by
+`python -m scripts.publisher_register`, see docs/publishing-events.md.)
 
     python -m scripts.sign_event --new-key          # a key pair: private (keep it), public
 

@@ -17,8 +17,9 @@ principal can do only what an ACL below allows; `admin` (topic tooling, operator
   `agent.<producer id>.replica` (the replica's lane) only, and
   reads offset ranges of the deltas without a consumer group (a recovery host agent feeding
   its replicas: Kafka's ACLs stop at the topic, so that read covers every item's deltas);
-- `edge`, the shared edge principal of the table, is for tools (the kcat publishing guide);
-  no edge process is given its certificate;
+- an upstream publisher (a system publishing with kcat) registers the same way, as one of
+  those kinds (`python -m scripts.publisher_register`), and gets exactly that kind's ACLs:
+  there is no shared edge principal;
 - `registration` may alter the cluster's ACLs (to grant and remove the edges'): whoever holds
   its key can grant any principal anything, as whoever holds the platform CA key can mint any
   principal;
@@ -162,21 +163,12 @@ ACCESS: dict[str, Access] = {
         ),
         groups=("failover.",),
     ),
-    "edge": Access(
-        writes=(
-            topics.REGISTRATION_HEARTBEATS,
-            topics.INVENTORY_DISCOVERY,
-            topics.REPLICATION_DELTAS,
-            topics.AGENT_EVENTS,
-        ),
-        reads=(topics.AGENT_COMMANDS,),
-        groups=("agent.",),
-        creates=False,
-        # a recovery host agent reads the offset ranges of the deltas that its
-        # ReplicaPointApplyRequested commands name, to keep the replicas it holds
-        range_reads=(topics.REPLICATION_DELTAS,),
-    ),
 }
+
+# Principals of earlier versions, whose ACLs (of every prefix) `grant_platform` deletes:
+# `edge`, a tools certificate shared by every upstream publisher, which now registers for a
+# principal of its own.
+RETIRED_PRINCIPALS: tuple[str, ...] = ("edge",)
 
 # The unsigned `service:` producer ids written on each service-owned topic; the topic's ACL
 # lets only the matching principal write there.
@@ -234,7 +226,9 @@ def acls_for(principal: str, access: Access, prefix: str) -> list[Acl]:
 
 
 def edge_access(kind: str, producer_id: str) -> Access:
-    """What one registered edge may do: `kind` "provider" or "agent"."""
+    """What one registered edge (a site provider, a host agent, or an upstream publisher
+    registered as one of them) may do: `kind` "provider" writes heartbeats and discovery;
+    "agent" writes heartbeats, agent events and deltas and reads its commands."""
     if kind == "provider":
         return Access(
             writes=(topics.REGISTRATION_HEARTBEATS, topics.INVENTORY_DISCOVERY),
@@ -332,12 +326,15 @@ async def delete_acls(bootstrap: str, principal: str, security: KafkaSecurity) -
 async def grant_platform(
     bootstrap: str, prefix: str, security: KafkaSecurity, partitions: int = 4
 ) -> int:
-    """Create the prefix's topics and every principal's ACLs for it; returns how many ACLs."""
+    """Create the prefix's topics and every principal's ACLs for it, and delete those of the
+    retired principals; returns how many ACLs were granted."""
     await ensure_topics(
         bootstrap, prefix, topics.ALL_TOPICS, partitions=partitions, security=security
     )
     acls = [a for p, access in ACCESS.items() for a in acls_for(p, access, prefix)]
     await create_acls(bootstrap, acls, security)
+    for retired in RETIRED_PRINCIPALS:
+        await delete_acls(bootstrap, retired, security)
     return len(acls)
 
 

@@ -81,7 +81,8 @@
 # ${DR_STATE_DIR}/pki (ca.pem; ca.key stays there, mode 0600), the broker's certificate
 # (CN=broker, a super user; SANs 127.0.0.1 and localhost) and one client certificate per
 # platform principal: admin (a super user: topic tooling, tests, operators), registration,
-# inventory, policy, replication, failover and edge. A principal is its certificate's CN
+# inventory, policy, replication and failover; edges and upstream publishers get theirs from
+# the registration service (edge-ca.pem). A principal is its certificate's CN
 # (ssl.principal.mapping.rules). ACLs per topic prefix are set by `python -m shared.kafka_acl`
 # (what each principal may write, read and which consumer groups it may use); stack.env names
 # the admin certificate (DR_KAFKA_CERT_FILE/DR_KAFKA_KEY_FILE), the CA and the pki folder.

@@ -1,30 +1,40 @@
 """Kafka authentication and ACLs on the real broker (a stack with KAFKA_SECURITY=tls): a client
-without a certificate can neither produce nor consume; the edge principal cannot write
-registration.events.v1 or a service's topic, nor read registration events; a service cannot
-write another service's topic; each can do what its role needs. The edge reads offset ranges
-of replication.deltas.v1 (a recovery host's replica feed) but not its DLQ's writes nor another
-service topic's records."""
+without a certificate can neither produce nor consume; an edge principal (a host agent's or a
+site provider's, as the registration service issues and grants them) cannot write
+registration.events.v1 or a service's topic, nor another kind's edge topics, nor read
+registration events; a service cannot write another service's topic; each can do what its role
+needs. An agent reads offset ranges of replication.deltas.v1 (a recovery host's replica feed)
+but not its DLQ's writes nor another service topic's records. The retired shared `edge`
+principal may do nothing."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import ssl
+import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorizationFailedError
+from cryptography import x509
 
+from kit.poll import eventually
 from kit.procs import kafka_identity
 from kit.stack import Stack, delete_prefixed_topics, random_prefix
-from shared import topics
+from services.registration.edge_certs import EdgeCertificates
+from shared import edge_pki, topics
 from shared.kafka.ranges import RangeUnavailable, read_range
 from shared.kafka.security import KafkaSecurity
+from shared.kafka_acl import Access, acls_for, create_acls, grant_platform
 from tests.support.kafka import read_all
 
 pytestmark = pytest.mark.e2e
+
+EDGE_KINDS = ("agent", "provider")
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +43,41 @@ async def prefix(stack: Stack) -> AsyncIterator[str]:
     if os.environ.get("DR_KAFKA_SECURITY", "tls") != "tls":
         pytest.skip("the stack runs Kafka without TLS (KAFKA_SECURITY=plaintext)")
     name = random_prefix("acl")
-    kafka_identity({"DR_TOPIC_PREFIX": name, "KAFKA_BOOTSTRAP_SERVERS": stack.kafka}, "edge")
+    kafka_identity({"DR_TOPIC_PREFIX": name, "KAFKA_BOOTSTRAP_SERVERS": stack.kafka}, "admin")
     yield name
     await delete_prefixed_topics(stack.kafka, name)
 
 
+@pytest.fixture(scope="module")
+async def edges(
+    stack: Stack, prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, KafkaSecurity]:
+    """An agent's and a provider's principal of this prefix, certified by the edge CA and
+    granted their kind's ACLs by the registration service's own code (`EdgeCertificates`)."""
+    pki = Path(os.environ["DR_KAFKA_PKI_DIR"])
+    certificates = EdgeCertificates(
+        edge_pki.EdgeIssuer.from_files(pki / "edge-ca.pem", pki / "edge-ca.key"),
+        timedelta(hours=1),
+        stack.kafka,
+        prefix,
+        KafkaSecurity.from_env(),
+    )
+    out: dict[str, KafkaSecurity] = {}
+    for kind in EDGE_KINDS:
+        key = edge_pki.new_key()
+        csr = x509.load_pem_x509_csr(edge_pki.csr_pem(key, f"{kind}.acl.local").encode())
+        producer_id = str(uuid.uuid4())
+        principal = edge_pki.principal_of(producer_id, 1)
+        issued = await certificates.grant(csr, principal, kind, producer_id)
+        cert, key_file = edge_pki.write_client_files(
+            tmp_path_factory.mktemp(kind), issued.pem, edge_pki.key_pem(key)
+        )
+        out[kind] = KafkaSecurity("tls", os.environ["DR_KAFKA_CA_FILE"], str(cert), str(key_file))
+    return out
+
+
 def security(stack: Stack, prefix: str, principal: str) -> KafkaSecurity:
+    """A platform principal's certificate (from the stack's pki folder)."""
     env = {"DR_TOPIC_PREFIX": prefix, "KAFKA_BOOTSTRAP_SERVERS": stack.kafka}
     identity = kafka_identity(env, principal)
     return KafkaSecurity(
@@ -47,6 +86,12 @@ def security(stack: Stack, prefix: str, principal: str) -> KafkaSecurity:
         identity["DR_KAFKA_CERT_FILE"],
         identity["DR_KAFKA_KEY_FILE"],
     )
+
+
+def principal_security(
+    stack: Stack, prefix: str, edges: dict[str, KafkaSecurity], principal: str
+) -> KafkaSecurity:
+    return edges[principal] if principal in edges else security(stack, prefix, principal)
 
 
 async def produce(stack: Stack, sec: KafkaSecurity, topic: str, value: bytes) -> None:
@@ -97,30 +142,37 @@ async def test_a_client_without_a_certificate_can_neither_produce_nor_consume(
 @pytest.mark.parametrize(
     "principal, topic",
     [
-        ("edge", topics.REGISTRATION_EVENTS),
-        ("edge", topics.POLICY_EVENTS),
-        ("edge", topics.AGENT_COMMANDS),
+        ("agent", topics.REGISTRATION_EVENTS),
+        ("agent", topics.POLICY_EVENTS),
+        ("agent", topics.AGENT_COMMANDS),
+        ("agent", topics.INVENTORY_DISCOVERY),
+        ("provider", topics.REGISTRATION_EVENTS),
+        ("provider", topics.REPLICATION_DELTAS),
+        ("provider", topics.AGENT_EVENTS),
         ("inventory", topics.REGISTRATION_EVENTS),
         ("policy", topics.REPLICATION_EVENTS),
     ],
 )
 async def test_a_principal_cannot_write_a_topic_that_is_not_its_own(
-    stack: Stack, prefix: str, principal: str, topic: str
+    stack: Stack, prefix: str, edges: dict[str, KafkaSecurity], principal: str, topic: str
 ) -> None:
     physical = topics.physical(topic, prefix)
     tag = secrets.token_hex(8).encode()
     with pytest.raises(TopicAuthorizationFailedError):
-        await produce(stack, security(stack, prefix, principal), physical, tag)
+        await produce(stack, principal_security(stack, prefix, edges, principal), physical, tag)
     assert all(tag not in r.value for r in await read_all(stack.kafka, physical))
 
 
-async def test_the_edge_cannot_read_registration_events(stack: Stack, prefix: str) -> None:
+@pytest.mark.parametrize("kind", EDGE_KINDS)
+async def test_an_edge_cannot_read_registration_events(
+    stack: Stack, prefix: str, edges: dict[str, KafkaSecurity], kind: str
+) -> None:
     consumer = AIOKafkaConsumer(
         topics.physical(topics.REGISTRATION_EVENTS, prefix),
         bootstrap_servers=stack.kafka,
         group_id=f"{prefix}agent.reader",
         auto_offset_reset="earliest",
-        **security(stack, prefix, "edge").client_options(),
+        **edges[kind].client_options(),
     )
     with pytest.raises(TopicAuthorizationFailedError):
         try:
@@ -130,21 +182,63 @@ async def test_the_edge_cannot_read_registration_events(stack: Stack, prefix: st
             await consumer.stop()
 
 
-async def test_each_principal_writes_its_own_topics(stack: Stack, prefix: str) -> None:
+async def test_each_principal_writes_its_own_topics(
+    stack: Stack, prefix: str, edges: dict[str, KafkaSecurity]
+) -> None:
     for principal, topic in (
-        ("edge", topics.REGISTRATION_HEARTBEATS),
-        ("edge", topics.REPLICATION_DELTAS),
+        ("agent", topics.REGISTRATION_HEARTBEATS),
+        ("agent", topics.AGENT_EVENTS),
+        ("agent", topics.REPLICATION_DELTAS),
+        ("provider", topics.REGISTRATION_HEARTBEATS),
+        ("provider", topics.INVENTORY_DISCOVERY),
         ("registration", topics.REGISTRATION_EVENTS),
         ("failover", topics.AGENT_COMMANDS),
     ):
         physical = topics.physical(topic, prefix)
         tag = secrets.token_hex(8).encode()
-        await produce(stack, security(stack, prefix, principal), physical, tag)
+        await produce(stack, principal_security(stack, prefix, edges, principal), physical, tag)
         assert any(r.value == tag for r in await read_all(stack.kafka, physical)), principal
 
 
-async def test_the_edge_reads_delta_ranges_and_only_those(stack: Stack, prefix: str) -> None:
-    edge = security(stack, prefix, "edge")
+async def test_granting_the_platform_deletes_the_retired_edge_principals_acls(
+    stack: Stack, prefix: str, tmp_path: Path
+) -> None:
+    """A certificate with CN=edge (the shared tools principal of earlier versions, as an old
+    pki folder holds one) with a write ACL as earlier versions granted it: it publishes; once
+    the platform's ACLs are granted again (`python -m shared.kafka_acl`, as an upgraded
+    deployment does), Kafka refuses it."""
+    pki = Path(os.environ["DR_KAFKA_PKI_DIR"])
+    ca = edge_pki.EdgeIssuer.from_files(pki / "ca.pem", pki / "ca.key")
+    key = edge_pki.new_key()
+    csr = x509.load_pem_x509_csr(edge_pki.csr_pem(key, "edge").encode())
+    issued = ca.issue(csr, "edge", timedelta(hours=1))
+    cert, key_file = edge_pki.write_client_files(tmp_path, issued.pem, edge_pki.key_pem(key))
+    old = KafkaSecurity("tls", os.environ["DR_KAFKA_CA_FILE"], str(cert), str(key_file))
+    heartbeats = topics.physical(topics.REGISTRATION_HEARTBEATS, prefix)
+    admin = KafkaSecurity.from_env()
+    earlier = Access(writes=(topics.REGISTRATION_HEARTBEATS,), reads=(), groups=(), creates=False)
+    await create_acls(stack.kafka, acls_for("edge", earlier, prefix), admin)
+
+    async def publishes() -> bool:  # once the broker's authorizer has the new ACL
+        try:
+            await produce(stack, old, heartbeats, b"before")
+        except TopicAuthorizationFailedError:
+            return False
+        return True
+
+    await eventually(publishes, timeout=20, what="the edge principal's ACL taking effect")
+
+    await grant_platform(stack.kafka, prefix, admin)
+    tag = secrets.token_hex(8).encode()
+    with pytest.raises(TopicAuthorizationFailedError):
+        await produce(stack, old, heartbeats, tag)
+    assert all(tag not in r.value for r in await read_all(stack.kafka, heartbeats))
+
+
+async def test_an_agent_reads_delta_ranges_and_only_those(
+    stack: Stack, prefix: str, edges: dict[str, KafkaSecurity]
+) -> None:
+    edge = edges["agent"]
     deltas = topics.physical(topics.REPLICATION_DELTAS, prefix)
     tag = secrets.token_hex(8).encode()
     await produce(stack, edge, deltas, tag)
@@ -162,6 +256,12 @@ async def test_the_edge_reads_delta_ranges_and_only_those(stack: Stack, prefix: 
     assert read == [tag]
     with pytest.raises(TopicAuthorizationFailedError):
         await produce(stack, edge, topics.dlq_of(deltas), tag)
+    with pytest.raises((RangeUnavailable, TopicAuthorizationFailedError)):  # a provider: none
+        async for _ in read_range(
+            stack.kafka, deltas, ours.partition, ours.offset, ours.offset, timeout=5,
+            security=edges["provider"],
+        ):  # fmt: skip
+            pass
     events = topics.physical(topics.REPLICATION_EVENTS, prefix)
     await produce(stack, security(stack, prefix, "replication"), events, tag)
     theirs = next(r for r in await read_all(stack.kafka, events) if r.value == tag)

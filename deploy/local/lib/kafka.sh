@@ -32,7 +32,7 @@ KAFKA_TOOLS_LOG4J="$KAFKA_STATE/tools-log4j.properties"
 KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
 KAFKA_SECURITY="${KAFKA_SECURITY:-tls}"
 PKI_DIR="$DR_STATE_DIR/pki"
-PKI_PRINCIPALS="admin registration inventory policy replication failover edge"
+PKI_PRINCIPALS="admin registration inventory policy replication failover"
 if [[ "$KAFKA_SECURITY" == "tls" ]]; then
   KAFKA_LISTENERS="SSL://127.0.0.1:${KAFKA_PORT},CONTROLLER://127.0.0.1:${KAFKA_CONTROLLER_PORT}"
 elif [[ "$KAFKA_SECURITY" == "plaintext" ]]; then
