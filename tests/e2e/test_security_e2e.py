@@ -301,7 +301,9 @@ async def publish_as(
 async def test_an_answer_counts_only_from_whom_it_was_asked(
     platform: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    dr = await two_sites(platform, http, tmp_path, copy_seconds=1)
+    # 5 s cycles: the retained points span longer than the replication service's wait for
+    # the replica before it copies (30 s), so the drill's point is still there to copy
+    dr = await two_sites(platform, http, tmp_path, copy_seconds=5)
     await failover_up(platform, http, dr)
     vm = await protected_vm(http, dr, "ans01", ["256KiB"], "10.10.0.191")
     item_id = vm["item_id"]
@@ -313,9 +315,24 @@ async def test_an_answer_counts_only_from_whom_it_was_asked(
     producer = KafkaProducer(platform.stack.kafka, platform.prefix, "answer-forger")
     await producer.start()
     try:
-        # the recovery host's agent is down: the job waits for its answer to "create the VM"
+        # the recovery host's agent is down: the job waits for its answer to "create the VM".
+        # The drill asks for a point its replica does not hold, so the replication service
+        # copies that point (after waiting for the replica) rather than asking the host for it.
         dr.agents["hv-r1"].stop()
-        resp = await start(http, dr, f"/failovers/{item_id}/test-failover", {"network": "none"})
+
+        async def drill_started() -> httpx.Response | None:
+            held = (await item(http, dr, item_id))["replica_seq"] or 0
+            latest = max((p["cycle_seq"] for p in await points(http, dr, item_id)), default=0)
+            if latest <= held:
+                return None  # no point past the replica yet
+            body = {"network": "none", "choice": "chosen", "cycle_seq": latest}
+            resp = await start(http, dr, f"/failovers/{item_id}/test-failover", body)
+            # 404/409: the failover service's read model of the points is catching up
+            return None if resp.status_code in (404, 409) else resp
+
+        resp = await eventually(
+            drill_started, timeout=90, what="a drill of a point past the replica"
+        )
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["job_id"]
 
@@ -326,7 +343,7 @@ async def test_an_answer_counts_only_from_whom_it_was_asked(
             tasks = task_named(got.json(), "create and start the VM")
             return tasks[0] if tasks and tasks[0]["state"] == "in_progress" else None
 
-        task = await eventually(waiting_task, timeout=60, what="the job waits for hv-r1")
+        task = await eventually(waiting_task, timeout=120, what="the job waits for hv-r1")
         forged = agent_ev.CommandCompleted(
             command_id=uuid.UUID(task["command_id"]),
             command_type="VmCreateRequested",
