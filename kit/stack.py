@@ -16,6 +16,7 @@ from urllib.parse import urlparse, urlunparse
 import asyncpg
 
 from kit.procs import REPO, read_stack_env
+from shared import db
 from shared.kafka.admin import admin_client
 
 __all__ = [
@@ -71,7 +72,7 @@ def stack_from_env() -> Stack:
 async def fresh_database(stack: Stack, label: str = "t") -> str:
     """Create an empty database with a random name; returns its URL."""
     name = f"{label}_{secrets.token_hex(5)}"
-    conn = await asyncpg.connect(stack.database_url)
+    conn = await db.connect(stack.database_url)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
@@ -102,8 +103,6 @@ async def migrated_pool(
     database_url: str, label: str, migrations: Path
 ) -> AsyncIterator[asyncpg.Pool]:
     """A pool on a fresh schema `<label>_it_<random>` with a service's migrations applied."""
-    from shared import db
-
     schema = f"{label}_it_{secrets.token_hex(3)}"
     pool = await db.create_pool(database_url, schema)
     await db.migrate(pool, schema, migrations)

@@ -43,6 +43,12 @@
 #   KAFKA_STOP_TIMEOUT    120             seconds between SIGTERM and SIGKILL
 #   PG_PORT               15432           PostgreSQL on 127.0.0.1
 #   PG_START_TIMEOUT      60
+#   PG_TLS                allow           PostgreSQL always offers TLS (the platform CA's
+#                                         certificate for 127.0.0.1/localhost); allow: plain
+#                                         loopback connections too; require: TCP only over TLS
+#                                         (hostssl) and stack.env's DATABASE_URL carries
+#                                         sslmode=verify-full&sslrootcert=<pki>/ca.pem. An `up`
+#                                         of a running cluster applies a change (reload)
 #   PG_BINDIR             (auto)          directory with initdb/pg_ctl/postgres; found
 #                                         via `pg_config --bindir`, then the newest
 #                                         /usr/lib/postgresql/*/bin, then $PATH
@@ -70,6 +76,9 @@
 # cannot reach ${DR_STATE_DIR}, or the socket path would be too long, the cluster lives
 # in /tmp/dr-pg-<hash of the state dir path> instead (recorded in
 # ${DR_STATE_DIR}/postgres.location). The URL is postgresql://postgres@127.0.0.1:${PG_PORT}/dr
+# (PG_TLS=require: plus ?sslmode=verify-full&sslrootcert=${DR_STATE_DIR}/pki/ca.pem). TLS is on:
+# the server's certificate and key (pki/postgres.pem/.key, from the platform CA below) are
+# copied to <cluster dir>/tls, the key mode 0600 and owned by the user the server runs as.
 #
 # Gateway: nginx (Debian package: nginx) in the foreground (`daemon off`), detached with setsid,
 # its config rendered from deploy/nginx/nginx.conf.template by `python3 -m scripts.gateway`,
