@@ -49,7 +49,7 @@ def vm_hwm_mib(pid: int) -> float:
 
 
 async def _drop_database(stack: Stack, url: str) -> None:
-    name = url.rsplit("/", 1)[1]
+    name = db.database_name(url)
     conn = await db.connect(stack.database_url)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import asyncpg
 
@@ -55,8 +55,7 @@ class Stack:
         return parsed.hostname or "127.0.0.1", parsed.port or 0
 
     def database(self, name: str) -> str:
-        parsed = urlparse(self.database_url)
-        return urlunparse(parsed._replace(path=f"/{name}"))
+        return db.with_database(self.database_url, name)
 
 
 def stack_from_env() -> Stack:

@@ -97,7 +97,7 @@ async def ensure_database(url: str, name: str) -> str:
             await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return f"{url.rsplit('/', 1)[0]}/{name}"
+    return db.with_database(url, name)
 
 
 def platform_env(lay: Layout, token: str, database_url: str, kafka: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ import logging
 import ssl
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -50,6 +50,16 @@ def tls_settings(database_url: str) -> tuple[str | None, str | None]:
             " that signed the PostgreSQL server's certificate)"
         )
     return mode, root
+
+
+def database_name(database_url: str) -> str:
+    """The database a URL names (its path; the query, e.g. `sslrootcert=/a/b.pem`, aside)."""
+    return urlsplit(database_url).path.lstrip("/")
+
+
+def with_database(database_url: str, name: str) -> str:
+    """The same URL (server, user, TLS parameters) naming database `name`."""
+    return urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
 
 
 async def connect(database_url: str, **kwargs: Any) -> asyncpg.Connection:

@@ -89,3 +89,14 @@ async def test_connect_checks_the_url_first(tmp_path: Path) -> None:
         await db.connect(f"{URL}?sslmode=verify-full&sslrootcert={tmp_path / 'x.pem'}")
     with pytest.raises(db.DatabaseTlsError, match="is not a readable file"):
         await db.create_pool(f"{URL}?sslmode=require&sslrootcert={tmp_path}", "s")
+
+
+def test_another_database_on_the_same_server_keeps_the_tls_parameters(ca_file: Path) -> None:
+    url = f"{URL}?sslmode=verify-full&sslrootcert={ca_file}"
+    other = db.with_database(url, "dr_platform")
+    assert (
+        other
+        == f"postgresql://dr:pw@db.example:5432/dr_platform?sslmode=verify-full&sslrootcert={ca_file}"
+    )
+    assert db.database_name(other) == "dr_platform"
+    assert db.database_name(URL) == "dr"
