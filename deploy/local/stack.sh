@@ -48,7 +48,8 @@
 #                                         loopback connections too; require: TCP only over TLS
 #                                         (hostssl) and stack.env's DATABASE_URL carries
 #                                         sslmode=verify-full&sslrootcert=<pki>/ca.pem. An `up`
-#                                         of a running cluster applies a change (reload)
+#                                         of a running cluster applies a change (reload); unset,
+#                                         the mode of the last start is kept
 #   PG_BINDIR             (auto)          directory with initdb/pg_ctl/postgres; found
 #                                         via `pg_config --bindir`, then the newest
 #                                         /usr/lib/postgresql/*/bin, then $PATH

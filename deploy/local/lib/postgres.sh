@@ -9,11 +9,12 @@ PG_LOCATION_FILE="$DR_STATE_DIR/postgres.location"
 PG_PLAIN_URL="postgresql://postgres@127.0.0.1:$PG_PORT/dr"
 # With PG_TLS=require clients check the server's certificate against the platform CA.
 PG_TLS_URL="$PG_PLAIN_URL?sslmode=verify-full&sslrootcert=$PKI_DIR/ca.pem"
-# PG_TLS: allow (TLS offered, plain loopback accepted) or require (hostssl only). Unset, it
-# follows DATABASE_URL when that is the managed TLS URL (a test's `stack.sh pg-restart` keeps
-# the mode of the `up` that wrote stack.env).
+# PG_TLS: allow (TLS offered, plain loopback accepted) or require (hostssl only). Unset, the
+# mode of the last start is kept (recorded in postgres.tls: a later `make test` or a test's
+# `stack.sh pg-restart` does not undo `PG_TLS=require make up`); allow the first time.
+PG_TLS_FILE="$DR_STATE_DIR/postgres.tls"
 if [[ -z "${PG_TLS:-}" ]]; then
-  if [[ "${DATABASE_URL:-}" == "$PG_TLS_URL" ]]; then PG_TLS=require; else PG_TLS=allow; fi
+  PG_TLS="$(cat "$PG_TLS_FILE" 2>/dev/null || echo allow)"
 fi
 case "$PG_TLS" in
   allow) PG_MANAGED_URL="$PG_PLAIN_URL" ;;
@@ -200,6 +201,7 @@ install_pg_certificate() {
 write_pg_config() {
   local area="$1" data="$1/data" host_method=host what="with or without TLS (host)"
   install_pg_certificate "$area"
+  echo "$PG_TLS" >"$PG_TLS_FILE"
   if [[ "$PG_TLS" == "require" ]]; then
     host_method=hostssl
     what="only over TLS (hostssl)"
