@@ -19,6 +19,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from kit import procs as processes
 from kit.platform import Platform
 from kit.poll import eventually
 from kit.procs import REPO
@@ -155,3 +156,21 @@ async def test_a_service_runs_on_postgres_over_verify_full(tls_platform: Platfor
     finally:
         await conn.close()
     assert rows and all(r["ssl"] for r in rows), rows
+
+
+async def test_a_service_given_another_ca_stops_at_once_saying_so(
+    tls_platform: Platform, tmp_path: Path
+) -> None:
+    other_ca = tmp_path / "other-ca.pem"
+    other_ca.write_bytes(throwaway_issuer().cert.public_bytes(serialization.Encoding.PEM))
+    proc = processes.service(
+        "policy",
+        {**tls_platform.env, "DATABASE_URL": _with_ca(tls_platform.database_url, other_ca)},
+        tmp_path,
+    )
+    # not retried like a database still starting: the process ends, naming the CA file
+    with pytest.raises(RuntimeError, match="exited with") as caught:
+        await asyncio.to_thread(proc.start)
+    assert "its certificate is not trusted" in str(caught.value), str(caught.value)
+    assert str(other_ca) in proc.log_path.read_text()
+    assert "retrying" not in proc.log_path.read_text()
