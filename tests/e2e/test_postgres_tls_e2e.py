@@ -1,7 +1,8 @@
 """PostgreSQL over TLS on the real stack: with TLS required (`PG_TLS=require`, applied to the
 running cluster by `stack.sh pg-start`, which reloads it), a service and the pool helper connect
-with sslmode=verify-full and the platform CA; a plain connection is refused; a connection that
-trusts another CA fails with an error saying so. The module puts the cluster back in the mode
+with sslmode=verify-full, the platform CA and the generated password; a plain connection, or
+one without the password, is refused; a connection that trusts another CA fails with an error
+saying so. The module puts the cluster back in the mode
 it found it in."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import stat
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,6 +43,13 @@ def _plain(url: str) -> str:
 
 def _with_ca(url: str, ca: Path) -> str:
     return f"{_plain(url)}?sslmode=verify-full&sslrootcert={ca}"
+
+
+def _with_password(url: str, password: str | None) -> str:
+    """`url` as user postgres with `password` (None: without one)."""
+    parts = urlsplit(url)
+    secret = f":{password}" if password is not None else ""
+    return urlunsplit(parts._replace(netloc=f"postgres{secret}@{parts.hostname}:{parts.port}"))
 
 
 def _pg_mode(mode: str) -> None:
@@ -79,7 +88,11 @@ async def tls_required(stack: Stack, database_url: str) -> AsyncIterator[str]:
     was = "require" if "sslmode=verify-full" in stack.database_url else "allow"
     await asyncio.to_thread(_pg_mode, "require")
     try:
-        yield _with_ca(database_url, PLATFORM_CA)
+        password_file = STATE_DIR / "postgres.password"
+        assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+        password = password_file.read_text().strip()
+        assert len(password) == 48, "a generated password: 24 random bytes in hex"
+        yield _with_ca(_with_password(database_url, password), PLATFORM_CA)
     finally:
         await asyncio.to_thread(_pg_mode, was)
         if was == "allow":
@@ -91,6 +104,13 @@ async def test_a_plain_connection_is_refused_when_tls_is_required(tls_required: 
     assert await eventually(lambda: _plain_refused(tls_required), what="plain refused")
     with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="no encryption"):
         await asyncpg.connect(_plain(tls_required) + "?sslmode=disable", timeout=10)
+
+
+async def test_tls_without_the_password_is_refused(tls_required: str) -> None:
+    await eventually(lambda: _plain_refused(tls_required), what="plain refused")
+    for password in (None, "not-the-password"):
+        with pytest.raises(asyncpg.InvalidPasswordError, match="password authentication failed"):
+            await db.connect(_with_password(tls_required, password), timeout=10)
 
 
 async def test_the_pool_helper_connects_with_verify_full(tls_required: str) -> None:
@@ -127,8 +147,10 @@ async def test_another_ca_is_refused_with_a_clear_error(tls_required: str, tmp_p
 async def tls_platform(
     stack: Stack, tls_required: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Platform]:
-    plat = await own_platform(stack, "pgtls", tmp_path_factory.mktemp("pgtls-platform"))
-    plat.database_url = _with_ca(plat.database_url, PLATFORM_CA)
+    """A platform on a fresh database made over TLS, its URL with verify-full and the password."""
+    over_tls = Stack(kafka=stack.kafka, database_url=tls_required)
+    plat = await own_platform(over_tls, "pgtls", tmp_path_factory.mktemp("pgtls-platform"))
+    assert "sslmode=verify-full" in plat.database_url and urlsplit(plat.database_url).password
     try:
         yield plat
     finally:
