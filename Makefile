@@ -2,8 +2,9 @@
 #
 # `make help` lists the targets. The local stack (Kafka 3.9 in KRaft mode and a
 # throwaway PostgreSQL, no Docker) is driven by deploy/local/stack.sh; its settings
-# (DR_STATE_DIR, KAFKA_PORT, PG_PORT, DATABASE_URL, ...) are read from the environment,
-# e.g. `KAFKA_PORT=29092 PG_PORT=25432 make test`.
+# (DR_STATE_DIR, KAFKA_PORT, PG_PORT, PG_TLS, DATABASE_URL, ...) are read from the environment,
+# e.g. `KAFKA_PORT=29092 PG_PORT=25432 make test`, `PG_TLS=require make up` (PostgreSQL only
+# over TLS, verified against the stack's CA, and with a generated password).
 #
 # Prerequisites (Debian 12): `make prereqs` (deploy/local/prereqs.sh) checks the system
 # packages (python3.11, java 17, maven, postgresql, nginx, kcat, rsync, prometheus) and, as

@@ -13,11 +13,10 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
-
 from kit.platform import Platform
 from kit.procs import REPO, Proc
 from kit.stack import Stack, fresh_database, random_prefix
+from shared import db
 
 
 def emit(name: str, value: float, unit: str) -> None:
@@ -50,8 +49,8 @@ def vm_hwm_mib(pid: int) -> float:
 
 
 async def _drop_database(stack: Stack, url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(stack.database_url)
+    name = db.database_name(url)
+    conn = await db.connect(stack.database_url)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:

@@ -17,6 +17,9 @@
 #                               sends with its registration. The broker trusts it through
 #                               ca.pem (an edge presents its certificate with edge-ca.pem).
 #                               Made also in a DIR made before it existed (needs ca.key).
+#   postgres.pem/.key           PostgreSQL's server certificate (CN=postgres; SANs 127.0.0.1,
+#                               localhost, postgres): clients check it with ca.pem
+#                               (sslmode=verify-full). Also added to an older DIR (needs ca.key).
 # EC P-256 keys; certificates valid 825 days (the CA 10 years). Used by deploy/local/stack.sh
 # (make up) and, once by hand, for docker-compose.yml (`deploy/make-pki.sh deploy/pki`).
 set -euo pipefail
@@ -43,10 +46,29 @@ edge_ca() { # the edge-issuing CA, signed by the platform CA
   chmod 600 edge-ca.key
 }
 
+issue() { # NAME [SAN [EXTENDED KEY USAGE]]
+  new_key "$1.key"
+  openssl req -new -key "$1.key" -subj "/CN=$1" -out "$1.csr" 2>/dev/null
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n%s\n' \
+    "${3:-clientAuth}" "${2:+subjectAltName=$2}" >"$1.ext"
+  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 -days 825 \
+    -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+  rm -f "$1.csr" "$1.ext"
+}
+
+postgres_cert() { # PostgreSQL's server certificate, signed by the platform CA
+  [[ -f postgres.pem ]] && return 0
+  [[ -f ca.key ]] || { echo "$DIR/ca.key is needed to make PostgreSQL's certificate" >&2; exit 2; }
+  issue postgres "IP:127.0.0.1,DNS:localhost,DNS:postgres" serverAuth
+  chmod 644 postgres.pem
+  chmod 600 postgres.key
+}
+
 if [[ -f "$DIR/ca.pem" ]]; then
   cd "$DIR"
   umask 077
   edge_ca
+  postgres_cert
   exit 0
 fi
 mkdir -p "$DIR"
@@ -58,16 +80,6 @@ new_key ca.key
 openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=dr-platform-ca" \
   -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
   -out ca.pem 2>/dev/null
-
-issue() { # NAME [SAN [EXTENDED KEY USAGE]]
-  new_key "$1.key"
-  openssl req -new -key "$1.key" -subj "/CN=$1" -out "$1.csr" 2>/dev/null
-  printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n%s\n' \
-    "${3:-clientAuth}" "${2:+subjectAltName=$2}" >"$1.ext"
-  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 -days 825 \
-    -extfile "$1.ext" -out "$1.pem" 2>/dev/null
-  rm -f "$1.csr" "$1.ext"
-}
 
 keystore() { # NAME: cert + encrypted key in one PEM file, for Java
   openssl pkcs8 -topk8 -in "$1.key" -v1 PBE-SHA1-3DES -passout "file:broker.password" -out "$1.key.enc"
@@ -89,6 +101,7 @@ keystore admin
   echo "ssl.truststore.location=$DIR/ca.pem"
 } >admin.properties
 edge_ca
+postgres_cert
 # certificates readable by anyone; keys, the CA key and the key store password by the owner only
 chmod 644 ./*.pem
 chmod 600 ./*.key broker.password admin.properties ./*.keystore.pem

@@ -11,11 +11,12 @@ import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import asyncpg
 
 from kit.procs import REPO, read_stack_env
+from shared import db
 from shared.kafka.admin import admin_client
 
 __all__ = [
@@ -54,8 +55,7 @@ class Stack:
         return parsed.hostname or "127.0.0.1", parsed.port or 0
 
     def database(self, name: str) -> str:
-        parsed = urlparse(self.database_url)
-        return urlunparse(parsed._replace(path=f"/{name}"))
+        return db.with_database(self.database_url, name)
 
 
 def stack_from_env() -> Stack:
@@ -71,7 +71,7 @@ def stack_from_env() -> Stack:
 async def fresh_database(stack: Stack, label: str = "t") -> str:
     """Create an empty database with a random name; returns its URL."""
     name = f"{label}_{secrets.token_hex(5)}"
-    conn = await asyncpg.connect(stack.database_url)
+    conn = await db.connect(stack.database_url)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
@@ -102,8 +102,6 @@ async def migrated_pool(
     database_url: str, label: str, migrations: Path
 ) -> AsyncIterator[asyncpg.Pool]:
     """A pool on a fresh schema `<label>_it_<random>` with a service's migrations applied."""
-    from shared import db
-
     schema = f"{label}_it_{secrets.token_hex(3)}"
     pool = await db.create_pool(database_url, schema)
     await db.migrate(pool, schema, migrations)

@@ -34,8 +34,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import asyncpg
-
 from kit import procs
 from kit.procs import REPO
 from scripts import bootstrap, prometheus_config
@@ -43,6 +41,7 @@ from scripts.run_layout import SERVICES, SITES, VENV_BIN, Layout, layout, servic
 from scripts.run_sites import host_vms, wait_connected, wait_discovered, wait_healthy
 from scripts.run_supervisor import child_pids, ctl, supervisor_pid, write_conf
 from services.site_provider.sitefile import read_site
+from shared import db
 
 
 def admin_token(lay: Layout) -> str:
@@ -92,13 +91,13 @@ def write_prometheus_config(lay: Layout, ports: Mapping[str, int]) -> None:
 
 async def ensure_database(url: str, name: str) -> str:
     """The platform's own database on the stack's PostgreSQL (created once)."""
-    conn = await asyncpg.connect(url, timeout=10)
+    conn = await db.connect(url, timeout=10)
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
             await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return f"{url.rsplit('/', 1)[0]}/{name}"
+    return db.with_database(url, name)
 
 
 def platform_env(lay: Layout, token: str, database_url: str, kafka: str) -> dict[str, str]:

@@ -1,20 +1,79 @@
 """PostgreSQL access: one asyncpg pool per service, bound to the service's own schema, and a
 migration runner that applies `migrations/NNN_name.sql` files once each, in order, under an
-advisory lock (so two instances starting together don't race)."""
+advisory lock (so two instances starting together don't race).
+
+Every connection of the platform and its tools is made by `connect` (the pool's too). TLS is
+said in DATABASE_URL with libpq's parameters, which asyncpg reads itself: `sslmode`
+(disable, allow, prefer (asyncpg's default), require, verify-ca, verify-full) and
+`sslrootcert` (the PEM file of the CA that signed the server's certificate), e.g.
+`postgresql://dr:pw@db:5432/dr?sslmode=verify-full&sslrootcert=/etc/dr/pki/ca.pem`.
+`connect` adds a check of those before connecting and an error naming the server and the CA
+file when the server's certificate is not trusted."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 
 log = logging.getLogger(__name__)
 
 SHARED_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+class DatabaseTlsError(ConnectionError):
+    """DATABASE_URL's TLS settings are wrong, or the server's certificate is not trusted."""
+
+
+def tls_settings(database_url: str) -> tuple[str | None, str | None]:
+    """(sslmode, sslrootcert) of a DATABASE_URL (None when absent), checked: a known mode, and
+    a CA file that exists when one is named. Raises DatabaseTlsError saying what to fix."""
+    query = parse_qs(urlsplit(database_url).query)
+    mode = query.get("sslmode", [None])[-1]
+    root = query.get("sslrootcert", [None])[-1]
+    if mode is not None and mode not in SSL_MODES:
+        raise DatabaseTlsError(
+            f"DATABASE_URL: sslmode={mode!r} is not one of {', '.join(SSL_MODES)}"
+        )
+    if root is not None and not Path(root).is_file():
+        raise DatabaseTlsError(
+            f"DATABASE_URL: sslrootcert={root!r} is not a readable file (the PEM file of the CA"
+            " that signed the PostgreSQL server's certificate)"
+        )
+    return mode, root
+
+
+def database_name(database_url: str) -> str:
+    """The database a URL names (its path; the query, e.g. `sslrootcert=/a/b.pem`, aside)."""
+    return urlsplit(database_url).path.lstrip("/")
+
+
+def with_database(database_url: str, name: str) -> str:
+    """The same URL (server, user, TLS parameters) naming database `name`."""
+    return urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
+
+
+async def connect(database_url: str, **kwargs: Any) -> asyncpg.Connection:
+    """A connection to DATABASE_URL, honouring its sslmode and sslrootcert (see the module)."""
+    _, root = tls_settings(database_url)
+    try:
+        return await asyncpg.connect(database_url, **kwargs)
+    except ssl.SSLCertVerificationError as exc:
+        where = urlsplit(database_url)
+        raise DatabaseTlsError(
+            f"PostgreSQL at {where.hostname}:{where.port or 5432}: its certificate is not trusted"
+            f" with sslrootcert={root} ({exc.verify_message}); name the CA that signed the"
+            " server's certificate, and a host name its certificate carries"
+        ) from exc
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -38,6 +97,7 @@ async def create_pool(
     await ensure_schema(database_url, schema)
     pool = await asyncpg.create_pool(
         database_url,
+        connect=connect,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
@@ -49,7 +109,7 @@ async def create_pool(
 
 
 async def ensure_schema(database_url: str, schema: str) -> None:
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url)
     try:
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     finally:

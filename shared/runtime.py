@@ -252,6 +252,8 @@ async def _retry(what: str, action: Callable[[], Coroutine[Any, Any, Any]], trie
     for attempt in range(1, tries + 1):
         try:
             return await action()
+        except db.DatabaseTlsError:
+            raise  # a setting to fix (DATABASE_URL's TLS), not a dependency still starting
         except Exception as exc:
             if attempt == tries:
                 raise

@@ -54,7 +54,11 @@ class CommonSettings(BaseSettings):
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:15432/dr",
         validation_alias="DATABASE_URL",
-        description="PostgreSQL URL; each service uses its own schema in this database.",
+        description="PostgreSQL URL; each service uses its own schema in this database. TLS with"
+        " libpq's parameters: `?sslmode=verify-full&sslrootcert=<CA PEM file>` checks the"
+        " server's certificate and name (a missing CA file or an untrusted certificate is"
+        " refused with an error naming the CA file); without `sslmode` TLS is used when the"
+        " server offers it, unverified.",
     )
     topic_prefix: str = Field(
         validation_alias="DR_TOPIC_PREFIX",

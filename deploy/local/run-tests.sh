@@ -71,7 +71,7 @@ for arg in "${extra[@]}"; do
 done
 
 cd "$REPO_ROOT"
-say "KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS DATABASE_URL=$DATABASE_URL"
+say "KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS DATABASE_URL=$(sed -E 's#^(postgresql://[^:/@]*):[^@]*@#\1:***@#' <<<"$DATABASE_URL")"
 say "running: $PYTEST ${where[*]} -q -ra --durations=15 ${extra[*]}"
 set +e
 "$PYTEST" "${where[@]}" -q -ra --durations=15 "${extra[@]}"

@@ -43,6 +43,15 @@
 #   KAFKA_STOP_TIMEOUT    120             seconds between SIGTERM and SIGKILL
 #   PG_PORT               15432           PostgreSQL on 127.0.0.1
 #   PG_START_TIMEOUT      60
+#   PG_TLS                allow           PostgreSQL always offers TLS (the platform CA's
+#                                         certificate for 127.0.0.1/localhost); allow: plain
+#                                         loopback connections too, no password; require: TCP
+#                                         only over TLS (hostssl) and with a generated password
+#                                         (scram-sha-256; ${DR_STATE_DIR}/postgres.password, 0600),
+#                                         stack.env's DATABASE_URL (0600) carrying it and
+#                                         sslmode=verify-full&sslrootcert=<pki>/ca.pem. An `up` of
+#                                         a running cluster applies a change (reload); unset, the
+#                                         mode of the last start is kept
 #   PG_BINDIR             (auto)          directory with initdb/pg_ctl/postgres; found
 #                                         via `pg_config --bindir`, then the newest
 #                                         /usr/lib/postgresql/*/bin, then $PATH
@@ -63,13 +72,18 @@
 # broker runs in KRaft mode, one node that is both broker and controller, with its data
 # in ${DR_STATE_DIR}/kafka/data.
 #
-# PostgreSQL: a throwaway cluster made with initdb and run with pg_ctl. It uses `trust`
-# authentication for local and 127.0.0.1 connections: it is a dev/test cluster that only
-# listens on the loopback address, never use this setup for anything real. As root, the
+# PostgreSQL: a throwaway cluster made with initdb and run with pg_ctl. With PG_TLS=allow it
+# uses `trust` authentication for local and 127.0.0.1 connections: it is a dev/test cluster
+# that only listens on the loopback address, never use this setup for anything real. The
+# stack's own admin commands use the unix socket (`trust` in both modes). As root, the
 # server runs as the `postgres` system user (initdb/postgres refuse root); if that user
 # cannot reach ${DR_STATE_DIR}, or the socket path would be too long, the cluster lives
 # in /tmp/dr-pg-<hash of the state dir path> instead (recorded in
 # ${DR_STATE_DIR}/postgres.location). The URL is postgresql://postgres@127.0.0.1:${PG_PORT}/dr
+# (PG_TLS=require: postgresql://postgres:<password>@...?sslmode=verify-full&sslrootcert=
+# ${DR_STATE_DIR}/pki/ca.pem; logs show the password as ***). TLS is on:
+# the server's certificate and key (pki/postgres.pem/.key, from the platform CA below) are
+# copied to <cluster dir>/tls, the key mode 0600 and owned by the user the server runs as.
 #
 # Gateway: nginx (Debian package: nginx) in the foreground (`daemon off`), detached with setsid,
 # its config rendered from deploy/nginx/nginx.conf.template by `python3 -m scripts.gateway`,

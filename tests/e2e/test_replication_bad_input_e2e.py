@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -34,7 +33,7 @@ from kit.dr import (
 )
 from kit.platform import Platform
 from kit.poll import eventually
-from shared import signing, topics
+from shared import db, signing, topics
 from shared.kafka.producer import KafkaProducer
 from shared.kafka.security import KafkaSecurity
 from shared.merkle import BLOCK_SIZE, MerkleTree, block_hash
@@ -246,7 +245,7 @@ async def test_no_recovery_point_from_bad_input(
         stranger = await register_agent(http, platform, other_key, "hv-stranger")
 
         async def stranger_known() -> bool:  # the replication service knows it by now
-            conn = await asyncpg.connect(platform.database_url)
+            conn = await db.connect(platform.database_url)
             try:
                 return bool(
                     await conn.fetchval(

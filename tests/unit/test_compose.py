@@ -128,3 +128,33 @@ def test_the_services_metrics_need_a_token_prometheus_sends() -> None:
     assert "/run/prometheus/metrics.token" in script
     assert "--config.file=/run/prometheus/prometheus.yml" in script
     assert prometheus["tmpfs"] == ["/run/prometheus"]  # the token never reaches a disk
+
+
+def test_postgres_in_compose_takes_only_tls_and_services_check_its_certificate() -> None:
+    services = compose()["services"]
+    postgres = services["postgres"]
+    start = " ".join(postgres["entrypoint"])
+    for option in (
+        "-c ssl=on",
+        "-c ssl_cert_file=/var/lib/postgresql/tls/server.pem",
+        "-c ssl_key_file=/var/lib/postgresql/tls/server.key",
+        "-c hba_file=/var/lib/postgresql/tls/pg_hba.conf",
+        "install -o postgres -g postgres -m 600 /etc/dr/pki/postgres.key",
+        "hostssl all all all scram-sha-256",
+        "exec docker-entrypoint.sh postgres",
+    ):
+        assert option in start, option
+    # TCP only over TLS: no `host` line (that would accept plain connections too)
+    hba = start.split("printf '", 1)[1].split("'", 1)[0].split("\\n")
+    assert [line.split()[0] for line in hba if line] == ["local", "hostssl"], hba
+    assert "./deploy/pki/postgres.key:/etc/dr/pki/postgres.key:ro" in postgres["volumes"]
+    assert not any("ca.key" in v for v in postgres["volumes"])
+    urls = {
+        name: svc["environment"]["DATABASE_URL"]
+        for name, svc in services.items()
+        if "DATABASE_URL" in svc.get("environment", {})
+    }
+    assert {"registration", "inventory", "policy", "replication", "failover"} <= set(urls)
+    for name, url in urls.items():
+        assert url.endswith("@postgres:5432/dr?sslmode=verify-full&sslrootcert=/etc/dr/pki/ca.pem")
+        assert "./deploy/pki:/etc/dr/pki:ro" in services[name]["volumes"], name

@@ -4,7 +4,7 @@
 # The commands on the whole stack: up, down, status, logs, env, exec, purge.
 
 database_url() {
-  if external_db; then echo "$DATABASE_URL"; else echo "$PG_MANAGED_URL"; fi
+  if external_db; then echo "$DATABASE_URL"; else pg_managed_url; fi
 }
 
 write_stack_env() {
@@ -21,6 +21,7 @@ write_stack_env() {
     echo "DATABASE_URL=$(database_url)"
     if [[ "$GATEWAY" == "1" ]]; then echo "DR_GATEWAY_URL=$GATEWAY_URL"; fi
   } >"$tmp"
+  chmod 600 "$tmp" # DATABASE_URL may hold a password
   mv -f "$tmp" "$STACK_ENV"
 }
 
@@ -57,7 +58,7 @@ cmd_up() {
   start_gateway
   write_stack_env
   log "stack up in $((SECONDS - t0)) s; $STACK_ENV:"
-  cat "$STACK_ENV"
+  sed -E 's#^(DATABASE_URL=postgresql://[^:/@]*):[^@]*@#\1:***@#' "$STACK_ENV"
 }
 
 cmd_down() {
