@@ -17,6 +17,11 @@ from shared.kafka.decode import RawRecord
 from shared.kafka.security import KafkaSecurity
 
 FETCH_BYTES = 2 * 1_048_576  # per partition and fetch: a large range is never all in memory
+# The broker holds a fetch at the partition's end this long for new records (Kafka's
+# fetch.max.wait.ms, 500 by default). A range is already written, so nothing is worth waiting
+# for; and a fetch still held for the previous read's partition delays the next read's first
+# fetch by as much.
+FETCH_WAIT_MS = 10
 
 
 class RangeUnavailable(Exception):
@@ -45,6 +50,7 @@ class RangeReader:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_partition_fetch_bytes=FETCH_BYTES,
+                fetch_max_wait_ms=FETCH_WAIT_MS,
             )
             await consumer.start()
             self._consumer = consumer
@@ -87,28 +93,33 @@ async def _records(
 ) -> AsyncGenerator[list[RawRecord], None]:
     tp = TopicPartition(topic, partition)
     consumer.assign([tp])
+    consumer.resume(tp)
     consumer.seek(tp, first)
     expected = first
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = await consumer.getmany(tp, timeout_ms=500)
-        records: list[RawRecord] = []
-        for record in batch.get(tp, []):
-            if expected == first and record.offset != first:  # reset to the earliest
-                state = "is gone" if record.offset > first else "is past the end"
-                raise RangeUnavailable(
-                    f"{topic}[{partition}] offset {first} {state} (first readable {record.offset})"
-                )
-            if record.offset > last:
-                break
-            records.append(record)
-            expected = record.offset + 1
-        if records:
-            yield records
-            deadline = time.monotonic() + timeout
-        if expected > last:
-            return
-    raise RangeUnavailable(f"{topic}[{partition}] {first}..{last} not read in {timeout:.0f} s")
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(tp, timeout_ms=500)
+            records: list[RawRecord] = []
+            for record in batch.get(tp, []):
+                if expected == first and record.offset != first:  # reset to the earliest
+                    state = "is gone" if record.offset > first else "is past the end"
+                    raise RangeUnavailable(
+                        f"{topic}[{partition}] offset {first} {state} "
+                        f"(first readable {record.offset})"
+                    )
+                if record.offset > last:
+                    break
+                records.append(record)
+                expected = record.offset + 1
+            if records:
+                yield records
+                deadline = time.monotonic() + timeout
+            if expected > last:
+                return
+        raise RangeUnavailable(f"{topic}[{partition}] {first}..{last} not read in {timeout:.0f} s")
+    finally:
+        consumer.pause(tp)  # between reads the consumer fetches nothing (no idle polling)
 
 
 async def read_range(
