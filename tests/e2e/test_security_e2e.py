@@ -301,9 +301,10 @@ async def publish_as(
 async def test_an_answer_counts_only_from_whom_it_was_asked(
     platform: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    # 5 s cycles: the retained points span longer than the replication service's wait for
-    # the replica before it copies (30 s), so the drill's point is still there to copy
-    dr = await two_sites(platform, http, tmp_path, copy_seconds=5)
+    # 10 s cycles: the retained crash-consistent points (5) span longer than the replication
+    # service's wait for the replica before it copies (30 s), so the drill's point is still
+    # there to copy
+    dr = await two_sites(platform, http, tmp_path, copy_seconds=10)
     await failover_up(platform, http, dr)
     vm = await protected_vm(http, dr, "ans01", ["256KiB"], "10.10.0.191")
     item_id = vm["item_id"]
