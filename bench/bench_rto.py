@@ -181,8 +181,11 @@ async def older_point(stack: Stack) -> None:
         emit("failover_rto_older_point_seconds", seconds(run), "s")
 
 
+FEED_AGENT = "bench-agent"  # whose replica feed the points are on (a topic prefix of their own)
+
+
 class FeedPoints:
-    """Points of one item's 1 GiB disk on a delta topic of its own: (seq, first, last, root)."""
+    """Points of one item's 1 GiB disk on a replica feed of its own: (seq, first, last, root)."""
 
     def __init__(
         self,
@@ -194,7 +197,7 @@ class FeedPoints:
     ) -> None:
         self.stack = stack
         self.prefix = prefix or random_prefix("bench-feed")
-        self.topic = topics.physical(topics.REPLICATION_DELTAS, self.prefix)
+        self.topic = topics.physical(topics.replica_feed(FEED_AGENT), self.prefix)
         self.item = uuid.uuid4()
         self.vault = uuid.uuid4()
         self.disk, self.count, self.seed = disk, points, seed
@@ -205,7 +208,11 @@ class FeedPoints:
 
     async def produce(self) -> None:
         await ensure_topics(
-            self.stack.kafka, self.prefix, [topics.REPLICATION_DELTAS], partitions=1
+            self.stack.kafka,
+            self.prefix,
+            [topics.replica_feed(FEED_AGENT)],
+            partitions=1,
+            dlq=False,
         )
         producer = AIOKafkaProducer(
             bootstrap_servers=self.stack.kafka,
@@ -275,7 +282,9 @@ async def replica_feed(stack: Stack) -> None:
 async def replica_apply_and_rollback(stack: Stack, fp: FeedPoints) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-replica-") as tmp:
         replica = SiteReplica(Path(tmp))
-        feed = ReplicaFeed(replica, stack.kafka, fp.prefix, Path(tmp) / "storage")
+        feed = ReplicaFeed(
+            replica, stack.kafka, fp.prefix, Path(tmp) / "storage", agent_id=FEED_AGENT
+        )
         try:
             await feed.apply(fp.command(fp.points[0]))  # the initial point: not timed
             started = time.perf_counter()
@@ -313,7 +322,13 @@ async def replica_side_by_side(stack: Stack) -> None:
         rates = {}
         for mode in ("one_at_a_time", "side_by_side"):
             with tempfile.TemporaryDirectory(prefix="bench-replica-side-") as tmp:
-                feed = ReplicaFeed(SiteReplica(Path(tmp)), stack.kafka, prefix, Path(tmp) / "s")
+                feed = ReplicaFeed(
+                    SiteReplica(Path(tmp)),
+                    stack.kafka,
+                    prefix,
+                    Path(tmp) / "s",
+                    agent_id=FEED_AGENT,
+                )
                 try:
                     for fp in fps:
                         await feed.apply(fp.command(fp.points[0]))  # initial points: not timed

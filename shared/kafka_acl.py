@@ -14,9 +14,10 @@ principal can do only what an ACL below allows; `admin` (topic tooling, operator
   deletes at re-registration, unregistration and revocation (`edge_acls`, `delete_acls`):
   a provider writes heartbeats and discovery; an agent writes heartbeats, agent events and
   deltas, reads agent commands in its own two consumer groups `agent.<producer id>` and
-  `agent.<producer id>.replica` (the replica's lane) only, and
-  reads offset ranges of the deltas without a consumer group (a recovery host agent feeding
-  its replicas: Kafka's ACLs stop at the topic, so that read covers every item's deltas);
+  `agent.<producer id>.replica` (the replica's lane) only, and reads offset ranges of its
+  own replica feed `replica.feed.v1.<producer id>` without a consumer group (a recovery
+  host agent feeding its replicas); no edge may read the delta topic, which holds every
+  vault's block data;
 - an upstream publisher (a system publishing with kcat) registers the same way, as one of
   those kinds (`python -m scripts.publisher_register`), and gets exactly that kind's ACLs:
   there is no shared edge principal;
@@ -24,7 +25,7 @@ principal can do only what an ACL below allows; `admin` (topic tooling, operator
   its key can grant any principal anything, as whoever holds the platform CA key can mint any
   principal;
 - only `registration` writes registration.events.v1; only `replication` and `failover` write
-  agent.commands.v1.
+  agent.commands.v1; only `replication` writes (and creates) the replica feeds.
 
 So a record on a service's topic was written by that service's principal, and a consumer's
 trust of an unsigned `service:<name>` producer id rests on that ACL: `SERVICE_PRODUCER_IDS`
@@ -109,7 +110,7 @@ class Access:
     reads: tuple[str, ...]
     groups: tuple[str, ...]
     # may create, write and read any topic whose name starts with one of these (faust's
-    # internal topics under its app id)
+    # internal topics under its app id; the replica feeds)
     owned_prefixes: tuple[str, ...] = ()
     # may create its topics and set their configs (services; edges may not)
     creates: bool = True
@@ -150,7 +151,7 @@ ACCESS: dict[str, Access] = {
             topics.FAILOVER_EVENTS,
         ),
         groups=("replication.", "replication-deltas"),
-        owned_prefixes=("replication-deltas",),
+        owned_prefixes=("replication-deltas", topics.REPLICA_FEED_PREFIX),
     ),
     "failover": Access(
         writes=(topics.FAILOVER_EVENTS, topics.AGENT_COMMANDS),
@@ -228,7 +229,8 @@ def acls_for(principal: str, access: Access, prefix: str) -> list[Acl]:
 def edge_access(kind: str, producer_id: str) -> Access:
     """What one registered edge (a site provider, a host agent, or an upstream publisher
     registered as one of them) may do: `kind` "provider" writes heartbeats and discovery;
-    "agent" writes heartbeats, agent events and deltas and reads its commands."""
+    "agent" writes heartbeats, agent events and deltas, reads its commands and reads ranges of
+    its own replica feed."""
     if kind == "provider":
         return Access(
             writes=(topics.REGISTRATION_HEARTBEATS, topics.INVENTORY_DISCOVERY),
@@ -242,7 +244,7 @@ def edge_access(kind: str, producer_id: str) -> Access:
         groups=(),
         exact_groups=topics.agent_command_groups(producer_id),
         creates=False,
-        range_reads=(topics.REPLICATION_DELTAS,),
+        range_reads=(topics.replica_feed(producer_id),),
     )
 
 

@@ -2,6 +2,11 @@
 
 Keys: registration events by vault id; heartbeats by producer id; discovery by provider id;
 deltas by protected item id (one item's cycle stays ordered in one partition).
+
+Besides these, each recovery host agent has a replica feed of its own,
+`replica.feed.v1.<agent id>` (`replica_feed`): the replication service forwards there the
+verified delta records of the items whose replica the host keeps, keyed by item id, and only
+that agent may read it. No DLQ twin: only the replication service writes it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ REPLICATION_EVENTS = "replication.events.v1"
 AGENT_COMMANDS = "agent.commands.v1"
 AGENT_EVENTS = "agent.events.v1"
 FAILOVER_EVENTS = "failover.events.v1"
+
+# Every recovery host's replica feed starts with this (the replication service creates them).
+REPLICA_FEED_PREFIX = "replica.feed.v1."
 
 ALL_TOPICS = (
     REGISTRATION_EVENTS,
@@ -39,6 +47,18 @@ DELTA_RECORD_BATCH_BYTES = 4 * 1024 * 1024
 CONFIGS: dict[str, dict[str, str]] = {
     REPLICATION_DELTAS: {"max.message.bytes": str(2 * DELTA_RECORD_BATCH_BYTES)},
 }
+
+
+def replica_feed(agent_id: str) -> str:
+    """The logical name of recovery host agent `agent_id`'s replica feed."""
+    return f"{REPLICA_FEED_PREFIX}{agent_id}"
+
+
+def configs_of(name: str) -> dict[str, str]:
+    """The settings of logical topic `name` (a replica feed takes the deltas' record size)."""
+    if name.startswith(REPLICA_FEED_PREFIX):
+        return CONFIGS[REPLICATION_DELTAS]
+    return CONFIGS.get(name, {})
 
 
 def agent_command_groups(producer_id: str) -> tuple[str, str]:

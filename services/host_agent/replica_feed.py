@@ -1,8 +1,10 @@
 """Feeding the recovery-site replica: a `ReplicaPointApplyRequested` names a verified cycle's
-records on `replication.deltas.v1` (partition and offset range); the agent reads that range,
-stages the blocks of the item's cycle (each checked against its SHA-256) and applies the point
-(services/host_agent/replica.py), then answers with the roots it holds. The delta records are
-produced once, by the source agent; nothing re-sends the blocks.
+records on this agent's replica feed (`replica.feed.v1.<agent id>`, partition and offset
+range), where the replication service forwarded them as the source agent signed them; the
+agent reads that range, stages the blocks of the item's cycle (each checked against its
+SHA-256) and applies the point (services/host_agent/replica.py), then answers with the roots
+it holds. The agent reads nothing else of the data plane: its principal may read its own feed
+only, never the delta topic with every vault's blocks.
 
 Records of other items and cycles in the range are skipped. A repeated command finds the point
 applied and answers the same roots; a replica that is not at the point before (it missed
@@ -49,13 +51,15 @@ class ReplicaFeed:
         prefix: str,
         storage: Path,
         security: KafkaSecurity | None = None,
+        *,
+        agent_id: str,
     ) -> None:
-        """`security`: how the ranges are read (the `edge` principal; default from the
+        """`security`: how the ranges are read (the agent's principal; default from the
         environment), all through one consumer (started at the first point, stopped by
-        `close()`)."""
+        `close()`); `agent_id`: whose replica feed they are read from."""
         self.replica = replica
         self.reader = RangeReader(bootstrap, security=security)
-        self.topic = topics.physical(topics.REPLICATION_DELTAS, prefix)
+        self.topic = topics.physical(topics.replica_feed(agent_id), prefix)
         self.storage = storage
 
     def _answer(self, command: ReplicaPointApplyRequested) -> dict[str, Any]:
@@ -78,15 +82,20 @@ class ReplicaFeed:
             )
         geometry = {d.disk_id: d for d in command.disks}
         staged = 0
-        try:
-            ranges = self.reader.read(
-                self.topic, command.partition, command.first_offset, command.last_offset
-            )
-            async with contextlib.aclosing(ranges) as batches:
-                async for records in batches:
-                    staged += await asyncio.to_thread(self._stage, item, seq, geometry, records)
-        except RangeUnavailable as exc:
-            raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
+        if (
+            command.partition is not None
+            and command.first_offset is not None
+            and command.last_offset is not None
+        ):
+            try:
+                ranges = self.reader.read(
+                    self.topic, command.partition, command.first_offset, command.last_offset
+                )
+                async with contextlib.aclosing(ranges) as batches:
+                    async for records in batches:
+                        staged += await asyncio.to_thread(self._stage, item, seq, geometry, records)
+            except RangeUnavailable as exc:
+                raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
         point = Point(seq, tuple(_disk_state(d) for d in command.disks))
         try:
             await asyncio.to_thread(self.replica.stage_point, item, point)

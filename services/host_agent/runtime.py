@@ -124,7 +124,12 @@ class AgentRuntime(EdgeRuntime):
         )
         await self.replicator.start()
         self.replica_feed = ReplicaFeed(
-            self.replica, s.kafka_bootstrap_servers, s.topic_prefix, s.storage_dir, kafka
+            self.replica,
+            s.kafka_bootstrap_servers,
+            s.topic_prefix,
+            s.storage_dir,
+            kafka,
+            agent_id=str(self.identity.producer_id),
         )
         handler = CommandHandler(
             self.identity,

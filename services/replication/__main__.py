@@ -11,6 +11,7 @@ from services.replication.config import ReplicationSettings
 from services.replication.consumer import delta_app, delta_pipeline, side_consumer
 from services.replication.context import Context
 from services.replication.failover_worker import failover_worker
+from services.replication.feed import FeedWriter
 from services.replication.health import evaluate_health
 from services.replication.offline import import_pipeline
 from services.replication.pruning import apply_retention
@@ -42,7 +43,10 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
     app: FastAPI
 
     async def on_start(rt: Runtime) -> None:
-        ctx = Context(pool=rt.pool, settings=settings, broker=rt.kafka)
+        feed = FeedWriter(settings)
+        await feed.start()
+        rt.on_stop(feed.stop)
+        ctx = Context(pool=rt.pool, settings=settings, broker=rt.kafka, feed=feed)
         ctx.delta_partitions = await rt.producer.partition_count(topics.REPLICATION_DELTAS)
         app.state.context = ctx
         app.state.import_pipeline = import_pipeline(rt, ctx)

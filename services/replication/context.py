@@ -18,6 +18,7 @@ import asyncpg
 from services.replication import domain
 from services.replication import repository as repo
 from services.replication.config import ReplicationSettings
+from services.replication.feed import FeedWriter
 from services.replication.store import ReplicaStore
 from shared import outbox
 from shared.runtime import DependencyWatch
@@ -43,6 +44,8 @@ class Context:
     delta_partitions: int | None = None  # of replication.deltas, to check records' partitions
     # this process's view of Kafka, named as the cause in late items' health
     broker: DependencyWatch | None = None
+    # forwards verified batches to the recovery hosts' replica feeds (None: not fed)
+    feed: FeedWriter | None = None
 
     @contextlib.asynccontextmanager
     async def storing(self, item_id: uuid.UUID) -> AsyncIterator[None]:

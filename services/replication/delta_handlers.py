@@ -123,9 +123,6 @@ async def on_cycle_started(ctx: Context, conn: asyncpg.Connection, inc: Incoming
         [d.model_dump() for d in msg.disks],
         msg.source_time,
         msg.app_consistent,
-        # where the recovery host starts reading the cycle (files imported: no offsets)
-        inc.partition if inc.partition >= 0 else None,
-        inc.offset if inc.partition >= 0 else None,
     )
     if ItemState(item["state"]) is ItemState.WAITING_FOR_INITIAL:
         await change_state(conn, item, ItemState.INITIAL_REPLICATION, reason="initial cycle")
@@ -183,6 +180,7 @@ async def on_blocks_shipped(ctx: Context, conn: asyncpg.Connection, inc: Incomin
     await repo.stage_batches(
         conn, msg.item_id, msg.cycle_seq, [(msg.batch_no, msg.disk_id, staged, nbytes)]
     )
+    await _forward(ctx, conn, item, msg.cycle_seq, [inc])
     BYTES_APPLIED.inc(nbytes)
     BLOCKS_APPLIED.inc(len(staged))
 
@@ -217,8 +215,23 @@ async def on_blocks_shipped_run(
         batches.append((msg.batch_no, msg.disk_id, staged, nbytes))
     crash_point("replication.blocks_stored")
     await repo.stage_batches(conn, first.item_id, first.cycle_seq, batches)
+    await _forward(ctx, conn, item, first.cycle_seq, incs)
     BYTES_APPLIED.inc(sum(b[3] for b in batches))
     BLOCKS_APPLIED.inc(sum(len(b[2]) for b in batches))
+
+
+async def _forward(
+    ctx: Context, conn: asyncpg.Connection, item: dict[str, Any], seq: int, incs: list[Incoming]
+) -> None:
+    """The verified batches to the item's recovery host's replica feed (services/replication/
+    feed.py), where they went noted on the cycle's row in the same transaction."""
+    agent = item["recovery_agent_id"]
+    values = [inc.raw for inc in incs if inc.raw is not None]
+    if agent is None or ctx.feed is None or not values:
+        return
+    where = await ctx.feed.forward(agent, item["item_id"], values)
+    crash_point("replication.batches_forwarded")
+    await repo.note_forwarded(conn, item["item_id"], seq, where.partition, where.first, where.last)
 
 
 async def on_cycle_completed(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
@@ -355,7 +368,7 @@ async def _record_point(
         health=healthy,
         **fields,
     )
-    await feed_replica(conn, item, cycle, msg, inc)
+    await feed_replica(conn, item, cycle, msg)
     return latency
 
 
@@ -377,11 +390,11 @@ async def feed_replica(
     item: dict[str, Any],
     cycle: dict[str, Any],
     msg: ev.CycleCompleted,
-    inc: Incoming,
 ) -> None:
-    """Command the item's recovery host to apply the committed point from the cycle's own
-    records on the delta topic (partition and offsets), in the commit's transaction."""
-    if item["recovery_agent_id"] is None or cycle["delta_partition"] is None:
+    """Command the item's recovery host to apply the committed point from the cycle's records
+    on its replica feed (partition and offsets; none for a cycle that changed nothing), in the
+    commit's transaction."""
+    if item["recovery_agent_id"] is None:
         return
     geometry = {d["disk_id"]: d for d in cycle["disks"]}
     await emit(
@@ -392,9 +405,9 @@ async def feed_replica(
             agent_id=item["recovery_agent_id"],
             item_id=msg.item_id,
             cycle_seq=msg.cycle_seq,
-            partition=cycle["delta_partition"],
-            first_offset=cycle["first_offset"],
-            last_offset=inc.offset,
+            partition=cycle["feed_partition"],
+            first_offset=cycle["feed_first"],
+            last_offset=cycle["feed_last"],
             disks=[
                 cmd.ReplicaDisk(
                     disk_id=d.disk_id,

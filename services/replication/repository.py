@@ -127,7 +127,8 @@ async def open_cycle(
 ) -> dict[str, Any] | None:
     row = await conn.fetchrow(
         "SELECT item_id, cycle_seq, kind, disks, source_time, app_consistent, poisoned,"
-        " delta_partition, first_offset FROM open_cycles WHERE item_id = $1 AND cycle_seq = $2",
+        " feed_partition, feed_first, feed_last FROM open_cycles"
+        " WHERE item_id = $1 AND cycle_seq = $2",
         item_id,
         seq,
     )
@@ -151,20 +152,33 @@ async def start_cycle(
     disks: list[dict[str, Any]],
     source_time: datetime,
     app_consistent: bool,
-    delta_partition: int | None = None,
-    first_offset: int | None = None,
 ) -> None:
     await conn.execute(
-        "INSERT INTO open_cycles (item_id, cycle_seq, kind, disks, source_time, app_consistent,"
-        " delta_partition, first_offset) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT DO NOTHING",
+        "INSERT INTO open_cycles (item_id, cycle_seq, kind, disks, source_time, app_consistent)"
+        " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT DO NOTHING",
         item_id,
         seq,
         kind,
         disks,
         source_time,
         app_consistent,
-        delta_partition,
-        first_offset,
+    )
+
+
+async def note_forwarded(
+    conn: asyncpg.Connection, item_id: uuid.UUID, seq: int, partition: int, first: int, last: int
+) -> None:
+    """Widen the cycle's range on its recovery host's feed to take offsets first..last."""
+    await conn.execute(
+        "UPDATE open_cycles SET feed_partition = $3,"
+        " feed_first = LEAST(COALESCE(feed_first, $4), $4),"
+        " feed_last = GREATEST(COALESCE(feed_last, $5), $5)"
+        " WHERE item_id = $1 AND cycle_seq = $2",
+        item_id,
+        seq,
+        partition,
+        first,
+        last,
     )
 
 

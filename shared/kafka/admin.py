@@ -32,11 +32,12 @@ async def ensure_topics(
     *,
     partitions: int,
     security: KafkaSecurity | None = None,
+    dlq: bool = True,
 ) -> None:
-    """Create each logical topic and its DLQ twin if missing, with its `topics.CONFIGS`, and
-    set those configs on the ones that exist (idempotent). A topic the client's principal
-    may not describe looks missing and its creation is refused: the broker's answer is not
-    an error here (the topic is someone else's to create)."""
+    """Create each logical topic and (`dlq`) its DLQ twin if missing, with its
+    `topics.configs_of`, and set those configs on the ones that exist (idempotent). A topic
+    the client's principal may not describe looks missing and its creation is refused: the
+    broker's answer is not an error here (the topic is someone else's to create)."""
     admin = admin_client(bootstrap, security)
     await admin.start()
     try:
@@ -44,9 +45,9 @@ async def ensure_topics(
         wanted: list[NewTopic] = []
         configured: list[ConfigResource] = []
         for name in names:
-            for t in (name, topics.dlq_of(name)):
+            for t in (name, topics.dlq_of(name)) if dlq else (name,):
                 physical = topics.physical(t, prefix)
-                configs = topics.CONFIGS.get(t, {})
+                configs = topics.configs_of(t)
                 if physical not in existing:
                     parts = partitions if not t.endswith(".dlq") else 1
                     wanted.append(

@@ -131,7 +131,9 @@ class EventConsumer(RecordPipeline[Handler]):
             seen.add(envelope.event_id)
             key = record.key.decode(errors="replace") if record.key else None
             incomings.append(
-                Incoming(envelope, payload, topic, record.partition, record.offset, key)
+                Incoming(
+                    envelope, payload, topic, record.partition, record.offset, key, record.value
+                )
             )
         started = time.perf_counter()
         token = RUN_MEMO.set({})

@@ -57,6 +57,9 @@ class Incoming:
     partition: int
     offset: int
     key: str | None
+    # the record's value as it came (the replication service forwards verified delta records
+    # as they are); None where the event did not come from a record
+    raw: bytes | None = None
 
 
 def decode_event(

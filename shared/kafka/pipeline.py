@@ -266,7 +266,9 @@ class RecordPipeline(ABC, Generic[H]):
         handler = self.handlers.get(envelope.type)
         if handler is None:
             return
-        incoming = Incoming(envelope, payload, topic, record.partition, record.offset, key)
+        incoming = Incoming(
+            envelope, payload, topic, record.partition, record.offset, key, record.value
+        )
         attempts = 0
         delay = 0.2
         while True:

@@ -113,17 +113,18 @@ class ReplicaDisk(EventPayload):
 @event_type("ReplicaPointApplyRequested", topic=topics.AGENT_COMMANDS)
 class ReplicaPointApplyRequested(_Command):
     """Bring the item's replica on this recovery host to verified recovery point `cycle_seq`.
-    The cycle's records are on `replication.deltas.v1` partition `partition`, offsets
-    `first_offset`..`last_offset` (with other items' records between); the agent applies the
-    blocks of this item and cycle, and answers with the roots it then holds
+    The cycle's verified records are on this agent's replica feed,
+    `replica.feed.v1.<agent_id>`, partition `partition`, offsets `first_offset`..`last_offset`
+    (with other items' records between; none when the cycle changed no block); the agent
+    applies the blocks of this item and cycle, and answers with the roots it then holds
     (`CommandCompleted` result {"item_id", "cycle_seq", "roots": {disk_id: root}}). Undo
     records of points older than `keep_from` are pruned."""
 
     item_id: uuid.UUID
     cycle_seq: int = Field(ge=1)
-    partition: int = Field(ge=0)
-    first_offset: int = Field(ge=0)
-    last_offset: int = Field(ge=0)
+    partition: int | None = Field(default=None, ge=0)
+    first_offset: int | None = Field(default=None, ge=0)
+    last_offset: int | None = Field(default=None, ge=0)
     disks: list[ReplicaDisk] = Field(min_length=1, max_length=64)
     keep_from: int = Field(ge=1)
 

@@ -3,9 +3,9 @@ without a certificate can neither produce nor consume; an edge principal (a host
 site provider's, as the registration service issues and grants them) cannot write
 registration.events.v1 or a service's topic, nor another kind's edge topics, nor read
 registration events; a service cannot write another service's topic; each can do what its role
-needs. An agent reads offset ranges of replication.deltas.v1 (a recovery host's replica feed)
-but not its DLQ's writes nor another service topic's records. The retired shared `edge`
-principal may do nothing."""
+needs. An agent reads offset ranges of its own replica feed (which only the replication service
+writes and creates), never another agent's feed, the delta topic (every vault's blocks) or
+another service topic's records. The retired shared `edge` principal may do nothing."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from kit.procs import kafka_identity
 from kit.stack import Stack, delete_prefixed_topics, random_prefix
 from services.registration.edge_certs import EdgeCertificates
 from shared import edge_pki, topics
+from shared.kafka.admin import ensure_topics
 from shared.kafka.ranges import RangeUnavailable, read_range
 from shared.kafka.security import KafkaSecurity
 from shared.kafka_acl import Access, acls_for, create_acls, grant_platform
@@ -35,6 +36,7 @@ from tests.support.kafka import read_all
 pytestmark = pytest.mark.e2e
 
 EDGE_KINDS = ("agent", "provider")
+EDGE_IDS: dict[str, str] = {}  # kind -> producer id of the `edges` fixture's principals
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ async def edges(
     for kind in EDGE_KINDS:
         key = edge_pki.new_key()
         csr = x509.load_pem_x509_csr(edge_pki.csr_pem(key, f"{kind}.acl.local").encode())
-        producer_id = str(uuid.uuid4())
+        producer_id = EDGE_IDS[kind] = str(uuid.uuid4())
         principal = edge_pki.principal_of(producer_id, 1)
         issued = await certificates.grant(csr, principal, kind, producer_id)
         cert, key_file = edge_pki.write_client_files(
@@ -235,33 +237,52 @@ async def test_granting_the_platform_deletes_the_retired_edge_principals_acls(
     assert all(tag not in r.value for r in await read_all(stack.kafka, heartbeats))
 
 
-async def test_an_agent_reads_delta_ranges_and_only_those(
+async def read_one(
+    stack: Stack, topic: str, partition: int, offset: int, sec: KafkaSecurity
+) -> list[bytes]:
+    """The record at `offset` as principal `sec` reads it (a range of one)."""
+    return [
+        record.value
+        async for batch in read_range(
+            stack.kafka, topic, partition, offset, offset, timeout=5, security=sec
+        )
+        for record in batch
+    ]
+
+
+async def test_an_agent_reads_its_own_replica_feed_and_no_other_block_data(
     stack: Stack, prefix: str, edges: dict[str, KafkaSecurity]
 ) -> None:
     edge = edges["agent"]
-    deltas = topics.physical(topics.REPLICATION_DELTAS, prefix)
+    replication = security(stack, prefix, "replication")
+    feed = topics.replica_feed(EDGE_IDS["agent"])
+    other = topics.replica_feed(str(uuid.uuid4()))  # another recovery host's
+    await ensure_topics(
+        stack.kafka, prefix, [feed, other], partitions=1, security=replication, dlq=False
+    )
     tag = secrets.token_hex(8).encode()
+    at = {}
+    for name in (feed, other):
+        physical = topics.physical(name, prefix)
+        await produce(stack, replication, physical, tag)
+        record = next(r for r in await read_all(stack.kafka, physical) if r.value == tag)
+        at[name] = (physical, record.partition, record.offset)
+    assert await read_one(stack, *at[feed], edge) == [tag]
+    with pytest.raises((RangeUnavailable, TopicAuthorizationFailedError)):
+        await read_one(stack, *at[other], edge)
+    with pytest.raises((RangeUnavailable, TopicAuthorizationFailedError)):  # a provider: none
+        await read_one(stack, *at[feed], edges["provider"])
+    with pytest.raises(TopicAuthorizationFailedError):  # only the replication service writes
+        await produce(stack, edge, at[feed][0], tag)
+
+    # the delta topic: an agent writes its cycles there, and reads nothing of it
+    deltas = topics.physical(topics.REPLICATION_DELTAS, prefix)
     await produce(stack, edge, deltas, tag)
-    ours = next(r for r in await read_all(stack.kafka, deltas) if r.value == tag)
-    read = [
-        record.value
-        for records in [
-            batch
-            async for batch in read_range(
-                stack.kafka, deltas, ours.partition, ours.offset, ours.offset, security=edge
-            )
-        ]
-        for record in records
-    ]
-    assert read == [tag]
+    shipped = next(r for r in await read_all(stack.kafka, deltas) if r.value == tag)
+    with pytest.raises((RangeUnavailable, TopicAuthorizationFailedError)):
+        await read_one(stack, deltas, shipped.partition, shipped.offset, edge)
     with pytest.raises(TopicAuthorizationFailedError):
         await produce(stack, edge, topics.dlq_of(deltas), tag)
-    with pytest.raises((RangeUnavailable, TopicAuthorizationFailedError)):  # a provider: none
-        async for _ in read_range(
-            stack.kafka, deltas, ours.partition, ours.offset, ours.offset, timeout=5,
-            security=edges["provider"],
-        ):  # fmt: skip
-            pass
     events = topics.physical(topics.REPLICATION_EVENTS, prefix)
     await produce(stack, security(stack, prefix, "replication"), events, tag)
     theirs = next(r for r in await read_all(stack.kafka, events) if r.value == tag)

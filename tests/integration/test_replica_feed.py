@@ -1,8 +1,8 @@
-"""The recovery host's replica fed from the delta topic (real Kafka): a command names a cycle's
-offset range; the agent applies exactly that item's and cycle's blocks (other items' records,
-other cycles' and undecodable records in the range are skipped), answers with its roots, answers
-a repeated command the same, refuses a point that cannot follow, and undoes a point whose roots
-are not the source's."""
+"""The recovery host's replica fed from its replica feed (real Kafka): a command names a
+cycle's offset range; the agent applies exactly that item's and cycle's blocks (other items'
+records, other cycles' and undecodable records in the range are skipped), answers with its
+roots, answers a repeated command the same, refuses a point that cannot follow, undoes a point
+whose roots are not the source's, and applies a cycle that changed nothing without a read."""
 
 from __future__ import annotations
 
@@ -36,12 +36,14 @@ VAULT = uuid.uuid4()
 
 
 class Deltas:
-    """A one-partition delta topic of its own and a producer of BlocksShipped records."""
+    """A one-partition replica feed of its own and a producer of BlocksShipped records (as the
+    replication service forwards them)."""
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.prefix = random_prefix("feed")
-        self.topic = topics.physical(topics.REPLICATION_DELTAS, self.prefix)
+        self.agent = str(uuid.uuid4())
+        self.topic = topics.physical(topics.replica_feed(self.agent), self.prefix)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=stack.kafka, acks="all", **KafkaSecurity.from_env().client_options()
         )
@@ -77,21 +79,28 @@ class Deltas:
 @pytest.fixture
 async def deltas(stack: Stack) -> AsyncIterator[Deltas]:
     d = Deltas(stack)
-    await ensure_topics(stack.kafka, d.prefix, [topics.REPLICATION_DELTAS], partitions=1)
+    await ensure_topics(
+        stack.kafka, d.prefix, [topics.replica_feed(d.agent)], partitions=1, dlq=False
+    )
     await d.producer.start()
     yield d
     await d.producer.stop()
 
 
 def command(
-    item: uuid.UUID, seq: int, first: int, last: int, disk: SourceDisk, root: str | None = None
+    item: uuid.UUID,
+    seq: int,
+    first: int | None,
+    last: int | None,
+    disk: SourceDisk,
+    root: str | None = None,
 ) -> ReplicaPointApplyRequested:
     return ReplicaPointApplyRequested(
         command_id=uuid.uuid4(),
         agent_id=uuid.uuid4(),
         item_id=item,
         cycle_seq=seq,
-        partition=0,
+        partition=None if first is None else 0,
         first_offset=first,
         last_offset=last,
         disks=[
@@ -123,7 +132,11 @@ async def test_a_point_is_applied_from_its_records_only(deltas: Deltas, tmp_path
     last = await deltas.batch(item, 1, disk, everything[half:], zlib_=False)
 
     feed = ReplicaFeed(
-        SiteReplica(tmp_path), deltas.stack.kafka, deltas.prefix, tmp_path / "storage"
+        SiteReplica(tmp_path),
+        deltas.stack.kafka,
+        deltas.prefix,
+        tmp_path / "storage",
+        agent_id=deltas.agent,
     )
     answer = await feed.apply(command(item, 1, first, last, disk))
     assert answer == {"item_id": str(item), "cycle_seq": 1, "roots": {"d0": disk.root()}}
@@ -142,5 +155,11 @@ async def test_a_point_is_applied_from_its_records_only(deltas: Deltas, tmp_path
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
     assert (await feed.apply(command(item, 2, at, at, disk)))["cycle_seq"] == 2
     assert hashlib.sha256(image.read_bytes()).hexdigest() == disk.sha256()
+    # a cycle that changed nothing names no range: applied without a read
+    assert await feed.apply(command(item, 3, None, None, disk)) == {
+        "item_id": str(item),
+        "cycle_seq": 3,
+        "roots": {"d0": disk.root()},
+    }
     assert feed.reader.starts == 1  # every point read through one consumer
     await feed.close()

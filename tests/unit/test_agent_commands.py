@@ -64,7 +64,9 @@ async def agent(tmp_path: Path) -> AsyncIterator[tuple[CommandHandler, list[Even
         Workloads(host, storage),
         storage,
         tmp_path / "state",
-        ReplicaFeed(SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage),  # not used
+        ReplicaFeed(
+            SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage, agent_id="a"
+        ),  # not used
     )
     yield handler, sent
     await replicator.stop()

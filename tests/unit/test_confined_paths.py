@@ -79,7 +79,9 @@ async def test_the_agent_refuses_disks_and_exports_outside_its_folders(tmp_path:
         Workloads(host, storage),
         storage,
         tmp_path / "state",
-        ReplicaFeed(SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage),  # not used
+        ReplicaFeed(
+            SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage, agent_id="a"
+        ),  # not used
     )
 
     def enable(path: Path, **kw: object) -> ReplicationEnableRequested:

@@ -194,7 +194,7 @@ async def test_the_agent_command_creates_them_and_a_handover_waits_for_cleanup(
     item = str(uuid.UUID(int=1))
     (tmp_path / "state" / "replica" / ITEM).rename(tmp_path / "state" / "replica" / item)
     h.replica = SiteReplica(tmp_path / "state")
-    feed = ReplicaFeed(h.replica, "127.0.0.1:1", "", storage)
+    feed = ReplicaFeed(h.replica, "127.0.0.1:1", "", storage, agent_id="a")
     with pytest.raises(CommandFailed, match="not a folder in this host's storage"):
         await feed.differencing(_command(DifferencingDisksRequested, h, 2, tmp_path / "x"))
     with pytest.raises(CommandFailed, match="not a folder in this host's storage"):

@@ -76,7 +76,9 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
         Workloads(host, storage),
         storage,
         tmp_path / "state",
-        ReplicaFeed(SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage),  # not used
+        ReplicaFeed(
+            SiteReplica(tmp_path / "state"), "127.0.0.1:9", "", storage, agent_id="a"
+        ),  # not used
     )
     yield Agent(tmp_path, handler, sent)
     await replicator.stop()
