@@ -188,6 +188,8 @@ async def test_offline_initial_replication_is_imported_then_deltas_follow(
     source = Path((await item(http, dr, item_id))["disks"][0]["path"])
     got = await materialise(http, dr, item_id, point["cycle_seq"], tmp_path / "rp")
     assert list(got.values()) == [file_sha256(source)]
+    # the imported points reached the recovery host's replica too (forwarded to its feed)
+    await replica_at(http, dr, item_id, point["cycle_seq"])
     missing = await http.post(
         dr.url("replication", f"/protected-items/{item_id}/import"),
         json={"path": str(tmp_path / "nowhere")},
