@@ -1,11 +1,14 @@
 """A two-site replication run for the benchmarks: a platform of its own with the services, the
-site providers and one host agent (on `HOST`), and what a measurement does with it (VMs
+site providers, the source host agent (on `HOST`) and the recovery host agent that keeps the
+replicas (on `RECOVERY_HOST`; `BENCH_RECOVERY_AGENT=0` runs without it, as the service alone),
+and what a measurement does with it (VMs
 written and protected through the agent, items paused and resumed, points awaited, metrics
 and CPU counters read, a point materialised)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +24,8 @@ from kit.poll import eventually
 from kit.stack import Stack
 
 HOST = "hv-p1"
+RECOVERY_HOST = "hv-r1"
+WITH_RECOVERY_AGENT = os.environ.get("BENCH_RECOVERY_AGENT", "1") != "0"
 
 
 @dataclass
@@ -165,5 +170,6 @@ async def two_site_run(stack: Stack, label: str, copy_seconds: int) -> AsyncIter
         bench_platform(stack, f"repl-{label}") as (plat, root),
         httpx.AsyncClient(timeout=30) as http,
     ):
-        dr = await two_sites(plat, http, root, copy_seconds=copy_seconds, agents_on=(HOST,))
+        hosts = (HOST, RECOVERY_HOST) if WITH_RECOVERY_AGENT else (HOST,)
+        dr = await two_sites(plat, http, root, copy_seconds=copy_seconds, agents_on=hosts)
         yield Run(plat, dr, http, root)
