@@ -100,6 +100,20 @@ class Run:
 
         await eventually(done, timeout=timeout, interval=0.2, what="initial replication")
 
+    async def item(self, item_id: str) -> dict[str, Any]:
+        return await item(self.http, self.dr, item_id)
+
+    async def replica_at(self, item_id: str, seq: int, timeout: float = 120) -> None:
+        """Until the recovery host's replica holds point `seq` (or later)."""
+
+        async def reached() -> bool:
+            current = await item(self.http, self.dr, item_id)
+            if current["replica_error"]:
+                raise RuntimeError(f"replica error: {current['replica_error']}")
+            return (current["replica_seq"] or 0) >= seq
+
+        await eventually(reached, timeout=timeout, interval=0.5, what=f"the replica at {seq}")
+
     async def items(self) -> list[dict[str, Any]]:
         resp = await self.http.get(
             self.dr.url("replication", "/protected-items"),
