@@ -83,7 +83,7 @@ def select_retained(
         return set()
     by_seq = sorted(points, key=lambda p: p.seq)
     keep = {by_seq[-1].seq}
-    keep.update(p.seq for p in by_seq[len(by_seq) - keep_recent :] if keep_recent)
+    keep.update(p.seq for p in by_seq[max(0, len(by_seq) - keep_recent) :] if keep_recent)
 
     window_start = now - timedelta(hours=retention_hours)
     latest_of_hour: dict[int, PointMeta] = {}

@@ -84,6 +84,14 @@ def test_zero_additional_points_keeps_latest_recent_and_latest_app_consistent() 
     assert keep == {points[-1].seq}
 
 
+def test_fewer_points_than_keep_recent_are_all_kept() -> None:
+    points = timeline(300, hours=10)[-8:]
+    later = NOW + timedelta(hours=10)  # all out of the window: only "recent" keeps them
+    assert select_retained(points, later, 1, 0, keep_recent=12) == {p.seq for p in points}
+    assert select_retained(points, later, 1, 0, keep_recent=8) == {p.seq for p in points}
+    assert select_retained(points, later, 1, 0, keep_recent=3) == {p.seq for p in points[-3:]}
+
+
 def test_old_points_go_except_the_latest() -> None:
     points = timeline(300, hours=3)
     later = NOW + timedelta(hours=10)  # replication stopped 10 h ago
