@@ -178,7 +178,7 @@ def make_replica_answers(ctx: Context) -> dict[str, Handler]:
     return {"ReplicaHandoverRequested": handler, "DifferencingDisksRequested": handler}
 
 
-async def _choose_point(
+async def choose_and_pin(
     ctx: Context, msg: fo.RecoveryPointMaterialiseRequested, vault_id: uuid.UUID
 ) -> tuple[dict[str, Any], dict[str, Any]] | str:
     """The item and the live point to materialise, or why there is none. The point is noted
@@ -220,7 +220,7 @@ async def materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | N
             request_id=msg.request_id, item_id=msg.item_id, error=why
         )
 
-    chosen = await _choose_point(ctx, msg, request["vault_id"])
+    chosen = await choose_and_pin(ctx, msg, request["vault_id"])
     if isinstance(chosen, str):
         return failed(chosen)
     item, point = chosen
