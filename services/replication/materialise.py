@@ -3,7 +3,8 @@ worked on by the failover worker): every disk written into `target_dir/<disk_id>
 the replica store, verified block by block, or the request handed to the recovery host that
 keeps the item's replica (handover, or differencing disks for a test failover) and its answer
 turned into `RecoveryPointMaterialised`. Each answer is recorded with the request and enqueued
-in the outbox in one transaction, so it is given exactly once."""
+in the outbox in one transaction, so it is given exactly once. The point chosen is noted with
+the request: retention keeps it until the request is answered (`retention.pinned_seqs`)."""
 
 from __future__ import annotations
 
