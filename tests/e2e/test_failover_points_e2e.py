@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kit.dr import failover_known, item, points, protect, start, two_sites, vm_named
+from kit.dr import DrSetup, failover_known, item, points, protect, start, two_sites, vm_named
 from kit.platform import Platform
 from kit.poll import eventually
 from kit.stack import Stack
@@ -34,9 +34,8 @@ async def plat(stack: Stack, tmp_path: Path) -> AsyncIterator[Platform]:
         await own.close()
 
 
-async def test_a_pruned_point_is_refused_with_the_retained_range(
-    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
-) -> None:
+async def fast_pruning_sites(plat: Platform, http: httpx.AsyncClient, root: Path) -> DrSetup:
+    """Two sites with 1 s cycles, retention every second keeping the 3 latest points."""
     plat.start(
         "replication",
         {
@@ -44,7 +43,13 @@ async def test_a_pruned_point_is_refused_with_the_retained_range(
             "DR_REPLICATION_RETENTION_INTERVAL_SECONDS": "1",
         },
     )
-    dr = await two_sites(plat, http, tmp_path, copy_seconds=1)
+    return await two_sites(plat, http, root, copy_seconds=1)
+
+
+async def test_a_pruned_point_is_refused_with_the_retained_range(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    dr = await fast_pruning_sites(plat, http, tmp_path)
     await dr.agent_call(http, "hv-p1", "POST", "/vms", {"name": "db01", "disks": ["1MiB"]})
     vm = await vm_named(http, dr, "db01")
     item_id = (await protect(http, dr, vm["vm_id"]))["item_id"]
@@ -100,16 +105,9 @@ async def test_a_pruned_point_is_refused_with_the_retained_range(
 async def test_a_point_asked_for_is_kept_until_the_answer_then_pruned(
     plat: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    plat.start(
-        "replication",
-        {
-            "DR_REPLICATION_KEEP_RECENT_POINTS": "3",
-            "DR_REPLICATION_RETENTION_INTERVAL_SECONDS": "1",
-        },
-    )
-    # 1 s cycles: the retained crash-consistent points span ~3 s, far less than the 30 s the
-    # replication service waits for the recovery host's replica before it copies the point
-    dr = await two_sites(plat, http, tmp_path, copy_seconds=1)
+    # the retained crash-consistent points span ~3 s, far less than the 30 s the replication
+    # service waits for the recovery host's replica before it copies the point
+    dr = await fast_pruning_sites(plat, http, tmp_path)
     await failover_up(plat, http, dr)
     vm = await protected_vm(http, dr, "pin01", ["256KiB"], "10.10.0.193")
     item_id = vm["item_id"]
