@@ -3,7 +3,8 @@ worked on by the failover worker): every disk written into `target_dir/<disk_id>
 the replica store, verified block by block, or the request handed to the recovery host that
 keeps the item's replica (handover, or differencing disks for a test failover) and its answer
 turned into `RecoveryPointMaterialised`. Each answer is recorded with the request and enqueued
-in the outbox in one transaction, so it is given exactly once."""
+in the outbox in one transaction, so it is given exactly once. The point chosen is noted with
+the request: retention keeps it until the request is answered (`retention.pinned_seqs`)."""
 
 from __future__ import annotations
 
@@ -178,6 +179,37 @@ def make_replica_answers(ctx: Context) -> dict[str, Handler]:
     return {"ReplicaHandoverRequested": handler, "DifferencingDisksRequested": handler}
 
 
+async def choose_and_pin(
+    ctx: Context, msg: fo.RecoveryPointMaterialiseRequested, vault_id: uuid.UUID
+) -> tuple[dict[str, Any], dict[str, Any]] | str:
+    """The item and the live point to materialise, or why there is none. The point is noted
+    with the request under the item's points lock, so retention keeps it (pinned) until the
+    request is answered: a retention pass decides either before (the point is still live
+    here) or after (it sees the pin)."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await repo.lock_item_points(conn, msg.item_id)
+        item = await repo.get_item(conn, msg.item_id)
+        if item is None or item["vault_id"] != vault_id:
+            return f"protected item {msg.item_id} not found"
+        live = await repo.live_points(conn, msg.item_id)
+        try:
+            seq = domain.choose_point(
+                [
+                    domain.PointRef(p["cycle_seq"], p["point_type"] == "app_consistent")
+                    for p in live
+                ],
+                msg.choice.value,
+                msg.cycle_seq,
+                held=item["replica_seq"]
+                if msg.differencing and item["recovery_agent_id"]
+                else None,
+            )
+        except domain.ReplicationError as exc:
+            return exc.message
+        await request_repo.note_request_point(conn, msg.request_id, seq)
+    return item, next(p for p in live if p["cycle_seq"] == seq)
+
+
 async def materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | None:
     """Write the point's disks into the target folder (or hand the request to the recovery
     host's replica: None, answered when the host answers); the answer to publish."""
@@ -189,21 +221,11 @@ async def materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | N
             request_id=msg.request_id, item_id=msg.item_id, error=why
         )
 
-    async with ctx.pool.acquire() as conn:
-        item = await repo.get_item(conn, msg.item_id)
-        live = await repo.live_points(conn, msg.item_id) if item else []
-    if item is None or item["vault_id"] != request["vault_id"]:
-        return failed(f"protected item {msg.item_id} not found")
-    try:
-        seq = domain.choose_point(
-            [domain.PointRef(p["cycle_seq"], p["point_type"] == "app_consistent") for p in live],
-            msg.choice.value,
-            msg.cycle_seq,
-            held=item["replica_seq"] if msg.differencing and item["recovery_agent_id"] else None,
-        )
-    except domain.ReplicationError as exc:
-        return failed(exc.message)
-    point = next(p for p in live if p["cycle_seq"] == seq)
+    chosen = await choose_and_pin(ctx, msg, request["vault_id"])
+    if isinstance(chosen, str):
+        return failed(chosen)
+    item, point = chosen
+    seq = point["cycle_seq"]
     try:
         target = await asyncio.to_thread(
             materialise_target, ctx.settings, msg.target_dir, [d["disk_id"] for d in point["disks"]]

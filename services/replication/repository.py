@@ -36,6 +36,12 @@ async def record_replica_point(
     return bool(matched)
 
 
+async def lock_item_points(conn: asyncpg.Connection, item_id: uuid.UUID) -> None:
+    """Until the transaction ends: a retention pass decides and prunes the item's points, or a
+    materialise request chooses (and pins) one of them; never both at once, in any instance."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"points:{item_id}")
+
+
 async def oldest_live_point(conn: asyncpg.Connection, item_id: uuid.UUID) -> int | None:
     seq: int | None = await conn.fetchval(
         "SELECT min(cycle_seq) FROM recovery_points WHERE item_id = $1 AND pruned_at IS NULL",

@@ -8,8 +8,10 @@ from typing import Any
 
 import asyncpg
 
+from services.replication.retention import OpenRequest
+
 REQUEST_COLUMNS = """request_id, kind, vault_id, item_id, request, state, answer_type, answer,
- attempts, created_at, answered_at"""
+ attempts, created_at, answered_at, point_seq"""
 
 
 async def insert_request(
@@ -113,3 +115,26 @@ async def bump_request_attempts(conn: asyncpg.Connection, request_id: uuid.UUID)
         )
         or 0
     )
+
+
+async def note_request_point(conn: asyncpg.Connection, request_id: uuid.UUID, seq: int) -> None:
+    """The point the worker chose for an unanswered materialise request (retention keeps it)."""
+    await conn.execute(
+        "UPDATE failover_requests SET point_seq = $2 WHERE request_id = $1"
+        " AND state IN ('pending', 'delegated')",
+        request_id,
+        seq,
+    )
+
+
+async def open_materialise_requests(
+    conn: asyncpg.Connection, item_id: uuid.UUID
+) -> list[OpenRequest]:
+    """The item's materialise requests not answered yet, with the points they need."""
+    rows = await conn.fetch(
+        "SELECT created_at, point_seq, CASE WHEN request->>'choice' = 'chosen'"
+        " THEN (request->>'cycle_seq')::integer END AS named_seq FROM failover_requests"
+        " WHERE item_id = $1 AND kind = 'materialise' AND state IN ('pending', 'delegated')",
+        item_id,
+    )
+    return [OpenRequest(r["created_at"], r["named_seq"], r["point_seq"]) for r in rows]

@@ -16,16 +16,22 @@ app-consistent snapshot frequency of 1-12 h; ours goes up to 168 hours):
 4. The latest app-consistent point is kept if it is no older than
    max(retention_hours, app_consistent_hours): snapshots come every `app_consistent_hours`, so
    "fail over to the latest app-consistent point" stays possible even with 0 additional points.
-5. Everything else is dropped, including everything older than the window (except 1, 2, 4).
+5. A point an unanswered materialise request needs (`pinned`, see `pinned_seqs`) is kept: a
+   failover that asked for a retained point gets it, however short the window.
+6. Everything else is dropped, including everything older than the window (except 1, 2, 4, 5).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 MAX_RETENTION_HOURS = 168
+# A request this old pins nothing: the failover service waits 30 min for an answer by default
+# (DR_FAILOVER_STEP_TIMEOUT_SECONDS); past twice that nobody waits for it (e.g. a request
+# handed to a recovery host that went away with the item's replica, its failover committed).
+PIN_MAX_AGE = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,36 @@ class PointMeta:
     app_consistent: bool
 
 
+@dataclass(frozen=True)
+class OpenRequest:
+    """A materialise request not answered yet ('pending', 'delegated' to the recovery host, or
+    being worked on): the point it names (choice `chosen`) and the one the worker chose."""
+
+    created_at: datetime  # timezone-aware
+    named_seq: int | None
+    chosen_seq: int | None
+
+
+def pinned_seqs(requests: Sequence[OpenRequest], now: datetime) -> set[int]:
+    """The points that `requests` (unanswered) still need, kept by retention until answered;
+    a request older than `PIN_MAX_AGE` pins nothing."""
+    since = now - PIN_MAX_AGE
+    return {
+        seq
+        for r in requests
+        if r.created_at >= since
+        for seq in (r.named_seq, r.chosen_seq)
+        if seq is not None
+    }
+
+
 def select_retained(
     points: Sequence[PointMeta],
     now: datetime,
     retention_hours: int,
     app_consistent_hours: int,
     keep_recent: int,
+    pinned: Collection[int] = frozenset(),
 ) -> set[int]:
     """The seqs of `points` to keep at `now` (see the module docstring for the rule)."""
     if not 0 <= retention_hours <= MAX_RETENTION_HOURS:
@@ -53,7 +83,7 @@ def select_retained(
         return set()
     by_seq = sorted(points, key=lambda p: p.seq)
     keep = {by_seq[-1].seq}
-    keep.update(p.seq for p in by_seq[len(by_seq) - keep_recent :] if keep_recent)
+    keep.update(p.seq for p in by_seq[max(0, len(by_seq) - keep_recent) :] if keep_recent)
 
     window_start = now - timedelta(hours=retention_hours)
     latest_of_hour: dict[int, PointMeta] = {}
@@ -70,4 +100,5 @@ def select_retained(
     app = [p for p in by_seq if p.app_consistent and p.source_time >= app_start]
     if app:
         keep.add(app[-1].seq)
+    keep.update(p.seq for p in by_seq if p.seq in pinned)
     return keep

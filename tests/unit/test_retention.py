@@ -1,5 +1,6 @@
 """Retention: latest always, the most recent few, the latest point of every hour in the window,
-the latest app-consistent point; stable when pruning runs over and over."""
+the latest app-consistent point, the points unanswered materialise requests need; stable when
+pruning runs over and over."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.replication.retention import PointMeta, select_retained
+from services.replication.retention import (
+    PIN_MAX_AGE,
+    OpenRequest,
+    PointMeta,
+    pinned_seqs,
+    select_retained,
+)
 
 NOW = datetime(2025, 3, 1, 12, 30, 7, tzinfo=UTC)
 
@@ -77,6 +84,14 @@ def test_zero_additional_points_keeps_latest_recent_and_latest_app_consistent() 
     assert keep == {points[-1].seq}
 
 
+def test_fewer_points_than_keep_recent_are_all_kept() -> None:
+    points = timeline(300, hours=10)[-8:]
+    later = NOW + timedelta(hours=10)  # all out of the window: only "recent" keeps them
+    assert select_retained(points, later, 1, 0, keep_recent=12) == {p.seq for p in points}
+    assert select_retained(points, later, 1, 0, keep_recent=8) == {p.seq for p in points}
+    assert select_retained(points, later, 1, 0, keep_recent=3) == {p.seq for p in points[-3:]}
+
+
 def test_old_points_go_except_the_latest() -> None:
     points = timeline(300, hours=3)
     later = NOW + timedelta(hours=10)  # replication stopped 10 h ago
@@ -93,3 +108,32 @@ def test_week_long_retention_and_bad_arguments() -> None:
     with pytest.raises(ValueError):
         select_retained(points, NOW.replace(tzinfo=None), 24, 1, 1)
     assert select_retained([], NOW, 24, 1, 3) == set()
+
+
+def test_a_point_a_request_waits_for_is_kept_until_it_is_answered() -> None:
+    # 1 s cycles: the 5 recent points span 5 s, far less than a failover may wait for its point
+    points = timeline(1, hours=0.1)
+    asked = points[-20].seq
+    unpinned = select_retained(points, NOW, 0, 0, 5)
+    assert asked not in unpinned
+    pending = [OpenRequest(NOW - timedelta(seconds=40), named_seq=asked, chosen_seq=None)]
+    keep = select_retained(points, NOW, 0, 0, 5, pinned=pinned_seqs(pending, NOW))
+    assert keep == unpinned | {asked}
+    # answered: the request is no longer open, and the next pass prunes the point
+    assert asked not in select_retained(points, NOW, 0, 0, 5, pinned=pinned_seqs([], NOW))
+    # a pin of a point already pruned (or never committed) keeps nothing else
+    gone = select_retained(points[-10:], NOW, 0, 0, 5, pinned={asked, 10**9})
+    assert gone == select_retained(points[-10:], NOW, 0, 0, 5)
+
+
+def test_pins_are_the_named_and_chosen_points_of_recent_requests() -> None:
+    recent = NOW - PIN_MAX_AGE + timedelta(seconds=1)
+    requests = [
+        OpenRequest(NOW, named_seq=7, chosen_seq=7),
+        OpenRequest(recent, named_seq=None, chosen_seq=12),  # `latest` when it was chosen
+        OpenRequest(NOW, named_seq=None, chosen_seq=None),  # not worked on yet: latest is kept
+        # older than anyone waits for an answer (e.g. a host gone with its replica): no pin
+        OpenRequest(NOW - PIN_MAX_AGE - timedelta(seconds=1), named_seq=3, chosen_seq=4),
+    ]
+    assert pinned_seqs(requests, NOW) == {7, 12}
+    assert pinned_seqs([], NOW) == set()
