@@ -253,6 +253,15 @@ def edge_acls(principal: str, kind: str, producer_id: str, prefix: str) -> list[
     return acls_for(principal, edge_access(kind, producer_id), prefix)
 
 
+def retired_edge_acls(principal: str, kind: str, prefix: str) -> list[Acl]:
+    """ACLs that earlier versions gave an edge and this one does not: an agent's READ of the
+    whole delta topic (recovery hosts now read their own replica feed)."""
+    if kind != "agent":
+        return []
+    physical = topics.physical(topics.REPLICATION_DELTAS, prefix)
+    return [Acl(Resource.TOPIC, physical, Pattern.LITERAL, f"User:{principal}", Operation.READ)]
+
+
 class _CreateAcls(CreateAclsRequest):  # type: ignore[misc]
     """aiokafka's CreateAcls request carries one ACL; this one carries many (v1: patterns)."""
 
@@ -308,6 +317,45 @@ class _DeleteAcls(DeleteAclsRequest):  # type: ignore[misc]
         )
 
 
+class _DeleteExactAcls(DeleteAclsRequest):  # type: ignore[misc]
+    """Exactly these ACLs (each its resource, name, pattern, principal and operation)."""
+
+    def __init__(self, acls: Iterable[Acl]) -> None:
+        self._acls = list(acls)
+
+    def build(self, request_struct_class: Any) -> DeleteAclsRequest_v1:
+        if request_struct_class.API_VERSION < 1:
+            raise RuntimeError("the broker does not take pattern filters (DeleteAcls v1)")
+        return DeleteAclsRequest_v1(
+            [
+                (a.resource, a.name, a.pattern, a.principal, ANY_HOST, a.operation, ALLOW)
+                for a in self._acls
+            ]
+        )
+
+
+async def delete_exact_acls(bootstrap: str, acls: list[Acl], security: KafkaSecurity) -> int:
+    """Delete exactly `acls` (those that exist); returns how many were deleted."""
+    if not acls:
+        return 0
+    admin = admin_client(bootstrap, security, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        response = await admin._send_to_controller(_DeleteExactAcls(acls))
+        return _deleted(response)
+    finally:
+        await admin.close()
+
+
+def _deleted(response: Any) -> int:
+    deleted = 0
+    for code, message, matching in response.filter_responses:
+        if code:
+            raise RuntimeError(f"DeleteAcls refused: {code} {message}")
+        deleted += len(matching)
+    return deleted
+
+
 async def delete_acls(bootstrap: str, principal: str, security: KafkaSecurity) -> int:
     """Delete every ACL of `principal` (a CN); returns how many. From the broker's answer on,
     the principal may do nothing (its connections stay open but every request is refused)."""
@@ -315,12 +363,7 @@ async def delete_acls(bootstrap: str, principal: str, security: KafkaSecurity) -
     await admin.start()
     try:
         response = await admin._send_to_controller(_DeleteAcls(principal))
-        deleted = 0
-        for code, message, matching in response.filter_responses:
-            if code:
-                raise RuntimeError(f"DeleteAcls refused: {code} {message}")
-            deleted += len(matching)
-        return deleted
+        return _deleted(response)
     finally:
         await admin.close()
 

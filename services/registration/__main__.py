@@ -29,6 +29,14 @@ def build_app(settings: RegistrationSettings) -> FastAPI:
     )
 
     async def on_start(rt: Runtime) -> None:
+        certificates: EdgeCertificates | None = app.state.edge_certificates
+        if certificates is not None:
+            edges = certificates
+
+            async def refresh_edge_acls() -> None:
+                await handlers.refresh_edge_acls(rt.pool, edges)
+
+            rt.spawn("edge-acls", refresh_edge_acls)
         heartbeats = heartbeat_consumer(rt, settings)
         rt.spawn("heartbeat-consumer", heartbeats.run)
         clock = MissedHeartbeatClock(hold_seconds=settings.outage_hold_seconds)

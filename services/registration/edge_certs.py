@@ -13,7 +13,13 @@ from services.registration.config import RegistrationSettings
 from services.registration.domain import RegistrationError
 from shared.edge_pki import EdgeIssuer, IssuedCertificate
 from shared.kafka.security import KafkaSecurity
-from shared.kafka_acl import create_acls, delete_acls, edge_acls
+from shared.kafka_acl import (
+    create_acls,
+    delete_acls,
+    delete_exact_acls,
+    edge_acls,
+    retired_edge_acls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +77,14 @@ class EdgeCertificates:
             ) from None
         log.info("edge ACLs deleted", extra={"principal": principal, "acls": deleted})
         return deleted
+
+    async def refresh(self, principal: str, kind: str, producer_id: str) -> int:
+        """Bring a registered edge's ACLs to what this version grants its kind: create the
+        missing ones, then delete those earlier versions gave and this one does not (in that
+        order, so the edge never lacks a right it keeps). Returns how many were deleted."""
+        await create_acls(
+            self.bootstrap, edge_acls(principal, kind, producer_id, self.prefix), self.security
+        )
+        return await delete_exact_acls(
+            self.bootstrap, retired_edge_acls(principal, kind, self.prefix), self.security
+        )

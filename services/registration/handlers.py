@@ -210,6 +210,21 @@ async def _kafka_identity(
     return await certificates.grant(csr, principal, row["kind"], str(row["producer_id"]))
 
 
+async def refresh_edge_acls(pool: asyncpg.Pool, certificates: EdgeCertificates) -> int:
+    """At start: every certified edge's ACLs brought to what this version grants its kind (a
+    right added by an upgrade reaches edges registered before it; one retired is removed).
+    Returns how many retired ACLs were deleted."""
+    async with pool.acquire() as conn:
+        rows = await repo.certified_producers(conn)
+    deleted = 0
+    for row in rows:
+        deleted += await certificates.refresh(
+            row["kafka_principal"], row["kind"], str(row["producer_id"])
+        )
+    log.info("edge ACLs refreshed", extra={"edges": len(rows), "retired_deleted": deleted})
+    return deleted
+
+
 async def renew_certificate(
     pool: asyncpg.Pool,
     producer: dict[str, Any],

@@ -358,6 +358,15 @@ async def producer_lookup(conn: asyncpg.Connection, producer_id: str) -> dict[st
     return dict(row) if row else None
 
 
+async def certified_producers(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    """Active producers holding a Kafka principal: (producer_id, kind, kafka_principal)."""
+    rows = await conn.fetch(
+        "SELECT producer_id, kind, kafka_principal FROM producers"
+        " WHERE active AND kafka_principal IS NOT NULL ORDER BY producer_id"
+    )
+    return [dict(r) for r in rows]
+
+
 async def set_certificate(
     conn: asyncpg.Connection,
     producer_id: uuid.UUID,

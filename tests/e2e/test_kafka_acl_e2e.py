@@ -30,7 +30,7 @@ from shared import edge_pki, topics
 from shared.kafka.admin import ensure_topics
 from shared.kafka.ranges import RangeUnavailable, read_range
 from shared.kafka.security import KafkaSecurity
-from shared.kafka_acl import Access, acls_for, create_acls, grant_platform
+from shared.kafka_acl import Access, acls_for, create_acls, edge_access, grant_platform
 from tests.support.kafka import read_all
 
 pytestmark = pytest.mark.e2e
@@ -51,30 +51,47 @@ async def prefix(stack: Stack) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="module")
-async def edges(
-    stack: Stack, prefix: str, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, KafkaSecurity]:
-    """An agent's and a provider's principal of this prefix, certified by the edge CA and
-    granted their kind's ACLs by the registration service's own code (`EdgeCertificates`)."""
+def certificates(stack: Stack, prefix: str) -> EdgeCertificates:
+    """The registration service's own code that certifies edges and keeps their ACLs."""
     pki = Path(os.environ["DR_KAFKA_PKI_DIR"])
-    certificates = EdgeCertificates(
+    return EdgeCertificates(
         edge_pki.EdgeIssuer.from_files(pki / "edge-ca.pem", pki / "edge-ca.key"),
         timedelta(hours=1),
         stack.kafka,
         prefix,
         KafkaSecurity.from_env(),
     )
+
+
+def certified(
+    certificates: EdgeCertificates, kind: str, folder: Path
+) -> tuple[str, str, x509.CertificateSigningRequest, KafkaSecurity]:
+    """A new edge of `kind`: (producer id, principal, CSR, its client security), its
+    certificate signed; no ACL granted yet."""
+    key = edge_pki.new_key()
+    csr = x509.load_pem_x509_csr(edge_pki.csr_pem(key, f"{kind}.acl.local").encode())
+    producer_id = str(uuid.uuid4())
+    principal = edge_pki.principal_of(producer_id, 1)
+    issued = certificates.issuer.issue(csr, principal, certificates.valid)
+    cert, key_file = edge_pki.write_client_files(folder, issued.pem, edge_pki.key_pem(key))
+    sec = KafkaSecurity("tls", os.environ["DR_KAFKA_CA_FILE"], str(cert), str(key_file))
+    return producer_id, principal, csr, sec
+
+
+@pytest.fixture(scope="module")
+async def edges(
+    certificates: EdgeCertificates, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, KafkaSecurity]:
+    """An agent's and a provider's principal of this prefix, certified by the edge CA and
+    granted their kind's ACLs by the registration service's own code (`EdgeCertificates`)."""
     out: dict[str, KafkaSecurity] = {}
     for kind in EDGE_KINDS:
-        key = edge_pki.new_key()
-        csr = x509.load_pem_x509_csr(edge_pki.csr_pem(key, f"{kind}.acl.local").encode())
-        producer_id = EDGE_IDS[kind] = str(uuid.uuid4())
-        principal = edge_pki.principal_of(producer_id, 1)
-        issued = await certificates.grant(csr, principal, kind, producer_id)
-        cert, key_file = edge_pki.write_client_files(
-            tmp_path_factory.mktemp(kind), issued.pem, edge_pki.key_pem(key)
+        producer_id, principal, csr, sec = certified(
+            certificates, kind, tmp_path_factory.mktemp(kind)
         )
-        out[kind] = KafkaSecurity("tls", os.environ["DR_KAFKA_CA_FILE"], str(cert), str(key_file))
+        await certificates.grant(csr, principal, kind, producer_id)
+        EDGE_IDS[kind] = producer_id
+        out[kind] = sec
     return out
 
 
@@ -299,6 +316,51 @@ async def test_an_agent_reads_its_own_replica_feed_and_no_other_block_data(
         ):
             got.extend(batch)
     assert got == []
+
+
+async def test_an_agent_granted_by_an_earlier_version_loses_the_delta_topic_on_refresh(
+    stack: Stack, prefix: str, certificates: EdgeCertificates, tmp_path: Path
+) -> None:
+    """Agents registered before replica feeds could read the whole delta topic; the
+    registration service's refresh at start gives them their feed and takes that away."""
+    producer_id, principal, _, edge = certified(certificates, "agent", tmp_path)
+    earlier = edge_access("agent", producer_id)
+    earlier = Access(
+        writes=earlier.writes,
+        reads=earlier.reads,
+        groups=(),
+        exact_groups=earlier.exact_groups,
+        creates=False,
+        range_reads=(topics.REPLICATION_DELTAS,),
+    )
+    admin = KafkaSecurity.from_env()
+    await create_acls(stack.kafka, acls_for(principal, earlier, prefix), admin)
+    deltas = topics.physical(topics.REPLICATION_DELTAS, prefix)
+    tag = secrets.token_hex(8).encode()
+    await produce(stack, admin, deltas, tag)
+    shipped = next(r for r in await read_all(stack.kafka, deltas) if r.value == tag)
+
+    async def reads_deltas() -> bool:
+        try:
+            return await read_one(stack, deltas, shipped.partition, shipped.offset, edge) == [tag]
+        except (RangeUnavailable, TopicAuthorizationFailedError):
+            return False
+
+    await eventually(reads_deltas, timeout=20, what="the earlier version's ACLs taking effect")
+
+    assert await certificates.refresh(principal, "agent", producer_id) == 1
+
+    async def refused() -> bool:
+        return not await reads_deltas()
+
+    await eventually(refused, timeout=20, what="the retired read of the delta topic removed")
+    feed = topics.replica_feed(producer_id)
+    await ensure_topics(stack.kafka, prefix, [feed], partitions=1, security=admin, dlq=False)
+    physical = topics.physical(feed, prefix)
+    await produce(stack, admin, physical, tag)
+    ours = next(r for r in await read_all(stack.kafka, physical) if r.value == tag)
+    assert await read_one(stack, physical, ours.partition, ours.offset, edge) == [tag]
+    assert await certificates.refresh(principal, "agent", producer_id) == 0  # idempotent
 
 
 def test_the_stack_keeps_the_ca_key_to_itself() -> None:
