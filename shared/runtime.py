@@ -161,8 +161,10 @@ class Runtime:
             return f"{type(exc).__name__}: {exc}"
         return None
 
-    def spawn(self, name: str, factory: TaskFactory) -> None:
-        """Run `factory()` in the background; restart it with backoff if it crashes."""
+    def spawn(self, name: str, factory: TaskFactory, *, once: bool = False) -> None:
+        """Run `factory()` in the background; restart it with backoff if it crashes. A task
+        that ends is reported stopped (degraded), unless it is a one-off job (`once`): that
+        is reported done once it succeeded."""
 
         async def supervised() -> None:
             delay = 0.5
@@ -170,6 +172,8 @@ class Runtime:
                 self._task_state[name] = "running"
                 try:
                     await factory()
+                    if once:
+                        self._task_state[name] = "done"
                     return
                 except asyncio.CancelledError:
                     raise
@@ -216,10 +220,10 @@ class Runtime:
         checks["kafka"] = self.kafka.check()
         for name, task in self._tasks.items():
             state = self._task_state.get(name, "starting")
-            checks[f"task:{name}"] = "stopped" if task.done() else state
+            checks[f"task:{name}"] = "stopped" if task.done() and state != "done" else state
         for name, check in self._checks.items():
             checks[name] = "ok" if check() else "down"
-        healthy = all(v in ("ok", "running") for v in checks.values())
+        healthy = all(v in ("ok", "running", "done") for v in checks.values())
         return {"service": self.name, "status": "ok" if healthy else "degraded", "checks": checks}
 
     async def stop(self) -> None:

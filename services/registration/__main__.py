@@ -36,7 +36,7 @@ def build_app(settings: RegistrationSettings) -> FastAPI:
             async def refresh_edge_acls() -> None:
                 await handlers.refresh_edge_acls(rt.pool, edges)
 
-            rt.spawn("edge-acls", refresh_edge_acls)
+            rt.spawn("edge-acls", refresh_edge_acls, once=True)
         heartbeats = heartbeat_consumer(rt, settings)
         rt.spawn("heartbeat-consumer", heartbeats.run)
         clock = MissedHeartbeatClock(hold_seconds=settings.outage_hold_seconds)

@@ -8,6 +8,7 @@ differing blocks). A committed point is then fed to the item's recovery host."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -19,16 +20,25 @@ from prometheus_client import Counter, Histogram
 
 from services.replication import domain
 from services.replication import repository as repo
-from services.replication.context import Context, change_state, emit
+from services.replication.context import PRODUCER_ID, Context, change_state, emit
 from services.replication.delta_prepare import block_bytes
+from services.replication.feed import FeedIncomplete, Forwarded
 from services.replication.resync import require_resync
-from services.replication.store import DiskPoint, MissingBlock, PointManifest, RootMismatch
+from services.replication.store import (
+    DiskPoint,
+    MissingBlock,
+    PointManifest,
+    RootMismatch,
+    StoreError,
+)
 from shared import topics
 from shared.faults import crash_point
 from shared.kafka.consumers import Handler, RunFallback, RunHandler
 from shared.kafka.decode import Incoming, Rejected
+from shared.merkle import block_length, zero_block_hash
 from shared.schemas import agent as cmd
 from shared.schemas import replication as ev
+from shared.schemas.envelope import new_envelope
 from shared.schemas.replication import Health, ItemState
 
 log = logging.getLogger(__name__)
@@ -115,6 +125,8 @@ async def on_cycle_started(ctx: Context, conn: asyncpg.Connection, inc: Incoming
         )
         return
     await repo.drop_cycles(conn, msg.item_id)  # an unfinished earlier attempt, if any
+    if ctx.feed is not None:
+        ctx.feed.forget(msg.item_id, up_to=msg.cycle_seq)
     await repo.start_cycle(
         conn,
         msg.item_id,
@@ -180,7 +192,7 @@ async def on_blocks_shipped(ctx: Context, conn: asyncpg.Connection, inc: Incomin
     await repo.stage_batches(
         conn, msg.item_id, msg.cycle_seq, [(msg.batch_no, msg.disk_id, staged, nbytes)]
     )
-    await _forward(ctx, conn, item, msg.cycle_seq, [inc])
+    await _forward(ctx, item, msg.cycle_seq, [inc])
     BYTES_APPLIED.inc(nbytes)
     BLOCKS_APPLIED.inc(len(staged))
 
@@ -215,23 +227,24 @@ async def on_blocks_shipped_run(
         batches.append((msg.batch_no, msg.disk_id, staged, nbytes))
     crash_point("replication.blocks_stored")
     await repo.stage_batches(conn, first.item_id, first.cycle_seq, batches)
-    await _forward(ctx, conn, item, first.cycle_seq, incs)
+    await _forward(ctx, item, first.cycle_seq, incs)
     BYTES_APPLIED.inc(sum(b[3] for b in batches))
     BLOCKS_APPLIED.inc(sum(len(b[2]) for b in batches))
 
 
-async def _forward(
-    ctx: Context, conn: asyncpg.Connection, item: dict[str, Any], seq: int, incs: list[Incoming]
-) -> None:
-    """The verified batches to the item's recovery host's replica feed (services/replication/
-    feed.py), where they went noted on the cycle's row in the same transaction."""
+async def _forward(ctx: Context, item: dict[str, Any], seq: int, incs: list[Incoming]) -> None:
+    """The verified batches queued for the item's recovery host's replica feed
+    (services/replication/feed.py; acknowledged by the cycle's completion)."""
     agent = item["recovery_agent_id"]
-    values = [inc.raw for inc in incs if inc.raw is not None]
-    if agent is None or ctx.feed is None or not values:
+    if agent is None or ctx.feed is None:
         return
-    where = await ctx.feed.forward(agent, item["item_id"], values)
-    crash_point("replication.batches_forwarded")
-    await repo.note_forwarded(conn, item["item_id"], seq, where.partition, where.first, where.last)
+    records = []
+    for inc in incs:
+        msg = inc.payload
+        assert isinstance(msg, ev.BlocksShipped)
+        if inc.raw is not None:
+            records.append(((msg.disk_id, msg.batch_no), inc.raw))
+    await ctx.feed.send(agent, item["item_id"], seq, records)
 
 
 async def on_cycle_completed(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
@@ -250,6 +263,22 @@ async def on_cycle_completed(ctx: Context, conn: asyncpg.Connection, inc: Incomi
         await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {truncated}")
         return
     changed = await repo.staged_blocks(conn, msg.item_id, msg.cycle_seq)
+    forwarded = None
+    if item["recovery_agent_id"] is not None and ctx.feed is not None:
+        try:
+            forwarded = await ctx.feed.collect(msg.item_id, msg.cycle_seq, batches)
+        except FeedIncomplete as exc:
+            log.info(
+                "cycle forwarded again from the store",
+                extra={"item_id": str(msg.item_id), "seq": msg.cycle_seq, "why": str(exc)},
+            )
+            try:
+                forwarded = await _forward_from_store(ctx, item, cycle, msg, changed)
+            except (FeedIncomplete, StoreError) as again:
+                CYCLES.labels("feed_incomplete").inc()
+                await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
+                await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {again}")
+                return
     manifest = _point_manifest(msg, cycle, changed)
     store = ctx.store(item["target_site"])
     try:
@@ -261,9 +290,73 @@ async def on_cycle_completed(ctx: Context, conn: asyncpg.Connection, inc: Incomi
         await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
         await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {exc}")
         return
-    latency = await _record_point(conn, item, cycle, inc, changed, nbytes)
+    latency = await _record_point(conn, item, cycle, inc, changed, nbytes, forwarded)
     CYCLES.labels("committed").inc()
     APPLY_SECONDS.observe(latency)
+
+
+REFORWARD_BATCH_BYTES = 512 * 1024  # block data per re-forwarded record, as agents send
+
+
+async def _forward_from_store(
+    ctx: Context,
+    item: dict[str, Any],
+    cycle: dict[str, Any],
+    msg: ev.CycleCompleted,
+    changed: dict[str, dict[int, str]],
+) -> Forwarded:
+    """The cycle's blocks, verified and stored in this process's store, forwarded again to the
+    recovery host's feed as the replication service's own records: for a cycle whose batches
+    this process did not all forward itself (it restarted, or took the partition over,
+    mid-cycle). The feed is written by this service only, so the host takes them as it takes
+    the forwarded ones: each block checked against its SHA-256, the point against its roots."""
+    assert ctx.feed is not None
+    geometry = {d["disk_id"]: d for d in cycle["disks"]}
+    wanted = [
+        (disk, index, sha) for disk, blocks in changed.items() for index, sha in blocks.items()
+    ]
+    stored = await asyncio.to_thread(
+        ctx.store(item["target_site"]).read_blocks, str(msg.item_id), wanted
+    )
+    records: list[tuple[tuple[str, int], bytes]] = []
+    for disk_id, blocks in changed.items():
+        disk = geometry[disk_id]
+        batch: list[ev.Block] = []
+        size = 0
+        for index, sha in sorted(blocks.items()):
+            data = stored.get(sha)
+            if data is not None:
+                batch.append(
+                    ev.Block(index=index, sha256=sha, data=base64.b64encode(data).decode())
+                )
+                size += len(data)
+            elif (
+                sha
+                == zero_block_hash(
+                    block_length(index, disk["size_bytes"], disk["block_size"])
+                ).hex()
+            ):
+                batch.append(ev.Block(index=index, sha256=sha, zero=True))
+            else:
+                raise FeedIncomplete(f"block {index} of disk {disk_id} is not stored here")
+            if size >= REFORWARD_BATCH_BYTES or len(batch) == ev.MAX_BLOCKS_PER_BATCH:
+                records.append(_service_batch(item, msg, disk_id, len(records), batch))
+                batch, size = [], 0
+        if batch:
+            records.append(_service_batch(item, msg, disk_id, len(records), batch))
+    ctx.feed.forget(msg.item_id, up_to=msg.cycle_seq)
+    await ctx.feed.send(item["recovery_agent_id"], msg.item_id, msg.cycle_seq, records)
+    return await ctx.feed.collect(msg.item_id, msg.cycle_seq, len(records))
+
+
+def _service_batch(
+    item: dict[str, Any], msg: ev.CycleCompleted, disk_id: str, n: int, blocks: list[ev.Block]
+) -> tuple[tuple[str, int], bytes]:
+    batch = ev.BlocksShipped(
+        item_id=msg.item_id, cycle_seq=msg.cycle_seq, batch_no=n, disk_id=disk_id, blocks=blocks
+    )
+    envelope = new_envelope(batch, vault_id=item["vault_id"], producer_id=PRODUCER_ID)
+    return (disk_id, n), envelope.to_bytes()
 
 
 def _point_manifest(
@@ -296,6 +389,7 @@ async def _record_point(
     inc: Incoming,
     changed: dict[str, dict[int, str]],
     nbytes: int,
+    forwarded: Forwarded | None,
 ) -> float:
     """A point the store committed: its row, the cycle's stats, `RecoveryPointCreated`, the
     item's new state, and the recovery host fed. Returns source capture -> commit seconds."""
@@ -368,7 +462,8 @@ async def _record_point(
         health=healthy,
         **fields,
     )
-    await feed_replica(conn, item, cycle, msg)
+    if forwarded is not None:
+        await feed_replica(conn, item, cycle, msg, forwarded)
     return latency
 
 
@@ -390,6 +485,7 @@ async def feed_replica(
     item: dict[str, Any],
     cycle: dict[str, Any],
     msg: ev.CycleCompleted,
+    forwarded: Forwarded,
 ) -> None:
     """Command the item's recovery host to apply the committed point from the cycle's records
     on its replica feed (partition and offsets; none for a cycle that changed nothing), in the
@@ -405,9 +501,9 @@ async def feed_replica(
             agent_id=item["recovery_agent_id"],
             item_id=msg.item_id,
             cycle_seq=msg.cycle_seq,
-            partition=cycle["feed_partition"],
-            first_offset=cycle["feed_first"],
-            last_offset=cycle["feed_last"],
+            partition=forwarded.partition,
+            first_offset=forwarded.first,
+            last_offset=forwarded.last,
             disks=[
                 cmd.ReplicaDisk(
                     disk_id=d.disk_id,

@@ -1,23 +1,29 @@
 """The recovery hosts' replica feeds: each verified `BlocksShipped` record of an item is
 forwarded, as it came (the source agent's signed envelope, unchanged), to the replica feed of
 the recovery host agent that keeps the item's replica (`topics.replica_feed`, keyed by item
-id), in the transaction that stages it; the cycle's row notes the partition and the first and
-last offsets forwarded, which the point's `ReplicaPointApplyRequested` names.
+id). The point's `ReplicaPointApplyRequested` then names the partition and the first and last
+offsets its batches went to.
 
 Why a feed per host rather than the agents reading the delta topic: Kafka's ACLs stop at the
 topic, so a principal that may read the delta topic reads every vault's block data. An agent
 may read only its own feed, which holds only what its replicas need.
 
-At least once: a record forwarded by a transaction that then rolls back (or a process killed
-before its commit) is forwarded again when it is handled again; the range then holds both
-copies, which carry the same blocks (the recovery host stages by block, each checked against
-its SHA-256, and the point's roots decide)."""
+Off the critical path: a batch's handler only queues its record on the producer (after the
+record was verified); the acknowledgements are awaited when the cycle completes, by which time
+they have long arrived, so the pipeline does not wait for a second produce round trip per
+batch. What was queued is known to this process only: a cycle whose batches were not all
+forwarded by it (a restart or a partition moved to another instance mid-cycle, or Kafka
+refused a record) is found out at its completion by counting them against the batches staged
+in PostgreSQL, and the item resyncs (only differing blocks travel, and they are forwarded
+again). A record queued twice (a transaction rolled back and the record handled again) is on
+the feed twice; both copies carry the same blocks."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from shared import topics
 from shared.kafka.admin import ensure_topics
@@ -26,13 +32,24 @@ from shared.kafka.security import KafkaSecurity
 from shared.settings import CommonSettings
 
 
+class FeedIncomplete(Exception):
+    """Not every batch of the cycle reached the recovery host's feed from this process."""
+
+
 @dataclass(frozen=True)
 class Forwarded:
-    """Where a run of records went on a feed: one partition (one key), offsets first..last."""
+    """Where a cycle's batches went on a feed: one partition (one key), offsets first..last;
+    no partition when the cycle shipped no batch."""
 
-    partition: int
-    first: int
-    last: int
+    partition: int | None
+    first: int | None
+    last: int | None
+
+
+@dataclass
+class _Cycle:
+    # (disk id, batch number) -> the acknowledgements of the record's copies
+    batches: dict[tuple[str, int], list[asyncio.Future[Any]]] = field(default_factory=dict)
 
 
 class FeedWriter:
@@ -53,6 +70,7 @@ class FeedWriter:
         )
         self._ready: set[str] = set()
         self._lock = asyncio.Lock()
+        self._cycles: dict[tuple[uuid.UUID, int], _Cycle] = {}
 
     async def start(self) -> None:
         await self.producer.start()
@@ -75,15 +93,45 @@ class FeedWriter:
                 )
                 self._ready.add(topic)
 
-    async def forward(
-        self, agent_id: uuid.UUID, item_id: uuid.UUID, values: list[bytes]
-    ) -> Forwarded:
-        """Produce `values` (in order) to `agent_id`'s feed keyed by `item_id`; returns where
-        they went once Kafka acknowledged every one."""
+    async def send(
+        self,
+        agent_id: uuid.UUID,
+        item_id: uuid.UUID,
+        seq: int,
+        records: list[tuple[tuple[str, int], bytes]],
+    ) -> None:
+        """Queue `records` ((disk id, batch number), value), in order, on `agent_id`'s feed,
+        keyed by `item_id`, as batches of cycle `seq`; `collect` awaits them."""
         topic = topics.replica_feed(str(agent_id))
         await self._ensure(topic)
-        key = str(item_id)
-        futures = [await self.producer.send(topic, value, key=key) for value in values]
-        metadata = await asyncio.gather(*futures)
-        offsets = [m.offset for m in metadata]
-        return Forwarded(metadata[0].partition, min(offsets), max(offsets))
+        cycle = self._cycles.setdefault((item_id, seq), _Cycle())
+        for batch, value in records:
+            future = await self.producer.send(topic, value, key=str(item_id))
+            cycle.batches.setdefault(batch, []).append(future)
+
+    async def collect(self, item_id: uuid.UUID, seq: int, staged_batches: int) -> Forwarded:
+        """Where cycle `seq`'s batches went, once every one is acknowledged. FeedIncomplete
+        when this process did not forward each of the `staged_batches` batches, or Kafka
+        refused one."""
+        cycle = self._cycles.get((item_id, seq), _Cycle())
+        if len(cycle.batches) != staged_batches:
+            raise FeedIncomplete(
+                f"{len(cycle.batches)} of the cycle's {staged_batches} batches were forwarded"
+                " to the recovery host by this process"
+            )
+        if not staged_batches:
+            return Forwarded(None, None, None)
+        futures = [f for copies in cycle.batches.values() for f in copies]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        acks = [r for r in results if not isinstance(r, BaseException)]
+        if len(acks) != len(results):
+            failure = next(r for r in results if isinstance(r, BaseException))
+            raise FeedIncomplete(f"Kafka refused a forwarded batch: {failure!r}")
+        offsets = [int(a.offset) for a in acks]
+        return Forwarded(int(acks[0].partition), min(offsets), max(offsets))
+
+    def forget(self, item_id: uuid.UUID, up_to: int | None = None) -> None:
+        """Drop what was queued for the item's cycles up to `up_to` (all: None)."""
+        for key in [k for k in self._cycles if k[0] == item_id]:
+            if up_to is None or key[1] <= up_to:
+                del self._cycles[key]

@@ -132,9 +132,8 @@ async def open_cycle(
     conn: asyncpg.Connection, item_id: uuid.UUID, seq: int
 ) -> dict[str, Any] | None:
     row = await conn.fetchrow(
-        "SELECT item_id, cycle_seq, kind, disks, source_time, app_consistent, poisoned,"
-        " feed_partition, feed_first, feed_last FROM open_cycles"
-        " WHERE item_id = $1 AND cycle_seq = $2",
+        "SELECT item_id, cycle_seq, kind, disks, source_time, app_consistent, poisoned"
+        " FROM open_cycles WHERE item_id = $1 AND cycle_seq = $2",
         item_id,
         seq,
     )
@@ -168,23 +167,6 @@ async def start_cycle(
         disks,
         source_time,
         app_consistent,
-    )
-
-
-async def note_forwarded(
-    conn: asyncpg.Connection, item_id: uuid.UUID, seq: int, partition: int, first: int, last: int
-) -> None:
-    """Widen the cycle's range on its recovery host's feed to take offsets first..last."""
-    await conn.execute(
-        "UPDATE open_cycles SET feed_partition = $3,"
-        " feed_first = LEAST(COALESCE(feed_first, $4), $4),"
-        " feed_last = GREATEST(COALESCE(feed_last, $5), $5)"
-        " WHERE item_id = $1 AND cycle_seq = $2",
-        item_id,
-        seq,
-        partition,
-        first,
-        last,
     )
 
 

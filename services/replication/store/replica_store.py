@@ -55,6 +55,7 @@ from services.replication.store import commit, points, prune
 from services.replication.store import images as _images
 from services.replication.store.errors import (
     BlockHashMismatch,
+    CorruptBlock,
     PointConflict,
     UnknownPoint,
 )
@@ -241,6 +242,25 @@ class ReplicaStore:
                 }
                 self._latest[item] = Latest(seqs[-1], disks)
         return self._latest[item]
+
+    def read_blocks(self, item_id: str, blocks: Iterable[tuple[str, int, str]]) -> dict[str, bytes]:
+        """The stored bytes of `blocks` ((disk id, index, SHA-256 hex) each) by SHA-256, each
+        re-checked against its hash (`CorruptBlock`); a block not stored (all-zero blocks
+        never are) is not in the answer."""
+        out: dict[str, bytes] = {}
+        with self._locked(item_id) as layout:
+            packs = self._packs[layout.dir.name]
+            for disk_id, index, sha in blocks:
+                if sha in out:
+                    continue
+                data = packs.read(sha)
+                if data is None:
+                    continue
+                actual = hashlib.sha256(data).hexdigest()
+                if actual != sha:
+                    raise CorruptBlock(disk_id, index, sha, actual)
+                out[sha] = data
+        return out
 
     def latest_seq(self, item_id: str) -> int | None:
         with self._locked(item_id) as layout:

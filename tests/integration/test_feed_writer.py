@@ -1,0 +1,63 @@
+"""The replication service's forwarding to a recovery host's replica feed (real Kafka): batches
+queued by a handler are acknowledged when the cycle completes and named as one partition's
+offset range; a cycle of which this process did not forward every staged batch (a restart, or
+a partition moved to another instance mid-cycle) is refused as incomplete, so the item resyncs
+rather than the recovery host missing blocks."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from kit.stack import Stack, delete_prefixed_topics, random_prefix
+from services.replication.feed import FeedIncomplete, FeedWriter, Forwarded
+from shared import topics
+from shared.settings import CommonSettings
+from tests.support.kafka import read_all
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def writer(stack: Stack) -> AsyncIterator[FeedWriter]:
+    prefix = random_prefix("feedw")
+    settings = CommonSettings(kafka_bootstrap_servers=stack.kafka, topic_prefix=prefix)
+    feed = FeedWriter(settings)
+    await feed.start()
+    yield feed
+    await feed.stop()
+    await delete_prefixed_topics(stack.kafka, prefix)
+
+
+async def test_a_cycles_batches_are_named_by_their_range_once_all_were_forwarded(
+    stack: Stack, writer: FeedWriter
+) -> None:
+    agent, item, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await writer.send(agent, item, 7, [(("d0", 0), b"a"), (("d0", 1), b"b")])
+    await writer.send(agent, other, 3, [(("d0", 0), b"x")])  # another item, same host
+    await writer.send(agent, item, 7, [(("d1", 0), b"c"), (("d0", 1), b"b")])  # b: again
+
+    with pytest.raises(FeedIncomplete, match="3 of the cycle's 4 batches"):
+        await writer.collect(item, 7, 4)
+    where = await writer.collect(item, 7, 3)
+    assert where.partition is not None and where.first is not None and where.last is not None
+    physical = topics.physical(topics.replica_feed(str(agent)), writer.settings.topic_prefix)
+    records = await read_all(stack.kafka, physical)
+    ours = [r for r in records if r.key == str(item)]
+    assert {r.partition for r in ours} == {where.partition}
+    assert (min(r.offset for r in ours), max(r.offset for r in ours)) == (where.first, where.last)
+    assert sorted(r.value for r in ours) == [b"a", b"b", b"b", b"c"]
+    assert not any(r.key == str(item) for r in records if r.value == b"x")
+
+    # a cycle that shipped nothing names no range; one this process never saw is incomplete
+    assert await writer.collect(item, 8, 0) == Forwarded(None, None, None)
+    with pytest.raises(FeedIncomplete, match="0 of the cycle's 2 batches"):
+        await writer.collect(other, 4, 2)
+
+    # an attempt dropped (the cycle restarted) is forgotten: its batches no longer count
+    writer.forget(item, up_to=7)
+    with pytest.raises(FeedIncomplete):
+        await writer.collect(item, 7, 3)
+    assert (await writer.collect(other, 3, 1)).first is not None
