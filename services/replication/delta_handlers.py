@@ -21,7 +21,12 @@ from services.replication import domain
 from services.replication import repository as repo
 from services.replication.context import Context
 from services.replication.delta_prepare import block_bytes
-from services.replication.item import DEFAULT_BLOCK_SIZE, FeedRange, ProtectedItem
+from services.replication.item import (
+    DEFAULT_BLOCK_SIZE,
+    FeedRange,
+    ProtectedItem,
+    point_type_of,
+)
 from services.replication.resync import require_resync
 from services.replication.store import DiskPoint, MissingBlock, PointManifest, RootMismatch
 from services.replication.unit_of_work import ItemUnitOfWork
@@ -311,11 +316,7 @@ async def _record_point(
         item_id=msg.item_id,
         cycle_seq=msg.cycle_seq,
         kind=msg.kind.value,
-        point_type=(
-            ev.RecoveryPointType.APP_CONSISTENT
-            if msg.app_consistent
-            else ev.RecoveryPointType.CRASH_CONSISTENT
-        ).value,
+        point_type=point_type_of(msg.app_consistent).value,
         source_time=msg.source_time,
         disks=[d.model_dump() for d in msg.disks],
         changed_blocks=changed_count,

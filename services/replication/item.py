@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from services.replication import domain
 from services.replication.domain import CycleVerdict
@@ -162,26 +162,23 @@ class ProtectedItem:
 
     def pause(self) -> None:
         """The operator pauses replication: the source agent is told, the item is suspended."""
-        domain.check_action(self.state, "pause")
-        self._command(
-            cmd.ReplicationPauseRequested(
-                command_id=uuid.uuid4(), agent_id=self.source_agent_id, item_id=self.item_id
-            )
-        )
-        self.paused = True
-        self.change_state(ItemState.SUSPENDED, reason="paused by operator")
+        self._operator_toggle("pause", ItemState.SUSPENDED)
 
     def resume(self) -> None:
         """The operator resumes: replicating again, or waiting for its initial copy."""
-        domain.check_action(self.state, "resume")
-        self._command(
-            cmd.ReplicationResumeRequested(
-                command_id=uuid.uuid4(), agent_id=self.source_agent_id, item_id=self.item_id
-            )
-        )
-        self.paused = False
         state = ItemState.REPLICATING if self.has_point else ItemState.WAITING_FOR_INITIAL
-        self.change_state(state, reason="resumed by operator")
+        self._operator_toggle("resume", state)
+
+    def _operator_toggle(self, action: Literal["pause", "resume"], state: ItemState) -> None:
+        domain.check_action(self.state, action)
+        request = (
+            cmd.ReplicationPauseRequested if action == "pause" else cmd.ReplicationResumeRequested
+        )
+        self._command(
+            request(command_id=uuid.uuid4(), agent_id=self.source_agent_id, item_id=self.item_id)
+        )
+        self.paused = action == "pause"
+        self.change_state(state, reason=f"{action}d by operator")
 
     def check_resync_allowed(self) -> None:
         """Refuse an operator's resync in a state where it makes no sense."""
@@ -348,11 +345,7 @@ class ProtectedItem:
         it brings (critical health clears), the resync over, the disks' sizes as the cycle
         gave them, and the recovery host commanded to apply it (`keep_from`: the oldest
         retained point it must be able to return to)."""
-        point_type = (
-            ev.RecoveryPointType.APP_CONSISTENT
-            if msg.app_consistent
-            else ev.RecoveryPointType.CRASH_CONSISTENT
-        )
+        point_type = point_type_of(msg.app_consistent)
         # The point first, then the state it brings: a view never sees the item `replicating`
         # (e.g. past its resync) before the recovery point that made it so.
         self._emit(
@@ -496,6 +489,14 @@ class ProtectedItem:
     def _replica_command(self, payload: EventPayload) -> None:
         """A command to the item's recovery host."""
         self.pending.append(Pending(payload, str(self.recovery_agent_id)))
+
+
+def point_type_of(app_consistent: bool) -> ev.RecoveryPointType:
+    return (
+        ev.RecoveryPointType.APP_CONSISTENT
+        if app_consistent
+        else ev.RecoveryPointType.CRASH_CONSISTENT
+    )
 
 
 COLUMNS = frozenset(f.name for f in fields(ProtectedItem) if f.init)
