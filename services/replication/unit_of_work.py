@@ -48,7 +48,10 @@ class ItemUnitOfWork:
             )
 
     async def load(self, item_id: uuid.UUID, *, lock: bool = True) -> ProtectedItem | None:
-        """The item (locked until the transaction ends), or None if there is none."""
+        """The item (locked until the transaction ends), or None if there is none; an item
+        loaded already is the same object, with what it changed so far."""
+        if item_id in self.items:
+            return self.items[item_id]
         item = await repo.load_item(self.conn, item_id, lock=lock)
         if item is not None:
             self.items[item_id] = item
