@@ -71,6 +71,8 @@ class FeedRange:
 
 @dataclass(kw_only=True)
 class ProtectedItem:
+    """One protected item: its row's columns, typed, and what changed since it was loaded."""
+
     item_id: uuid.UUID
     vault_id: uuid.UUID
     vm_id: str
@@ -499,4 +501,4 @@ def point_type_of(app_consistent: bool) -> ev.RecoveryPointType:
     )
 
 
-COLUMNS = frozenset(f.name for f in fields(ProtectedItem) if f.init)
+COLUMNS = tuple(f.name for f in fields(ProtectedItem) if f.init)  # the row's, in order
