@@ -11,38 +11,42 @@ from functools import partial
 import asyncpg
 
 from services.replication import repository as repo
-from services.replication.context import Context, change_state
-from services.replication.handlers import check_enable_answer
+from services.replication.context import Context
+from services.replication.item import ProtectedItem
 from services.replication.resync import require_resync
+from services.replication.unit_of_work import ItemUnitOfWork
 from shared.kafka.consumers import Handler
 from shared.kafka.decode import Incoming, Rejected
 from shared.schemas import agent as cmd
-from shared.schemas.replication import Health, ItemState
 
 log = logging.getLogger(__name__)
+
+
+def _from_source_agent(item: ProtectedItem | None, inc: Incoming, what: str) -> ProtectedItem:
+    if item is None or str(item.source_agent_id) != inc.envelope.producer_id:
+        raise Rejected("wrong_agent", f"{what} for an item this agent does not replicate")
+    return item
 
 
 async def on_progress(conn: asyncpg.Connection, inc: Incoming) -> None:
     msg = inc.payload
     assert isinstance(msg, cmd.InitialReplicationProgressed)
-    item = await repo.get_item(conn, msg.item_id, lock=True)
-    if item is None or str(item["source_agent_id"]) != inc.envelope.producer_id:
-        raise Rejected("wrong_agent", "progress for an item this agent does not replicate")
-    await repo.update_item(
-        conn, msg.item_id, initial_progress=msg.model_dump(mode="json", exclude={"item_id"})
-    )
+    async with ItemUnitOfWork(conn) as uow:
+        item = _from_source_agent(await uow.load(msg.item_id), inc, "progress")
+        item.note_progress(msg.model_dump(mode="json", exclude={"item_id"}))
+        await uow.commit()
 
 
 async def on_fault(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
     msg = inc.payload
     assert isinstance(msg, cmd.ReplicationFaulted)
-    item = await repo.get_item(conn, msg.item_id, lock=True)
-    if item is None or str(item["source_agent_id"]) != inc.envelope.producer_id:
-        raise Rejected("wrong_agent", "fault for an item this agent does not replicate")
-    if msg.needs_resync and ItemState(item["state"]) is not ItemState.RESYNCHRONIZING:
-        await require_resync(ctx, conn, item, f"agent: {msg.reason}")
-    else:
-        await repo.bump_stat(conn, msg.item_id, "network_failures")
+    async with ItemUnitOfWork(conn) as uow:
+        item = _from_source_agent(await uow.load(msg.item_id), inc, "fault")
+        if item.agent_fault(msg.needs_resync):
+            await require_resync(ctx, conn, item, f"agent: {msg.reason}")
+        else:
+            await repo.bump_stat(conn, msg.item_id, "network_failures")
+        await uow.commit()
 
 
 async def on_replica_applied(conn: asyncpg.Connection, inc: Incoming) -> None:
@@ -53,24 +57,46 @@ async def on_replica_applied(conn: asyncpg.Connection, inc: Incoming) -> None:
         item_id = uuid.UUID(str(msg.result.get("item_id")))
     except ValueError:
         raise Rejected("invalid_result", "a replica answer names no item") from None
-    item = await repo.get_item(conn, item_id, lock=True)
-    if item is None or str(item["recovery_agent_id"]) != inc.envelope.producer_id:
-        raise Rejected("wrong_agent", "replica answer for an item this agent does not keep")
-    if msg.outcome is cmd.CommandOutcome.FAILED:
-        await repo.update_item(conn, item_id, replica_error=msg.error)
-        return
-    seq, roots = msg.result.get("cycle_seq"), msg.result.get("roots")
-    if not isinstance(seq, int) or not isinstance(roots, dict):
-        raise Rejected("invalid_result", "a replica answer needs cycle_seq and roots")
-    if await repo.record_replica_point(conn, item_id, seq, roots):
-        latest = max(seq, item["replica_seq"] or 0)
-        await repo.update_item(conn, item_id, replica_seq=latest, replica_error=None)
-    else:
-        await repo.update_item(
-            conn,
-            item_id,
-            replica_error=f"the recovery host's roots for point {seq} are not the source's",
+    async with ItemUnitOfWork(conn) as uow:
+        item = await uow.load(item_id)
+        if item is None or str(item.recovery_agent_id) != inc.envelope.producer_id:
+            raise Rejected("wrong_agent", "replica answer for an item this agent does not keep")
+        if msg.outcome is cmd.CommandOutcome.FAILED:
+            item.replica_failed(msg.error)
+        else:
+            seq, roots = msg.result.get("cycle_seq"), msg.result.get("roots")
+            if not isinstance(seq, int) or not isinstance(roots, dict):
+                raise Rejected("invalid_result", "a replica answer needs cycle_seq and roots")
+            item.replica_applied(seq, await repo.record_replica_point(conn, item_id, seq, roots))
+        await uow.commit()
+
+
+def check_enable_answer(item: ProtectedItem, inc: Incoming) -> None:
+    """An enable failure counts only from the item's source agent, in its vault, for the
+    enable command the item is waiting on."""
+    msg = inc.payload
+    assert isinstance(msg, cmd.CommandCompleted)
+    if item.vault_id != inc.envelope.vault_id:
+        raise Rejected("vault_mismatch", "the item belongs to another vault")
+    if str(item.source_agent_id) != inc.envelope.producer_id:
+        raise Rejected(
+            "wrong_answerer",
+            f"the enable command was sent to {item.source_agent_id}, "
+            f"not {inc.envelope.producer_id}",
         )
+    if msg.command_id != item.enable_command_id:
+        raise Rejected("wrong_answerer", f"{msg.command_id} is not the item's enable command")
+
+
+async def _enable_failed(conn: asyncpg.Connection, inc: Incoming, item_id: uuid.UUID) -> None:
+    msg = inc.payload
+    assert isinstance(msg, cmd.CommandCompleted)
+    async with ItemUnitOfWork(conn) as uow:
+        item = await uow.load(item_id)
+        if item is not None and item.active:
+            check_enable_answer(item, inc)
+            item.enable_failed(msg.error)
+            await uow.commit()
 
 
 async def on_command_completed(
@@ -101,22 +127,7 @@ async def on_command_completed(
                 item_uuid = uuid.UUID(str(item_id))
             except ValueError:
                 raise Rejected("bad_result", f"item_id {str(item_id)[:100]!r}") from None
-            item = await repo.get_item(conn, item_uuid, lock=True)
-            if item is not None and item["active"]:
-                check_enable_answer(item, inc)
-                await change_state(
-                    conn,
-                    item,
-                    ItemState.ERROR,
-                    reason=msg.error,
-                    health=Health.CRITICAL,
-                    error=(
-                        f"agent could not enable replication: {msg.error} (cause: the "
-                        "source host could not start tracking the VM's disks; "
-                        "recommendation: check the VM's disk images on its host, then "
-                        "disable and enable protection again)"
-                    ),
-                )
+            await _enable_failed(conn, inc, item_uuid)
 
 
 def make_agent_event_handlers(

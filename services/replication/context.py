@@ -1,7 +1,7 @@
 """What every replication handler works with: the service's dependencies (`Context`: the
-pool, settings, one replica store per recovery site) and the writes shared by the handlers:
-an event or an agent command into the outbox, and an item's state change with its
-`ItemStateChanged`, in the caller's transaction."""
+pool, settings, one replica store per recovery site) and `emit`, an event or agent command
+into the outbox in the caller's transaction (a protected item's own changes and events are
+saved by the unit of work: services/replication/unit_of_work.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import asyncpg
 
@@ -22,9 +21,7 @@ from services.replication.feed import FeedWriter
 from services.replication.store import ReplicaStore
 from shared import outbox
 from shared.runtime import DependencyWatch
-from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload
-from shared.schemas.replication import Health, ItemState
 
 log = logging.getLogger(__name__)
 
@@ -82,38 +79,3 @@ async def emit(
     conn: asyncpg.Connection, vault_id: uuid.UUID, payload: EventPayload, key: str
 ) -> None:
     await outbox.emit(conn, payload, vault_id=vault_id, key=key, producer_id=PRODUCER_ID)
-
-
-async def command(conn: asyncpg.Connection, item: dict[str, Any], payload: EventPayload) -> None:
-    await emit(conn, item["vault_id"], payload, str(item["source_agent_id"]))
-
-
-async def change_state(
-    conn: asyncpg.Connection,
-    item: dict[str, Any],
-    state: ItemState,
-    *,
-    reason: str = "",
-    health: Health | None = None,
-    **fields: Any,
-) -> None:
-    previous = ItemState(item["state"])
-    new_health = health or Health(item["health"])
-    await repo.update_item(
-        conn, item["item_id"], state=state.value, health=new_health.value, **fields
-    )
-    if previous is not state or Health(item["health"]) is not new_health:
-        await emit(
-            conn,
-            item["vault_id"],
-            ev.ItemStateChanged(
-                item_id=item["item_id"],
-                vm_id=item["vm_id"],
-                state=state,
-                previous_state=previous,
-                health=new_health,
-                reason=reason,
-            ),
-            str(item["item_id"]),
-        )
-    item.update(state=state.value, health=new_health.value, **fields)

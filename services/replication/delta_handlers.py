@@ -8,9 +8,9 @@ differing blocks). A committed point is then fed to the item's recovery host."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import uuid
+from base64 import b64encode
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -20,9 +20,15 @@ from prometheus_client import Counter, Histogram
 
 from services.replication import domain
 from services.replication import repository as repo
-from services.replication.context import PRODUCER_ID, Context, change_state, emit
+from services.replication.context import PRODUCER_ID, Context
 from services.replication.delta_prepare import block_bytes
-from services.replication.feed import FeedIncomplete, Forwarded
+from services.replication.feed import FeedIncomplete
+from services.replication.item import (
+    DEFAULT_BLOCK_SIZE,
+    FeedRange,
+    ProtectedItem,
+    point_type_of,
+)
 from services.replication.resync import require_resync
 from services.replication.store import (
     DiskPoint,
@@ -31,15 +37,14 @@ from services.replication.store import (
     RootMismatch,
     StoreError,
 )
+from services.replication.unit_of_work import ItemUnitOfWork
 from shared import topics
 from shared.faults import crash_point
 from shared.kafka.consumers import Handler, RunFallback, RunHandler
 from shared.kafka.decode import Incoming, Rejected
 from shared.merkle import block_length, zero_block_hash
-from shared.schemas import agent as cmd
 from shared.schemas import replication as ev
 from shared.schemas.envelope import new_envelope
-from shared.schemas.replication import Health, ItemState
 
 log = logging.getLogger(__name__)
 
@@ -53,95 +58,80 @@ APPLY_SECONDS = Histogram(
 )
 
 
-async def _item_for(conn: asyncpg.Connection, inc: Incoming, item_id: uuid.UUID) -> dict[str, Any]:
-    item = await repo.get_item(conn, item_id, lock=True)
-    _check_source(item, inc, item_id)
-    assert item is not None
+def _check_source(item: ProtectedItem | None, inc: Incoming, item_id: uuid.UUID) -> ProtectedItem:
+    """The item, if `inc` may act on it: an active item of its vault, from its source agent."""
+    if item is None or not item.active:
+        raise Rejected("unknown_item", f"no active protected item {item_id}")
+    if item.vault_id != inc.envelope.vault_id:
+        raise Rejected("vault_mismatch", "the item belongs to another vault")
+    if str(item.source_agent_id) != inc.envelope.producer_id:
+        raise Rejected("wrong_agent", "only the item's source agent may ship its cycles")
     return item
 
 
+async def _item_for(uow: ItemUnitOfWork, inc: Incoming, item_id: uuid.UUID) -> ProtectedItem:
+    return _check_source(await uow.load(item_id), inc, item_id)
+
+
 async def _item_and_cycle(
-    conn: asyncpg.Connection, inc: Incoming, item_id: uuid.UUID, seq: int
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    uow: ItemUnitOfWork, inc: Incoming, item_id: uuid.UUID, seq: int
+) -> tuple[ProtectedItem, dict[str, Any] | None]:
     """The item (locked, checked against the sender) and its open cycle `seq`, None if there
     is none or it was given up on (poisoned)."""
-    item = await _item_for(conn, inc, item_id)
-    cycle = await repo.open_cycle(conn, item_id, seq)
+    item = await _item_for(uow, inc, item_id)
+    cycle = await repo.open_cycle(uow.conn, item_id, seq)
     return item, None if cycle is None or cycle["poisoned"] else cycle
-
-
-def _check_source(item: dict[str, Any] | None, inc: Incoming, item_id: uuid.UUID) -> None:
-    if item is None or not item["active"]:
-        raise Rejected("unknown_item", f"no active protected item {item_id}")
-    if item["vault_id"] != inc.envelope.vault_id:
-        raise Rejected("vault_mismatch", "the item belongs to another vault")
-    if str(item["source_agent_id"]) != inc.envelope.producer_id:
-        raise Rejected("wrong_agent", "only the item's source agent may ship its cycles")
 
 
 async def on_cycle_started(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
     msg = inc.payload
     assert isinstance(msg, ev.CycleStarted)
-    item = await _item_for(conn, inc, msg.item_id)
-    problem = domain.geometry_problem(
-        item["disks"],
-        [d.model_dump() for d in msg.disks],
-        ctx.settings.max_disk_bytes,
-        ctx.settings.max_block_bytes,
-    )
-    if problem is not None:
-        raise Rejected(*problem)
-    verdict = domain.judge_cycle_start(
-        ItemState(item["state"]),
-        item["last_committed_seq"],
-        item["resync_seq"],
-        msg.cycle_seq,
-        msg.kind,
-        await repo.unfinished_cycle(conn, msg.item_id),
-    )
-    if verdict is domain.CycleVerdict.REPLAY:
-        CYCLES.labels("replayed").inc()
-        raise Rejected(
-            "replayed_cycle",
-            f"cycle {msg.cycle_seq} <= last committed {item['last_committed_seq']}",
+    async with ItemUnitOfWork(conn) as uow:
+        item = await _item_for(uow, inc, msg.item_id)
+        disks = [d.model_dump() for d in msg.disks]
+        problem = item.geometry_problem(
+            disks, ctx.settings.max_disk_bytes, ctx.settings.max_block_bytes
         )
-    if verdict is domain.CycleVerdict.IGNORE:
-        CYCLES.labels("ignored").inc()
-        log.info(
-            "cycle ignored",
-            extra={"item_id": str(msg.item_id), "seq": msg.cycle_seq, "state": item["state"]},
+        if problem is not None:
+            raise Rejected(*problem)
+        verdict = item.start_cycle(
+            msg.cycle_seq, msg.kind, await repo.unfinished_cycle(conn, msg.item_id)
         )
-        return
-    if verdict is domain.CycleVerdict.GAP:
-        CYCLES.labels("gap").inc()
-        expected = (item["last_committed_seq"] or 0) + 1
-        why = (await repo.fault_notes(conn, msg.item_id)).dead_letter
-        await require_resync(
-            ctx,
-            conn,
-            item,
-            f"sequence gap: expected cycle {expected}, got {msg.cycle_seq}"
-            + (f" (after {why})" if why else ""),
-        )
-        return
-    await repo.drop_cycles(conn, msg.item_id)  # an unfinished earlier attempt, if any
-    if ctx.feed is not None:
-        ctx.feed.forget(msg.item_id, up_to=msg.cycle_seq)
-    await repo.start_cycle(
-        conn,
-        msg.item_id,
-        msg.cycle_seq,
-        msg.kind.value,
-        [d.model_dump() for d in msg.disks],
-        msg.source_time,
-        msg.app_consistent,
-    )
-    if ItemState(item["state"]) is ItemState.WAITING_FOR_INITIAL:
-        await change_state(conn, item, ItemState.INITIAL_REPLICATION, reason="initial cycle")
+        if verdict is domain.CycleVerdict.REPLAY:
+            CYCLES.labels("replayed").inc()
+            raise Rejected(
+                "replayed_cycle",
+                f"cycle {msg.cycle_seq} <= last committed {item.last_committed_seq}",
+            )
+        if verdict is domain.CycleVerdict.IGNORE:
+            CYCLES.labels("ignored").inc()
+            log.info(
+                "cycle ignored",
+                extra={"item_id": str(msg.item_id), "seq": msg.cycle_seq, "state": item.state},
+            )
+            return
+        if verdict is domain.CycleVerdict.GAP:
+            CYCLES.labels("gap").inc()
+            why = (await repo.fault_notes(conn, msg.item_id)).dead_letter
+            await require_resync(ctx, conn, item, item.gap_reason(msg.cycle_seq, why))
+        else:
+            await repo.drop_cycles(conn, msg.item_id)  # an unfinished earlier attempt, if any
+            if ctx.feed is not None:
+                ctx.feed.forget(msg.item_id, up_to=msg.cycle_seq)
+            await repo.start_cycle(
+                conn,
+                msg.item_id,
+                msg.cycle_seq,
+                msg.kind.value,
+                disks,
+                msg.source_time,
+                msg.app_consistent,
+            )
+        await uow.commit()
 
 
 async def _stored_blocks(
-    ctx: Context, item: dict[str, Any], cycle: dict[str, Any], inc: Incoming
+    ctx: Context, item: ProtectedItem, cycle: dict[str, Any], inc: Incoming
 ) -> tuple[list[tuple[int, str]], int, tuple[str, str] | None]:
     """One batch's blocks checked against the cycle's disks and their hashes, and durable
     in the store: ((index, sha256) of each, bytes stored, None) or, for a bad block,
@@ -153,7 +143,7 @@ async def _stored_blocks(
         raise Rejected("unknown_disk", f"disk {msg.disk_id} is not in cycle {msg.cycle_seq}")
     disk = geometry[msg.disk_id]
     site, ready = ctx.prestored.get(inc.envelope.event_id, ("", {}))
-    if site != item["target_site"]:
+    if site != item.target_site:
         ready = {}
     decoded: list[tuple[int | None, str, bytes]] = []
     staged: list[tuple[int, str]] = []
@@ -166,7 +156,7 @@ async def _stored_blocks(
         if data is not None:
             decoded.append((block.index, block.sha256, data))
     if not (ready and len(ready) == len(decoded)):
-        store = ctx.store(item["target_site"])
+        store = ctx.store(item.target_site)
         try:
             async with ctx.storing(msg.item_id):
                 await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
@@ -178,21 +168,23 @@ async def _stored_blocks(
 async def on_blocks_shipped(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
     msg = inc.payload
     assert isinstance(msg, ev.BlocksShipped)
-    item, cycle = await _item_and_cycle(conn, inc, msg.item_id, msg.cycle_seq)
-    if cycle is None:
-        CYCLES.labels("orphan_batch").inc()
-        return  # a batch of a cycle we ignore or already gave up on
-    staged, nbytes, why = await _stored_blocks(ctx, item, cycle, inc)
-    if why is not None:
-        reason, text = why
-        await repo.poison_cycle(conn, msg.item_id, msg.cycle_seq, text)
-        await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {text}")
-        raise Rejected(reason, text, keep_effects=True)
-    crash_point("replication.blocks_stored")
-    await repo.stage_batches(
-        conn, msg.item_id, msg.cycle_seq, [(msg.batch_no, msg.disk_id, staged, nbytes)]
-    )
-    await _forward(ctx, item, msg.cycle_seq, [inc])
+    async with ItemUnitOfWork(conn) as uow:
+        item, cycle = await _item_and_cycle(uow, inc, msg.item_id, msg.cycle_seq)
+        if cycle is None:
+            CYCLES.labels("orphan_batch").inc()
+            return  # a batch of a cycle we ignore or already gave up on
+        staged, nbytes, why = await _stored_blocks(ctx, item, cycle, inc)
+        if why is not None:
+            reason, text = why
+            await repo.poison_cycle(conn, msg.item_id, msg.cycle_seq, text)
+            await require_resync(ctx, conn, item, f"bad block in cycle {msg.cycle_seq}: {text}")
+            await uow.commit()
+            raise Rejected(reason, text, keep_effects=True)
+        crash_point("replication.blocks_stored")
+        await repo.stage_batches(
+            conn, msg.item_id, msg.cycle_seq, [(msg.batch_no, msg.disk_id, staged, nbytes)]
+        )
+        await _forward(ctx, item, msg.cycle_seq, [inc])
     BYTES_APPLIED.inc(nbytes)
     BLOCKS_APPLIED.inc(len(staged))
 
@@ -212,30 +204,31 @@ async def on_blocks_shipped_run(
         for m in msgs
     ):
         raise RunFallback("batches of more than one cycle")
-    item, cycle = await _item_and_cycle(conn, incs[0], first.item_id, first.cycle_seq)
-    for inc in incs[1:]:
-        _check_source(item, inc, first.item_id)
-    if cycle is None:
-        CYCLES.labels("orphan_batch").inc(len(incs))
-        return
-    batches: list[tuple[int, str, list[tuple[int, str]], int]] = []
-    for inc, msg in zip(incs, msgs, strict=True):
-        assert isinstance(msg, ev.BlocksShipped)
-        staged, nbytes, why = await _stored_blocks(ctx, item, cycle, inc)
-        if why is not None:
-            raise RunFallback(why[1])
-        batches.append((msg.batch_no, msg.disk_id, staged, nbytes))
-    crash_point("replication.blocks_stored")
-    await repo.stage_batches(conn, first.item_id, first.cycle_seq, batches)
-    await _forward(ctx, item, first.cycle_seq, incs)
+    async with ItemUnitOfWork(conn) as uow:
+        item, cycle = await _item_and_cycle(uow, incs[0], first.item_id, first.cycle_seq)
+        for inc in incs[1:]:
+            _check_source(item, inc, first.item_id)
+        if cycle is None:
+            CYCLES.labels("orphan_batch").inc(len(incs))
+            return
+        batches: list[tuple[int, str, list[tuple[int, str]], int]] = []
+        for inc, msg in zip(incs, msgs, strict=True):
+            assert isinstance(msg, ev.BlocksShipped)
+            staged, nbytes, why = await _stored_blocks(ctx, item, cycle, inc)
+            if why is not None:
+                raise RunFallback(why[1])
+            batches.append((msg.batch_no, msg.disk_id, staged, nbytes))
+        crash_point("replication.blocks_stored")
+        await repo.stage_batches(conn, first.item_id, first.cycle_seq, batches)
+        await _forward(ctx, item, first.cycle_seq, incs)
     BYTES_APPLIED.inc(sum(b[3] for b in batches))
     BLOCKS_APPLIED.inc(sum(len(b[2]) for b in batches))
 
 
-async def _forward(ctx: Context, item: dict[str, Any], seq: int, incs: list[Incoming]) -> None:
+async def _forward(ctx: Context, item: ProtectedItem, seq: int, incs: list[Incoming]) -> None:
     """The verified batches queued for the item's recovery host's replica feed
     (services/replication/feed.py; acknowledged by the cycle's completion)."""
-    agent = item["recovery_agent_id"]
+    agent = item.recovery_agent_id
     if agent is None or ctx.feed is None:
         return
     records = []
@@ -244,7 +237,7 @@ async def _forward(ctx: Context, item: dict[str, Any], seq: int, incs: list[Inco
         assert isinstance(msg, ev.BlocksShipped)
         if inc.raw is not None:
             records.append(((msg.disk_id, msg.batch_no), inc.raw))
-    await ctx.feed.send(agent, item["item_id"], seq, records)
+    await ctx.feed.send(agent, item.item_id, seq, records)
 
 
 async def on_cycle_completed(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
@@ -252,35 +245,52 @@ async def on_cycle_completed(ctx: Context, conn: asyncpg.Connection, inc: Incomi
     resync."""
     msg = inc.payload
     assert isinstance(msg, ev.CycleCompleted)
-    item, cycle = await _item_and_cycle(conn, inc, msg.item_id, msg.cycle_seq)
-    if cycle is None:
-        return
+    async with ItemUnitOfWork(conn) as uow:
+        item, cycle = await _item_and_cycle(uow, inc, msg.item_id, msg.cycle_seq)
+        if cycle is None:
+            return
+        latency = await _commit_cycle(ctx, conn, item, cycle, msg)
+        await uow.commit()
+    if latency is not None:
+        CYCLES.labels("committed").inc()
+        APPLY_SECONDS.observe(latency)
+
+
+async def _commit_cycle(
+    ctx: Context,
+    conn: asyncpg.Connection,
+    item: ProtectedItem,
+    cycle: dict[str, Any],
+    msg: ev.CycleCompleted,
+) -> float | None:
+    """The cycle's point committed in the replica store and recorded (returns source capture
+    -> commit seconds), or the item sent to resync (None)."""
     batches, blocks, nbytes = await repo.staged_totals(conn, msg.item_id, msg.cycle_seq)
     truncated = domain.incomplete_reason(msg.batches, msg.blocks, batches, blocks)
     if truncated:
         CYCLES.labels("truncated").inc()
         await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
         await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {truncated}")
-        return
+        return None
     changed = await repo.staged_blocks(conn, msg.item_id, msg.cycle_seq)
-    forwarded = None
-    if item["recovery_agent_id"] is not None and ctx.feed is not None:
+    feed = NO_FEED
+    if item.recovery_agent_id is not None and ctx.feed is not None:
         try:
-            forwarded = await ctx.feed.collect(msg.item_id, msg.cycle_seq, batches)
+            feed = await ctx.feed.collect(msg.item_id, msg.cycle_seq, batches)
         except FeedIncomplete as exc:
             log.info(
                 "cycle forwarded again from the store",
                 extra={"item_id": str(msg.item_id), "seq": msg.cycle_seq, "why": str(exc)},
             )
             try:
-                forwarded = await _forward_from_store(ctx, item, cycle, msg, changed)
+                feed = await _forward_from_store(ctx, item, cycle, msg, changed)
             except (FeedIncomplete, StoreError) as again:
                 CYCLES.labels("feed_incomplete").inc()
                 await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
                 await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {again}")
-                return
+                return None
     manifest = _point_manifest(msg, cycle, changed)
-    store = ctx.store(item["target_site"])
+    store = ctx.store(item.target_site)
     try:
         async with ctx.storing(msg.item_id):
             await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
@@ -289,34 +299,31 @@ async def on_cycle_completed(ctx: Context, conn: asyncpg.Connection, inc: Incomi
         CYCLES.labels("root_mismatch").inc()
         await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
         await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {exc}")
-        return
-    latency = await _record_point(conn, item, cycle, inc, changed, nbytes, forwarded)
-    CYCLES.labels("committed").inc()
-    APPLY_SECONDS.observe(latency)
+        return None
+    return await _record_point(conn, item, cycle, msg, changed, nbytes, feed)
 
 
+NO_FEED = FeedRange(None, None, None)
 REFORWARD_BATCH_BYTES = 512 * 1024  # block data per re-forwarded record, as agents send
 
 
 async def _forward_from_store(
     ctx: Context,
-    item: dict[str, Any],
+    item: ProtectedItem,
     cycle: dict[str, Any],
     msg: ev.CycleCompleted,
     changed: dict[str, dict[int, str]],
-) -> Forwarded:
+) -> FeedRange:
     """The cycle's blocks, verified and stored in this process's store, forwarded again to the
     recovery host's feed as the replication service's own records: for a cycle whose batches
     this process did not all forward itself (it restarted, or took the partition over,
     mid-cycle). The feed is written by this service only, so the host takes them as it takes
     the forwarded ones: each block checked against its SHA-256, the point against its roots."""
-    assert ctx.feed is not None
+    assert ctx.feed is not None and item.recovery_agent_id is not None
     geometry = {d["disk_id"]: d for d in cycle["disks"]}
-    wanted = [
-        (disk, index, sha) for disk, blocks in changed.items() for index, sha in blocks.items()
-    ]
+    wanted = [(disk, i, sha) for disk, blocks in changed.items() for i, sha in blocks.items()]
     stored = await asyncio.to_thread(
-        ctx.store(item["target_site"]).read_blocks, str(msg.item_id), wanted
+        ctx.store(item.target_site).read_blocks, str(msg.item_id), wanted
     )
     records: list[tuple[tuple[str, int], bytes]] = []
     for disk_id, blocks in changed.items():
@@ -325,17 +332,11 @@ async def _forward_from_store(
         size = 0
         for index, sha in sorted(blocks.items()):
             data = stored.get(sha)
+            length = block_length(index, disk["size_bytes"], disk["block_size"])
             if data is not None:
-                batch.append(
-                    ev.Block(index=index, sha256=sha, data=base64.b64encode(data).decode())
-                )
+                batch.append(ev.Block(index=index, sha256=sha, data=b64encode(data).decode()))
                 size += len(data)
-            elif (
-                sha
-                == zero_block_hash(
-                    block_length(index, disk["size_bytes"], disk["block_size"])
-                ).hex()
-            ):
+            elif sha == zero_block_hash(length).hex():
                 batch.append(ev.Block(index=index, sha256=sha, zero=True))
             else:
                 raise FeedIncomplete(f"block {index} of disk {disk_id} is not stored here")
@@ -345,17 +346,18 @@ async def _forward_from_store(
         if batch:
             records.append(_service_batch(item, msg, disk_id, len(records), batch))
     ctx.feed.forget(msg.item_id, up_to=msg.cycle_seq)
-    await ctx.feed.send(item["recovery_agent_id"], msg.item_id, msg.cycle_seq, records)
+    await ctx.feed.send(item.recovery_agent_id, msg.item_id, msg.cycle_seq, records)
     return await ctx.feed.collect(msg.item_id, msg.cycle_seq, len(records))
 
 
 def _service_batch(
-    item: dict[str, Any], msg: ev.CycleCompleted, disk_id: str, n: int, blocks: list[ev.Block]
+    item: ProtectedItem, msg: ev.CycleCompleted, disk_id: str, n: int, blocks: list[ev.Block]
 ) -> tuple[tuple[str, int], bytes]:
+    """One re-forwarded batch: the replication service's own (unsigned) `BlocksShipped`."""
     batch = ev.BlocksShipped(
         item_id=msg.item_id, cycle_seq=msg.cycle_seq, batch_no=n, disk_id=disk_id, blocks=blocks
     )
-    envelope = new_envelope(batch, vault_id=item["vault_id"], producer_id=PRODUCER_ID)
+    envelope = new_envelope(batch, vault_id=item.vault_id, producer_id=PRODUCER_ID)
     return (disk_id, n), envelope.to_bytes()
 
 
@@ -373,7 +375,7 @@ def _point_manifest(
             DiskPoint(
                 disk_id=root.disk_id,
                 size_bytes=root.size_bytes,
-                block_size=geometry.get(root.disk_id, {}).get("block_size", 65536),
+                block_size=geometry.get(root.disk_id, {}).get("block_size", DEFAULT_BLOCK_SIZE),
                 merkle_root=root.merkle_root,
                 changed=changed.get(root.disk_id, {}),
             )
@@ -384,32 +386,25 @@ def _point_manifest(
 
 async def _record_point(
     conn: asyncpg.Connection,
-    item: dict[str, Any],
+    item: ProtectedItem,
     cycle: dict[str, Any],
-    inc: Incoming,
+    msg: ev.CycleCompleted,
     changed: dict[str, dict[int, str]],
     nbytes: int,
-    forwarded: Forwarded | None,
+    feed: FeedRange,
 ) -> float:
-    """A point the store committed: its row, the cycle's stats, `RecoveryPointCreated`, the
-    item's new state, and the recovery host fed. Returns source capture -> commit seconds."""
-    msg = inc.payload
-    assert isinstance(msg, ev.CycleCompleted)
-    geometry = {d["disk_id"]: d for d in cycle["disks"]}
+    """A point the store committed: its row and the cycle's stats; the item records
+    `RecoveryPointCreated`, its new state and the recovery host's command. Returns source
+    capture -> commit seconds."""
     now = datetime.now(UTC)
     latency = (now - msg.source_time).total_seconds()
-    point_type = (
-        ev.RecoveryPointType.APP_CONSISTENT
-        if msg.app_consistent
-        else ev.RecoveryPointType.CRASH_CONSISTENT
-    )
     changed_count = sum(len(c) for c in changed.values())
     await repo.insert_point(
         conn,
         item_id=msg.item_id,
         cycle_seq=msg.cycle_seq,
         kind=msg.kind.value,
-        point_type=point_type.value,
+        point_type=point_type_of(msg.app_consistent).value,
         source_time=msg.source_time,
         disks=[d.model_dump() for d in msg.disks],
         changed_blocks=changed_count,
@@ -417,53 +412,17 @@ async def _record_point(
     )
     await repo.drop_cycles(conn, msg.item_id, msg.cycle_seq)
     await repo.record_cycle_stats(conn, msg.item_id, True, latency, nbytes)
-    fields: dict[str, Any] = {
-        "last_committed_seq": msg.cycle_seq,
-        "last_point_source_time": msg.source_time,
-        "last_cycle_at": now,
-        "error": None,
-        "resync_seq": None,
-        "resync_id": None,
-        "resync_attempts": 0,
-        "disks": [
-            {**d, "size_bytes": geometry[d["disk_id"]]["size_bytes"]}
-            if d["disk_id"] in geometry
-            else d
-            for d in item["disks"]
-        ],
-    }
-    if item["initial_done_at"] is None:
-        fields["initial_done_at"] = now
-    # The point first, then the state it brings: a view never sees the item `replicating`
-    # (e.g. past its resync) before the recovery point that made it so.
-    await emit(
-        conn,
-        item["vault_id"],
-        ev.RecoveryPointCreated(
-            item_id=msg.item_id,
-            vm_id=item["vm_id"],
-            cycle_seq=msg.cycle_seq,
-            kind=msg.kind,
-            point_type=point_type,
-            source_time=msg.source_time,
-            disks=msg.disks,
-            changed_blocks=changed_count,
-            bytes_stored=nbytes,
-        ),
-        str(msg.item_id),
+    item.commit_point(
+        msg,
+        geometry={d["disk_id"]: d for d in cycle["disks"]},
+        changed_blocks=changed_count,
+        bytes_stored=nbytes,
+        now=now,
+        feed=feed,
+        keep_from=await repo.oldest_live_point(conn, msg.item_id)
+        if item.recovery_agent_id is not None
+        else None,
     )
-    new_state = domain.state_after_point(ItemState(item["state"]), msg.kind)
-    healthy = Health.NORMAL if Health(item["health"]) is Health.CRITICAL else None
-    await change_state(
-        conn,
-        item,
-        new_state,
-        reason=f"recovery point {msg.cycle_seq}",
-        health=healthy,
-        **fields,
-    )
-    if forwarded is not None:
-        await feed_replica(conn, item, cycle, msg, forwarded)
     return latency
 
 
@@ -477,45 +436,6 @@ def make_delta_handlers(ctx: Context) -> tuple[dict[str, Handler], dict[str, Run
     return (
         {name: _delta_checked(ctx, handler) for name, handler in handlers.items()},
         {"BlocksShipped": _delta_run_checked(ctx, partial(on_blocks_shipped_run, ctx))},
-    )
-
-
-async def feed_replica(
-    conn: asyncpg.Connection,
-    item: dict[str, Any],
-    cycle: dict[str, Any],
-    msg: ev.CycleCompleted,
-    forwarded: Forwarded,
-) -> None:
-    """Command the item's recovery host to apply the committed point from the cycle's records
-    on its replica feed (partition and offsets; none for a cycle that changed nothing), in the
-    commit's transaction."""
-    if item["recovery_agent_id"] is None:
-        return
-    geometry = {d["disk_id"]: d for d in cycle["disks"]}
-    await emit(
-        conn,
-        item["vault_id"],
-        cmd.ReplicaPointApplyRequested(
-            command_id=uuid.uuid5(msg.item_id, f"replica-apply:{msg.cycle_seq}"),
-            agent_id=item["recovery_agent_id"],
-            item_id=msg.item_id,
-            cycle_seq=msg.cycle_seq,
-            partition=forwarded.partition,
-            first_offset=forwarded.first,
-            last_offset=forwarded.last,
-            disks=[
-                cmd.ReplicaDisk(
-                    disk_id=d.disk_id,
-                    size_bytes=d.size_bytes,
-                    block_size=geometry.get(d.disk_id, {}).get("block_size", 65536),
-                    merkle_root=d.merkle_root,
-                )
-                for d in msg.disks
-            ],
-            keep_from=await repo.oldest_live_point(conn, msg.item_id) or msg.cycle_seq,
-        ),
-        str(item["recovery_agent_id"]),
     )
 
 

@@ -35,19 +35,17 @@ from typing import Any
 
 import asyncpg
 
-from services.replication import domain
 from services.replication import repository as repo
 from services.replication import request_repository as request_repo
-from services.replication.context import Context, change_state, command, emit
-from services.replication.handlers import drop_site_replica
+from services.replication.context import Context, emit
 from services.replication.reverse import Refused, plan_reverse, refuse_reverse, start_reverse
+from services.replication.unit_of_work import ItemUnitOfWork
 from shared.kafka.consumers import Handler
 from shared.kafka.decode import Incoming, Rejected
-from shared.schemas import agent as cmd
 from shared.schemas import failover as fo
 from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload
-from shared.schemas.replication import Health, ItemState
+from shared.schemas.replication import ItemState
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +61,8 @@ def _check_requester(inc: Incoming) -> None:
         )
 
 
-def _same_vault(inc: Incoming, item: dict[str, Any]) -> None:
-    if item["vault_id"] != inc.envelope.vault_id:
+def _same_vault(inc: Incoming, vault_id: uuid.UUID) -> None:
+    if vault_id != inc.envelope.vault_id:
         raise Rejected("vault_mismatch", "the item belongs to another vault")
 
 
@@ -95,7 +93,7 @@ async def on_materialise(ctx: Context, conn: asyncpg.Connection, inc: Incoming) 
         return
     item = await repo.get_item(conn, msg.item_id)
     if item is not None:
-        _same_vault(inc, item)
+        _same_vault(inc, item["vault_id"])
     await request_repo.insert_request(
         conn,
         request_id=msg.request_id,
@@ -111,94 +109,68 @@ async def on_failed_over(ctx: Context, conn: asyncpg.Connection, inc: Incoming) 
     msg = inc.payload
     assert isinstance(msg, fo.ItemFailedOver)
     _check_requester(inc)
-    item = await repo.get_item(conn, msg.item_id, lock=True)
-    if item is None or not item["active"]:
-        log.warning("failover of an unknown item ignored", extra={"item_id": str(msg.item_id)})
-        return
-    _same_vault(inc, item)
-    state = ItemState(item["state"])
-    if state is ItemState.FAILED_OVER:
-        log.info("item already failed over", extra={"item_id": str(msg.item_id)})
-        return
-    refusal = domain.failover_refusal(state, item["last_committed_seq"] is not None)
-    if refusal is not None:
-        log.warning(
-            "failover refused",
-            extra={"item_id": str(msg.item_id), "reason": f"cannot fail over: {refusal}"},
+    async with ItemUnitOfWork(conn) as uow:
+        item = await uow.load(msg.item_id)
+        if item is None or not item.active:
+            log.warning("failover of an unknown item ignored", extra={"item_id": str(msg.item_id)})
+            return
+        _same_vault(inc, item.vault_id)
+        if item.state is ItemState.FAILED_OVER:
+            log.info("item already failed over", extra={"item_id": str(msg.item_id)})
+            return
+        refusal = item.failover_refusal()
+        if refusal is not None:
+            log.warning(
+                "failover refused",
+                extra={"item_id": str(msg.item_id), "reason": f"cannot fail over: {refusal}"},
+            )
+            return
+        await repo.drop_cycles(conn, msg.item_id)
+        item.fail_over(
+            f"{msg.kind.value} failover to recovery point {msg.cycle_seq}: VM "
+            f"{msg.recovery_vm_name} runs at the recovery site"
         )
-        return
-    await repo.drop_cycles(conn, msg.item_id)
-    await command(
-        conn,
-        item,
-        cmd.ReplicationDisableRequested(
-            command_id=uuid.uuid5(msg.item_id, "failover:disable"),
-            agent_id=item["source_agent_id"],
-            item_id=msg.item_id,
-        ),
-    )
-    await change_state(
-        conn,
-        item,
-        ItemState.FAILED_OVER,
-        reason=f"{msg.kind.value} failover to recovery point {msg.cycle_seq}: VM "
-        f"{msg.recovery_vm_name} runs at the recovery site",
-        health=Health.NORMAL,
-        error=None,
-        health_reasons=[],
-        resync_seq=None,
-        resync_id=None,
-        resync_not_before=None,
-    )
+        await uow.commit()
 
 
 async def on_committed(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
     msg = inc.payload
     assert isinstance(msg, fo.ItemFailoverCommitted)
     _check_requester(inc)
-    item = await repo.get_item(conn, msg.item_id, lock=True)
-    if item is None:
-        log.warning("commit of an unknown item ignored", extra={"item_id": str(msg.item_id)})
-        return
-    _same_vault(inc, item)
-    if ItemState(item["state"]) is not ItemState.FAILED_OVER:
-        log.warning(
-            "commit refused: the item is not failed over",
-            extra={"item_id": str(msg.item_id), "state": item["state"]},
+    async with ItemUnitOfWork(conn) as uow:
+        item = await uow.load(msg.item_id)
+        if item is None:
+            log.warning("commit of an unknown item ignored", extra={"item_id": str(msg.item_id)})
+            return
+        _same_vault(inc, item.vault_id)
+        if item.state is not ItemState.FAILED_OVER:
+            log.warning(
+                "commit refused: the item is not failed over",
+                extra={"item_id": str(msg.item_id), "state": item.state.value},
+            )
+            return
+        live = {p["cycle_seq"]: p for p in await repo.live_points(conn, msg.item_id)}
+        if msg.cycle_seq not in live:
+            log.warning(
+                "commit refused: the recovery point is not retained",
+                extra={"item_id": str(msg.item_id), "cycle_seq": msg.cycle_seq},
+            )
+            return
+        item.drop_site_replica()  # the VM runs on its own disks now
+        drop = sorted(s for s in live if s != msg.cycle_seq)
+        if drop:
+            store = ctx.store(item.target_site)
+            await asyncio.to_thread(
+                store.prune, str(msg.item_id), {msg.cycle_seq}, truncate=True
+            )  # crash-safe and idempotent: a retry after a failed transaction finds nothing
+            await repo.mark_pruned(conn, msg.item_id, drop)
+            item.keep_only_point(msg.cycle_seq, live[msg.cycle_seq]["source_time"], drop)
+        await uow.commit()
+    if drop:
+        log.info(
+            "failover committed",
+            extra={"item_id": str(msg.item_id), "kept": msg.cycle_seq, "pruned": drop},
         )
-        return
-    live = {p["cycle_seq"]: p for p in await repo.live_points(conn, msg.item_id)}
-    if msg.cycle_seq not in live:
-        log.warning(
-            "commit refused: the recovery point is not retained",
-            extra={"item_id": str(msg.item_id), "cycle_seq": msg.cycle_seq},
-        )
-        return
-    await drop_site_replica(conn, item)  # the VM runs on its own disks now
-    drop = sorted(s for s in live if s != msg.cycle_seq)
-    if not drop:
-        return  # committed already
-    store = ctx.store(item["target_site"])
-    await asyncio.to_thread(
-        store.prune, str(msg.item_id), {msg.cycle_seq}, truncate=True
-    )  # crash-safe and idempotent: a retry after a failed transaction finds nothing to do
-    await repo.mark_pruned(conn, msg.item_id, drop)
-    await repo.update_item(
-        conn,
-        msg.item_id,
-        last_committed_seq=msg.cycle_seq,
-        last_point_source_time=live[msg.cycle_seq]["source_time"],
-    )
-    await emit(
-        conn,
-        item["vault_id"],
-        ev.RecoveryPointsPruned(item_id=msg.item_id, cycle_seqs=drop),
-        str(msg.item_id),
-    )
-    log.info(
-        "failover committed",
-        extra={"item_id": str(msg.item_id), "kept": msg.cycle_seq, "pruned": drop},
-    )
 
 
 async def on_reverse(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
@@ -214,7 +186,7 @@ async def on_reverse(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> N
         return
     old = await repo.get_item(conn, msg.old_item_id, lock=True)
     if old is not None:
-        _same_vault(inc, old)
+        _same_vault(inc, old["vault_id"])
     try:
         plan = await plan_reverse(conn, inc, msg, old, ctx.settings.allowed_roots())
     except Refused as exc:

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.replication.item import FeedRange
 from shared import topics
 from shared.kafka.admin import ensure_topics
 from shared.kafka.producer import KafkaProducer
@@ -34,16 +35,6 @@ from shared.settings import CommonSettings
 
 class FeedIncomplete(Exception):
     """Not every batch of the cycle reached the recovery host's feed from this process."""
-
-
-@dataclass(frozen=True)
-class Forwarded:
-    """Where a cycle's batches went on a feed: one partition (one key), offsets first..last;
-    no partition when the cycle shipped no batch."""
-
-    partition: int | None
-    first: int | None
-    last: int | None
 
 
 @dataclass
@@ -109,7 +100,7 @@ class FeedWriter:
             future = await self.producer.send(topic, value, key=str(item_id))
             cycle.batches.setdefault(batch, []).append(future)
 
-    async def collect(self, item_id: uuid.UUID, seq: int, staged_batches: int) -> Forwarded:
+    async def collect(self, item_id: uuid.UUID, seq: int, staged_batches: int) -> FeedRange:
         """Where cycle `seq`'s batches went, once every one is acknowledged. FeedIncomplete
         when this process did not forward each of the `staged_batches` batches, or Kafka
         refused one."""
@@ -120,7 +111,7 @@ class FeedWriter:
                 " to the recovery host by this process"
             )
         if not staged_batches:
-            return Forwarded(None, None, None)
+            return FeedRange(None, None, None)
         futures = [f for copies in cycle.batches.values() for f in copies]
         results = await asyncio.gather(*futures, return_exceptions=True)
         acks = [r for r in results if not isinstance(r, BaseException)]
@@ -128,7 +119,7 @@ class FeedWriter:
             failure = next(r for r in results if isinstance(r, BaseException))
             raise FeedIncomplete(f"Kafka refused a forwarded batch: {failure!r}")
         offsets = [int(a.offset) for a in acks]
-        return Forwarded(int(acks[0].partition), min(offsets), max(offsets))
+        return FeedRange(int(acks[0].partition), min(offsets), max(offsets))
 
     def forget(self, item_id: uuid.UUID, up_to: int | None = None) -> None:
         """Drop what was queued for the item's cycles up to `up_to` (all: None)."""

@@ -8,11 +8,14 @@ import contextlib
 import time
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 from prometheus_client import Gauge
 
 from services.replication import domain
 from services.replication import repository as repo
-from services.replication.context import Context, change_state
+from services.replication.context import Context
+from services.replication.item import ProtectedItem
+from services.replication.unit_of_work import ItemUnitOfWork
 from shared.schemas.replication import Health, ItemState
 
 RPO_SECONDS = Gauge("dr_replication_rpo_seconds", "RPO of a protected item", ["item_id", "vm"])
@@ -39,70 +42,68 @@ def _error_with_storage(error: str | None, fault: str | None) -> str | None:
 STORAGE_FAULT_PREFIX = "replica storage failure"
 
 
+async def _judge_health(
+    ctx: Context,
+    conn: asyncpg.Connection,
+    item: ProtectedItem,
+    notes: domain.FaultNotes,
+    now: datetime,
+) -> domain.HealthVerdict:
+    """The item's health now, by domain.evaluate_health."""
+    s = ctx.settings
+    window_start = now - timedelta(seconds=s.monitoring_window_seconds)
+    points = await repo.points_since(conn, item.item_id, max(window_start, item.protected_since))
+    return domain.evaluate_health(
+        domain.HealthInputs(
+            state=item.state,
+            paused=item.paused,
+            now=now,
+            protected_since=item.initial_done_at or item.protected_since,
+            last_cycle_at=item.last_cycle_at,
+            points_in_window=points,
+            copy_interval_seconds=item.copy_interval_seconds,
+            window_seconds=s.monitoring_window_seconds,
+            stale_log_seconds=s.stale_log_seconds,
+            missed_ratio_warning=s.missed_cycles_warning_ratio,
+            error=item.error,
+            rpo_seconds=domain.rpo_seconds(now, item.last_point_source_time),
+            rpo_threshold_seconds=domain.rpo_threshold_seconds(item.copy_interval_seconds),
+            storage_fault=notes.storage_fault,
+            dead_letter=notes.dead_letter,
+            broker_problem=ctx.broker.problem if ctx.broker else None,
+        )
+    )
+
+
 async def evaluate_health(ctx: Context) -> None:
     """Re-evaluate RPO and health of every item; export them as metrics."""
     now = datetime.now(UTC)
     counts = {h: 0 for h in Health}
-    s = ctx.settings
     async with ctx.pool.acquire() as conn:
         items = await repo.active_items(conn)
-    for item in items:
-        async with ctx.pool.acquire() as conn, conn.transaction():
-            item = await repo.get_item(conn, item["item_id"], lock=True) or item
-            window_start = now - timedelta(seconds=s.monitoring_window_seconds)
-            points = await repo.points_since(
-                conn, item["item_id"], max(window_start, item["protected_since"])
-            )
-            notes = await repo.fault_notes(conn, item["item_id"])
-            verdict = domain.evaluate_health(
-                domain.HealthInputs(
-                    state=ItemState(item["state"]),
-                    paused=item["paused"],
-                    now=now,
-                    protected_since=item["initial_done_at"] or item["protected_since"],
-                    last_cycle_at=item["last_cycle_at"],
-                    points_in_window=points,
-                    copy_interval_seconds=item["copy_interval_seconds"],
-                    window_seconds=s.monitoring_window_seconds,
-                    stale_log_seconds=s.stale_log_seconds,
-                    missed_ratio_warning=s.missed_cycles_warning_ratio,
-                    error=item["error"],
-                    rpo_seconds=domain.rpo_seconds(now, item["last_point_source_time"]),
-                    rpo_threshold_seconds=domain.rpo_threshold_seconds(
-                        item["copy_interval_seconds"]
-                    ),
-                    storage_fault=notes.storage_fault,
-                    dead_letter=notes.dead_letter,
-                    broker_problem=ctx.broker.problem if ctx.broker else None,
-                )
-            )
+    for row in items:
+        async with ctx.pool.acquire() as conn, conn.transaction(), ItemUnitOfWork(conn) as uow:
+            item = await uow.load(row["item_id"])
+            if item is None:
+                continue
+            notes = await repo.fault_notes(conn, item.item_id)
+            verdict = await _judge_health(ctx, conn, item, notes, now)
             reasons = list(verdict.reasons)
-            error = _error_with_storage(item["error"], notes.storage_fault)
-            if (
-                verdict.health.value != item["health"]
-                or reasons != item["health_reasons"]
-                or error != item["error"]
-            ):
-                await change_state(
-                    conn,
-                    item,
-                    ItemState(item["state"]),
-                    reason="; ".join(reasons) or "healthy",
-                    health=verdict.health,
-                    health_reasons=reasons,
-                    error=error,
-                )
+            error = _error_with_storage(item.error, notes.storage_fault)
+            if (verdict.health, reasons, error) != (item.health, item.health_reasons, item.error):
+                item.record_health(verdict.health, reasons, error)
+                await uow.commit()
         counts[verdict.health] += 1
-        if ItemState(item["state"]) is ItemState.FAILED_OVER:
+        if item.state is ItemState.FAILED_OVER:
             for gauge in (RPO_SECONDS, RPO_THRESHOLD):
                 with contextlib.suppress(KeyError):  # the VM runs from its replica: no RPO
-                    gauge.remove(str(item["item_id"]), item["vm_name"])
+                    gauge.remove(str(item.item_id), item.vm_name)
             continue
-        rpo = domain.rpo_seconds(now, item["last_point_source_time"])
+        rpo = domain.rpo_seconds(now, item.last_point_source_time)
         if rpo is not None:
-            RPO_SECONDS.labels(str(item["item_id"]), item["vm_name"]).set(rpo)
-            RPO_THRESHOLD.labels(str(item["item_id"]), item["vm_name"]).set(
-                domain.rpo_threshold_seconds(item["copy_interval_seconds"])
+            RPO_SECONDS.labels(str(item.item_id), item.vm_name).set(rpo)
+            RPO_THRESHOLD.labels(str(item.item_id), item.vm_name).set(
+                domain.rpo_threshold_seconds(item.copy_interval_seconds)
             )
     for health, count in counts.items():
         ITEMS_BY_HEALTH.labels(health.value).set(count)

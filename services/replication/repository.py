@@ -11,6 +11,8 @@ from typing import Any
 import asyncpg
 
 from services.replication import domain
+from services.replication.item import ItemDisk, ProtectedItem
+from shared.schemas.replication import Health, ItemState
 
 ITEM_COLUMNS = """item_id, vault_id, vm_id, vm_name, pairing_id, policy_id, source_agent_id,
  source_site, target_site, target_cloud_id, disks, copy_interval_seconds, state, health,
@@ -70,6 +72,39 @@ async def get_item(
         item_id,
     )
     return dict(row) if row else None
+
+
+async def load_item(
+    conn: asyncpg.Connection, item_id: uuid.UUID, *, lock: bool = True
+) -> ProtectedItem | None:
+    """The protected item as its aggregate (locked until the transaction ends, by default)."""
+    row = await get_item(conn, item_id, lock=lock)
+    return item_from_row(row) if row is not None else None
+
+
+def item_from_row(row: dict[str, Any]) -> ProtectedItem:
+    values = {name: row[name] for name in ITEM_FIELDS}
+    values.update(
+        state=ItemState(row["state"]),
+        health=Health(row["health"]),
+        disks=[
+            ItemDisk(disk_id=d["disk_id"], size_bytes=d["size_bytes"], path=d.get("path", ""))
+            for d in row["disks"]
+        ],
+        resync_attempts=row["resync_attempts"] or 0,
+    )
+    return ProtectedItem(**values)
+
+
+ITEM_FIELDS = [name.strip() for name in ITEM_COLUMNS.split(",")]
+
+
+async def save_item(conn: asyncpg.Connection, item: ProtectedItem) -> None:
+    """One UPDATE of the columns the item changed since it was loaded (none: nothing)."""
+    changed = item.changed_fields()
+    if changed:
+        await update_item(conn, item.item_id, **changed)
+    item.changed.clear()
 
 
 async def active_item_for_vm(

@@ -17,10 +17,11 @@ import asyncpg
 from services.replication import read_model_repository as rm_repo
 from services.replication import repository as repo
 from services.replication import request_repository as request_repo
-from services.replication.context import Context, change_state, command, emit
-from services.replication.handlers import enable_command
+from services.replication.context import Context, emit
+from services.replication.handlers import request_enable
 from services.replication.resync import request_resync
 from services.replication.store import StoreError
+from services.replication.unit_of_work import ItemUnitOfWork
 from shared.files import OutsideRoots, confined
 from shared.kafka.decode import Incoming
 from shared.schemas import agent as cmd
@@ -127,19 +128,11 @@ async def start_reverse(
 ) -> None:
     vault_id = inc.envelope.vault_id
     await repo.drop_cycles(conn, old["item_id"])
-    await change_state(
-        conn,
-        old,
-        ItemState.NOT_ENABLED,
-        reason=f"reverse replication: now protected as item {msg.new_item_id}",
-        active=False,
-    )
-    await emit(
-        conn,
-        vault_id,
-        ev.ProtectionDisabled(item_id=old["item_id"], vm_id=old["vm_id"], replica_deleted=False),
-        str(old["item_id"]),
-    )
+    async with ItemUnitOfWork(conn) as uow:  # committed first: one active item per VM
+        retired = await uow.load(old["item_id"])
+        assert retired is not None
+        retired.end_protection(f"reverse replication: now protected as item {msg.new_item_id}")
+        await uow.commit()
     seeded = bool(msg.seed_disks)
     settings = plan["settings"]
     item = await repo.insert_item(
@@ -210,7 +203,7 @@ async def start_reverse(
     else:
         full = {**settings, "initial_replication": cmd.InitialReplication.ONLINE_NOW.value}
         full.setdefault("copy_frequency_seconds", item["copy_interval_seconds"])
-        await command(conn, item, enable_command(item, full))
+        await request_enable(conn, msg.new_item_id, full)
     log.info(
         "reverse replication started",
         extra={
@@ -304,5 +297,9 @@ async def seed_and_resync(ctx: Context, request: dict[str, Any]) -> None:
         else:
             await repo.update_item(conn, msg.new_item_id, error=failure)
             item["error"] = failure
-        await command(conn, item, enable_command(item, settings))
-        await request_resync(ctx, conn, item)
+        async with ItemUnitOfWork(conn) as uow:
+            new = await uow.load(msg.new_item_id)
+            assert new is not None
+            new.request_enable(settings)
+            await request_resync(ctx, new)
+            await uow.commit()

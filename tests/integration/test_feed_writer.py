@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from kit.stack import Stack, delete_prefixed_topics, random_prefix
-from services.replication.feed import FeedIncomplete, FeedWriter, Forwarded
+from services.replication.feed import FeedIncomplete, FeedWriter
+from services.replication.item import FeedRange
 from shared import topics
 from shared.settings import CommonSettings
 from tests.support.kafka import read_all
@@ -52,7 +53,7 @@ async def test_a_cycles_batches_are_named_by_their_range_once_all_were_forwarded
     assert not any(r.key == str(item) for r in records if r.value == b"x")
 
     # a cycle that shipped nothing names no range; one this process never saw is incomplete
-    assert await writer.collect(item, 8, 0) == Forwarded(None, None, None)
+    assert await writer.collect(item, 8, 0) == FeedRange(None, None, None)
     with pytest.raises(FeedIncomplete, match="0 of the cycle's 2 batches"):
         await writer.collect(other, 4, 2)
 
