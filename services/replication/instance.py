@@ -9,6 +9,10 @@ work. Any other instance is a standby; when the lock comes free it takes over on
 store the deployment's points live in (its own store's identity is the recorded one), or when
 the deployment protects nothing yet. A standby with another store is refused: it would find
 none of the points its cycles build on.
+
+An instance that takes the lock from one that did not release it (killed, or cut off from
+its lock connection while it still runs, until its next check) waits, holding the lock,
+until that one missed two heartbeats: by then a live one has noticed and stopped.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class ActiveInstance:
     store_dir: str
     started_at: datetime
     heartbeat_at: datetime
+    heartbeat_seconds: float  # how often it refreshes heartbeat_at
+    heartbeat_age: float  # seconds since heartbeat_at (the database's clock), when read
+    released: bool  # it stopped gracefully
 
     def summary(self) -> dict[str, str | int | None]:
         """For /healthz: the active instance (host, pid, since, store)."""
@@ -77,6 +84,17 @@ def decide(
     if not protects:
         return Decision(Role.ACTIVE, claim=True)  # the recorded store holds nothing needed
     return Decision(Role.REFUSED, reason=other_store_reason(own_store, record))
+
+
+MISSED_HEARTBEATS = 2
+
+
+def takeover_wait(record: ActiveInstance | None) -> float:
+    """Seconds the new holder of the lock waits before it takes over from `record`'s
+    instance: 0 after a graceful stop, else until that one missed two heartbeats."""
+    if record is None or record.released:
+        return 0.0
+    return max(0.0, MISSED_HEARTBEATS * record.heartbeat_seconds - record.heartbeat_age)
 
 
 def other_store_reason(own_store: uuid.UUID, record: ActiveInstance | None) -> str:

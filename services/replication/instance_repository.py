@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import datetime
 
 import asyncpg
 
@@ -32,7 +31,9 @@ async def unlock(conn: asyncpg.Connection, key: int) -> None:
 
 async def record(conn: asyncpg.Connection, deployment: str) -> ActiveInstance | None:
     row = await conn.fetchrow(
-        "SELECT store_id, host, pid, store_dir, started_at, heartbeat_at"
+        "SELECT store_id, host, pid, store_dir, started_at, heartbeat_at, heartbeat_seconds,"
+        " extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age,"
+        " released_at IS NOT NULL AS released"
         " FROM active_instance WHERE deployment = $1",
         deployment,
     )
@@ -57,29 +58,43 @@ async def become_active(
     host: str,
     pid: int,
     store_dir: str,
-) -> datetime:
-    """Record this instance as the active one (and its store as the deployment's); returns
-    since when. Only the lock's holder calls it."""
-    since: datetime = await conn.fetchval(
-        "INSERT INTO active_instance"
-        " (deployment, store_id, host, pid, store_dir, started_at, heartbeat_at)"
-        " VALUES ($1, $2, $3, $4, $5, now(), now())"
+    heartbeat_seconds: float,
+) -> ActiveInstance:
+    """Record this instance as the active one (and its store as the deployment's). Only the
+    lock's holder calls it."""
+    row = await conn.fetchrow(
+        "INSERT INTO active_instance (deployment, store_id, host, pid, store_dir, started_at,"
+        " heartbeat_at, heartbeat_seconds) VALUES ($1, $2, $3, $4, $5, now(), now(), $6)"
         " ON CONFLICT (deployment) DO UPDATE SET store_id = excluded.store_id,"
         " host = excluded.host, pid = excluded.pid, store_dir = excluded.store_dir,"
-        " started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at"
-        " RETURNING started_at",
+        " started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at,"
+        " heartbeat_seconds = excluded.heartbeat_seconds, released_at = NULL"
+        " RETURNING store_id, host, pid, store_dir, started_at, heartbeat_at, heartbeat_seconds,"
+        " 0::float8 AS heartbeat_age, false AS released",
         deployment,
         store_id,
         host,
         pid,
         store_dir,
+        heartbeat_seconds,
     )
-    return since
+    return ActiveInstance(**dict(row))
 
 
 async def heartbeat(conn: asyncpg.Connection, deployment: str, pid: int, host: str) -> None:
     await conn.execute(
         "UPDATE active_instance SET heartbeat_at = now()"
+        " WHERE deployment = $1 AND pid = $2 AND host = $3",
+        deployment,
+        pid,
+        host,
+    )
+
+
+async def released(conn: asyncpg.Connection, deployment: str, pid: int, host: str) -> None:
+    """The active instance stops gracefully: the next one need not wait for its heartbeat."""
+    await conn.execute(
+        "UPDATE active_instance SET released_at = now()"
         " WHERE deployment = $1 AND pid = $2 AND host = $3",
         deployment,
         pid,

@@ -34,7 +34,13 @@ from prometheus_client import Gauge
 
 from services.replication import instance_repository as repo
 from services.replication.config import ReplicationSettings
-from services.replication.instance import ActiveInstance, Decision, Role, decide
+from services.replication.instance import (
+    ActiveInstance,
+    Decision,
+    Role,
+    decide,
+    takeover_wait,
+)
 from shared import db
 from shared.files import fsync_dir
 from shared.runtime import UNAVAILABLE, Runtime
@@ -49,6 +55,11 @@ ACTIVE = Gauge(
 )
 # what losing the lock's connection or not reaching PostgreSQL raises
 LOST = (*UNAVAILABLE, asyncpg.PostgresError, TimeoutError, OSError)
+
+
+def lock_connection_name(schema: str, pid: int) -> str:
+    """The `application_name` of an instance's lock connection (in `pg_stat_activity`)."""
+    return f"{schema}-active-lock-{pid}"[:63]
 
 
 class StoreIdentityError(RuntimeError):
@@ -146,6 +157,9 @@ class OneActiveInstance:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(*LOST):
+                async with self.rt.pool.acquire() as c:
+                    await repo.released(c, self.deployment, self.pid, self.host)
+            with contextlib.suppress(*LOST):
                 await repo.unlock(conn, self.key)
             with contextlib.suppress(*LOST):
                 await conn.close(timeout=5)
@@ -158,7 +172,8 @@ class OneActiveInstance:
     async def _connect(self) -> asyncpg.Connection:
         return await db.connect(
             self.settings.database_url,
-            server_settings={"application_name": f"{self.rt.schema}-active-lock"},
+            # names the instance in pg_stat_activity (63 characters at most)
+            server_settings={"application_name": lock_connection_name(self.rt.schema, self.pid)},
         )
 
     async def _try_to_take_over(self) -> bool:
@@ -170,29 +185,24 @@ class OneActiveInstance:
             async with self.rt.pool.acquire() as c:
                 record = await repo.record(c, self.deployment)
                 protects = await repo.protects(c)
-                decision = decide(
-                    lock_taken=taken, own_store=self.store_id, record=record, protects=protects
-                )
-                if decision.role is Role.ACTIVE:
-                    since = await repo.become_active(
+            decision = decide(
+                lock_taken=taken, own_store=self.store_id, record=record, protects=protects
+            )
+            if decision.role is Role.ACTIVE:
+                await self._until_the_last_one_stopped(record)
+                async with self.rt.pool.acquire() as c:
+                    record = await repo.become_active(
                         c,
                         self.deployment,
                         store_id=self.store_id,
                         host=self.host,
                         pid=self.pid,
                         store_dir=str(self.settings.store_dir.resolve()),
+                        heartbeat_seconds=self.settings.standby_poll_seconds,
                     )
-                    record = ActiveInstance(
-                        self.store_id,
-                        self.host,
-                        self.pid,
-                        str(self.settings.store_dir.resolve()),
-                        since,
-                        since,
-                    )
-                    self._conn, conn = conn, None
-                elif taken:
-                    await repo.unlock(conn, self.key)  # for the instance with the store
+                self._conn, conn = conn, None
+            elif taken:
+                await repo.unlock(conn, self.key)  # for the instance with the store
         finally:
             if conn is not None:
                 await conn.close(timeout=5)
@@ -210,6 +220,25 @@ class OneActiveInstance:
         ACTIVE.set(1)
         self.rt.spawn("active-heartbeat", self._hold)
         return True
+
+    async def _until_the_last_one_stopped(self, record: ActiveInstance | None) -> None:
+        """Holding the lock: wait until the instance active before, if it did not release
+        the role (killed, or cut off from its lock), missed two heartbeats."""
+        while (wait := takeover_wait(record)) > 0:
+            assert record is not None
+            self.decision = Decision(
+                Role.STANDBY,
+                reason=f"taking over in {wait:.1f} s, once the previous active instance "
+                f"({record.host}, pid {record.pid}) missed two heartbeats",
+            )
+            self.record = record
+            log.warning(
+                "waiting for the previous active instance's heartbeat to stop",
+                extra={"active_instance": record.summary(), "wait_seconds": round(wait, 1)},
+            )
+            await asyncio.sleep(wait)
+            async with self.rt.pool.acquire() as c:
+                record = await repo.record(c, self.deployment)
 
     async def _wait_for_the_lock(self) -> None:
         while True:
@@ -261,6 +290,8 @@ class OneActiveInstance:
             except LOST as exc:
                 log.warning("the active lock's connection was lost", extra={"error": repr(exc)})
                 await self._retake()
+                if self._conn is None:
+                    return  # stopping: another instance is active
             async with self.rt.pool.acquire() as c:
                 await repo.heartbeat(c, self.deployment, self.pid, self.host)
 

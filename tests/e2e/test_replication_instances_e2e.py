@@ -7,6 +7,7 @@ stop hands over to a standby on the same store at once."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,8 @@ from kit.platform import Platform
 from kit.poll import eventually
 from kit.procs import Proc, free_port
 from kit.stack import Stack, fresh_database, random_prefix
+from services.replication.standby import lock_connection_name
+from shared import db
 from tests.e2e.test_replication_faults_e2e import live_seqs, pruned_seqs, replicating_vm
 
 pytestmark = pytest.mark.e2e
@@ -88,6 +91,14 @@ async def points_after(http: httpx.AsyncClient, dr: DrSetup, item_id: str, seq: 
         )
 
     return await eventually(moved, timeout=90, what=f"points committed after {seq}")
+
+
+def logged(proc: Proc, message: str) -> str:
+    """The time of the first log line of `proc` whose message begins with `message`."""
+    for line in proc.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{") and str(json.loads(line).get("msg")).startswith(message):
+            return str(json.loads(line)["ts"])
+    raise AssertionError(f"{proc.log_path.name}: no line {message!r}")
 
 
 def site_folders(store: Path) -> list[str]:
@@ -173,3 +184,55 @@ async def test_one_active_instance_and_a_takeover_only_with_the_store(
         f"{time.monotonic() - stopped_at:.1f}s"
     )
     assert (await health(http, fourth))[1]["role"] == "active"
+
+
+async def end_lock_connection(plat: Platform, pid: int) -> int:
+    """End the lock connection of the instance with `pid` (as a network cut would; the
+    process lives on); returns how many connections were ended."""
+    conn = await db.connect(plat.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            lock_connection_name("replication", pid),
+        )
+    finally:
+        await conn.close()
+    return len(rows)
+
+
+@pytest.mark.timeout(600)
+async def test_an_active_instance_that_lost_its_lock_to_another_stops(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    # the first instance checks its lock (and beats) every 10 s; the standby tries every 0.5 s
+    dr, item_id = await replicating_vm(
+        plat, http, tmp_path, {"DR_REPLICATION_STANDBY_POLL_SECONDS": "10"}
+    )
+    first = plat.services["replication"]
+    assert first.popen is not None
+    store = Path(first.env["DR_REPLICATION_STORE_DIR"])
+    seq = await points_after(http, dr, item_id, 1)
+    second = another_instance(plat, "second", store).start(POLL)
+    assert (await health(http, second))[1]["role"] == "standby"
+    assert await end_lock_connection(plat, first.popen.pid) == 1
+
+    async def second_active() -> bool:
+        assert first.popen is not None
+        await end_lock_connection(plat, first.popen.pid)  # if it took it again first: once more
+        return (await health(http, second))[1]["role"] == "active"
+
+    await eventually(second_active, timeout=60, what="the standby taking over the lock")
+
+    async def first_stopped() -> bool:
+        return not first.alive()
+
+    await eventually(first_stopped, timeout=60, what="the instance that lost its lock stopping")
+    # the first one gave up the role before the second took over: the second, holding the
+    # lock, waited until the first missed two heartbeats
+    lost = logged(first, "lost the active role")
+    took = logged(second, "taking over as the active replication instance")
+    assert lost < took, (lost, took)
+    plat.services["replication"] = second
+    await points_after(http, dr, item_id, seq)
+    report = (await health(http, second))[1]
+    assert second.popen is not None and report["active_instance"]["pid"] == second.popen.pid

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from services.replication.instance import ActiveInstance, Role, decide
+from services.replication.instance import ActiveInstance, Role, decide, takeover_wait
 from services.replication.standby import STORE_ID_FILE, StoreIdentityError, store_identity
 from shared.http import HEALTHY_STATUSES
 from shared.runtime import Role as ReportedRole
@@ -24,8 +24,10 @@ OTHER = uuid.uuid4()
 SINCE = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
-def recorded(store: uuid.UUID) -> ActiveInstance:
-    return ActiveInstance(store, "dr-a", 4242, "/srv/replica", SINCE, SINCE)
+def recorded(
+    store: uuid.UUID, *, age: float = 0.0, every: float = 5.0, released: bool = False
+) -> ActiveInstance:
+    return ActiveInstance(store, "dr-a", 4242, "/srv/replica", SINCE, SINCE, every, age, released)
 
 
 @pytest.mark.parametrize("protects", [True, False])
@@ -62,6 +64,23 @@ def test_without_the_lock_it_is_a_standby_that_says_when_it_could_not_take_over(
     d = decide(lock_taken=False, own_store=OURS, record=recorded(store), protects=protects)
     assert d.role is Role.STANDBY and not d.claim
     assert (d.reason is not None) is warned
+
+
+@pytest.mark.parametrize(
+    ("age", "released", "wait"),
+    [
+        (0.0, False, 10.0),
+        (4.0, False, 6.0),
+        (10.0, False, 0.0),
+        (60.0, False, 0.0),
+        (0.0, True, 0.0),
+    ],
+)
+def test_a_takeover_waits_until_the_last_active_instance_missed_two_heartbeats(
+    age: float, released: bool, wait: float
+) -> None:
+    assert takeover_wait(recorded(OURS, age=age, every=5.0, released=released)) == wait
+    assert takeover_wait(None) == 0.0
 
 
 def test_the_store_identity_is_created_once_and_kept(tmp_path: Path) -> None:
