@@ -23,8 +23,9 @@ from kit.poll import eventually
 from kit.procs import Proc, free_port
 from kit.stack import Stack, fresh_database, random_prefix
 from services.replication.standby import lock_connection_name
-from shared import db
+from shared import db, topics
 from tests.e2e.test_replication_faults_e2e import live_seqs, pruned_seqs, replicating_vm
+from tests.support.kafka import read_all
 
 pytestmark = pytest.mark.e2e
 
@@ -153,11 +154,15 @@ async def test_one_active_instance_and_a_takeover_only_with_the_store(
     assert await metric(http, second, "dr_replication_active") == 0
 
     # (c) an instance with the killed one's store takes over; replication goes on
+    starting = time.monotonic()
     third = another_instance(plat, "third", store).start(POLL)
     plat.services["replication"] = third
     seq = await points_after(http, dr, item_id, seq)
-    took_over = time.monotonic() - killed_at
-    print(f"kill -9 to a new point with an instance on the same store: {took_over:.1f}s")
+    now = time.monotonic()
+    print(
+        f"kill -9 to a new point with an instance on the same store: {now - killed_at:.1f}s "
+        f"({now - starting:.1f}s from its start)"
+    )
     status, report = await health(http, third)
     assert (status, report["role"]) == (200, "active"), report
     assert third.popen is not None and report["active_instance"]["pid"] == third.popen.pid
@@ -169,6 +174,13 @@ async def test_one_active_instance_and_a_takeover_only_with_the_store(
     assert site_folders(other_store) == []
     lost = before_kill - await live_seqs(http, dr, item_id) - await pruned_seqs(plat, item_id)
     assert not lost, f"points lost across the takeover: {sorted(lost)}"
+    commands = await read_all(plat.stack.kafka, plat.prefix + topics.AGENT_COMMANDS)
+    resyncs = [
+        r.json()
+        for r in commands
+        if r.json()["type"] == "ResyncRequested" and r.json()["payload"]["item_id"] == item_id
+    ]
+    assert not resyncs, f"the instances made the item resync: {resyncs[:1]}"
 
     # a standby on the same store (a shared volume) takes over from a graceful stop
     fourth = another_instance(plat, "fourth", store).start(POLL)
