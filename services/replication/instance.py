@@ -12,7 +12,8 @@ none of the points its cycles build on.
 
 An instance that takes the lock from one that did not release it (killed, or cut off from
 its lock connection while it still runs, until its next check) waits, holding the lock,
-until that one missed two heartbeats: by then a live one has noticed and stopped.
+until that one missed two heartbeats: by then a live one has noticed and stopped. No wait
+when that one ran on the same host and its process is gone (a restart after a crash).
 """
 
 from __future__ import annotations
@@ -89,10 +90,12 @@ def decide(
 MISSED_HEARTBEATS = 2
 
 
-def takeover_wait(record: ActiveInstance | None) -> float:
+def takeover_wait(record: ActiveInstance | None, *, gone: bool = False) -> float:
     """Seconds the new holder of the lock waits before it takes over from `record`'s
-    instance: 0 after a graceful stop, else until that one missed two heartbeats."""
-    if record is None or record.released:
+    instance: none after a graceful stop, or when that one is known to be `gone` (it ran on
+    this host and its process ended: a restart after a crash), else until it missed two
+    heartbeats."""
+    if record is None or record.released or gone:
         return 0.0
     return max(0.0, MISSED_HEARTBEATS * record.heartbeat_seconds - record.heartbeat_age)
 

@@ -221,10 +221,25 @@ class OneActiveInstance:
         self.rt.spawn("active-heartbeat", self._hold)
         return True
 
+    def last_one_gone(self, record: ActiveInstance | None) -> bool:
+        """Whether `record`'s instance ran on this host and its process ended (the same
+        process id: this process restarted in its container)."""
+        if record is None or record.host != self.host:
+            return False
+        if record.pid == self.pid:
+            return True
+        try:
+            os.kill(record.pid, 0)  # signal 0: only whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # it exists (another user's)
+        return False
+
     async def _until_the_last_one_stopped(self, record: ActiveInstance | None) -> None:
         """Holding the lock: wait until the instance active before, if it did not release
         the role (killed, or cut off from its lock), missed two heartbeats."""
-        while (wait := takeover_wait(record)) > 0:
+        while (wait := takeover_wait(record, gone=self.last_one_gone(record))) > 0:
             assert record is not None
             self.decision = Decision(
                 Role.STANDBY,

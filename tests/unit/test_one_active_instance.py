@@ -4,6 +4,9 @@ identity file; what /healthz answers for each role."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -12,8 +15,14 @@ from typing import Any
 
 import pytest
 
+from services.replication.config import ReplicationSettings
 from services.replication.instance import ActiveInstance, Role, decide, takeover_wait
-from services.replication.standby import STORE_ID_FILE, StoreIdentityError, store_identity
+from services.replication.standby import (
+    STORE_ID_FILE,
+    OneActiveInstance,
+    StoreIdentityError,
+    store_identity,
+)
 from shared.http import HEALTHY_STATUSES
 from shared.runtime import Role as ReportedRole
 from shared.runtime import Runtime, health_status
@@ -80,6 +89,7 @@ def test_a_takeover_waits_until_the_last_active_instance_missed_two_heartbeats(
     age: float, released: bool, wait: float
 ) -> None:
     assert takeover_wait(recorded(OURS, age=age, every=5.0, released=released)) == wait
+    assert takeover_wait(recorded(OURS, age=age, every=5.0), gone=True) == 0.0
     assert takeover_wait(None) == 0.0
 
 
@@ -145,3 +155,23 @@ async def test_health_names_the_role_the_reason_and_the_active_instance() -> Non
     assert health["active_instance"]["host"] == "dr-a"
     assert health["active_instance"]["pid"] == 4242
     assert health["active_instance"]["since"] == SINCE.isoformat()
+
+
+def test_an_instance_knows_when_the_last_active_one_ran_here_and_ended() -> None:
+    settings = ReplicationSettings()
+
+    async def activate() -> None:
+        raise AssertionError("not in this test")
+
+    here = OneActiveInstance(Runtime("replication", settings), settings, activate)
+
+    def last(host: str, pid: int) -> ActiveInstance:
+        return ActiveInstance(OURS, host, pid, "/srv/replica", SINCE, SINCE, 5.0, 0.0, False)
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert here.last_one_gone(last(here.host, dead.pid))  # its process ended
+    assert here.last_one_gone(last(here.host, os.getpid()))  # this very process id: restarted
+    assert not here.last_one_gone(last(here.host, os.getppid()))  # still running
+    assert not here.last_one_gone(last(f"not-{here.host}", dead.pid))  # elsewhere: cannot know
+    assert not here.last_one_gone(None)
