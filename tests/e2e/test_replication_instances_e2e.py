@@ -130,6 +130,8 @@ async def test_one_active_instance_and_a_takeover_only_with_the_store(
     assert "cannot take over" in report["reason"], report  # told before it matters
     resp = await http.get(dr.url("replication", "/protected-items").replace(first.url, second.url))
     assert resp.status_code == 503 and "standby" in resp.json()["error"]["message"], resp.text
+    assert resp.headers["retry-after"] == "5"
+    assert (await http.get(f"{second.url}/openapi.json")).status_code == 200
     seq = await points_after(http, dr, item_id, seq + 3)  # replication goes on meanwhile
     assert await metric(http, second, "dr_replication_active") == 0
     assert await metric(http, second, "dr_replication_bytes_applied_total") == 0
