@@ -51,6 +51,10 @@ HTTP_SECONDS = Histogram(
 )
 
 
+# /healthz statuses answered with HTTP 200 (a standby instance is healthy); others: 503
+HEALTHY_STATUSES = ("ok", "standby")
+
+
 def error_body(status: int, message: str, details: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"status": status, "message": message}
     if details is not None:
@@ -444,7 +448,8 @@ def create_app(
     @app.get("/healthz", tags=["ops"], summary="Liveness and readiness of this service")
     async def healthz() -> JSONResponse:
         report = await runtime.health()
-        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+        healthy = report["status"] in HEALTHY_STATUSES
+        return JSONResponse(report, status_code=200 if healthy else 503)
 
     @app.get(
         "/metrics",

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import uvicorn
@@ -34,6 +35,26 @@ PROBE_SECONDS = 2.0
 # state ...; another operation is in progress") comes from a connection the server closed
 # in the middle of an operation
 UNAVAILABLE: tuple[type[BaseException], ...] = (*INFRA_ERRORS, asyncpg.InternalClientError)
+
+
+@dataclass(frozen=True)
+class Role:
+    """A process's part in its deployment where only one instance may do the work, for
+    /healthz: `active` (it does the work), `standby` (healthy: it waits to take over) or
+    `refused` (it cannot take over: degraded, `reason` says why and what to do). `active`
+    names the instance doing the work (host, pid, since), when known."""
+
+    name: Literal["active", "standby", "refused"]
+    reason: str | None = None
+    active: Mapping[str, str | int | None] | None = None
+
+
+def health_status(healthy: bool, role: Role | None) -> str:
+    """/healthz's status: `ok`, `standby` (healthy, waiting to take over) or `degraded` (a
+    check failed, or a standby that cannot take over)."""
+    if not healthy or (role is not None and role.name == "refused"):
+        return "degraded"
+    return "standby" if role is not None and role.name == "standby" else "ok"
 
 
 class DependencyWatch:
@@ -94,7 +115,11 @@ class Runtime:
         *,
         migrations: Path | None = None,
         topics: tuple[str, ...] = (),
+        relay_outbox: bool = True,
     ) -> None:
+        """`relay_outbox=False`: the outbox relay starts with `start_outbox_relay()` (a
+        service with one active instance relays from the active one only: two relays would
+        publish one outbox out of order)."""
         self.name = name
         self.settings = settings
         self.schema = settings.db_schema or name
@@ -106,6 +131,8 @@ class Runtime:
         self._task_state: dict[str, str] = {}
         self._stop_hooks: list[Callable[[], Coroutine[Any, Any, Any]]] = []
         self._checks: dict[str, Callable[[], bool]] = {}
+        self._role: Callable[[], Role] | None = None
+        self._relay_outbox = relay_outbox
         self._stopping = False
         self.kafka = DependencyWatch("Kafka")
         self.database = DependencyWatch("PostgreSQL")
@@ -142,13 +169,19 @@ class Runtime:
         )
         self._producer = KafkaProducer(s.kafka_bootstrap_servers, s.topic_prefix, self.name)
         await _retry("kafka producer", self._producer.start)
-        relay = OutboxRelay(self._pool, self._producer, poll_ms=s.outbox_poll_ms)
-        self.spawn("outbox-relay", relay.run)
+        if self._relay_outbox:
+            self.start_outbox_relay()
         producer = self._producer
         self.spawn("kafka-probe", lambda: self.kafka.watch(producer.unreachable))
         self.spawn("postgres-probe", lambda: self.database.watch(self._postgres_unreachable))
         self.spawn_every("prune-processed", 3600, lambda: prune_processed(self.pool, s))
         log.info("service started", extra={"schema": self.schema})
+
+    def start_outbox_relay(self) -> None:
+        """Publish the outbox from now on (at start unless `relay_outbox=False`)."""
+        if "outbox-relay" not in self._tasks:
+            relay = OutboxRelay(self.pool, self.producer, poll_ms=self.settings.outbox_poll_ms)
+            self.spawn("outbox-relay", relay.run)
 
     async def _postgres_unreachable(self) -> str | None:
         """None when PostgreSQL answers a `SELECT 1` within the probe interval, else why not."""
@@ -209,6 +242,11 @@ class Runtime:
         """A health check reported by /healthz (False: degraded)."""
         self._checks[name] = check
 
+    def report_role(self, role: Callable[[], Role]) -> None:
+        """Report `role()` on /healthz: `role`, `reason` and `active_instance`; the status is
+        `standby` (HTTP 200) for a healthy standby, `degraded` for a refused one."""
+        self._role = role
+
     async def health(self) -> dict[str, Any]:
         checks: dict[str, str] = {}
         try:
@@ -224,7 +262,16 @@ class Runtime:
         for name, check in self._checks.items():
             checks[name] = "ok" if check() else "down"
         healthy = all(v in ("ok", "running", "done") for v in checks.values())
-        return {"service": self.name, "status": "ok" if healthy else "degraded", "checks": checks}
+        role = self._role() if self._role is not None else None
+        report: dict[str, Any] = {"service": self.name, "status": health_status(healthy, role)}
+        if role is not None:
+            report["role"] = role.name
+            if role.reason is not None:
+                report["reason"] = role.reason
+            if role.active is not None:
+                report["active_instance"] = dict(role.active)
+        report["checks"] = checks
+        return report
 
     async def stop(self) -> None:
         self._stopping = True

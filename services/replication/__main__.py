@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from services.replication.api import router
 from services.replication.config import ReplicationSettings
@@ -16,6 +16,7 @@ from services.replication.health import evaluate_health
 from services.replication.offline import import_pipeline
 from services.replication.pruning import apply_retention
 from services.replication.resync import start_due_resyncs
+from services.replication.standby import OneActiveInstance
 from shared import topics
 from shared.http import create_app
 from shared.logging import configure_logging
@@ -39,10 +40,14 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
             topics.POLICY_EVENTS,
             topics.FAILOVER_EVENTS,
         ),
+        relay_outbox=False,  # from the active instance only
     )
     app: FastAPI
 
-    async def on_start(rt: Runtime) -> None:
+    async def activate() -> None:
+        """The active instance's work (one active instance per deployment: `standby.py`)."""
+        rt = runtime
+        rt.start_outbox_relay()
         feed = FeedWriter(settings)
         await feed.start()
         rt.on_stop(feed.stop)
@@ -66,6 +71,11 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
             lambda: apply_retention(ctx),
         )
 
+    one_active = OneActiveInstance(runtime, settings, activate)
+
+    async def on_start(rt: Runtime) -> None:
+        await one_active.start()
+
     app = create_app(
         runtime,
         title="Replication service",
@@ -73,7 +83,7 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
         "verifiable recovery points, retention, resync, RPO and health.",
         on_start=on_start,
     )
-    app.include_router(router)
+    app.include_router(router, dependencies=[Depends(one_active.require_active)])
     return app
 
 

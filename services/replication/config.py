@@ -66,6 +66,13 @@ class ReplicationSettings(ServiceSettings):
     health_interval_seconds: float = Field(
         default=2, gt=0, description="How often RPO and health are re-evaluated."
     )
+    standby_poll_seconds: float = Field(
+        default=5,
+        gt=0,
+        le=300,
+        description="One instance per deployment is active: how often a standby instance tries "
+        "to take over, and how often the active one refreshes its heartbeat.",
+    )
 
     def resync_backoff(self, attempt: int) -> float:
         steps = [float(x) for x in self.resync_backoff_seconds.split(",") if x.strip()]
