@@ -262,6 +262,18 @@ def retired_edge_acls(principal: str, kind: str, prefix: str) -> list[Acl]:
     return [Acl(Resource.TOPIC, physical, Pattern.LITERAL, f"User:{principal}", Operation.READ)]
 
 
+def _entries(acls: Iterable[Acl]) -> list[tuple[Any, ...]]:
+    """ACLs as CreateAcls v1 creations and DeleteAcls v1 filters take them (any host, allow)."""
+    return [
+        (a.resource, a.name, a.pattern, a.principal, ANY_HOST, a.operation, ALLOW) for a in acls
+    ]
+
+
+def _require_v1(request_struct_class: Any, what: str) -> None:
+    if request_struct_class.API_VERSION < 1:
+        raise RuntimeError(f"the broker does not take {what}")
+
+
 class _CreateAcls(CreateAclsRequest):  # type: ignore[misc]
     """aiokafka's CreateAcls request carries one ACL; this one carries many (v1: patterns)."""
 
@@ -269,14 +281,8 @@ class _CreateAcls(CreateAclsRequest):  # type: ignore[misc]
         self._acls = list(acls)
 
     def build(self, request_struct_class: Any) -> CreateAclsRequest_v1:
-        if request_struct_class.API_VERSION < 1:
-            raise RuntimeError("the broker does not take prefixed ACLs (CreateAcls v1)")
-        return CreateAclsRequest_v1(
-            [
-                (a.resource, a.name, a.pattern, a.principal, ANY_HOST, a.operation, ALLOW)
-                for a in self._acls
-            ]
-        )
+        _require_v1(request_struct_class, "prefixed ACLs (CreateAcls v1)")
+        return CreateAclsRequest_v1(_entries(self._acls))
 
 
 async def create_acls(bootstrap: str, acls: list[Acl], security: KafkaSecurity) -> None:
@@ -300,8 +306,7 @@ class _DeleteAcls(DeleteAclsRequest):  # type: ignore[misc]
         self._principal = principal
 
     def build(self, request_struct_class: Any) -> DeleteAclsRequest_v1:
-        if request_struct_class.API_VERSION < 1:
-            raise RuntimeError("the broker does not take pattern filters (DeleteAcls v1)")
+        _require_v1(request_struct_class, "pattern filters (DeleteAcls v1)")
         return DeleteAclsRequest_v1(
             [
                 (
@@ -324,14 +329,8 @@ class _DeleteExactAcls(DeleteAclsRequest):  # type: ignore[misc]
         self._acls = list(acls)
 
     def build(self, request_struct_class: Any) -> DeleteAclsRequest_v1:
-        if request_struct_class.API_VERSION < 1:
-            raise RuntimeError("the broker does not take pattern filters (DeleteAcls v1)")
-        return DeleteAclsRequest_v1(
-            [
-                (a.resource, a.name, a.pattern, a.principal, ANY_HOST, a.operation, ALLOW)
-                for a in self._acls
-            ]
-        )
+        _require_v1(request_struct_class, "pattern filters (DeleteAcls v1)")
+        return DeleteAclsRequest_v1(_entries(self._acls))
 
 
 async def delete_exact_acls(bootstrap: str, acls: list[Acl], security: KafkaSecurity) -> int:
