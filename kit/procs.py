@@ -65,7 +65,11 @@ class Proc:
         )
         log.close()
         if wait:
-            self.wait_healthy()
+            try:
+                self.wait_healthy()
+            except Exception:
+                self.kill()  # a process that never became healthy is not left running
+                raise
         return self
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
