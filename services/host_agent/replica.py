@@ -181,7 +181,16 @@ class SiteReplica:
             if not rerun:
                 write_undo(f, head, point, blocks)
             crash_point("replica.apply.undo_written")
-            got = write_point(self._trees, item, f, head, point, blocks, trust_leaves=not rerun)
+            got = write_point(
+                self._trees,
+                item,
+                f,
+                head,
+                point,
+                blocks,
+                f.staged_blocks(seq),
+                trust_leaves=not rerun,
+            )
             crash_point("replica.apply.blocks_written")
             if got != point.roots():
                 restore(self._trees, item, f, seq)

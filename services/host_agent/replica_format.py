@@ -226,9 +226,40 @@ def read_staged(path: Path) -> Iterator[tuple[str, int, bytes, bytes | int]]:
             yield disk_id, index, sha, data if magic == STAGED_MAGIC else length
 
 
-def latest_staged(path: Path) -> dict[tuple[str, int], tuple[bytes, bytes | int]]:
-    """The staged blocks of a point, the last one of each (disk, index) winning."""
-    return {(d, i): (sha, data) for d, i, sha, data in read_staged(path)}
+@dataclass(frozen=True)
+class StagedAt:
+    """Where a staged block's bytes are in the point's staged file (read when written)."""
+
+    offset: int
+    length: int
+
+
+def latest_staged(path: Path) -> dict[tuple[str, int], tuple[bytes, StagedAt | int]]:
+    """The staged blocks of a point, the last one of each (disk, index) winning: each block's
+    SHA-256 and where its bytes are in the file (or, for an all-zero block, its length). Every
+    block is checked against its hash here, one at a time: memory does not grow with the
+    point's size (an initial point holds a whole disk's data)."""
+    out: dict[tuple[str, int], tuple[bytes, StagedAt | int]] = {}
+    if not path.exists():
+        return out
+    with path.open("rb") as fh:
+        while magic := fh.read(4):
+            if magic not in (STAGED_MAGIC, STAGED_ZERO):
+                raise ReplicaError(f"{path}: bad record")
+            try:
+                (n,) = _ID.unpack(_read_exact(fh, _ID.size))
+                disk_id = _read_exact(fh, n).decode()
+                index, length = _REC.unpack(_read_exact(fh, _REC.size))
+                sha = _read_exact(fh, HASH_SIZE)
+                at = fh.tell()
+                data = _read_exact(fh, length) if magic == STAGED_MAGIC else b""
+            except EOFError:
+                break  # an append whose fdatasync never returned: never acknowledged
+            good = block_hash(data) if magic == STAGED_MAGIC else zero_block_hash(length)
+            if good != sha:
+                raise BlockHashMismatch(f"{path}: staged block {index} of {disk_id} damaged")
+            out[(disk_id, index)] = (sha, StagedAt(at, length) if magic == STAGED_MAGIC else length)
+    return out
 
 
 # ---------------------------------------------------------------------- undo records

@@ -6,15 +6,19 @@ them back to the point before. Each write is fdatasync'ed, each new file's folde
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
 
 from services.host_agent.replica_format import (
     DiskState,
     ItemFiles,
     Point,
     ReplicaError,
+    StagedAt,
     Undo,
     block_len,
     read_undo,
@@ -26,8 +30,9 @@ from services.host_agent.replica_trees import LeafTrees
 from shared.files import fsync_dir
 from shared.merkle import HASH_SIZE, block_count, block_hash, zero_block_hash
 
-# (disk id, block index) -> (SHA-256, the bytes, or the length of an all-zero block)
-StagedBlocks = dict[tuple[str, int], tuple[bytes, bytes | int]]
+# (disk id, block index) -> (SHA-256, where the bytes are in the staged file, or the length of
+# an all-zero block)
+StagedBlocks = dict[tuple[str, int], tuple[bytes, StagedAt | int]]
 
 
 def _touched(old: DiskState | None, new: DiskState, changed: Iterable[int]) -> list[int]:
@@ -85,6 +90,7 @@ def write_point(
     head: Point,
     point: Point,
     blocks: StagedBlocks,
+    staged: Path,
     *,
     trust_leaves: bool,
 ) -> dict[str, str]:
@@ -93,43 +99,63 @@ def write_point(
     the leaves say the image holds data (`trust_leaves`; a re-run after a kill writes
     every block, as the leaves may have reached the disk before the image did)."""
     f.disks.mkdir(parents=True, exist_ok=True)
-    for disk in point.disks:
-        writes = {i: v for (d, i), v in blocks.items() if d == disk.disk_id}
-        n = block_count(disk.size_bytes, disk.block_size)
-        bad = [i for i in writes if i >= n]
-        if bad:
-            raise ReplicaError(f"disk {disk.disk_id}: blocks {bad[:5]} beyond its end")
-        img_fd = os.open(f.image(disk.disk_id), os.O_RDWR | os.O_CREAT, 0o644)
-        lv_fd = os.open(f.leaves(disk.disk_id), os.O_RDWR | os.O_CREAT, 0o644)
-        previous = head.disk(disk.disk_id)
-        # the cached tree follows the leaves written (an 8 GiB disk's 131,072 leaves are
-        # not re-read and re-hashed at each point); rebuilt when the size changes or on a
-        # re-run after a kill
-        same = previous is not None and previous.size_bytes == disk.size_bytes
-        tree = trees.cached(item, disk.disk_id) if same and trust_leaves else None
-        if tree is None:
-            trees.take(item, disk.disk_id)
-        try:
-            _resize(img_fd, lv_fd, previous.size_bytes if previous else 0, disk)
-            for index, (sha, data) in sorted(writes.items()):
-                if isinstance(data, int):  # all zero: only over data that is not
-                    if trust_leaves and os.pread(lv_fd, HASH_SIZE, index * HASH_SIZE) == sha:
-                        continue
-                    data = bytes(data)
-                write_all(img_fd, data, index * disk.block_size)
-                write_all(lv_fd, sha, index * HASH_SIZE)
-                if tree is not None:
-                    tree.set_leaf(index, sha)
-            os.fdatasync(img_fd)
-            os.fdatasync(lv_fd)
-        except BaseException:
-            trees.take(item, disk.disk_id)
-            raise
-        finally:
-            os.close(img_fd)
-            os.close(lv_fd)
+    with staged.open("rb") if staged.exists() else contextlib.nullcontext() as source:
+        for disk in point.disks:
+            _write_disk(trees, item, f, head, disk, blocks, source, trust_leaves)
     fsync_dir(f.disks)
     return trees.roots(item, f, point.disks)
+
+
+def _write_disk(
+    trees: LeafTrees,
+    item: str,
+    f: ItemFiles,
+    head: Point,
+    disk: DiskState,
+    blocks: StagedBlocks,
+    source: BinaryIO | None,
+    trust_leaves: bool,
+) -> None:
+    """One disk of `write_point`: its blocks read from the staged file one at a time."""
+    writes = {i: v for (d, i), v in blocks.items() if d == disk.disk_id}
+    n = block_count(disk.size_bytes, disk.block_size)
+    bad = [i for i in writes if i >= n]
+    if bad:
+        raise ReplicaError(f"disk {disk.disk_id}: blocks {bad[:5]} beyond its end")
+    img_fd = os.open(f.image(disk.disk_id), os.O_RDWR | os.O_CREAT, 0o644)
+    lv_fd = os.open(f.leaves(disk.disk_id), os.O_RDWR | os.O_CREAT, 0o644)
+    previous = head.disk(disk.disk_id)
+    # the cached tree follows the leaves written (an 8 GiB disk's 131,072 leaves are
+    # not re-read and re-hashed at each point); rebuilt when the size changes or on a
+    # re-run after a kill
+    same = previous is not None and previous.size_bytes == disk.size_bytes
+    tree = trees.cached(item, disk.disk_id) if same and trust_leaves else None
+    if tree is None:
+        trees.take(item, disk.disk_id)
+    try:
+        _resize(img_fd, lv_fd, previous.size_bytes if previous else 0, disk)
+        for index, (sha, where) in sorted(writes.items()):
+            if isinstance(where, int):  # all zero: only over data that is not
+                if trust_leaves and os.pread(lv_fd, HASH_SIZE, index * HASH_SIZE) == sha:
+                    continue
+                data = bytes(where)
+            else:
+                assert source is not None
+                data = os.pread(source.fileno(), where.length, where.offset)
+                if block_hash(data) != sha:
+                    raise ReplicaError(f"disk {disk.disk_id}: staged block {index} changed")
+            write_all(img_fd, data, index * disk.block_size)
+            write_all(lv_fd, sha, index * HASH_SIZE)
+            if tree is not None:
+                tree.set_leaf(index, sha)
+        os.fdatasync(img_fd)
+        os.fdatasync(lv_fd)
+    except BaseException:
+        trees.take(item, disk.disk_id)
+        raise
+    finally:
+        os.close(img_fd)
+        os.close(lv_fd)
 
 
 def _resize(img_fd: int, lv_fd: int, old_size: int, disk: DiskState) -> None:
