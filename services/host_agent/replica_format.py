@@ -204,28 +204,6 @@ def staged_record(disk_id: str, index: int, sha: bytes, data: bytes) -> bytes:
     return STAGED_ZERO + head if zero else STAGED_MAGIC + head + data
 
 
-def read_staged(path: Path) -> Iterator[tuple[str, int, bytes, bytes | int]]:
-    """(disk, index, SHA-256, bytes or, for an all-zero block, its length)."""
-    if not path.exists():
-        return
-    with path.open("rb") as fh:
-        while magic := fh.read(4):
-            if magic not in (STAGED_MAGIC, STAGED_ZERO):
-                raise ReplicaError(f"{path}: bad record")
-            try:
-                (n,) = _ID.unpack(_read_exact(fh, _ID.size))
-                disk_id = _read_exact(fh, n).decode()
-                index, length = _REC.unpack(_read_exact(fh, _REC.size))
-                sha = _read_exact(fh, HASH_SIZE)
-                data = _read_exact(fh, length) if magic == STAGED_MAGIC else b""
-            except EOFError:
-                return  # an append whose fdatasync never returned: never acknowledged
-            good = block_hash(data) if magic == STAGED_MAGIC else zero_block_hash(length)
-            if good != sha:
-                raise BlockHashMismatch(f"{path}: staged block {index} of {disk_id} damaged")
-            yield disk_id, index, sha, data if magic == STAGED_MAGIC else length
-
-
 @dataclass(frozen=True)
 class StagedAt:
     """Where a staged block's bytes are in the point's staged file (read when written)."""
