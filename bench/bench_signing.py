@@ -19,8 +19,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from services.host_agent.cycles import MAX_BATCH_DATA
 from shared import signing
+from shared.delta_blocks import MAX_BATCH_DATA
 from shared.schemas.envelope import new_envelope
 from shared.schemas.replication import MAX_BLOCKS_PER_BATCH, Block, BlocksShipped
 

@@ -21,13 +21,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from services.host_agent.cycles import (
-    Batcher,
-    CycleSink,
-    EncodedBlock,
-    FileSink,
-    encode_block,
-)
+from services.host_agent.cycles import CycleSink, FileSink
 from services.host_agent.item_record import ReplicationPhase
 from services.host_agent.tracked_item import LAST_CYCLE, TrackedItem
 from services.host_agent.tracking import (
@@ -37,6 +31,7 @@ from services.host_agent.tracking import (
     disk_blocks,
     save_leaves,
 )
+from shared.delta_blocks import Batcher, EncodedBlock, encode_block
 from shared.merkle import BLOCK_SIZE, HASH_SIZE, block_hash
 from shared.schemas.agent import InitialReplicationProgressed
 from shared.schemas.replication import (

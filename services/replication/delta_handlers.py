@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from base64 import b64encode
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -39,6 +38,7 @@ from services.replication.store import (
 )
 from services.replication.unit_of_work import ItemUnitOfWork
 from shared import topics
+from shared.delta_blocks import Batcher, encode_block
 from shared.faults import crash_point
 from shared.kafka.consumers import Handler, RunFallback, RunHandler
 from shared.kafka.decode import Incoming, Rejected
@@ -304,7 +304,6 @@ async def _commit_cycle(
 
 
 NO_FEED = FeedRange(None, None, None)
-REFORWARD_BATCH_BYTES = 512 * 1024  # block data per re-forwarded record, as agents send
 
 
 async def _forward_from_store(
@@ -315,50 +314,42 @@ async def _forward_from_store(
     changed: dict[str, dict[int, str]],
 ) -> FeedRange:
     """The cycle's blocks, verified and stored in this process's store, forwarded again to the
-    recovery host's feed as the replication service's own records: for a cycle whose batches
-    this process did not all forward itself (it restarted, or took the partition over,
-    mid-cycle). The feed is written by this service only, so the host takes them as it takes
-    the forwarded ones: each block checked against its SHA-256, the point against its roots."""
+    recovery host's feed as the replication service's own records (encoded and batched as an
+    agent ships them): for a cycle whose batches this process did not all forward itself (it
+    restarted, or took the partition over, mid-cycle). The feed is written by this service
+    only, so the host takes them as it takes the forwarded ones: each block checked against its
+    SHA-256, the point against its roots."""
     assert ctx.feed is not None and item.recovery_agent_id is not None
     geometry = {d["disk_id"]: d for d in cycle["disks"]}
     wanted = [(disk, i, sha) for disk, blocks in changed.items() for i, sha in blocks.items()]
     stored = await asyncio.to_thread(
         ctx.store(item.target_site).read_blocks, str(msg.item_id), wanted
     )
-    records: list[tuple[tuple[str, int], bytes]] = []
+    batcher = Batcher(msg.item_id, msg.cycle_seq, ev.Compression.NONE)
+    batches: list[ev.BlocksShipped] = []
     for disk_id, blocks in changed.items():
         disk = geometry[disk_id]
-        batch: list[ev.Block] = []
-        size = 0
         for index, sha in sorted(blocks.items()):
-            data = stored.get(sha)
             length = block_length(index, disk["size_bytes"], disk["block_size"])
-            if data is not None:
-                batch.append(ev.Block(index=index, sha256=sha, data=b64encode(data).decode()))
-                size += len(data)
-            elif sha == zero_block_hash(length).hex():
-                batch.append(ev.Block(index=index, sha256=sha, zero=True))
-            else:
+            data = stored.get(sha)
+            if data is None and sha == zero_block_hash(length).hex():
+                data = bytes(length)  # never stored: encoded as a zero block
+            if data is None:
                 raise FeedIncomplete(f"block {index} of disk {disk_id} is not stored here")
-            if size >= REFORWARD_BATCH_BYTES or len(batch) == ev.MAX_BLOCKS_PER_BATCH:
-                records.append(_service_batch(item, msg, disk_id, len(records), batch))
-                batch, size = [], 0
-        if batch:
-            records.append(_service_batch(item, msg, disk_id, len(records), batch))
+            full = batcher.add(disk_id, encode_block(index, data, ev.Compression.NONE))
+            batches.extend([full] if full else [])
+    last = batcher.flush()
+    batches.extend([last] if last else [])
+    records = [
+        (
+            (b.disk_id, b.batch_no),
+            new_envelope(b, vault_id=item.vault_id, producer_id=PRODUCER_ID).to_bytes(),
+        )
+        for b in batches
+    ]
     ctx.feed.forget(msg.item_id, up_to=msg.cycle_seq)
     await ctx.feed.send(item.recovery_agent_id, msg.item_id, msg.cycle_seq, records)
     return await ctx.feed.collect(msg.item_id, msg.cycle_seq, len(records))
-
-
-def _service_batch(
-    item: ProtectedItem, msg: ev.CycleCompleted, disk_id: str, n: int, blocks: list[ev.Block]
-) -> tuple[tuple[str, int], bytes]:
-    """One re-forwarded batch: the replication service's own (unsigned) `BlocksShipped`."""
-    batch = ev.BlocksShipped(
-        item_id=msg.item_id, cycle_seq=msg.cycle_seq, batch_no=n, disk_id=disk_id, blocks=blocks
-    )
-    envelope = new_envelope(batch, vault_id=item.vault_id, producer_id=PRODUCER_ID)
-    return (disk_id, n), envelope.to_bytes()
 
 
 def _point_manifest(

@@ -13,7 +13,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from services.host_agent.cycles import FileSink, encode_block, signer_for
+from services.host_agent.cycles import FileSink, signer_for
 from services.host_agent.item_record import ItemRecord, ReplicationPhase
 from services.host_agent.item_replicator import ItemReplicator
 from services.host_agent.tracking import HostIO
@@ -21,6 +21,7 @@ from services.host_agent.vms import create_vm, disk_path
 from services.host_agent.wiring import Wiring
 from services.host_agent.workload import Pattern, Writer, write_blocks
 from shared import signing
+from shared.delta_blocks import encode_block
 from shared.edge_identity import Identity
 from shared.merkle import BLOCK_SIZE, disk_root, disk_tree
 from shared.schemas.agent import DiskSpec, InitialReplication, ResyncRequested
@@ -118,7 +119,7 @@ def apply(cycle: list[dict[str, Any]], images: dict[str, Path]) -> dict[str, Any
 
 
 def test_a_batch_of_incompressible_blocks_stays_far_below_one_mebibyte(tmp_path: Path) -> None:
-    from services.host_agent.cycles import Batcher
+    from shared.delta_blocks import Batcher
 
     for compression in Compression:
         batcher = Batcher(uuid.uuid4(), 1, compression)
@@ -314,7 +315,7 @@ def test_encode_block_sends_incompressible_blocks_raw_and_flags_them() -> None:
 
 
 def test_the_compression_probe_skips_random_data_but_not_mixed_or_structured_data() -> None:
-    from services.host_agent.cycles import _worth_compressing
+    from shared.delta_blocks import _worth_compressing
 
     half = BLOCK_SIZE // 2
     noise = os.urandom(BLOCK_SIZE)
