@@ -4,6 +4,7 @@ and keeps the Kafka ACLs of its principal (`shared.edge_pki`, `shared.kafka_acl`
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -78,13 +79,15 @@ class EdgeCertificates:
         log.info("edge ACLs deleted", extra={"principal": principal, "acls": deleted})
         return deleted
 
-    async def refresh(self, principal: str, kind: str, producer_id: str) -> int:
-        """Bring a registered edge's ACLs to what this version grants its kind: create the
-        missing ones, then delete those earlier versions gave and this one does not (in that
-        order, so the edge never lacks a right it keeps). Returns how many were deleted."""
-        await create_acls(
-            self.bootstrap, edge_acls(principal, kind, producer_id, self.prefix), self.security
-        )
-        return await delete_exact_acls(
-            self.bootstrap, retired_edge_acls(principal, kind, self.prefix), self.security
-        )
+    async def refresh(self, edges: Iterable[tuple[str, str, str]]) -> int:
+        """Bring registered edges' ACLs ((principal, kind, producer id) each) to what this
+        version grants their kind: create the missing ones, then delete those earlier versions
+        gave and this one does not (in that order, so an edge never lacks a right it keeps),
+        one request each for all of them. Returns how many were deleted."""
+        edges = list(edges)
+        if not edges:
+            return 0
+        wanted = [acl for p, kind, pid in edges for acl in edge_acls(p, kind, pid, self.prefix)]
+        await create_acls(self.bootstrap, wanted, self.security)
+        retired = [acl for p, kind, _ in edges for acl in retired_edge_acls(p, kind, self.prefix)]
+        return await delete_exact_acls(self.bootstrap, retired, self.security)

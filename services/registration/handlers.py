@@ -216,11 +216,9 @@ async def refresh_edge_acls(pool: asyncpg.Pool, certificates: EdgeCertificates) 
     Returns how many retired ACLs were deleted."""
     async with pool.acquire() as conn:
         rows = await repo.certified_producers(conn)
-    deleted = 0
-    for row in rows:
-        deleted += await certificates.refresh(
-            row["kafka_principal"], row["kind"], str(row["producer_id"])
-        )
+    deleted = await certificates.refresh(
+        (row["kafka_principal"], row["kind"], str(row["producer_id"])) for row in rows
+    )
     log.info("edge ACLs refreshed", extra={"edges": len(rows), "retired_deleted": deleted})
     return deleted
 

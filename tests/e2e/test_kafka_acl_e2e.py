@@ -348,7 +348,7 @@ async def test_an_agent_granted_by_an_earlier_version_loses_the_delta_topic_on_r
 
     await eventually(reads_deltas, timeout=20, what="the earlier version's ACLs taking effect")
 
-    assert await certificates.refresh(principal, "agent", producer_id) == 1
+    assert await certificates.refresh([(principal, "agent", producer_id)]) == 1
 
     async def refused() -> bool:
         return not await reads_deltas()
@@ -360,7 +360,7 @@ async def test_an_agent_granted_by_an_earlier_version_loses_the_delta_topic_on_r
     await produce(stack, admin, physical, tag)
     ours = next(r for r in await read_all(stack.kafka, physical) if r.value == tag)
     assert await read_one(stack, physical, ours.partition, ours.offset, edge) == [tag]
-    assert await certificates.refresh(principal, "agent", producer_id) == 0  # idempotent
+    assert await certificates.refresh([(principal, "agent", producer_id)]) == 0  # idempotent
 
 
 def test_the_stack_keeps_the_ca_key_to_itself() -> None:
