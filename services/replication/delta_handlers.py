@@ -320,36 +320,45 @@ async def _forward_from_store(
     only, so the host takes them as it takes the forwarded ones: each block checked against its
     SHA-256, the point against its roots."""
     assert ctx.feed is not None and item.recovery_agent_id is not None
+    feed, agent, store = ctx.feed, item.recovery_agent_id, ctx.store(item.target_site)
     geometry = {d["disk_id"]: d for d in cycle["disks"]}
-    wanted = [(disk, i, sha) for disk, blocks in changed.items() for i, sha in blocks.items()]
-    stored = await asyncio.to_thread(
-        ctx.store(item.target_site).read_blocks, str(msg.item_id), wanted
-    )
+    feed.forget(msg.item_id, up_to=msg.cycle_seq)
     batcher = Batcher(msg.item_id, msg.cycle_seq, ev.Compression.NONE)
-    batches: list[ev.BlocksShipped] = []
+
+    async def send(batches: list[ev.BlocksShipped]) -> None:
+        records = [
+            (
+                (b.disk_id, b.batch_no),
+                new_envelope(b, vault_id=item.vault_id, producer_id=PRODUCER_ID).to_bytes(),
+            )
+            for b in batches
+        ]
+        await feed.send(agent, msg.item_id, msg.cycle_seq, records)
+        await feed.settle(msg.item_id, msg.cycle_seq)  # memory: one chunk at a time
+
+    # a chunk of blocks read from the store at a time: an initial cycle holds a whole disk
     for disk_id, blocks in changed.items():
         disk = geometry[disk_id]
-        for index, sha in sorted(blocks.items()):
-            length = block_length(index, disk["size_bytes"], disk["block_size"])
-            data = stored.get(sha)
-            if data is None and sha == zero_block_hash(length).hex():
-                data = bytes(length)  # never stored: encoded as a zero block
-            if data is None:
-                raise FeedIncomplete(f"block {index} of disk {disk_id} is not stored here")
-            full = batcher.add(disk_id, encode_block(index, data, ev.Compression.NONE))
-            batches.extend([full] if full else [])
+        ordered = sorted(blocks.items())
+        for start in range(0, len(ordered), ev.MAX_BLOCKS_PER_BATCH):
+            chunk = ordered[start : start + ev.MAX_BLOCKS_PER_BATCH]
+            stored = await asyncio.to_thread(
+                store.read_blocks, str(msg.item_id), [(disk_id, i, sha) for i, sha in chunk]
+            )
+            full: list[ev.BlocksShipped] = []
+            for index, sha in chunk:
+                length = block_length(index, disk["size_bytes"], disk["block_size"])
+                data = stored.get(sha)
+                if data is None and sha == zero_block_hash(length).hex():
+                    data = bytes(length)  # never stored: encoded as a zero block
+                if data is None:
+                    raise FeedIncomplete(f"block {index} of disk {disk_id} is not stored here")
+                batch = batcher.add(disk_id, encode_block(index, data, ev.Compression.NONE))
+                full.extend([batch] if batch else [])
+            await send(full)
     last = batcher.flush()
-    batches.extend([last] if last else [])
-    records = [
-        (
-            (b.disk_id, b.batch_no),
-            new_envelope(b, vault_id=item.vault_id, producer_id=PRODUCER_ID).to_bytes(),
-        )
-        for b in batches
-    ]
-    ctx.feed.forget(msg.item_id, up_to=msg.cycle_seq)
-    await ctx.feed.send(item.recovery_agent_id, msg.item_id, msg.cycle_seq, records)
-    return await ctx.feed.collect(msg.item_id, msg.cycle_seq, len(records))
+    await send([last] if last else [])
+    return await feed.collect(msg.item_id, msg.cycle_seq, batcher.batch_no)
 
 
 def _point_manifest(

@@ -100,6 +100,14 @@ class FeedWriter:
             future = await self.producer.send(topic, value, key=str(item_id))
             cycle.batches.setdefault(batch, []).append(future)
 
+    async def settle(self, item_id: uuid.UUID, seq: int) -> None:
+        """Wait until what was queued for cycle `seq` is acknowledged or refused (`collect`
+        says which), so the producer holds no more than what was queued since."""
+        cycle = self._cycles.get((item_id, seq))
+        if cycle is not None:
+            futures = [f for copies in cycle.batches.values() for f in copies]
+            await asyncio.gather(*futures, return_exceptions=True)
+
     async def collect(self, item_id: uuid.UUID, seq: int, staged_batches: int) -> FeedRange:
         """Where cycle `seq`'s batches went, once every one is acknowledged. FeedIncomplete
         when this process did not forward each of the `staged_batches` batches, or Kafka
