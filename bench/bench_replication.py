@@ -302,7 +302,7 @@ async def bench_catchup(stack: Stack, run: Run) -> None:
     # the latest point (no writes since the last round: same state as `point`, which
     # retention may have pruned meanwhile at a 1 s copy interval while the sha256s ran)
     latest = max(p["cycle_seq"] for p in await points(run.http, run.dr, item_id))
-    replica_sha = await run.materialise(item_id, latest, run.root / "rp")
+    replica_sha = await run.point_sha256(item_id, latest, run.root / "rp")
     if not source_sha == copy_sha == replica_sha:
         raise RuntimeError(
             f"not identical: source {source_sha[:12]} rsync {copy_sha[:12]} "

@@ -7,6 +7,7 @@ and CPU counters read, a point materialised)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import httpx
 
 from bench.harness import bench_platform, cpu_seconds
 from kit.dr import DrSetup, item, points, protect, two_sites
+from kit.files import file_sha256
 from kit.platform import Platform
 from kit.poll import eventually
 from kit.stack import Stack
@@ -26,6 +28,9 @@ from kit.stack import Stack
 HOST = "hv-p1"
 RECOVERY_HOST = "hv-r1"
 WITH_RECOVERY_AGENT = os.environ.get("BENCH_RECOVERY_AGENT", "1") != "0"
+# `BENCH_KEEP_BLOCK_COPY=0`: the service keeps no block copy (DR_REPLICATION_KEEP_BLOCK_COPY):
+# blocks only pass through it to the recovery host's replica
+KEEP_BLOCK_COPY = os.environ.get("BENCH_KEEP_BLOCK_COPY", "1") != "0" or not WITH_RECOVERY_AGENT
 
 
 @dataclass
@@ -164,6 +169,24 @@ class Run:
             "service_cpu_seconds": cpu_seconds(service),
         }
 
+    async def point_sha256(self, item_id: str, seq: int, target: Path) -> str:
+        """SHA-256 of the item's (first) disk at point `seq`: materialised by the service from
+        its block copy, else read from the recovery host's replica once it holds the point
+        (nothing may write the source meanwhile)."""
+        if KEEP_BLOCK_COPY:
+            return await self.materialise(item_id, seq, target)
+        await self.replica_at(item_id, seq)
+        disk = (await self.item(item_id))["disks"][0]["disk_id"]
+        image = (
+            self.root
+            / f"agent-{RECOVERY_HOST}-state"
+            / "replica"
+            / item_id
+            / "disks"
+            / f"{disk}.vhdx"
+        )
+        return await asyncio.to_thread(file_sha256, image)
+
     async def materialise(self, item_id: str, seq: int, target: Path) -> str:
         resp = await self.http.post(
             self.dr.url(
@@ -184,6 +207,8 @@ async def two_site_run(stack: Stack, label: str, copy_seconds: int) -> AsyncIter
         bench_platform(stack, f"repl-{label}") as (plat, root),
         httpx.AsyncClient(timeout=30) as http,
     ):
+        if not KEEP_BLOCK_COPY:
+            plat.start("replication", {"DR_REPLICATION_KEEP_BLOCK_COPY": "false"})
         hosts = (HOST, RECOVERY_HOST) if WITH_RECOVERY_AGENT else (HOST,)
         dr = await two_sites(plat, http, root, copy_seconds=copy_seconds, agents_on=hosts)
         yield Run(plat, dr, http, root)

@@ -148,6 +148,17 @@ async def _item(request: Request, vault_id: uuid.UUID, item_id: uuid.UUID) -> di
     return item
 
 
+def _require_block_copy(request: Request, item: dict[str, Any], instead: str) -> None:
+    """409 unless this service keeps a copy of the item's blocks."""
+    if not _ctx(request).keeps_blocks(item["recovery_agent_id"]):
+        raise HTTPException(
+            409,
+            f"the blocks of item {item['item_id']} are kept only by its recovery host's replica "
+            f"(agent {item['recovery_agent_id']}), not by this service "
+            f"(DR_REPLICATION_KEEP_BLOCK_COPY=false): {instead}",
+        )
+
+
 @router.get("/{item_id}", response_model=ItemDetail)
 async def get_item(
     vault_id: uuid.UUID, item_id: uuid.UUID, request: Request, who: CurrentPrincipal
@@ -189,6 +200,12 @@ async def verify_point(
     """Re-read every block of the point from the replica store and recompute its Merkle roots."""
     who.check(Role.READER, vault_id)
     item = await _item(request, vault_id, item_id)
+    _require_block_copy(
+        request,
+        item,
+        "the host checks each point it applies against the source's roots (the item's "
+        "replica_seq and replica_error say how far it is and whether it failed)",
+    )
     async with _ctx(request).pool.acquire() as conn:
         live = {p["cycle_seq"] for p in await repo.live_points(conn, item_id)}
     if seq not in live:
@@ -220,6 +237,9 @@ async def materialise_point(
     who.check(Role.OPERATOR, vault_id)
     item = await _item(request, vault_id, item_id)
     settings = _ctx(request).settings
+    _require_block_copy(
+        request, item, "fail over (or run a test failover) to get the point's disks on that host"
+    )
     async with _ctx(request).pool.acquire() as conn:
         points = {p["cycle_seq"]: p for p in await repo.live_points(conn, item_id)}
     if seq not in points:

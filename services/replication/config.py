@@ -20,6 +20,14 @@ class ReplicationSettings(ServiceSettings):
         default=Path(".state/replica"),
         description="Replica store root; one sub-folder per recovery site.",
     )
+    keep_block_copy: bool = Field(
+        default=True,
+        description="Keep a copy of every verified block in the replica store, also for items "
+        "whose recovery host keeps their replica (point download and verification here, and a "
+        "copy when the host cannot hand its replica over). false: such an item's blocks only "
+        "pass through, verified against their hashes and forwarded; its verification state "
+        "(leaf hashes) is in PostgreSQL, and its points are on its recovery host only.",
+    )
     monitoring_window_seconds: int = Field(
         default=12 * 3600, ge=10, description="Health: window for the missed-cycles rule."
     )

@@ -34,6 +34,7 @@ from services.replication.delta_handlers import make_delta_handlers
 from services.replication.delta_prepare import make_delta_prepare
 from services.replication.failover_events import make_failover_handlers
 from services.replication.materialise import make_replica_answers
+from services.replication.seeding import make_seeding_handlers
 from services.replication.read_models import make_read_model_handlers
 from shared import topics
 from shared.kafka.consumers import EventConsumer
@@ -211,6 +212,7 @@ def delta_app(
 
 def side_consumer(runtime: Runtime, ctx: Context) -> EventConsumer:
     s = ctx.settings
+    seeding = make_seeding_handlers(ctx)
     return EventConsumer(
         bootstrap=s.kafka_bootstrap_servers,
         prefix=s.topic_prefix,
@@ -227,7 +229,8 @@ def side_consumer(runtime: Runtime, ctx: Context) -> EventConsumer:
         handlers={
             **registration_handlers(),
             **make_read_model_handlers(),
-            **make_agent_event_handlers(ctx, make_replica_answers(ctx)),
+            **make_agent_event_handlers(ctx, {**make_replica_answers(ctx), **seeding[1]}),
+            **seeding[0],
             **make_failover_handlers(ctx),
         },
         verifier=signature_verifier(),

@@ -18,8 +18,9 @@ from services.replication import domain
 from services.replication import repository as repo
 from services.replication.config import ReplicationSettings
 from services.replication.feed import FeedWriter
-from services.replication.store import ReplicaStore
+from services.replication.store import ReplicaStore, check_hashes
 from shared import outbox
+from shared.kafka.ranges import RangeReader
 from shared.runtime import DependencyWatch
 from shared.schemas.envelope import EventPayload
 
@@ -43,6 +44,9 @@ class Context:
     broker: DependencyWatch | None = None
     # forwards verified batches to the recovery hosts' replica feeds (None: not fed)
     feed: FeedWriter | None = None
+    # reads a cycle's records again from the delta topic (a cycle this process did not forward
+    # whole to the recovery host's feed: it took the partition over mid-cycle)
+    delta_reader: RangeReader | None = None
 
     @contextlib.asynccontextmanager
     async def storing(self, item_id: uuid.UUID) -> AsyncIterator[None]:
@@ -68,6 +72,29 @@ class Context:
         row while a later failure of it notes again."""
         async with self.pool.acquire() as conn:
             await repo.clear_fault_notes(conn, item_id)
+
+    def keeps_blocks(self, recovery_agent_id: uuid.UUID | None) -> bool:
+        """Whether this service stores an item's blocks in its replica store: for an item no
+        recovery host keeps a replica of (one reverse-replicated to its old primary site), and
+        for every item while `keep_block_copy` is on. Else the item is verified from hashes
+        (services/replication/leaves.py) and its blocks only pass through, forwarded to the
+        host's feed."""
+        return recovery_agent_id is None or self.feed is None or self.settings.keep_block_copy
+
+    def put_blocks(
+        self,
+        site: str,
+        item_id: uuid.UUID,
+        recovery_agent_id: uuid.UUID | None,
+        blocks: list[tuple[int | None, str, bytes]],
+    ) -> None:
+        """Each block's bytes checked against its SHA-256 (BlockHashMismatch), and made
+        durable in the site's store if this service keeps the item's blocks. Blocking: call
+        it in a thread."""
+        if self.keeps_blocks(recovery_agent_id):
+            self.store(site).put_blocks(str(item_id), blocks)
+        else:
+            check_hashes(blocks)
 
     def store(self, site: str) -> ReplicaStore:
         if site not in self.stores:

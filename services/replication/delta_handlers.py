@@ -17,9 +17,9 @@ from typing import Any
 import asyncpg
 from prometheus_client import Counter, Histogram
 
-from services.replication import domain
+from services.replication import domain, leaves
 from services.replication import repository as repo
-from services.replication.context import PRODUCER_ID, Context
+from services.replication.context import Context
 from services.replication.delta_prepare import block_bytes
 from services.replication.feed import FeedIncomplete
 from services.replication.item import (
@@ -28,6 +28,7 @@ from services.replication.item import (
     ProtectedItem,
     point_type_of,
 )
+from services.replication.leaves import LeavesMismatch
 from services.replication.resync import require_resync
 from services.replication.store import (
     DiskPoint,
@@ -38,13 +39,11 @@ from services.replication.store import (
 )
 from services.replication.unit_of_work import ItemUnitOfWork
 from shared import topics
-from shared.delta_blocks import Batcher, encode_block
 from shared.faults import crash_point
 from shared.kafka.consumers import Handler, RunFallback, RunHandler
 from shared.kafka.decode import Incoming, Rejected
-from shared.merkle import block_length, zero_block_hash
+from shared.kafka.ranges import RangeUnavailable
 from shared.schemas import replication as ev
-from shared.schemas.envelope import new_envelope
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +125,7 @@ async def on_cycle_started(ctx: Context, conn: asyncpg.Connection, inc: Incoming
                 disks,
                 msg.source_time,
                 msg.app_consistent,
+                (inc.partition, inc.offset) if inc.partition >= 0 else None,
             )
         await uow.commit()
 
@@ -156,10 +156,11 @@ async def _stored_blocks(
         if data is not None:
             decoded.append((block.index, block.sha256, data))
     if not (ready and len(ready) == len(decoded)):
-        store = ctx.store(item.target_site)
         try:
             async with ctx.storing(msg.item_id):
-                await asyncio.to_thread(store.put_blocks, str(msg.item_id), decoded)
+                await asyncio.to_thread(
+                    ctx.put_blocks, item.target_site, msg.item_id, item.recovery_agent_id, decoded
+                )
         except ValueError as exc:  # BlockHashMismatch
             return staged, 0, ("block_hash_mismatch", str(exc))
     return staged, sum(len(data) for _, _, data in decoded), None
@@ -249,7 +250,8 @@ async def on_cycle_completed(ctx: Context, conn: asyncpg.Connection, inc: Incomi
         item, cycle = await _item_and_cycle(uow, inc, msg.item_id, msg.cycle_seq)
         if cycle is None:
             return
-        latency = await _commit_cycle(ctx, conn, item, cycle, msg)
+        at = inc.offset if inc.partition >= 0 else -1
+        latency = await _commit_cycle(ctx, conn, item, cycle, msg, at)
         await uow.commit()
     if latency is not None:
         CYCLES.labels("committed").inc()
@@ -262,9 +264,11 @@ async def _commit_cycle(
     item: ProtectedItem,
     cycle: dict[str, Any],
     msg: ev.CycleCompleted,
+    inc_offset: int,
 ) -> float | None:
-    """The cycle's point committed in the replica store and recorded (returns source capture
-    -> commit seconds), or the item sent to resync (None)."""
+    """The cycle's point verified and recorded (returns source capture -> commit seconds), or
+    the item sent to resync (None). `inc_offset`: the completion's offset on the delta topic
+    (-1: not from Kafka)."""
     batches, blocks, nbytes = await repo.staged_totals(conn, msg.item_id, msg.cycle_seq)
     truncated = domain.incomplete_reason(msg.batches, msg.blocks, batches, blocks)
     if truncated:
@@ -279,23 +283,20 @@ async def _commit_cycle(
             feed = await ctx.feed.collect(msg.item_id, msg.cycle_seq, batches)
         except FeedIncomplete as exc:
             log.info(
-                "cycle forwarded again from the store",
+                "cycle forwarded again from the delta topic",
                 extra={"item_id": str(msg.item_id), "seq": msg.cycle_seq, "why": str(exc)},
             )
             try:
-                feed = await _forward_from_store(ctx, item, cycle, msg, changed)
-            except (FeedIncomplete, StoreError) as again:
+                feed = await _forward_again(ctx, item, cycle, msg, inc_offset, batches)
+            except (FeedIncomplete, RangeUnavailable) as again:
                 CYCLES.labels("feed_incomplete").inc()
                 await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
                 await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {again}")
                 return None
-    manifest = _point_manifest(msg, cycle, changed)
-    store = ctx.store(item.target_site)
     try:
-        async with ctx.storing(msg.item_id):
-            await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
+        await _verify_point(ctx, conn, item, cycle, msg, changed)
         await ctx.recovered(msg.item_id)
-    except (RootMismatch, MissingBlock) as exc:
+    except (RootMismatch, MissingBlock, LeavesMismatch) as exc:
         CYCLES.labels("root_mismatch").inc()
         await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
         await require_resync(ctx, conn, item, f"cycle {msg.cycle_seq}: {exc}")
@@ -303,62 +304,85 @@ async def _commit_cycle(
     return await _record_point(conn, item, cycle, msg, changed, nbytes, feed)
 
 
-NO_FEED = FeedRange(None, None, None)
-
-
-async def _forward_from_store(
+async def _verify_point(
     ctx: Context,
+    conn: asyncpg.Connection,
     item: ProtectedItem,
     cycle: dict[str, Any],
     msg: ev.CycleCompleted,
     changed: dict[str, dict[int, str]],
+) -> None:
+    """The cycle's blocks turn the item's latest point into the source's roots: checked on the
+    leaf hashes in PostgreSQL for an item whose replica its recovery host keeps (nothing
+    stored here), else committed in this service's replica store."""
+    manifest = _point_manifest(msg, cycle, changed)
+    if ctx.keeps_blocks(item.recovery_agent_id):
+        store = ctx.store(item.target_site)
+        async with ctx.storing(msg.item_id):
+            await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
+        return
+    prev = item.last_committed_seq if item.has_point else None
+    imported = None
+    if prev is not None and not await leaves.known(conn, item.item_id):
+        imported = await _stored_leaves(ctx, item, manifest)
+    await leaves.advance(
+        conn,
+        item.item_id,
+        prev,
+        msg.cycle_seq,
+        [
+            leaves.DiskTarget(d.disk_id, d.size_bytes, d.block_size, d.merkle_root)
+            for d in manifest.disks
+        ],
+        changed,
+        imported,
+    )
+
+
+async def _stored_leaves(
+    ctx: Context, item: ProtectedItem, manifest: PointManifest
+) -> dict[str, tuple[int, bytes]] | None:
+    """The leaf hashes of the item's latest point in this service's replica store, where
+    its earlier points were verified (an item replicating before its verification moved to
+    PostgreSQL); None if the store has none."""
+    store = ctx.store(item.target_site)
+    out: dict[str, tuple[int, bytes]] = {}
+    sizes = {d.disk_id: d.size_bytes for d in item.disks}
+    for disk in manifest.disks:
+        try:
+            hashes = await asyncio.to_thread(store.leaf_hashes, str(item.item_id), disk.disk_id)
+        except (StoreError, OSError, KeyError):
+            return None
+        out[disk.disk_id] = (sizes.get(disk.disk_id, disk.size_bytes), b"".join(hashes))
+    return out
+
+
+NO_FEED = FeedRange(None, None, None)
+
+
+async def _forward_again(
+    ctx: Context,
+    item: ProtectedItem,
+    cycle: dict[str, Any],
+    msg: ev.CycleCompleted,
+    completed_at: int,
+    batches: int,
 ) -> FeedRange:
-    """The cycle's blocks, verified and stored in this process's store, forwarded again to the
-    recovery host's feed as the replication service's own records (encoded and batched as an
-    agent ships them): for a cycle whose batches this process did not all forward itself (it
-    restarted, or took the partition over, mid-cycle). The feed is written by this service
-    only, so the host takes them as it takes the forwarded ones: each block checked against its
-    SHA-256, the point against its roots."""
+    """The cycle's batches forwarded again from the delta topic (`FeedWriter.forward_again`),
+    between its start and its completion (`completed_at`)."""
     assert ctx.feed is not None and item.recovery_agent_id is not None
-    feed, agent, store = ctx.feed, item.recovery_agent_id, ctx.store(item.target_site)
-    geometry = {d["disk_id"]: d for d in cycle["disks"]}
-    feed.forget(msg.item_id, up_to=msg.cycle_seq)
-    batcher = Batcher(msg.item_id, msg.cycle_seq, ev.Compression.NONE)
-
-    async def send(batches: list[ev.BlocksShipped]) -> None:
-        records = [
-            (
-                (b.disk_id, b.batch_no),
-                new_envelope(b, vault_id=item.vault_id, producer_id=PRODUCER_ID).to_bytes(),
-            )
-            for b in batches
-        ]
-        await feed.send(agent, msg.item_id, msg.cycle_seq, records)
-        await feed.settle(msg.item_id, msg.cycle_seq)  # memory: one chunk at a time
-
-    # a chunk of blocks read from the store at a time: an initial cycle holds a whole disk
-    for disk_id, blocks in changed.items():
-        disk = geometry[disk_id]
-        ordered = sorted(blocks.items())
-        for start in range(0, len(ordered), ev.MAX_BLOCKS_PER_BATCH):
-            chunk = ordered[start : start + ev.MAX_BLOCKS_PER_BATCH]
-            stored = await asyncio.to_thread(
-                store.read_blocks, str(msg.item_id), [(disk_id, i, sha) for i, sha in chunk]
-            )
-            full: list[ev.BlocksShipped] = []
-            for index, sha in chunk:
-                length = block_length(index, disk["size_bytes"], disk["block_size"])
-                data = stored.get(sha)
-                if data is None and sha == zero_block_hash(length).hex():
-                    data = bytes(length)  # never stored: encoded as a zero block
-                if data is None:
-                    raise FeedIncomplete(f"block {index} of disk {disk_id} is not stored here")
-                batch = batcher.add(disk_id, encode_block(index, data, ev.Compression.NONE))
-                full.extend([batch] if batch else [])
-            await send(full)
-    last = batcher.flush()
-    await send([last] if last else [])
-    return await feed.collect(msg.item_id, msg.cycle_seq, batcher.batch_no)
+    partition, first = cycle.get("delta_partition"), cycle.get("first_offset")
+    if partition is None or first is None or ctx.delta_reader is None or completed_at < 0:
+        raise FeedIncomplete("the cycle's records are not on the delta topic (imported)")
+    return await ctx.feed.forward_again(
+        ctx.delta_reader,
+        topics.physical(topics.REPLICATION_DELTAS, ctx.settings.topic_prefix),
+        (partition, first + 1, completed_at - 1),
+        item.recovery_agent_id,
+        msg.item_id,
+        msg.cycle_seq,
+        batches,
+    )
 
 
 def _point_manifest(

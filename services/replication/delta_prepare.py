@@ -23,8 +23,9 @@ from shared.schemas.envelope import EventPayload
 def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]], Awaitable[None]]:
     """The delta pipeline's `prepare` step for a chunk of records: the blocks of every
     correctly signed `BlocksShipped` of the chunk are decoded, verified against their SHA-256
-    and written to the replica store in one `put_blocks` per item (one pack append and
-    fdatasync; it overlaps the transactions of the previous chunk), before the records are
+    (in a thread: it overlaps the transactions of the previous chunk) and, for an item whose
+    blocks this service keeps, written to the replica store in one `put_blocks` per item (one
+    pack append and fdatasync), before the records are
     handled (`on_blocks_shipped`, `on_blocks_shipped_run`). Writing verified,
     content-addressed blocks early is what `on_blocks_shipped` does first anyway (idempotent;
     unreferenced blocks are garbage-collected); `on_blocks_shipped` then finds them in
@@ -86,8 +87,9 @@ def make_delta_prepare(ctx: Context) -> Callable[[list[tuple[Any, EventPayload]]
 
         def write(item_id: uuid.UUID, site: str, records: list[Any]) -> None:
             todo = [(i, sha, data) for _, bl in records for i, (sha, data) in bl.items()]
-            ctx.store(site).put_blocks(str(item_id), todo)
+            ctx.put_blocks(site, item_id, agents[item_id], todo)
 
+        agents = {i: (row or {}).get("recovery_agent_id") for i, row in items.items()}
         for (item_id, site), records in by_item.items():
             try:
                 await asyncio.to_thread(write, item_id, site, records)

@@ -35,6 +35,7 @@ from typing import Any
 
 import asyncpg
 
+from services.replication import leaves
 from services.replication import repository as repo
 from services.replication import request_repository as request_repo
 from services.replication.context import Context, emit
@@ -157,6 +158,7 @@ async def on_committed(ctx: Context, conn: asyncpg.Connection, inc: Incoming) ->
             )
             return
         item.drop_site_replica()  # the VM runs on its own disks now
+        await leaves.forget(conn, msg.item_id)  # and no cycle of this item will come
         drop = sorted(s for s in live if s != msg.cycle_seq)
         if drop:
             store = ctx.store(item.target_site)
@@ -188,7 +190,8 @@ async def on_reverse(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> N
     if old is not None:
         _same_vault(inc, old["vault_id"])
     try:
-        plan = await plan_reverse(conn, inc, msg, old, ctx.settings.allowed_roots())
+        roots = ctx.settings.allowed_roots() if ctx.settings.keep_block_copy else None
+        plan = await plan_reverse(conn, inc, msg, old, roots)
     except Refused as exc:
         await refuse_reverse(conn, inc, msg, str(exc))
         return

@@ -21,6 +21,7 @@ the feed twice; both copies carry the same blocks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,11 @@ from typing import Any
 from services.replication.item import FeedRange
 from shared import topics
 from shared.kafka.admin import ensure_topics
+from shared.kafka.decode import Rejected, decode_event
 from shared.kafka.producer import KafkaProducer
+from shared.kafka.ranges import RangeReader
 from shared.kafka.security import KafkaSecurity
+from shared.schemas.replication import BlocksShipped
 from shared.settings import CommonSettings
 
 
@@ -134,3 +138,47 @@ class FeedWriter:
         for key in [k for k in self._cycles if k[0] == item_id]:
             if up_to is None or key[1] <= up_to:
                 del self._cycles[key]
+
+    async def forward_again(
+        self,
+        reader: RangeReader,
+        delta_topic: str,
+        span: tuple[int, int, int],
+        agent_id: uuid.UUID,
+        item_id: uuid.UUID,
+        seq: int,
+        staged_batches: int,
+    ) -> FeedRange:
+        """Cycle `seq`'s batches forwarded again, read back from the delta topic (`delta_topic`,
+        physical name; `span`: partition, first and last offset, between the cycle's start and
+        its completion): for a cycle whose batches this process did not all forward itself (it
+        restarted, or took the partition over, mid-cycle). The records go as they came, the
+        source agent's signed envelopes, which the recovery host checks as it checks the
+        forwarded ones. Where they went, as `collect` says; FeedIncomplete if a batch is not
+        there, RangeUnavailable if the range is no longer readable."""
+        self.forget(item_id, up_to=seq)
+        key = str(item_id).encode()
+        partition, first, last = span
+        if last >= first:
+            async with contextlib.aclosing(
+                reader.read(delta_topic, partition, first, last)
+            ) as fetched:
+                async for records in fetched:
+                    out = []
+                    for record in records:
+                        if record.key != key or record.value is None:
+                            continue
+                        try:
+                            _, payload = decode_event(record.value)
+                        except Rejected:
+                            continue
+                        if (
+                            isinstance(payload, BlocksShipped)
+                            and payload.item_id == item_id
+                            and payload.cycle_seq == seq
+                        ):
+                            out.append(((payload.disk_id, payload.batch_no), record.value))
+                    if out:
+                        await self.send(agent_id, item_id, seq, out)
+                        await self.settle(item_id, seq)  # memory: one fetch at a time
+        return await self.collect(item_id, seq, staged_batches)

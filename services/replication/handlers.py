@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from services.replication import domain
+from services.replication import domain, leaves
 from services.replication import read_model_repository as rm_repo
 from services.replication import repository as repo
 from services.replication.context import Context, emit
@@ -163,6 +163,8 @@ async def disable(
         )
         await repo.drop_cycles(conn, item_id)
         item.disable(delete_replica=delete)
+        if delete:
+            await leaves.forget(conn, item_id)
         await uow.commit()
     if delete:
         await asyncio.to_thread(ctx.store(item.target_site).delete_item, str(item_id))

@@ -38,10 +38,18 @@ log = logging.getLogger(__name__)
 SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-def materialise_target(settings: ReplicationSettings, target_dir: str, disk_ids: list[str]) -> Path:
+def materialise_target(
+    settings: ReplicationSettings, target_dir: str, disk_ids: list[str], *, local: bool = True
+) -> Path:
     """The folder a point's disks are written to, `target_dir` resolved: it must lie under a
     materialise root (after links), hold no VM (vm.json) and every disk id must be usable as a
-    file name. ValueError says what is wrong."""
+    file name. ValueError says what is wrong. `local` False: the folder is the recovery
+    host's, which checks it against its own storage; only the disk ids are checked here."""
+    if not local:
+        bad = [d for d in disk_ids if not SAFE_FILE.fullmatch(d)]
+        if bad:
+            raise ValueError(f"disk ids unusable as file names: {bad}")
+        return Path(target_dir)
     try:
         target = confined(target_dir, settings.allowed_roots())
     except OutsideRoots as exc:
@@ -228,12 +236,29 @@ async def materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | N
     seq = point["cycle_seq"]
     try:
         target = await asyncio.to_thread(
-            materialise_target, ctx.settings, msg.target_dir, [d["disk_id"] for d in point["disks"]]
+            partial(
+                materialise_target,
+                ctx.settings,
+                msg.target_dir,
+                [d["disk_id"] for d in point["disks"]],
+                local=ctx.keeps_blocks(item["recovery_agent_id"]),
+            )
         )
     except ValueError as exc:
         return failed(str(exc))
     if await _hand_over(ctx, request, item, point):
         return None
+    if not ctx.keeps_blocks(item["recovery_agent_id"]):
+        why = request["request"].get("replica_refused") or (
+            f"its replica did not reach point {seq} within {REPLICA_WAIT_SECONDS:.0f} s"
+            if msg.handover or msg.differencing
+            else "the request asks for a copy"
+        )
+        return failed(
+            f"recovery point {seq} is kept only by the recovery host's replica (agent "
+            f"{item['recovery_agent_id']}), and the host could not provide it: {why}; start the "
+            "host's agent and retry, or pick a point its replica holds"
+        )
     store = ctx.store(item["target_site"])
     disks = []
     try:

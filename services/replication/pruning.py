@@ -11,6 +11,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from services.replication import leaves
 from services.replication import read_model_repository as rm_repo
 from services.replication import repository as repo
 from services.replication import request_repository as request_repo
@@ -62,7 +63,12 @@ async def _prune_item(ctx: Context, item: dict[str, Any], settings: dict[str, An
         store = ctx.store(item["target_site"])
         try:
             async with ctx.storing(item_id):
-                await asyncio.to_thread(store.prune, str(item_id), keep)
+                if ctx.keeps_blocks(item["recovery_agent_id"]):
+                    await asyncio.to_thread(store.prune, str(item_id), keep)
+                elif await leaves.known(conn, item_id):
+                    # its points are its recovery host's (the host prunes on the command
+                    # below); blocks this service stored before, if any, are not needed
+                    await asyncio.to_thread(store.delete_item, str(item_id))
         except ValueError as exc:  # the item changed meanwhile (e.g. a failover committed)
             log.warning("retention skipped", extra={"item_id": str(item_id), "why": str(exc)})
             return 0

@@ -167,8 +167,8 @@ async def open_cycle(
     conn: asyncpg.Connection, item_id: uuid.UUID, seq: int
 ) -> dict[str, Any] | None:
     row = await conn.fetchrow(
-        "SELECT item_id, cycle_seq, kind, disks, source_time, app_consistent, poisoned"
-        " FROM open_cycles WHERE item_id = $1 AND cycle_seq = $2",
+        "SELECT item_id, cycle_seq, kind, disks, source_time, app_consistent, poisoned,"
+        " delta_partition, first_offset FROM open_cycles WHERE item_id = $1 AND cycle_seq = $2",
         item_id,
         seq,
     )
@@ -192,16 +192,22 @@ async def start_cycle(
     disks: list[dict[str, Any]],
     source_time: datetime,
     app_consistent: bool,
+    delta_at: tuple[int, int] | None = None,
 ) -> None:
+    """`delta_at`: (partition, offset) of the cycle's start on the delta topic (None: not
+    from Kafka)."""
+    partition, offset = delta_at or (None, None)
     await conn.execute(
-        "INSERT INTO open_cycles (item_id, cycle_seq, kind, disks, source_time, app_consistent)"
-        " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT DO NOTHING",
+        "INSERT INTO open_cycles (item_id, cycle_seq, kind, disks, source_time, app_consistent,"
+        " delta_partition, first_offset) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT DO NOTHING",
         item_id,
         seq,
         kind,
         disks,
         source_time,
         app_consistent,
+        partition,
+        offset,
     )
 
 

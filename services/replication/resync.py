@@ -14,9 +14,11 @@ from datetime import UTC, datetime
 import asyncpg
 from prometheus_client import Counter
 
+from services.replication import leaves
 from services.replication import repository as repo
 from services.replication.context import Context
 from services.replication.item import ProtectedItem
+from services.replication.store import StoreError
 from services.replication.unit_of_work import ItemUnitOfWork
 from shared.metrics import reason_label
 from shared.schemas.replication import ItemState
@@ -46,19 +48,32 @@ async def require_resync(
         },
     )
     if plan.ask_now:
-        await request_resync(ctx, item)
+        await request_resync(ctx, conn, item)
 
 
-async def request_resync(ctx: Context, item: ProtectedItem) -> None:
+async def request_resync(ctx: Context, conn: asyncpg.Connection, item: ProtectedItem) -> None:
     """Ask the agent for the blocks whose hashes differ from the replica's latest point (the
-    replica's leaf hashes, read here, travel in the item's chunked commands)."""
-    store = ctx.store(item.target_site)
+    leaf hashes, read here, travel in the item's chunked commands): verified in PostgreSQL for
+    an item whose recovery host keeps its replica (services/replication/leaves.py), else from
+    this service's replica store. A disk with no known hashes is sent whole."""
     hashes: dict[str, list[bytes]] = {}
     if item.has_point:
+        store = ctx.store(item.target_site)
         for disk in item.disks:
-            hashes[disk.disk_id] = await asyncio.to_thread(
-                store.leaf_hashes, str(item.item_id), disk.disk_id
-            )
+            known = None
+            if not ctx.keeps_blocks(item.recovery_agent_id) and item.last_committed_seq:
+                known = await leaves.leaf_hashes(
+                    conn, item.item_id, disk.disk_id, item.last_committed_seq
+                )
+            if known is None:
+                try:
+                    known = await asyncio.to_thread(
+                        store.leaf_hashes, str(item.item_id), disk.disk_id
+                    )
+                except (StoreError, OSError, KeyError):
+                    known = None
+            if known is not None:
+                hashes[disk.disk_id] = known
     item.request_resync(hashes, uuid.uuid4())
 
 
@@ -70,6 +85,6 @@ async def start_due_resyncs(ctx: Context) -> int:
         async with ctx.pool.acquire() as conn, conn.transaction(), ItemUnitOfWork(conn) as uow:
             item = await uow.load(item_id)
             if item is not None and item.state is ItemState.WAITING_TO_START_RESYNC:
-                await request_resync(ctx, item)
+                await request_resync(ctx, conn, item)
                 await uow.commit()
     return len(due)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,11 @@ async def plan_reverse(
     inc: Incoming,
     msg: fo.ReverseReplicationRequested,
     old: dict[str, Any] | None,
-    roots: list[Path],
+    roots: list[Path] | None,
 ) -> dict[str, Any]:
     """Check the request; the settings and clouds of the new item. `Refused` says why not.
-    Seed disks must lie under the materialise roots (after links)."""
+    Seed disks must lie under the materialise roots (after links); `roots` None: they are the
+    recovery host's files, which its agent checks when it seeds."""
     if old is None or not old["active"]:
         raise Refused(f"protected item {msg.old_item_id} not found (or no longer active)")
     if ItemState(old["state"]) is not ItemState.FAILED_OVER:
@@ -62,7 +64,7 @@ async def plan_reverse(
                 f"seed_disks must name each disk once: disks {sorted(disk_ids)}, "
                 f"seeds {sorted(s.disk_id for s in msg.seed_disks)}"
             )
-        for disk_id, path in seeds.items():
+        for disk_id, path in seeds.items() if roots is not None else ():
             try:
                 real = confined(path, roots)
             except OutsideRoots as exc:
@@ -158,6 +160,9 @@ async def start_reverse(
         error="reverse replication: seeding the replica from the old primary's disks"
         if seeded
         else None,
+        # without a block copy here, the old primary's host (where the VM ran, and its disks
+        # are) keeps the new item's replica, seeded from those disks
+        recovery_agent_id=None if ctx.settings.keep_block_copy else old["source_agent_id"],
     )
     await emit(
         conn,
@@ -217,89 +222,131 @@ async def start_reverse(
 async def seed_and_resync(ctx: Context, request: dict[str, Any]) -> None:
     """Seed the new item's replica from the old primary's images (point 1), then enable the
     new source agent `seeded` and ask it for a resync against those hashes. If seeding fails,
-    fall back to a full resync (the item says why)."""
+    fall back to a full resync (the item says why). An item whose replica its recovery host
+    keeps (no block copy here) is seeded by that host, from its own disks
+    (services/replication/seeding.py)."""
     msg = fo.ReverseReplicationRequested.model_validate(request["request"])
+    async with ctx.pool.acquire() as conn:
+        row = await repo.get_item(conn, msg.new_item_id)
+    if row is not None and not ctx.keeps_blocks(row["recovery_agent_id"]):
+        from services.replication.seeding import ask_host_to_seed  # noqa: PLC0415 - a cycle
+
+        await ask_host_to_seed(ctx, request, row)
+        return
     item_key = str(msg.new_item_id)
     store = ctx.store(msg.target_site)
-    source_time: datetime = request["created_at"]
-    manifest = None
+    seed = None
     failure = None
     try:
         roots = ctx.settings.allowed_roots()  # checked again: a link may have changed since
         images = {s.disk_id: confined(s.path, roots) for s in msg.seed_disks}
-        manifest = await asyncio.to_thread(store.seed_from_images, item_key, 1, images, source_time)
+        manifest = await asyncio.to_thread(
+            store.seed_from_images, item_key, 1, images, request["created_at"]
+        )
+        new_bytes = next((p.new_bytes for p in await asyncio.to_thread(store.points, item_key)), 0)
+        seed = Seed(
+            disks=[
+                {"disk_id": d.disk_id, "size_bytes": d.size_bytes, "merkle_root": d.merkle_root}
+                for d in manifest.disks
+            ],
+            changed_blocks=sum(len(d.changed) for d in manifest.disks),
+            new_bytes=new_bytes,
+        )
     except (OSError, StoreError, ValueError) as exc:
         failure = f"seeding from the old primary's disks failed ({exc}); copying every block"
         log.warning(failure, extra={"item_id": item_key})
     async with ctx.pool.acquire() as conn, conn.transaction():
-        item = await repo.get_item(conn, msg.new_item_id, lock=True)
-        if item is None or not item["active"]:
-            await request_repo.answer_request(conn, msg.request_id, "failed", None, None)
-            return
-        if not await request_repo.answer_request(conn, msg.request_id, "answered", None, None):
-            return  # done by an earlier attempt
-        settings = await rm_repo.policy_settings(conn, item["vault_id"], item["policy_id"])
-        settings = {
-            **settings,
-            "initial_replication": cmd.InitialReplication.SEEDED.value,
-            "copy_frequency_seconds": settings.get(
-                "copy_frequency_seconds", item["copy_interval_seconds"]
-            ),
-        }
-        if manifest is not None:
-            disks = [
-                {"disk_id": d.disk_id, "size_bytes": d.size_bytes, "merkle_root": d.merkle_root}
-                for d in manifest.disks
-            ]
-            changed = sum(len(d.changed) for d in manifest.disks)
-            new_bytes = next(
-                (p.new_bytes for p in await asyncio.to_thread(store.points, item_key)), 0
-            )
-            await repo.insert_point(
-                conn,
+        await finish_seeding(ctx, conn, request, seed, failure)
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A seeded point 1: its disks (id, size, root), blocks and bytes."""
+
+    disks: list[dict[str, Any]]
+    changed_blocks: int
+    new_bytes: int
+
+
+async def finish_seeding(
+    ctx: Context,
+    conn: asyncpg.Connection,
+    request: dict[str, Any],
+    seed: Seed | None,
+    failure: str | None,
+    *,
+    replica_holds_it: bool = False,
+) -> None:
+    """In the caller's transaction: the reverse request answered, point 1 recorded from `seed`
+    (or the item says why seeding failed: `failure`), the new source agent enabled `seeded`
+    and asked for a resync (against the seed's hashes, or every block). `replica_holds_it`:
+    the recovery host seeded its replica, which holds point 1."""
+    msg = fo.ReverseReplicationRequested.model_validate(request["request"])
+    item_key = str(msg.new_item_id)
+    source_time: datetime = request["created_at"]
+    item = await repo.get_item(conn, msg.new_item_id, lock=True)
+    if item is None or not item["active"]:
+        await request_repo.answer_request(conn, msg.request_id, "failed", None, None)
+        return
+    if not await request_repo.answer_request(conn, msg.request_id, "answered", None, None):
+        return  # done by an earlier attempt
+    settings = await rm_repo.policy_settings(conn, item["vault_id"], item["policy_id"])
+    settings = {
+        **settings,
+        "initial_replication": cmd.InitialReplication.SEEDED.value,
+        "copy_frequency_seconds": settings.get(
+            "copy_frequency_seconds", item["copy_interval_seconds"]
+        ),
+    }
+    if seed is not None:
+        disks, changed, new_bytes = seed.disks, seed.changed_blocks, seed.new_bytes
+        await repo.insert_point(
+            conn,
+            item_id=msg.new_item_id,
+            cycle_seq=1,
+            kind=ev.CycleKind.INITIAL.value,
+            point_type=ev.RecoveryPointType.CRASH_CONSISTENT.value,
+            source_time=source_time,
+            disks=disks,
+            changed_blocks=changed,
+            bytes=new_bytes,
+        )
+        await repo.update_item(
+            conn,
+            msg.new_item_id,
+            last_committed_seq=1,
+            last_point_source_time=source_time,
+            error="reverse replication: resync against the seeded replica",
+        )
+        item.update(
+            last_committed_seq=1,
+            last_point_source_time=source_time,
+            error="reverse replication: resync against the seeded replica",
+        )
+        await emit(
+            conn,
+            item["vault_id"],
+            ev.RecoveryPointCreated(
                 item_id=msg.new_item_id,
+                vm_id=item["vm_id"],
                 cycle_seq=1,
-                kind=ev.CycleKind.INITIAL.value,
-                point_type=ev.RecoveryPointType.CRASH_CONSISTENT.value,
+                kind=ev.CycleKind.INITIAL,
+                point_type=ev.RecoveryPointType.CRASH_CONSISTENT,
                 source_time=source_time,
-                disks=disks,
+                disks=[ev.DiskRoot(**d) for d in disks],
                 changed_blocks=changed,
-                bytes=new_bytes,
-            )
-            await repo.update_item(
-                conn,
-                msg.new_item_id,
-                last_committed_seq=1,
-                last_point_source_time=source_time,
-                error="reverse replication: resync against the seeded replica",
-            )
-            item.update(
-                last_committed_seq=1,
-                last_point_source_time=source_time,
-                error="reverse replication: resync against the seeded replica",
-            )
-            await emit(
-                conn,
-                item["vault_id"],
-                ev.RecoveryPointCreated(
-                    item_id=msg.new_item_id,
-                    vm_id=item["vm_id"],
-                    cycle_seq=1,
-                    kind=ev.CycleKind.INITIAL,
-                    point_type=ev.RecoveryPointType.CRASH_CONSISTENT,
-                    source_time=source_time,
-                    disks=[ev.DiskRoot(**d) for d in disks],
-                    changed_blocks=changed,
-                    bytes_stored=new_bytes,
-                ),
-                item_key,
-            )
-        else:
-            await repo.update_item(conn, msg.new_item_id, error=failure)
-            item["error"] = failure
-        async with ItemUnitOfWork(conn) as uow:
-            new = await uow.load(msg.new_item_id)
-            assert new is not None
-            new.request_enable(settings)
-            await request_resync(ctx, new)
-            await uow.commit()
+                bytes_stored=new_bytes,
+            ),
+            item_key,
+        )
+        if replica_holds_it:
+            await repo.update_item(conn, msg.new_item_id, replica_seq=1)
+    else:
+        await repo.update_item(conn, msg.new_item_id, error=failure)
+        item["error"] = failure
+    async with ItemUnitOfWork(conn) as uow:
+        new = await uow.load(msg.new_item_id)
+        assert new is not None
+        new.request_enable(settings)
+        await request_resync(ctx, conn, new)
+        await uow.commit()

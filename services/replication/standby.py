@@ -1,6 +1,11 @@
 """One active replication instance per deployment, in the process: the replica store's
 identity file, the deployment's lock held on a connection of its own, and the takeover.
 
+Without a block copy (`DR_REPLICATION_KEEP_BLOCK_COPY=false`, `store_bound=False`) every
+instance does the pipeline's work (started before this) and the lock only picks the instance
+that coordinates (`activate`: the outbox relay, health, resync, retention); the others wait
+to take that over, whatever their store.
+
 At start (after the migrations) an instance tries the lock. Holding it and with the
 deployment's store (`services/replication/instance.py` decides), it is the active instance:
 it records itself, starts the work (`activate`: the delta pipeline, the side consumer, the
@@ -51,7 +56,13 @@ log = logging.getLogger(__name__)
 STORE_ID_FILE = ".store-id"
 ACTIVE = Gauge(
     "dr_replication_active",
-    "1: this replication instance is its deployment's active one; 0: a standby",
+    "1: this replication instance does the deployment's work (the active one; without a "
+    "block copy, every instance sharing the delta partitions); 0: a standby",
+)
+COORDINATOR = Gauge(
+    "dr_replication_coordinator",
+    "1: this replication instance coordinates its deployment (outbox relay, health, resync, "
+    "retention); 0: it does not",
 )
 # what losing the lock's connection or not reaching PostgreSQL raises
 LOST = (*UNAVAILABLE, asyncpg.PostgresError, TimeoutError, OSError)
@@ -101,8 +112,14 @@ class OneActiveInstance:
         runtime: Runtime,
         settings: ReplicationSettings,
         activate: Callable[[], Awaitable[None]],
+        *,
+        store_bound: bool = True,
     ) -> None:
+        """`store_bound` False (no block copy): the lock picks the coordinator only; any
+        instance may take it whatever its store, and every instance does the pipeline's
+        work (started by the caller)."""
         self.rt = runtime
+        self.store_bound = store_bound
         self.settings = settings
         self.activate = activate
         self.deployment = settings.topic_prefix
@@ -119,7 +136,8 @@ class OneActiveInstance:
     async def start(self) -> None:
         """Become the active instance now, or a standby that keeps trying."""
         self.store_id = await asyncio.to_thread(store_identity, self.settings.store_dir)
-        ACTIVE.set(0)
+        ACTIVE.set(0 if self.store_bound else 1)
+        COORDINATOR.set(0)
         self.rt.report_role(self.role)
         self.rt.on_stop(self.release)
         if not await self._try_to_take_over():
@@ -128,6 +146,14 @@ class OneActiveInstance:
     def role(self) -> ReportedRole:
         """For /healthz."""
         active = self.record.summary() if self.record is not None else None
+        if not self.store_bound:  # every instance works; one of them coordinates
+            coordinator = "this instance" if self.serving else "another instance (`active`)"
+            return ReportedRole(
+                "active",
+                reason=f"shares the delta partitions with the deployment's other instances; "
+                f"{coordinator} coordinates (outbox relay, health, resync, retention)",
+                active=active,
+            )
         if self.serving:
             return ReportedRole("active", active=active)
         if self.decision.role is Role.REFUSED:
@@ -166,6 +192,7 @@ class OneActiveInstance:
             log.info("active role released", extra={"deployment": self.deployment})
         self.serving = False
         ACTIVE.set(0)
+        COORDINATOR.set(0)
 
     # -- taking over -------------------------------------------------------------------
 
@@ -185,9 +212,12 @@ class OneActiveInstance:
             async with self.rt.pool.acquire() as c:
                 record = await repo.record(c, self.deployment)
                 protects = await repo.protects(c)
-            decision = decide(
-                lock_taken=taken, own_store=self.store_id, record=record, protects=protects
-            )
+            if self.store_bound:
+                decision = decide(
+                    lock_taken=taken, own_store=self.store_id, record=record, protects=protects
+                )
+            else:  # no store to agree on: the lock decides
+                decision = Decision(Role.ACTIVE if taken else Role.STANDBY, claim=taken)
             if decision.role is Role.ACTIVE:
                 await self._until_the_last_one_stopped(record)
                 async with self.rt.pool.acquire() as c:
@@ -218,6 +248,7 @@ class OneActiveInstance:
             raise
         self.serving = True
         ACTIVE.set(1)
+        COORDINATOR.set(1)
         self.rt.spawn("active-heartbeat", self._hold)
         return True
 
@@ -279,7 +310,11 @@ class OneActiveInstance:
         }
         if self.record is not None:
             extra["active_instance"] = self.record.summary()
-        if d.role is Role.ACTIVE:
+        if d.role is Role.ACTIVE and not self.store_bound:
+            log.warning("coordinating the deployment", extra=extra)
+        elif d.role is Role.STANDBY and not self.store_bound:
+            log.info("another replication instance coordinates the deployment", extra=extra)
+        elif d.role is Role.ACTIVE:
             log.warning(
                 "taking over as the active replication instance",
                 extra={**extra, "claimed_store": d.claim, "protects": protects},
@@ -335,4 +370,5 @@ class OneActiveInstance:
         )
         self.serving = False
         ACTIVE.set(0)
+        COORDINATOR.set(0)
         os.kill(self.pid, signal.SIGTERM)

@@ -115,6 +115,14 @@ def task_named(job: dict[str, Any], fragment: str) -> list[dict[str, Any]]:
 
 
 async def test_failover_story(platform: Platform, http: httpx.AsyncClient, tmp_path: Path) -> None:
+    await failover_story(platform, http, tmp_path)
+
+
+async def failover_story(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> tuple[DrSetup, str]:
+    """Test failover, cleanup, planned failover with its proof, commit, reverse, failback;
+    returns the setup and the first item's id."""
     dr = await two_sites(platform, http, tmp_path, copy_seconds=1)
     await failover_up(platform, http, dr)
     web = await protected_vm(http, dr, "web01")
@@ -288,6 +296,7 @@ async def test_failover_story(platform: Platform, http: httpx.AsyncClient, tmp_p
     assert {j["operation"] for j in jobs} >= {"test_failover", "planned_failover", "commit"}
     metrics = (await http.get(f"{platform.url('failover')}/metrics")).text
     assert 'dr_failover_jobs_total{state="succeeded",type="planned_failover"}' in metrics
+    return dr, item_id
 
 
 async def test_plan_refusals_and_planned_before_initial(

@@ -18,7 +18,7 @@ from services.replication.store.manifest import (
     PointManifest,
     VerifyResult,
 )
-from services.replication.store.replica_store import ReplicaStore
+from services.replication.store.replica_store import ReplicaStore, check_hashes
 
 __all__ = [
     "BlockHashMismatch",
@@ -35,4 +35,5 @@ __all__ = [
     "StoreError",
     "UnknownPoint",
     "VerifyResult",
+    "check_hashes",
 ]

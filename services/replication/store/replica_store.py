@@ -83,6 +83,17 @@ from shared.schemas.replication import CycleKind
 _ITEM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+def check_hashes(blocks: Sequence[tuple[int | None, str, bytes]]) -> list[str]:
+    """The SHA-256 (hex) of each (index, expected sha256 hex, bytes); BlockHashMismatch names
+    the first block whose bytes are not what its hash says. Hashed in the caller's thread: a
+    thread hand-off per 64 KiB block costs about what it would save on two CPUs."""
+    actual = [hashlib.sha256(data).hexdigest() for _, _, data in blocks]
+    for (index, expected, _), got in zip(blocks, actual, strict=True):
+        if got != expected.lower():
+            raise BlockHashMismatch(expected, got, index)
+    return actual
+
+
 class ReplicaStore:
     """Content-addressed blocks + per-point manifests + a compacted base, per protected item.
 
@@ -182,12 +193,7 @@ class ReplicaStore:
         is written. Same guarantees as `put_block`: when it returns, every new block is durable
         (appended to the item's current pack, one fdatasync for the batch). Returns how many
         blocks were newly written."""
-        # hashed here, in the caller's thread: a thread hand-off per 64 KiB block costs about
-        # what it would save on two CPUs
-        actual = [hashlib.sha256(data).hexdigest() for _, _, data in blocks]
-        for (index, expected, _), got in zip(blocks, actual, strict=True):
-            if got != expected.lower():
-                raise BlockHashMismatch(expected, got, index)
+        actual = check_hashes(blocks)
         todo = {
             sha: data
             for (_, _, data), sha in zip(blocks, actual, strict=True)

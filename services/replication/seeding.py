@@ -1,0 +1,213 @@
+"""Seeding a reverse-replicated item's replica at its recovery host, for an item whose blocks
+this service does not keep: the host (the old primary, where the VM ran) builds the replica
+from its own disks as point 1 (`ReplicaSeedRequested`) and reports every leaf hash
+(`ReplicaLeavesReported`, in chunks) before it answers (`CommandCompleted`). The leaves are
+kept until the answer (`seed_leaves`); then they must give the roots the host reports, they
+become the item's verified leaves (services/replication/leaves.py), point 1 is recorded and the
+new source agent is asked for a resync against them: only the blocks that differ travel, and
+nothing reads the old primary's files but its own agent. A host that cannot seed (or leaves
+that do not add up) makes the item copy every block, and says why."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import asyncpg
+
+from services.replication import leaves
+from services.replication import repository as repo
+from services.replication import request_repository as request_repo
+from services.replication.context import Context, emit
+from services.replication.reverse import Seed, finish_seeding
+from shared.kafka.consumers import Handler
+from shared.kafka.decode import Incoming, Rejected
+from shared.merkle import HASH_SIZE, block_count, zero_block_hash
+from shared.schemas import agent as cmd
+from shared.schemas import failover as fo
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 65_536
+
+
+async def ask_host_to_seed(ctx: Context, request: dict[str, Any], item: dict[str, Any]) -> None:
+    """Hand the reverse request to the item's recovery host: seed its replica from the seed
+    disks, which are its own files (answered by `on_seeded`)."""
+    msg = fo.ReverseReplicationRequested.model_validate(request["request"])
+    sizes = {d.disk_id: d.size_bytes for d in msg.disks}
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if not await request_repo.delegate_request(conn, msg.request_id):
+            return  # handed over already
+        await emit(
+            conn,
+            item["vault_id"],
+            cmd.ReplicaSeedRequested(
+                command_id=uuid.uuid5(msg.request_id, "replica-seed"),
+                agent_id=item["recovery_agent_id"],
+                item_id=msg.new_item_id,
+                request_id=msg.request_id,
+                cycle_seq=1,
+                disks=[
+                    cmd.SeedImage(
+                        disk_id=s.disk_id,
+                        path=s.path,
+                        size_bytes=sizes[s.disk_id],
+                        block_size=BLOCK_SIZE,
+                    )
+                    for s in msg.seed_disks
+                ],
+            ),
+            str(item["recovery_agent_id"]),
+        )
+    log.info(
+        "replica seeding asked of the recovery host",
+        extra={"item_id": str(msg.new_item_id), "agent_id": str(item["recovery_agent_id"])},
+    )
+
+
+async def _seed_request(
+    conn: asyncpg.Connection, inc: Incoming, request_id: uuid.UUID | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The delegated reverse request `request_id` and its item, if `inc` comes from the
+    item's recovery host; Rejected otherwise."""
+    request = await request_repo.get_request(conn, request_id) if request_id else None
+    if request is None or request["kind"] != "reverse":
+        raise Rejected("invalid_result", "a seeding report names no known reverse request")
+    item = await repo.get_item(conn, request["item_id"])
+    if item is None or str(item["recovery_agent_id"]) != inc.envelope.producer_id:
+        raise Rejected("wrong_agent", "a seeding report from a host that keeps no replica")
+    return request, item
+
+
+async def on_leaves_reported(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    msg = inc.payload
+    assert isinstance(msg, cmd.ReplicaLeavesReported)
+    request, item = await _seed_request(conn, inc, msg.request_id)
+    if item["item_id"] != msg.item_id:
+        raise Rejected("invalid_result", "leaves of another item than the request's")
+    try:
+        hashes = base64.b64decode(msg.leaf_hashes, validate=True)
+    except ValueError:
+        raise Rejected("invalid_payload", "leaf_hashes is not base64") from None
+    if len(hashes) % HASH_SIZE:
+        raise Rejected("invalid_payload", f"leaf_hashes is not whole {HASH_SIZE}-byte digests")
+    await conn.execute(
+        "INSERT INTO seed_leaves (request_id, disk_id, chunk_no, item_id, chunks, first_index,"
+        " size_bytes, block_size, leaves) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
+        " ON CONFLICT DO NOTHING",
+        request["request_id"],
+        msg.disk_id,
+        msg.chunk_no,
+        msg.item_id,
+        msg.chunks,
+        msg.first_index,
+        msg.size_bytes,
+        msg.block_size,
+        hashes,
+    )
+
+
+def assembled(
+    rows: Sequence[Mapping[str, Any]], disk_ids: list[str]
+) -> tuple[dict[str, tuple[int, int, bytes]], str | None]:
+    """Each disk's (size, block size, leaves) from the reported chunks, or what is missing."""
+    by_disk: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_disk[r["disk_id"]].append(r)
+    out: dict[str, tuple[int, int, bytes]] = {}
+    for disk_id in disk_ids:
+        chunks = sorted(by_disk.get(disk_id, []), key=lambda r: r["chunk_no"])
+        if not chunks or [r["chunk_no"] for r in chunks] != list(range(chunks[0]["chunks"])):
+            return {}, f"disk {disk_id}: not every chunk of its leaf hashes arrived"
+        size, bs = chunks[0]["size_bytes"], chunks[0]["block_size"]
+        expected = 0
+        for r in chunks:
+            if r["first_index"] != expected:
+                return {}, f"disk {disk_id}: its leaf hashes do not follow on"
+            expected += len(r["leaves"]) // HASH_SIZE
+        if expected != block_count(size, bs):
+            return {}, f"disk {disk_id}: {expected} leaf hashes for {block_count(size, bs)} blocks"
+        out[disk_id] = (size, bs, b"".join(bytes(r["leaves"]) for r in chunks))
+    return out, None
+
+
+async def on_seeded(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    """The host's answer: point 1 recorded from the reported leaves, checked against the
+    reported roots, and the new source asked for a resync; or, if it failed, every block."""
+    msg = inc.payload
+    assert isinstance(msg, cmd.CommandCompleted)
+    try:
+        request_id = uuid.UUID(str(msg.result.get("request_id")))
+    except ValueError:
+        request_id = None
+    request, item = await _seed_request(conn, inc, request_id)
+    if request["state"] != "delegated":
+        return  # answered already
+    reverse = fo.ReverseReplicationRequested.model_validate(request["request"])
+    disk_ids = [d.disk_id for d in reverse.disks]
+    rows = await conn.fetch(
+        "SELECT disk_id, chunk_no, chunks, first_index, size_bytes, block_size, leaves"
+        " FROM seed_leaves WHERE request_id = $1",
+        request["request_id"],
+    )
+    seed, failure = None, None
+    if msg.outcome is cmd.CommandOutcome.FAILED:
+        failure = f"the old primary's host could not seed the replica ({msg.error})"
+    else:
+        disks, failure = assembled(rows, disk_ids)
+        roots = msg.result.get("roots") or {}
+        if failure is None:
+            try:
+                await leaves.advance(
+                    conn,
+                    item["item_id"],
+                    None,
+                    1,
+                    [
+                        leaves.DiskTarget(d, disks[d][0], disks[d][1], str(roots.get(d)))
+                        for d in disk_ids
+                    ],
+                    {},
+                    {d: (disks[d][0], disks[d][2]) for d in disk_ids},
+                )
+            except leaves.LeavesMismatch as exc:
+                failure = f"the seeded replica's reported leaves and roots disagree: {exc}"
+        if failure is None:
+            seed = Seed(
+                disks=[
+                    {"disk_id": d, "size_bytes": disks[d][0], "merkle_root": roots[d]}
+                    for d in disk_ids
+                ],
+                changed_blocks=sum(_non_zero(*disks[d]) for d in disk_ids),
+                new_bytes=0,  # nothing travelled: the host's own disks
+            )
+    if failure is not None:
+        failure = f"reverse replication: {failure}; copying every block"
+        log.warning(failure, extra={"item_id": str(item["item_id"])})
+    await conn.execute("DELETE FROM seed_leaves WHERE request_id = $1", request["request_id"])
+    await finish_seeding(ctx, conn, request, seed, failure, replica_holds_it=seed is not None)
+
+
+def _non_zero(size: int, block_size: int, hashes: bytes) -> int:
+    """How many of a disk's blocks are not zero blocks (the seed's changed blocks)."""
+    full = zero_block_hash(block_size)
+    n = len(hashes) // HASH_SIZE
+    count = sum(1 for i in range(n) if hashes[i * HASH_SIZE : (i + 1) * HASH_SIZE] != full)
+    tail = size % block_size
+    if n and tail and hashes[-HASH_SIZE:] == zero_block_hash(tail):
+        count -= 1  # a short last block of zeros
+    return count
+
+
+def make_seeding_handlers(ctx: Context) -> tuple[dict[str, Handler], dict[str, Handler]]:
+    """(agent event handlers by event type, `CommandCompleted` handlers by command type)."""
+    return (
+        {"ReplicaLeavesReported": partial(on_leaves_reported, ctx)},
+        {"ReplicaSeedRequested": partial(on_seeded, ctx)},
+    )

@@ -1,0 +1,297 @@
+"""The replication service without a block copy (`DR_REPLICATION_KEEP_BLOCK_COPY=false`): an
+item's blocks only pass through the service (verified, forwarded to its recovery host's
+feed), its verification state is in PostgreSQL, and its points are on the recovery host only.
+
+- The whole failover story (test failover, planned failover with the zero-data-loss proof,
+  commit, reverse, failback) passes, and the service's store never held the item's blocks.
+- kill -9 of the service mid-cycle: after the restart the item goes on without a resync (a
+  cycle whose batches the new process did not all forward is read again from the delta topic:
+  tests/integration/test_feed_writer.py), no committed point is lost, and the recovery host's
+  replica ends byte-identical to the source disks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kit.dr import DrSetup, item, points, protect, two_sites, vm_named
+from kit.files import file_sha256
+from kit.platform import Platform
+from kit.poll import eventually
+from kit.procs import Proc
+from kit.stack import Stack, fresh_database, random_prefix
+from tests.e2e.test_failover_e2e import failover_story
+from tests.e2e.test_replication_e2e import replica_at
+from tests.e2e.test_replication_faults_e2e import live_seqs, pruned_seqs, replicating_vm
+from tests.e2e.test_replication_instances_e2e import another_instance, metric
+
+pytestmark = pytest.mark.e2e
+
+NO_COPY = {"DR_REPLICATION_KEEP_BLOCK_COPY": "false"}
+
+
+@pytest.fixture
+async def plat(stack: Stack, tmp_path: Path) -> AsyncIterator[Platform]:
+    own = Platform(
+        stack=stack,
+        database_url=await fresh_database(stack, "nocopy"),
+        prefix=random_prefix("nocopy"),
+        log_dir=tmp_path,
+    )
+    try:
+        yield own
+    finally:
+        await own.close()
+
+
+def stored_items(plat: Platform) -> list[str]:
+    """The items the service's replica store has a folder for (any site)."""
+    root = plat.log_dir / "replica"
+    return sorted(p.name for p in root.glob("*/items/*") if p.is_dir()) if root.exists() else []
+
+
+async def leaf_rows(plat: Platform, item_id: str) -> int:
+    conn = await asyncpg.connect(plat.database_url)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM replication.verified_disks WHERE item_id = $1", uuid.UUID(item_id)
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+async def test_failover_story_without_a_block_copy(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    plat.start("replication", NO_COPY)
+    dr, item_id = await failover_story(plat, http, tmp_path)
+    assert item_id not in stored_items(plat), "the service stored blocks of an item it forwards"
+    # a point of it cannot be downloaded from the service: it says where the blocks are
+    resp = await http.post(
+        dr.url("replication", f"/protected-items/{item_id}/recovery-points/1/materialise"),
+        json={"target_dir": str(tmp_path / "copy")},
+        headers=dr.bearer(dr.operator),
+    )
+    assert resp.status_code == 409 and "recovery host's replica" in resp.text, resp.text
+
+
+async def test_kill_9_mid_cycle_loses_no_point_and_needs_no_resync(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    env = {**NO_COPY, "DR_CRASH_AT": "replication.blocks_stored@12"}
+    dr, item_id = await replicating_vm(plat, http, tmp_path, env)
+    service = plat.services["replication"]
+    seen: set[int] = set()
+
+    async def killed() -> bool:
+        if service.alive():
+            with contextlib.suppress(httpx.HTTPError, AssertionError):  # it may die answering
+                seen.update(await live_seqs(http, dr, item_id))
+            return False
+        return True
+
+    await eventually(killed, timeout=90, interval=0.3, what="kill -9 mid-cycle")
+    assert service.popen is not None and service.popen.returncode == -9
+    assert seen, "points were committed before the crash"
+    assert await leaf_rows(plat, item_id) == 2, "the verified leaves of both disks"
+    service.env.pop("DR_CRASH_AT")
+    service.start()
+
+    async def caught_up() -> dict[str, Any] | None:
+        current = await item(http, dr, item_id)
+        done = current["state"] == "replicating" and current["last_committed_seq"] > max(seen) + 2
+        return current if done else None
+
+    current = await eventually(caught_up, timeout=90, what="the item catches up after the restart")
+    lost = seen - await live_seqs(http, dr, item_id) - await pruned_seqs(plat, item_id)
+    assert not lost, f"committed points lost: {sorted(lost)}"
+    log = await asyncio.to_thread(service.log_path.read_text)
+    assert "resync required" not in log, "the interrupted cycle cost a resync"
+
+    # writes stopped: the replica at the recovery host reaches the last point, byte for byte
+    await dr.agent_call(http, "hv-p1", "POST", "/vms/db01/workload", {"blocks_per_second": 0})
+    stopped = datetime.now().astimezone()
+
+    async def final_point() -> int | None:
+        later = [
+            p["cycle_seq"]
+            for p in await points(http, dr, item_id)
+            if datetime.fromisoformat(p["source_time"]) > stopped
+        ]
+        return min(later) if later else None
+
+    seq = await eventually(final_point, timeout=60, what="a point after the writes stopped")
+    await replica_at(http, dr, item_id, seq)
+    images = tmp_path / "agent-hv-r1-state" / "replica" / item_id / "disks"
+    for disk in current["disks"]:
+        replica = file_sha256(images / f"{disk['disk_id']}.vhdx")
+        assert replica == file_sha256(Path(disk["path"])), disk["disk_id"]
+    assert item_id not in stored_items(plat)
+
+
+async def committed_cycles(http: httpx.AsyncClient, proc: Proc) -> float:
+    """The instance's `dr_replication_cycles_total{result="committed"}` (0 if unreachable)."""
+    try:
+        text = (await http.get(f"{proc.url}/metrics")).text
+    except httpx.HTTPError:
+        return 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dr_replication_cycles_total" and sample.labels == {
+                "result": "committed"
+            }:
+                return float(sample.value)
+    return 0.0
+
+
+async def protected_vms(http: httpx.AsyncClient, dr: DrSetup, names: list[str]) -> dict[str, str]:
+    """VMs with one 1 MiB disk each on hv-p1, protected, each with a workload: item by name."""
+    out = {}
+    for name in names:
+        await dr.agent_call(http, "hv-p1", "POST", "/vms", {"name": name, "disks": ["1MiB"]})
+        vm = await vm_named(http, dr, name)
+        out[name] = (await protect(http, dr, vm["vm_id"]))["item_id"]
+        await dr.agent_call(
+            http, "hv-p1", "POST", f"/vms/{name}/workload", {"blocks_per_second": 8}
+        )
+    return out
+
+
+async def all_seqs(
+    http: httpx.AsyncClient, dr: DrSetup, items: dict[str, str]
+) -> set[tuple[str, int]]:
+    return {(i, s) for i in items.values() for s in await live_seqs(http, dr, i)}
+
+
+async def all_moved_past(
+    http: httpx.AsyncClient, dr: DrSetup, items: dict[str, str], seen: set[tuple[str, int]]
+) -> None:
+    """Every item replicating with at least two points past the latest one in `seen`."""
+    latest = {i: max((s for j, s in seen if j == i), default=0) for i in items.values()}
+
+    async def moved() -> bool:
+        for item_id, seq in latest.items():
+            current = await item(http, dr, item_id)
+            if current["state"] != "replicating" or current["last_committed_seq"] <= seq + 2:
+                return False
+        return True
+
+    await eventually(moved, timeout=120, what="every item committing new points")
+
+
+@pytest.mark.timeout(900)
+async def test_two_instances_share_the_partitions_and_one_is_killed_mid_cycle(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Two instances with their own state roots share the delta partitions. The one that
+    coordinates is killed with kill -9 in the middle of a cycle (after its 40th stored batch):
+    the other takes its partitions and the coordination, no committed point is lost and new
+    points keep committing; restarted, it takes partitions again, without loss; every
+    replica ends byte-identical to its source, and no item needed a resync."""
+    poll = {"DR_REPLICATION_STANDBY_POLL_SECONDS": "0.5"}
+    first = plat.start("replication", {**NO_COPY, **poll})
+    dr = await two_sites(plat, http, tmp_path, copy_seconds=1)
+    second = another_instance(plat, "b", tmp_path / "b-state" / "replica")
+    second.env["DR_CRASH_AT"] = "replication.blocks_stored@40"
+    second.start()
+    await eventually(lambda: healthy(http, second), timeout=60, what="the second instance")
+    # the first instance coordinates; restarted, it leaves that to the second one
+    first.stop()
+    first.start()
+    await eventually(lambda: healthy(http, first), timeout=60, what="the first instance again")
+    assert await metric(http, second, "dr_replication_coordinator") == 1
+    assert await metric(http, first, "dr_replication_coordinator") == 0
+    assert await metric(http, first, "dr_replication_active") == 1
+
+    items = await protected_vms(http, dr, [f"vm{i}" for i in range(6)])
+    worked: list[float] = []
+    seen: set[tuple[str, int]] = set()
+
+    async def killed() -> bool:
+        if second.alive():
+            worked.append(await committed_cycles(http, second))
+            with contextlib.suppress(httpx.HTTPError, AssertionError):
+                seen.update(await all_seqs(http, dr, items))
+            if len(worked) % 60 == 59 and max(worked) == 0:  # its partitions hold no item yet
+                items.update(await protected_vms(http, dr, [f"vm{len(items)}"]))
+            return False
+        return True
+
+    await eventually(killed, timeout=240, interval=0.5, what="kill -9 of the second instance")
+    assert second.popen is not None and second.popen.returncode == -9
+    assert max(worked) > 0, "the killed instance committed cycles (it had partitions)"
+    assert await committed_cycles(http, first) > 0, "both instances did the pipeline's work"
+    seen.update(await all_seqs(http, dr, items))
+
+    async def coordinating() -> bool:
+        return await metric(http, first, "dr_replication_coordinator") == 1
+
+    await eventually(coordinating, timeout=60, what="the first instance coordinates")
+    await all_moved_past(http, dr, items, seen)
+    pruned = await pruned_seqs_of(plat, items)
+    lost = seen - await all_seqs(http, dr, items) - pruned
+    assert not lost, f"committed points lost: {sorted(lost)}"
+
+    # restarted: a rebalance gives it partitions again, and nothing is lost
+    second.env.pop("DR_CRASH_AT")
+    second.start()
+    await eventually(lambda: healthy(http, second), timeout=60, what="the second instance back")
+    seen.update(await all_seqs(http, dr, items))
+
+    async def working_again() -> bool:
+        return await committed_cycles(http, second) > 0
+
+    await eventually(working_again, timeout=120, what="the restarted instance commits cycles")
+    await all_moved_past(http, dr, items, seen)
+    lost = seen - await all_seqs(http, dr, items) - await pruned_seqs_of(plat, items)
+    assert not lost, f"committed points lost after the rebalance: {sorted(lost)}"
+
+    # writes stopped: every replica reaches its item's last point, byte for byte
+    for name in items:
+        await dr.agent_call(
+            http, "hv-p1", "POST", f"/vms/{name}/workload", {"blocks_per_second": 0}
+        )
+    stopped = datetime.now().astimezone()
+    for name, item_id in items.items():
+
+        async def final_point(item_id: str = item_id) -> int | None:
+            later = [
+                p["cycle_seq"]
+                for p in await points(http, dr, item_id)
+                if datetime.fromisoformat(p["source_time"]) > stopped
+            ]
+            return min(later) if later else None
+
+        seq = await eventually(final_point, timeout=60, what=f"{name}: a point after the writes")
+        await replica_at(http, dr, item_id, seq)
+        current = await item(http, dr, item_id)
+        images = tmp_path / "agent-hv-r1-state" / "replica" / item_id / "disks"
+        for disk in current["disks"]:
+            replica = await asyncio.to_thread(file_sha256, images / f"{disk['disk_id']}.vhdx")
+            source = await asyncio.to_thread(file_sha256, Path(disk["path"]))
+            assert replica == source, f"{name} {disk['disk_id']}"
+    for proc in (first, second):
+        log = await asyncio.to_thread(proc.log_path.read_text, errors="replace")
+        assert "resync required" not in log, f"{proc.log_path.name}: an item resynced"
+
+
+async def healthy(http: httpx.AsyncClient, proc: Proc) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        resp = await http.get(f"{proc.url}/healthz")
+        return resp.status_code == 200 and resp.json()["status"] == "ok"
+    return False
+
+
+async def pruned_seqs_of(plat: Platform, items: dict[str, str]) -> set[tuple[str, int]]:
+    return {(i, s) for i in items.values() for s in await pruned_seqs(plat, i)}
