@@ -195,10 +195,11 @@ class SiteReplica:
                     f"the replica of item {item} is at point {head.seq}, not seeded at point "
                     f"{seq} from these images (a seed starts an item that has no replica)"
                 )
+            fresh = read_seed_record(f) != record
             for disk in disks:
-                if not copied(f, disk.disk_id):
-                    check_source(disk)  # every image, before anything is written
-            if read_seed_record(f) != record:
+                if fresh or not copied(f, disk.disk_id):
+                    check_source(disk)  # every image to copy, before anything is written
+            if fresh:
                 for folder in (f.seeding, f.disks):
                     shutil.rmtree(folder, ignore_errors=True)
                 self._trees.forget(item)

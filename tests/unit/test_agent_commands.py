@@ -29,6 +29,8 @@ from shared.schemas.agent import (
     LEAVES_PER_REPORT,
     CommandCompleted,
     DiskSpec,
+    ReplicaDisk,
+    ReplicaHandoverRequested,
     ReplicaLeavesReported,
     ReplicaSeedRequested,
     ReplicationDisableRequested,
@@ -346,3 +348,36 @@ def test_seed_and_leaves_schemas_refuse_what_cannot_be_right() -> None:
     for error, fields in bad.items():
         with pytest.raises(ValidationError, match=error):
             ReplicaLeavesReported(**{**report, **fields})  # type: ignore[arg-type]
+
+
+async def test_a_seeded_replica_is_handed_over_as_any_other(
+    agent: tuple[CommandHandler, list[EventPayload]], tmp_path: Path
+) -> None:
+    handler, sent = agent
+    disks = write_seed_images(tmp_path / "storage" / "web01", d0_blocks=100)
+    item_id = uuid.uuid4()
+    await deliver(handler, seed_command(item_id, disks))
+    roots = completed(sent)[-1].result["roots"]
+    handover = ReplicaHandoverRequested(
+        command_id=uuid.uuid4(),
+        agent_id=IDENTITY.producer_id,
+        item_id=item_id,
+        request_id=uuid.uuid4(),
+        cycle_seq=1,
+        target_dir=str(tmp_path / "storage" / "web01-failover"),
+        disks=[
+            ReplicaDisk(
+                disk_id=d.disk_id,
+                size_bytes=d.size_bytes,
+                block_size=d.block_size,
+                merkle_root=roots[d.disk_id],
+            )
+            for d in disks
+        ],
+    )
+    await deliver(handler, handover)
+    assert completed(sent)[-1].outcome == "succeeded", completed(sent)[-1].error
+    for disk in disks:
+        handed = tmp_path / "storage" / "web01-failover" / f"{disk.disk_id}.vhdx"
+        assert handed.read_bytes() == seed_bytes(disk)
+    assert handler.replica_feed.replica.head(str(item_id)).seq == 0  # consumed
