@@ -14,6 +14,7 @@ Schema; EXAMPLE_PAYLOADS overrides that for models whose rules a schema can't ex
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -114,6 +115,15 @@ EXAMPLE_PAYLOADS: dict[str, dict[str, Any]] = {
             # an all-zero 64 KiB block travels without data
             {"index": 0, "sha256": hashlib.sha256(bytes(65536)).hexdigest(), "zero": True}
         ]
+    },
+    "ReplicaLeavesReported": {
+        # one disk of two 64 KiB blocks, all zero, in one report
+        "size_bytes": 131072,
+        "block_size": 65536,
+        "chunk_no": 0,
+        "chunks": 1,
+        "first_index": 0,
+        "leaf_hashes": base64.b64encode(hashlib.sha256(bytes(65536)).digest() * 2).decode(),
     },
 }
 

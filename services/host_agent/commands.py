@@ -4,7 +4,8 @@ Only commands addressed to this agent (`agent_id`) are handled; others (the topi
 agent's commands) are skipped. A command must come from a service (`service:*`) of this agent's
 vault, else it goes to the DLQ. Idempotency: each result is kept in
 `<state_dir>/commands/<command_id>.json` before it is published; a repeated command id gets the
-same `CommandCompleted` again and nothing is executed twice.
+same `CommandCompleted` again and nothing is executed twice (a seed's leaf hashes are
+reported again before it, from the replica, if it is still at the seeded point).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from shared.schemas.agent import (
     ReplicaDeleteRequested,
     ReplicaHandoverRequested,
     ReplicaPointApplyRequested,
+    ReplicaSeedRequested,
     ReplicationDisableRequested,
     ReplicationEnableRequested,
     ReplicationPauseRequested,
@@ -62,13 +64,17 @@ COMMAND_TYPES = (
     "ReplicaDeleteRequested",
     "ReplicaHandoverRequested",
     "DifferencingDisksRequested",
+    "ReplicaSeedRequested",
 )
 # Keeping the recovery-site replica has a lane (consumer group) of its own: a backlog of points
 # to apply never holds up a failover's commands (a VM's creation, power or deletion, the
 # replica's handover, a test failover's differencing disks) nor replication commands. Within
 # each lane, commands keep their order; a failover asks for a point the replica already holds,
 # and the replica's per-item lock orders its work on one item across the lanes.
-REPLICA_COMMAND_TYPES = frozenset({"ReplicaPointApplyRequested", "ReplicaDeleteRequested"})
+# A seed is in that lane too: the item's first points are applied after it.
+REPLICA_COMMAND_TYPES = frozenset(
+    {"ReplicaPointApplyRequested", "ReplicaDeleteRequested", "ReplicaSeedRequested"}
+)
 
 
 class CommandLog:
@@ -133,6 +139,11 @@ class CommandHandler:
         completed = self.done.get(command_id)
         if completed is not None:
             log.info("repeated command: result sent again", extra={"command_id": str(command_id)})
+            if (
+                isinstance(command, ReplicaSeedRequested)
+                and completed.outcome is CommandOutcome.SUCCEEDED
+            ):
+                await self.replica_feed.report_seeded_again(command, self.emit)
         else:
             try:
                 result = await self.execute(command)
@@ -193,6 +204,8 @@ class CommandHandler:
                 return await self.replica_feed.differencing(command)
             case ReplicaDeleteRequested():
                 return await self.replica_feed.delete(command.item_id)
+            case ReplicaSeedRequested():
+                return await self.replica_feed.seed(command, self.emit)
         raise CommandFailed(f"unsupported command {type(command).__name__}")
 
     async def power(self, command: VmPowerRequested) -> dict[str, Any]:

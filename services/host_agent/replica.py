@@ -4,9 +4,9 @@ the replica can return to any retained point by rewriting only the blocks change
 
 Layout, formats and the crash-safety argument: docs/replica-store.md ("Replica at the recovery
 site"); the folder and its records: replica_format.py. This module sequences the operations
-(stage, apply, roll back, freeze a view, prune, delete, recover); the images are written by
-replica_images.py, the frozen views read by replica_views.py, the Merkle trees kept by
-replica_trees.py.
+(seed, stage, apply, roll back, freeze a view, prune, delete, recover); the images are written
+by replica_images.py (copied from image files on this host by replica_seed.py), the frozen
+views read by replica_views.py, the Merkle trees kept by replica_trees.py.
 
 Every step that changes what a reader sees is durable before the next (fdatasync/fsync, atomic
 renames, folder fsync), with a `crash_point` after it; `recover(item)` finishes what a kill -9
@@ -23,6 +23,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,20 @@ from services.host_agent.replica_format import (
     staged_record,
 )
 from services.host_agent.replica_images import previous_point, restore, write_point, write_undo
+from services.host_agent.replica_seed import (
+    SeedDisk,
+    check_source,
+    copied,
+    copy_image,
+    move_into_place,
+    read_seed_record,
+    seed_record,
+)
 from services.host_agent.replica_trees import LeafTrees
 from services.host_agent.replica_views import VIEW_ID, FrozenViews, view_seqs
 from shared.faults import crash_point
 from shared.files import fsync_dir, write_atomic
-from shared.merkle import block_count, block_hash
+from shared.merkle import HASH_SIZE, block_count, block_hash
 
 _IO_CHUNK = 1 << 20
 
@@ -155,6 +165,89 @@ class SiteReplica:
             if path.name[:12].isdigit() and int(path.name[:12]) <= up_to:
                 path.unlink(missing_ok=True)
         fsync_dir(f.staged)
+
+    # ------------------------------------------------------------------ seeding
+
+    def seed(self, item: str, seq: int, request: str, disks: list[SeedDisk]) -> Point:
+        """Start the item's replica at point `seq` from image files on this host: byte copies,
+        each disk's leaves computed while copying. Returns HEAD. Idempotent: the same seed
+        again (same request, point and images) returns HEAD without copying; a replica at
+        another point or seeded otherwise is refused. Re-run after a kill, it goes on from the
+        disks not yet copied completely.
+
+        1. `replica.seed.started` — `SEED.json` names the request and its images; anything
+           left of another seed that never finished is gone.
+        2. `replica.seed.disk_copied` (each disk) — the image copied into `seeding/` and its
+           leaves written, both fdatasync'ed; the leaves renamed into place last.
+        3. `replica.seed.images_moved` — the images, then their leaves, renamed into
+           `disks/` (folder fsync'ed).
+        4. `replica.seed.head_moved` — `HEAD.json` names point `seq` with the roots of the
+           leaves: the replica exists from here on.
+        5. `seeding/` removed (by `recover` if a kill came first)."""
+        record = seed_record(request, seq, disks)
+        with self._lock(item):
+            f = self._open(item)
+            head = f.read_head()
+            if head.seq:
+                if self.seeded(item, seq, request, disks) is not None:
+                    return head
+                raise ReplicaError(
+                    f"the replica of item {item} is at point {head.seq}, not seeded at point "
+                    f"{seq} from these images (a seed starts an item that has no replica)"
+                )
+            fresh = read_seed_record(f) != record
+            for disk in disks:
+                if fresh or not copied(f, disk.disk_id):
+                    check_source(disk)  # every image to copy, before anything is written
+            if fresh:
+                for folder in (f.seeding, f.disks):
+                    shutil.rmtree(folder, ignore_errors=True)
+                self._trees.forget(item)
+                f.root.mkdir(parents=True, exist_ok=True)
+                write_atomic(f.seed, json.dumps(record).encode())
+                crash_point("replica.seed.started")
+            f.seeding.mkdir(exist_ok=True)
+            f.disks.mkdir(exist_ok=True)
+            for disk in disks:
+                if not copied(f, disk.disk_id):
+                    self._trees.keep(item, disk.disk_id, copy_image(f, disk))
+                    crash_point("replica.seed.disk_copied")
+            for disk in disks:
+                move_into_place(f, disk.disk_id)
+            fsync_dir(f.disks)
+            fsync_dir(f.seeding)
+            crash_point("replica.seed.images_moved")
+            sized = tuple(DiskState(d.disk_id, d.size_bytes, d.block_size, "") for d in disks)
+            roots = self._trees.roots(item, f, sized)
+            point = Point(seq, tuple(replace(d, merkle_root=roots[d.disk_id]) for d in sized))
+            write_atomic(f.head, json.dumps(point.to_json()).encode())
+            crash_point("replica.seed.head_moved")
+            shutil.rmtree(f.seeding)
+            fsync_dir(f.root)
+            return point
+
+    def seeded(self, item: str, seq: int, request: str, disks: list[SeedDisk]) -> Point | None:
+        """HEAD when the replica is at point `seq` seeded by that request from those images
+        (nothing applied since), else None."""
+        with self._lock(item):
+            f = self._open(item)
+            head = f.read_head()
+            if head.seq != seq or read_seed_record(f) != seed_record(request, seq, disks):
+                return None
+            return head
+
+    def leaves(self, item: str, disk_id: str, first: int, count: int) -> bytes:
+        """HEAD's leaf hashes of blocks first..first+count-1 of a disk (32 bytes each; fewer
+        past the disk's end)."""
+        with self._lock(item):
+            f = self._open(item)
+            disk = f.read_head().disk(disk_id)
+            if disk is None:
+                raise ReplicaError(f"disk {disk_id} is not in the replica of item {item}")
+            count = max(0, min(count, block_count(disk.size_bytes, disk.block_size) - first))
+            with f.leaves(disk_id).open("rb") as lv:
+                lv.seek(first * HASH_SIZE)
+                return lv.read(count * HASH_SIZE)
 
     # ------------------------------------------------------------------ apply, rollback
 
@@ -355,6 +448,8 @@ class SiteReplica:
             shutil.rmtree(f.tmp)
         if not f.root.is_dir():
             return
+        if f.seeding.is_dir() and f.head.exists():
+            shutil.rmtree(f.seeding)  # a seed killed after its HEAD (before: re-run goes on)
         self._trees.forget(item)
         self._views.forget(item)
         head = f.read_head()

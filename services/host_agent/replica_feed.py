@@ -9,11 +9,16 @@ only, never the delta topic with every vault's blocks.
 Records of other items and cycles in the range are skipped. A repeated command finds the point
 applied and answers the same roots; a replica that is not at the point before (it missed
 points) answers a failure saying so.
+
+A reverse-replicated item's replica starts on the old primary host from the images the VM ran
+on there (`ReplicaSeedRequested`): copied into the replica, their leaf hashes reported
+(`ReplicaLeavesReported`) so the service asks the new source for the blocks that differ only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -24,19 +29,23 @@ from typing import Any
 from services.host_agent import differencing
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_format import DiskState, Point, ReplicaError
-from services.host_agent.wiring import CommandFailed
+from services.host_agent.replica_seed import SeedDisk
+from services.host_agent.wiring import CommandFailed, Emit
 from shared import topics
 from shared.delta_blocks import decode_data
-from shared.files import fsync_dir
+from shared.files import OutsideRoots, confined, fsync_dir
 from shared.kafka.decode import RawRecord, Rejected, decode_event
 from shared.kafka.ranges import RangeReader, RangeUnavailable
 from shared.kafka.security import KafkaSecurity
-from shared.merkle import block_length
+from shared.merkle import block_count, block_length
 from shared.schemas.agent import (
+    LEAVES_PER_REPORT,
     DifferencingDisksRequested,
     ReplicaDisk,
     ReplicaHandoverRequested,
+    ReplicaLeavesReported,
     ReplicaPointApplyRequested,
+    ReplicaSeedRequested,
 )
 from shared.schemas.replication import BlocksShipped
 
@@ -122,6 +131,80 @@ class ReplicaFeed:
         await asyncio.to_thread(self.replica.delete_item, str(item_id))
         log.info("replica deleted", extra={"item_id": str(item_id)})
         return {"item_id": str(item_id), "deleted": True}
+
+    async def seed(self, command: ReplicaSeedRequested, emit: Emit) -> dict[str, Any]:
+        """Reverse replication: the item's replica started from image files in this host's
+        storage (`SiteReplica.seed`: copied block by block, crash-safe, idempotent), then every
+        disk's leaves reported (`ReplicaLeavesReported`, through `emit`, before the answer)."""
+        item, seq = str(command.item_id), command.cycle_seq
+        disks = await self._seed_disks(command)
+        try:
+            point = await asyncio.to_thread(
+                self.replica.seed, item, seq, str(command.request_id), disks
+            )
+        except ReplicaError as exc:
+            raise CommandFailed(f"seeding point {seq} of item {item}: {exc}") from None
+        log.info("replica seeded", extra={"item_id": item, "seq": seq, "disks": len(disks)})
+        await self._report_leaves(command, point, emit)
+        return {
+            "item_id": item,
+            "request_id": str(command.request_id),
+            "cycle_seq": seq,
+            "roots": point.roots(),
+        }
+
+    async def report_seeded_again(self, command: ReplicaSeedRequested, emit: Emit) -> None:
+        """A repeated seed command (answered already): its leaves again, if the replica is
+        still at the seeded point (nothing is copied here)."""
+        with contextlib.suppress(CommandFailed):
+            disks = await self._seed_disks(command)
+            args = (str(command.item_id), command.cycle_seq, str(command.request_id), disks)
+            point = await asyncio.to_thread(self.replica.seeded, *args)
+            if point is not None:
+                await self._report_leaves(command, point, emit)
+
+    async def _seed_disks(self, command: ReplicaSeedRequested) -> list[SeedDisk]:
+        disks = []
+        for d in command.disks:
+            try:
+                path = await asyncio.to_thread(confined, d.path, [self.storage])
+            except OutsideRoots as exc:
+                raise CommandFailed(
+                    f"disk {d.disk_id}: {exc}: images are read from this host's storage only"
+                ) from None
+            disks.append(SeedDisk(d.disk_id, path, d.size_bytes, d.block_size))
+        return disks
+
+    async def _report_leaves(self, command: ReplicaSeedRequested, point: Point, emit: Emit) -> None:
+        """Every disk's leaf hashes, disk by disk, `LEAVES_PER_REPORT` a report (one report's
+        hashes read at a time)."""
+        item = str(command.item_id)
+        for disk in point.disks:
+            blocks = block_count(disk.size_bytes, disk.block_size)
+            chunks = -(-blocks // LEAVES_PER_REPORT)
+            for chunk_no in range(chunks):
+                first = chunk_no * LEAVES_PER_REPORT
+                try:
+                    raw = await asyncio.to_thread(
+                        self.replica.leaves, item, disk.disk_id, first, LEAVES_PER_REPORT
+                    )
+                except ReplicaError as exc:
+                    raise CommandFailed(f"leaves of item {item}: {exc}") from None
+                await emit(
+                    ReplicaLeavesReported(
+                        item_id=command.item_id,
+                        request_id=command.request_id,
+                        cycle_seq=point.seq,
+                        disk_id=disk.disk_id,
+                        disk_count=len(point.disks),
+                        size_bytes=disk.size_bytes,
+                        block_size=disk.block_size,
+                        chunk_no=chunk_no,
+                        chunks=chunks,
+                        first_index=first,
+                        leaf_hashes=base64.b64encode(raw).decode(),
+                    )
+                )
 
     async def _target(self, target_dir: str) -> Path:
         target = await asyncio.to_thread(Path(target_dir).resolve)

@@ -12,6 +12,9 @@ site"). In short, per item folder:
   size at seq-1, 0 if the disk did not exist}}, then records: disk id length (u16), disk id,
   block index (u64), old leaf (32), length (u32), the block's bytes at seq-1.
 - `ROLLBACK.json` {"to": seq}: a rollback in progress (finished by `recover`).
+- `SEED.json` {"request", "seq", "disks": [{"disk_id", "path", "size_bytes", "block_size"}]}:
+  the image files the replica was started from (replica_seed.py); `seeding/` holds their
+  copies until they move into `disks/`.
 - `views/<view_id>.json` {"seq", "owners"}: a frozen view of point seq; pins the undo records
   above it. `owners` (optional): files (JSON naming the view in "view") that keep it alive; a
   view whose owners all are gone (a kill between freezing and creating them, or between
@@ -164,6 +167,8 @@ class ItemFiles:
         self.undo = root / "undo"
         self.views = root / "views"
         self.tmp = root / "tmp"
+        self.seed = root / "SEED.json"
+        self.seeding = root / "seeding"
 
     def image(self, disk_id: str) -> Path:
         return self.disks / f"{disk_id}.vhdx"

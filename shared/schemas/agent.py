@@ -5,12 +5,14 @@ again replies with the first result and does not repeat the effect."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared import topics
 from shared.schemas.envelope import EventPayload
@@ -127,6 +129,80 @@ class ReplicaPointApplyRequested(_Command):
     last_offset: int | None = Field(default=None, ge=0)
     disks: list[ReplicaDisk] = Field(min_length=1, max_length=64)
     keep_from: int = Field(ge=1)
+
+
+LEAVES_PER_REPORT = 16_384  # leaf hashes per ReplicaLeavesReported: 512 KiB, ~700 KB base64
+_LEAVES_B64 = 4 * -(-LEAVES_PER_REPORT * 32 // 3)  # base64 length of a full report
+
+
+class SeedImage(EventPayload):
+    """An image file on the recovery host that a disk of the replica starts from."""
+
+    disk_id: str = Field(min_length=1, max_length=100)
+    path: str = Field(
+        min_length=1, max_length=1024, description="Image file on this host, in its storage."
+    )
+    size_bytes: int = Field(gt=0, description="The disk's size (a shorter file reads as zeros).")
+    block_size: int = Field(default=65536, gt=0, le=16 * 2**20)
+
+
+@event_type("ReplicaSeedRequested", topic=topics.AGENT_COMMANDS)
+class ReplicaSeedRequested(_Command):
+    """Start the item's replica on this host from these images as point `cycle_seq` (reverse
+    replication: the old primary host keeps the images of the VM that ran on it). The agent
+    copies each image into the replica, block by block, and reports every disk's leaf hashes
+    (`ReplicaLeavesReported` events, disk by disk, chunk by chunk) then answers with
+    `CommandCompleted` (result {"item_id", "request_id", "cycle_seq", "roots": {disk_id:
+    root}}). Every path must be a file in this host's storage folder, at most `size_bytes`
+    long. A repeated command finds the replica seeded and reports the same; an item whose
+    replica is at another point or was seeded from other images is refused."""
+
+    item_id: uuid.UUID
+    request_id: uuid.UUID = Field(description="The reverse replication request.")
+    cycle_seq: int = Field(ge=1)
+    disks: list[SeedImage] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _distinct_disks(self) -> ReplicaSeedRequested:
+        ids = [d.disk_id for d in self.disks]
+        if len(set(ids)) != len(ids):
+            raise ValueError("each disk is named once")
+        return self
+
+
+@event_type("ReplicaLeavesReported", topic=topics.AGENT_EVENTS, signed=True)
+class ReplicaLeavesReported(EventPayload):
+    """Leaf hashes of one disk of a replica seeded on this host (`ReplicaSeedRequested`): base64
+    of concatenated 32-byte SHA-256 digests of the blocks from `first_index` on, at most
+    LEAVES_PER_REPORT (16,384) a report, `chunks` reports per disk; all of them are sent before
+    the command's `CommandCompleted`, on the same key (the agent id)."""
+
+    item_id: uuid.UUID
+    request_id: uuid.UUID
+    cycle_seq: int = Field(ge=1)
+    disk_id: str = Field(min_length=1, max_length=100)
+    disk_count: int = Field(ge=1, le=64)
+    size_bytes: int = Field(gt=0)
+    block_size: int = Field(gt=0)
+    chunk_no: int = Field(ge=0)
+    chunks: int = Field(ge=1)
+    first_index: int = Field(ge=0)
+    leaf_hashes: str = Field(min_length=44, max_length=_LEAVES_B64)
+
+    @model_validator(mode="after")
+    def _leaves_of_the_disk(self) -> ReplicaLeavesReported:
+        if self.chunk_no >= self.chunks:
+            raise ValueError(f"chunk {self.chunk_no} of {self.chunks}")
+        try:
+            count, rest = divmod(len(base64.b64decode(self.leaf_hashes, validate=True)), 32)
+        except binascii.Error:
+            raise ValueError("leaf_hashes is not base64") from None
+        if rest:  # max_length keeps it to LEAVES_PER_REPORT digests
+            raise ValueError("leaf_hashes is not whole 32-byte digests")
+        blocks = -(-self.size_bytes // self.block_size)
+        if self.first_index + count > blocks:
+            raise ValueError(f"leaves past the disk's {blocks} blocks")
+        return self
 
 
 @event_type("ReplicaHandoverRequested", topic=topics.AGENT_COMMANDS)

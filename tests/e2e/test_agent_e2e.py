@@ -22,13 +22,22 @@ from kit.platform import Platform
 from kit.poll import eventually
 from kit.procs import REPO, Proc
 from shared import signing, topics
-from shared.merkle import BLOCK_SIZE, MerkleTree, block_count, block_hash, disk_root
+from shared.merkle import (
+    BLOCK_SIZE,
+    MerkleTree,
+    block_count,
+    block_hash,
+    disk_root,
+    disk_tree,
+)
 from shared.schemas.agent import (
     DiskSpec,
+    ReplicaSeedRequested,
     ReplicationEnableRequested,
     ReplicationPauseRequested,
     ReplicationResumeRequested,
     ResyncRequested,
+    SeedImage,
     VmPowerRequested,
 )
 from shared.schemas.envelope import Envelope, EventPayload, new_envelope
@@ -433,3 +442,67 @@ async def test_restarts_scan_mode_and_resync(
     status = (await items(http, agent))[str(item_id)]
     assert not status["needs_resync"] and status["state"] == "replicating"
     assert_identical(agent, replica)
+
+
+async def test_a_seed_reports_signed_leaves_before_its_answer(
+    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """The old primary host seeds a reverse item's replica from the VM's images there: its
+    leaf hashes go out signed, on the agent's key, ahead of the answer with the roots."""
+    agent = await start_agent(platform, http, tmp_path)
+    item_id, request_id = uuid.uuid4(), uuid.uuid4()
+    specs = agent.disks()
+    seed = ReplicaSeedRequested(
+        command_id=uuid.uuid4(),
+        agent_id=agent.producer_id,
+        item_id=item_id,
+        request_id=request_id,
+        cycle_seq=1,
+        disks=[SeedImage(disk_id=s.disk_id, path=s.path, size_bytes=s.size_bytes) for s in specs],
+    )
+    # A seed naming a disk twice goes to the DLQ with its reason; the agent goes on.
+    bad = json.loads(
+        new_envelope(seed, vault_id=agent.vault_id, producer_id="service:r").to_bytes()
+    )
+    bad["payload"]["disks"] *= 2
+    topic, marker = platform.prefix + topics.AGENT_COMMANDS, f"bad-{uuid.uuid4().hex[:6]}"
+    await produce(platform.stack.kafka, topic, json.dumps(bad).encode(), key=marker)
+    [dead] = await wait_for_records(
+        platform.stack.kafka,
+        topics.dlq_of(topic),
+        lambda r: (
+            r.key == marker
+            and r.headers["dlq.consumer.group"].endswith(f"agent.{agent.producer_id}")
+        ),
+    )
+    assert dead.headers["dlq.reason"] == "invalid_payload"
+    assert "each disk is named once" in dead.headers["dlq.detail"]
+
+    await command(platform, agent, seed)
+    [answer] = await completion(platform, seed.command_id)
+    roots = {s.disk_id: disk_root(Path(s.path)) for s in specs}
+    assert answer["payload"]["outcome"] == "succeeded", answer
+    assert answer["payload"]["result"] == {
+        "item_id": str(item_id),
+        "request_id": str(request_id),
+        "cycle_seq": 1,
+        "roots": roots,
+    }
+    records = await read_all(platform.stack.kafka, platform.prefix + topics.AGENT_EVENTS)
+    done = next(r for r in records if r.json()["event_id"] == answer["event_id"])
+    reports = [
+        r
+        for r in records
+        if r.json()["type"] == "ReplicaLeavesReported"
+        and r.json()["payload"]["request_id"] == str(request_id)
+    ]
+    assert [r.json()["payload"]["disk_id"] for r in reports] == [s.disk_id for s in specs]
+    for record, spec in zip(reports, specs, strict=True):
+        env = Envelope.model_validate_json(record.value)
+        assert env.signature_valid(agent.public_key)
+        assert (record.key, record.partition) == (str(agent.producer_id), done.partition)
+        assert record.offset < done.offset  # ahead of the answer
+        payload = env.payload
+        assert (payload["chunk_no"], payload["chunks"], payload["first_index"]) == (0, 1, 0)
+        leaves = b"".join(disk_tree(Path(spec.path)).leaf_hashes())
+        assert base64.b64decode(payload["leaf_hashes"]) == leaves

@@ -2,7 +2,8 @@
 cycle's offset range; the agent applies exactly that item's and cycle's blocks (other items'
 records, other cycles' and undecodable records in the range are skipped), answers with its
 roots, answers a repeated command the same, refuses a point that cannot follow, undoes a point
-whose roots are not the source's, and applies a cycle that changed nothing without a read."""
+whose roots are not the source's, applies a cycle that changed nothing without a read, and
+applies the next point on a replica seeded from an image on the host."""
 
 from __future__ import annotations
 
@@ -25,9 +26,15 @@ from shared import topics
 from shared.kafka.admin import ensure_topics
 from shared.kafka.security import KafkaSecurity
 from shared.merkle import block_hash, zero_block_hash
-from shared.schemas.agent import ReplicaDisk, ReplicaPointApplyRequested
-from shared.schemas.envelope import new_envelope
+from shared.schemas.agent import (
+    ReplicaDisk,
+    ReplicaPointApplyRequested,
+    ReplicaSeedRequested,
+    SeedImage,
+)
+from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.replication import Block, BlocksShipped, Compression
+from tests.support.site_replica_worker import seed_bytes, seeded_sources, write_seed_images
 from tests.support.store_worker import SourceDisk
 
 pytestmark = pytest.mark.integration
@@ -162,4 +169,54 @@ async def test_a_point_is_applied_from_its_records_only(deltas: Deltas, tmp_path
         "roots": {"d0": disk.root()},
     }
     assert feed.reader.starts == 1  # every point read through one consumer
+    await feed.close()
+
+
+async def test_a_seeded_replica_takes_the_next_point_from_the_feed(
+    deltas: Deltas, tmp_path: Path
+) -> None:
+    item = uuid.uuid4()
+    image = write_seed_images(tmp_path / "storage" / "web01")[1]  # 4 KiB blocks, sparse, short
+    feed = ReplicaFeed(
+        SiteReplica(tmp_path / "state"),
+        deltas.stack.kafka,
+        deltas.prefix,
+        tmp_path / "storage",
+        agent_id=deltas.agent,
+    )
+    reports: list[EventPayload] = []
+
+    async def emit(event: EventPayload) -> None:
+        reports.append(event)
+
+    seed = ReplicaSeedRequested(
+        command_id=uuid.uuid4(),
+        agent_id=uuid.uuid4(),
+        item_id=item,
+        request_id=uuid.uuid4(),
+        cycle_seq=1,
+        disks=[
+            SeedImage(
+                disk_id=image.disk_id,
+                path=str(image.path),
+                size_bytes=image.size_bytes,
+                block_size=BS,
+            )
+        ],
+    )
+    [disk] = seeded_sources([image], {image.disk_id: seed_bytes(image)}, random.Random(5))
+    answer = await feed.seed(seed, emit)
+    assert answer["roots"] == {"d1": disk.root()} and answer["cycle_seq"] == 1
+    assert [type(r).__name__ for r in reports] == ["ReplicaLeavesReported"]
+
+    changed = disk.write_random(0.3)
+    disk.zero([7])
+    at = await deltas.batch(item, 2, disk, [*changed, 7], zlib_=True)
+    assert await feed.apply(command(item, 2, at, at, disk)) == {
+        "item_id": str(item),
+        "cycle_seq": 2,
+        "roots": {"d1": disk.root()},
+    }
+    replica = tmp_path / "state" / "replica" / str(item) / "disks" / "d1.vhdx"
+    assert hashlib.sha256(replica.read_bytes()).hexdigest() == disk.sha256()
     await feed.close()

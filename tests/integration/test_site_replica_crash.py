@@ -1,5 +1,5 @@
-"""kill -9 at every crash point of the recovery-site replica's apply, rollback (undo) and prune,
-and of a recovery that is itself interrupted: after recovery the images equal the point HEAD
+"""kill -9 at every crash point of the recovery-site replica's apply, rollback (undo), prune and
+seed, and of a recovery that is itself interrupted: after recovery the images equal the point HEAD
 names byte for byte, every retained point is still reachable and byte-identical, no staged or
 temp file of an applied point stays, and the replica goes on working.
 
@@ -9,6 +9,7 @@ PostgreSQL."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,7 +18,19 @@ from pathlib import Path
 import pytest
 
 from services.host_agent.replica import SiteReplica
-from tests.support.site_replica_worker import ITEM, History, ship
+from shared.merkle import MerkleTree
+from tests.support.site_replica_worker import (
+    ITEM,
+    SEED_REQUEST,
+    History,
+    seed_bytes,
+    seed_disks,
+    seed_leaves,
+    seeded_sources,
+    sha,
+    ship,
+    write_seed_images,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 APPLY_POINTS = [
@@ -25,6 +38,13 @@ APPLY_POINTS = [
     "replica.apply.blocks_written",
     "replica.apply.head_moved",
     "replica.apply.unstaged",
+]
+SEED_POINTS = [
+    "replica.seed.started",
+    "replica.seed.disk_copied",
+    "replica.seed.disk_copied@2",
+    "replica.seed.images_moved",
+    "replica.seed.head_moved",
 ]
 UNDO_POINTS = [
     "replica.undo.started",
@@ -114,3 +134,52 @@ def test_kill_9_during_recovery_of_a_killed_apply(tmp_path: Path) -> None:
     replica = check(h, tmp_path)
     assert replica.head(ITEM).seq == 7
     h.cycle(8)
+
+
+@pytest.mark.parametrize("crash_at", SEED_POINTS)
+def test_kill_9_mid_seed(tmp_path: Path, crash_at: str) -> None:
+    images = write_seed_images(tmp_path / "src")
+    expected = {d.disk_id: seed_bytes(d) for d in images}
+    leaves = {d.disk_id: seed_leaves(d) for d in images}
+    roots = {
+        d.disk_id: MerkleTree.from_leaves(
+            (leaves[d.disk_id][i : i + 32] for i in range(0, len(leaves[d.disk_id]), 32)),
+            len(leaves[d.disk_id]) // 32,
+        ).root_hex()
+        for d in images
+    }
+    run(tmp_path, "seed", str(tmp_path / "src"), crash_at)
+    replica = SiteReplica(tmp_path)
+    # the replica exists once HEAD names it, complete; before, it is not there at all
+    assert replica.head(ITEM).seq == (1 if crash_at == "replica.seed.head_moved" else 0)
+    if crash_at == "replica.seed.disk_copied":
+        images[0].path.unlink()  # copied completely: the re-run does not read it again
+    point = replica.seed(ITEM, 1, SEED_REQUEST, seed_disks(tmp_path / "src"))
+    assert point.roots() == roots == SiteReplica(tmp_path).roots(ITEM)
+    for disk_id, data in expected.items():
+        assert replica.image_path(ITEM, disk_id).read_bytes() == data, disk_id
+        assert replica.leaves(ITEM, disk_id, 0, 1 << 30) == leaves[disk_id]
+    item = tmp_path / "replica" / ITEM
+    assert not (item / "seeding").exists()
+    assert not (item / "tmp").exists() or not list((item / "tmp").iterdir())
+    # goes on: a point applies on top, and rolls back to the seed
+    disks = seeded_sources(images, expected, random.Random(3))
+    for d in disks:
+        d.write_random(0.1)
+    ship(replica, ITEM, 2, disks)
+    assert replica.apply(ITEM, 2).seq == 2
+    assert {d.disk_id: sha(replica.image_path(ITEM, d.disk_id)) for d in disks} == {
+        d.disk_id: d.sha256() for d in disks
+    }
+    assert replica.rollback(ITEM, 1) == point
+
+
+def test_kill_9_during_the_rerun_of_a_killed_seed(tmp_path: Path) -> None:
+    images = write_seed_images(tmp_path / "src")
+    run(tmp_path, "seed", str(tmp_path / "src"), "replica.seed.disk_copied")
+    run(tmp_path, "seed", str(tmp_path / "src"), "replica.seed.images_moved")
+    replica = SiteReplica(tmp_path)
+    assert replica.head(ITEM).seq == 0
+    replica.seed(ITEM, 1, SEED_REQUEST, images)
+    for image in images:
+        assert replica.image_path(ITEM, image.disk_id).read_bytes() == seed_bytes(image)

@@ -13,11 +13,15 @@ from pathlib import Path
 from services.host_agent import differencing
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_format import DiskState, Point
-from shared.merkle import block_hash
+from services.host_agent.replica_seed import SeedDisk
+from shared.merkle import block_count, block_hash
+from shared.schemas.agent import LEAVES_PER_REPORT
 from tests.support.store_worker import SourceDisk
 
 BS = 4096
 ITEM = "item-1"
+SEED_REQUEST = "5eed0000-0000-4000-8000-000000000001"
+SEED_BLOCKS = 2 * LEAVES_PER_REPORT + 5  # d0's blocks: three reports of leaves
 
 
 def ship(replica: SiteReplica, item: str, seq: int, disks: list[SourceDisk]) -> Point:
@@ -75,6 +79,57 @@ class History:
         return {d.disk_id: sha(self.replica.image_path(ITEM, d.disk_id)) for d in self.disks}
 
 
+def seed_disks(folder: Path, d0_blocks: int = SEED_BLOCKS) -> list[SeedDisk]:
+    """Two images to seed a replica from (`write_seed_images` writes them): d0 of 64-byte
+    blocks, its last one short; d1 of 4 KiB blocks, its file shorter than the disk."""
+    return [
+        SeedDisk("d0", folder / "d0.vhdx", d0_blocks * 64 - 20, 64),
+        SeedDisk("d1", folder / "d1.vhdx", 40 * BS + 100, BS),
+    ]
+
+
+def write_seed_images(folder: Path, d0_blocks: int = SEED_BLOCKS) -> list[SeedDisk]:
+    """The images of `seed_disks`: d0 random with 50 all-zero blocks; d1 a sparse file (a hole
+    over blocks 2-5) that ends inside block 10 of its 41 (reads as zeros past its end)."""
+    rng = random.Random(11)
+    disks = seed_disks(folder, d0_blocks)
+    folder.mkdir(parents=True, exist_ok=True)
+    d0 = bytearray(rng.randbytes(disks[0].size_bytes))
+    for i in rng.sample(range(d0_blocks - 1), min(50, d0_blocks // 2)):
+        d0[i * 64 : (i + 1) * 64] = bytes(64)
+    disks[0].path.write_bytes(d0)
+    with disks[1].path.open("wb") as fh:
+        fh.write(rng.randbytes(2 * BS))
+        fh.seek(6 * BS)
+        fh.write(rng.randbytes(4 * BS + 33))
+    return disks
+
+
+def seed_bytes(disk: SeedDisk) -> bytes:
+    """The disk an image file stands for (zeros past the file's end)."""
+    data = disk.path.read_bytes()
+    return data + bytes(disk.size_bytes - len(data))
+
+
+def seed_leaves(disk: SeedDisk) -> bytes:
+    data, bs = seed_bytes(disk), disk.block_size
+    n = block_count(disk.size_bytes, bs)
+    return b"".join(block_hash(data[i * bs : (i + 1) * bs]) for i in range(n))
+
+
+def seeded_sources(
+    images: list[SeedDisk], contents: dict[str, bytes], rng: random.Random
+) -> list[SourceDisk]:
+    """Source disks holding what the images seeded (`contents`: disk id -> `seed_bytes`),
+    counted as shipped: later points ship what changes."""
+    disks = []
+    for image in images:
+        disk = SourceDisk(image.disk_id, image.size_bytes, image.block_size, rng)
+        disk.image[:] = disk.shipped[:] = contents[image.disk_id]
+        disks.append(disk)
+    return disks
+
+
 def differencing_disks(replica: SiteReplica, seq: int, target: Path) -> dict[str, Path]:
     """Differencing disks (a test failover) over point `seq` of the item in `target`, the
     view named after the folder (a repeated call finds it); the point's disks as HEAD or the
@@ -105,6 +160,8 @@ def main(argv: list[str]) -> None:
         replica.prune(item, int(arg))
     elif op == "recover":
         replica.recover(item)
+    elif op == "seed":  # arg: the folder of `write_seed_images`
+        replica.seed(item, 1, SEED_REQUEST, seed_disks(Path(arg)))
     else:
         raise SystemExit(f"unknown op {op}")
 

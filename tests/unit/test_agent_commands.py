@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from services.host_agent.commands import COMMAND_TYPES, REPLICA_COMMAND_TYPES, CommandHandler
 from services.host_agent.cycles import FileSink, signer_for
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_feed import ReplicaFeed
+from services.host_agent.replica_seed import SeedDisk
 from services.host_agent.replicator import Replicator
 from services.host_agent.tracking import HostIO
 from services.host_agent.vms import create_vm, disk_path, load_vm
@@ -20,17 +24,30 @@ from services.host_agent.workload import Workloads
 from shared import signing
 from shared.edge_identity import Identity
 from shared.kafka.decode import Incoming, Rejected
+from shared.merkle import disk_root
 from shared.schemas.agent import (
+    LEAVES_PER_REPORT,
     CommandCompleted,
     DiskSpec,
+    ReplicaDisk,
+    ReplicaHandoverRequested,
+    ReplicaLeavesReported,
+    ReplicaSeedRequested,
     ReplicationDisableRequested,
     ReplicationEnableRequested,
     ReplicationPauseRequested,
     ReplicationResumeRequested,
+    SeedImage,
     VmPowerRequested,
 )
 from shared.schemas.envelope import EventPayload, new_envelope
 from shared.schemas.registration import ProducerKind
+from tests.support.site_replica_worker import (
+    SEED_REQUEST,
+    seed_bytes,
+    seed_leaves,
+    write_seed_images,
+)
 
 IDENTITY = Identity(
     producer_id=uuid.uuid4(),
@@ -188,5 +205,179 @@ async def test_the_replicas_commands_have_a_lane_of_their_own(
     assert not main & replica  # each command is taken by one lane only
     assert main | replica == set(COMMAND_TYPES)
     assert replica == REPLICA_COMMAND_TYPES
+    assert "ReplicaSeedRequested" in replica  # before the item's first points
     failover = {"VmCreateRequested", "VmPowerRequested", "VmDeleteRequested"}
     assert failover | {"ReplicaHandoverRequested", "DifferencingDisksRequested"} <= main
+
+
+def seed_command(item_id: uuid.UUID, disks: list[SeedDisk], **kw: Any) -> ReplicaSeedRequested:
+    return ReplicaSeedRequested(
+        command_id=uuid.uuid4(),
+        agent_id=IDENTITY.producer_id,
+        item_id=item_id,
+        request_id=kw.get("request_id", uuid.UUID(SEED_REQUEST)),
+        cycle_seq=1,
+        disks=[
+            SeedImage(
+                disk_id=d.disk_id,
+                path=str(kw.get("path", d.path)),
+                size_bytes=d.size_bytes,
+                block_size=d.block_size,
+            )
+            for d in disks
+        ],
+    )
+
+
+async def test_a_seed_reports_every_disks_leaves_then_answers(
+    agent: tuple[CommandHandler, list[EventPayload]], tmp_path: Path
+) -> None:
+    handler, sent = agent
+    disks = write_seed_images(tmp_path / "storage" / "web01")
+    item_id = uuid.uuid4()
+    seed = seed_command(item_id, disks)
+    await deliver(handler, seed)
+    *leaves, answer = sent
+    assert isinstance(answer, CommandCompleted) and answer.outcome == "succeeded", answer
+    roots = {d.disk_id: disk_root(d.path, d.size_bytes, d.block_size) for d in disks}
+    assert answer.result == {
+        "item_id": str(item_id),
+        "request_id": SEED_REQUEST,
+        "cycle_seq": 1,
+        "roots": roots,
+    }
+    # disk by disk, chunk by chunk, at most LEAVES_PER_REPORT each: d0's 32,773 in three
+    reports = [r for r in leaves if isinstance(r, ReplicaLeavesReported)]
+    assert len(reports) == len(leaves)
+    assert [(r.disk_id, r.chunk_no, r.chunks, r.first_index) for r in reports] == [
+        ("d0", 0, 3, 0),
+        ("d0", 1, 3, LEAVES_PER_REPORT),
+        ("d0", 2, 3, 2 * LEAVES_PER_REPORT),
+        ("d1", 0, 1, 0),
+    ]
+    for disk in disks:
+        mine = [r for r in reports if r.disk_id == disk.disk_id]
+        assert all(
+            (r.item_id, r.request_id, r.cycle_seq, r.disk_count) == (item_id, seed.request_id, 1, 2)
+            and (r.size_bytes, r.block_size) == (disk.size_bytes, disk.block_size)
+            for r in mine
+        )
+        got = b"".join(base64.b64decode(r.leaf_hashes) for r in mine)
+        assert got == seed_leaves(disk), disk.disk_id
+    replica = handler.replica_feed.replica
+    for disk in disks:
+        assert replica.image_path(str(item_id), disk.disk_id).read_bytes() == seed_bytes(disk)
+
+    # The same command again (a redelivery): the leaves and the answer again, no copy (the
+    # images are gone); so for a new command of the same request.
+    for disk in disks:
+        disk.path.unlink()
+    for again in (seed, seed.model_copy(update={"command_id": uuid.uuid4()})):
+        sent.clear()
+        await deliver(handler, again)
+        assert sent[:-1] == leaves
+        assert isinstance(sent[-1], CommandCompleted)
+        assert sent[-1].result == answer.result and sent[-1].outcome == "succeeded"
+
+    # Another request for the item: refused, the replica kept.
+    sent.clear()
+    await deliver(handler, seed_command(item_id, disks, request_id=uuid.uuid4()))
+    assert len(sent) == 1 and completed(sent)[0].outcome == "failed"
+    assert "is at point 1, not seeded at point 1 from these images" in completed(sent)[0].error
+    assert replica.roots(str(item_id)) == roots
+
+
+async def test_a_seed_from_outside_the_storage_or_a_missing_image_fails(
+    agent: tuple[CommandHandler, list[EventPayload]], tmp_path: Path
+) -> None:
+    handler, sent = agent
+    disks = write_seed_images(tmp_path / "elsewhere")
+    link = tmp_path / "storage" / "link.vhdx"
+    link.symlink_to(disks[0].path)
+    item_id = uuid.uuid4()
+    for path in (disks[0].path, link, tmp_path / "storage" / ".." / "elsewhere" / "d0.vhdx"):
+        sent.clear()
+        await deliver(handler, seed_command(item_id, disks[:1], path=path))
+        assert len(sent) == 1 and completed(sent)[0].outcome == "failed", path
+        assert "images are read from this host's storage only" in completed(sent)[0].error
+    sent.clear()
+    await deliver(handler, seed_command(item_id, disks[:1], path=tmp_path / "storage" / "no.vhdx"))
+    assert len(sent) == 1 and "no.vhdx does not exist" in completed(sent)[0].error
+    assert handler.replica_feed.replica.head(str(item_id)).seq == 0
+
+
+def test_seed_and_leaves_schemas_refuse_what_cannot_be_right() -> None:
+    disk = SeedImage(disk_id="d0", path="/s/d0.vhdx", size_bytes=10)
+    assert disk.block_size == 65536
+    base = {
+        "command_id": uuid.uuid4(),
+        "agent_id": uuid.uuid4(),
+        "item_id": uuid.uuid4(),
+        "request_id": uuid.uuid4(),
+        "cycle_seq": 1,
+    }
+    with pytest.raises(ValidationError, match="each disk is named once"):
+        ReplicaSeedRequested(**base, disks=[disk, disk])
+    with pytest.raises(ValidationError):
+        ReplicaSeedRequested(**base, disks=[])
+    leaf = bytes(32)
+    report = {
+        "item_id": uuid.uuid4(),
+        "request_id": uuid.uuid4(),
+        "cycle_seq": 1,
+        "disk_id": "d0",
+        "disk_count": 1,
+        "size_bytes": 65536 * 3,
+        "block_size": 65536,
+        "chunk_no": 0,
+        "chunks": 1,
+        "first_index": 0,
+    }
+    ok = ReplicaLeavesReported(**report, leaf_hashes=base64.b64encode(leaf * 3).decode())
+    assert ok.first_index == 0
+    bad = {
+        "leaves past the disk's 3 blocks": {"leaf_hashes": base64.b64encode(leaf * 4).decode()},
+        "not whole 32-byte digests": {"leaf_hashes": base64.b64encode(leaf + b"x" * 12).decode()},
+        "not base64": {"leaf_hashes": "!" * 44},
+        "chunk 1 of 1": {"chunk_no": 1, "leaf_hashes": base64.b64encode(leaf).decode()},
+        "at most 699052 characters": {
+            "size_bytes": 2**40,
+            "leaf_hashes": base64.b64encode(leaf * (LEAVES_PER_REPORT + 1)).decode(),
+        },
+    }
+    for error, fields in bad.items():
+        with pytest.raises(ValidationError, match=error):
+            ReplicaLeavesReported(**{**report, **fields})  # type: ignore[arg-type]
+
+
+async def test_a_seeded_replica_is_handed_over_as_any_other(
+    agent: tuple[CommandHandler, list[EventPayload]], tmp_path: Path
+) -> None:
+    handler, sent = agent
+    disks = write_seed_images(tmp_path / "storage" / "web01", d0_blocks=100)
+    item_id = uuid.uuid4()
+    await deliver(handler, seed_command(item_id, disks))
+    roots = completed(sent)[-1].result["roots"]
+    handover = ReplicaHandoverRequested(
+        command_id=uuid.uuid4(),
+        agent_id=IDENTITY.producer_id,
+        item_id=item_id,
+        request_id=uuid.uuid4(),
+        cycle_seq=1,
+        target_dir=str(tmp_path / "storage" / "web01-failover"),
+        disks=[
+            ReplicaDisk(
+                disk_id=d.disk_id,
+                size_bytes=d.size_bytes,
+                block_size=d.block_size,
+                merkle_root=roots[d.disk_id],
+            )
+            for d in disks
+        ],
+    )
+    await deliver(handler, handover)
+    assert completed(sent)[-1].outcome == "succeeded", completed(sent)[-1].error
+    for disk in disks:
+        handed = tmp_path / "storage" / "web01-failover" / f"{disk.disk_id}.vhdx"
+        assert handed.read_bytes() == seed_bytes(disk)
+    assert handler.replica_feed.replica.head(str(item_id)).seq == 0  # consumed

@@ -4,6 +4,8 @@ later points are applied; retention prunes the journal; a wrong root is undone."
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,19 @@ from services.host_agent.replica_format import (
     ReplicaError,
     RootMismatch,
 )
-from shared.merkle import block_hash
-from tests.support.site_replica_worker import BS, ITEM, History, ship
+from shared.merkle import block_hash, disk_root
+from tests.support.site_replica_worker import (
+    BS,
+    ITEM,
+    SEED_REQUEST,
+    History,
+    seed_bytes,
+    seed_leaves,
+    seeded_sources,
+    ship,
+    write_seed_images,
+)
+from tests.support.site_replica_worker import sha as sha256
 
 
 def test_every_point_applied_is_byte_identical_with_the_sources_roots(tmp_path: Path) -> None:
@@ -89,3 +102,82 @@ def test_staging_checks_hashes_and_ignores_applied_points(tmp_path: Path) -> Non
     with pytest.raises(ReplicaError, match="not staged"):
         h.replica.apply(ITEM, 3)
     assert h.replica.apply(ITEM, 2).seq == 2  # applied already: a no-op
+
+
+def test_a_seeded_replica_is_a_byte_copy_of_its_images(tmp_path: Path) -> None:
+    disks = write_seed_images(tmp_path / "src")
+    replica = SiteReplica(tmp_path)
+    point = replica.seed(ITEM, 1, SEED_REQUEST, disks)
+    assert point.seq == replica.head(ITEM).seq == 1
+    for disk in disks:
+        assert replica.image_path(ITEM, disk.disk_id).read_bytes() == seed_bytes(disk)
+        root = disk_root(disk.path, disk.size_bytes, disk.block_size)
+        assert point.disk(disk.disk_id) == DiskState(
+            disk.disk_id, disk.size_bytes, disk.block_size, root
+        )
+        leaves = seed_leaves(disk)
+        assert replica.leaves(ITEM, disk.disk_id, 0, 1 << 30) == leaves
+        assert replica.leaves(ITEM, disk.disk_id, 3, 5) == leaves[3 * 32 : 8 * 32]
+    assert replica.roots(ITEM) == SiteReplica(tmp_path).roots(ITEM) == point.roots()
+    assert replica.retained(ITEM) == [1]
+    assert not (tmp_path / "replica" / ITEM / "seeding").exists()
+
+
+def test_a_seed_is_idempotent_and_never_replaces_a_replica(tmp_path: Path) -> None:
+    disks = write_seed_images(tmp_path / "src", d0_blocks=100)
+    replica = SiteReplica(tmp_path)
+    point = replica.seed(ITEM, 1, SEED_REQUEST, disks)
+    for disk in disks:
+        disk.path.unlink()  # the same seed again reads nothing
+    assert replica.seed(ITEM, 1, SEED_REQUEST, disks) == point
+    assert replica.seeded(ITEM, 1, SEED_REQUEST, disks) == point
+    others = {
+        "another request": (1, "5eed0000-0000-4000-8000-000000000002", disks),
+        "another point": (2, SEED_REQUEST, disks),
+        "other images": (1, SEED_REQUEST, write_seed_images(tmp_path / "other", 100)),
+    }
+    for what, (seq, request, images) in others.items():
+        assert replica.seeded(ITEM, seq, request, images) is None, what
+        with pytest.raises(ReplicaError, match="is at point 1, not seeded"):
+            replica.seed(ITEM, seq, request, images)
+    assert replica.head(ITEM) == point
+
+
+def test_a_seed_from_a_missing_or_longer_image_is_refused(tmp_path: Path) -> None:
+    disks = write_seed_images(tmp_path / "src", d0_blocks=100)
+    replica = SiteReplica(tmp_path)
+    gone = [disks[0], replace(disks[1], path=tmp_path / "src" / "gone.vhdx")]
+    with pytest.raises(ReplicaError, match=r"disk d1: image .*gone\.vhdx does not exist"):
+        replica.seed(ITEM, 1, SEED_REQUEST, gone)
+    longer = [replace(disks[0], size_bytes=disks[0].size_bytes - 1), disks[1]]
+    with pytest.raises(ReplicaError, match=r"disk d0: image .* longer than the disk's"):
+        replica.seed(ITEM, 1, SEED_REQUEST, longer)
+    with pytest.raises(ReplicaError, match="is not a file"):
+        replica.seed(ITEM, 1, SEED_REQUEST, [replace(disks[0], path=tmp_path / "src")])
+    assert replica.head(ITEM).seq == 0
+    assert replica.seed(ITEM, 1, SEED_REQUEST, disks).seq == 1  # the right images then seed
+
+
+def test_points_apply_roll_back_and_freeze_on_a_seeded_replica(tmp_path: Path) -> None:
+    images = write_seed_images(tmp_path / "src", d0_blocks=100)
+    replica = SiteReplica(tmp_path)
+    replica.seed(ITEM, 1, SEED_REQUEST, images)
+    contents = {image.disk_id: seed_bytes(image) for image in images}
+    disks = seeded_sources(images, contents, random.Random(5))
+    sha = {1: {d.disk_id: d.sha256() for d in disks}}
+    for seq in (2, 3):
+        for disk in disks:
+            disk.write_random(0.2)
+        disks[0].zero([1, 2])
+        point = ship(replica, ITEM, seq, disks)
+        assert replica.apply(ITEM, seq) == point
+        sha[seq] = {d.disk_id: d.sha256() for d in disks}
+        assert {d.disk_id: sha256(replica.image_path(ITEM, d.disk_id)) for d in disks} == sha[seq]
+    assert replica.retained(ITEM) == [1, 2, 3]
+    view = replica.freeze(ITEM, 1)
+    for disk_id, expected in sha[1].items():
+        assert replica.view_sha256(ITEM, view, disk_id) == expected
+    replica.drop_view(ITEM, view)
+    assert replica.rollback(ITEM, 1) == replica.seeded(ITEM, 1, SEED_REQUEST, images)
+    for image in images:
+        assert replica.image_path(ITEM, image.disk_id).read_bytes() == seed_bytes(image)
