@@ -34,8 +34,8 @@ from services.replication.delta_handlers import make_delta_handlers
 from services.replication.delta_prepare import make_delta_prepare
 from services.replication.failover_events import make_failover_handlers
 from services.replication.materialise import make_replica_answers
-from services.replication.seeding import make_seeding_handlers
 from services.replication.read_models import make_read_model_handlers
+from services.replication.seeding import make_seeding_handlers
 from shared import topics
 from shared.kafka.consumers import EventConsumer
 from shared.kafka.security import KafkaSecurity

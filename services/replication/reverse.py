@@ -64,7 +64,9 @@ async def plan_reverse(
                 f"seed_disks must name each disk once: disks {sorted(disk_ids)}, "
                 f"seeds {sorted(s.disk_id for s in msg.seed_disks)}"
             )
-        for disk_id, path in seeds.items() if roots is not None else ():
+        for disk_id, path in seeds.items():
+            if roots is None:
+                continue  # the recovery host's files: its agent checks them
             try:
                 real = confined(path, roots)
             except OutsideRoots as exc:
@@ -229,7 +231,7 @@ async def seed_and_resync(ctx: Context, request: dict[str, Any]) -> None:
     async with ctx.pool.acquire() as conn:
         row = await repo.get_item(conn, msg.new_item_id)
     if row is not None and not ctx.keeps_blocks(row["recovery_agent_id"]):
-        from services.replication.seeding import ask_host_to_seed  # noqa: PLC0415 - a cycle
+        from services.replication.seeding import ask_host_to_seed
 
         await ask_host_to_seed(ctx, request, row)
         return

@@ -335,8 +335,11 @@ class OneActiveInstance:
         """While active: the heartbeat, and a check that the lock's connection is alive."""
         while self._conn is not None:
             await asyncio.sleep(self.settings.standby_poll_seconds)
+            conn = self._conn
+            if conn is None:
+                return  # released meanwhile (stopping)
             try:
-                await self._conn.fetchval("SELECT 1", timeout=self.settings.standby_poll_seconds)
+                await conn.fetchval("SELECT 1", timeout=self.settings.standby_poll_seconds)
             except LOST as exc:
                 log.warning("the active lock's connection was lost", extra={"error": repr(exc)})
                 await self._retake()
