@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 BYTES_APPLIED = Counter("dr_replication_bytes_applied_total", "Changed-block bytes applied")
 BLOCKS_APPLIED = Counter("dr_replication_blocks_applied_total", "Changed blocks applied")
 CYCLES = Counter("dr_replication_cycles_total", "Delta cycles by result", ["result"])
+FORWARDED_AGAIN = Counter(
+    "dr_replication_cycles_forwarded_again_total",
+    "Cycles whose batches were forwarded to the recovery host again, read back from the delta "
+    "topic (the instance took the partition over, or restarted, mid-cycle)",
+)
 APPLY_SECONDS = Histogram(
     "dr_replication_apply_latency_seconds",
     "Source capture to committed recovery point",
@@ -288,6 +293,7 @@ async def _commit_cycle(
             )
             try:
                 feed = await _forward_again(ctx, item, cycle, msg, inc_offset, batches)
+                FORWARDED_AGAIN.inc()
             except (FeedIncomplete, RangeUnavailable) as again:
                 CYCLES.labels("feed_incomplete").inc()
                 await repo.record_cycle_stats(conn, msg.item_id, False, 0, 0)
