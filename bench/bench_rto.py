@@ -32,6 +32,9 @@ this process, no platform), a 1 GiB disk on a delta topic of its own, 40 points 
   point's range with a consumer started for it (`read_range`) and through one started
   consumer (`RangeReader`, as the agent reads); `replica_range_read_oneoff_vs_shared_ratio`.
 
+`BENCH_KEEP_BLOCK_COPY=0` runs the replication service without a block copy (the failovers
+go over the recovery host's replica either way).
+
 Lines: `bench <name> <value> <unit>`; a measurement that fails prints
 `bench <name> FAILED <reason>`. Run: `.venv/bin/python -m bench.bench_rto` (`make up` first).
 """
@@ -68,6 +71,7 @@ from kit.dr import (
     two_sites,
     vm_named,
 )
+from kit.platform import Platform
 from kit.poll import eventually
 from kit.stack import Stack, delete_prefixed_topics, random_prefix, stack_from_env
 from services.host_agent.replica import SiteReplica
@@ -99,6 +103,13 @@ def seconds(job: dict[str, Any]) -> float:
     assert job["state"] == "succeeded", (job.get("error"), job.get("failed_tasks"))
     ended = datetime.fromisoformat(job["ended_at"])
     return (ended - datetime.fromisoformat(job["created_at"])).total_seconds()
+
+
+def start_replication(plat: Platform) -> None:
+    """The replication service with or without a block copy (`BENCH_KEEP_BLOCK_COPY=0`: none;
+    failover goes over the recovery host's replica either way)."""
+    if os.environ.get("BENCH_KEEP_BLOCK_COPY", "1") == "0":
+        plat.start("replication", {"DR_REPLICATION_KEEP_BLOCK_COPY": "false"})
 
 
 async def replicated_vm(http: httpx.AsyncClient, dr: DrSetup, name: str, size: str) -> str:
@@ -135,6 +146,7 @@ async def one_size(stack: Stack, size: str, tests: dict[str, float]) -> float | 
         bench_platform(stack, f"rto-{name}") as (plat, root),
         httpx.AsyncClient(timeout=60) as http,
     ):
+        start_replication(plat)
         dr = await two_sites(plat, http, root, copy_seconds=2)
         await failover_up(plat, http, dr)
         item_id = await replicated_vm(http, dr, "rto", size)
@@ -162,6 +174,7 @@ async def older_point(stack: Stack) -> None:
         bench_platform(stack, "rto-older") as (plat, root),
         httpx.AsyncClient(timeout=60) as http,
     ):
+        start_replication(plat)
         dr = await two_sites(plat, http, root, copy_seconds=1)
         await failover_up(plat, http, dr)
         item_id = await replicated_vm(http, dr, "old", "1GiB")
