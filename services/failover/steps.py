@@ -1,7 +1,8 @@
 """The activities of the failover workflows, each one durable step of the engine
 (services/failover/workflow.py) with a typed input: prepare (what a failover of an item needs:
 `ItemFacts`, its NICs placed), materialise a recovery point, create a VM, shut the source down,
-wait until the replica is synced, delete a VM, mark the item failed over. Every step's key is
+wait until the replica is synced, delete a VM, mark the item failed over, ask a host which
+disk images it still has. Every step's key is
 prefixed with the item id (`p`), so a recovery plan runs the same steps for many items.
 
 A step's result is stored as its task's detail (JSON) and read back, when the job resumes, as
@@ -14,7 +15,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.failover import item_failover_repository as failover_repo
 from services.failover import job_repository as jobs_repo
@@ -25,6 +26,7 @@ from services.failover.domain.points import data_loss_seconds
 from services.failover.item_failover import FailoverInfo
 from services.failover.workflow import Run, StepFailed, StepResult
 from shared.schemas.agent import (
+    DiskImagesCheckRequested,
     NicAttachment,
     VmCreateRequested,
     VmDeleteRequested,
@@ -39,13 +41,6 @@ from shared.schemas.failover import (
     RecoveryPointMaterialiseRequested,
 )
 from shared.schemas.inventory import Nic, VmNetwork
-
-
-def path_exists(path: str) -> bool:
-    """The simulation's sites share this machine's filesystem: the old primary's disk images
-    are reachable when their files exist."""
-    return os.path.exists(path)
-
 
 # ------------------------------------------------------------------ typed inputs and results
 
@@ -142,6 +137,18 @@ class ShutdownAnswer(BaseModel):
 class Synced(StepResult):
     state: str
     latest_seq: int | None
+
+
+class DiskImages(StepResult):
+    """A host's answer to which disk images it has: each path's size, None where it is gone
+    (missing, not a file, or outside its storage)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    images: dict[str, int | None]
+
+    def present(self) -> set[str]:
+        return {path for path, size in self.images.items() if size is not None}
 
 
 class AgentAnswer(StepResult):
@@ -501,3 +508,40 @@ async def mark_failed_over(
         effect,
         crash="failed_over",
     )
+
+
+async def disk_images(
+    run: Run, key: str, title: str, agent_id: uuid.UUID, paths: list[str], *, crash: str
+) -> DiskImages:
+    """Step `key`: the agent `agent_id` says which of `paths` it has (and their sizes). A host
+    that does not answer within the step timeout fails the step: its images cannot be relied
+    on (reverse replication then needs a full resync)."""
+
+    async def command(cid: uuid.UUID) -> None:
+        await emit(
+            run,
+            DiskImagesCheckRequested(command_id=cid, agent_id=agent_id, images=paths),
+            str(agent_id),
+        )
+
+    async def answer(cid: uuid.UUID) -> DiskImages:
+        try:
+            found = await run.wait_answer(cid, f"asking host agent {agent_id} for its disks")
+        except StepFailed as exc:
+            raise StepFailed(
+                "old primary unreachable: pass force_full_resync",
+                cause=f"the old primary's host did not say which disks it has: {exc.error}",
+                recommendation="bring the old primary's host agent back and restart the job, or "
+                "pass force_full_resync to copy every block",
+            ) from None
+        try:
+            return DiskImages.model_validate(found)
+        except ValidationError:
+            raise StepFailed(
+                "old primary unreachable: pass force_full_resync",
+                cause=f"host agent {agent_id} answered without its disk images: {found}"[:500],
+                recommendation="update the old primary's host agent and restart the job, or "
+                "pass force_full_resync to copy every block",
+            ) from None
+
+    return await run.step(key, title, DiskImages, command, answer, crash=crash)
