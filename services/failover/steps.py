@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -272,6 +273,18 @@ async def emit(run: Run, payload: EventPayload, key: str) -> None:
         await repo.emit(conn, run.vault_id, payload, key)
 
 
+def command_to(
+    run: Run, agent_id: uuid.UUID, build: Callable[[uuid.UUID], EventPayload]
+) -> Callable[[uuid.UUID], Awaitable[None]]:
+    """A step's effect: the command `build(command_id)` to the agent `agent_id` (keyed by it,
+    so the agent's commands keep their order)."""
+
+    async def command(cid: uuid.UUID) -> None:
+        await emit(run, build(cid), str(agent_id))
+
+    return command
+
+
 async def materialise(
     run: Run,
     p: str,
@@ -333,22 +346,18 @@ async def create_vm(
     ]
     agent_id = facts.recovery_agent_id
 
-    async def command(cid: uuid.UUID) -> None:
-        await emit(
-            run,
-            VmCreateRequested(
-                command_id=cid,
-                agent_id=agent_id,
-                vm_id=vm_id,
-                vm_name=vm_name,
-                generation=facts.generation,
-                cpu_count=facts.cpu_count,
-                memory_mb=facts.memory_mb,
-                disks=disks,
-                nics=nics,
-                start=True,
-            ),
-            str(agent_id),
+    def create(cid: uuid.UUID) -> VmCreateRequested:
+        return VmCreateRequested(
+            command_id=cid,
+            agent_id=agent_id,
+            vm_id=vm_id,
+            vm_name=vm_name,
+            generation=facts.generation,
+            cpu_count=facts.cpu_count,
+            memory_mb=facts.memory_mb,
+            disks=disks,
+            nics=nics,
+            start=True,
         )
 
     async def answer(cid: uuid.UUID) -> CreatedVm:
@@ -361,7 +370,7 @@ async def create_vm(
         f"{p}create_vm",
         f"{vm_name}: create and start the VM on the recovery host",
         CreatedVm,
-        command,
+        command_to(run, agent_id, create),
         answer,
         crash="create_vm",
     )
@@ -370,13 +379,9 @@ async def create_vm(
 async def shutdown(run: Run, p: str, facts: ItemFacts, timeout: float | None = None) -> FinalCycle:
     agent_id = facts.source_agent_id
 
-    async def command(cid: uuid.UUID) -> None:
-        await emit(
-            run,
-            VmPowerRequested(
-                command_id=cid, agent_id=agent_id, vm_id=facts.vm_id, action="shutdown"
-            ),
-            str(agent_id),
+    def power_off(cid: uuid.UUID) -> VmPowerRequested:
+        return VmPowerRequested(
+            command_id=cid, agent_id=agent_id, vm_id=facts.vm_id, action="shutdown"
         )
 
     async def answer(cid: uuid.UUID) -> FinalCycle:
@@ -393,7 +398,7 @@ async def shutdown(run: Run, p: str, facts: ItemFacts, timeout: float | None = N
         f"{p}shutdown",
         f"{facts.vm_name}: shut down the source VM, ship the final changes",
         FinalCycle,
-        command,
+        command_to(run, agent_id, power_off),
         answer,
         crash="shutdown",
     )
@@ -455,16 +460,13 @@ async def delete_vm(
     """Step `key`: the agent `agent_id` deletes VM `vm_name`; `waiting` names what the step
     waits for if the answer does not come."""
 
-    async def command(cid: uuid.UUID) -> None:
-        await emit(
-            run,
-            VmDeleteRequested(command_id=cid, agent_id=agent_id, vm_name=vm_name),
-            str(agent_id),
-        )
+    def delete(cid: uuid.UUID) -> VmDeleteRequested:
+        return VmDeleteRequested(command_id=cid, agent_id=agent_id, vm_name=vm_name)
 
     async def answer(cid: uuid.UUID) -> AgentAnswer:
         return AgentAnswer.model_validate(await run.wait_answer(cid, waiting))
 
+    command = command_to(run, agent_id, delete)
     return await run.step(key, title, AgentAnswer, command, answer, crash=crash)
 
 
@@ -514,34 +516,26 @@ async def disk_images(
     run: Run, key: str, title: str, agent_id: uuid.UUID, paths: list[str], *, crash: str
 ) -> DiskImages:
     """Step `key`: the agent `agent_id` says which of `paths` it has (and their sizes). A host
-    that does not answer within the step timeout fails the step: its images cannot be relied
-    on (reverse replication then needs a full resync)."""
-
-    async def command(cid: uuid.UUID) -> None:
-        await emit(
-            run,
-            DiskImagesCheckRequested(command_id=cid, agent_id=agent_id, images=paths),
-            str(agent_id),
-        )
+    that does not answer within the step timeout (or not with its images) fails the step: its
+    images cannot be relied on, reverse replication then needs a full resync."""
 
     async def answer(cid: uuid.UUID) -> DiskImages:
         try:
             found = await run.wait_answer(cid, f"asking host agent {agent_id} for its disks")
-        except StepFailed as exc:
-            raise StepFailed(
-                "old primary unreachable: pass force_full_resync",
-                cause=f"the old primary's host did not say which disks it has: {exc.error}",
-                recommendation="bring the old primary's host agent back and restart the job, or "
-                "pass force_full_resync to copy every block",
-            ) from None
-        try:
             return DiskImages.model_validate(found)
+        except StepFailed as exc:
+            cause = f"the old primary's host did not say which disks it has: {exc.error}"
         except ValidationError:
-            raise StepFailed(
-                "old primary unreachable: pass force_full_resync",
-                cause=f"host agent {agent_id} answered without its disk images: {found}"[:500],
-                recommendation="update the old primary's host agent and restart the job, or "
-                "pass force_full_resync to copy every block",
-            ) from None
+            cause = f"host agent {agent_id} answered without its disk images"
+        raise StepFailed(
+            "old primary unreachable: pass force_full_resync",
+            cause=cause,
+            recommendation="bring the old primary's host agent back and restart the job, or "
+            "pass force_full_resync to copy every block",
+        )
 
+    def check(cid: uuid.UUID) -> DiskImagesCheckRequested:
+        return DiskImagesCheckRequested(command_id=cid, agent_id=agent_id, images=paths)
+
+    command = command_to(run, agent_id, check)
     return await run.step(key, title, DiskImages, command, answer, crash=crash)
