@@ -125,6 +125,9 @@ EXAMPLE_PAYLOADS: dict[str, dict[str, Any]] = {
         "first_index": 0,
         "leaf_hashes": base64.b64encode(hashlib.sha256(bytes(65536)).digest() * 2).decode(),
     },
+    "DiskImagesCheckRequested": {
+        "images": ["/srv/dr/storage/web01/d0.vhdx", "/srv/dr/storage/web01/d1.vhdx"]
+    },
 }
 
 _PATTERN_SAMPLES = {

@@ -41,11 +41,15 @@ class OutsideRoots(ValueError):
 
 def confined(path: str | Path, roots: Iterable[Path]) -> Path:
     """`path` resolved (links followed, `..` applied); raises OutsideRoots unless it lies in
-    one of `roots` (themselves resolved). A relative path or one with a NUL is refused."""
+    one of `roots` (themselves resolved). A relative path, one with a NUL or a link loop is
+    refused."""
     text = str(path)
     if "\x00" in text or not os.path.isabs(text):
         raise OutsideRoots(f"{text[:200]!r} is not an absolute path")
-    resolved = Path(text).resolve()
+    try:
+        resolved = Path(text).resolve()
+    except RuntimeError:  # a link loop (Python 3.11 raises it even when not strict)
+        raise OutsideRoots(f"{text[:200]} cannot be resolved: a loop of links") from None
     allowed = [Path(r).resolve() for r in roots]
     if not any(resolved.is_relative_to(root) for root in allowed):
         raise OutsideRoots(

@@ -38,15 +38,12 @@ from services.failover.domain.items import (
     check_reverse,
     check_test,
     check_unplanned,
-    seed_disks,
 )
 from services.failover.domain.jobs import OPERATION_KIND, Operation, can_restart
 from services.failover.domain.plans import PlanGroup, RecoveryPlan, actions_for
 from services.failover.domain.points import check_point_exists
-from services.failover.item_failover import FailoverInfo
 from services.failover.item_workflows import STEPS
 from services.failover.job import Job, JobParams
-from services.failover.steps import path_exists
 from services.failover.unit_of_work import PgUnitOfWork, ReadModels, UnitOfWork
 from services.failover.workflow import Engine, Notifier
 
@@ -98,11 +95,8 @@ async def check_item(
     if operation in (Operation.TEST_FAILOVER, Operation.UNPLANNED_FAILOVER):
         retained = await reads.retained_points(item_id)
         check_point_exists(item, params.choice, params.cycle_seq, retained)
-    if operation is Operation.REVERSE:
-        info = view.info if view is not None else FailoverInfo()
-        old = dict(info.source_disks or {})
-        exists = {p for p in old.values() if p and path_exists(p)}
-        seed_disks(info.recovery_disks or [], old, exists, bool(params.force_full_resync))
+    # Reverse replication: whether the old primary's disks are still there is asked of its
+    # host by the job (services/failover/item_workflows.py), not checked here.
     return item
 
 

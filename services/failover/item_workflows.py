@@ -22,9 +22,9 @@ from services.failover.steps import (
     TestNetwork,
     create_vm,
     delete_vm,
+    disk_images,
     mark_failed_over,
     materialise,
-    path_exists,
     prepare,
     remove_old_vm,
     shutdown,
@@ -88,8 +88,8 @@ STEPS = {
     Operation.PLANNED_FAILOVER: 7,
     Operation.UNPLANNED_FAILOVER: 6,
     Operation.COMMIT: 1,
-    Operation.REVERSE: 3,
-    Operation.FAILBACK: 11,
+    Operation.REVERSE: 4,
+    Operation.FAILBACK: 12,
 }
 
 
@@ -291,11 +291,38 @@ async def commit_item(run: Run, item_id: uuid.UUID) -> None:
     )
 
 
+async def old_primary_images(run: Run, p: str, item_id: uuid.UUID, name: str) -> set[str]:
+    """The old primary's disk images (of the failed-over item's disks) that its host, the
+    item's source agent, says it still has. Nothing is asked of an item that cannot be
+    reversed (the plan refuses it)."""
+    view = await failover_repo.item_failover(run.pool, item_id, run.vault_id)
+    item = await read_models.item(run.pool, item_id)
+    try:
+        view.check_reversible(name)
+    except FailoverRefused:
+        return set()
+    old_disks = view.info.source_disks or {}
+    wanted = {old_disks.get(d.disk_id, "") for d in view.info.recovery_disks or []} - {""}
+    if item is None or not wanted:
+        return set()
+    found = await disk_images(
+        run,
+        f"{p}old_disks",
+        f"{name}: ask the old primary's host for its disk images",
+        item.source_agent_id,
+        sorted(wanted),
+        crash="old_disks",
+    )
+    return found.present()
+
+
 async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
     p = f"{item_id}:"
     name = await vm_name_of(run, item_id)
     force = bool(run.job.params.force_full_resync)
     new_item_id = uuid.uuid5(NAMESPACE, f"{run.job_id}/reverse/{item_id}")
+    # forced: every block is copied, the old images are not needed
+    exists = set() if force else await old_primary_images(run, p, item_id, name)
 
     async def plan_it(_cid: uuid.UUID) -> ReversePlan:
         view = await failover_repo.item_failover(run.pool, item_id, run.vault_id)
@@ -310,13 +337,19 @@ async def reverse_item(run: Run, item_id: uuid.UUID) -> uuid.UUID:
             )
         info = view.info
         old_disks = dict(info.source_disks or {})
-        exists = {path for path in old_disks.values() if path and path_exists(path)}
         recovery_disks = info.recovery_disks or []
         try:
             seeds = seed_disks(recovery_disks, old_disks, exists, force)
         except FailoverRefused as exc:
+            gone = [
+                old_disks.get(d.disk_id) or f"disk {d.disk_id}"
+                for d in recovery_disks
+                if old_disks.get(d.disk_id) not in exists
+            ]
             raise StepFailed(
-                exc.message, "the old primary's disks are gone", "pass force_full_resync"
+                exc.message,
+                f"the old primary's host does not have {', '.join(gone)}",
+                "pass force_full_resync to copy every block",
             ) from None
         return ReversePlan(
             new_item_id=new_item_id,

@@ -1,7 +1,8 @@
 """The activities of the failover workflows, each one durable step of the engine
 (services/failover/workflow.py) with a typed input: prepare (what a failover of an item needs:
 `ItemFacts`, its NICs placed), materialise a recovery point, create a VM, shut the source down,
-wait until the replica is synced, delete a VM, mark the item failed over. Every step's key is
+wait until the replica is synced, delete a VM, mark the item failed over, ask a host which
+disk images it still has. Every step's key is
 prefixed with the item id (`p`), so a recovery plan runs the same steps for many items.
 
 A step's result is stored as its task's detail (JSON) and read back, when the job resumes, as
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.failover import item_failover_repository as failover_repo
 from services.failover import job_repository as jobs_repo
@@ -25,6 +27,7 @@ from services.failover.domain.points import data_loss_seconds
 from services.failover.item_failover import FailoverInfo
 from services.failover.workflow import Run, StepFailed, StepResult
 from shared.schemas.agent import (
+    DiskImagesCheckRequested,
     NicAttachment,
     VmCreateRequested,
     VmDeleteRequested,
@@ -39,13 +42,6 @@ from shared.schemas.failover import (
     RecoveryPointMaterialiseRequested,
 )
 from shared.schemas.inventory import Nic, VmNetwork
-
-
-def path_exists(path: str) -> bool:
-    """The simulation's sites share this machine's filesystem: the old primary's disk images
-    are reachable when their files exist."""
-    return os.path.exists(path)
-
 
 # ------------------------------------------------------------------ typed inputs and results
 
@@ -142,6 +138,18 @@ class ShutdownAnswer(BaseModel):
 class Synced(StepResult):
     state: str
     latest_seq: int | None
+
+
+class DiskImages(StepResult):
+    """A host's answer to which disk images it has: each path's size, None where it is gone
+    (missing, not a file, or outside its storage)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    images: dict[str, int | None]
+
+    def present(self) -> set[str]:
+        return {path for path, size in self.images.items() if size is not None}
 
 
 class AgentAnswer(StepResult):
@@ -265,6 +273,18 @@ async def emit(run: Run, payload: EventPayload, key: str) -> None:
         await repo.emit(conn, run.vault_id, payload, key)
 
 
+def command_to(
+    run: Run, agent_id: uuid.UUID, build: Callable[[uuid.UUID], EventPayload]
+) -> Callable[[uuid.UUID], Awaitable[None]]:
+    """A step's effect: the command `build(command_id)` to the agent `agent_id` (keyed by it,
+    so the agent's commands keep their order)."""
+
+    async def command(cid: uuid.UUID) -> None:
+        await emit(run, build(cid), str(agent_id))
+
+    return command
+
+
 async def materialise(
     run: Run,
     p: str,
@@ -326,22 +346,18 @@ async def create_vm(
     ]
     agent_id = facts.recovery_agent_id
 
-    async def command(cid: uuid.UUID) -> None:
-        await emit(
-            run,
-            VmCreateRequested(
-                command_id=cid,
-                agent_id=agent_id,
-                vm_id=vm_id,
-                vm_name=vm_name,
-                generation=facts.generation,
-                cpu_count=facts.cpu_count,
-                memory_mb=facts.memory_mb,
-                disks=disks,
-                nics=nics,
-                start=True,
-            ),
-            str(agent_id),
+    def create(cid: uuid.UUID) -> VmCreateRequested:
+        return VmCreateRequested(
+            command_id=cid,
+            agent_id=agent_id,
+            vm_id=vm_id,
+            vm_name=vm_name,
+            generation=facts.generation,
+            cpu_count=facts.cpu_count,
+            memory_mb=facts.memory_mb,
+            disks=disks,
+            nics=nics,
+            start=True,
         )
 
     async def answer(cid: uuid.UUID) -> CreatedVm:
@@ -354,7 +370,7 @@ async def create_vm(
         f"{p}create_vm",
         f"{vm_name}: create and start the VM on the recovery host",
         CreatedVm,
-        command,
+        command_to(run, agent_id, create),
         answer,
         crash="create_vm",
     )
@@ -363,13 +379,9 @@ async def create_vm(
 async def shutdown(run: Run, p: str, facts: ItemFacts, timeout: float | None = None) -> FinalCycle:
     agent_id = facts.source_agent_id
 
-    async def command(cid: uuid.UUID) -> None:
-        await emit(
-            run,
-            VmPowerRequested(
-                command_id=cid, agent_id=agent_id, vm_id=facts.vm_id, action="shutdown"
-            ),
-            str(agent_id),
+    def power_off(cid: uuid.UUID) -> VmPowerRequested:
+        return VmPowerRequested(
+            command_id=cid, agent_id=agent_id, vm_id=facts.vm_id, action="shutdown"
         )
 
     async def answer(cid: uuid.UUID) -> FinalCycle:
@@ -386,7 +398,7 @@ async def shutdown(run: Run, p: str, facts: ItemFacts, timeout: float | None = N
         f"{p}shutdown",
         f"{facts.vm_name}: shut down the source VM, ship the final changes",
         FinalCycle,
-        command,
+        command_to(run, agent_id, power_off),
         answer,
         crash="shutdown",
     )
@@ -448,16 +460,13 @@ async def delete_vm(
     """Step `key`: the agent `agent_id` deletes VM `vm_name`; `waiting` names what the step
     waits for if the answer does not come."""
 
-    async def command(cid: uuid.UUID) -> None:
-        await emit(
-            run,
-            VmDeleteRequested(command_id=cid, agent_id=agent_id, vm_name=vm_name),
-            str(agent_id),
-        )
+    def delete(cid: uuid.UUID) -> VmDeleteRequested:
+        return VmDeleteRequested(command_id=cid, agent_id=agent_id, vm_name=vm_name)
 
     async def answer(cid: uuid.UUID) -> AgentAnswer:
         return AgentAnswer.model_validate(await run.wait_answer(cid, waiting))
 
+    command = command_to(run, agent_id, delete)
     return await run.step(key, title, AgentAnswer, command, answer, crash=crash)
 
 
@@ -501,3 +510,32 @@ async def mark_failed_over(
         effect,
         crash="failed_over",
     )
+
+
+async def disk_images(
+    run: Run, key: str, title: str, agent_id: uuid.UUID, paths: list[str], *, crash: str
+) -> DiskImages:
+    """Step `key`: the agent `agent_id` says which of `paths` it has (and their sizes). A host
+    that does not answer within the step timeout (or not with its images) fails the step: its
+    images cannot be relied on, reverse replication then needs a full resync."""
+
+    async def answer(cid: uuid.UUID) -> DiskImages:
+        try:
+            found = await run.wait_answer(cid, f"asking host agent {agent_id} for its disks")
+            return DiskImages.model_validate(found)
+        except StepFailed as exc:
+            cause = f"the old primary's host did not say which disks it has: {exc.error}"
+        except ValidationError:
+            cause = f"host agent {agent_id} answered without its disk images"
+        raise StepFailed(
+            "old primary unreachable: pass force_full_resync",
+            cause=cause,
+            recommendation="bring the old primary's host agent back and restart the job, or "
+            "pass force_full_resync to copy every block",
+        )
+
+    def check(cid: uuid.UUID) -> DiskImagesCheckRequested:
+        return DiskImagesCheckRequested(command_id=cid, agent_id=agent_id, images=paths)
+
+    command = command_to(run, agent_id, check)
+    return await run.step(key, title, DiskImages, command, answer, crash=crash)

@@ -10,6 +10,7 @@ reported again before it, from the replica, if it is still at the seeded point).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from pathlib import Path
@@ -21,7 +22,7 @@ from services.host_agent import vm_lifecycle
 from services.host_agent.item_record import ReplicationPhase
 from services.host_agent.replica_feed import ReplicaFeed
 from services.host_agent.replicator import Replicator
-from services.host_agent.vms import VmNotFound, find_vm, set_state
+from services.host_agent.vms import VmNotFound, find_vm, image_sizes, set_state
 from services.host_agent.wiring import CommandFailed, Emit
 from services.host_agent.workload import Workloads
 from shared.edge_identity import Identity
@@ -31,6 +32,7 @@ from shared.schemas.agent import (
     CommandCompleted,
     CommandOutcome,
     DifferencingDisksRequested,
+    DiskImagesCheckRequested,
     ReplicaDeleteRequested,
     ReplicaHandoverRequested,
     ReplicaPointApplyRequested,
@@ -65,6 +67,7 @@ COMMAND_TYPES = (
     "ReplicaHandoverRequested",
     "DifferencingDisksRequested",
     "ReplicaSeedRequested",
+    "DiskImagesCheckRequested",
 )
 # Keeping the recovery-site replica has a lane (consumer group) of its own: a backlog of points
 # to apply never holds up a failover's commands (a VM's creation, power or deletion, the
@@ -206,6 +209,9 @@ class CommandHandler:
                 return await self.replica_feed.delete(command.item_id)
             case ReplicaSeedRequested():
                 return await self.replica_feed.seed(command, self.emit)
+            case DiskImagesCheckRequested():
+                sizes = await asyncio.to_thread(image_sizes, self.storage, command.images)
+                return {"images": sizes}
         raise CommandFailed(f"unsupported command {type(command).__name__}")
 
     async def power(self, command: VmPowerRequested) -> dict[str, Any]:

@@ -11,13 +11,15 @@ test failover's VM a differencing disk (`<disk>.avhdx`, services/host_agent/diff
 from __future__ import annotations
 
 import re
+import stat
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.files import write_atomic
+from shared.files import confined, write_atomic
 from shared.schemas.inventory import VmState
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -148,3 +150,17 @@ def set_state(storage: Path, name: str, state: VmState) -> VmFile:
     vm = load_vm(storage, name).model_copy(update={"state": state})
     save_vm(storage, vm)
     return vm
+
+
+def image_sizes(storage: Path, paths: Iterable[str]) -> dict[str, int | None]:
+    """Each path's size if it is a regular file in `storage` (after following links, `..`
+    applied), else None: missing, not a file, outside the storage, or not a path at all."""
+    sizes: dict[str, int | None] = {}
+    for path in paths:
+        try:
+            found = confined(path, [storage]).stat()
+        except (OSError, ValueError):  # OutsideRoots is a ValueError
+            sizes[path] = None
+            continue
+        sizes[path] = found.st_size if stat.S_ISREG(found.st_mode) else None
+    return sizes

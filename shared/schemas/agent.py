@@ -10,7 +10,7 @@ import binascii
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
@@ -248,6 +248,19 @@ class VmPowerRequested(_Command):
 
     vm_id: str
     action: str = Field(pattern=r"^(shutdown|start)$")
+
+
+@event_type("DiskImagesCheckRequested", topic=topics.AGENT_COMMANDS)
+class DiskImagesCheckRequested(_Command):
+    """Which of these disk images this host still has (before a reverse replication is seeded
+    from a failed-over VM's old disks). The agent answers with `CommandCompleted` (result
+    {"images": {path: size_bytes or null}}): the size of each path that is a regular file in
+    this host's storage folder (after following links), null for a path that is missing, not
+    a file, or outside the storage. A missing image is an answer, not a failure."""
+
+    images: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        min_length=1, max_length=64, description="Image file paths on this host."
+    )
 
 
 class CommandOutcome(StrEnum):

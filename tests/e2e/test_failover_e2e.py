@@ -124,7 +124,7 @@ async def failover_story(
     """Test failover, cleanup, planned failover with its proof, commit, reverse, failback;
     returns the setup and the first item's id."""
     dr = await two_sites(platform, http, tmp_path, copy_seconds=1)
-    await failover_up(platform, http, dr)
+    failover = await failover_up(platform, http, dr)
     web = await protected_vm(http, dr, "web01")
     item_id = web["item_id"]
     recovery = dr.storage("recovery", "hv-r1")
@@ -242,7 +242,8 @@ async def failover_story(
 
     await eventually(failed_over, timeout=30, what="replication shows failed_over")
 
-    # --- commit, then reverse: refused while the old primary's disks are gone
+    # --- commit, then reverse: the old primary's host is asked for its disks; one is gone,
+    # so the job fails (nothing is reversed); back in place, the reverse is seeded from them
     resp = await start(http, dr, f"/failovers/{item_id}/commit")
     assert resp.status_code == 202, resp.text
     assert (await finished(http, dr, resp.json()["job_id"]))["state"] == "succeeded"
@@ -250,17 +251,41 @@ async def failover_story(
     hidden = disk_path.with_suffix(".away")
     move(disk_path, hidden)
     try:
-        refused = await start(http, dr, f"/failovers/{item_id}/reverse-replicate")
-        assert refused.status_code == 409
-        assert "old primary unreachable: pass force_full_resync" in refused.text
+        resp = await start(http, dr, f"/failovers/{item_id}/reverse-replicate")
+        assert resp.status_code == 202, resp.text
+        job = await finished(http, dr, resp.json()["job_id"])
     finally:
         move(hidden, disk_path)
+    assert job["state"] == "failed", job
+    assert job["error"] == "old primary unreachable: pass force_full_resync", job
+    asked = task_named(job, "ask the old primary's host for its disk images")[0]
+    assert asked["state"] == "succeeded"
+    assert asked["detail"]["images"] == {
+        d["path"]: None if d["path"] == str(disk_path) else d["size_bytes"] for d in web["disks"]
+    }
+    [refused] = job["failed_tasks"]
+    assert refused["name"] == "web01: check the old primary's disks"
+    assert refused["error"] == "old primary unreachable: pass force_full_resync"
+    assert str(disk_path) in refused["cause"] and "force_full_resync" in refused["recommendation"]
+    view = (
+        await http.get(dr.url("failover", f"/failovers/{item_id}"), headers=dr.bearer(dr.reader))
+    ).json()
+    assert view["failover_state"] == "committed" and view["reversed_by"] is None, view
+    # killed once the question is sent: resumed, the service asks again with the same command
+    # id and the host answers as it did the first time
+    failover.stop()
+    failover.start(extra_env={"DR_CRASH_AT": "failover.old_disks.sent@1"})
     resp = await start(http, dr, f"/failovers/{item_id}/reverse-replicate")
     assert resp.status_code == 202, resp.text
+    await eventually(lambda: _dead(failover), timeout=60, what="the failover service killed")
+    failover.start(extra_env={"DR_CRASH_AT": ""})
     job = await finished(http, dr, resp.json()["job_id"])
     assert job["state"] == "succeeded", (job["error"], job["failed_tasks"])
+    assert job["restarts"] == 1
     new_item = job["result"]["items"][item_id]["new_item_id"]
     assert job["result"]["items"][item_id]["seeded"] is True
+    [asked] = task_named(job, "ask the old primary's host for its disk images")
+    assert asked["detail"]["images"] == {d["path"]: d["size_bytes"] for d in web["disks"]}
 
     # --- failback: planned failover back to the primary, then reverse again. Asked for the
     # moment the wait the demo uses says ready: nothing else in between.
@@ -295,7 +320,7 @@ async def failover_story(
     ).json()
     assert {j["operation"] for j in jobs} >= {"test_failover", "planned_failover", "commit"}
     metrics = (await http.get(f"{platform.url('failover')}/metrics")).text
-    assert 'dr_failover_jobs_total{state="succeeded",type="planned_failover"}' in metrics
+    assert 'dr_failover_jobs_total{state="succeeded",type="failback"}' in metrics
     return dr, item_id
 
 

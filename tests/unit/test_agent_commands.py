@@ -28,6 +28,7 @@ from shared.merkle import disk_root
 from shared.schemas.agent import (
     LEAVES_PER_REPORT,
     CommandCompleted,
+    DiskImagesCheckRequested,
     DiskSpec,
     ReplicaDisk,
     ReplicaHandoverRequested,
@@ -208,6 +209,7 @@ async def test_the_replicas_commands_have_a_lane_of_their_own(
     assert "ReplicaSeedRequested" in replica  # before the item's first points
     failover = {"VmCreateRequested", "VmPowerRequested", "VmDeleteRequested"}
     assert failover | {"ReplicaHandoverRequested", "DifferencingDisksRequested"} <= main
+    assert "DiskImagesCheckRequested" in main  # never behind a backlog of points
 
 
 def seed_command(item_id: uuid.UUID, disks: list[SeedDisk], **kw: Any) -> ReplicaSeedRequested:
@@ -304,6 +306,53 @@ async def test_a_seed_from_outside_the_storage_or_a_missing_image_fails(
     await deliver(handler, seed_command(item_id, disks[:1], path=tmp_path / "storage" / "no.vhdx"))
     assert len(sent) == 1 and "no.vhdx does not exist" in completed(sent)[0].error
     assert handler.replica_feed.replica.head(str(item_id)).seq == 0
+
+
+async def test_a_disk_images_check_answers_the_size_of_each_file_in_the_storage_only(
+    agent: tuple[CommandHandler, list[EventPayload]], tmp_path: Path
+) -> None:
+    handler, sent = agent
+    storage = tmp_path / "storage"
+    vm = load_vm(storage, "web01")
+    image = disk_path(storage, vm, vm.disks[0])
+    elsewhere = tmp_path / "elsewhere.vhdx"
+    elsewhere.write_bytes(b"x" * 4096)
+    (storage / "out.vhdx").symlink_to(elsewhere)
+    (storage / "in.vhdx").symlink_to(image)  # a link inside the storage is followed
+    (storage / "loop.vhdx").symlink_to(storage / "loop.vhdx")
+    asked = {
+        str(image): 2**20,
+        str(storage / "in.vhdx"): 2**20,
+        str(storage / "web01" / ".." / "web01" / image.name): 2**20,
+        str(storage / "gone.vhdx"): None,  # missing: an answer, not a failure
+        str(storage / "web01"): None,  # a folder
+        str(storage): None,
+        str(elsewhere): None,  # outside the storage
+        str(storage / ".." / "elsewhere.vhdx"): None,
+        str(storage / "out.vhdx"): None,  # a link pointing out
+        str(storage / "loop.vhdx"): None,
+        "web01/d0.vhdx": None,  # not an absolute path
+        "/" + "a" * 1023: None,  # too long a name for the filesystem
+    }
+    check = DiskImagesCheckRequested(
+        command_id=uuid.uuid4(), agent_id=IDENTITY.producer_id, images=list(asked)
+    )
+    await deliver(handler, check)
+    [answer] = completed(sent)
+    assert answer.outcome == "succeeded" and answer.command_type == "DiskImagesCheckRequested"
+    assert answer.result == {"images": asked}
+
+    # a redelivery is answered the same, even if the file went meanwhile
+    image.unlink()
+    await deliver(handler, check)
+    assert completed(sent)[-1] == answer
+    await deliver(handler, check.model_copy(update={"command_id": uuid.uuid4()}))
+    assert completed(sent)[-1].result["images"][str(image)] is None
+
+    base = {"command_id": uuid.uuid4(), "agent_id": uuid.uuid4()}
+    for images in ([], ["/s/d.vhdx"] * 65, [""], ["/" + "a" * 1024]):
+        with pytest.raises(ValidationError):
+            DiskImagesCheckRequested(**base, images=images)  # type: ignore[arg-type]
 
 
 def test_seed_and_leaves_schemas_refuse_what_cannot_be_right() -> None:

@@ -34,6 +34,7 @@ def test_confined_follows_links_and_dots(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "vm").mkdir(parents=True)
     (root / "out").symlink_to(tmp_path)
+    (root / "loop").symlink_to(root / "loop")
     assert confined(str(root / "vm" / "a.vhdx"), [root]) == (root / "vm" / "a.vhdx").resolve()
     assert confined(str(root / "vm" / ".." / "vm"), [root]) == (root / "vm").resolve()
     for bad in (
@@ -42,6 +43,8 @@ def test_confined_follows_links_and_dots(tmp_path: Path) -> None:
         "/etc/passwd",
         "relative/x",
         str(root) + "/\x00x",
+        str(root / "loop"),
+        str(root / "loop" / "x"),
     ):
         with pytest.raises(OutsideRoots):
             confined(bad, [root])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -14,13 +15,13 @@ from services.failover import handlers
 from services.failover.commands import ApproveAction, RestartJob, StartItemOperation
 from services.failover.config import FailoverSettings
 from services.failover.domain.errors import FailoverRefused, NotFound
-from services.failover.domain.items import ItemRow
+from services.failover.domain.items import ItemFailoverState, ItemRow
 from services.failover.domain.jobs import Operation
 from services.failover.domain.points import PointNotRetained, RetainedPoints
 from services.failover.item_failover import ItemFailover
 from services.failover.job import Job, JobParams, WaitingFor
 from services.failover.workflow import Notifier
-from shared.schemas.failover import JobState
+from shared.schemas.failover import JobState, MaterialisedDisk
 from tests.support.failover_rows import item_row
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
@@ -251,3 +252,29 @@ async def test_a_pruned_or_busy_item_is_refused_before_any_job_is_created() -> N
         await handlers.handle(ctx, asking_test_failover(item, 8))
     assert not uow.committed and not busy.committed and engine.submitted == []
     assert not uow.jobs.rows
+
+
+async def test_a_reverse_is_accepted_without_looking_at_the_old_primarys_files(
+    tmp_path: Path,
+) -> None:
+    """The old primary's disks are asked of its host by the job; the request checks the
+    item's state only (this process sees no site's files)."""
+    item = protected_item(state="failed_over")
+    view = ItemFailover(item.item_id, VAULT, ItemFailoverState.COMMITTED)
+    view.info.source_disks = {"d0": str(tmp_path / "not-on-this-machine" / "d0.vhdx")}
+    view.info.recovery_disks = [
+        MaterialisedDisk(disk_id="d0", path="/r/web01/d0.vhdx", size_bytes=1, merkle_root="00")
+    ]
+    uow = FakeUnitOfWork(FakeJobs([]), FakeReads([item], {item.item_id: view}))
+    ctx, engine = context(uow)
+    reverse = StartItemOperation(VAULT, item.item_id, Operation.REVERSE, JobParams(), "op")
+    job = await handlers.handle(ctx, reverse)
+    assert uow.committed and engine.submitted == [job.job_id]
+    assert job.kind == "item:reverse_replicate" and job.expected_tasks == 4
+
+    view.state = ItemFailoverState.PROTECTED
+    refused = FakeUnitOfWork(FakeJobs([]), FakeReads([item], {item.item_id: view}))
+    ctx, engine = context(refused)
+    with pytest.raises(FailoverRefused, match="reverse replication comes after a failover"):
+        await handlers.handle(ctx, reverse)
+    assert not refused.committed and engine.submitted == []
