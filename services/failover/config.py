@@ -56,6 +56,13 @@ class FailoverSettings(ServiceSettings):
         gt=0,
         description="How long a step waits for an agent's or the replication service's answer.",
     )
+    disk_check_timeout_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="Reverse replication: how long the old primary's host agent has to say "
+        "which of its disk images it still has; no answer refuses the seeded reverse (pass "
+        "force_full_resync to copy every block).",
+    )
     sync_timeout_seconds: float = Field(
         default=120,
         gt=0,

@@ -516,12 +516,16 @@ async def disk_images(
     run: Run, key: str, title: str, agent_id: uuid.UUID, paths: list[str], *, crash: str
 ) -> DiskImages:
     """Step `key`: the agent `agent_id` says which of `paths` it has (and their sizes). A host
-    that does not answer within the step timeout (or not with its images) fails the step: its
-    images cannot be relied on, reverse replication then needs a full resync."""
+    that does not answer within `disk_check_timeout_seconds` (or not with its images) fails
+    the step: its images cannot be relied on, reverse replication then needs a full resync."""
 
     async def answer(cid: uuid.UUID) -> DiskImages:
         try:
-            found = await run.wait_answer(cid, f"asking host agent {agent_id} for its disks")
+            found = await run.wait_answer(
+                cid,
+                f"asking host agent {agent_id} for its disks",
+                timeout=run.settings.disk_check_timeout_seconds,
+            )
             return DiskImages.model_validate(found)
         except StepFailed as exc:
             cause = f"the old primary's host did not say which disks it has: {exc.error}"
