@@ -3,7 +3,8 @@ item's blocks only pass through the service (verified, forwarded to its recovery
 feed), its verification state is in PostgreSQL, and its points are on the recovery host only.
 
 - The whole failover story (test failover, planned failover with the zero-data-loss proof,
-  commit, reverse, failback) passes, and the service's store never held the item's blocks.
+  commit, reverse, failback) passes, and the service's store never held the item's blocks; an
+  unplanned failover to an older point gets the replica rolled back, byte for byte.
 - kill -9 of the service mid-cycle: after the restart the item goes on without a resync (a
   cycle whose batches the new process did not all forward is read again from the delta topic:
   tests/integration/test_feed_writer.py), no committed point is lost, and the recovery host's
@@ -30,6 +31,7 @@ from kit.platform import Platform
 from kit.poll import eventually
 from kit.procs import Proc
 from kit.stack import Stack, fresh_database, random_prefix
+from tests.e2e import test_failover_plans_e2e as plans
 from tests.e2e.test_failover_e2e import failover_story
 from tests.e2e.test_replication_e2e import replica_at
 from tests.e2e.test_replication_faults_e2e import live_seqs, pruned_seqs, replicating_vm
@@ -84,6 +86,18 @@ async def test_failover_story_without_a_block_copy(
         headers=dr.bearer(dr.operator),
     )
     assert resp.status_code == 409 and "recovery host's replica" in resp.text, resp.text
+
+
+async def test_unplanned_failover_to_an_older_point_without_a_block_copy(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """The recovery host's replica rolled back to an older point becomes the VM's disks
+    (byte-identical to the source when that point was taken, the replica's own files): the
+    same test as with a block copy, here with none to fall back on."""
+    plat.start("replication", NO_COPY)
+    await plans.test_unplanned_failover_to_an_older_point_rolls_the_replica_back(
+        plat, http, tmp_path
+    )
 
 
 async def test_kill_9_mid_cycle_loses_no_point_and_needs_no_resync(
