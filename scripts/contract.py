@@ -128,6 +128,19 @@ EXAMPLE_PAYLOADS: dict[str, dict[str, Any]] = {
     "DiskImagesCheckRequested": {
         "images": ["/srv/dr/storage/web01/d0.vhdx", "/srv/dr/storage/web01/d1.vhdx"]
     },
+    "ReplicaPointExportRequested": {
+        # point 12's disk written to a folder in the recovery host's storage
+        "cycle_seq": 12,
+        "disks": [
+            {
+                "disk_id": "d0",
+                "size_bytes": 8 * 2**30,
+                "block_size": 65536,
+                "merkle_root": hashlib.sha256(b"d0 at point 12").hexdigest(),
+            }
+        ],
+        "target_dir": "/srv/dr/storage/exports/web01-12",
+    },
 }
 
 _PATTERN_SAMPLES = {

@@ -23,7 +23,7 @@ def block_count(size_bytes: int, block_size: int = BLOCK_SIZE) -> int:
     return (size_bytes + block_size - 1) // block_size
 
 
-def block_hash(data: bytes) -> bytes:
+def block_hash(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 

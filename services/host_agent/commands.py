@@ -36,6 +36,7 @@ from shared.schemas.agent import (
     ReplicaDeleteRequested,
     ReplicaHandoverRequested,
     ReplicaPointApplyRequested,
+    ReplicaPointExportRequested,
     ReplicaSeedRequested,
     ReplicationDisableRequested,
     ReplicationEnableRequested,
@@ -68,13 +69,16 @@ COMMAND_TYPES = (
     "DifferencingDisksRequested",
     "ReplicaSeedRequested",
     "DiskImagesCheckRequested",
+    "ReplicaPointExportRequested",
 )
 # Keeping the recovery-site replica has a lane (consumer group) of its own: a backlog of points
 # to apply never holds up a failover's commands (a VM's creation, power or deletion, the
 # replica's handover, a test failover's differencing disks) nor replication commands. Within
 # each lane, commands keep their order; a failover asks for a point the replica already holds,
 # and the replica's per-item lock orders its work on one item across the lanes.
-# A seed is in that lane too: the item's first points are applied after it.
+# A seed is in that lane too: the item's first points are applied after it. Verifying or
+# exporting a point is not: it reads through a frozen view (in a thread) and must neither wait
+# behind a backlog of points nor hold one up.
 REPLICA_COMMAND_TYPES = frozenset(
     {"ReplicaPointApplyRequested", "ReplicaDeleteRequested", "ReplicaSeedRequested"}
 )
@@ -209,6 +213,8 @@ class CommandHandler:
                 return await self.replica_feed.delete(command.item_id)
             case ReplicaSeedRequested():
                 return await self.replica_feed.seed(command, self.emit)
+            case ReplicaPointExportRequested():
+                return await self.replica_feed.export(command)
             case DiskImagesCheckRequested():
                 sizes = await asyncio.to_thread(image_sizes, self.storage, command.images)
                 return {"images": sizes}

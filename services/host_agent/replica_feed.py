@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from services.host_agent import differencing
+from services.host_agent import differencing, replica_export
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_format import DiskState, Point, ReplicaError
 from services.host_agent.replica_seed import SeedDisk
@@ -45,6 +45,7 @@ from shared.schemas.agent import (
     ReplicaHandoverRequested,
     ReplicaLeavesReported,
     ReplicaPointApplyRequested,
+    ReplicaPointExportRequested,
     ReplicaSeedRequested,
 )
 from shared.schemas.replication import BlocksShipped
@@ -237,6 +238,40 @@ class ReplicaFeed:
             extra={"item_id": item, "seq": seq, "view": view, "to": str(target)},
         )
         return self._disks_result(command, paths)
+
+    async def export(self, command: ReplicaPointExportRequested) -> dict[str, Any]:
+        """Verify or export a retained point (services/host_agent/replica_export.py): each
+        disk read through a frozen view, its root recomputed and its SHA-256 taken, written to
+        `target_dir/<disk_id>.vhdx` if given. Idempotent."""
+        item, seq = str(command.item_id), command.cycle_seq
+        target = None
+        if command.target_dir is not None:
+            target = await self._target(command.target_dir)
+            bad = replica_export.unusable_disk_ids([d.disk_id for d in command.disks])
+            if bad:
+                raise CommandFailed(f"disk ids unusable as file names: {bad}")
+            if await asyncio.to_thread((target / "vm.json").exists):
+                raise CommandFailed(f"{target} holds a VM (vm.json): its disks are not overwritten")
+        expected = {d.disk_id: d.merkle_root for d in command.disks}
+        view = replica_export.view_id_of(command.request_id)
+        try:
+            checks = await asyncio.to_thread(
+                replica_export.check_point, self.replica, item, seq, view, expected, target
+            )
+        except ReplicaError as exc:
+            raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
+        ok = all(c.ok for c in checks)
+        log.info(
+            "replica point exported" if target else "replica point verified",
+            extra={"item_id": item, "seq": seq, "ok": ok, "to": str(target) if target else None},
+        )
+        return {
+            "item_id": item,
+            "request_id": str(command.request_id),
+            "cycle_seq": seq,
+            "ok": ok,
+            "disks": [c.to_json() for c in checks],
+        }
 
     @staticmethod
     def _disks_result(

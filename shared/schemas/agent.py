@@ -103,6 +103,11 @@ class ResyncRequested(_Command):
     leaf_hashes: str = Field(default="", max_length=900_000)
 
 
+def _named_once(disk_ids: list[str]) -> None:
+    if len(set(disk_ids)) != len(disk_ids):
+        raise ValueError("each disk is named once")
+
+
 class ReplicaDisk(EventPayload):
     """A disk of a recovery point as the replica must hold it."""
 
@@ -164,9 +169,7 @@ class ReplicaSeedRequested(_Command):
 
     @model_validator(mode="after")
     def _distinct_disks(self) -> ReplicaSeedRequested:
-        ids = [d.disk_id for d in self.disks]
-        if len(set(ids)) != len(ids):
-            raise ValueError("each disk is named once")
+        _named_once([d.disk_id for d in self.disks])
         return self
 
 
@@ -232,6 +235,32 @@ class DifferencingDisksRequested(_Command):
     cycle_seq: int = Field(ge=1)
     target_dir: str = Field(min_length=1, max_length=1024)
     disks: list[ReplicaDisk] = Field(min_length=1, max_length=64)
+
+
+@event_type("ReplicaPointExportRequested", topic=topics.AGENT_COMMANDS)
+class ReplicaPointExportRequested(_Command):
+    """Verify (`target_dir` None) or export (`target_dir` given) retained point `cycle_seq` of
+    the item's replica on this host, for a replication service that keeps no copy of the
+    blocks. The agent reads every block of each disk through a frozen view of the point
+    (dropped at the end), recomputes its Merkle root and the SHA-256 of the disk's bytes and,
+    with `target_dir` (a folder in this host's storage that holds no VM), writes the disk to
+    `target_dir/<disk_id>.vhdx` as it reads. `CommandCompleted` result {"item_id",
+    "request_id", "cycle_seq", "ok", "disks": [{"disk_id", "size_bytes", "merkle_root",
+    "expected_root", "ok", "sha256", "path" (with `target_dir`)}]}: `ok` says the recomputed
+    root is the source's (`merkle_root` here); a root that differs is an answer, not a failure
+    (the files are written all the same). A point the replica does not retain is a failure.
+    A repeated command gives the same answer (the files are written again)."""
+
+    item_id: uuid.UUID
+    request_id: uuid.UUID = Field(description="The replication service's verify/export request.")
+    cycle_seq: int = Field(ge=1)
+    disks: list[ReplicaDisk] = Field(min_length=1, max_length=64)
+    target_dir: str | None = Field(default=None, min_length=1, max_length=1024)
+
+    @model_validator(mode="after")
+    def _distinct_disks(self) -> ReplicaPointExportRequested:
+        _named_once([d.disk_id for d in self.disks])
+        return self
 
 
 @event_type("ReplicaDeleteRequested", topic=topics.AGENT_COMMANDS)

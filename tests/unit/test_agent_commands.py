@@ -33,6 +33,7 @@ from shared.schemas.agent import (
     ReplicaDisk,
     ReplicaHandoverRequested,
     ReplicaLeavesReported,
+    ReplicaPointExportRequested,
     ReplicaSeedRequested,
     ReplicationDisableRequested,
     ReplicationEnableRequested,
@@ -210,6 +211,7 @@ async def test_the_replicas_commands_have_a_lane_of_their_own(
     failover = {"VmCreateRequested", "VmPowerRequested", "VmDeleteRequested"}
     assert failover | {"ReplicaHandoverRequested", "DifferencingDisksRequested"} <= main
     assert "DiskImagesCheckRequested" in main  # never behind a backlog of points
+    assert "ReplicaPointExportRequested" in main  # reads a view: never behind points either
 
 
 def seed_command(item_id: uuid.UUID, disks: list[SeedDisk], **kw: Any) -> ReplicaSeedRequested:
@@ -399,14 +401,32 @@ def test_seed_and_leaves_schemas_refuse_what_cannot_be_right() -> None:
             ReplicaLeavesReported(**{**report, **fields})  # type: ignore[arg-type]
 
 
-async def test_a_seeded_replica_is_handed_over_as_any_other(
-    agent: tuple[CommandHandler, list[EventPayload]], tmp_path: Path
-) -> None:
-    handler, sent = agent
+async def seeded(
+    handler: CommandHandler, sent: list[EventPayload], tmp_path: Path
+) -> tuple[uuid.UUID, list[SeedDisk], list[ReplicaDisk]]:
+    """An item's replica seeded on the agent from two images in its storage: the item, the
+    images, and the point's disks with their roots."""
     disks = write_seed_images(tmp_path / "storage" / "web01", d0_blocks=100)
     item_id = uuid.uuid4()
     await deliver(handler, seed_command(item_id, disks))
     roots = completed(sent)[-1].result["roots"]
+    point = [
+        ReplicaDisk(
+            disk_id=d.disk_id,
+            size_bytes=d.size_bytes,
+            block_size=d.block_size,
+            merkle_root=roots[d.disk_id],
+        )
+        for d in disks
+    ]
+    return item_id, disks, point
+
+
+async def test_a_seeded_replica_is_handed_over_as_any_other(
+    agent: tuple[CommandHandler, list[EventPayload]], tmp_path: Path
+) -> None:
+    handler, sent = agent
+    item_id, disks, point = await seeded(handler, sent, tmp_path)
     handover = ReplicaHandoverRequested(
         command_id=uuid.uuid4(),
         agent_id=IDENTITY.producer_id,
@@ -414,15 +434,7 @@ async def test_a_seeded_replica_is_handed_over_as_any_other(
         request_id=uuid.uuid4(),
         cycle_seq=1,
         target_dir=str(tmp_path / "storage" / "web01-failover"),
-        disks=[
-            ReplicaDisk(
-                disk_id=d.disk_id,
-                size_bytes=d.size_bytes,
-                block_size=d.block_size,
-                merkle_root=roots[d.disk_id],
-            )
-            for d in disks
-        ],
+        disks=point,
     )
     await deliver(handler, handover)
     assert completed(sent)[-1].outcome == "succeeded", completed(sent)[-1].error
@@ -430,3 +442,35 @@ async def test_a_seeded_replica_is_handed_over_as_any_other(
         handed = tmp_path / "storage" / "web01-failover" / f"{disk.disk_id}.vhdx"
         assert handed.read_bytes() == seed_bytes(disk)
     assert handler.replica_feed.replica.head(str(item_id)).seq == 0  # consumed
+
+
+async def test_a_point_of_the_replica_is_exported_through_the_command(
+    agent: tuple[CommandHandler, list[EventPayload]], tmp_path: Path
+) -> None:
+    handler, sent = agent
+    item_id, disks, point = await seeded(handler, sent, tmp_path)
+
+    def export(seq: int) -> ReplicaPointExportRequested:
+        return ReplicaPointExportRequested(
+            command_id=uuid.uuid4(),
+            agent_id=IDENTITY.producer_id,
+            item_id=item_id,
+            request_id=uuid.uuid4(),
+            cycle_seq=seq,
+            target_dir=str(tmp_path / "storage" / "exported"),
+            disks=point,
+        )
+
+    await deliver(handler, export(1))
+    answer = completed(sent)[-1]
+    assert answer.outcome == "succeeded", answer.error
+    assert answer.result["ok"] is True and answer.result["cycle_seq"] == 1
+    for disk, d in zip(disks, answer.result["disks"], strict=True):
+        path = (tmp_path / "storage" / "exported" / f"{disk.disk_id}.vhdx").resolve()
+        assert d["merkle_root"] == d["expected_root"] and d["path"] == str(path)
+        assert path.read_bytes() == seed_bytes(disk)
+    await deliver(handler, export(2))
+    failed = completed(sent)[-1]
+    assert failed.outcome == "failed"
+    assert "point 2 is not retained by this host's replica (it holds 1..1)" in failed.error
+    assert failed.result == {"item_id": str(item_id)}
