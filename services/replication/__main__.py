@@ -13,6 +13,7 @@ from services.replication.context import Context
 from services.replication.failover_worker import failover_worker
 from services.replication.feed import FeedWriter
 from services.replication.health import evaluate_health
+from services.replication.host_points import prune_host_requests
 from services.replication.offline import import_pipeline
 from services.replication.pruning import apply_retention
 from services.replication.resync import start_due_resyncs
@@ -88,6 +89,7 @@ def build_app(settings: ReplicationSettings) -> FastAPI:
             settings.retention_interval_seconds,
             lambda: apply_retention(c),
         )
+        rt.spawn_every("prune-host-requests", 3600, lambda: prune_host_requests(rt.pool))
 
     async def activate() -> None:
         """The active instance's work, with a block copy: everything (one active instance per

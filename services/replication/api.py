@@ -15,6 +15,7 @@ from services.replication import domain, handlers, offline
 from services.replication import read_model_repository as rm_repo
 from services.replication import repository as repo
 from services.replication.context import Context
+from services.replication.host_points import HostFailed, HostSilent, ask_host
 from services.replication.materialise import materialise_target
 from services.replication.store import UnknownPoint
 from shared.auth import CurrentPrincipal
@@ -148,17 +149,6 @@ async def _item(request: Request, vault_id: uuid.UUID, item_id: uuid.UUID) -> di
     return item
 
 
-def _require_block_copy(request: Request, item: dict[str, Any], instead: str) -> None:
-    """409 unless this service keeps a copy of the item's blocks."""
-    if not _ctx(request).keeps_blocks(item["recovery_agent_id"]):
-        raise HTTPException(
-            409,
-            f"the blocks of item {item['item_id']} are kept only by its recovery host's replica "
-            f"(agent {item['recovery_agent_id']}), not by this service "
-            f"(DR_REPLICATION_KEEP_BLOCK_COPY=false): {instead}",
-        )
-
-
 @router.get("/{item_id}", response_model=ItemDetail)
 async def get_item(
     vault_id: uuid.UUID, item_id: uuid.UUID, request: Request, who: CurrentPrincipal
@@ -197,25 +187,54 @@ async def recovery_points(
 async def verify_point(
     vault_id: uuid.UUID, item_id: uuid.UUID, seq: int, request: Request, who: CurrentPrincipal
 ) -> Any:
-    """Re-read every block of the point from the replica store and recompute its Merkle roots."""
+    """Re-read every block of the point and recompute its Merkle roots: from the replica
+    store, or, without a block copy here, by the recovery host from its replica."""
     who.check(Role.READER, vault_id)
     item = await _item(request, vault_id, item_id)
-    _require_block_copy(
-        request,
-        item,
-        "the host checks each point it applies against the source's roots (the item's "
-        "replica_seq and replica_error say how far it is and whether it failed)",
-    )
     async with _ctx(request).pool.acquire() as conn:
-        live = {p["cycle_seq"] for p in await repo.live_points(conn, item_id)}
+        live = {p["cycle_seq"]: p for p in await repo.live_points(conn, item_id)}
     if seq not in live:
         raise HTTPException(404, f"recovery point {seq} not found (pruned or never committed)")
+    if not _ctx(request).keeps_blocks(item["recovery_agent_id"]):
+        answer = await _from_host(request, item, live[seq], None)
+        return {
+            "item_id": item_id,
+            "seq": seq,
+            "ok": bool(answer.get("ok")),
+            "verified_by": f"recovery host agent {item['recovery_agent_id']}",
+            "disks": [
+                {
+                    "disk_id": d.get("disk_id"),
+                    "expected_root": d.get("expected_root"),
+                    "actual_root": d.get("merkle_root"),
+                    "ok": bool(d.get("ok")),
+                    "sha256": d.get("sha256"),
+                }
+                for d in answer.get("disks", [])
+            ],
+        }
     store = _ctx(request).store(item["target_site"])
     try:
         result = await asyncio.to_thread(store.verify_point, str(item_id), seq)
     except UnknownPoint:
         raise HTTPException(404, f"recovery point {seq} was pruned meanwhile") from None
     return result.as_dict()
+
+
+async def _from_host(
+    request: Request, item: dict[str, Any], point: dict[str, Any], target_dir: str | None
+) -> dict[str, Any]:
+    """The recovery host's verification (or export) of the point; its failure as 409, its
+    silence as 504."""
+    ctx = _ctx(request)
+    try:
+        return await ask_host(ctx, item, point, target_dir, ctx.settings.host_answer_seconds)
+    except HostFailed as exc:
+        raise HTTPException(
+            409, f"the recovery host keeping the item's replica could not: {exc}"
+        ) from None
+    except HostSilent as exc:
+        raise HTTPException(504, str(exc)) from None
 
 
 class MaterialiseIn(BaseModel):
@@ -233,17 +252,37 @@ async def materialise_point(
     who: CurrentPrincipal,
 ) -> Any:
     """Write the point's disk images (byte-identical to the source disks at that cycle) into
-    `target_dir`, which must lie under a configured materialise root."""
+    `target_dir`, which must lie under a configured materialise root; without a block copy
+    here, the recovery host writes them from its replica into `target_dir`, a folder of its
+    own storage."""
     who.check(Role.OPERATOR, vault_id)
     item = await _item(request, vault_id, item_id)
     settings = _ctx(request).settings
-    _require_block_copy(
-        request, item, "fail over (or run a test failover) to get the point's disks on that host"
-    )
     async with _ctx(request).pool.acquire() as conn:
         points = {p["cycle_seq"]: p for p in await repo.live_points(conn, item_id)}
     if seq not in points:
         raise HTTPException(404, f"recovery point {seq} not found (pruned or never committed)")
+    if not _ctx(request).keeps_blocks(item["recovery_agent_id"]):
+        answer = await _from_host(request, item, points[seq], body.target_dir)
+        if not answer.get("ok"):
+            raise HTTPException(
+                409, f"the recovery host's copy of point {seq} does not verify: {answer}"
+            )
+        return {
+            "item_id": item_id,
+            "cycle_seq": seq,
+            "written_by": f"recovery host agent {item['recovery_agent_id']}",
+            "disks": [
+                {
+                    "disk_id": d.get("disk_id"),
+                    "path": d.get("path"),
+                    "sha256": d.get("sha256"),
+                    "merkle_root": d.get("merkle_root"),
+                    "size_bytes": d.get("size_bytes"),
+                }
+                for d in answer.get("disks", [])
+            ],
+        }
     try:
         target = await asyncio.to_thread(
             materialise_target,

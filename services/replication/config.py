@@ -28,6 +28,13 @@ class ReplicationSettings(ServiceSettings):
         "pass through, verified against their hashes and forwarded; its verification state "
         "(leaf hashes) is in PostgreSQL, and its points are on its recovery host only.",
     )
+    host_answer_seconds: float = Field(
+        default=600,
+        gt=0,
+        le=3600,
+        description="Without a block copy: how long the API waits for the recovery host to "
+        "verify or export a point (it reads every block of the point).",
+    )
     monitoring_window_seconds: int = Field(
         default=12 * 3600, ge=10, description="Health: window for the missed-cycles rule."
     )

@@ -33,6 +33,7 @@ from services.replication.context import Context
 from services.replication.delta_handlers import make_delta_handlers
 from services.replication.delta_prepare import make_delta_prepare
 from services.replication.failover_events import make_failover_handlers
+from services.replication.host_points import export_answers
 from services.replication.materialise import make_replica_answers
 from services.replication.read_models import make_read_model_handlers
 from services.replication.seeding import make_seeding_handlers
@@ -229,7 +230,9 @@ def side_consumer(runtime: Runtime, ctx: Context) -> EventConsumer:
         handlers={
             **registration_handlers(),
             **make_read_model_handlers(),
-            **make_agent_event_handlers(ctx, {**make_replica_answers(ctx), **seeding[1]}),
+            **make_agent_event_handlers(
+                ctx, {**make_replica_answers(ctx), **seeding[1], **export_answers()}
+            ),
             **seeding[0],
             **make_failover_handlers(ctx),
         },

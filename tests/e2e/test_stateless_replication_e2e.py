@@ -79,13 +79,14 @@ async def test_failover_story_without_a_block_copy(
     plat.start("replication", NO_COPY)
     dr, item_id = await failover_story(plat, http, tmp_path)
     assert item_id not in stored_items(plat), "the service stored blocks of an item it forwards"
-    # a point of it cannot be downloaded from the service: it says where the blocks are
+    # its replica went with the failover: a point of it cannot be exported any more, and the
+    # answer says so
+    seq = max(p["cycle_seq"] for p in await points(http, dr, item_id))
     resp = await http.post(
-        dr.url("replication", f"/protected-items/{item_id}/recovery-points/1/materialise"),
-        json={"target_dir": str(tmp_path / "copy")},
-        headers=dr.bearer(dr.operator),
+        dr.url("replication", f"/protected-items/{item_id}/recovery-points/{seq}/verify"),
+        headers=dr.bearer(dr.reader),
     )
-    assert resp.status_code == 409 and "recovery host's replica" in resp.text, resp.text
+    assert resp.status_code == 409 and "recovery host" in resp.text, resp.text
 
 
 async def test_unplanned_failover_to_an_older_point_without_a_block_copy(
@@ -148,9 +149,31 @@ async def test_kill_9_mid_cycle_loses_no_point_and_needs_no_resync(
     seq = await eventually(final_point, timeout=60, what="a point after the writes stopped")
     await replica_at(http, dr, item_id, seq)
     images = tmp_path / "agent-hv-r1-state" / "replica" / item_id / "disks"
-    for disk in current["disks"]:
-        replica = file_sha256(images / f"{disk['disk_id']}.vhdx")
-        assert replica == file_sha256(Path(disk["path"])), disk["disk_id"]
+    sources = {d["disk_id"]: file_sha256(Path(d["path"])) for d in current["disks"]}
+    for disk_id, source in sources.items():
+        assert file_sha256(images / f"{disk_id}.vhdx") == source, disk_id
+    # the point verified and exported by the recovery host, through the replication API
+    resp = await http.post(
+        dr.url("replication", f"/protected-items/{item_id}/recovery-points/{seq}/verify"),
+        headers=dr.bearer(dr.reader),
+    )
+    assert resp.status_code == 200 and resp.json()["ok"], resp.text
+    assert {d["disk_id"]: d["sha256"] for d in resp.json()["disks"]} == sources
+    export = dr.storage("recovery", "hv-r1") / "export"
+    resp = await http.post(
+        dr.url("replication", f"/protected-items/{item_id}/recovery-points/{seq}/materialise"),
+        json={"target_dir": str(export)},
+        headers=dr.bearer(dr.operator),
+    )
+    assert resp.status_code == 200, resp.text
+    for disk in resp.json()["disks"]:
+        assert file_sha256(Path(disk["path"])) == sources[disk["disk_id"]] == disk["sha256"]
+    outside = await http.post(
+        dr.url("replication", f"/protected-items/{item_id}/recovery-points/{seq}/materialise"),
+        json={"target_dir": str(tmp_path / "not-the-hosts")},
+        headers=dr.bearer(dr.operator),
+    )
+    assert outside.status_code == 409 and "storage" in outside.text, outside.text
     assert item_id not in stored_items(plat)
 
 
