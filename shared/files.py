@@ -5,8 +5,16 @@ roots after following links."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
+
+SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def unusable_file_names(names: Iterable[str]) -> list[str]:
+    """The names (disk ids) that cannot name a file `<name>.vhdx` in a folder."""
+    return [n for n in names if not SAFE_FILE_NAME.fullmatch(n)]
 
 
 def fsync_dir(folder: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,10 @@ from typing import Any
 
 from services.host_agent.replica import SiteReplica
 from services.host_agent.replica_format import DiskState, ReplicaError
-from shared.files import replace_synced
+from shared.files import replace_synced, unusable_file_names
 from shared.merkle import MerkleTree, block_count, block_hash, block_length, zero_block_hash
 
 CHUNK_BLOCKS = 256
-SAFE_DISK_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ def view_id_of(request_id: uuid.UUID) -> str:
 
 def unusable_disk_ids(disk_ids: list[str]) -> list[str]:
     """The disk ids that cannot name a file `<disk_id>.vhdx` in a folder."""
-    return [d for d in disk_ids if not SAFE_DISK_FILE.fullmatch(d)]
+    return unusable_file_names(disk_ids)
 
 
 def check_point(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
 from datetime import UTC, datetime
 from functools import partial
@@ -25,7 +24,7 @@ from services.replication import request_repository as request_repo
 from services.replication.config import ReplicationSettings
 from services.replication.context import Context, emit
 from services.replication.store import StoreError
-from shared.files import OutsideRoots, confined
+from shared.files import OutsideRoots, confined, unusable_file_names
 from shared.kafka.consumers import Handler
 from shared.kafka.decode import Incoming, Rejected
 from shared.schemas import agent as cmd
@@ -34,8 +33,6 @@ from shared.schemas import replication as ev
 from shared.schemas.envelope import EventPayload
 
 log = logging.getLogger(__name__)
-
-SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def materialise_target(
@@ -46,7 +43,7 @@ def materialise_target(
     file name. ValueError says what is wrong. `local` False: the folder is the recovery
     host's, which checks it against its own storage; only the disk ids are checked here."""
     if not local:
-        bad = [d for d in disk_ids if not SAFE_FILE.fullmatch(d)]
+        bad = unusable_file_names(disk_ids)
         if bad:
             raise ValueError(f"disk ids unusable as file names: {bad}")
         return Path(target_dir)
@@ -56,7 +53,7 @@ def materialise_target(
         raise ValueError(f"target_dir is not under a materialise root: {exc}") from None
     if (target / "vm.json").exists():
         raise ValueError(f"target_dir {target} holds a VM (vm.json): its disks are not overwritten")
-    bad = [d for d in disk_ids if not SAFE_FILE.fullmatch(d)]
+    bad = unusable_file_names(disk_ids)
     if bad:
         raise ValueError(f"disk ids unusable as file names: {bad}")
     return target
