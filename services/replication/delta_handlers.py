@@ -29,13 +29,12 @@ from services.replication.item import (
     point_type_of,
 )
 from services.replication.leaves import LeavesMismatch
-from services.replication.resync import require_resync
+from services.replication.resync import require_resync, stored_hashes
 from services.replication.store import (
     DiskPoint,
     MissingBlock,
     PointManifest,
     RootMismatch,
-    StoreError,
 )
 from services.replication.unit_of_work import ItemUnitOfWork
 from shared import topics
@@ -328,9 +327,6 @@ async def _verify_point(
             await asyncio.to_thread(store.commit_point, str(msg.item_id), manifest)
         return
     prev = item.last_committed_seq if item.has_point else None
-    imported = None
-    if prev is not None and not await leaves.known(conn, item.item_id):
-        imported = await _stored_leaves(ctx, item, manifest)
     await leaves.advance(
         conn,
         item.item_id,
@@ -341,26 +337,21 @@ async def _verify_point(
             for d in manifest.disks
         ],
         changed,
-        imported,
+        partial(_stored_leaves, ctx, item) if prev is not None else None,
     )
 
 
 async def _stored_leaves(
-    ctx: Context, item: ProtectedItem, manifest: PointManifest
-) -> dict[str, tuple[int, bytes]] | None:
-    """The leaf hashes of the item's latest point in this service's replica store, where
-    its earlier points were verified (an item replicating before its verification moved to
-    PostgreSQL); None if the store has none."""
-    store = ctx.store(item.target_site)
-    out: dict[str, tuple[int, bytes]] = {}
+    ctx: Context, item: ProtectedItem, target: leaves.DiskTarget
+) -> tuple[int, bytes] | None:
+    """(size, leaf hashes) of the disk at the item's latest point in this service's replica
+    store, where its earlier points were verified (an item replicating before its
+    verification moved to PostgreSQL); None if the store has none."""
+    hashes = await stored_hashes(ctx, item.target_site, item.item_id, target.disk_id)
+    if hashes is None:
+        return None
     sizes = {d.disk_id: d.size_bytes for d in item.disks}
-    for disk in manifest.disks:
-        try:
-            hashes = await asyncio.to_thread(store.leaf_hashes, str(item.item_id), disk.disk_id)
-        except (StoreError, OSError, KeyError):
-            return None
-        out[disk.disk_id] = (sizes.get(disk.disk_id, disk.size_bytes), b"".join(hashes))
-    return out
+    return sizes.get(target.disk_id, target.size_bytes), b"".join(hashes)
 
 
 NO_FEED = FeedRange(None, None, None)

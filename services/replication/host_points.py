@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from services.replication.context import Context, emit
+from services.replication.materialise import replica_disks
 from shared.kafka.consumers import Handler
 from shared.kafka.decode import Incoming, Rejected
 from shared.schemas import agent as cmd
@@ -63,15 +64,7 @@ async def ask_host(
                 item_id=item["item_id"],
                 request_id=request_id,
                 cycle_seq=point["cycle_seq"],
-                disks=[
-                    cmd.ReplicaDisk(
-                        disk_id=d["disk_id"],
-                        size_bytes=d["size_bytes"],
-                        block_size=d.get("block_size", 65536),
-                        merkle_root=d["merkle_root"],
-                    )
-                    for d in point["disks"]
-                ],
+                disks=replica_disks(point["disks"]),
                 target_dir=target_dir,
             ),
             str(agent_id),

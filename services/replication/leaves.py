@@ -20,7 +20,7 @@ import asyncio
 import functools
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -48,6 +48,10 @@ class DiskTarget:
     size_bytes: int
     block_size: int
     merkle_root: str
+
+
+# a disk's (size, leaves) at the previous point from elsewhere, asked for a disk with none here
+Imported = Callable[[DiskTarget], Awaitable[tuple[int, bytes] | None]]
 
 
 @dataclass
@@ -80,12 +84,14 @@ def zero_leaves(chunk: int, size_bytes: int, block_size: int) -> bytearray:
     return out
 
 
+def _split(leaves: bytes | bytearray, n: int) -> Iterator[bytes]:
+    """The first `n` 32-byte leaves of concatenated `leaves`."""
+    return (bytes(leaves[i * HASH_SIZE : (i + 1) * HASH_SIZE]) for i in range(n))
+
+
 def chunk_root(leaves: bytes | bytearray) -> bytes:
     """The root of a chunk's subtree: its leaves, padded with zero nodes to `CHUNK_LEAVES`."""
-    n = len(leaves) // HASH_SIZE
-    return MerkleTree.from_leaves(
-        (bytes(leaves[i * HASH_SIZE : (i + 1) * HASH_SIZE]) for i in range(n)), CHUNK_LEAVES
-    ).root()
+    return MerkleTree.from_leaves(_split(leaves, len(leaves) // HASH_SIZE), CHUNK_LEAVES).root()
 
 
 @functools.cache
@@ -107,7 +113,15 @@ def _implicit_root(disk: _Disk, chunk: int) -> bytes:
     end = (chunk + 1) * CHUNK_LEAVES
     if end < disk.count or (end == disk.count and disk.size_bytes % disk.block_size == 0):
         return _zero_chunk_root(disk.block_size)
-    return chunk_root(zero_leaves(chunk, disk.size_bytes, disk.block_size))
+    return _zero_last_chunk_root(disk.size_bytes, disk.block_size)
+
+
+@functools.cache
+def _zero_last_chunk_root(size_bytes: int, block_size: int) -> bytes:
+    """The root of a disk's last chunk of zero blocks, when it is partial or its last block
+    short (computed once per disk geometry, not at every cycle)."""
+    last = (block_count(size_bytes, block_size) - 1) // CHUNK_LEAVES
+    return chunk_root(zero_leaves(last, size_bytes, block_size))
 
 
 def disk_root(disk: _Disk) -> bytes:
@@ -116,12 +130,8 @@ def disk_root(disk: _Disk) -> bytes:
     n = disk.count
     if n <= CHUNK_LEAVES:
         leaves = disk.chunks.get(0) or zero_leaves(0, disk.size_bytes, disk.block_size)
-        return MerkleTree.from_leaves(
-            (bytes(leaves[i * HASH_SIZE : (i + 1) * HASH_SIZE]) for i in range(n)), n
-        ).root()
-    capacity = 1
-    while capacity < n:
-        capacity *= 2
+        return MerkleTree.from_leaves(_split(leaves, n), n).root()
+    capacity = 1 << (n - 1).bit_length()  # the tree's leaves, padded to a power of two
     level = [
         disk.roots[c] if c in disk.roots else _implicit_root(disk, c)
         for c in range(capacity // CHUNK_LEAVES)
@@ -233,19 +243,20 @@ async def advance(
     seq: int,
     targets: list[DiskTarget],
     changed: Mapping[str, Mapping[int, str]],
-    imported: Mapping[str, tuple[int, bytes]] | None = None,
+    imported: Imported | None = None,
 ) -> None:
     """Verify point `seq`: the leaves of point `prev_seq` (None: no point, every disk starts
     as zero blocks), with the cycle's `changed` blocks (disk -> index -> sha256 hex), must give
     every target's root. Then they become the leaves of `seq`. LeavesMismatch if a root differs
-    (nothing written). `imported`: (size, leaves) of `prev_seq` by disk, where this table has
-    none (an item whose replica store held them)."""
+    (nothing written). `imported`: asked for a disk's (size, leaves) at `prev_seq` where this
+    table has none (an item whose replica store held them; None: not there either)."""
     disks: dict[str, _Disk] = {}
     for target in targets:
         delta = changed.get(target.disk_id, {})
         disk = await _load_disk(conn, item_id, target.disk_id, prev_seq)
-        if disk is None and imported is not None and target.disk_id in imported:
-            size, hashes = imported[target.disk_id]
+        found = await imported(target) if disk is None and imported is not None else None
+        if found is not None:
+            size, hashes = found
             disk = _from_leaves(size, target.block_size, hashes)
         if disk is None or disk.block_size != target.block_size:
             disk = _Disk(target.size_bytes, target.block_size, {}, rewrite=True)  # zero blocks
@@ -315,8 +326,7 @@ async def leaf_hashes(
     disk = await _load_disk(conn, item_id, disk_id, seq)
     if disk is None:
         return None
-    leaves = await _all_leaves(conn, item_id, disk_id, disk)
-    return [bytes(leaves[i * HASH_SIZE : (i + 1) * HASH_SIZE]) for i in range(disk.count)]
+    return list(_split(await _all_leaves(conn, item_id, disk_id, disk), disk.count))
 
 
 async def known(conn: asyncpg.Connection, item_id: uuid.UUID) -> bool:

@@ -23,6 +23,7 @@ from services.replication import repository as repo
 from services.replication import request_repository as request_repo
 from services.replication.config import ReplicationSettings
 from services.replication.context import Context, emit
+from services.replication.item import DEFAULT_BLOCK_SIZE
 from services.replication.store import StoreError
 from shared.files import OutsideRoots, confined, unusable_file_names
 from shared.kafka.consumers import Handler
@@ -96,15 +97,7 @@ async def _hand_over(
                 request_id=msg.request_id,
                 cycle_seq=seq,
                 target_dir=msg.target_dir,
-                disks=[
-                    cmd.ReplicaDisk(
-                        disk_id=d["disk_id"],
-                        size_bytes=d["size_bytes"],
-                        block_size=d.get("block_size", 65536),
-                        merkle_root=d["merkle_root"],
-                    )
-                    for d in point["disks"]
-                ],
+                disks=replica_disks(point["disks"]),
             ),
             str(item["recovery_agent_id"]),
         )
@@ -120,19 +113,47 @@ async def _hand_over(
     return True
 
 
+def replica_disks(disks: list[dict[str, Any]]) -> list[cmd.ReplicaDisk]:
+    """A point's disks (its row's `disks`) as the recovery host's commands name them."""
+    return [
+        cmd.ReplicaDisk(
+            disk_id=d["disk_id"],
+            size_bytes=d["size_bytes"],
+            block_size=d.get("block_size", DEFAULT_BLOCK_SIZE),
+            merkle_root=d["merkle_root"],
+        )
+        for d in disks
+    ]
+
+
+def result_request_id(msg: cmd.CommandCompleted) -> uuid.UUID | None:
+    """The request an agent's answer names in its result, if any."""
+    try:
+        return uuid.UUID(str(msg.result.get("request_id")))
+    except ValueError:
+        return None
+
+
+async def answered_request(
+    conn: asyncpg.Connection, inc: Incoming, request_id: uuid.UUID | None, what: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The failover request `request_id` a recovery host answers (`what`: its answer) and the
+    request's item; Rejected unless the request exists and `inc` comes from the host that
+    keeps the item's replica."""
+    request = await request_repo.get_request(conn, request_id) if request_id else None
+    if request is None:
+        raise Rejected("invalid_result", f"{what} names no known request")
+    item = await repo.get_item(conn, request["item_id"])
+    if item is None or str(item["recovery_agent_id"]) != inc.envelope.producer_id:
+        raise Rejected("wrong_agent", f"{what} from a host that keeps no replica")
+    return request, item
+
+
 async def on_handover(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
     msg = inc.payload
     assert isinstance(msg, cmd.CommandCompleted)
-    try:
-        request_id = uuid.UUID(str(msg.result.get("request_id")))
-    except ValueError:
-        request_id = None
-    request = await request_repo.get_request(conn, request_id) if request_id else None
-    if request is None:
-        raise Rejected("invalid_result", "a handover answer names no known request")
-    item = await repo.get_item(conn, request["item_id"])
-    if item is None or str(item["recovery_agent_id"]) != inc.envelope.producer_id:
-        raise Rejected("wrong_agent", "handover answer from a host that keeps no replica")
+    request_id = result_request_id(msg)
+    request, item = await answered_request(conn, inc, request_id, "a handover answer")
     if request["state"] != "delegated":
         return  # answered already
     if msg.outcome is cmd.CommandOutcome.FAILED:

@@ -58,7 +58,6 @@ async def request_resync(ctx: Context, conn: asyncpg.Connection, item: Protected
     this service's replica store. A disk with no known hashes is sent whole."""
     hashes: dict[str, list[bytes]] = {}
     if item.has_point:
-        store = ctx.store(item.target_site)
         for disk in item.disks:
             known = None
             if not ctx.keeps_blocks(item.recovery_agent_id) and item.last_committed_seq:
@@ -66,15 +65,21 @@ async def request_resync(ctx: Context, conn: asyncpg.Connection, item: Protected
                     conn, item.item_id, disk.disk_id, item.last_committed_seq
                 )
             if known is None:
-                try:
-                    known = await asyncio.to_thread(
-                        store.leaf_hashes, str(item.item_id), disk.disk_id
-                    )
-                except (StoreError, OSError, KeyError):
-                    known = None
+                known = await stored_hashes(ctx, item.target_site, item.item_id, disk.disk_id)
             if known is not None:
                 hashes[disk.disk_id] = known
     item.request_resync(hashes, uuid.uuid4())
+
+
+async def stored_hashes(
+    ctx: Context, site: str, item_id: uuid.UUID, disk_id: str
+) -> list[bytes] | None:
+    """The disk's leaf hashes at the item's latest point in this service's replica store;
+    None if the store holds none."""
+    try:
+        return await asyncio.to_thread(ctx.store(site).leaf_hashes, str(item_id), disk_id)
+    except (StoreError, OSError, KeyError):
+        return None
 
 
 async def start_due_resyncs(ctx: Context) -> int:

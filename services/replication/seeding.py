@@ -21,19 +21,17 @@ from typing import Any
 import asyncpg
 
 from services.replication import leaves
-from services.replication import repository as repo
 from services.replication import request_repository as request_repo
 from services.replication.context import Context, emit
+from services.replication.materialise import answered_request, result_request_id
 from services.replication.reverse import Seed, finish_seeding
 from shared.kafka.consumers import Handler
 from shared.kafka.decode import Incoming, Rejected
-from shared.merkle import HASH_SIZE, block_count, zero_block_hash
+from shared.merkle import BLOCK_SIZE, HASH_SIZE, block_count, zero_block_hash
 from shared.schemas import agent as cmd
 from shared.schemas import failover as fo
 
 log = logging.getLogger(__name__)
-
-BLOCK_SIZE = 65_536
 
 
 async def ask_host_to_seed(ctx: Context, request: dict[str, Any], item: dict[str, Any]) -> None:
@@ -74,14 +72,11 @@ async def ask_host_to_seed(ctx: Context, request: dict[str, Any], item: dict[str
 async def _seed_request(
     conn: asyncpg.Connection, inc: Incoming, request_id: uuid.UUID | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The delegated reverse request `request_id` and its item, if `inc` comes from the
-    item's recovery host; Rejected otherwise."""
-    request = await request_repo.get_request(conn, request_id) if request_id else None
-    if request is None or request["kind"] != "reverse":
+    """The reverse request `request_id` and its item, if `inc` comes from the item's
+    recovery host; Rejected otherwise."""
+    request, item = await answered_request(conn, inc, request_id, "a seeding report")
+    if request["kind"] != "reverse":
         raise Rejected("invalid_result", "a seeding report names no known reverse request")
-    item = await repo.get_item(conn, request["item_id"])
-    if item is None or str(item["recovery_agent_id"]) != inc.envelope.producer_id:
-        raise Rejected("wrong_agent", "a seeding report from a host that keeps no replica")
     return request, item
 
 
@@ -142,11 +137,7 @@ async def on_seeded(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> No
     reported roots, and the new source asked for a resync; or, if it failed, every block."""
     msg = inc.payload
     assert isinstance(msg, cmd.CommandCompleted)
-    try:
-        request_id = uuid.UUID(str(msg.result.get("request_id")))
-    except ValueError:
-        request_id = None
-    request, item = await _seed_request(conn, inc, request_id)
+    request, item = await _seed_request(conn, inc, result_request_id(msg))
     if request["state"] != "delegated":
         return  # answered already
     reverse = fo.ReverseReplicationRequested.model_validate(request["request"])
@@ -174,7 +165,7 @@ async def on_seeded(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> No
                         for d in disk_ids
                     ],
                     {},
-                    {d: (disks[d][0], disks[d][2]) for d in disk_ids},
+                    partial(_reported, disks),
                 )
             except leaves.LeavesMismatch as exc:
                 failure = f"the seeded replica's reported leaves and roots disagree: {exc}"
@@ -192,6 +183,14 @@ async def on_seeded(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> No
         log.warning(failure, extra={"item_id": str(item["item_id"])})
     await conn.execute("DELETE FROM seed_leaves WHERE request_id = $1", request["request_id"])
     await finish_seeding(ctx, conn, request, seed, failure, replica_holds_it=seed is not None)
+
+
+async def _reported(
+    disks: Mapping[str, tuple[int, int, bytes]], target: leaves.DiskTarget
+) -> tuple[int, bytes] | None:
+    """(size, leaves) the host reported for the target's disk."""
+    size, _, hashes = disks[target.disk_id]
+    return size, hashes
 
 
 def _non_zero(size: int, block_size: int, hashes: bytes) -> int:

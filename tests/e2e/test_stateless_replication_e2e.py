@@ -30,12 +30,13 @@ from kit.files import file_sha256
 from kit.platform import Platform
 from kit.poll import eventually
 from kit.procs import Proc
-from kit.stack import Stack, fresh_database, random_prefix
+from kit.stack import Stack
 from tests.e2e import test_failover_plans_e2e as plans
 from tests.e2e.test_failover_e2e import failover_story
 from tests.e2e.test_replication_e2e import replica_at
 from tests.e2e.test_replication_faults_e2e import live_seqs, pruned_seqs, replicating_vm
 from tests.e2e.test_replication_instances_e2e import another_instance, metric
+from tests.support.own_platform import own_platform
 
 pytestmark = pytest.mark.e2e
 
@@ -44,12 +45,7 @@ NO_COPY = {"DR_REPLICATION_KEEP_BLOCK_COPY": "false"}
 
 @pytest.fixture
 async def plat(stack: Stack, tmp_path: Path) -> AsyncIterator[Platform]:
-    own = Platform(
-        stack=stack,
-        database_url=await fresh_database(stack, "nocopy"),
-        prefix=random_prefix("nocopy"),
-        log_dir=tmp_path,
-    )
+    own = await own_platform(stack, "nocopy", tmp_path)
     try:
         yield own
     finally:

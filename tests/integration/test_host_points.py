@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from kit.poll import eventually
 from kit.stack import migrated_pool
 from services.replication.__main__ import MIGRATIONS
 from services.replication.config import ReplicationSettings
@@ -38,17 +39,21 @@ def item_and_point() -> tuple[dict[str, Any], dict[str, Any]]:
     return item, point
 
 
-async def sent_command(pool: asyncpg.Pool) -> cmd.ReplicaPointExportRequested:
-    """The command waiting in the outbox (the latest)."""
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            "SELECT value FROM outbox WHERE event_type = 'ReplicaPointExportRequested'"
-            " ORDER BY id DESC LIMIT 1"
-        )
-    assert row is not None
-    _, payload = decode_event(bytes(row["value"]))
-    assert isinstance(payload, cmd.ReplicaPointExportRequested)
-    return payload
+async def sent_command(pool: asyncpg.Pool, item_id: uuid.UUID) -> cmd.ReplicaPointExportRequested:
+    """The item's command, once it is in the outbox."""
+
+    async def queued() -> cmd.ReplicaPointExportRequested | None:
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT value FROM outbox WHERE event_type = 'ReplicaPointExportRequested'"
+            )
+        for row in rows:
+            _, payload = decode_event(bytes(row["value"]))
+            if isinstance(payload, cmd.ReplicaPointExportRequested) and payload.item_id == item_id:
+                return payload
+        return None
+
+    return await eventually(queued, timeout=10, what="the export command in the outbox")
 
 
 async def answer(
@@ -71,14 +76,7 @@ async def test_the_hosts_answer_reaches_the_waiting_request(
         host = item["recovery_agent_id"]
         waiting = asyncio.create_task(ask_host(ctx, item, point, "/srv/r1/export", 30))
 
-        async def command() -> cmd.ReplicaPointExportRequested:
-            while True:
-                try:
-                    return await sent_command(pool)
-                except AssertionError:
-                    await asyncio.sleep(0.05)
-
-        sent = await asyncio.wait_for(command(), 10)
+        sent = await sent_command(pool, item["item_id"])
         assert (sent.agent_id, sent.item_id, sent.cycle_seq) == (host, item["item_id"], 7)
         assert sent.target_dir == "/srv/r1/export" and sent.disks[0].merkle_root == ROOT
         with pytest.raises(Rejected, match="another host"):
@@ -104,8 +102,7 @@ async def test_a_failure_is_the_hosts_reason_and_silence_a_timeout(
         ctx = Context(pool=pool, settings=ReplicationSettings(store_dir=tmp_path / "store"))
         item, point = item_and_point()
         waiting = asyncio.create_task(ask_host(ctx, item, point, None, 30))
-        await asyncio.sleep(0.3)
-        sent = await sent_command(pool)
+        sent = await sent_command(pool, item["item_id"])
         assert sent.target_dir is None
         await answer(
             pool,

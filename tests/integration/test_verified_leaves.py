@@ -153,8 +153,20 @@ async def test_imported_leaves_seed_the_table(database_url: str) -> None:
         item_id = uuid.uuid4()
         disk = Disk(2 * leaves.CHUNK_LEAVES * BS + 1)
         disk.write(rng, 30)
-        imported = {"d0": (disk.size, b"".join(disk.hashes))}
+        before = (disk.size, b"".join(disk.hashes))
+        asked: list[str] = []
+
+        async def imported(target: leaves.DiskTarget) -> tuple[int, bytes] | None:
+            asked.append(target.disk_id)
+            return before
+
         changed = {"d0": disk.write(rng, 4)}
         async with conn.transaction():
             await leaves.advance(conn, item_id, 8, 9, [disk.target("d0")], changed, imported)
+        assert asked == ["d0"]
         assert await leaves.leaf_hashes(conn, item_id, "d0", 9) == disk.hashes
+        # known here now: the next cycle asks for nothing
+        changed = {"d0": disk.write(rng, 2)}
+        async with conn.transaction():
+            await leaves.advance(conn, item_id, 9, 10, [disk.target("d0")], changed, imported)
+        assert asked == ["d0"]
