@@ -228,7 +228,7 @@ async def test_two_instances_share_the_partitions_and_one_is_killed_mid_cycle(
     plat: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     """Two instances with their own state roots share the delta partitions. The one that
-    coordinates is killed with kill -9 in the middle of a cycle (after its 40th stored batch):
+    coordinates is killed with kill -9 in the middle of a cycle (after its 80th stored batch):
     the other takes its partitions and the coordination, no committed point is lost and new
     points keep committing; restarted, it takes partitions again, without loss; every
     replica ends byte-identical to its source, and no item needed a resync."""
@@ -236,7 +236,7 @@ async def test_two_instances_share_the_partitions_and_one_is_killed_mid_cycle(
     first = plat.start("replication", {**NO_COPY, **poll})
     dr = await two_sites(plat, http, tmp_path, copy_seconds=1)
     second = another_instance(plat, "b", tmp_path / "b-state" / "replica")
-    second.env["DR_CRASH_AT"] = "replication.blocks_stored@40"
+    second.env["DR_CRASH_AT"] = "replication.blocks_stored@80"
     second.start()
     await eventually(lambda: healthy(http, second), timeout=60, what="the second instance")
     # the first instance coordinates; restarted, it leaves that to the second one
@@ -247,16 +247,19 @@ async def test_two_instances_share_the_partitions_and_one_is_killed_mid_cycle(
     assert await metric(http, first, "dr_replication_coordinator") == 0
     assert await metric(http, first, "dr_replication_active") == 1
 
-    items = await protected_vms(http, dr, [f"vm{i}" for i in range(6)])
+    items = await protected_vms(http, dr, [f"vm{i}" for i in range(8)])
     worked: list[float] = []
+    first_worked: list[float] = []
     seen: set[tuple[str, int]] = set()
 
     async def killed() -> bool:
         if second.alive():
             worked.append(await committed_cycles(http, second))
+            first_worked.append(await committed_cycles(http, first))
             with contextlib.suppress(httpx.HTTPError, AssertionError):
                 seen.update(await all_seqs(http, dr, items))
-            if len(worked) % 60 == 59 and max(worked) == 0:  # its partitions hold no item yet
+            # one instance's partitions hold no item yet: another VM (its key picks a partition)
+            if len(worked) % 10 == 9 and min(max(worked), max(first_worked)) == 0:
                 items.update(await protected_vms(http, dr, [f"vm{len(items)}"]))
             return False
         return True
@@ -264,7 +267,7 @@ async def test_two_instances_share_the_partitions_and_one_is_killed_mid_cycle(
     await eventually(killed, timeout=240, interval=0.5, what="kill -9 of the second instance")
     assert second.popen is not None and second.popen.returncode == -9
     assert max(worked) > 0, "the killed instance committed cycles (it had partitions)"
-    assert await committed_cycles(http, first) > 0, "both instances did the pipeline's work"
+    assert max(first_worked) > 0, "both instances did the pipeline's work"
     seen.update(await all_seqs(http, dr, items))
 
     async def coordinating() -> bool:
