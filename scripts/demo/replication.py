@@ -143,7 +143,9 @@ async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
             ).json()
             if not check.get("ok"):
                 return f"{name}: point {point['cycle_seq']} failed verification: {check}"
-            out = demo.run_dir / "verify" / name
+            # Downloaded by the recovery host into a folder of its own storage: the points
+            # live on the recovery site, the replication service holds no block of them.
+            out = demo.storage_root("recovery") / "hv-r1" / "verify" / name
             result = (
                 await http.post(
                     f"{rep}/{i['item_id']}/recovery-points/{point['cycle_seq']}/materialise",
@@ -156,7 +158,8 @@ async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
                 if disk["sha256"] != file_sha256(sources[disk["disk_id"]]):
                     return f"{name}: disk {disk['disk_id']} differs from the source"
             print(
-                f"     {name:<7} point {point['cycle_seq']}: Merkle roots re-verified, "
+                f"     {name:<7} point {point['cycle_seq']}: Merkle roots re-verified by "
+                f"{check.get('verified_by', 'the replication service')}, "
                 f"{len(result['disks'])} disk(s) byte-identical to the source"
             )
         return None

@@ -21,12 +21,13 @@ class ReplicationSettings(ServiceSettings):
         description="Replica store root; one sub-folder per recovery site.",
     )
     keep_block_copy: bool = Field(
-        default=True,
-        description="Keep a copy of every verified block in the replica store, also for items "
-        "whose recovery host keeps their replica (point download and verification here, and a "
-        "copy when the host cannot hand its replica over). false: such an item's blocks only "
-        "pass through, verified against their hashes and forwarded; its verification state "
-        "(leaf hashes) is in PostgreSQL, and its points are on its recovery host only.",
+        default=False,
+        description="false: the blocks of an item whose recovery host keeps its replica only "
+        "pass through, verified against their hashes and forwarded to the host; its "
+        "verification state (leaf hashes) is in PostgreSQL and its points are on its recovery "
+        "host only, and any number of instances share the work. true: also keep a copy of "
+        "every verified block in the replica store (point download and verification here, a "
+        "copy when the host cannot hand its replica over), with one active instance.",
     )
     host_answer_seconds: float = Field(
         default=600,
