@@ -67,7 +67,16 @@ async def bench_platform(stack: Stack, label: str) -> AsyncIterator[tuple[Platfo
     log_dir.mkdir()
     database_url = await fresh_database(stack, "bench")
     prefix = random_prefix("bench")
-    plat = Platform(stack=stack, database_url=database_url, prefix=prefix, log_dir=log_dir)
+    # with a block copy in the replication service unless `BENCH_KEEP_BLOCK_COPY=0` (the
+    # service's default: none): the benches' baselines were taken with one
+    copy = "false" if os.environ.get("BENCH_KEEP_BLOCK_COPY", "1") == "0" else "true"
+    plat = Platform(
+        stack=stack,
+        database_url=database_url,
+        prefix=prefix,
+        log_dir=log_dir,
+        replication_env={"DR_REPLICATION_KEEP_BLOCK_COPY": copy},
+    )
     ok = False
     try:
         yield plat, root

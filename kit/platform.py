@@ -25,6 +25,8 @@ class Platform:
     admin_token: str = field(default_factory=lambda: f"adm_{secrets.token_urlsafe(32)}")
     services: dict[str, Proc] = field(default_factory=dict)
     edges: list[Proc] = field(default_factory=list)
+    # settings every replication instance starts with (a call's own settings win)
+    replication_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -48,6 +50,7 @@ class Platform:
                     "DR_REPLICATION_MATERIALISE_ROOTS": str(self.log_dir.parent),
                     "DR_REPLICATION_HEALTH_INTERVAL_SECONDS": "0.5",
                     "DR_REPLICATION_RESYNC_BACKOFF_SECONDS": "1,2,4",
+                    **self.replication_env,
                 }
             elif name == "failover":
                 wiring = {

@@ -35,6 +35,7 @@ from shared.schemas.agent import (
     DiskImagesCheckRequested,
     ReplicaDeleteRequested,
     ReplicaHandoverRequested,
+    ReplicaLeavesRequested,
     ReplicaPointApplyRequested,
     ReplicaPointExportRequested,
     ReplicaSeedRequested,
@@ -70,17 +71,24 @@ COMMAND_TYPES = (
     "ReplicaSeedRequested",
     "DiskImagesCheckRequested",
     "ReplicaPointExportRequested",
+    "ReplicaLeavesRequested",
 )
 # Keeping the recovery-site replica has a lane (consumer group) of its own: a backlog of points
 # to apply never holds up a failover's commands (a VM's creation, power or deletion, the
 # replica's handover, a test failover's differencing disks) nor replication commands. Within
 # each lane, commands keep their order; a failover asks for a point the replica already holds,
 # and the replica's per-item lock orders its work on one item across the lanes.
-# A seed is in that lane too: the item's first points are applied after it. Verifying or
-# exporting a point is not: it reads through a frozen view (in a thread) and must neither wait
-# behind a backlog of points nor hold one up.
+# A seed is in that lane too: the item's first points are applied after it; and the report of
+# a replica's leaves for a catch-up: the leaves of HEAD after the points applied before it.
+# Verifying or exporting a point is not: it reads through a frozen view (in a thread) and must
+# neither wait behind a backlog of points nor hold one up.
 REPLICA_COMMAND_TYPES = frozenset(
-    {"ReplicaPointApplyRequested", "ReplicaDeleteRequested", "ReplicaSeedRequested"}
+    {
+        "ReplicaPointApplyRequested",
+        "ReplicaDeleteRequested",
+        "ReplicaSeedRequested",
+        "ReplicaLeavesRequested",
+    }
 )
 
 
@@ -162,12 +170,13 @@ class CommandHandler:
                 )
             except (CommandFailed, VmNotFound, OSError, ValueError) as exc:
                 item_id = getattr(command, "item_id", None)  # the item shows the failure
+                details = exc.details if isinstance(exc, CommandFailed) else {}
                 completed = CommandCompleted(
                     command_id=command_id,
                     command_type=env.type,
                     outcome=CommandOutcome.FAILED,
                     error=str(exc),
-                    result={"item_id": str(item_id)} if item_id is not None else {},
+                    result=details | ({"item_id": str(item_id)} if item_id is not None else {}),
                 )
             self.done.put(completed)
             COMMANDS.labels(env.type, completed.outcome.value).inc()
@@ -215,6 +224,8 @@ class CommandHandler:
                 return await self.replica_feed.seed(command, self.emit)
             case ReplicaPointExportRequested():
                 return await self.replica_feed.export(command)
+            case ReplicaLeavesRequested():
+                return await self.replica_feed.report_leaves(command, self.emit)
             case DiskImagesCheckRequested():
                 sizes = await asyncio.to_thread(image_sizes, self.storage, command.images)
                 return {"images": sizes}

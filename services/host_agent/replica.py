@@ -37,6 +37,7 @@ from services.host_agent.replica_format import (
     latest_staged,
     read_undo,
     staged_record,
+    undo_prev,
 )
 from services.host_agent.replica_images import previous_point, restore, write_point, write_undo
 from services.host_agent.replica_seed import (
@@ -102,11 +103,17 @@ class SiteReplica:
         with self._lock(item):
             f = self._open(item)
             head = f.read_head().seq
-            undos = [s for s in f.undo_seqs() if s <= head]
-            older = [s - 1 for s in undos if s - 1 > 0]
-            # a point is reachable when every undo record from it up to HEAD is present
-            reachable = [s for s in older if all(t in undos for t in range(s + 1, head + 1))]
-            return sorted({*reachable, *([head] if head else [])})
+            undos = set(f.undo_seqs())
+            # a point is reachable when the undo records from HEAD back to it are present:
+            # each returns to the point before it (seq-1, or older for a catch-up point)
+            reachable = [head] if head else []
+            at = head
+            while at in undos:
+                at = undo_prev(f.undo_of(at))
+                if at <= 0:
+                    break
+                reachable.append(at)
+            return sorted(reachable)
 
     def roots(self, item: str) -> dict[str, str]:
         """The Merkle roots of the images, computed from their leaves."""
@@ -251,16 +258,18 @@ class SiteReplica:
 
     # ------------------------------------------------------------------ apply, rollback
 
-    def apply(self, item: str, seq: int) -> Point:
-        """Bring the images from HEAD (seq-1) to the staged point `seq`; returns the new HEAD.
-        Idempotent: a point already applied returns HEAD. The roots are checked against the
-        point's (RootMismatch: the point is undone, HEAD stays)."""
+    def apply(self, item: str, seq: int, base: int | None = None) -> Point:
+        """Bring the images from HEAD (`base`, by default seq-1) to the staged point `seq`;
+        returns the new HEAD. A `base` older than seq-1 is a catch-up: the replica missed the
+        points between, and `seq`'s blocks are every block that differs from `base` (its undo
+        record returns to `base`). Idempotent: a point already applied returns HEAD. The roots
+        are checked against the point's (RootMismatch: the point is undone, HEAD stays)."""
         with self._lock(item):
             f = self._open(item)
             head = f.read_head()
             if seq <= head.seq:
                 return head
-            if seq != head.seq + 1:
+            if head.seq != (seq - 1 if base is None else base):
                 raise ReplicaError(f"point {seq} cannot follow point {head.seq}")
             try:
                 point = Point.from_json(json.loads(f.staged_point(seq).read_bytes()))
@@ -459,10 +468,10 @@ class SiteReplica:
             # An undo record above HEAD: an apply past its point of no return (rolled forward
             # when its point is staged), or the last record of a rollback step whose HEAD had
             # moved (the images are HEAD's already: restoring it again changes nothing).
-            if seq == head.seq + 1 and f.staged_point(seq).exists():
+            if undo_prev(f.undo_of(seq)) == head.seq and f.staged_point(seq).exists():
                 self._recovered.add(item)  # apply() must not recurse into recovery
                 with contextlib.suppress(RootMismatch):  # undone by apply; HEAD stays
-                    self.apply(item, seq)
+                    self.apply(item, seq, head.seq)
                 head = f.read_head()
             else:
                 restore(self._trees, item, f, seq)

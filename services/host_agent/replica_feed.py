@@ -44,6 +44,7 @@ from shared.schemas.agent import (
     ReplicaDisk,
     ReplicaHandoverRequested,
     ReplicaLeavesReported,
+    ReplicaLeavesRequested,
     ReplicaPointApplyRequested,
     ReplicaPointExportRequested,
     ReplicaSeedRequested,
@@ -85,10 +86,13 @@ class ReplicaFeed:
         head = await asyncio.to_thread(self.replica.head, item)
         if head.seq >= seq:
             return await asyncio.to_thread(self._answer, command)
-        if head.seq != seq - 1:
+        base = seq - 1 if command.follows is None else command.follows
+        if head.seq != base:
             raise CommandFailed(
                 f"the replica of item {item} is at point {head.seq}: point {seq} cannot follow "
-                "(points between were missed; the replica needs a resync)"
+                f"(it follows point {base}; the replica catches up by a resync)",
+                # behind: the service has it catch up (ReplicaLeavesRequested)
+                {"replica_seq": head.seq} if head.seq < base else {},
             )
         geometry = {d.disk_id: d for d in command.disks}
         staged = 0
@@ -105,11 +109,13 @@ class ReplicaFeed:
                     async for records in batches:
                         staged += await asyncio.to_thread(self._stage, item, seq, geometry, records)
             except RangeUnavailable as exc:
-                raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
+                # its blocks gone from the feed (retention): the replica missed the point
+                gone = {"replica_seq": head.seq} if "is gone" in str(exc) else {}
+                raise CommandFailed(f"point {seq} of item {item}: {exc}", gone) from None
         point = Point(seq, tuple(_disk_state(d) for d in command.disks))
         try:
             await asyncio.to_thread(self.replica.stage_point, item, point)
-            await asyncio.to_thread(self.replica.apply, item, seq)
+            await asyncio.to_thread(self.replica.apply, item, seq, command.follows)
             await asyncio.to_thread(self.replica.prune, item, command.keep_from)
         except ReplicaError as exc:
             raise CommandFailed(f"point {seq} of item {item}: {exc}") from None
@@ -176,7 +182,24 @@ class ReplicaFeed:
             disks.append(SeedDisk(d.disk_id, path, d.size_bytes, d.block_size))
         return disks
 
-    async def _report_leaves(self, command: ReplicaSeedRequested, point: Point, emit: Emit) -> None:
+    async def report_leaves(self, command: ReplicaLeavesRequested, emit: Emit) -> dict[str, Any]:
+        """A replica that missed points: the leaves of HEAD reported (`ReplicaLeavesReported`),
+        then HEAD's point answered. Idempotent (HEAD as it is now)."""
+        item = str(command.item_id)
+        head = await asyncio.to_thread(self.replica.head, item)
+        if not head.seq:
+            raise CommandFailed(f"no replica of item {item} here")
+        await self._report_leaves(command, head, emit)
+        return {
+            "item_id": item,
+            "request_id": str(command.request_id),
+            "cycle_seq": head.seq,
+            "roots": head.roots(),
+        }
+
+    async def _report_leaves(
+        self, command: ReplicaSeedRequested | ReplicaLeavesRequested, point: Point, emit: Emit
+    ) -> None:
         """Every disk's leaf hashes, disk by disk, `LEAVES_PER_REPORT` a report (one report's
         hashes read at a time)."""
         item = str(command.item_id)

@@ -119,8 +119,9 @@ class UndoBlock:
 @dataclass(frozen=True)
 class Undo:
     seq: int
-    sizes: dict[str, int]  # disk -> size at seq-1 (0: the disk did not exist)
+    sizes: dict[str, int]  # disk -> size at `prev` (0: the disk did not exist)
     blocks: tuple[UndoBlock, ...]
+    prev: int  # the point it returns to: seq-1, or older for a point that caught up
 
 
 @dataclass(frozen=True)
@@ -248,8 +249,8 @@ def latest_staged(path: Path) -> dict[tuple[str, int], tuple[bytes, StagedAt | i
 # ---------------------------------------------------------------------- undo records
 
 
-def undo_header(seq: int, sizes: dict[str, int]) -> bytes:
-    header = json.dumps({"seq": seq, "sizes": sizes}).encode()
+def undo_header(seq: int, prev: int, sizes: dict[str, int]) -> bytes:
+    header = json.dumps({"seq": seq, "prev": prev, "sizes": sizes}).encode()
     return UNDO_MAGIC + _HDR.pack(len(header)) + header
 
 
@@ -282,6 +283,18 @@ def _sizes(header: dict[str, Any]) -> dict[str, int]:
     return {str(k): int(v) for k, v in header["sizes"].items()}
 
 
+def _prev(header: dict[str, Any]) -> int:
+    """The point an undo record returns to (records written before catch-up existed: seq-1)."""
+    return int(header.get("prev", int(header["seq"]) - 1))
+
+
+def undo_prev(path: Path) -> int:
+    """The point undo record `path` returns to, from its header only."""
+    with path.open("rb") as fh:
+        header, _ = _undo_blocks(path, fh)
+    return _prev(header)
+
+
 def read_undo(path: Path) -> Undo:
     with path.open("rb") as fh:
         header, records = _undo_blocks(path, fh)
@@ -289,7 +302,7 @@ def read_undo(path: Path) -> Undo:
             UndoBlock(disk_id, index, leaf, _read_exact(fh, length))
             for disk_id, index, length, leaf in records
         ]
-    return Undo(int(header["seq"]), _sizes(header), tuple(blocks))
+    return Undo(int(header["seq"]), _sizes(header), tuple(blocks), _prev(header))
 
 
 def scan_undo(path: Path) -> tuple[dict[str, int], dict[tuple[str, int], Held]]:

@@ -59,7 +59,7 @@ def write_undo(f: ItemFiles, head: Point, point: Point, blocks: StagedBlocks) ->
         for new in point.disks:
             old = head.disk(new.disk_id)
             sizes[new.disk_id] = old.size_bytes if old else 0
-        out.write(undo_header(point.seq, sizes))
+        out.write(undo_header(point.seq, head.seq, sizes))
         for new in point.disks:
             old = head.disk(new.disk_id)
             if old is None:
@@ -177,7 +177,7 @@ def _resize(img_fd: int, lv_fd: int, old_size: int, disk: DiskState) -> None:
 
 
 def restore(trees: LeafTrees, item: str, f: ItemFiles, seq: int) -> None:
-    """Put the images back to point seq-1 from undo record `seq` (idempotent)."""
+    """Put the images back to the point undo record `seq` returns to (idempotent)."""
     undo = read_undo(f.undo_of(seq))
     head = f.read_head()
     for disk_id, old_size in undo.sizes.items():
@@ -224,12 +224,12 @@ def _block_size(f: ItemFiles, seq: int, disk_id: str) -> int:
 
 
 def previous_point(head: Point, undo: Undo) -> Point:
-    """HEAD's point seq-1: sizes from the undo record, roots left empty (the caller computes
-    them from the restored leaves)."""
+    """The point before HEAD (the undo record's `prev`): sizes from the undo record, roots left
+    empty (the caller computes them from the restored leaves)."""
     disks = []
     for disk in head.disks:
         size = undo.sizes.get(disk.disk_id, disk.size_bytes)
         if size == 0:
             continue
         disks.append(DiskState(disk.disk_id, size, disk.block_size, ""))
-    return Point(undo.seq - 1, tuple(disks))
+    return Point(undo.prev, tuple(disks))

@@ -101,7 +101,10 @@ class FrozenViews:
             if seq is None:
                 raise ReplicaError(f"no frozen view {view_id} of item {item}")
             idx = self._indexes[(item, view_id)] = _ViewIndex(seq, seq, {}, {})
-        for seq in range(idx.upto + 1, head.seq + 1):  # oldest first: the oldest one wins
+        later = (
+            [s for s in f.undo_seqs() if idx.upto < s <= head.seq] if idx.upto < head.seq else []
+        )
+        for seq in later:  # oldest first: the oldest one wins
             path = f.undo_of(seq)
             sizes, held = scan_undo(path)
             for disk_id, size in sizes.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from services.host_agent.cycles import Signer, SinkFactory
 from shared.schemas.envelope import EventPayload
@@ -22,4 +23,9 @@ class Wiring:
 
 
 class CommandFailed(Exception):
-    """The command can't be carried out; the message goes back in CommandCompleted."""
+    """The command can't be carried out; the message goes back in CommandCompleted, with
+    `details` in its result (what the service needs to act on the failure)."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or {}

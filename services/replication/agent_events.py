@@ -10,6 +10,7 @@ from functools import partial
 
 import asyncpg
 
+from services.replication import catch_up
 from services.replication import repository as repo
 from services.replication.context import Context
 from services.replication.item import ProtectedItem
@@ -49,8 +50,10 @@ async def on_fault(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> Non
         await uow.commit()
 
 
-async def on_replica_applied(conn: asyncpg.Connection, inc: Incoming) -> None:
-    """The recovery host's answer to ReplicaPointApplyRequested."""
+async def on_replica_applied(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    """The recovery host's answer to ReplicaPointApplyRequested: the point it holds, or why
+    it could not apply it (a replica that missed points catches up:
+    services/replication/catch_up.py)."""
     msg = inc.payload
     assert isinstance(msg, cmd.CommandCompleted)
     try:
@@ -62,12 +65,17 @@ async def on_replica_applied(conn: asyncpg.Connection, inc: Incoming) -> None:
         if item is None or str(item.recovery_agent_id) != inc.envelope.producer_id:
             raise Rejected("wrong_agent", "replica answer for an item this agent does not keep")
         if msg.outcome is cmd.CommandOutcome.FAILED:
-            item.replica_failed(msg.error)
+            held = msg.result.get("replica_seq")
+            if isinstance(held, int) and held >= 0:
+                await catch_up.on_replica_behind(ctx, conn, item, held, msg.error)
+            else:
+                item.replica_failed(msg.error)
         else:
             seq, roots = msg.result.get("cycle_seq"), msg.result.get("roots")
             if not isinstance(seq, int) or not isinstance(roots, dict):
                 raise Rejected("invalid_result", "a replica answer needs cycle_seq and roots")
-            item.replica_applied(seq, await repo.record_replica_point(conn, item_id, seq, roots))
+            matched = await repo.record_replica_point(conn, item_id, seq, roots)
+            await catch_up.after_applied(ctx, conn, item, item.replica_applied(seq, matched))
         await uow.commit()
 
 
@@ -102,13 +110,10 @@ async def _enable_failed(conn: asyncpg.Connection, inc: Incoming, item_id: uuid.
 async def on_command_completed(
     answers: dict[str, Handler], conn: asyncpg.Connection, inc: Incoming
 ) -> None:
-    """An agent's answer to a command: a replica point applied, one of `answers` (by command
-    type), or a failed enable."""
+    """An agent's answer to a command: one of `answers` (by command type), or a failed
+    enable."""
     msg = inc.payload
     assert isinstance(msg, cmd.CommandCompleted)
-    if msg.command_type == "ReplicaPointApplyRequested":
-        await on_replica_applied(conn, inc)
-        return
     if msg.command_type in answers:
         await answers[msg.command_type](conn, inc)
         return
@@ -137,5 +142,12 @@ def make_agent_event_handlers(
     return {
         "InitialReplicationProgressed": on_progress,
         "ReplicationFaulted": partial(on_fault, ctx),
-        "CommandCompleted": partial(on_command_completed, answers or {}),
+        "CommandCompleted": partial(
+            on_command_completed,
+            {
+                "ReplicaPointApplyRequested": partial(on_replica_applied, ctx),
+                "ReplicaLeavesRequested": partial(catch_up.on_leaves_answered, ctx),
+                **(answers or {}),
+            },
+        ),
     }

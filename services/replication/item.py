@@ -26,6 +26,10 @@ from shared.schemas.replication import CycleKind, Health, ItemState
 
 HASHES_PER_CHUNK = 16_384  # 512 KiB of digests -> ~700 KB base64 per resync command
 DEFAULT_BLOCK_SIZE = 65_536  # a cycle's disk that does not say its block size
+# states in which a replica that missed points catches up (by a resync)
+_CATCH_UP_STATES = frozenset(
+    {ItemState.REPLICATING, ItemState.RESYNCHRONIZING, ItemState.WAITING_TO_START_RESYNC}
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,10 @@ class ProtectedItem:
     recovery_agent_id: uuid.UUID | None = None
     replica_seq: int | None = None
     replica_error: str | None = None
+    # a catch-up of a replica that missed points: the point it is at (the resync's point is
+    # applied over it), and the request for its leaves until the host answers
+    replica_follows: int | None = None
+    replica_catchup_id: uuid.UUID | None = None
     # what changed since the item was loaded (column names) and what it recorded to emit
     changed: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
     pending: list[Pending] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -405,6 +413,10 @@ class ProtectedItem:
                         for d in msg.disks
                     ],
                     keep_from=keep_from or msg.cycle_seq,
+                    # a catch-up's point: applied over the point the replica is at
+                    follows=self.replica_follows
+                    if self.replica_follows is not None and self.replica_follows < msg.cycle_seq
+                    else None,
                 )
             )
 
@@ -470,14 +482,68 @@ class ProtectedItem:
     def replica_failed(self, error: str) -> None:
         self.replica_error = error
 
-    def replica_applied(self, seq: int, roots_match: bool) -> None:
+    def replica_behind(self, held: int, error: str) -> bool:
+        """The recovery host could not apply a point: its replica is at point `held` and
+        missed the points after it (its host was down past its feed's retention). True if it
+        must catch up now (the caller then sends the item to resync, `require_resync`): not
+        for a stale answer (the replica is known to hold a later point), nor while a catch-up
+        from `held` is under way, nor when the item no longer replicates."""
+        self.replica_error = error
+        if held < (self.replica_seq or 0) or self.replica_follows == held:
+            return False
+        if self.state not in _CATCH_UP_STATES or self.recovery_agent_id is None:
+            return False
+        self.replica_follows = held
+        return True
+
+    def ask_replica_leaves(self, request_id: uuid.UUID) -> None:
+        """Catch-up, first step: the recovery host reports the leaf hashes of the point its
+        replica is at (`ReplicaLeavesRequested`); the resync waits for them."""
+        self.replica_catchup_id = request_id
+        self._replica_command(
+            cmd.ReplicaLeavesRequested(
+                command_id=uuid.uuid5(request_id, "replica-leaves"),
+                agent_id=self.recovery_agent_id,
+                item_id=self.item_id,
+                request_id=request_id,
+            )
+        )
+        self.resync_not_before = None
+        self.change_state(
+            ItemState.RESYNCHRONIZING,
+            reason=f"the recovery host's replica missed the points after {self.replica_follows}: "
+            "waiting for its leaf hashes",
+            health=Health.CRITICAL,
+        )
+
+    def replica_leaves_answered(self, request_id: uuid.UUID) -> bool:
+        """Whether an answer to `ReplicaLeavesRequested` is the one the catch-up waits for;
+        it then waits no more."""
+        if self.replica_catchup_id != request_id:
+            return False
+        self.replica_catchup_id = None
+        return True
+
+    def replica_applied(self, seq: int, roots_match: bool) -> list[int]:
         """The recovery host holds point `seq`: the latest it holds if its roots are the
-        source's; else the mismatch is the replica's error."""
-        if roots_match:
-            self.replica_seq = max(seq, self.replica_seq or 0)
-            self.replica_error = None
-        else:
+        source's; else the mismatch is the replica's error. Returns the points a catch-up
+        skipped (those after the point it followed, before `seq`): the replica never held
+        them; the caller prunes those that are no longer anywhere."""
+        if not roots_match:
             self.replica_error = f"the recovery host's roots for point {seq} are not the source's"
+            return []
+        self.replica_seq = max(seq, self.replica_seq or 0)
+        self.replica_error = None
+        follows = self.replica_follows
+        if follows is None or seq <= follows:
+            return []
+        self.replica_follows = None
+        return list(range(follows + 1, seq))
+
+    def points_pruned(self, seqs: list[int]) -> None:
+        """Recovery points dropped outside retention (`RecoveryPointsPruned`)."""
+        if seqs:
+            self._emit(ev.RecoveryPointsPruned(item_id=self.item_id, cycle_seqs=seqs))
 
     # ------------------------------------------------------------ recording
 

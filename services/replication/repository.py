@@ -19,7 +19,7 @@ ITEM_COLUMNS = """item_id, vault_id, vm_id, vm_name, pairing_id, policy_id, sour
  health_reasons, error, paused, last_committed_seq, resync_seq, resync_id,
  last_point_source_time, last_cycle_at, initial_done_at, initial_progress, protected_since,
  active, created_at, updated_at, resync_attempts, resync_not_before, recovery_agent_id,
- replica_seq, replica_error"""
+ replica_seq, replica_error, replica_follows, replica_catchup_id"""
 
 
 async def record_replica_point(

@@ -53,9 +53,22 @@ async def require_resync(
 
 async def request_resync(ctx: Context, conn: asyncpg.Connection, item: ProtectedItem) -> None:
     """Ask the agent for the blocks whose hashes differ from the replica's latest point (the
-    leaf hashes, read here, travel in the item's chunked commands): verified in PostgreSQL for
-    an item whose recovery host keeps its replica (services/replication/leaves.py), else from
-    this service's replica store. A disk with no known hashes is sent whole."""
+    leaf hashes, read here, travel in the item's chunked commands). A replica that missed
+    points (`replica_follows`) first reports its own leaves (services/replication/catch_up.py),
+    unless it holds nothing: then every block is sent."""
+    if item.replica_follows:
+        item.ask_replica_leaves(uuid.uuid4())
+        return
+    hashes = {} if item.replica_follows == 0 else await latest_hashes(ctx, conn, item)
+    item.request_resync(hashes, uuid.uuid4())
+
+
+async def latest_hashes(
+    ctx: Context, conn: asyncpg.Connection, item: ProtectedItem
+) -> dict[str, list[bytes]]:
+    """Each disk's leaf hashes at the item's latest point: verified in PostgreSQL for an item
+    whose recovery host keeps its replica (services/replication/leaves.py), else from this
+    service's replica store. A disk with no known hashes is left out (sent whole)."""
     hashes: dict[str, list[bytes]] = {}
     if item.has_point:
         for disk in item.disks:
@@ -68,7 +81,7 @@ async def request_resync(ctx: Context, conn: asyncpg.Connection, item: Protected
                 known = await stored_hashes(ctx, item.target_site, item.item_id, disk.disk_id)
             if known is not None:
                 hashes[disk.disk_id] = known
-    item.request_resync(hashes, uuid.uuid4())
+    return hashes
 
 
 async def stored_hashes(

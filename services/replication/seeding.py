@@ -10,24 +10,22 @@ that do not add up) makes the item copy every block, and says why."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import uuid
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 import asyncpg
 
-from services.replication import leaves
+from services.replication import catch_up, leaves, reported_leaves
 from services.replication import request_repository as request_repo
 from services.replication.context import Context, emit
 from services.replication.materialise import answered_request, result_request_id
 from services.replication.reverse import Seed, finish_seeding
 from shared.kafka.consumers import Handler
 from shared.kafka.decode import Incoming, Rejected
-from shared.merkle import BLOCK_SIZE, HASH_SIZE, block_count, zero_block_hash
+from shared.merkle import BLOCK_SIZE, HASH_SIZE, zero_block_hash
 from shared.schemas import agent as cmd
 from shared.schemas import failover as fo
 
@@ -81,55 +79,16 @@ async def _seed_request(
 
 
 async def on_leaves_reported(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    """Leaves of a seed (kept until the answer), or of a catch-up
+    (services/replication/catch_up.py)."""
     msg = inc.payload
     assert isinstance(msg, cmd.ReplicaLeavesReported)
+    if await catch_up.on_leaves_reported(conn, inc):
+        return
     request, item = await _seed_request(conn, inc, msg.request_id)
     if item["item_id"] != msg.item_id:
         raise Rejected("invalid_result", "leaves of another item than the request's")
-    try:
-        hashes = base64.b64decode(msg.leaf_hashes, validate=True)
-    except ValueError:
-        raise Rejected("invalid_payload", "leaf_hashes is not base64") from None
-    if len(hashes) % HASH_SIZE:
-        raise Rejected("invalid_payload", f"leaf_hashes is not whole {HASH_SIZE}-byte digests")
-    await conn.execute(
-        "INSERT INTO seed_leaves (request_id, disk_id, chunk_no, item_id, chunks, first_index,"
-        " size_bytes, block_size, leaves) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
-        " ON CONFLICT DO NOTHING",
-        request["request_id"],
-        msg.disk_id,
-        msg.chunk_no,
-        msg.item_id,
-        msg.chunks,
-        msg.first_index,
-        msg.size_bytes,
-        msg.block_size,
-        hashes,
-    )
-
-
-def assembled(
-    rows: Sequence[Mapping[str, Any]], disk_ids: list[str]
-) -> tuple[dict[str, tuple[int, int, bytes]], str | None]:
-    """Each disk's (size, block size, leaves) from the reported chunks, or what is missing."""
-    by_disk: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_disk[r["disk_id"]].append(r)
-    out: dict[str, tuple[int, int, bytes]] = {}
-    for disk_id in disk_ids:
-        chunks = sorted(by_disk.get(disk_id, []), key=lambda r: r["chunk_no"])
-        if not chunks or [r["chunk_no"] for r in chunks] != list(range(chunks[0]["chunks"])):
-            return {}, f"disk {disk_id}: not every chunk of its leaf hashes arrived"
-        size, bs = chunks[0]["size_bytes"], chunks[0]["block_size"]
-        expected = 0
-        for r in chunks:
-            if r["first_index"] != expected:
-                return {}, f"disk {disk_id}: its leaf hashes do not follow on"
-            expected += len(r["leaves"]) // HASH_SIZE
-        if expected != block_count(size, bs):
-            return {}, f"disk {disk_id}: {expected} leaf hashes for {block_count(size, bs)} blocks"
-        out[disk_id] = (size, bs, b"".join(bytes(r["leaves"]) for r in chunks))
-    return out, None
+    await reported_leaves.keep(conn, request["request_id"], msg)
 
 
 async def on_seeded(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
@@ -142,16 +101,12 @@ async def on_seeded(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> No
         return  # answered already
     reverse = fo.ReverseReplicationRequested.model_validate(request["request"])
     disk_ids = [d.disk_id for d in reverse.disks]
-    rows = await conn.fetch(
-        "SELECT disk_id, chunk_no, chunks, first_index, size_bytes, block_size, leaves"
-        " FROM seed_leaves WHERE request_id = $1",
-        request["request_id"],
-    )
+    rows = await reported_leaves.take(conn, request["request_id"])
     seed, failure = None, None
     if msg.outcome is cmd.CommandOutcome.FAILED:
         failure = f"the old primary's host could not seed the replica ({msg.error})"
     else:
-        disks, failure = assembled(rows, disk_ids)
+        disks, failure = reported_leaves.assembled(rows, disk_ids)
         roots = msg.result.get("roots") or {}
         if failure is None:
             try:
@@ -181,7 +136,6 @@ async def on_seeded(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> No
     if failure is not None:
         failure = f"reverse replication: {failure}; copying every block"
         log.warning(failure, extra={"item_id": str(item["item_id"])})
-    await conn.execute("DELETE FROM seed_leaves WHERE request_id = $1", request["request_id"])
     await finish_seeding(ctx, conn, request, seed, failure, replica_holds_it=seed is not None)
 
 

@@ -134,6 +134,32 @@ class ReplicaPointApplyRequested(_Command):
     last_offset: int | None = Field(default=None, ge=0)
     disks: list[ReplicaDisk] = Field(min_length=1, max_length=64)
     keep_from: int = Field(ge=1)
+    follows: int | None = Field(
+        default=None,
+        ge=0,
+        description="A catch-up point: the replica is at point `follows` (it missed the points "
+        "between, its host down past its feed's retention) and the cycle's blocks are every "
+        "block that differs from it. Absent: the point follows `cycle_seq` - 1.",
+    )
+
+    @model_validator(mode="after")
+    def _follows_an_older_point(self) -> ReplicaPointApplyRequested:
+        if self.follows is not None and self.follows >= self.cycle_seq:
+            raise ValueError(f"point {self.cycle_seq} cannot follow point {self.follows}")
+        return self
+
+
+@event_type("ReplicaLeavesRequested", topic=topics.AGENT_COMMANDS)
+class ReplicaLeavesRequested(_Command):
+    """Report the leaf hashes of the item's replica as it is (HEAD): a replica that missed
+    points catches up by a resync of the blocks that differ from them, applied as one point
+    that follows HEAD (`ReplicaPointApplyRequested.follows`). The agent reports them
+    (`ReplicaLeavesReported` with this `request_id`, disk by disk, chunk by chunk), then
+    answers with `CommandCompleted` (result {"item_id", "request_id", "cycle_seq", "roots":
+    {disk_id: root}}: HEAD's point)."""
+
+    item_id: uuid.UUID
+    request_id: uuid.UUID
 
 
 LEAVES_PER_REPORT = 16_384  # leaf hashes per ReplicaLeavesReported: 512 KiB, ~700 KB base64
@@ -175,7 +201,8 @@ class ReplicaSeedRequested(_Command):
 
 @event_type("ReplicaLeavesReported", topic=topics.AGENT_EVENTS, signed=True)
 class ReplicaLeavesReported(EventPayload):
-    """Leaf hashes of one disk of a replica seeded on this host (`ReplicaSeedRequested`): base64
+    """Leaf hashes of one disk of a replica on this host, seeded (`ReplicaSeedRequested`) or
+    asked for (`ReplicaLeavesRequested`): base64
     of concatenated 32-byte SHA-256 digests of the blocks from `first_index` on, at most
     LEAVES_PER_REPORT (16,384) a report, `chunks` reports per disk; all of them are sent before
     the command's `CommandCompleted`, on the same key (the agent id)."""

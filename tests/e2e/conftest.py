@@ -12,6 +12,7 @@ import pytest
 from kit.platform import Platform
 from kit.procs import stop_all
 from kit.stack import Stack
+from tests.support.own_platform import WITH_BLOCK_COPY
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +20,13 @@ def platform(
     stack: Stack, database_url: str, topic_prefix: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
     log_dir: Path = tmp_path_factory.mktemp("platform")
-    plat = Platform(stack=stack, database_url=database_url, prefix=topic_prefix, log_dir=log_dir)
+    plat = Platform(
+        stack=stack,
+        database_url=database_url,
+        prefix=topic_prefix,
+        log_dir=log_dir,
+        replication_env=WITH_BLOCK_COPY,
+    )
     try:
         yield plat
     finally:

@@ -29,6 +29,7 @@ from shared.schemas import replication as ev
 from tests.e2e.test_replication_bad_input_e2e import BLOCKS, scripted_item
 from tests.e2e.test_replication_e2e import materialise, point_after
 from tests.support.kafka import read_all
+from tests.support.own_platform import WITH_BLOCK_COPY
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +41,7 @@ async def plat(stack: Stack, tmp_path: Path) -> AsyncIterator[Platform]:
         database_url=await fresh_database(stack, "faults"),
         prefix=random_prefix("faults"),
         log_dir=tmp_path,
+        replication_env=WITH_BLOCK_COPY,
     )
     try:
         yield own

@@ -26,6 +26,7 @@ from services.replication.standby import lock_connection_name
 from shared import db, topics
 from tests.e2e.test_replication_faults_e2e import live_seqs, pruned_seqs, replicating_vm
 from tests.support.kafka import read_all
+from tests.support.own_platform import WITH_BLOCK_COPY
 
 pytestmark = pytest.mark.e2e
 
@@ -39,6 +40,7 @@ async def plat(stack: Stack, tmp_path: Path) -> AsyncIterator[Platform]:
         database_url=await fresh_database(stack, "instances"),
         prefix=random_prefix("instances"),
         log_dir=tmp_path,
+        replication_env=WITH_BLOCK_COPY,
     )
     try:
         yield own

@@ -23,6 +23,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from aiokafka.admin.records_to_delete import RecordsToDelete
+from aiokafka.structs import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from kit.dr import DrSetup, item, points, protect, two_sites, vm_named
@@ -31,6 +33,8 @@ from kit.platform import Platform
 from kit.poll import eventually
 from kit.procs import Proc
 from kit.stack import Stack
+from shared import topics
+from shared.kafka.admin import admin_client
 from tests.e2e import test_failover_plans_e2e as plans
 from tests.e2e.test_failover_e2e import failover_story
 from tests.e2e.test_replication_e2e import replica_at
@@ -331,3 +335,80 @@ async def healthy(http: httpx.AsyncClient, proc: Proc) -> bool:
 
 async def pruned_seqs_of(plat: Platform, items: dict[str, str]) -> set[tuple[str, int]]:
     return {(i, s) for i in items.values() for s in await pruned_seqs(plat, i)}
+
+
+async def feed_emptied(plat: Platform, agent_id: str) -> None:
+    """Every record on the host's replica feed deleted, as retention would."""
+    topic = topics.physical(topics.replica_feed(agent_id), plat.prefix)
+    admin = admin_client(plat.stack.kafka, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+        partitions = [p["partition"] for p in described[0]["partitions"]]
+        await admin.delete_records(
+            {TopicPartition(topic, p): RecordsToDelete(-1) for p in partitions}, timeout_ms=15000
+        )
+    finally:
+        await admin.close()
+
+
+async def test_a_recovery_host_down_past_its_feed_retention_catches_up(
+    plat: Platform, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """The recovery host is down while points commit and their blocks leave its feed: back,
+    it cannot apply them, reports the point it holds, and catches up by one resync of the
+    blocks that differ (from its leaves and the latest point's), applied over what it holds.
+    The points it never got are pruned; the replica ends byte-identical to the source."""
+    dr, item_id = await replicating_vm(plat, http, tmp_path, NO_COPY)
+    current = await item(http, dr, item_id)
+    await replica_at(http, dr, item_id, (current["last_committed_seq"] or 0) + 2)
+    dr.agents["hv-r1"].stop()
+    held = (await item(http, dr, item_id))["replica_seq"]
+
+    async def points_missed() -> bool:
+        return ((await item(http, dr, item_id))["last_committed_seq"] or 0) > held + 5
+
+    await eventually(points_missed, timeout=60, what="points committed while the host is down")
+    await feed_emptied(plat, current["recovery_agent_id"])
+    missed = {s for s in await live_seqs(http, dr, item_id) if s > held}
+    dr.agents["hv-r1"].start()
+
+    async def caught_up() -> dict[str, Any] | None:
+        now = await item(http, dr, item_id)
+        done = (
+            now["state"] == "replicating"
+            and now["replica_error"] is None
+            and (now["replica_seq"] or 0) > max(missed)
+        )
+        return now if done else None
+
+    await eventually(caught_up, timeout=120, what="the replica caught up")
+    log = await asyncio.to_thread(plat.services["replication"].log_path.read_text)
+    assert "replica missed points: catching up" in log
+    assert "replica catch-up: resync against the replica's leaves" in log
+    # the points the replica never got are gone from the list (they are nowhere)
+    assert "recovery points the replica missed pruned" in log
+    assert not missed & await live_seqs(http, dr, item_id)
+
+    async def announced() -> bool:  # to the other services' read models (the outbox relays)
+        return missed <= await pruned_seqs(plat, item_id)
+
+    await eventually(announced, timeout=30, what="the missed points announced as pruned")
+
+    # writes stopped: the replica follows the source to its last point, byte for byte
+    await dr.agent_call(http, "hv-p1", "POST", "/vms/db01/workload", {"blocks_per_second": 0})
+    stopped = datetime.now().astimezone()
+
+    async def final_point() -> int | None:
+        later = [
+            p["cycle_seq"]
+            for p in await points(http, dr, item_id)
+            if datetime.fromisoformat(p["source_time"]) > stopped
+        ]
+        return min(later) if later else None
+
+    seq = await eventually(final_point, timeout=60, what="a point after the writes stopped")
+    await replica_at(http, dr, item_id, seq)
+    images = tmp_path / "agent-hv-r1-state" / "replica" / item_id / "disks"
+    for disk in (await item(http, dr, item_id))["disks"]:
+        assert file_sha256(images / f"{disk['disk_id']}.vhdx") == file_sha256(Path(disk["path"]))

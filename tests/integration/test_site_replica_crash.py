@@ -103,6 +103,20 @@ def test_kill_9_mid_apply(tmp_path: Path, crash_at: str) -> None:
     assert replica.rollback(ITEM, 4).seq == 4 and h.images() == h.sha[4]
 
 
+@pytest.mark.parametrize("crash_at", APPLY_POINTS)
+def test_kill_9_mid_catch_up(tmp_path: Path, crash_at: str) -> None:
+    """A point that follows an older one (the replica missed those between)."""
+    h = History(tmp_path)
+    h.missed(range(7, 10))
+    h.catch_up(10)
+    run(tmp_path, "catch_up", "10:6", crash_at)
+    replica = check(h, tmp_path)
+    assert replica.head(ITEM).seq == 10
+    assert replica.retained(ITEM) == [1, 2, 3, 4, 5, 6, 10]
+    h.cycle(11)
+    assert replica.rollback(ITEM, 5).seq == 5 and h.images() == h.sha[5]
+
+
 @pytest.mark.parametrize("crash_at", UNDO_POINTS)
 def test_kill_9_mid_rollback(tmp_path: Path, crash_at: str) -> None:
     h = History(tmp_path)

@@ -75,6 +75,22 @@ class History:
         self.roots[seq] = {d.disk_id: d.root() for d in self.disks}
         return point
 
+    def missed(self, seqs: range) -> None:
+        """The source changes through points `seqs` that the replica never gets (its host
+        was down past its feed's retention): only their SHA-256s are noted."""
+        for seq in seqs:
+            for d in self.disks:
+                d.write_random(0.1)
+            self.sha[seq] = {d.disk_id: d.sha256() for d in self.disks}
+
+    def catch_up(self, seq: int) -> Point:
+        """Stage point `seq` over what the replica holds (every block that differs from the
+        last point shipped), not applied."""
+        point = ship(self.replica, ITEM, seq, self.disks)
+        self.sha[seq] = {d.disk_id: d.sha256() for d in self.disks}
+        self.roots[seq] = {d.disk_id: d.root() for d in self.disks}
+        return point
+
     def images(self) -> dict[str, str]:
         return {d.disk_id: sha(self.replica.image_path(ITEM, d.disk_id)) for d in self.disks}
 
@@ -154,6 +170,9 @@ def main(argv: list[str]) -> None:
         differencing.delete_folder(replica, Path(arg))
     elif op == "apply":
         replica.apply(item, int(arg))
+    elif op == "catch_up":  # arg: <seq>:<the point it follows>
+        seq, _, base = arg.partition(":")
+        replica.apply(item, int(seq), int(base))
     elif op == "rollback":
         replica.rollback(item, int(arg))
     elif op == "prune":

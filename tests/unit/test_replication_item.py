@@ -381,3 +381,55 @@ def test_the_replica_tracks_the_latest_point_whose_roots_match() -> None:
     item.replica_applied(8, False)
     assert item.replica_seq == 7 and item.replica_error is not None
     assert "point 8" in item.replica_error
+
+
+# ------------------------------------------------------------ a replica that missed points
+
+
+def test_a_replica_that_missed_points_catches_up_by_a_resync_against_its_leaves() -> None:
+    item = new_item(last_committed_seq=20, replica_seq=12)
+    assert not item.replica_behind(11, "stale answer")  # it is known to hold 12
+    assert item.replica_follows is None and item.replica_error == "stale answer"
+    assert item.replica_behind(12, "point 14 cannot follow")
+    assert not item.replica_behind(12, "point 15 cannot follow")  # under way already
+    assert item.replica_follows == 12
+    item.ask_replica_leaves(request := uuid.uuid4())
+    asked = next(p.payload for p in item.pending if p.key == str(item.recovery_agent_id))
+    assert isinstance(asked, cmd.ReplicaLeavesRequested)
+    assert (asked.agent_id, asked.request_id) == (item.recovery_agent_id, request)
+    assert item.state is ItemState.RESYNCHRONIZING and item.health is Health.CRITICAL
+    assert not item.replica_leaves_answered(uuid.uuid4())  # another request's answer
+    assert item.replica_leaves_answered(request) and item.replica_catchup_id is None
+    item.request_resync({"d0": [b"\x01" * 32]}, uuid.uuid4())
+    commit(item, 21, CycleKind.RESYNC)
+    apply = [p.payload for p in item.pending if p.key == str(item.recovery_agent_id)][-1]
+    assert isinstance(apply, cmd.ReplicaPointApplyRequested)
+    assert (apply.cycle_seq, apply.follows) == (21, 12)
+    assert item.replica_applied(21, True) == list(range(13, 21))  # never on the replica
+    assert (item.replica_seq, item.replica_follows, item.replica_error) == (21, None, None)
+    commit(item, 22)
+    apply = [p.payload for p in item.pending if p.key == str(item.recovery_agent_id)][-1]
+    assert isinstance(apply, cmd.ReplicaPointApplyRequested) and apply.follows is None
+    assert item.replica_applied(22, True) == []
+
+
+def test_a_replica_catches_up_only_while_the_item_replicates() -> None:
+    item = new_item(state=ItemState.FAILED_OVER, replica_seq=3)
+    assert not item.replica_behind(3, "cannot follow") and item.replica_follows is None
+    item = new_item(recovery_agent_id=None)
+    assert not item.replica_behind(3, "cannot follow")
+
+
+def test_a_catch_up_point_must_follow_an_older_point() -> None:
+    disk = cmd.ReplicaDisk(disk_id="d0", size_bytes=4096, block_size=4096, merkle_root=ROOT)
+    fields: dict[str, Any] = {
+        "command_id": uuid.uuid4(),
+        "agent_id": uuid.uuid4(),
+        "item_id": uuid.uuid4(),
+        "cycle_seq": 9,
+        "disks": [disk],
+        "keep_from": 1,
+    }
+    assert cmd.ReplicaPointApplyRequested(**fields, follows=0).follows == 0
+    with pytest.raises(ValueError, match="cannot follow"):
+        cmd.ReplicaPointApplyRequested(**fields, follows=9)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from services.replication.seeding import _non_zero, assembled
+from services.replication.reported_leaves import assembled
+from services.replication.seeding import _non_zero
 from shared.merkle import zero_block_hash
 
 BS = 4096

@@ -77,6 +77,48 @@ def test_a_frozen_view_holds_its_point_while_later_points_apply(tmp_path: Path) 
     assert h.images() == h.sha[6]
 
 
+def test_a_replica_that_missed_points_catches_up_over_the_point_it_holds(tmp_path: Path) -> None:
+    h = History(tmp_path, points=4)
+    view = h.replica.freeze(ITEM, 3)
+    h.missed(range(5, 9))
+    point = h.catch_up(9)
+    with pytest.raises(ReplicaError, match="cannot follow"):
+        h.replica.apply(ITEM, 9)  # not over point 8, which it never had
+    with pytest.raises(ReplicaError, match="cannot follow"):
+        h.replica.apply(ITEM, 9, 3)  # nor over another point than HEAD
+    assert h.replica.apply(ITEM, 9, 4) == point
+    assert h.images() == h.sha[9] and h.replica.roots(ITEM) == h.roots[9]
+    assert h.replica.apply(ITEM, 9, 4) == point  # idempotent
+    assert h.replica.retained(ITEM) == [1, 2, 3, 4, 9]
+    assert SiteReplica(tmp_path).retained(ITEM) == [1, 2, 3, 4, 9]  # from the records alone
+    for disk_id, expected in h.sha[3].items():  # a view from before reads across it
+        assert h.replica.view_sha256(ITEM, view, disk_id) == expected
+    h.replica.drop_view(ITEM, view)
+    h.cycle(10)  # the next point follows as usual
+    assert h.replica.retained(ITEM) == [1, 2, 3, 4, 9, 10]
+    assert h.replica.prune(ITEM, 9) == 5  # records 1-4, and 9 (it returns to point 4)
+    assert h.replica.retained(ITEM) == [9, 10]
+    h.missed(range(11, 13))
+    h.catch_up(13)
+    h.replica.apply(ITEM, 13, 10)
+    for seq in (10, 9):
+        assert h.replica.rollback(ITEM, seq).seq == seq
+        assert h.images() == h.sha[seq] and h.replica.roots(ITEM) == h.roots[seq], seq
+    with pytest.raises(ReplicaError, match="not retained"):
+        h.replica.rollback(ITEM, 4)
+
+
+def test_an_empty_replica_catches_up_from_nothing(tmp_path: Path) -> None:
+    h = History(tmp_path, points=2)
+    h.replica.delete_item(ITEM)  # its host lost it
+    for d in h.disks:
+        d.shipped = bytearray(len(d.image))  # every block differs from nothing
+    h.missed(range(3, 5))
+    h.catch_up(5)
+    assert h.replica.apply(ITEM, 5, 0).seq == 5
+    assert h.images() == h.sha[5] and h.replica.retained(ITEM) == [5]
+
+
 def test_a_point_whose_roots_differ_is_undone(tmp_path: Path) -> None:
     h = History(tmp_path, points=2)
     h.disks[0].write_random(0.1)
