@@ -169,14 +169,19 @@ class CommandHandler:
                     result=result,
                 )
             except (CommandFailed, VmNotFound, OSError, ValueError) as exc:
-                item_id = getattr(command, "item_id", None)  # the item shows the failure
+                # the item shows the failure; the request (a failover's) gets its answer
+                names = {
+                    key: str(value)
+                    for key in ("item_id", "request_id")
+                    if (value := getattr(command, key, None)) is not None
+                }
                 details = exc.details if isinstance(exc, CommandFailed) else {}
                 completed = CommandCompleted(
                     command_id=command_id,
                     command_type=env.type,
                     outcome=CommandOutcome.FAILED,
                     error=str(exc),
-                    result=details | ({"item_id": str(item_id)} if item_id is not None else {}),
+                    result=details | names,
                 )
             self.done.put(completed)
             COMMANDS.labels(env.type, completed.outcome.value).inc()

@@ -15,8 +15,8 @@ from services.replication import domain, handlers, offline
 from services.replication import read_model_repository as rm_repo
 from services.replication import repository as repo
 from services.replication.context import Context
-from services.replication.host_points import HostFailed, HostSilent, ask_host
-from services.replication.materialise import materialise_target
+from services.replication.host_points import HostFailed, HostSilent, ask_host, replica_reaches
+from services.replication.materialise import REPLICA_WAIT_SECONDS, materialise_target
 from services.replication.store import UnknownPoint
 from shared.auth import CurrentPrincipal
 from shared.files import OutsideRoots, confined
@@ -224,9 +224,11 @@ async def verify_point(
 async def _from_host(
     request: Request, item: dict[str, Any], point: dict[str, Any], target_dir: str | None
 ) -> dict[str, Any]:
-    """The recovery host's verification (or export) of the point; its failure as 409, its
-    silence as 504."""
+    """The recovery host's verification (or export) of the point, asked once its replica
+    holds the point (or after REPLICA_WAIT_SECONDS); its failure as 409, its silence as 504."""
     ctx = _ctx(request)
+    wait = min(REPLICA_WAIT_SECONDS, ctx.settings.host_answer_seconds)
+    await replica_reaches(ctx, item["item_id"], point["cycle_seq"], wait)
     try:
         return await ask_host(ctx, item, point, target_dir, ctx.settings.host_answer_seconds)
     except HostFailed as exc:
@@ -262,7 +264,12 @@ async def materialise_point(
         points = {p["cycle_seq"]: p for p in await repo.live_points(conn, item_id)}
     if seq not in points:
         raise HTTPException(404, f"recovery point {seq} not found (pruned or never committed)")
+    disk_ids = [d["disk_id"] for d in points[seq]["disks"]]
     if not _ctx(request).keeps_blocks(item["recovery_agent_id"]):
+        try:
+            materialise_target(settings, body.target_dir, disk_ids, local=False)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
         answer = await _from_host(request, item, points[seq], body.target_dir)
         if not answer.get("ok"):
             raise HTTPException(
@@ -284,12 +291,7 @@ async def materialise_point(
             ],
         }
     try:
-        target = await asyncio.to_thread(
-            materialise_target,
-            settings,
-            body.target_dir,
-            [d["disk_id"] for d in points[seq]["disks"]],
-        )
+        target = await asyncio.to_thread(materialise_target, settings, body.target_dir, disk_ids)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     store = _ctx(request).store(item["target_site"])

@@ -231,7 +231,7 @@ def side_consumer(runtime: Runtime, ctx: Context) -> EventConsumer:
             **registration_handlers(),
             **make_read_model_handlers(),
             **make_agent_event_handlers(
-                ctx, {**make_replica_answers(ctx), **seeding[1], **export_answers()}
+                ctx, {**make_replica_answers(ctx), **seeding[1], **export_answers(ctx)}
             ),
             **seeding[0],
             **make_failover_handlers(ctx),

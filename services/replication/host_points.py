@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import asyncpg
 
 from services.replication.context import Context, emit
-from services.replication.materialise import replica_disks
+from services.replication.materialise import on_handover, replica_disks
 from shared.kafka.consumers import Handler
 from shared.kafka.decode import Incoming, Rejected
 from shared.schemas import agent as cmd
@@ -41,6 +42,7 @@ async def ask_host(
 ) -> dict[str, Any]:
     """The host's result for point `point` of `item` (verified; exported to `target_dir`, a
     folder of the host's storage, if given). HostFailed or HostSilent otherwise."""
+    deadline = time.monotonic() + timeout
     request_id = uuid.uuid4()
     command_id = uuid.uuid5(request_id, "replica-export")
     agent_id = item["recovery_agent_id"]
@@ -69,7 +71,6 @@ async def ask_host(
             ),
             str(agent_id),
         )
-    deadline = time.monotonic() + timeout
     while True:
         async with ctx.pool.acquire() as conn:
             row = await conn.fetchrow(
@@ -88,15 +89,31 @@ async def ask_host(
         await asyncio.sleep(POLL_SECONDS)
 
 
-async def on_exported(conn: asyncpg.Connection, inc: Incoming) -> None:
-    """The host's answer, recorded for the waiting request (idempotent)."""
+async def replica_reaches(ctx: Context, item_id: uuid.UUID, seq: int, wait: float) -> None:
+    """Until the item's replica holds point `seq` (as its host reported), at most `wait` s: a
+    point just committed is being applied there."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        async with ctx.pool.acquire() as conn:
+            held = await conn.fetchval(
+                "SELECT replica_seq FROM protected_items WHERE item_id = $1", item_id
+            )
+        if (held or 0) >= seq:
+            return
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def on_exported(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
+    """The host's answer, recorded for the waiting request (idempotent); or, for a failover's
+    request for a copy, its answer (services/replication/materialise.py)."""
     msg = inc.payload
     assert isinstance(msg, cmd.CommandCompleted)
     row = await conn.fetchrow(
         "SELECT request_id, agent_id FROM host_requests WHERE command_id = $1", msg.command_id
     )
     if row is None:
-        raise Rejected("invalid_result", "an export answer names no known request")
+        await on_handover(ctx, conn, inc)
+        return
     if str(row["agent_id"]) != inc.envelope.producer_id:
         raise Rejected("wrong_agent", "an export answer from another host than the one asked")
     failed = msg.outcome is cmd.CommandOutcome.FAILED
@@ -117,6 +134,6 @@ async def prune_host_requests(pool: asyncpg.Pool, older_than_s: float = 3600) ->
         )
 
 
-def export_answers() -> dict[str, Handler]:
+def export_answers(ctx: Context) -> dict[str, Handler]:
     """`CommandCompleted` handlers by command type."""
-    return {"ReplicaPointExportRequested": on_exported}
+    return {"ReplicaPointExportRequested": partial(on_exported, ctx)}

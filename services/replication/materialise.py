@@ -44,6 +44,8 @@ def materialise_target(
     file name. ValueError says what is wrong. `local` False: the folder is the recovery
     host's, which checks it against its own storage; only the disk ids are checked here."""
     if not local:
+        if not Path(target_dir).is_absolute():
+            raise ValueError(f"target_dir {target_dir!r} is not an absolute path")
         bad = unusable_file_names(disk_ids)
         if bad:
             raise ValueError(f"disk ids unusable as file names: {bad}")
@@ -60,6 +62,13 @@ def materialise_target(
     return target
 
 
+def requested(request: dict[str, Any]) -> fo.RecoveryPointMaterialiseRequested:
+    """The failover's request as it was asked (without what this service noted on it: why
+    the recovery host refused it, `replica_refused`)."""
+    asked = {k: v for k, v in request["request"].items() if k != "replica_refused"}
+    return fo.RecoveryPointMaterialiseRequested.model_validate(asked)
+
+
 REPLICA_WAIT_SECONDS = 30.0  # how long a handover waits for the replica to reach the point
 REPLICA_POLL_SECONDS = 0.2  # how often it looks meanwhile
 
@@ -68,11 +77,14 @@ async def _hand_over(
     ctx: Context, request: dict[str, Any], item: dict[str, Any], point: dict[str, Any]
 ) -> bool:
     """A failover's disks from the recovery host's replica (handed over, or differencing disks
-    over it for a test failover; no copy): True when the request was handed to the host, or
-    waits for its replica to reach the point; False: copy here."""
-    msg = fo.RecoveryPointMaterialiseRequested.model_validate(request["request"])
+    over it for a test failover; no copy here), or, for a request that asks for a copy of an
+    item whose blocks this service does not keep, exported by the host into the target folder
+    (a folder of its storage): True when the request was handed to the host, or waits for its
+    replica to reach the point; False: copy here (or fail without a block copy)."""
+    msg = requested(request)
     seq = point["cycle_seq"]
-    if not (msg.handover or msg.differencing) or item["recovery_agent_id"] is None:
+    copy = not (msg.handover or msg.differencing)
+    if item["recovery_agent_id"] is None or (copy and ctx.keeps_blocks(item["recovery_agent_id"])):
         return False
     if request["request"].get("replica_refused"):
         return False  # the host tried and could not: copy
@@ -86,7 +98,17 @@ async def _hand_over(
     async with ctx.pool.acquire() as conn, conn.transaction():
         if not await request_repo.delegate_request(conn, msg.request_id):
             return True
-        kind = cmd.DifferencingDisksRequested if msg.differencing else cmd.ReplicaHandoverRequested
+        kind: type[
+            cmd.DifferencingDisksRequested
+            | cmd.ReplicaHandoverRequested
+            | cmd.ReplicaPointExportRequested
+        ] = (
+            cmd.DifferencingDisksRequested
+            if msg.differencing
+            else cmd.ReplicaHandoverRequested
+            if msg.handover
+            else cmd.ReplicaPointExportRequested
+        )
         await emit(
             conn,
             item["vault_id"],
@@ -156,12 +178,15 @@ async def on_handover(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> 
     request, item = await answered_request(conn, inc, request_id, "a handover answer")
     if request["state"] != "delegated":
         return  # answered already
-    if msg.outcome is cmd.CommandOutcome.FAILED:
+    failure = msg.error if msg.outcome is cmd.CommandOutcome.FAILED else None
+    if failure is None and msg.result.get("ok") is False:  # an export whose roots differ
+        failure = "the point read from the replica does not give the source's Merkle roots"
+    if failure is not None:
         log.warning(
-            "the recovery host could not hand its replica over; copying",
-            extra={"request_id": str(request_id), "error": msg.error},
+            "the recovery host could not provide the point; copying if this service can",
+            extra={"request_id": str(request_id), "error": failure},
         )
-        await request_repo.undelegate_request(conn, request["request_id"], msg.error)
+        await request_repo.undelegate_request(conn, request["request_id"], failure)
         ctx.failover_wake.set()
         return
     seq = msg.result.get("cycle_seq")
@@ -183,6 +208,7 @@ async def on_handover(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> 
                 disk_id=d["disk_id"],
                 path=d["path"],
                 size_bytes=d["size_bytes"],
+                sha256=d.get("sha256"),  # an export's
                 merkle_root=roots[d["disk_id"]],
             )
             for d in msg.result.get("disks", [])
@@ -200,7 +226,8 @@ async def on_handover(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> 
 
 
 def make_replica_answers(ctx: Context) -> dict[str, Handler]:
-    """Handlers of the recovery host's `CommandCompleted` for a handover, by command type."""
+    """Handlers of the recovery host's `CommandCompleted` for a handover, by command type
+    (an export's: services/replication/host_points.py, which passes a failover's here)."""
     handler = partial(on_handover, ctx)
     return {"ReplicaHandoverRequested": handler, "DifferencingDisksRequested": handler}
 
@@ -239,7 +266,7 @@ async def choose_and_pin(
 async def materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | None:
     """Write the point's disks into the target folder (or hand the request to the recovery
     host's replica: None, answered when the host answers); the answer to publish."""
-    msg = fo.RecoveryPointMaterialiseRequested.model_validate(request["request"])
+    msg = requested(request)
 
     def failed(why: str) -> fo.RecoveryPointMaterialiseFailed:
         log.warning("materialise failed", extra={"request_id": str(msg.request_id), "error": why})
@@ -269,8 +296,6 @@ async def materialise(ctx: Context, request: dict[str, Any]) -> EventPayload | N
     if not ctx.keeps_blocks(item["recovery_agent_id"]):
         why = request["request"].get("replica_refused") or (
             f"its replica did not reach point {seq} within {REPLICA_WAIT_SECONDS:.0f} s"
-            if msg.handover or msg.differencing
-            else "the request asks for a copy"
         )
         return failed(
             f"recovery point {seq} is kept only by the recovery host's replica (agent "

@@ -57,14 +57,14 @@ async def sent_command(pool: asyncpg.Pool, item_id: uuid.UUID) -> cmd.ReplicaPoi
 
 
 async def answer(
-    pool: asyncpg.Pool, command: cmd.ReplicaPointExportRequested, producer: uuid.UUID, **kw: Any
+    ctx: Context, command: cmd.ReplicaPointExportRequested, producer: uuid.UUID, **kw: Any
 ) -> None:
     done = cmd.CommandCompleted(
         command_id=command.command_id, command_type="ReplicaPointExportRequested", **kw
     )
     env = new_envelope(done, vault_id=uuid.uuid4(), producer_id=str(producer))
-    async with pool.acquire() as conn, conn.transaction():
-        await on_exported(conn, Incoming(env, done, "agent-events", 0, 0, str(producer)))
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await on_exported(ctx, conn, Incoming(env, done, "agent-events", 0, 0, str(producer)))
 
 
 async def test_the_hosts_answer_reaches_the_waiting_request(
@@ -80,12 +80,12 @@ async def test_the_hosts_answer_reaches_the_waiting_request(
         assert (sent.agent_id, sent.item_id, sent.cycle_seq) == (host, item["item_id"], 7)
         assert sent.target_dir == "/srv/r1/export" and sent.disks[0].merkle_root == ROOT
         with pytest.raises(Rejected, match="another host"):
-            await answer(pool, sent, uuid.uuid4(), outcome=cmd.CommandOutcome.SUCCEEDED)
+            await answer(ctx, sent, uuid.uuid4(), outcome=cmd.CommandOutcome.SUCCEEDED)
         result = {"request_id": str(sent.request_id), "ok": True, "disks": []}
-        await answer(pool, sent, host, outcome=cmd.CommandOutcome.SUCCEEDED, result=result)
+        await answer(ctx, sent, host, outcome=cmd.CommandOutcome.SUCCEEDED, result=result)
         assert await asyncio.wait_for(waiting, 10) == result
         # recorded once: a redelivered answer changes nothing
-        await answer(pool, sent, host, outcome=cmd.CommandOutcome.FAILED, error="late")
+        await answer(ctx, sent, host, outcome=cmd.CommandOutcome.FAILED, error="late")
         async with pool.acquire() as conn:
             assert (
                 await conn.fetchval(
@@ -105,7 +105,7 @@ async def test_a_failure_is_the_hosts_reason_and_silence_a_timeout(
         sent = await sent_command(pool, item["item_id"])
         assert sent.target_dir is None
         await answer(
-            pool,
+            ctx,
             sent,
             item["recovery_agent_id"],
             outcome=cmd.CommandOutcome.FAILED,
@@ -125,5 +125,5 @@ async def test_a_failure_is_the_hosts_reason_and_silence_a_timeout(
         )
         with pytest.raises(Rejected, match="no known request"):
             await answer(
-                pool, unknown, item["recovery_agent_id"], outcome=cmd.CommandOutcome.SUCCEEDED
+                ctx, unknown, item["recovery_agent_id"], outcome=cmd.CommandOutcome.SUCCEEDED
             )

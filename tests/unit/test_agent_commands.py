@@ -469,8 +469,10 @@ async def test_a_point_of_the_replica_is_exported_through_the_command(
         path = (tmp_path / "storage" / "exported" / f"{disk.disk_id}.vhdx").resolve()
         assert d["merkle_root"] == d["expected_root"] and d["path"] == str(path)
         assert path.read_bytes() == seed_bytes(disk)
-    await deliver(handler, export(2))
+    second = export(2)
+    await deliver(handler, second)
     failed = completed(sent)[-1]
     assert failed.outcome == "failed"
     assert "point 2 is not retained by this host's replica (it holds 1..1)" in failed.error
-    assert failed.result == {"item_id": str(item_id)}
+    # the item shows it; the request it answers is named
+    assert failed.result == {"item_id": str(item_id), "request_id": str(second.request_id)}
