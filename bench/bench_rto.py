@@ -32,8 +32,8 @@ this process, no platform), a 1 GiB disk on a delta topic of its own, 40 points 
   point's range with a consumer started for it (`read_range`) and through one started
   consumer (`RangeReader`, as the agent reads); `replica_range_read_oneoff_vs_shared_ratio`.
 
-`BENCH_KEEP_BLOCK_COPY=0` runs the replication service without a block copy (the failovers
-go over the recovery host's replica either way).
+The replication service runs as it ships, without a block copy; `BENCH_KEEP_BLOCK_COPY=1`
+runs it with one (the failovers go over the recovery host's replica either way).
 
 Lines: `bench <name> <value> <unit>`; a measurement that fails prints
 `bench <name> FAILED <reason>`. Run: `.venv/bin/python -m bench.bench_rto` (`make up` first).
@@ -106,10 +106,10 @@ def seconds(job: dict[str, Any]) -> float:
 
 
 def start_replication(plat: Platform) -> None:
-    """The replication service with or without a block copy (`BENCH_KEEP_BLOCK_COPY=0`: none;
+    """The replication service without a block copy, or with one (`BENCH_KEEP_BLOCK_COPY=1`;
     failover goes over the recovery host's replica either way)."""
-    if os.environ.get("BENCH_KEEP_BLOCK_COPY", "1") == "0":
-        plat.start("replication", {"DR_REPLICATION_KEEP_BLOCK_COPY": "false"})
+    copy = os.environ.get("BENCH_KEEP_BLOCK_COPY", "0") == "1"
+    plat.start("replication", {"DR_REPLICATION_KEEP_BLOCK_COPY": "true" if copy else "false"})
 
 
 async def replicated_vm(http: httpx.AsyncClient, dr: DrSetup, name: str, size: str) -> str:

@@ -67,9 +67,8 @@ async def bench_platform(stack: Stack, label: str) -> AsyncIterator[tuple[Platfo
     log_dir.mkdir()
     database_url = await fresh_database(stack, "bench")
     prefix = random_prefix("bench")
-    # with a block copy in the replication service unless `BENCH_KEEP_BLOCK_COPY=0` (the
-    # service's default: none): the benches' baselines were taken with one
-    copy = "false" if os.environ.get("BENCH_KEEP_BLOCK_COPY", "1") == "0" else "true"
+    # the replication service as it ships (no block copy); `BENCH_KEEP_BLOCK_COPY=1`: with one
+    copy = "true" if os.environ.get("BENCH_KEEP_BLOCK_COPY", "0") == "1" else "false"
     plat = Platform(
         stack=stack,
         database_url=database_url,

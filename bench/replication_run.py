@@ -28,9 +28,10 @@ from kit.stack import Stack
 HOST = "hv-p1"
 RECOVERY_HOST = "hv-r1"
 WITH_RECOVERY_AGENT = os.environ.get("BENCH_RECOVERY_AGENT", "1") != "0"
-# `BENCH_KEEP_BLOCK_COPY=0`: the service keeps no block copy (DR_REPLICATION_KEEP_BLOCK_COPY):
-# blocks only pass through it to the recovery host's replica
-KEEP_BLOCK_COPY = os.environ.get("BENCH_KEEP_BLOCK_COPY", "1") != "0" or not WITH_RECOVERY_AGENT
+# The service keeps no block copy (DR_REPLICATION_KEEP_BLOCK_COPY, its default): blocks only
+# pass through it to the recovery host's replica; `BENCH_KEEP_BLOCK_COPY=1` (or no recovery
+# host agent, `BENCH_RECOVERY_AGENT=0`): it keeps one
+KEEP_BLOCK_COPY = os.environ.get("BENCH_KEEP_BLOCK_COPY", "0") == "1" or not WITH_RECOVERY_AGENT
 
 
 @dataclass
@@ -207,8 +208,8 @@ async def two_site_run(stack: Stack, label: str, copy_seconds: int) -> AsyncIter
         bench_platform(stack, f"repl-{label}") as (plat, root),
         httpx.AsyncClient(timeout=30) as http,
     ):
-        if not KEEP_BLOCK_COPY:
-            plat.start("replication", {"DR_REPLICATION_KEEP_BLOCK_COPY": "false"})
+        copy = "true" if KEEP_BLOCK_COPY else "false"
+        plat.start("replication", {"DR_REPLICATION_KEEP_BLOCK_COPY": copy})
         hosts = (HOST, RECOVERY_HOST) if WITH_RECOVERY_AGENT else (HOST,)
         dr = await two_sites(plat, http, root, copy_seconds=copy_seconds, agents_on=hosts)
         yield Run(plat, dr, http, root)

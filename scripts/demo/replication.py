@@ -162,6 +162,12 @@ async def replication_story(demo: Demo, http: httpx.AsyncClient) -> None:
                 f"{check.get('verified_by', 'the replication service')}, "
                 f"{len(result['disks'])} disk(s) byte-identical to the source"
             )
+        # the points live at the recovery site: the replication service kept no block of them
+        store = demo.run_dir / "replica"
+        held = [p for p in store.rglob("*") if p.is_file() and p.name != ".store-id"]
+        if held:
+            return f"the replication service's store holds {len(held)} files, e.g. {held[0]}"
+        print("     the replication service's store holds no block (they passed through)")
         return None
 
     await demo.check(

@@ -12,7 +12,6 @@ import pytest
 from kit.platform import Platform
 from kit.procs import stop_all
 from kit.stack import Stack
-from tests.support.own_platform import WITH_BLOCK_COPY
 
 
 @pytest.fixture(scope="session")
@@ -20,13 +19,7 @@ def platform(
     stack: Stack, database_url: str, topic_prefix: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
     log_dir: Path = tmp_path_factory.mktemp("platform")
-    plat = Platform(
-        stack=stack,
-        database_url=database_url,
-        prefix=topic_prefix,
-        log_dir=log_dir,
-        replication_env=WITH_BLOCK_COPY,
-    )
+    plat = Platform(stack=stack, database_url=database_url, prefix=topic_prefix, log_dir=log_dir)
     try:
         yield plat
     finally:

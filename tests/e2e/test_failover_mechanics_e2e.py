@@ -172,9 +172,11 @@ async def test_failover_mechanics(
     first, second = await fail.answers(req.request_id, count=2)
     assert first == second
     assert {p: mtime(p) for p in mtimes} == mtimes
+    # a copy is written by the recovery host (the service keeps no block copy), into its own
+    # storage only
     _, outside = await fail.materialise(item_id, Path("/var/tmp") / uuid.uuid4().hex)
     assert outside["type"] == "RecoveryPointMaterialiseFailed"
-    assert "not under a materialise root" in outside["error"]
+    assert "is not a folder in this host's storage" in outside["error"], outside
     _, unknown = await fail.materialise(
         item_id, recovery / "nope", choice=fo.PointChoice.CHOSEN, cycle_seq=10_000
     )
@@ -320,12 +322,13 @@ async def test_failover_mechanics(
     assert resync["changed_blocks"] <= 5 < full_blocks  # only what the recovery VM wrote
     assert resync["bytes"] <= 5 * 65536
     recovered = {d["disk_id"]: file_sha256(Path(d["path"])) for d in answer["disks"]}
-    assert await materialise(http, dr, str(new_item), 2, tmp_path / "back") == recovered
+    primary = dr.storage("primary", "hv-p1")  # the reverse item's recovery host
+    assert await materialise(http, dr, str(new_item), 2, primary / "back") == recovered
 
     # The same request again: no second effect (a later request on the same partition is
     # answered, so the repeat was consumed before it).
     await fail.request(reverse, item_id)
-    _, marker = await fail.materialise(new_item, tmp_path / "marker", key=item_id)
+    _, marker = await fail.materialise(new_item, primary / "marker", key=item_id)
     assert marker["type"] == "RecoveryPointMaterialised"
     events = await read_all(fail.kafka, platform.prefix + topics.REPLICATION_EVENTS)
     enabled = [

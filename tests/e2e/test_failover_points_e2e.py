@@ -20,7 +20,7 @@ from kit.poll import eventually
 from kit.stack import Stack
 from tests.e2e.test_failover_e2e import failover_up, protected_vm, task_named
 from tests.e2e.test_replication_faults_e2e import pruned_seqs
-from tests.support.own_platform import own_platform
+from tests.support.own_platform import WITH_BLOCK_COPY, own_platform
 
 pytestmark = pytest.mark.e2e
 
@@ -34,13 +34,16 @@ async def plat(stack: Stack, tmp_path: Path) -> AsyncIterator[Platform]:
         await own.close()
 
 
-async def fast_pruning_sites(plat: Platform, http: httpx.AsyncClient, root: Path) -> DrSetup:
+async def fast_pruning_sites(
+    plat: Platform, http: httpx.AsyncClient, root: Path, env: dict[str, str] | None = None
+) -> DrSetup:
     """Two sites with 1 s cycles, retention every second keeping the 3 latest points."""
     plat.start(
         "replication",
         {
             "DR_REPLICATION_KEEP_RECENT_POINTS": "3",
             "DR_REPLICATION_RETENTION_INTERVAL_SECONDS": "1",
+            **(env or {}),
         },
     )
     return await two_sites(plat, http, root, copy_seconds=1)
@@ -106,8 +109,9 @@ async def test_a_point_asked_for_is_kept_until_the_answer_then_pruned(
     plat: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     # the retained crash-consistent points span ~3 s, far less than the 30 s the replication
-    # service waits for the recovery host's replica before it copies the point
-    dr = await fast_pruning_sites(plat, http, tmp_path)
+    # service waits for the recovery host's replica before it copies the point (from its
+    # block copy: without one the drill fails with the host's reason)
+    dr = await fast_pruning_sites(plat, http, tmp_path, WITH_BLOCK_COPY)
     await failover_up(plat, http, dr)
     vm = await protected_vm(http, dr, "pin01", ["256KiB"], "10.10.0.193")
     item_id = vm["item_id"]

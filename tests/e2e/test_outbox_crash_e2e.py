@@ -14,7 +14,6 @@ from kit.poll import eventually
 from kit.stack import Stack, delete_prefixed_topics, fresh_database, random_prefix
 from shared import topics
 from tests.support.kafka import read_all, wait_for_records
-from tests.support.own_platform import WITH_BLOCK_COPY
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +27,6 @@ async def test_kill_between_commit_and_publish_loses_no_event(
         database_url=await fresh_database(stack, "crash"),
         prefix=random_prefix("crash"),
         log_dir=tmp_path,  # type: ignore[arg-type]
-        replication_env=WITH_BLOCK_COPY,
     )
     proc = processes.service("registration", plat.env, plat.log_dir)
     proc.start(extra_env={"DR_CRASH_AT": crash_at})

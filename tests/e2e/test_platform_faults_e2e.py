@@ -26,7 +26,6 @@ from kit.stack import REPO, Stack, fresh_database, random_prefix, stack_command
 from shared import topics
 from tests.e2e.test_replication_faults_e2e import no_data_lost
 from tests.support.kafka import read_all
-from tests.support.own_platform import WITH_BLOCK_COPY
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +43,6 @@ async def plat(stack: Stack, tmp_path: Path) -> AsyncIterator[Platform]:
         database_url=await fresh_database(stack, "pfaults"),
         prefix=random_prefix("pfaults"),
         log_dir=tmp_path,
-        replication_env=WITH_BLOCK_COPY,
     )
     try:
         yield own

@@ -92,6 +92,7 @@ async def test_recovery_points_materialise_byte_identical(
     assert all(p.exists() for p in disk_files.values()), disk_files
 
     expected: dict[int, dict[str, str]] = {}
+    points_dir = dr.storage("recovery", "hv-r1") / "points"  # written by the recovery host
     for round_no in range(3):
         await dr.agent_call(
             http, "hv-p1", "POST", "/vms/web01/writes", {"blocks": 8 + round_no * 5}
@@ -104,7 +105,7 @@ async def test_recovery_points_materialise_byte_identical(
             copy = tmp_path / f"copy-{round_no}-{disk_id}.vhdx"
             shutil.copyfile(path, copy)
             copies[disk_id] = file_sha256(copy)
-        got = await materialise(http, dr, item_id, point["cycle_seq"], tmp_path / f"rp{round_no}")
+        got = await materialise(http, dr, item_id, point["cycle_seq"], points_dir / f"rp{round_no}")
         assert got == copies, f"point {point['cycle_seq']} differs from the source"
         expected[point["cycle_seq"]] = copies
         # The recovery host's replica reached the point with the source's roots, and its
@@ -115,7 +116,7 @@ async def test_recovery_points_materialise_byte_identical(
 
     # Every point is still retained and still materialises to the same bytes.
     for seq, copies in expected.items():
-        assert await materialise(http, dr, item_id, seq, tmp_path / f"again-{seq}") == copies
+        assert await materialise(http, dr, item_id, seq, points_dir / f"again-{seq}") == copies
         verify = await http.post(
             dr.url("replication", f"/protected-items/{item_id}/recovery-points/{seq}/verify"),
             headers=dr.bearer(dr.reader),
@@ -186,7 +187,9 @@ async def test_offline_initial_replication_is_imported_then_deltas_follow(
     written_at = datetime.now().astimezone()
     point = await point_after(http, dr, item_id, written_at)
     source = Path((await item(http, dr, item_id))["disks"][0]["path"])
-    got = await materialise(http, dr, item_id, point["cycle_seq"], tmp_path / "rp")
+    got = await materialise(
+        http, dr, item_id, point["cycle_seq"], dr.storage("recovery", "hv-r1") / "rp"
+    )
     assert list(got.values()) == [file_sha256(source)]
     # the imported points reached the recovery host's replica too (forwarded to its feed)
     await replica_at(http, dr, item_id, point["cycle_seq"])

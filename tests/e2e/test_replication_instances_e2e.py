@@ -1,9 +1,11 @@
-"""More than one replication instance in a deployment (one database, one topic prefix): one is
-active, the others are standbys that consume nothing. A standby with its own store folder
-reports so on /healthz, never does the work, and after the active instance is killed it stays
-out (refused: its store does not hold the deployment's points) and says why; an instance run
-with the killed one's store takes over and replication goes on with no point lost; a graceful
-stop hands over to a standby on the same store at once."""
+"""More than one replication instance in a deployment (one database, one topic prefix), each
+keeping a block copy (`DR_REPLICATION_KEEP_BLOCK_COPY=true`; without one every instance works:
+tests/e2e/test_stateless_replication_e2e.py): one is active, the others are standbys that
+consume nothing. A standby with its own store folder reports so on /healthz, never does the
+work, and after the active instance is killed it stays out (refused: its store does not hold the
+deployment's points) and says why; an instance run with the killed one's store takes over and
+replication goes on with no point lost; a graceful stop hands over to a standby on the same
+store at once."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import uuid
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from kit.dr import (
 )
 from kit.platform import Platform
 from kit.poll import eventually
+from kit.stack import Stack
 from shared import signing, topics
 from shared.kafka.producer import KafkaProducer
 from shared.merkle import block_hash
@@ -45,6 +47,7 @@ from tests.e2e.test_replication_bad_input_e2e import (
     scripted_item,
 )
 from tests.support.kafka import wait_for_records
+from tests.support.own_platform import WITH_BLOCK_COPY, own_platform
 
 pytestmark = pytest.mark.e2e
 
@@ -298,9 +301,21 @@ async def publish_as(
     return env.event_id
 
 
+@pytest.fixture
+async def copying_platform(stack: Stack, tmp_path: Path) -> AsyncIterator[Platform]:
+    """A platform whose replication service keeps a block copy: it copies a point the
+    recovery host's replica does not hold, with the host down."""
+    own = await own_platform(stack, "answers", tmp_path, WITH_BLOCK_COPY)
+    try:
+        yield own
+    finally:
+        await own.close()
+
+
 async def test_an_answer_counts_only_from_whom_it_was_asked(
-    platform: Platform, http: httpx.AsyncClient, tmp_path: Path
+    copying_platform: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
+    platform = copying_platform
     # 10 s cycles: the retained crash-consistent points (5) span longer than the replication
     # service's wait for the replica before it copies (30 s), so the drill's point is still
     # there to copy

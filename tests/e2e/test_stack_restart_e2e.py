@@ -10,7 +10,6 @@ from kit import procs
 from kit.platform import Platform
 from kit.poll import eventually
 from kit.stack import Stack, fresh_database, random_prefix, stack_command
-from tests.support.own_platform import WITH_BLOCK_COPY
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +24,6 @@ async def test_registration_goes_on_after_a_restart(
         database_url=await fresh_database(stack, "restart"),
         prefix=random_prefix("restart"),
         log_dir=tmp_path,  # type: ignore[arg-type]
-        replication_env=WITH_BLOCK_COPY,
     )
     # after the restart the agent stops at once: with no heartbeat fetched since, silence
     # counts from the outage's end after the hold (60 s by default)

@@ -16,12 +16,14 @@ from kit.stack import Stack, fresh_database, random_prefix
 WITH_BLOCK_COPY = {"DR_REPLICATION_KEEP_BLOCK_COPY": "true"}
 
 
-async def own_platform(stack: Stack, label: str, log_dir: Path) -> Platform:
+async def own_platform(
+    stack: Stack, label: str, log_dir: Path, replication_env: dict[str, str] | None = None
+) -> Platform:
     """Stop it with `stop_all()`."""
     return Platform(
         stack=stack,
         database_url=await fresh_database(stack, label),
         prefix=random_prefix(label),
         log_dir=log_dir,
-        replication_env=WITH_BLOCK_COPY,
+        replication_env=replication_env or {},
     )
