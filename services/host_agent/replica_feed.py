@@ -92,7 +92,7 @@ class ReplicaFeed:
                 f"the replica of item {item} is at point {head.seq}: point {seq} cannot follow "
                 f"(it follows point {base}; the replica catches up by a resync)",
                 # behind: the service has it catch up (ReplicaLeavesRequested)
-                {"replica_seq": head.seq} if head.seq < base else {},
+                {"replica_seq": head.seq, "cycle_seq": seq} if head.seq < base else {},
             )
         geometry = {d.disk_id: d for d in command.disks}
         staged = 0
@@ -110,7 +110,7 @@ class ReplicaFeed:
                         staged += await asyncio.to_thread(self._stage, item, seq, geometry, records)
             except RangeUnavailable as exc:
                 # its blocks gone from the feed (retention): the replica missed the point
-                gone = {"replica_seq": head.seq} if "is gone" in str(exc) else {}
+                gone = {"replica_seq": head.seq, "cycle_seq": seq} if "is gone" in str(exc) else {}
                 raise CommandFailed(f"point {seq} of item {item}: {exc}", gone) from None
         point = Point(seq, tuple(_disk_state(d) for d in command.disks))
         try:

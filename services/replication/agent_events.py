@@ -65,9 +65,10 @@ async def on_replica_applied(ctx: Context, conn: asyncpg.Connection, inc: Incomi
         if item is None or str(item.recovery_agent_id) != inc.envelope.producer_id:
             raise Rejected("wrong_agent", "replica answer for an item this agent does not keep")
         if msg.outcome is cmd.CommandOutcome.FAILED:
-            held = msg.result.get("replica_seq")
+            held, asked = msg.result.get("replica_seq"), msg.result.get("cycle_seq")
             if isinstance(held, int) and held >= 0:
-                await catch_up.on_replica_behind(ctx, conn, item, held, msg.error)
+                asked = asked if isinstance(asked, int) else None
+                await catch_up.on_replica_behind(ctx, conn, item, held, msg.error, asked)
             else:
                 item.replica_failed(msg.error)
         else:

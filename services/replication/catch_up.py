@@ -54,11 +54,16 @@ def merged_hashes(latest: list[bytes], replica: bytes) -> list[bytes]:
 
 
 async def on_replica_behind(
-    ctx: Context, conn: asyncpg.Connection, item: ProtectedItem, held: int, error: str
+    ctx: Context,
+    conn: asyncpg.Connection,
+    item: ProtectedItem,
+    held: int,
+    error: str,
+    asked: int | None,
 ) -> None:
-    """A failed apply that says the replica is at point `held`: the item catches up if it
-    must (`ProtectedItem.replica_behind`). The caller commits the item."""
-    if item.replica_behind(held, error):
+    """A failed apply of point `asked` that says the replica is at point `held`: the item
+    catches up if it must (`ProtectedItem.replica_behind`). The caller commits the item."""
+    if item.replica_behind(held, error, asked):
         log.warning(
             "replica missed points: catching up",
             extra={"item_id": str(item.item_id), "replica_seq": held, "error": error},

@@ -482,14 +482,17 @@ class ProtectedItem:
     def replica_failed(self, error: str) -> None:
         self.replica_error = error
 
-    def replica_behind(self, held: int, error: str) -> bool:
-        """The recovery host could not apply a point: its replica is at point `held` and
-        missed the points after it (its host was down past its feed's retention). True if it
-        must catch up now (the caller then sends the item to resync, `require_resync`): not
-        for a stale answer (the replica is known to hold a later point), nor while a catch-up
-        from `held` is under way, nor when the item no longer replicates."""
+    def replica_behind(self, held: int, error: str, asked: int | None = None) -> bool:
+        """The recovery host could not apply point `asked`: its replica is at point `held`
+        and missed the points after it (its host was down past its feed's retention, or lost
+        the replica: `held` 0). True if it must catch up now (the caller then sends the item
+        to resync, `require_resync`): not for a stale answer (a point the replica is known to
+        hold since, e.g. an answer sent again), nor while a catch-up from `held` is under way,
+        nor when the item no longer replicates."""
         self.replica_error = error
-        if held < (self.replica_seq or 0) or self.replica_follows == held:
+        known = self.replica_seq or 0
+        stale = asked <= known if asked is not None else held < known
+        if stale or self.replica_follows == held:
             return False
         if self.state not in _CATCH_UP_STATES or self.recovery_agent_id is None:
             return False

@@ -151,8 +151,10 @@ async def test_a_point_is_applied_from_its_records_only(deltas: Deltas, tmp_path
     assert hashlib.sha256(image.read_bytes()).hexdigest() == disk.sha256()
     assert await feed.apply(command(item, 1, first, last, disk)) == answer  # repeated
 
-    with pytest.raises(CommandFailed, match="point 3 cannot follow"):
+    with pytest.raises(CommandFailed, match="point 3 cannot follow") as behind:
         await feed.apply(command(item, 3, first, last, disk))
+    # the service has it catch up from the point it holds (services/replication/catch_up.py)
+    assert behind.value.details == {"replica_seq": 1, "cycle_seq": 3}
 
     before = disk.sha256()
     changed = disk.write_random(0.2)

@@ -433,3 +433,16 @@ def test_a_catch_up_point_must_follow_an_older_point() -> None:
     assert cmd.ReplicaPointApplyRequested(**fields, follows=0).follows == 0
     with pytest.raises(ValueError, match="cannot follow"):
         cmd.ReplicaPointApplyRequested(**fields, follows=9)
+
+
+def test_a_replica_its_host_lost_catches_up_from_nothing_but_a_stale_answer_does_not() -> None:
+    item = new_item(last_committed_seq=20, replica_seq=12)
+    assert not item.replica_behind(0, "answered again", asked=11)  # before what it holds since
+    assert item.replica_follows is None
+    assert item.replica_behind(0, "point 13 cannot follow", asked=13)  # lost: from nothing
+    assert item.replica_follows == 0
+    item.request_resync({}, uuid.uuid4())  # every block (no leaves to compare with)
+    commit(item, 21, CycleKind.RESYNC)
+    apply = [p.payload for p in item.pending if p.key == str(item.recovery_agent_id)][-1]
+    assert isinstance(apply, cmd.ReplicaPointApplyRequested) and apply.follows == 0
+    assert item.replica_applied(21, True) == list(range(1, 21))
