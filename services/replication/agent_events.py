@@ -56,14 +56,10 @@ async def on_replica_applied(ctx: Context, conn: asyncpg.Connection, inc: Incomi
     services/replication/catch_up.py)."""
     msg = inc.payload
     assert isinstance(msg, cmd.CommandCompleted)
-    try:
-        item_id = uuid.UUID(str(msg.result.get("item_id")))
-    except ValueError:
-        raise Rejected("invalid_result", "a replica answer names no item") from None
     async with ItemUnitOfWork(conn) as uow:
-        item = await uow.load(item_id)
-        if item is None or str(item.recovery_agent_id) != inc.envelope.producer_id:
-            raise Rejected("wrong_agent", "replica answer for an item this agent does not keep")
+        item = await catch_up.load_host_item(
+            uow, inc, "a replica answer", "replica answer for an item this agent does not keep"
+        )
         if msg.outcome is cmd.CommandOutcome.FAILED:
             held, asked = msg.result.get("replica_seq"), msg.result.get("cycle_seq")
             if isinstance(held, int) and held >= 0:
@@ -75,7 +71,7 @@ async def on_replica_applied(ctx: Context, conn: asyncpg.Connection, inc: Incomi
             seq, roots = msg.result.get("cycle_seq"), msg.result.get("roots")
             if not isinstance(seq, int) or not isinstance(roots, dict):
                 raise Rejected("invalid_result", "a replica answer needs cycle_seq and roots")
-            matched = await repo.record_replica_point(conn, item_id, seq, roots)
+            matched = await repo.record_replica_point(conn, item.item_id, seq, roots)
             await catch_up.after_applied(ctx, conn, item, item.replica_applied(seq, matched))
         await uow.commit()
 

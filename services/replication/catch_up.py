@@ -87,6 +87,24 @@ async def on_leaves_reported(conn: asyncpg.Connection, inc: Incoming) -> bool:
     return True
 
 
+async def load_host_item(
+    uow: ItemUnitOfWork, inc: Incoming, what: str, wrong: str
+) -> ProtectedItem:
+    """The item a recovery host's `CommandCompleted` is about (its result's `item_id`), if
+    that host keeps the item's replica; Rejected otherwise (`what`: the answer, `wrong`: why
+    another host's is refused)."""
+    msg = inc.payload
+    assert isinstance(msg, cmd.CommandCompleted)
+    try:
+        item_id = uuid.UUID(str(msg.result.get("item_id")))
+    except ValueError:
+        raise Rejected("invalid_result", f"{what} names no item") from None
+    item = await uow.load(item_id)
+    if item is None or str(item.recovery_agent_id) != inc.envelope.producer_id:
+        raise Rejected("wrong_agent", wrong)
+    return item
+
+
 async def on_leaves_answered(ctx: Context, conn: asyncpg.Connection, inc: Incoming) -> None:
     """The host's answer to `ReplicaLeavesRequested`: the source asked for the blocks that
     differ from the merged leaves, or, if the host failed or its leaves do not add up, the
@@ -94,26 +112,17 @@ async def on_leaves_answered(ctx: Context, conn: asyncpg.Connection, inc: Incomi
     msg = inc.payload
     assert isinstance(msg, cmd.CommandCompleted)
     request_id = result_request_id(msg)
-    try:
-        item_id = uuid.UUID(str(msg.result.get("item_id")))
-    except ValueError:
-        raise Rejected("invalid_result", "a replica's leaves answer names no item") from None
     async with ItemUnitOfWork(conn) as uow:
-        item = await uow.load(item_id)
-        if item is None or str(item.recovery_agent_id) != inc.envelope.producer_id:
-            raise Rejected("wrong_agent", "leaves of a replica this agent does not keep")
+        item = await load_host_item(
+            uow, inc, "a replica's leaves answer", "leaves of a replica this agent does not keep"
+        )
         if request_id is None or not item.replica_leaves_answered(request_id):
             return  # answered already, or a catch-up given up since
-        rows = await reported_leaves.take(conn, request_id)
-        failure = _why_not(msg, rows)
+        replica, failure = _reported(msg, await reported_leaves.take(conn, request_id))
         held = msg.result.get("cycle_seq")
         if failure is not None:
             await require_resync(ctx, conn, item, f"replica catch-up: {failure}")
         else:
-            replica = {
-                d: leaves
-                for d, (_, _, leaves) in reported_leaves.assembled(rows, _held(msg))[0].items()
-            }
             latest = await latest_hashes(ctx, conn, item)
             hashes = {
                 d: merged_hashes(hashes, replica[d]) for d, hashes in latest.items() if d in replica
@@ -122,34 +131,32 @@ async def on_leaves_answered(ctx: Context, conn: asyncpg.Connection, inc: Incomi
             item.request_resync(hashes, uuid.uuid4())
             log.info(
                 "replica catch-up: resync against the replica's leaves",
-                extra={"item_id": str(item_id), "replica_seq": held},
+                extra={"item_id": str(item.item_id), "replica_seq": held},
             )
         await uow.commit()
 
 
-def _held(msg: cmd.CommandCompleted) -> list[str]:
-    roots = msg.result.get("roots")
-    return sorted(roots) if isinstance(roots, dict) else []
-
-
-def _why_not(msg: cmd.CommandCompleted, rows: list[asyncpg.Record]) -> str | None:
-    """Why the host's answer cannot be used, or None."""
+def _reported(
+    msg: cmd.CommandCompleted, rows: list[asyncpg.Record]
+) -> tuple[dict[str, bytes], str | None]:
+    """Each disk's leaves the host reported (checked against the roots it answered), or why
+    its answer cannot be used."""
     if msg.outcome is cmd.CommandOutcome.FAILED:
-        return f"the recovery host could not report its replica's leaves ({msg.error})"
+        return {}, f"the recovery host could not report its replica's leaves ({msg.error})"
     roots = msg.result.get("roots")
     if not isinstance(roots, dict) or not isinstance(msg.result.get("cycle_seq"), int):
-        return "the recovery host's answer has no cycle_seq and roots"
-    disks, failure = reported_leaves.assembled(rows, _held(msg))
+        return {}, "the recovery host's answer has no cycle_seq and roots"
+    disks, failure = reported_leaves.assembled(rows, sorted(roots))
     if failure is not None:
-        return failure
+        return {}, failure
     for disk_id, (size, block_size, leaves) in disks.items():
         count = block_count(size, block_size)
         tree = MerkleTree.from_leaves(
             (leaves[i * HASH_SIZE : (i + 1) * HASH_SIZE] for i in range(count)), count
         )
         if tree.root_hex() != roots[disk_id]:
-            return f"disk {disk_id}: the reported leaves do not give the reported root"
-    return None
+            return {}, f"disk {disk_id}: the reported leaves do not give the reported root"
+    return {d: leaves for d, (_, _, leaves) in disks.items()}, None
 
 
 async def after_applied(

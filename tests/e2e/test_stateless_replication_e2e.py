@@ -101,6 +101,33 @@ async def test_unplanned_failover_to_an_older_point_without_a_block_copy(
     )
 
 
+async def replica_is_the_source_once_writes_stop(
+    http: httpx.AsyncClient, dr: DrSetup, item_id: str, root: Path
+) -> tuple[int, dict[str, str]]:
+    """The workload on db01 stopped: the first point after it, once the recovery host's
+    replica holds it, has replica images byte-identical to the source disks. Returns the
+    point and each disk's SHA-256."""
+    await dr.agent_call(http, "hv-p1", "POST", "/vms/db01/workload", {"blocks_per_second": 0})
+    stopped = datetime.now().astimezone()
+
+    async def final_point() -> int | None:
+        later = [
+            p["cycle_seq"]
+            for p in await points(http, dr, item_id)
+            if datetime.fromisoformat(p["source_time"]) > stopped
+        ]
+        return min(later) if later else None
+
+    seq = await eventually(final_point, timeout=60, what="a point after the writes stopped")
+    await replica_at(http, dr, item_id, seq)
+    images = root / "agent-hv-r1-state" / "replica" / item_id / "disks"
+    disks = (await item(http, dr, item_id))["disks"]
+    sources = {d["disk_id"]: file_sha256(Path(d["path"])) for d in disks}
+    for disk_id, source in sources.items():
+        assert file_sha256(images / f"{disk_id}.vhdx") == source, disk_id
+    return seq, sources
+
+
 async def test_kill_9_mid_cycle_loses_no_point_and_needs_no_resync(
     plat: Platform, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
@@ -128,30 +155,14 @@ async def test_kill_9_mid_cycle_loses_no_point_and_needs_no_resync(
         done = current["state"] == "replicating" and current["last_committed_seq"] > max(seen) + 2
         return current if done else None
 
-    current = await eventually(caught_up, timeout=90, what="the item catches up after the restart")
+    await eventually(caught_up, timeout=90, what="the item catches up after the restart")
     lost = seen - await live_seqs(http, dr, item_id) - await pruned_seqs(plat, item_id)
     assert not lost, f"committed points lost: {sorted(lost)}"
     log = await asyncio.to_thread(service.log_path.read_text)
     assert "resync required" not in log, "the interrupted cycle cost a resync"
 
     # writes stopped: the replica at the recovery host reaches the last point, byte for byte
-    await dr.agent_call(http, "hv-p1", "POST", "/vms/db01/workload", {"blocks_per_second": 0})
-    stopped = datetime.now().astimezone()
-
-    async def final_point() -> int | None:
-        later = [
-            p["cycle_seq"]
-            for p in await points(http, dr, item_id)
-            if datetime.fromisoformat(p["source_time"]) > stopped
-        ]
-        return min(later) if later else None
-
-    seq = await eventually(final_point, timeout=60, what="a point after the writes stopped")
-    await replica_at(http, dr, item_id, seq)
-    images = tmp_path / "agent-hv-r1-state" / "replica" / item_id / "disks"
-    sources = {d["disk_id"]: file_sha256(Path(d["path"])) for d in current["disks"]}
-    for disk_id, source in sources.items():
-        assert file_sha256(images / f"{disk_id}.vhdx") == source, disk_id
+    seq, sources = await replica_is_the_source_once_writes_stop(http, dr, item_id, tmp_path)
     # the point verified and exported by the recovery host, through the replication API
     resp = await http.post(
         dr.url("replication", f"/protected-items/{item_id}/recovery-points/{seq}/verify"),
@@ -396,19 +407,4 @@ async def test_a_recovery_host_down_past_its_feed_retention_catches_up(
     await eventually(announced, timeout=30, what="the missed points announced as pruned")
 
     # writes stopped: the replica follows the source to its last point, byte for byte
-    await dr.agent_call(http, "hv-p1", "POST", "/vms/db01/workload", {"blocks_per_second": 0})
-    stopped = datetime.now().astimezone()
-
-    async def final_point() -> int | None:
-        later = [
-            p["cycle_seq"]
-            for p in await points(http, dr, item_id)
-            if datetime.fromisoformat(p["source_time"]) > stopped
-        ]
-        return min(later) if later else None
-
-    seq = await eventually(final_point, timeout=60, what="a point after the writes stopped")
-    await replica_at(http, dr, item_id, seq)
-    images = tmp_path / "agent-hv-r1-state" / "replica" / item_id / "disks"
-    for disk in (await item(http, dr, item_id))["disks"]:
-        assert file_sha256(images / f"{disk['disk_id']}.vhdx") == file_sha256(Path(disk["path"]))
+    await replica_is_the_source_once_writes_stop(http, dr, item_id, tmp_path)
